@@ -1,0 +1,53 @@
+"""Every tunable default in one place, each with the reason for its value."""
+
+from __future__ import annotations
+
+# The model a manifest targets when it names none: the one this project was started for.
+DEFAULT_MODEL = "bytedance/dreamina-3-0/pro/image-to-video"
+
+# RunComfy's public endpoint; --api-url or RUNCOMFY_API_URL override it.
+DEFAULT_API_URL = "https://model-api.runcomfy.net/v1"
+TOKEN_ENV = "RUNCOMFY_API_TOKEN"
+API_URL_ENV = "RUNCOMFY_API_URL"
+
+# The default work directory, relative to where batchgen is started.
+DEFAULT_WORKDIR = "jobs"
+STORE_FILENAME = "batchgen.sqlite3"
+LOCK_FILENAME = "batchgen.lock"
+
+# Jobs in flight at the provider. RunComfy does not document an account limit; a handful is polite
+# and the adaptive cap (retry.py) finds the real one when 429s say so.
+DEFAULT_CONCURRENCY = 4
+# Output downloads at once: they go to storage hosts, not the API, so they have their own limit.
+DEFAULT_DOWNLOAD_CONCURRENCY = 4
+# API requests per second across all calls (submit, status, result, cancel); 0 = unlimited.
+DEFAULT_RATE = 10.0
+
+# How many times one job may be submitted before it is declared failed. Only submits that certainly
+# did not create a job are retried, so this bounds wasted time, not money.
+MAX_SUBMIT_ATTEMPTS = 5
+# Retries of one status/result/download call before the job is put aside for a later poll.
+MAX_CALL_RETRIES = 8
+
+# Polling. Until batchgen has seen jobs of a model finish it polls on a short, growing interval;
+# after that it polls near the expected finish (see runner.PollPlanner).
+FIRST_POLL_DELAY = 1.0
+MIN_POLL_INTERVAL = 0.25
+MAX_POLL_INTERVAL = 30.0
+
+# Backoff for retryable errors: base * 2^attempt, capped, with full jitter.
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+# A Retry-After larger than this is treated as this: one bad header must not stall a nightly run.
+RETRY_AFTER_CAP = 120.0
+
+# HTTP timeouts (seconds). A submit that times out is an unknown outcome, so keep connect short
+# (a connect failure is safe to retry) and the total generous.
+CONNECT_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 60.0
+# Downloads: no total limit (videos can be large), but a stall of this long fails the attempt.
+DOWNLOAD_READ_TIMEOUT = 60.0
+DOWNLOAD_CHUNK = 1 << 16
+
+# Jobs inserted per transaction when a manifest is recorded.
+INSERT_CHUNK = 2000

@@ -1,0 +1,136 @@
+"""The store's schema history: numbered migrations, applied in order, each in one transaction.
+
+A migration is an async function named ``mNNN_what`` taking an aiosqlite connection. It runs inside
+the transaction that also records it in ``migrations``, so a failing migration leaves the file as it
+was. Never edit a migration that has shipped: add a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import aiosqlite
+
+from .errors import StoreError
+
+log = logging.getLogger(__name__)
+
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+
+
+async def _run(db: aiosqlite.Connection, *statements: str) -> None:
+    # One statement at a time: executescript() would COMMIT first and break the transaction.
+    for sql in statements:
+        await db.execute(sql)
+
+
+async def m001_initial(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # One row per manifest run under a name. settings_json keeps what the manifest said at the
+        # batch level (image_base_url, schema path) so a resume without the manifest still works.
+        """CREATE TABLE batches (
+            name TEXT PRIMARY KEY,
+            model_id TEXT NOT NULL,
+            manifest_path TEXT,
+            settings_json TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        # A job is unique by (batch, key): the key hashes model + canonical inputs + repeat index,
+        # so re-recording a grown manifest only adds the new rows (INSERT OR IGNORE).
+        # request_id is the only handle on a paid job: it is written in the same transaction that
+        # leaves 'submitting', and a job with one is never submitted again.
+        """CREATE TABLE jobs (
+            id INTEGER PRIMARY KEY,
+            batch TEXT NOT NULL REFERENCES batches(name),
+            key TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            model_id TEXT NOT NULL,
+            source TEXT NOT NULL DEFAULT '',
+            inputs_json TEXT NOT NULL,
+            meta_json TEXT NOT NULL DEFAULT '{}',
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            request_id TEXT,
+            queue_position INTEGER,
+            error TEXT,
+            error_code INTEGER,
+            cost REAL,
+            not_before REAL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            submitted_at REAL,
+            started_at REAL,
+            finished_at REAL,
+            UNIQUE (batch, key)
+        )""",
+        # The runner's hot queries: next pending job of a batch in manifest order, jobs to follow.
+        "CREATE INDEX jobs_batch_state_seq ON jobs (batch, state, seq)",
+        "CREATE INDEX jobs_state ON jobs (state)",
+        "CREATE INDEX jobs_request_id ON jobs (request_id)",
+        # Every state change, for post-mortems and reports; never updated, only appended.
+        """CREATE TABLE job_events (
+            id INTEGER PRIMARY KEY,
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            at REAL NOT NULL,
+            from_state TEXT,
+            to_state TEXT NOT NULL,
+            detail TEXT
+        )""",
+        "CREATE INDEX job_events_job ON job_events (job_id)",
+        # One row per output URL of a job's result. path/size/sha256 are set only once the file is
+        # complete on disk, so a row without sha256 is an output still to fetch.
+        """CREATE TABLE outputs (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            idx INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            url TEXT NOT NULL,
+            path TEXT,
+            size INTEGER,
+            sha256 TEXT,
+            downloaded_at REAL,
+            PRIMARY KEY (job_id, idx)
+        )""",
+    )
+
+
+MIGRATIONS: list[Migration] = [m001_initial]
+
+
+async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply every migration not yet recorded; return the names applied."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    async with db.execute("SELECT name FROM migrations") as cur:
+        done = {row[0] for row in await cur.fetchall()}
+    applied = []
+    for fn in migrations:
+        name = fn.__name__
+        if name in done:
+            continue
+        # IMMEDIATE: take the write lock up front so two processes opening a fresh store at once
+        # cannot both run the same migration.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            async with db.execute("SELECT 1 FROM migrations WHERE name = ?", (name,)) as cur:
+                if await cur.fetchone():
+                    await db.execute("ROLLBACK")
+                    continue
+            await fn(db)
+            await db.execute(
+                "INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (name, time.time())
+            )
+            await db.execute("COMMIT")
+        except BaseException as exc:
+            await db.execute("ROLLBACK")
+            if isinstance(exc, Exception):
+                raise StoreError(f"migration {name} failed and was rolled back: {exc}") from exc
+            raise
+        log.info("applied store migration %s", name)
+        applied.append(name)
+    return applied

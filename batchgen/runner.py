@@ -1,0 +1,628 @@
+"""The worker pool: submit pending jobs, poll them, fetch results, download outputs, resume.
+
+One ``Runner.run()`` drives three kinds of work on one event loop:
+
+- the submit loop claims pending jobs (the claim commits the intent, state 'submitting') while the
+  in-flight cap has room, and starts one submit task per job;
+- the poll scheduler keeps a heap of next-poll times, one entry per job at the provider, and starts
+  a short poll task for each entry that falls due (no sleeping task per job);
+- download tasks fetch every output of a finished job, then mark it succeeded.
+
+Every outcome of every step is sorted into exactly one of: done, retry later (with a delay),
+failed, unknown (a submit that may have created a job), or stop (account trouble). The state
+change is committed before the step that follows it, so a run killed at any instant resumes
+without submitting anything twice: a job with a request id is polled, a job caught mid-submit
+becomes 'unknown'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import constants as C
+from . import store as S
+from .client import Result, RunComfyClient
+from .downloads import download, output_name
+from .errors import (
+    APIError,
+    BatchgenError,
+    DownloadError,
+    RateLimitError,
+    UsageError,
+)
+from .limits import AdaptiveCap, Slots, TokenBucket
+from .retry import Call, Decision, RetryPolicy, classify
+from .store import Job, Store
+
+log = logging.getLogger(__name__)
+
+InputResolver = Callable[[dict[str, Any]], dict[str, Any]]
+EventSink = Callable[["Event"], None]
+
+
+@dataclass
+class RunSettings:
+    concurrency: int = C.DEFAULT_CONCURRENCY
+    download_concurrency: int = C.DEFAULT_DOWNLOAD_CONCURRENCY
+    rate: float = C.DEFAULT_RATE
+    max_jobs: int | None = None  # submissions this run may start
+    deadline: float | None = None  # wall-clock time.time() at which the run stops
+    job_timeout: float | None = None  # seconds from submit before a job is given up
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    first_poll_delay: float = C.FIRST_POLL_DELAY
+    min_poll_interval: float = C.MIN_POLL_INTERVAL
+    max_poll_interval: float = C.MAX_POLL_INTERVAL
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something worth telling the user: a job changed state, or the run did something."""
+
+    kind: str  # a job state, or 'cap', 'stop', 'retry', 'note'
+    job: Job | None
+    message: str = ""
+
+
+@dataclass
+class RunSummary:
+    submitted: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # terminal state -> count, this run
+    stop_reason: str | None = None  # 'interrupted', 'deadline', 'max_jobs', 'balance', None
+    account_error: str | None = None
+    elapsed: float = 0.0
+    api_calls: dict[str, int] = field(default_factory=dict)
+
+
+class PollPlanner:
+    """When to poll a job next: learns how long jobs take and polls near the expected finish.
+
+    Before it has seen a job finish it polls on a growing interval (first_delay, then half the
+    time the job has been running, within [min, max]). Once it knows the median time from submit
+    to finish, it polls shortly after that, then every tenth of it.
+    """
+
+    def __init__(self, settings: RunSettings, window: int = 50):
+        self.s = settings
+        self._durations: deque[float] = deque(maxlen=window)
+
+    def observe(self, seconds: float) -> None:
+        if seconds >= 0:
+            self._durations.append(seconds)
+
+    @property
+    def expected(self) -> float | None:
+        return statistics.median(self._durations) if self._durations else None
+
+    def next_delay(self, elapsed: float) -> float:
+        expected = self.expected
+        lo, hi = self.s.min_poll_interval, self.s.max_poll_interval
+        if expected is None:
+            if elapsed <= 0:
+                return self.s.first_poll_delay
+            return min(hi, max(lo, elapsed * 0.5))
+        if elapsed < expected:
+            return min(hi, max(lo, expected - elapsed + lo))
+        return min(hi, max(lo, expected * 0.1))
+
+
+def local_file_resolver(publish: Callable[[str], str] | None) -> InputResolver:
+    """Turn ``file://`` inputs (local images of the manifest) into URLs the service can fetch.
+
+    Under --simulate ``publish`` is the simulator's; against the real API there is none, and
+    validation has already refused local files without an image_base_url.
+    """
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("file://"):
+            if publish is None:
+                raise UsageError(
+                    f"input {value} is a local file; set image_base_url in the manifest or use --simulate"
+                )
+            from urllib.parse import unquote, urlsplit
+
+            return publish(unquote(urlsplit(value).path))
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        return value
+
+    def resolve(inputs: dict[str, Any]) -> dict[str, Any]:
+        return {k: convert(v) for k, v in inputs.items()}
+
+    return resolve
+
+
+class _Fatal(Exception):
+    """Internal: an account error that ends the run."""
+
+
+class Runner:
+    """Runs the jobs of some batches to completion (or to a stop). See the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: RunComfyClient,
+        workdir: Path,
+        settings: RunSettings | None = None,
+        *,
+        download_session: aiohttp.ClientSession | None = None,
+        resolve_inputs: InputResolver | None = None,
+        on_event: EventSink | None = None,
+    ):
+        self.store = store
+        self.client = client
+        self.workdir = Path(workdir)
+        self.s = settings or RunSettings()
+        self.cap = AdaptiveCap(self.s.concurrency)
+        self.slots = Slots(self.cap)
+        self.bucket = TokenBucket(self.s.rate)
+        self.planner = PollPlanner(self.s)
+        self._dl_session = download_session
+        self._resolve = resolve_inputs or local_file_resolver(None)
+        self._on_event = on_event
+        self._dl_sem = asyncio.Semaphore(max(1, self.s.download_concurrency))
+
+        self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
+        self._tiebreak = itertools.count()
+        self._remote: dict[int, Job] = {}  # jobs at the provider, by id
+        self._poll_failures: dict[int, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._submits: set[asyncio.Task[Any]] = set()
+        self._timers: set[asyncio.Task[Any]] = set()  # not work: they do not keep the run alive
+        self._wake = asyncio.Event()
+        # Why submitting ended (max_jobs, balance, deadline, interrupted, error), and whether the
+        # run should also stop following jobs now (an interrupt) rather than finish them.
+        self._stop_submitting: str | None = None
+        self._exit_now = False
+        self._fatal: BaseException | None = None
+        self._summary = RunSummary()
+        self._batches: list[str] = []
+
+    # ---- public --------------------------------------------------------------------------------
+
+    def stop(self, reason: str = "interrupted") -> None:
+        """Stop taking new work (Ctrl-C, SIGTERM, a deadline). Submits already on the wire are
+        allowed to finish so their request ids are recorded; polls and downloads stop at once
+        (both are safe to redo next run)."""
+        if not self._exit_now:
+            self._exit_now = True
+            self._stop_submitting = reason
+            self._summary.stop_reason = reason
+            self._emit("stop", None, f"stopping: {reason}")
+        self._wake.set()
+
+    def _end_submitting(self, reason: str, message: str) -> None:
+        """No more submits (a budget, the balance), but jobs in flight are followed to the end."""
+        if self._stop_submitting is None:
+            self._stop_submitting = reason
+            self._summary.stop_reason = reason
+            self._emit("stop", None, message)
+        self._wake.set()
+
+    async def run(self, batches: Sequence[str]) -> RunSummary:
+        started = time.monotonic()
+        self._batches = list(batches)
+        own_dl = self._dl_session is None
+        if own_dl:
+            from .downloads import make_session
+
+            self._dl_session = make_session(self.s.download_concurrency)
+        try:
+            await self._resume()
+            submit_loop = asyncio.create_task(self._submit_loop(), name="submit-loop")
+            poll_loop = asyncio.create_task(self._poll_loop(), name="poll-loop")
+            if self.s.deadline is not None:
+                self._spawn(self._deadline_watch(self.s.deadline), timer=True)
+            try:
+                await self._wait_until_done(submit_loop)
+            finally:
+                poll_loop.cancel()
+                submit_loop.cancel()
+                await self._drain(poll_loop, submit_loop)
+            if self._fatal is not None:
+                raise self._fatal
+        finally:
+            if own_dl and self._dl_session is not None:
+                await self._dl_session.close()
+            self._summary.elapsed = time.monotonic() - started
+            self._summary.api_calls = dict(self.client.calls)
+        return self._summary
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def _resume(self) -> None:
+        """Pick up where an earlier run stopped."""
+        for job in await self.store.recover_interrupted(self._batches):
+            self._finished(job, "submit interrupted by an earlier run; outcome unknown")
+        now = time.time()
+        for job in await self.store.jobs(self._batches, S.REMOTE_ACTIVE):
+            # Already at the provider: it holds one of the provider's slots until it finishes.
+            self.slots.used += 1
+            self._remote[job.id] = job
+            self._schedule(job, now)
+        for job in await self.store.jobs(self._batches, [S.DOWNLOADING]):
+            self._spawn(self._download_job(job))
+
+    async def _wait_until_done(self, submit_loop: asyncio.Task[Any]) -> None:
+        while True:
+            self._wake.clear()
+            if self._fatal is not None:
+                return
+            busy = bool(self._remote) or bool(self._tasks - self._timers) or not submit_loop.done()
+            if self._exit_now:
+                # Prompt exit: only submits on the wire are awaited (their answers must be saved).
+                if not self._submits:
+                    return
+            elif not busy:
+                if submit_loop.done() and submit_loop.exception():
+                    raise submit_loop.exception()  # type: ignore[misc]
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+    async def _drain(self, *loops: asyncio.Task[Any]) -> None:
+        # Submits in flight finish (their answers get recorded); everything else is cancelled.
+        if self._submits:
+            await asyncio.gather(*self._submits, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *loops, return_exceptions=True)
+
+    def _spawn(
+        self, coro: Coroutine[Any, Any, Any], *, submit: bool = False, timer: bool = False
+    ) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        if submit:
+            self._submits.add(task)
+        if timer:
+            self._timers.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._submits.discard(task)
+        self._timers.discard(task)
+        self._wake.set()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            return
+        if isinstance(exc, _Fatal):
+            self._fatal = exc.__cause__ or exc
+        elif self._fatal is None:
+            # A bug or a store failure: stop the run rather than go on with a store we cannot trust.
+            log.error("internal error in a runner task", exc_info=exc)
+            self._fatal = exc
+        self.stop("error")
+
+    def _emit(self, kind: str, job: Job | None, message: str = "") -> None:
+        if job is not None:
+            log.info("%s %s %s", job.key, kind, message)
+        elif message:
+            log.info("%s", message)
+        if self._on_event is not None:
+            self._on_event(Event(kind, job, message))
+
+    def _finished(self, job: Job, message: str = "") -> None:
+        self._summary.finished[job.state] = self._summary.finished.get(job.state, 0) + 1
+        self._emit(job.state, job, message)
+
+    async def _api(self, coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        await self.bucket.take()
+        return await coro_fn()
+
+    # ---- submitting ----------------------------------------------------------------------------
+
+    async def _deadline_watch(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.time()))
+        self.stop("deadline")
+
+    async def _submit_loop(self) -> None:
+        while self._stop_submitting is None:
+            if self.s.deadline is not None:
+                # A job submitted now should finish before the deadline, else it would be left
+                # running (and paid for) while nobody downloads it until the next run.
+                left = self.s.deadline - time.time()
+                if left <= (self.planner.expected or 0.0):
+                    self._end_submitting("deadline", "deadline near: no more submits")
+                    break
+            if self.s.max_jobs is not None and self._summary.submitted >= self.s.max_jobs:
+                self._end_submitting("max_jobs", f"--max-jobs {self.s.max_jobs} reached; no more submits")
+                break
+            await self.slots.acquire()
+            if self._stop_submitting is not None:
+                await self.slots.release()
+                break
+            job = await self.store.claim_pending(self._batches, time.time())
+            if job is None:
+                await self.slots.release()
+                when = await self.store.next_pending_at(self._batches)
+                if when is None and not self._submits:
+                    return  # nothing pending, and no submit in flight that could put one back
+                # Wait for a retry delay to pass or a submit to finish (it may return a job).
+                delay = 1.0 if when is None else max(0.0, when - time.time())
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0) or 0.001)
+                except TimeoutError:
+                    pass
+                continue
+            self._summary.submitted += 1
+            self._spawn(self._submit(job), submit=True)
+
+    async def _submit(self, job: Job) -> None:
+        try:
+            inputs = self._resolve(job.inputs)
+            sub = await self._api(lambda: self.client.submit(job.model_id, inputs))
+        except (APIError, UsageError) as exc:
+            await asyncio.shield(self._submit_failed(job, exc))
+            return
+        # The request id is the only handle on a paid job: record it even if we are being
+        # cancelled right now.
+        await asyncio.shield(self._submitted(job, sub.request_id))
+
+    async def _submitted(self, job: Job, request_id: str) -> None:
+        now = time.time()
+        await self.store.transition(
+            job, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id=request_id, submitted_at=now,
+            error=None, error_code=None, not_before=None, detail=f"request {request_id}",
+        )
+        self.cap.on_success()
+        await self.slots.changed()
+        self._remote[job.id] = job
+        self._emit(S.IN_QUEUE, job, f"submitted as {request_id}")
+        self._schedule(job, now + self.planner.next_delay(0.0))
+
+    async def _submit_failed(self, job: Job, exc: BaseException) -> None:
+        decision = Decision.FAIL if isinstance(exc, UsageError) else classify(exc, Call.SUBMIT)
+        code = getattr(exc, "error_code", None)
+        try:
+            if decision is Decision.RETRY:
+                if isinstance(exc, RateLimitError) and self.cap.on_throttle():
+                    self._emit("cap", None, f"provider throttling; in-flight cap now {self.cap.value}")
+                if self.s.policy.may_resubmit(job.attempts):
+                    delay = self.s.policy.delay(job.attempts, getattr(exc, "retry_after", None))
+                    await self.store.transition(
+                        job, S.PENDING, expect=(S.SUBMITTING,), not_before=time.time() + delay,
+                        error=str(exc), error_code=code,
+                        detail=f"submit refused, retry in {delay:.1f}s: {exc}",
+                    )
+                    self._emit("retry", job, f"submit refused ({exc}); retrying in {delay:.1f}s")
+                    return
+                await self.store.transition(
+                    job, S.FAILED, expect=(S.SUBMITTING,), error=f"{exc} (after {job.attempts} attempts)",
+                    error_code=code, finished_at=time.time(),
+                )
+            elif decision is Decision.UNKNOWN:
+                await self.store.transition(
+                    job, S.UNKNOWN, expect=(S.SUBMITTING,), error=str(exc), error_code=code,
+                    finished_at=time.time(), detail="submit answer lost; not resubmitted",
+                )
+            elif decision in (Decision.STOP_SUBMITTING, Decision.FATAL):
+                # Certainly refused: the job goes back as it was, the attempt does not count.
+                await self.store.transition(
+                    job, S.PENDING, expect=(S.SUBMITTING,), attempts=max(0, job.attempts - 1),
+                    error=str(exc), error_code=code, detail=f"refused: {exc}",
+                )
+                self._summary.submitted -= 1
+                self._summary.account_error = str(exc)
+                if decision is Decision.FATAL:
+                    raise _Fatal(str(exc)) from exc
+                self._end_submitting("balance", f"{exc}; no more submits, finishing jobs in flight")
+                return
+            else:
+                await self.store.transition(
+                    job, S.FAILED, expect=(S.SUBMITTING,), error=str(exc), error_code=code,
+                    finished_at=time.time(),
+                )
+            self._finished(job, str(exc))
+        finally:
+            await self.slots.release()
+
+    # ---- polling -------------------------------------------------------------------------------
+
+    def _schedule(self, job: Job, due: float) -> None:
+        heapq.heappush(self._heap, (due, next(self._tiebreak), job.id))
+        self._wake.set()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            if not self._heap:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            due, _, job_id = self._heap[0]
+            delay = due - time.time()
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+                continue
+            heapq.heappop(self._heap)
+            job = self._remote.get(job_id)
+            if job is not None:
+                self._spawn(self._poll(job))
+
+    async def _poll(self, job: Job) -> None:
+        assert job.request_id is not None
+        rid = job.request_id
+        try:
+            status = await self._api(lambda: self.client.status(rid))
+            if status.finished:
+                result = await self._api(lambda: self.client.result(rid))
+                await self._on_result(job, result)
+                return
+        except APIError as exc:
+            await self._poll_failed(job, exc)
+            return
+        self._poll_failures.pop(job.id, None)
+        now = time.time()
+        if status.status == S.IN_PROGRESS and job.state != S.IN_PROGRESS:
+            await self.store.transition(job, S.IN_PROGRESS, started_at=now, queue_position=None)
+            self._emit(S.IN_PROGRESS, job)
+        elif status.status == S.IN_QUEUE and status.queue_position != job.queue_position:
+            await self.store.update_fields(job, queue_position=status.queue_position)
+        elapsed = now - (job.submitted_at or now)
+        if self.s.job_timeout is not None and elapsed > self.s.job_timeout:
+            await self._time_out(job)
+            return
+        self._schedule(job, now + self.planner.next_delay(elapsed))
+
+    async def _on_result(self, job: Job, result: Result) -> None:
+        now = time.time()
+        if result.status in (S.IN_QUEUE, S.IN_PROGRESS):
+            # /status said finished but /result is not there yet: ask again shortly.
+            self._schedule(job, now + self.s.min_poll_interval)
+            return
+        self._poll_failures.pop(job.id, None)
+        self._observe_duration(job, result, now)
+        if result.status == "succeeded" and result.outputs:
+            await self.store.record_result(job, result.outputs, cost=result.cost, finished_at=now)
+            await self._leave_provider(job)
+            self._emit(S.DOWNLOADING, job, f"{len(result.outputs)} output(s)")
+            self._spawn(self._download_job(job))
+            return
+        if result.status == "succeeded":
+            state, error = S.FAILED, "the provider reported success but returned no output"
+        elif result.status == "cancelled":
+            state, error = S.CANCELLED, result.error or "cancelled at the provider"
+        elif result.status == "failed":
+            state, error = S.FAILED, result.error or "the provider reported the job failed"
+        else:
+            state, error = S.FAILED, f"unexpected result status {result.status!r}"
+        await self.store.transition(job, state, error=error, cost=result.cost, finished_at=now)
+        await self._leave_provider(job)
+        self._finished(job, error)
+
+    def _observe_duration(self, job: Job, result: Result, now: float) -> None:
+        # Prefer the provider's own timestamps: ours include polling lag.
+        seconds = None
+        try:
+            if result.created_at and result.finished_at:
+                seconds = (_parse_time(result.finished_at) - _parse_time(result.created_at))
+        except ValueError:
+            seconds = None
+        if seconds is None and job.submitted_at:
+            seconds = now - job.submitted_at
+        if seconds is not None:
+            self.planner.observe(seconds)
+
+    async def _leave_provider(self, job: Job) -> None:
+        if self._remote.pop(job.id, None) is not None:
+            await self.slots.release()
+
+    async def _poll_failed(self, job: Job, exc: APIError) -> None:
+        decision = classify(exc, Call.POLL)
+        if decision is Decision.FATAL:
+            self._summary.account_error = str(exc)
+            raise _Fatal(str(exc)) from exc
+        if decision is Decision.FAIL:
+            await self.store.transition(job, S.FAILED, error=str(exc),
+                                        error_code=getattr(exc, "error_code", None),
+                                        finished_at=time.time())
+            await self._leave_provider(job)
+            self._finished(job, str(exc))
+            return
+        # Transient: poll again later; the job itself is fine at the provider.
+        n = self._poll_failures.get(job.id, 0) + 1
+        self._poll_failures[job.id] = n
+        if isinstance(exc, RateLimitError) and self.cap.on_throttle():
+            self._emit("cap", None, f"provider throttling; in-flight cap now {self.cap.value}")
+        delay = self.s.policy.delay(n, getattr(exc, "retry_after", None))
+        self._emit("retry", job, f"poll failed ({exc}); again in {delay:.1f}s")
+        self._schedule(job, time.time() + delay)
+
+    async def _time_out(self, job: Job) -> None:
+        assert job.request_id is not None
+        rid = job.request_id
+        outcome = "not asked"
+        try:
+            cancelled = await self._api(lambda: self.client.cancel(rid))
+            outcome = cancelled.outcome
+        except APIError as exc:
+            outcome = f"cancel failed: {exc}"
+        await self.store.transition(
+            job, S.TIMED_OUT, finished_at=time.time(),
+            error=f"no result within --job-timeout {self.s.job_timeout:g}s (cancel: {outcome})",
+        )
+        await self._leave_provider(job)
+        self._finished(job, job.error or "")
+
+    # ---- downloading ---------------------------------------------------------------------------
+
+    async def _download_job(self, job: Job) -> None:
+        async with self._dl_sem:
+            outputs = await self.store.outputs(job.id)
+            folder = self.workdir / job.batch / job.key
+            for out in outputs:
+                if out.sha256 is not None and out.path and (self.workdir / out.path).exists():
+                    continue
+                tries = 0
+                while True:
+                    dest = folder / output_name(out.idx, out.kind, out.url)
+                    try:
+                        got = await download(self._dl_session, out.url, dest)  # type: ignore[arg-type]
+                    except DownloadError as exc:
+                        tries += 1
+                        decision = classify(exc, Call.DOWNLOAD)
+                        if tries > self.s.policy.max_call_retries:
+                            await self._output_lost(job, exc)
+                            return
+                        if decision is Decision.REFRESH:
+                            url = await self._refresh_url(job, out.idx)
+                            if url is None:
+                                await self._output_lost(job, exc)
+                                return
+                            out.url = url
+                        delay = self.s.policy.delay(tries)
+                        self._emit("retry", job, f"download failed ({exc}); again in {delay:.1f}s")
+                        await asyncio.sleep(delay)
+                        continue
+                    rel = got.path.relative_to(self.workdir).as_posix()
+                    await self.store.output_downloaded(out, rel, got.size, got.sha256)
+                    break
+            await self.store.transition(job, S.SUCCEEDED, expect=(S.DOWNLOADING,))
+            self._finished(job, f"{len(outputs)} file(s) in {folder}")
+
+    async def _refresh_url(self, job: Job, idx: int) -> str | None:
+        """An output URL stopped working: ask /result again for a fresh one before giving up."""
+        if not job.request_id:
+            return None
+        rid = job.request_id
+        try:
+            result = await self._api(lambda: self.client.result(rid))
+        except APIError as exc:
+            if classify(exc, Call.POLL) is Decision.FATAL:
+                raise _Fatal(str(exc)) from exc
+            return None
+        if result.status != "succeeded" or idx >= len(result.outputs):
+            return None
+        await self.store.record_result(job, result.outputs, cost=result.cost, finished_at=job.finished_at)
+        return result.outputs[idx][1]
+
+    async def _output_lost(self, job: Job, exc: BatchgenError) -> None:
+        await self.store.transition(job, S.FAILED, error=f"output could not be downloaded: {exc}")
+        self._finished(job, str(exc))
+
+
+def _parse_time(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()

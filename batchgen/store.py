@@ -1,0 +1,441 @@
+"""The SQLite store: batches, jobs, their history and outputs, behind one narrow async interface.
+
+The runner talks to the store only through ``Store``'s methods, never SQL, so that the same
+interface can later sit on PostgreSQL for several runners sharing one queue.
+
+Durability: WAL mode with synchronous=NORMAL keeps every committed transaction across a killed
+process (kill -9, OOM); a power loss may lose the last commits but never corrupts the file. Every
+state change is committed (with its history row) before the runner takes the step that follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .constants import INSERT_CHUNK
+from .errors import StoreError
+from .migrations import migrate
+
+log = logging.getLogger(__name__)
+
+# Job states; see ARCHITECTURE.md for the diagram.
+PENDING = "pending"
+SUBMITTING = "submitting"
+IN_QUEUE = "in_queue"
+IN_PROGRESS = "in_progress"
+DOWNLOADING = "downloading"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+UNKNOWN = "unknown"
+CANCELLED = "cancelled"
+TIMED_OUT = "timed_out"
+
+STATES = (
+    PENDING, SUBMITTING, IN_QUEUE, IN_PROGRESS, DOWNLOADING,
+    SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT,
+)
+# Jobs with a request id that the provider is still working on.
+REMOTE_ACTIVE = (IN_QUEUE, IN_PROGRESS)
+TERMINAL = (SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
+
+_JOB_COLUMNS = (
+    "id, batch, key, seq, model_id, source, inputs_json, meta_json, state, attempts, request_id, "
+    "queue_position, error, error_code, cost, not_before, created_at, updated_at, submitted_at, "
+    "started_at, finished_at"
+)
+# Columns a transition may set besides state.
+_SETTABLE = {
+    "attempts", "request_id", "queue_position", "error", "error_code", "cost", "not_before",
+    "submitted_at", "started_at", "finished_at",
+}
+
+
+@dataclass
+class Job:
+    """One generation request of a batch, as recorded."""
+
+    id: int
+    batch: str
+    key: str
+    seq: int
+    model_id: str
+    source: str
+    inputs: dict[str, Any]
+    meta: dict[str, Any]
+    state: str
+    attempts: int
+    request_id: str | None
+    queue_position: int | None
+    error: str | None
+    error_code: int | None
+    cost: float | None
+    not_before: float | None
+    created_at: float
+    updated_at: float
+    submitted_at: float | None
+    started_at: float | None
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Job:
+        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest) = row
+        return cls(id_, batch, key, seq, model_id, source, json.loads(inputs_json),
+                   json.loads(meta_json), *rest)
+
+
+@dataclass
+class Output:
+    """One output file of a job: its URL, and once downloaded, where it is and its digest."""
+
+    job_id: int
+    idx: int
+    kind: str
+    url: str
+    path: str | None
+    size: int | None
+    sha256: str | None
+
+
+@dataclass
+class Batch:
+    name: str
+    model_id: str
+    manifest_path: str | None
+    settings: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+class Store:
+    """The batchgen store on one SQLite file. Open with ``await Store.open(path)``."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path):
+        self._db = db
+        self.path = path
+        self._tx_lock = asyncio.Lock()
+        self._tx_owner: asyncio.Task[Any] | None = None
+
+    @classmethod
+    async def open(cls, path: str | Path) -> Store:
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves (atomic()), nothing implicit.
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, aiosqlite.Error) as exc:
+            raise StoreError(f"cannot open the store {path}: {exc}") from exc
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a killed process loses nothing committed; only a power loss can
+            # drop the last transactions, and the file stays consistent either way.
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            # Another process (a status command during a run) may hold the write lock briefly.
+            await db.execute("PRAGMA busy_timeout=10000")
+            await migrate(db)
+        except StoreError:
+            await db.close()
+            raise
+        except aiosqlite.Error as exc:
+            await db.close()
+            raise StoreError(f"cannot use the store {path}: {exc}") from exc
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def atomic(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One transaction: everything inside commits together or not at all.
+
+        Many runner tasks share this one connection, so transactions are serialized with a lock:
+        without it a second task's write would silently join (and roll back with) the first's.
+        A nested atomic() in the same task joins the outer transaction.
+        """
+        task = asyncio.current_task()
+        if self._tx_owner is task:
+            yield self._db
+            return
+        async with self._tx_lock:
+            self._tx_owner = task
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+                try:
+                    await self._db.execute("COMMIT")
+                except aiosqlite.Error as exc:
+                    await self._db.execute("ROLLBACK")
+                    raise StoreError(f"cannot commit to the store: {exc}") from exc
+            finally:
+                self._tx_owner = None
+
+    # ---- batches -------------------------------------------------------------------------------
+
+    async def upsert_batch(
+        self, name: str, model_id: str, manifest_path: str | None, settings: dict[str, Any]
+    ) -> None:
+        now = time.time()
+        async with self.atomic() as db:
+            await db.execute(
+                """INSERT INTO batches (name, model_id, manifest_path, settings_json, created_at,
+                                        updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (name) DO UPDATE SET model_id = excluded.model_id,
+                       manifest_path = excluded.manifest_path,
+                       settings_json = excluded.settings_json, updated_at = excluded.updated_at""",
+                (name, model_id, manifest_path, json.dumps(settings, sort_keys=True), now, now),
+            )
+
+    async def batches(self) -> list[Batch]:
+        async with self._db.execute(
+            "SELECT name, model_id, manifest_path, settings_json, created_at, updated_at "
+            "FROM batches ORDER BY created_at, name"
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Batch(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+
+    async def batch(self, name: str) -> Batch | None:
+        for b in await self.batches():
+            if b.name == name:
+                return b
+        return None
+
+    # ---- recording jobs ------------------------------------------------------------------------
+
+    async def add_jobs(self, batch: str, specs: Iterable[Any]) -> int:
+        """Record a manifest's jobs; return how many were new. Jobs already known are untouched.
+
+        ``specs`` are manifest.JobSpec-like objects (key, seq, model_id, source, inputs, meta);
+        they are consumed in chunks so a 100,000-job manifest never sits in memory as rows.
+        """
+        added = 0
+        now = time.time()
+        chunk: list[tuple[Any, ...]] = []
+
+        async def flush() -> None:
+            nonlocal added
+            if not chunk:
+                return
+            async with self.atomic() as db:
+                before = db.total_changes
+                await db.executemany(
+                    """INSERT OR IGNORE INTO jobs (batch, key, seq, model_id, source, inputs_json,
+                           meta_json, state, created_at, updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)""",
+                    chunk,
+                )
+                added += db.total_changes - before
+            chunk.clear()
+
+        for spec in specs:
+            chunk.append((
+                batch, spec.key, spec.seq, spec.model_id, spec.source,
+                json.dumps(spec.inputs, sort_keys=True), json.dumps(spec.meta, sort_keys=True),
+                now, now,
+            ))
+            if len(chunk) >= INSERT_CHUNK:
+                await flush()
+        await flush()
+        return added
+
+    # ---- reading jobs --------------------------------------------------------------------------
+
+    async def job(self, job_id: int) -> Job:
+        async with self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)) as c:
+            row = await c.fetchone()
+        if row is None:
+            raise StoreError(f"no job with id {job_id}")
+        return Job.from_row(row)
+
+    async def jobs(
+        self, batches: Sequence[str] | None = None, states: Sequence[str] | None = None
+    ) -> list[Job]:
+        where, args = _filters(batches, states)
+        async with self._db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY batch, seq", args
+        ) as cur:
+            return [Job.from_row(r) for r in await cur.fetchall()]
+
+    async def counts(self, batches: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+        """{batch: {state: count}} over the given batches (all when None)."""
+        where, args = _filters(batches, None)
+        async with self._db.execute(
+            f"SELECT batch, state, COUNT(*) FROM jobs {where} GROUP BY batch, state", args
+        ) as cur:
+            out: dict[str, dict[str, int]] = {}
+            for batch, state, n in await cur.fetchall():
+                out.setdefault(batch, {})[state] = n
+        return out
+
+    # ---- the runner's transitions ----------------------------------------------------------------
+
+    async def recover_interrupted(self, batches: Sequence[str] | None = None) -> list[Job]:
+        """Jobs left in 'submitting' by a run that died: their submit may have created a paid job
+        that nothing can find, so they become 'unknown', never resubmitted automatically."""
+        stuck = await self.jobs(batches, [SUBMITTING])
+        for job in stuck:
+            await self.transition(
+                job, UNKNOWN, expect=(SUBMITTING,),
+                detail="interrupted between submit and its answer; outcome unknown",
+                error="the run stopped while this job was being submitted: it may or may not "
+                      "exist (and be billed) at the provider",
+            )
+        return stuck
+
+    async def claim_pending(self, batches: Sequence[str] | None, now: float) -> Job | None:
+        """Take the next pending job (manifest order) whose retry delay has passed, and record the
+        intent to submit it: the job is 'submitting' once this returns. The caller must POST only
+        after this commit."""
+        where, args = _filters(batches, [PENDING])
+        async with self.atomic() as db:
+            async with db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs {where} "
+                "AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT 1",
+                (*args, now),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            job = Job.from_row(row)
+            await self.transition(job, SUBMITTING, expect=(PENDING,), attempts=job.attempts + 1,
+                                  detail=f"attempt {job.attempts + 1}")
+        return job
+
+    async def next_pending_at(self, batches: Sequence[str] | None) -> float | None:
+        """When the earliest pending job may be tried (0 for now), or None if none is pending."""
+        where, args = _filters(batches, [PENDING])
+        async with self._db.execute(
+            f"SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs {where}", args
+        ) as cur:
+            n, earliest = await cur.fetchone()  # type: ignore[misc]
+        return None if n == 0 else float(earliest)
+
+    async def transition(
+        self,
+        job: Job,
+        state: str,
+        *,
+        expect: Sequence[str] | None = None,
+        detail: str | None = None,
+        **fields: Any,
+    ) -> None:
+        """Move ``job`` to ``state`` (setting ``fields``) and append the history row, in one
+        transaction. With ``expect``, refuse unless the stored state is one of those: that catches
+        two actors racing on one job. ``job`` is updated in place."""
+        bad = set(fields) - _SETTABLE
+        if bad:
+            raise ValueError(f"not settable: {sorted(bad)}")
+        now = time.time()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        sql = f"UPDATE jobs SET state = ?, updated_at = ?{', ' if sets else ''}{sets} WHERE id = ?"
+        args: list[Any] = [state, now, *fields.values(), job.id]
+        if expect:
+            sql += f" AND state IN ({', '.join('?' * len(expect))})"
+            args.extend(expect)
+        async with self.atomic() as db:
+            cur = await db.execute(sql, args)
+            if cur.rowcount != 1:
+                current = await self.job(job.id)
+                raise StoreError(
+                    f"job {job.key} is '{current.state}', expected one of {list(expect or [])}"
+                )
+            if state != job.state or detail:
+                await db.execute(
+                    "INSERT INTO job_events (job_id, at, from_state, to_state, detail) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (job.id, now, job.state, state, detail),
+                )
+        job.state = state
+        job.updated_at = now
+        for k, v in fields.items():
+            setattr(job, k, v)
+
+    async def update_fields(self, job: Job, **fields: Any) -> None:
+        """Change bookkeeping fields (queue position, …) without a state change or history row."""
+        bad = set(fields) - _SETTABLE
+        if bad or not fields:
+            raise ValueError(f"not settable: {sorted(bad)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        async with self.atomic() as db:
+            await db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job.id))
+        for k, v in fields.items():
+            setattr(job, k, v)
+
+    async def events(self, job_id: int) -> list[tuple[float, str | None, str, str | None]]:
+        async with self._db.execute(
+            "SELECT at, from_state, to_state, detail FROM job_events WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        ) as cur:
+            return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+
+    # ---- outputs -------------------------------------------------------------------------------
+
+    async def record_result(
+        self, job: Job, outputs: Sequence[tuple[str, str]], *, cost: float | None,
+        finished_at: float | None,
+    ) -> None:
+        """Record a succeeded result's output URLs [(kind, url)] and move the job to downloading,
+        in one transaction. A refreshed result (expired URLs) replaces URLs of outputs not yet
+        downloaded and keeps finished files as they are."""
+        async with self.atomic() as db:
+            for idx, (kind, url) in enumerate(outputs):
+                await db.execute(
+                    """INSERT INTO outputs (job_id, idx, kind, url) VALUES (?, ?, ?, ?)
+                       ON CONFLICT (job_id, idx) DO UPDATE SET url = excluded.url, kind = excluded.kind
+                       WHERE outputs.sha256 IS NULL""",
+                    (job.id, idx, kind, url),
+                )
+            if job.state != DOWNLOADING:
+                await self.transition(
+                    job, DOWNLOADING, detail=f"{len(outputs)} output(s)", cost=cost,
+                    finished_at=finished_at,
+                )
+
+    async def outputs(self, job_id: int) -> list[Output]:
+        async with self._db.execute(
+            "SELECT job_id, idx, kind, url, path, size, sha256 FROM outputs WHERE job_id = ? "
+            "ORDER BY idx", (job_id,),
+        ) as cur:
+            return [Output(*r) for r in await cur.fetchall()]
+
+    async def output_downloaded(self, out: Output, path: str, size: int, sha256: str) -> None:
+        async with self.atomic() as db:
+            await db.execute(
+                "UPDATE outputs SET path = ?, size = ?, sha256 = ?, downloaded_at = ? "
+                "WHERE job_id = ? AND idx = ?",
+                (path, size, sha256, time.time(), out.job_id, out.idx),
+            )
+        out.path, out.size, out.sha256 = path, size, sha256
+
+
+def _filters(
+    batches: Sequence[str] | None, states: Sequence[str] | None
+) -> tuple[str, list[Any]]:
+    clauses, args = [], []
+    if batches is not None:
+        clauses.append(f"batch IN ({', '.join('?' * len(batches))})" if batches else "0")
+        args.extend(batches)
+    if states is not None:
+        clauses.append(f"state IN ({', '.join('?' * len(states))})" if states else "0")
+        args.extend(states)
+    return ("WHERE " + " AND ".join(clauses) if clauses else "WHERE 1"), args
