@@ -1,0 +1,187 @@
+"""The core operations behind each command, free of any CLI concern.
+
+``cli.py`` parses options into these dataclasses, calls one function and renders what comes back.
+Tests call the same functions directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import constants as C
+from . import store as S
+from .client import RunComfyClient
+from .errors import ManifestError, UsageError
+from .lock import WorkdirLock
+from .manifest import load_manifest
+from .runner import EventSink, Runner, RunSettings, RunSummary, local_file_resolver
+from .store import Store
+from .validate import ValidationResult, validate_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    """Where API calls go: the real API, or a simulator started for this run."""
+
+    api_url: str | None = None
+    token: str | None = None  # None: read RUNCOMFY_API_TOKEN
+    simulate: bool = False
+    sim_config: Any = None  # simulator.SimConfig when simulate
+
+
+@dataclass
+class RunOptions:
+    workdir: Path = Path(C.DEFAULT_WORKDIR)
+    manifest: Path | None = None  # None: resume every unfinished batch of the work directory
+    batch: str | None = None  # override the manifest's batch name
+    schema: Path | None = None
+    target: Target = field(default_factory=Target)
+    settings: RunSettings = field(default_factory=RunSettings)
+
+
+@dataclass
+class RunOutcome:
+    batches: list[str]
+    new_jobs: int
+    summary: RunSummary
+    counts: dict[str, dict[str, int]]
+
+
+def store_path(workdir: Path) -> Path:
+    return Path(workdir) / C.STORE_FILENAME
+
+
+def resolve_token(target: Target) -> str:
+    token = target.token if target.token is not None else os.environ.get(C.TOKEN_ENV, "")
+    token = token.strip()
+    if not token:
+        raise UsageError(
+            f"no API token: set {C.TOKEN_ENV} in the environment (or use --simulate to run "
+            "against the built-in simulator)"
+        )
+    return token
+
+
+def resolve_api_url(target: Target) -> str:
+    return (target.api_url or os.environ.get(C.API_URL_ENV) or C.DEFAULT_API_URL).rstrip("/")
+
+
+async def validate(
+    manifest_path: Path, *, schema: Path | None = None, simulate: bool = False,
+    batch: str | None = None,
+) -> ValidationResult:
+    """Expand and check a manifest; never submits anything."""
+    manifest = load_manifest(manifest_path, batch=batch)
+    return await validate_manifest(manifest, schema_path=schema, allow_local_files=simulate)
+
+
+@asynccontextmanager
+async def api_endpoint(target: Target) -> AsyncIterator[tuple[str, str, Any]]:
+    """(base_url, token, publish) for the run: a simulator started on a free loopback port under
+    --simulate, else the configured API. ``publish`` serves local files (simulator only)."""
+    if not target.simulate:
+        yield resolve_api_url(target), resolve_token(target), None
+        return
+    from .simulator import SimConfig, Simulator
+
+    config = target.sim_config or SimConfig()
+    if config.token is None:
+        # The in-process simulator accepts exactly one token, made up for this run: the user's
+        # real token (if any) is never sent to it.
+        config.token = "sim-" + secrets.token_hex(8)
+    sim = Simulator(config)
+    await sim.start()
+    try:
+        yield sim.base_url, config.token, sim.publish_file
+    finally:
+        await sim.stop()
+
+
+async def run(opts: RunOptions, on_event: EventSink | None = None,
+              on_runner: Any = None) -> RunOutcome:
+    """Validate (if a manifest is given), record, and run jobs to completion or a stop.
+
+    ``on_runner(runner)`` is called once the runner exists, so the CLI can wire signals to it.
+    """
+    workdir = Path(opts.workdir)
+    new_jobs = 0
+    manifest = None
+    if opts.manifest is not None:
+        manifest = load_manifest(opts.manifest, batch=opts.batch)
+        result = await validate_manifest(
+            manifest, schema_path=opts.schema, allow_local_files=opts.target.simulate
+        )
+        if result.problems:
+            raise ManifestError(result.problems)
+    if not opts.target.simulate:
+        resolve_token(opts.target)  # fail before taking the lock or touching the store
+
+    lock = WorkdirLock(workdir / C.LOCK_FILENAME)
+    lock.acquire("run")
+    try:
+        async with await Store.open(store_path(workdir)) as store:
+            if manifest is not None:
+                await store.upsert_batch(
+                    manifest.name, manifest.model_id, str(Path(opts.manifest).resolve()),
+                    {"image_base_url": manifest.image_base_url},
+                )
+                new_jobs = await store.add_jobs(manifest.name, manifest.iter_jobs())
+                batches = [manifest.name]
+            else:
+                counts = await store.counts()
+                batches = [
+                    b for b, per_state in counts.items()
+                    if any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.REMOTE_ACTIVE,
+                                                         S.DOWNLOADING))
+                ]
+            async with api_endpoint(opts.target) as (base_url, token, publish):
+                async with RunComfyClient(base_url, token) as client:
+                    runner = Runner(
+                        store, client, workdir, opts.settings,
+                        resolve_inputs=local_file_resolver(publish), on_event=on_event,
+                    )
+                    if on_runner is not None:
+                        on_runner(runner)
+                    summary = await runner.run(batches)
+            counts = await store.counts(batches)
+    finally:
+        lock.release()
+    return RunOutcome(batches, new_jobs, summary, counts)
+
+
+@dataclass
+class BatchStatus:
+    name: str
+    model_id: str
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchStatus]:
+    path = store_path(workdir)
+    if not path.exists():
+        raise UsageError(f"no batchgen store in {workdir} (run a manifest first, or pass --workdir)")
+    async with await Store.open(path) as store:
+        known = await store.batches()
+        names = {b.name for b in known}
+        for b in batches or []:
+            if b not in names:
+                known_names = ", ".join(sorted(names)) or "none"
+                raise UsageError(f"no batch named '{b}' in {workdir}; known: {known_names}")
+        counts = await store.counts(batches)
+        return [
+            BatchStatus(b.name, b.model_id, counts.get(b.name, {}))
+            for b in known if batches is None or b.name in batches
+        ]

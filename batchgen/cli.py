@@ -1,0 +1,350 @@
+"""The command line: a thin click shell over app.py. Parse options, call one function, render.
+
+Errors become one line on stderr and an exit code (see EXIT_*); set BATCHGEN_TRACEBACK=1 to see
+the traceback instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__, app
+from . import constants as C
+from . import store as S
+from .errors import (
+    AccountError,
+    BatchgenError,
+    InsufficientBalanceError,
+    LockedError,
+    ManifestError,
+    UsageError,
+)
+from .runner import Event, RunSettings
+
+# Exit codes, documented in README.md. Cron wrappers branch on these.
+EXIT_OK = 0  # every job of the batch succeeded
+EXIT_JOBS_FAILED = 1  # the run finished, but some jobs failed, timed out, were cancelled or are unknown
+EXIT_USAGE = 2  # bad manifest, bad options, missing token: nothing was submitted
+EXIT_INTERRUPTED = 3  # Ctrl-C/SIGTERM, deadline or a budget stopped the run; run again to go on
+EXIT_LOCKED = 4  # another run holds the work directory
+EXIT_ACCOUNT = 5  # the account cannot run jobs (bad token, insufficient balance)
+EXIT_INTERNAL = 70  # a bug or an unusable store
+
+log = logging.getLogger("batchgen")
+
+workdir_option = click.option(
+    "--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
+    default=Path(C.DEFAULT_WORKDIR), show_default=True,
+    help="Work directory: the SQLite store and downloaded outputs.",
+)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, ManifestError | UsageError):
+        return EXIT_USAGE
+    if isinstance(exc, LockedError):
+        return EXIT_LOCKED
+    if isinstance(exc, AccountError | InsufficientBalanceError):
+        return EXIT_ACCOUNT
+    if isinstance(exc, BatchgenError):
+        return EXIT_INTERNAL
+    return EXIT_INTERNAL
+
+
+def _run_async(coro: Any) -> Any:
+    """asyncio.run with batchgen's errors turned into one line and an exit code."""
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except BatchgenError as exc:
+        if os.environ.get("BATCHGEN_TRACEBACK"):
+            raise
+        _fail(str(exc), _exit_code_for(exc))
+    except Exception as exc:  # a bug: still one line, with the way to see more
+        if os.environ.get("BATCHGEN_TRACEBACK"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (set BATCHGEN_TRACEBACK=1 for details)",
+              EXIT_INTERNAL)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Job events are printed by the CLI itself; the library logger is for -v.
+    logging.getLogger("batchgen").setLevel(level if verbose else logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchgen")
+def main() -> None:
+    """batchgen: run a manifest of RunComfy Model API jobs to finished, downloaded files.
+
+    \b
+    Quick start, no account needed:
+      batchgen run sample_manifests/quickstart.yaml --simulate
+      batchgen status
+    """
+
+
+# ---- run ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("manifest", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@workdir_option
+@click.option("--simulate", is_flag=True,
+              help="Run against a built-in simulator on a free loopback port (no account, no network).")
+@click.option("--api-url", envvar=C.API_URL_ENV, help=f"API base URL [env {C.API_URL_ENV}].")
+@click.option("--schema", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Model schema file to validate against (for models batchgen does not bundle).")
+@click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
+@click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
+              show_default=True, help="Most jobs in flight at the provider.")
+@click.option("--downloads", type=click.IntRange(1), default=C.DEFAULT_DOWNLOAD_CONCURRENCY,
+              show_default=True, help="Most output downloads at once.")
+@click.option("--rate", type=click.FloatRange(0), default=C.DEFAULT_RATE, show_default=True,
+              help="Most API requests per second (0: no limit).")
+@click.option("--max-jobs", type=click.IntRange(0), help="Submit at most this many jobs in this run.")
+@click.option("--max-runtime", help="Stop submitting before, and stop at, this long from now (e.g. 90m, 6h).")
+@click.option("--job-timeout", help="Give up a job not finished this long after submit (e.g. 30m).")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
+@click.option("--verbose", "-v", count=True, help="More detail (-vv for debug).")
+def run(manifest: Path | None, workdir: Path, simulate: bool, api_url: str | None,
+        schema: Path | None, batch: str | None, concurrency: int, downloads: int, rate: float,
+        max_jobs: int | None, max_runtime: str | None, job_timeout: str | None, quiet: bool,
+        verbose: int) -> None:
+    """Validate MANIFEST, record its jobs, submit them, and download every output.
+
+    Running it again picks up where the last run stopped: jobs already submitted are polled,
+    never submitted twice, and finished outputs are not downloaded again. Without MANIFEST, every
+    unfinished batch in the work directory is resumed.
+
+    \b
+    Examples:
+      batchgen run sample_manifests/quickstart.yaml --simulate
+      RUNCOMFY_API_TOKEN=... batchgen run nightly.yaml --concurrency 8 --max-runtime 6h
+      batchgen run            # resume whatever is unfinished in ./jobs
+    """
+    _setup_logging(verbose, quiet)
+    settings = RunSettings(
+        concurrency=concurrency, download_concurrency=downloads, rate=rate, max_jobs=max_jobs,
+        deadline=time.time() + _duration(max_runtime, "--max-runtime") if max_runtime else None,
+        job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else None,
+    )
+    opts = app.RunOptions(
+        workdir=workdir, manifest=manifest, batch=batch, schema=schema,
+        target=app.Target(api_url=api_url, simulate=simulate), settings=settings,
+    )
+    printer = _EventPrinter(quiet)
+    outcome = _run_async(_run_with_signals(opts, printer))
+    summary = outcome.summary
+    _print_run_summary(outcome)
+    if summary.account_error:
+        _fail(summary.account_error, EXIT_ACCOUNT)
+    if summary.stop_reason in ("interrupted", "deadline", "max_jobs", "budget", "error"):
+        sys.exit(EXIT_INTERRUPTED)
+    bad = sum(n for b in outcome.counts.values() for s, n in b.items()
+              if s in (S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT))
+    unfinished = sum(n for b in outcome.counts.values() for s, n in b.items() if s not in S.TERMINAL)
+    if unfinished:
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_JOBS_FAILED if bad else EXIT_OK)
+
+
+async def _run_with_signals(opts: app.RunOptions, printer: _EventPrinter) -> app.RunOutcome:
+    loop = asyncio.get_running_loop()
+    runner_box: list[Any] = []
+    signals_seen = 0
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1 and runner_box:
+            click.echo(f"\n{signame}: stopping (jobs already submitted are kept); "
+                       "press Ctrl-C again to exit at once", err=True)
+            runner_box[0].stop("interrupted")
+            return
+        # Second signal, or nothing submitted yet: leave now. Every committed state is safe in
+        # the store; a submit caught on the wire becomes 'unknown' on the next run.
+        os._exit(EXIT_INTERRUPTED)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        return await app.run(opts, on_event=printer, on_runner=runner_box.append)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+class _EventPrinter:
+    """Plain, timestamped lines, one per state change worth knowing."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, event: Event) -> None:
+        if self.quiet and event.kind not in ("stop",):
+            return
+        stamp = time.strftime("%H:%M:%S")
+        if event.job is None:
+            click.echo(f"{stamp} {event.message}", err=True)
+            return
+        job = event.job
+        text = f"{stamp} {job.batch}/{job.key} {event.kind}"
+        if event.message:
+            text += f": {event.message}"
+        click.echo(text, err=True)
+
+
+def _print_run_summary(outcome: app.RunOutcome) -> None:
+    s = outcome.summary
+    finished = ", ".join(f"{n} {state}" for state, n in sorted(s.finished.items())) or "nothing"
+    click.echo(
+        f"{', '.join(outcome.batches) or 'no batch'}: {outcome.new_jobs} new job(s) recorded, "
+        f"{s.submitted} submitted, finished this run: {finished} ({s.elapsed:.1f}s)"
+    )
+    for name, counts in outcome.counts.items():
+        click.echo(f"  {name}: " + ", ".join(f"{n} {st}" for st, n in _ordered(counts)))
+    if s.stop_reason:
+        click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)
+
+
+def _ordered(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return [(st, counts[st]) for st in S.STATES if counts.get(st)]
+
+
+def _duration(text: str, option: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        raise click.BadParameter(
+            f"'{text}' is not a duration; use e.g. 90s, 30m, 6h", param_hint=option
+        ) from None
+    if value <= 0:
+        raise click.BadParameter("must be more than zero", param_hint=option)
+    return value
+
+
+# ---- validate ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--schema", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Model schema file to validate against.")
+@click.option("--simulate", is_flag=True,
+              help="Validate for a --simulate run (local image files need no image_base_url).")
+def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
+    """Check MANIFEST against the model's schema without submitting anything.
+
+    Every problem is listed at once, each with its file, row or line, and field.
+
+    \b
+    Example:
+      batchgen validate sample_manifests/quickstart.yaml --simulate
+    """
+    result = _run_async(app.validate(manifest, schema=schema, simulate=simulate))
+    if result.problems:
+        _fail(str(ManifestError(result.problems)), EXIT_USAGE)
+    dup = f" ({result.duplicates} duplicate(s) collapsed)" if result.duplicates else ""
+    click.echo(f"{manifest}: {result.jobs} job(s), all valid{dup}")
+
+
+# ---- status ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("batches", nargs=-1)
+@workdir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
+    """Show, per batch, how many jobs are in each state.
+
+    \b
+    Examples:
+      batchgen status
+      batchgen status quickstart --json
+    """
+    result = _run_async(app.status(workdir, list(batches) or None))
+    if as_json:
+        click.echo(json.dumps(
+            {"batches": [{"name": b.name, "model": b.model_id, "total": b.total, "states": b.counts}
+                         for b in result]}, indent=2))
+        return
+    if not result:
+        click.echo(f"no batches in {workdir}")
+        return
+    for b in result:
+        click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs)")
+        for st, n in _ordered(b.counts):
+            click.echo(f"  {st:<12} {n:>6}")
+
+
+# ---- simulate ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=8787, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--token", help="Accept only this Bearer token (default: any non-empty token).")
+@click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True,
+              help="Jobs running at once per token; the rest wait in the queue.")
+@click.option("--duration", type=click.FloatRange(0), default=2.0, show_default=True,
+              help="Seconds each job runs.")
+@click.option("--fault", "faults", multiple=True, metavar="SPEC",
+              help="Inject faults, e.g. --fault 429=0.1 --fault retry_after=2 (see README).")
+@click.option("--seed", type=int, help="Random seed for reproducible faults.")
+def simulate(host: str, port: int, token: str | None, concurrency: int, duration: float,
+             faults: tuple[str, ...], seed: int | None) -> None:
+    """Serve a local fake of the RunComfy Model API until Ctrl-C.
+
+    Point a run at it with --api-url (any token works unless --token is given).
+
+    \b
+    Example:
+      batchgen simulate --port 8787 --duration 5 --fault 429=0.1
+      RUNCOMFY_API_TOKEN=x batchgen run m.yaml --api-url http://127.0.0.1:8787/v1
+    """
+    from .simulator import FaultConfig, SimConfig, serve
+
+    try:
+        fault_config = FaultConfig.parse(list(faults))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from None
+    config = SimConfig(token=token, concurrency=concurrency, duration=duration,
+                       faults=fault_config, seed=seed)
+    click.echo(f"simulator listening on http://{host}:{port}/v1 (Ctrl-C to stop)", err=True)
+    try:
+        _run_async(serve(config, host, port))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

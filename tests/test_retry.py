@@ -1,0 +1,161 @@
+"""The retry policy, Retry-After parsing and the adaptive cap, from tables."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import pytest
+
+from batchgen.client import make_status_error
+from batchgen.errors import (
+    AccountError,
+    APIConnectionError,
+    APIResponseLostError,
+    DownloadError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitError,
+    ServerError,
+)
+from batchgen.limits import AdaptiveCap
+from batchgen.retry import Call, Decision, RetryPolicy, classify, parse_retry_after
+
+NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+
+
+def _status(cls, status, envelope=False, code=None):
+    return cls("x", status=status, error_code=code, envelope=envelope)
+
+
+CASES = [
+    # (exception, call, decision)
+    (APIConnectionError("refused"), Call.SUBMIT, Decision.RETRY),
+    (APIConnectionError("refused"), Call.POLL, Decision.RETRY),
+    (APIResponseLostError("timeout"), Call.SUBMIT, Decision.UNKNOWN),
+    (APIResponseLostError("reset"), Call.POLL, Decision.RETRY),
+    (_status(RateLimitError, 429), Call.SUBMIT, Decision.RETRY),
+    (_status(RateLimitError, 408), Call.POLL, Decision.RETRY),
+    (_status(ServerError, 502), Call.SUBMIT, Decision.UNKNOWN),
+    (_status(ServerError, 500, envelope=True, code=500001), Call.SUBMIT, Decision.RETRY),
+    (_status(ServerError, 503), Call.POLL, Decision.RETRY),
+    (_status(AccountError, 400, True, 400004), Call.SUBMIT, Decision.FATAL),
+    (_status(AccountError, 400, True, 400004), Call.POLL, Decision.FATAL),
+    (_status(InsufficientBalanceError, 400, True, 400002), Call.SUBMIT, Decision.STOP_SUBMITTING),
+    (_status(InvalidRequestError, 422, True, 422001), Call.SUBMIT, Decision.FAIL),
+    (_status(NotFoundError, 404, True, 404001), Call.POLL, Decision.FAIL),
+    (DownloadError("gone", status=404, expired=True), Call.DOWNLOAD, Decision.REFRESH),
+    (DownloadError("forbidden", status=403), Call.DOWNLOAD, Decision.REFRESH),
+    (DownloadError("truncated"), Call.DOWNLOAD, Decision.RETRY),
+    (DownloadError("busy", status=503), Call.DOWNLOAD, Decision.RETRY),
+    (ValueError("a bug"), Call.POLL, Decision.FAIL),
+]
+
+
+@pytest.mark.parametrize(("exc", "call", "expected"), CASES, ids=lambda v: getattr(v, "name", None))
+def test_classify(exc, call, expected):
+    assert classify(exc, call) is expected
+
+
+ERRORS = [
+    # (HTTP status, body, expected class, envelope)
+    (400, {"error_code": 400004, "error_message": "bad token"}, AccountError, True),
+    (200, {"error_code": 400004, "error_message": "bad token"}, AccountError, True),
+    (401, None, AccountError, False),
+    (400, {"error_code": 400002, "error_message": "balance"}, InsufficientBalanceError, True),
+    (402, None, InsufficientBalanceError, False),
+    (429, None, RateLimitError, False),
+    (200, {"error_code": 429001, "message": "slow down"}, RateLimitError, True),
+    (404, {"error_code": 404001, "detail": "expired"}, NotFoundError, True),
+    (500, None, ServerError, False),
+    (200, {"error_code": 500001, "error": "busy"}, ServerError, True),
+    (422, {"error_code": 422001, "error_message": "prompt too long"}, InvalidRequestError, True),
+    (400, {"error_code": 400001, "error_message": "bad model"}, InvalidRequestError, True),
+]
+
+
+@pytest.mark.parametrize(("status", "body", "cls", "envelope"), ERRORS)
+def test_error_mapping(status, body, cls, envelope):
+    err = make_status_error(status, body, None, "call")
+    assert type(err) is cls
+    assert err.envelope is envelope
+
+
+def test_error_message_taken_from_any_known_key():
+    assert "expired" in str(make_status_error(404, {"error_code": 404001, "detail": "expired"}, None, "x"))
+    assert "nested" in str(make_status_error(500, {"error": {"message": "nested"}}, None, "x"))
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("3", 3.0),
+        ("1.5", 1.5),
+        ("-4", 0.0),
+        ("nan", None),
+        ("soon", None),
+        (format_datetime(NOW + timedelta(seconds=30), usegmt=True), 30.0),
+        (format_datetime(NOW - timedelta(seconds=30), usegmt=True), 0.0),
+    ],
+)
+def test_parse_retry_after(header, expected):
+    assert parse_retry_after(header, now=NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("attempt", "rand", "expected"),
+    [
+        (1, 0.0, 0.25),  # base 0.5: half fixed, half random
+        (1, 1.0, 0.5),
+        (2, 1.0, 1.0),
+        (3, 0.5, 1.5),
+        (30, 1.0, 30.0),  # capped
+        (30, 0.0, 15.0),
+    ],
+)
+def test_backoff_is_capped_exponential_with_jitter(attempt, rand, expected):
+    assert RetryPolicy().backoff(attempt, rand=lambda: rand) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("retry_after", "expected"), [(2.0, 2.0), (0.0, 0.0), (10_000.0, 120.0)])
+def test_retry_after_wins_and_is_capped(retry_after, expected):
+    assert RetryPolicy().delay(1, retry_after, rand=lambda: 1.0) == expected
+
+
+def test_may_resubmit_counts_attempts():
+    policy = RetryPolicy(max_submit_attempts=3)
+    assert [policy.may_resubmit(n) for n in (1, 2, 3, 4)] == [True, True, False, False]
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        # (event, seconds since the previous) ... -> cap after
+        ([], 8),
+        ([("throttle", 0)], 4),
+        ([("throttle", 0), ("throttle", 0.5)], 4),  # one burst is one signal
+        ([("throttle", 0), ("throttle", 3)], 2),
+        ([("throttle", 0), ("throttle", 3), ("throttle", 3), ("throttle", 3)], 1),  # floor
+        ([("throttle", 0)] + [("ok", 0)] * 3, 4),  # +1/cap each: 4.69 after 3
+        ([("throttle", 0)] + [("ok", 0)] * 5, 5),  # about +1 per cap successes
+        ([("throttle", 0)] + [("ok", 0)] * 100, 8),  # never above --concurrency
+    ],
+)
+def test_adaptive_cap(events, expected):
+    clock = FakeClock()
+    cap = AdaptiveCap(8, clock=clock)
+    for kind, dt in events:
+        clock.t += dt
+        cap.on_throttle() if kind == "throttle" else cap.on_success()
+    assert cap.value == expected

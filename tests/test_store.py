@@ -1,0 +1,175 @@
+"""The SQLite store on a real file: migrations, idempotent recording, transitions, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass, field
+
+import aiosqlite
+import pytest
+
+from batchgen import store as S
+from batchgen.errors import StoreError
+from batchgen.migrations import MIGRATIONS, migrate
+from batchgen.store import Store
+
+
+@dataclass
+class Spec:
+    key: str
+    seq: int
+    model_id: str = "m/x"
+    source: str = "t.yaml, line 1"
+    inputs: dict = field(default_factory=lambda: {"prompt": "p"})
+    meta: dict = field(default_factory=dict)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await Store.open(tmp_path / "store.sqlite3")
+    yield s
+    await s.close()
+
+
+def _tables(path):
+    with sqlite3.connect(path) as db:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+async def test_blank_file_reaches_current_schema(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(path)
+    await s.close()
+    assert {"batches", "jobs", "job_events", "outputs", "migrations"} <= _tables(path)
+    with sqlite3.connect(path) as db:
+        names = [r[0] for r in db.execute("SELECT name FROM migrations ORDER BY name")]
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert names == [m.__name__ for m in MIGRATIONS]
+
+
+async def test_old_store_moves_forward_and_keeps_data(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    async with aiosqlite.connect(path, isolation_level=None) as db:
+        await migrate(db, MIGRATIONS[:1])
+        await db.execute(
+            "INSERT INTO batches VALUES ('b', 'm', NULL, '{}', 0, 0)"
+        )
+
+    async def m999_add_note(db):
+        await db.execute("ALTER TABLE batches ADD COLUMN note TEXT")
+
+    async with aiosqlite.connect(path, isolation_level=None) as db:
+        applied = await migrate(db, [*MIGRATIONS, m999_add_note])
+        assert applied == ["m999_add_note"]
+        async with db.execute("SELECT name, note FROM batches") as cur:
+            assert await cur.fetchall() == [("b", None)]
+        # Applying again is a no-op.
+        assert await migrate(db, [*MIGRATIONS, m999_add_note]) == []
+
+
+async def test_failing_migration_rolls_back(tmp_path):
+    path = tmp_path / "s.sqlite3"
+
+    async def m900_half_done(db):
+        await db.execute("CREATE TABLE half (x)")
+        raise RuntimeError("boom")
+
+    async with aiosqlite.connect(path, isolation_level=None) as db:
+        with pytest.raises(StoreError, match="m900_half_done failed and was rolled back"):
+            await migrate(db, [*MIGRATIONS, m900_half_done])
+    tables = _tables(path)
+    assert "half" not in tables and "jobs" in tables
+    with sqlite3.connect(path) as db:
+        assert ("m900_half_done",) not in db.execute("SELECT name FROM migrations").fetchall()
+
+
+async def test_add_jobs_is_idempotent(store):
+    await store.upsert_batch("b", "m/x", "t.yaml", {})
+    assert await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)]) == 2
+    assert await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1), Spec("k3", 2)]) == 1
+    assert [j.key for j in await store.jobs(["b"])] == ["k1", "k2", "k3"]
+    assert await store.counts() == {"b": {"pending": 3}}
+
+
+async def test_add_jobs_in_chunks(store, monkeypatch):
+    monkeypatch.setattr(S, "INSERT_CHUNK", 7)
+    await store.upsert_batch("b", "m/x", None, {})
+    assert await store.add_jobs("b", (Spec(f"k{i}", i) for i in range(50))) == 50
+
+
+async def test_claim_records_intent_and_history(store):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k2", 1), Spec("k1", 0)])
+    job = await store.claim_pending(["b"], now=0)
+    assert job.key == "k1" and job.state == S.SUBMITTING and job.attempts == 1
+    assert (await store.job(job.id)).state == S.SUBMITTING
+    await store.transition(job, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id="r1", submitted_at=1.0)
+    events = await store.events(job.id)
+    assert [(e[1], e[2]) for e in events] == [("pending", "submitting"), ("submitting", "in_queue")]
+    with pytest.raises(StoreError, match="expected one of"):
+        await store.transition(job, S.SUCCEEDED, expect=(S.DOWNLOADING,))
+
+
+async def test_claim_respects_retry_delay(store):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    job = await store.claim_pending(["b"], now=0)
+    await store.transition(job, S.PENDING, not_before=100.0)
+    assert await store.claim_pending(["b"], now=50.0) is None
+    assert await store.next_pending_at(["b"]) == 100.0
+    assert (await store.claim_pending(["b"], now=100.0)).key == "k1"
+
+
+async def test_interrupted_submit_becomes_unknown(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    s = await Store.open(path)
+    await s.upsert_batch("b", "m/x", None, {})
+    await s.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
+    await s.claim_pending(["b"], now=0)
+    await s.close()  # the run dies here
+    s = await Store.open(path)
+    stuck = await s.recover_interrupted(["b"])
+    assert [j.key for j in stuck] == ["k1"]
+    assert await s.counts() == {"b": {"unknown": 1, "pending": 1}}
+    await s.close()
+
+
+async def test_concurrent_transactions_do_not_mix(store):
+    await store.upsert_batch("b", "m/x", None, {})
+
+    async def failing():
+        with pytest.raises(RuntimeError):
+            async with store.atomic() as db:
+                await db.execute("INSERT INTO jobs (batch, key, seq, model_id, inputs_json, "
+                                 "created_at, updated_at) VALUES ('b', 'bad', 0, 'm', '{}', 0, 0)")
+                await asyncio.sleep(0.01)
+                raise RuntimeError("roll me back")
+
+    async def succeeding():
+        await asyncio.sleep(0.001)
+        await store.add_jobs("b", [Spec("good", 1)])
+
+    await asyncio.gather(failing(), succeeding())
+    assert [j.key for j in await store.jobs(["b"])] == ["good"]
+
+
+async def test_outputs_recorded_then_downloaded(store):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    job = await store.claim_pending(["b"], now=0)
+    await store.transition(job, S.IN_QUEUE, request_id="r")
+    await store.record_result(job, [("video", "http://h/a.mp4")], cost=0.1, finished_at=5.0)
+    assert job.state == S.DOWNLOADING
+    (out,) = await store.outputs(job.id)
+    await store.output_downloaded(out, "b/k1/output.mp4", 10, "ab" * 32)
+    # A refreshed result does not overwrite a finished output's URL.
+    await store.record_result(job, [("video", "http://h/new.mp4")], cost=0.1, finished_at=5.0)
+    (out,) = await store.outputs(job.id)
+    assert out.url == "http://h/a.mp4" and out.sha256 == "ab" * 32
+
+
+async def test_unopenable_store_is_a_store_error(tmp_path):
+    (tmp_path / "dir.sqlite3").mkdir()
+    with pytest.raises(StoreError):
+        await Store.open(tmp_path / "dir.sqlite3")
