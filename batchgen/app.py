@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 from . import constants as C
 from . import store as S
 from .client import RunComfyClient
-from .errors import ManifestError, UsageError
+from .errors import BatchgenError, ManifestError, UsageError
 from .lock import WorkdirLock
 from .manifest import load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary, local_file_resolver
@@ -42,7 +43,9 @@ class Target:
 class RunOptions:
     workdir: Path = Path(C.DEFAULT_WORKDIR)
     manifest: Path | None = None  # None: resume every unfinished batch of the work directory
-    batch: str | None = None  # override the manifest's batch name
+    batch: str | None = None  # the manifest's batch name override, or (no manifest) one batch to run
+    # `batchgen retry`: jobs in these states go back to pending before the run starts.
+    retry_states: tuple[str, ...] = ()
     schema: Path | None = None
     target: Target = field(default_factory=Target)
     settings: RunSettings = field(default_factory=RunSettings)
@@ -136,6 +139,9 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                 )
                 new_jobs = await store.add_jobs(manifest.name, manifest.iter_jobs())
                 batches = [manifest.name]
+            elif opts.batch is not None:
+                await _require_batches(store, [opts.batch], workdir)
+                batches = [opts.batch]
             else:
                 counts = await store.counts()
                 batches = [
@@ -143,6 +149,9 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     if any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.REMOTE_ACTIVE,
                                                          S.DOWNLOADING))
                 ]
+            if opts.retry_states:
+                for job in await store.jobs(batches, opts.retry_states):
+                    await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
             async with api_endpoint(opts.target) as (base_url, token, publish):
                 async with RunComfyClient(base_url, token) as client:
                     runner = Runner(
@@ -169,19 +178,79 @@ class BatchStatus:
         return sum(self.counts.values())
 
 
-async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchStatus]:
+async def _require_batches(store: Store, batches: list[str], workdir: Path) -> None:
+    names = {b.name for b in await store.batches()}
+    for b in batches:
+        if b not in names:
+            known_names = ", ".join(sorted(names)) or "none"
+            raise UsageError(f"no batch named '{b}' in {workdir}; known: {known_names}")
+
+
+def _existing_store(workdir: Path) -> Path:
     path = store_path(workdir)
     if not path.exists():
         raise UsageError(f"no batchgen store in {workdir} (run a manifest first, or pass --workdir)")
-    async with await Store.open(path) as store:
+    return path
+
+
+async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchStatus]:
+    async with await Store.open(_existing_store(workdir)) as store:
         known = await store.batches()
-        names = {b.name for b in known}
-        for b in batches or []:
-            if b not in names:
-                known_names = ", ".join(sorted(names)) or "none"
-                raise UsageError(f"no batch named '{b}' in {workdir}; known: {known_names}")
+        await _require_batches(store, batches or [], workdir)
         counts = await store.counts(batches)
         return [
             BatchStatus(b.name, b.model_id, counts.get(b.name, {}))
             for b in known if batches is None or b.name in batches
         ]
+
+
+@dataclass
+class CancelReport:
+    not_submitted: int = 0  # pending jobs marked cancelled
+    cancelled: int = 0  # queued jobs the provider cancelled
+    not_cancellable: int = 0  # already running or done: still followed by the next run
+    errors: list[str] = field(default_factory=list)
+
+
+async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
+    """Cancel a batch: pending jobs never get submitted; queued jobs are cancelled at the provider.
+    Jobs the provider will not cancel (already running) keep being followed, so what they cost is
+    still downloaded."""
+    report = CancelReport()
+    path = _existing_store(workdir)
+    lock = WorkdirLock(Path(workdir) / C.LOCK_FILENAME)
+    lock.acquire("cancel")
+    try:
+        async with await Store.open(path) as store:
+            await _require_batches(store, [batch], workdir)
+            await store.recover_interrupted([batch])
+            for job in await store.jobs([batch], [S.PENDING]):
+                await store.transition(job, S.CANCELLED, expect=(S.PENDING,),
+                                       detail="cancelled by the user before submit",
+                                       error="cancelled before submit")
+                report.not_submitted += 1
+            remote = await store.jobs([batch], S.REMOTE_ACTIVE)
+            if not remote:
+                return report
+            async with api_endpoint(target) as (base_url, token, _publish):
+                async with RunComfyClient(base_url, token) as client:
+                    for job in remote:
+                        assert job.request_id is not None
+                        try:
+                            answer = await client.cancel(job.request_id)
+                        except BatchgenError as exc:
+                            report.errors.append(f"{job.key}: {exc}")
+                            continue
+                        if answer.outcome == "cancelled":
+                            await store.transition(job, S.CANCELLED, detail="cancelled by the user",
+                                                   error="cancelled by the user",
+                                                   finished_at=time.time())
+                            report.cancelled += 1
+                        else:
+                            await store.transition(
+                                job, job.state, detail=f"cancel answered {answer.outcome or '?'}"
+                            )
+                            report.not_cancellable += 1
+    finally:
+        lock.release()
+    return report

@@ -108,35 +108,49 @@ def main() -> None:
 # ---- run ---------------------------------------------------------------------------------------
 
 
+def _target_options(f: Any) -> Any:
+    f = click.option("--api-url", envvar=C.API_URL_ENV,
+                     help=f"API base URL [env {C.API_URL_ENV}].")(f)
+    f = click.option("--simulate", is_flag=True,
+                     help="Use a built-in simulator on a free loopback port (no account, no network).")(f)
+    return f
+
+
+def _run_options(f: Any) -> Any:
+    """Options shared by `run` and `retry`, which both end in a run of the pool."""
+    for opt in reversed([
+        workdir_option,
+        click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
+                     show_default=True, help="Most jobs in flight at the provider."),
+        click.option("--downloads", type=click.IntRange(1), default=C.DEFAULT_DOWNLOAD_CONCURRENCY,
+                     show_default=True, help="Most output downloads at once."),
+        click.option("--rate", type=click.FloatRange(0), default=C.DEFAULT_RATE, show_default=True,
+                     help="Most API requests per second (0: no limit)."),
+        click.option("--max-jobs", type=click.IntRange(0),
+                     help="Submit at most this many jobs in this run."),
+        click.option("--max-runtime",
+                     help="Stop submitting before, and stop at, this long from now (e.g. 90m, 6h)."),
+        click.option("--job-timeout",
+                     help="Give up a job not finished this long after submit (e.g. 30m)."),
+        click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary."),
+        click.option("--verbose", "-v", count=True, help="More detail (-vv for debug)."),
+    ]):
+        f = opt(f)
+    return _target_options(f)
+
+
 @main.command()
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@workdir_option
-@click.option("--simulate", is_flag=True,
-              help="Run against a built-in simulator on a free loopback port (no account, no network).")
-@click.option("--api-url", envvar=C.API_URL_ENV, help=f"API base URL [env {C.API_URL_ENV}].")
 @click.option("--schema", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Model schema file to validate against (for models batchgen does not bundle).")
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
-              show_default=True, help="Most jobs in flight at the provider.")
-@click.option("--downloads", type=click.IntRange(1), default=C.DEFAULT_DOWNLOAD_CONCURRENCY,
-              show_default=True, help="Most output downloads at once.")
-@click.option("--rate", type=click.FloatRange(0), default=C.DEFAULT_RATE, show_default=True,
-              help="Most API requests per second (0: no limit).")
-@click.option("--max-jobs", type=click.IntRange(0), help="Submit at most this many jobs in this run.")
-@click.option("--max-runtime", help="Stop submitting before, and stop at, this long from now (e.g. 90m, 6h).")
-@click.option("--job-timeout", help="Give up a job not finished this long after submit (e.g. 30m).")
-@click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary.")
-@click.option("--verbose", "-v", count=True, help="More detail (-vv for debug).")
-def run(manifest: Path | None, workdir: Path, simulate: bool, api_url: str | None,
-        schema: Path | None, batch: str | None, concurrency: int, downloads: int, rate: float,
-        max_jobs: int | None, max_runtime: str | None, job_timeout: str | None, quiet: bool,
-        verbose: int) -> None:
+@_run_options
+def run(manifest: Path | None, schema: Path | None, batch: str | None, **kw: Any) -> None:
     """Validate MANIFEST, record its jobs, submit them, and download every output.
 
     Running it again picks up where the last run stopped: jobs already submitted are polled,
     never submitted twice, and finished outputs are not downloaded again. Without MANIFEST, every
-    unfinished batch in the work directory is resumed.
+    unfinished batch in the work directory is resumed (or only --batch).
 
     \b
     Examples:
@@ -144,17 +158,44 @@ def run(manifest: Path | None, workdir: Path, simulate: bool, api_url: str | Non
       RUNCOMFY_API_TOKEN=... batchgen run nightly.yaml --concurrency 8 --max-runtime 6h
       batchgen run            # resume whatever is unfinished in ./jobs
     """
-    _setup_logging(verbose, quiet)
+    _execute_run(kw, manifest=manifest, schema=schema, batch=batch)
+
+
+@main.command()
+@click.argument("batch")
+@click.option("--unknown", is_flag=True,
+              help="Also resubmit jobs whose submit outcome is unknown (they may already be "
+                   "running, and billed, at the provider).")
+@_run_options
+def retry(batch: str, unknown: bool, **kw: Any) -> None:
+    """Put BATCH's failed and timed-out jobs back to pending and run them.
+
+    Their history is kept. Jobs with an unknown submit outcome are left alone unless --unknown
+    is given: the API cannot tell whether they exist, so resubmitting may pay twice.
+
+    \b
+    Examples:
+      batchgen retry street-scenes
+      batchgen retry street-scenes --unknown --simulate
+    """
+    states = (S.FAILED, S.TIMED_OUT) + ((S.UNKNOWN,) if unknown else ())
+    _execute_run(kw, batch=batch, retry_states=states)
+
+
+def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
+    _setup_logging(kw["verbose"], kw["quiet"])
+    max_runtime, job_timeout = kw["max_runtime"], kw["job_timeout"]
     settings = RunSettings(
-        concurrency=concurrency, download_concurrency=downloads, rate=rate, max_jobs=max_jobs,
+        concurrency=kw["concurrency"], download_concurrency=kw["downloads"], rate=kw["rate"],
+        max_jobs=kw["max_jobs"],
         deadline=time.time() + _duration(max_runtime, "--max-runtime") if max_runtime else None,
         job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else None,
     )
     opts = app.RunOptions(
-        workdir=workdir, manifest=manifest, batch=batch, schema=schema,
-        target=app.Target(api_url=api_url, simulate=simulate), settings=settings,
+        workdir=kw["workdir"], target=app.Target(api_url=kw["api_url"], simulate=kw["simulate"]),
+        settings=settings, **opts_kw,
     )
-    printer = _EventPrinter(quiet)
+    printer = _EventPrinter(kw["quiet"])
     outcome = _run_async(_run_with_signals(opts, printer))
     summary = outcome.summary
     _print_run_summary(outcome)
@@ -303,6 +344,31 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
         click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs)")
         for st, n in _ordered(b.counts):
             click.echo(f"  {st:<12} {n:>6}")
+
+
+# ---- cancel ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("batch")
+@workdir_option
+@_target_options
+def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool) -> None:
+    """Cancel BATCH: jobs not yet submitted are never submitted; queued jobs are cancelled at
+    the provider. Jobs already running cannot be cancelled: they are recorded as such and the
+    next run still downloads what they produce.
+
+    \b
+    Example:
+      batchgen cancel street-scenes
+    """
+    report = _run_async(app.cancel(workdir, batch, app.Target(api_url=api_url, simulate=simulate)))
+    click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled, {report.cancelled} "
+               f"cancelled at the provider, {report.not_cancellable} already running "
+               "(still followed)")
+    for err in report.errors:
+        click.echo(f"  could not cancel {err}", err=True)
+    sys.exit(EXIT_JOBS_FAILED if report.errors else EXIT_OK)
 
 
 # ---- simulate ----------------------------------------------------------------------------------

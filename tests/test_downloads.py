@@ -1,0 +1,104 @@
+"""Downloads against a real loopback server: atomic files, sha256, Range resume, truncation."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from aiohttp import web
+
+from batchgen.downloads import download, make_session, output_name
+from batchgen.errors import DownloadError
+
+BODY = bytes(range(256)) * 1000  # 256,000 bytes
+
+
+@pytest.fixture
+async def files():
+    """A file server whose behaviour each test sets: cut the body short, ignore Range, expire."""
+    state = {"cut_at": None, "ranges": True, "status": 200, "hits": []}
+
+    async def handler(request):
+        state["hits"].append(request.headers.get("Range"))
+        if state["status"] != 200:
+            return web.Response(status=state["status"])
+        start = 0
+        rng = request.headers.get("Range")
+        resp_status, headers = 200, {}
+        if rng and state["ranges"]:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            resp_status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(BODY) - 1}/{len(BODY)}"
+        body = BODY[start:]
+        resp = web.StreamResponse(status=resp_status, headers=headers)
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        cut = state["cut_at"]
+        if cut is not None:
+            state["cut_at"] = None
+            await resp.write(body[: cut - start])
+            request.transport.close()
+            return resp
+        await resp.write(body)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/out/{name}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    state["url"] = f"http://127.0.0.1:{port}/out/video.mp4"
+    async with make_session() as session:
+        state["session"] = session
+        yield state
+    await runner.cleanup()
+
+
+def test_output_names_are_stable():
+    assert output_name(0, "video", "https://x/a/b.MP4?sig=1") == "output.mp4"
+    assert output_name(2, "image", "https://x/a/noext") == "output-2.png"
+
+
+async def test_whole_file_with_digest(files, tmp_path):
+    got = await download(files["session"], files["url"], tmp_path / "output.mp4")
+    assert got.size == len(BODY) and got.sha256 == hashlib.sha256(BODY).hexdigest()
+    assert (tmp_path / "output.mp4").read_bytes() == BODY
+    assert not (tmp_path / "output.mp4.part").exists()
+
+
+async def test_truncated_transfer_is_never_a_file_and_resumes_with_range(files, tmp_path):
+    dest = tmp_path / "output.mp4"
+    files["cut_at"] = 100_000
+    with pytest.raises(DownloadError):
+        await download(files["session"], files["url"], dest)
+    assert not dest.exists()
+    assert (tmp_path / "output.mp4.part").stat().st_size == 100_000
+    got = await download(files["session"], files["url"], dest)
+    assert got.resumed and got.sha256 == hashlib.sha256(BODY).hexdigest()
+    assert files["hits"][-1] == "bytes=100000-"
+
+
+async def test_server_ignoring_range_restarts_cleanly(files, tmp_path):
+    dest = tmp_path / "output.mp4"
+    files["cut_at"] = 50_000
+    files["ranges"] = False
+    with pytest.raises(DownloadError):
+        await download(files["session"], files["url"], dest)
+    got = await download(files["session"], files["url"], dest)
+    assert not got.resumed and dest.read_bytes() == BODY
+
+
+@pytest.mark.parametrize("status", [403, 404, 410])
+async def test_expired_urls_are_flagged(files, tmp_path, status):
+    files["status"] = status
+    with pytest.raises(DownloadError) as info:
+        await download(files["session"], files["url"], tmp_path / "o.mp4")
+    assert info.value.expired
+
+
+async def test_refuses_non_http_urls(files, tmp_path):
+    with pytest.raises(DownloadError, match="refusing"):
+        await download(files["session"], "file:///etc/passwd", tmp_path / "o")
