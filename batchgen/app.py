@@ -83,8 +83,8 @@ async def validate(
     batch: str | None = None,
 ) -> ValidationResult:
     """Expand and check a manifest; never submits anything."""
-    manifest = load_manifest(manifest_path, batch=batch)
-    return await validate_manifest(manifest, schema_path=schema, allow_local_files=simulate)
+    manifest = load_manifest(manifest_path, batch=batch, schema_path=schema)
+    return await validate_manifest(manifest, allow_local_files=simulate)
 
 
 @asynccontextmanager
@@ -119,10 +119,8 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
     new_jobs = 0
     manifest = None
     if opts.manifest is not None:
-        manifest = load_manifest(opts.manifest, batch=opts.batch)
-        result = await validate_manifest(
-            manifest, schema_path=opts.schema, allow_local_files=opts.target.simulate
-        )
+        manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema)
+        result = await validate_manifest(manifest, allow_local_files=opts.target.simulate)
         if result.problems:
             raise ManifestError(result.problems)
     if not opts.target.simulate:
