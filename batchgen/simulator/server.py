@@ -1,0 +1,572 @@
+"""A fake of the RunComfy Model API: a real aiohttp server on loopback, faithful to the protocol
+in runcomfy-api.md, with faults on demand.
+
+Time is computed, not slept: each token's queue advances lazily from timestamps whenever a call
+looks at it, so 5,000 jobs cost no tasks and no timers. Output media are generated once per
+(input image, model, frames) and served with Range support.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import hmac
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import aiohttp
+from aiohttp import web
+
+from ..images import ImageInfo, ImageProbeError, probe_bytes
+from ..schema import ModelSchema, find_schema
+from .faults import FaultConfig, FaultPicker
+from .media import make_image, make_video
+
+log = logging.getLogger(__name__)
+
+# Undocumented by RunComfy: how it answers invalid input (400 or 422, which code). We answer 422
+# with 422001; the client treats any 4xx with an error envelope as "refused, will not heal".
+INVALID_INPUT = (422, 422001)
+
+
+@dataclass
+class SimConfig:
+    token: str | None = None  # only this Bearer token is accepted; None: any non-empty one
+    concurrency: int = 4  # jobs running at once per token; the excess waits in_queue
+    duration: float = 2.0  # seconds a job runs
+    duration_jitter: float = 0.0  # +- this fraction
+    price_usd: float = 0.10
+    balance_usd: float | None = None  # None: unlimited
+    extra_schemas: list[Path] = field(default_factory=list)
+    validate_inputs: bool = True  # fetch and check input images, as the service does
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    seed: int | None = None
+
+
+@dataclass
+class _Job:
+    id: str
+    owner: str  # hash of the token, never the token
+    model_id: str
+    input: dict[str, Any]
+    submitted_at: float
+    duration: float
+    will_fail: bool
+    media_key: str
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancelled_at: float | None = None
+
+    def status(self) -> str:
+        if self.cancelled_at is not None:
+            return "cancelled"
+        if self.finished_at is not None:
+            return "completed"
+        if self.started_at is not None:
+            return "in_progress"
+        return "in_queue"
+
+
+class _Queue:
+    """One token's jobs: at most ``concurrency`` running, the rest waiting in order."""
+
+    def __init__(self, concurrency: int):
+        self.concurrency = concurrency
+        self.waiting: deque[_Job] = deque()
+        self.running: list[tuple[float, str]] = []  # heap of (end time, job id)
+
+    def advance(self, now: float, jobs: dict[str, _Job]) -> None:
+        while True:
+            while self.waiting and self.waiting[0].cancelled_at is not None:
+                self.waiting.popleft()
+            if self.waiting and len(self.running) < self.concurrency:
+                self._start(self.waiting.popleft(), now)
+                continue
+            if self.running and self.running[0][0] <= now:
+                end, jid = heapq.heappop(self.running)
+                jobs[jid].finished_at = end
+                # The freed slot went to the next waiting job at the moment it freed.
+                while self.waiting and self.waiting[0].cancelled_at is not None:
+                    self.waiting.popleft()
+                if self.waiting:
+                    self._start(self.waiting.popleft(), max(end, self.waiting[0].submitted_at))
+                continue
+            return
+
+    def _start(self, job: _Job, at: float) -> None:
+        job.started_at = at
+        heapq.heappush(self.running, (at + job.duration, job.id))
+
+    def position(self, job: _Job) -> int:
+        """1 = next to start."""
+        pos = 0
+        for j in self.waiting:
+            if j.cancelled_at is None:
+                pos += 1
+            if j is job:
+                return pos
+        return 0
+
+
+class Simulator:
+    """The fake API. ``await start()``, use ``base_url``, ``await stop()``."""
+
+    def __init__(self, config: SimConfig | None = None):
+        self.config = config or SimConfig()
+        self.faults = FaultPicker(self.config.faults, self.config.seed)
+        self._rng = random.Random(self.config.seed)
+        self.jobs: dict[str, _Job] = {}
+        self._order: list[str] = []
+        self._queues: dict[str, _Queue] = {}
+        self.calls = {"submit": 0, "status": 0, "result": 0, "cancel": 0, "download": 0, "model": 0}
+        self._spent: dict[str, float] = {}
+        self._published: dict[str, Path] = {}
+        self._images: dict[str, tuple[bytes, ImageInfo] | str] = {}
+        self._image_locks: dict[str, asyncio.Lock] = {}
+        self._media: dict[str, bytes] = {}
+        self._media_inputs: dict[str, tuple[str | None, str, int]] = {}
+        self._media_image_bytes: dict[str, bytes] = {}
+        self._media_locks: dict[str, asyncio.Lock] = {}
+        self._secret = uuid.uuid4().bytes
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.root_url = ""
+        self.base_url = ""
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=8 << 20)
+        r = app.router
+        r.add_post("/v1/models/{model_id:.+}", self._submit)
+        r.add_get("/v1/models/{model_id:.+}", self._model_info)
+        r.add_get("/v1/requests/{rid}/status", self._status)
+        r.add_get("/v1/requests/{rid}/result", self._result)
+        r.add_post("/v1/requests/{rid}/cancel", self._cancel)
+        r.add_get("/_sim/requests", self._list)
+        r.add_get("/_sim/files/{rid}/{idx}/{name}", self._file)
+        r.add_get("/_sim/uploads/{fid}/{name}", self._upload)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        actual = sock.getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.root_url = f"http://{shown}:{actual}"
+        self.base_url = self.root_url + "/v1"
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def publish_file(self, path: str | Path) -> str:
+        """Serve a local file (a manifest's image under --simulate); only such files are served."""
+        path = Path(path).resolve()
+        fid = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        self._published[fid] = path
+        return f"{self.root_url}/_sim/uploads/{fid}/{quote(path.name)}"
+
+    def requests(self) -> dict[str, Any]:
+        now = time.time()
+        self._advance_all(now)
+        return {
+            "requests": [self._describe(self.jobs[j]) for j in self._order],
+            "calls": dict(self.calls),
+        }
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _advance_all(self, now: float) -> None:
+        for q in self._queues.values():
+            q.advance(now, self.jobs)
+
+    def _describe(self, job: _Job) -> dict[str, Any]:
+        return {
+            "request_id": job.id, "model_id": job.model_id, "input": job.input,
+            "status": job.status(), "will_fail": job.will_fail,
+            "submitted_at": job.submitted_at, "started_at": job.started_at,
+            "finished_at": job.finished_at, "cancelled_at": job.cancelled_at,
+        }
+
+    @staticmethod
+    def _error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        return web.json_response({"error_code": code, "error_message": message}, status=status, headers=headers)
+
+    def _auth(self, request: web.Request) -> str | web.Response:
+        """The caller's identity (a hash of its token), or RunComfy's error: 400 + 400004."""
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        expected = self.config.token
+        if not token or (expected is not None and not hmac.compare_digest(token, expected)):
+            return self._error(400, 400004, "Invalid or missing API token (UserAccountError)")
+        return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+    async def _fault(self, request: web.Request, endpoint: str) -> str | web.StreamResponse:
+        """Apply the call's fault; returns the outcome to carry on with, or the response to send."""
+        outcome = self.faults.pick(endpoint)
+        if outcome == "slow":
+            await asyncio.sleep(self.config.faults.slow_seconds)
+            return "ok"
+        if outcome == "429":
+            headers = {}
+            ra = self.config.faults.retry_after
+            if ra == "date":
+                headers["Retry-After"] = format_datetime(datetime.now(UTC), usegmt=True)
+            elif ra is not None:
+                headers["Retry-After"] = ra
+            return self._error(429, 429001, "Too many requests, slow down", headers)
+        if outcome == "5xx":
+            return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>",
+                                content_type="text/html")
+        if outcome == "error200":
+            return self._error(200, 500001, "Internal error, please try again")
+        return outcome
+
+    def _owned(self, request: web.Request, owner: str) -> _Job | web.Response:
+        job = self.jobs.get(request.match_info["rid"])
+        if job is None:
+            return self._error(404, 404001, "Request not found, deleted or expired")
+        if job.owner != owner:
+            return self._error(403, 403001, "This request belongs to another user")
+        return job
+
+    def _urls(self, rid: str) -> dict[str, str]:
+        base = f"{self.base_url}/requests/{rid}"
+        return {"status_url": f"{base}/status", "result_url": f"{base}/result", "cancel_url": f"{base}/cancel"}
+
+    # ---- input images --------------------------------------------------------------------------
+
+    async def _image(self, url: str) -> tuple[bytes, ImageInfo] | str:
+        cached = self._images.get(url)
+        if cached is not None:
+            return cached
+        lock = self._image_locks.setdefault(url, asyncio.Lock())
+        async with lock:
+            if url in self._images:
+                return self._images[url]
+            result: tuple[bytes, ImageInfo] | str
+            try:
+                data = await self._fetch(url)
+                result = (data, probe_bytes(data, len(data)))
+            except ImageProbeError as exc:
+                result = str(exc)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                result = f"could not fetch the image: {type(exc).__name__}"
+            self._images[url] = result
+            return result
+
+    async def _fetch(self, url: str) -> bytes:
+        own = self.root_url + "/_sim/uploads/"
+        if url.startswith(own):
+            # Our own published files: read them directly rather than over HTTP.
+            fid = url[len(own):].split("/", 1)[0]
+            path = self._published.get(fid)
+            if path is None:
+                raise ImageProbeError("image URL answered HTTP 404")
+            return await asyncio.to_thread(path.read_bytes)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        # Like the service: a plain GET, no credentials of the caller.
+        async with self._session.get(url) as resp:
+            if resp.status != 200:
+                raise ImageProbeError(f"image URL answered HTTP {resp.status}")
+            return await resp.read()
+
+    # ---- endpoints -----------------------------------------------------------------------------
+
+    async def _submit(self, request: web.Request) -> web.StreamResponse:
+        self.calls["submit"] += 1
+        owner = self._auth(request)
+        if isinstance(owner, web.Response):
+            return owner
+        outcome = await self._fault(request, "submit")
+        if not isinstance(outcome, str):
+            return outcome
+        model_id = unquote(request.match_info["model_id"])
+        schema = self._schema(model_id)
+        if schema is None:
+            return self._error(400, 400001, f"Unknown model '{model_id}' (InvalidResourceIdentifier)")
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return self._error(*INVALID_INPUT, "Request body must be a JSON object")
+        if not isinstance(body, dict):
+            return self._error(*INVALID_INPUT, "Request body must be a JSON object")
+        image_bytes: bytes | None = None
+        first_image: str | None = None
+        if self.config.validate_inputs:
+            images: dict[str, ImageInfo | str] = {}
+            for name, is_list in schema.image_fields().items():
+                value = body.get(name)
+                for ref in (value if is_list and isinstance(value, list) else [value]):
+                    if isinstance(ref, str):
+                        got = await self._image(ref)
+                        images[ref] = got if isinstance(got, str) else got[1]
+                        if not isinstance(got, str) and image_bytes is None:
+                            image_bytes, first_image = got[0], ref
+            problems = schema.check(body, images)
+            if problems:
+                text = "; ".join(f"{f}: {m}" for f, m in problems)
+                return self._error(*INVALID_INPUT, f"Invalid input: {text}")
+        price = self.config.price_usd
+        if self.config.balance_usd is not None:
+            spent = self._spent.get(owner, 0.0)
+            if spent + price > self.config.balance_usd + 1e-9:
+                return self._error(400, 400002, "Insufficient balance (InsufficientResources)")
+            self._spent[owner] = spent + price
+        now = time.time()
+        jitter = self.config.duration_jitter
+        duration = self.config.duration
+        if jitter:
+            duration *= 1 + jitter * (2 * self._rng.random() - 1)
+        frames = body.get("frames") if isinstance(body.get("frames"), int) else 121
+        media_key = hashlib.sha256(
+            f"{model_id}|{first_image}|{frames}|{schema.output_kind}".encode()
+        ).hexdigest()[:20]
+        if media_key not in self._media_inputs:
+            self._media_inputs[media_key] = (first_image, schema.output_kind, frames)
+            if image_bytes is not None:
+                self._media_image_bytes[media_key] = image_bytes
+        job = _Job(
+            id=str(uuid.uuid4()), owner=owner, model_id=model_id, input=body, submitted_at=now,
+            duration=max(0.0, duration), will_fail=outcome == "fail" or self.faults.job_fails(),
+            media_key=media_key,
+        )
+        self.jobs[job.id] = job
+        self._order.append(job.id)
+        queue = self._queues.setdefault(owner, _Queue(self.config.concurrency))
+        queue.advance(now, self.jobs)
+        queue.waiting.append(job)
+        queue.advance(now, self.jobs)
+        if outcome == "drop":
+            # The job exists (and would be billed) but the answer never arrives.
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=200)
+        return web.json_response({"request_id": job.id, **self._urls(job.id)})
+
+    def _schema(self, model_id: str) -> ModelSchema | None:
+        for path in self.config.extra_schemas:
+            s = find_schema(model_id, path)
+            if s is not None and s.model_id == model_id:
+                return s
+        return find_schema(model_id)
+
+    async def _model_info(self, request: web.Request) -> web.StreamResponse:
+        self.calls["model"] += 1
+        owner = self._auth(request)
+        if isinstance(owner, web.Response):
+            return owner
+        model_id = unquote(request.match_info["model_id"])
+        if self._schema(model_id) is None:
+            return self._error(404, 400001, f"Unknown model '{model_id}'")
+        return web.json_response({
+            "model_id": model_id, "base_price_usd": self.config.price_usd, "price_unit": "per request",
+            "pricing_note": "simulated price",
+        })
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        self.calls["status"] += 1
+        owner = self._auth(request)
+        if isinstance(owner, web.Response):
+            return owner
+        outcome = await self._fault(request, "status")
+        if not isinstance(outcome, str):
+            return outcome
+        job = self._owned(request, owner)
+        if isinstance(job, web.Response):
+            return job
+        queue = self._queues[job.owner]
+        queue.advance(time.time(), self.jobs)
+        body: dict[str, Any] = {"request_id": job.id, "status": job.status()}
+        if body["status"] == "in_queue":
+            body["queue_position"] = queue.position(job)
+        urls = self._urls(job.id)
+        body["status_url"], body["result_url"] = urls["status_url"], urls["result_url"]
+        return web.json_response(body)
+
+    async def _result(self, request: web.Request) -> web.StreamResponse:
+        self.calls["result"] += 1
+        owner = self._auth(request)
+        if isinstance(owner, web.Response):
+            return owner
+        outcome = await self._fault(request, "result")
+        if not isinstance(outcome, str):
+            return outcome
+        job = self._owned(request, owner)
+        if isinstance(job, web.Response):
+            return job
+        self._queues[job.owner].advance(time.time(), self.jobs)
+        status = job.status()
+        body: dict[str, Any] = {"request_id": job.id, "created_at": _iso(job.submitted_at),
+                                "finished_at": _iso(job.finished_at or job.cancelled_at)}
+        if status == "completed":
+            if job.will_fail:
+                body["status"] = "failed"
+                body["error"] = "Generation failed: the model could not produce a video for this input"
+            else:
+                body["status"] = "succeeded"
+                kind = self._media_inputs[job.media_key][1]
+                body["output"] = {kind: self._file_url(job, kind)}
+        else:
+            body["status"] = status
+        if request.query.get("include_cost") == "true":
+            body["model_id"] = job.model_id
+            body["cost"] = self.config.price_usd if status == "completed" and not job.will_fail else 0.0
+        return web.json_response(body)
+
+    def _file_url(self, job: _Job, kind: str) -> str:
+        name = "output.mp4" if kind == "video" else "output.png"
+        url = f"{self.root_url}/_sim/files/{job.id}/0/{name}"
+        expire = self.config.faults.expire_after
+        if expire is not None:
+            exp = int(time.time() + expire)
+            sig = hmac.new(self._secret, f"{job.id}|{exp}".encode(), "sha256").hexdigest()[:16]
+            url += f"?expires={exp}&sig={sig}"
+        return url
+
+    async def _cancel(self, request: web.Request) -> web.StreamResponse:
+        self.calls["cancel"] += 1
+        owner = self._auth(request)
+        if isinstance(owner, web.Response):
+            return owner
+        outcome = await self._fault(request, "cancel")
+        if not isinstance(outcome, str):
+            return outcome
+        job = self._owned(request, owner)
+        if isinstance(job, web.Response):
+            return job
+        self._queues[job.owner].advance(time.time(), self.jobs)
+        if job.status() == "in_queue":
+            job.cancelled_at = time.time()
+            result = "cancelled"
+        else:
+            result = "not_cancellable"
+        return web.json_response({"request_id": job.id, "status": job.status(), "outcome": result},
+                                 status=202)
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.requests())
+
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        path = self._published.get(request.match_info["fid"])
+        if path is None or not path.exists():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    # ---- output files --------------------------------------------------------------------------
+
+    async def media(self, media_key: str) -> bytes:
+        data = self._media.get(media_key)
+        if data is not None:
+            return data
+        lock = self._media_locks.setdefault(media_key, asyncio.Lock())
+        async with lock:
+            if media_key not in self._media:
+                _, kind, frames = self._media_inputs[media_key]
+                image = self._media_image_bytes.get(media_key)
+                # 24 frames for the 121-frame setting, 48 for 241: short, but visibly different.
+                n = 24 if frames <= 121 else 48
+                maker = (lambda: make_video(image, n)) if kind == "video" else (lambda: make_image(image))
+                self._media[media_key] = await asyncio.to_thread(maker)
+            return self._media[media_key]
+
+    def output_bytes(self, request_id: str) -> bytes | None:
+        """What the simulator serves (or will serve) for a request, for tests' sha256 checks."""
+        job = self.jobs.get(request_id)
+        return self._media.get(job.media_key) if job else None
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        self.calls["download"] += 1
+        job = self.jobs.get(request.match_info["rid"])
+        if job is None or job.finished_at is None or job.will_fail:
+            raise web.HTTPNotFound()
+        outcome = self.faults.pick("download")
+        if outcome == "expire" or not self._signature_ok(job, request):
+            return web.Response(status=403, text="URL expired")
+        data = await self.media(job.media_key)
+        ctype = "video/mp4" if request.match_info["name"].endswith(".mp4") else "image/png"
+        start = 0
+        status = 200
+        headers = {"Accept-Ranges": "bytes", "Content-Type": ctype}
+        rng = request.headers.get("Range", "")
+        if rng.startswith("bytes="):
+            first, _, last = rng[6:].partition("-")
+            try:
+                start = int(first)
+                end = int(last) if last else len(data) - 1
+            except ValueError:
+                start, end = 0, len(data) - 1
+            if start >= len(data):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+            end = min(end, len(data) - 1)
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            data = data[start:end + 1]
+        if request.method == "HEAD":
+            return web.Response(status=status, headers={**headers, "Content-Length": str(len(data))})
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        if outcome == "truncate":
+            await resp.write(data[: len(data) // 2])
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        await resp.write(data)
+        await resp.write_eof()
+        return resp
+
+    def _signature_ok(self, job: _Job, request: web.Request) -> bool:
+        if self.config.faults.expire_after is None:
+            return True
+        exp, sig = request.query.get("expires", ""), request.query.get("sig", "")
+        if not exp.isdigit():
+            return False
+        want = hmac.new(self._secret, f"{job.id}|{exp}".encode(), "sha256").hexdigest()[:16]
+        return hmac.compare_digest(sig, want) and time.time() < int(exp)
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts is not None else None
+
+
+async def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8787, ready: Any = None) -> None:
+    """Run a simulator until cancelled (``batchgen simulate``). ``ready(sim)`` is called once it
+    listens, e.g. to print its URL."""
+    sim = Simulator(config)
+    await sim.start(host, port)
+    if ready is not None:
+        ready(sim)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await sim.stop()
+
+
+__all__ = ["FaultConfig", "SimConfig", "Simulator", "serve"]
