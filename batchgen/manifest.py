@@ -392,8 +392,7 @@ class Manifest:
                 self._problem(base.location, k, f"unknown field; allowed: {allowed} (or an image alias "
                               f"such as 'image', or prefix it with _ to keep it as a note)", file=base.file)
                 ok = False
-        if not ok:
-            return None
+        # Go on to the images even when something is already wrong: every problem at once.
         local_files: dict[str, str] = {}
         key_inputs = dict(inputs)
         image_fields = schema.image_fields() if schema else {k: isinstance(v, list) for k, v in inputs.items()

@@ -223,6 +223,7 @@ class Runner:
         try:
             await self._resume()
             submit_loop = asyncio.create_task(self._submit_loop(), name="submit-loop")
+            submit_loop.add_done_callback(lambda _t: self._wake.set())
             poll_loop = asyncio.create_task(self._poll_loop(), name="poll-loop")
             if self.s.deadline is not None:
                 self._spawn(self._deadline_watch(self.s.deadline), timer=True)

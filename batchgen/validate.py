@@ -20,14 +20,15 @@ class ValidationResult:
     schema: ModelSchema | None
 
 
-def _image_refs(schema: ModelSchema | None, inputs: dict) -> list[str]:
+def _image_refs(schema: ModelSchema | None, inputs: dict) -> list[tuple[str, str]]:
+    """(field, reference) of every image in a job's inputs."""
     fields = schema.image_fields() if schema else {}
-    refs: list[str] = []
+    refs: list[tuple[str, str]] = []
     for name in fields:
         value = inputs.get(name)
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str):
-                refs.append(v)
+                refs.append((name, v))
     return refs
 
 
@@ -70,10 +71,11 @@ async def validate_manifest(
         for spec in manifest.iter_jobs():
             jobs += 1
             file, _, location = spec.source.partition(", ")
-            refs = _image_refs(schema, spec.inputs)
-            for r in refs:
+            named = _image_refs(schema, spec.inputs)
+            refs = [r for _, r in named]
+            for fname, r in named:
                 if r.startswith("file://") and not allow_local_files:
-                    add(Problem(file, location, "", f"local image {spec.local_files.get(r, r)} needs "
+                    add(Problem(file, location, fname, f"local image {spec.local_files.get(r, r)} needs "
                                 "image_base_url in the manifest (the https:// address where the same "
                                 "files are published) to run against the real API; or use --simulate"))
                 source_of.setdefault(r, spec.local_files.get(r, r))

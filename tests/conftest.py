@@ -1,0 +1,49 @@
+"""Shared fixtures: every test runs in its own directory with no token or API URL from the
+environment, and can start real simulators on free loopback ports."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from batchgen.simulator import FaultConfig, SimConfig, Simulator
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "sample_manifests"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No test touches real state: cwd, token and API URL all point at nothing of the user's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
+    monkeypatch.delenv("RUNCOMFY_API_URL", raising=False)
+    monkeypatch.delenv("BATCHGEN_TRACEBACK", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+async def simulator():
+    """Factory: ``sim = await simulator(duration=0.2, faults=["429=0.1"])`` starts one."""
+    started: list[Simulator] = []
+
+    async def make(faults: list[str] | None = None, **config) -> Simulator:
+        config.setdefault("duration", 0.2)
+        sim = Simulator(SimConfig(faults=FaultConfig.parse(faults or []), **config))
+        await sim.start()
+        started.append(sim)
+        return sim
+
+    yield make
+    for sim in started:
+        await sim.stop()
+
+
+@pytest.fixture
+def samples(tmp_path) -> Path:
+    """A copy of sample_manifests/ that a test may change."""
+    dest = tmp_path / "samples"
+    shutil.copytree(SAMPLES, dest)
+    return dest
