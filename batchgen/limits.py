@@ -49,12 +49,18 @@ class Slots:
     def __init__(self, cap: AdaptiveCap):
         self.cap = cap
         self.used = 0
+        self.closed = False
         self._cond = asyncio.Condition()
 
     async def acquire(self) -> None:
+        """Take a slot; after close() returns at once (the caller checks and gives it back)."""
         async with self._cond:
-            await self._cond.wait_for(lambda: self.used < self.cap.value)
+            await self._cond.wait_for(lambda: self.used < self.cap.value or self.closed)
             self.used += 1
+
+    def close(self) -> None:
+        self.closed = True
+        asyncio.ensure_future(self.changed())
 
     def try_acquire(self) -> bool:
         if self.used < self.cap.value:

@@ -182,11 +182,13 @@ class Runner:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._submits: set[asyncio.Task[Any]] = set()
         self._timers: set[asyncio.Task[Any]] = set()  # not work: they do not keep the run alive
+        self._unsent: dict[int, Job] = {}  # claimed ('submitting') but not yet handed to the client
         self._wake = asyncio.Event()
         # Why submitting ended (max_jobs, balance, deadline, interrupted, error), and whether the
         # run should also stop following jobs now (an interrupt) rather than finish them.
         self._stop_submitting: str | None = None
         self._exit_now = False
+        self._closing = False
         self._fatal: BaseException | None = None
         self._summary = RunSummary()
         self._batches: list[str] = []
@@ -230,6 +232,11 @@ class Runner:
             try:
                 await self._wait_until_done(submit_loop)
             finally:
+                # Loops also check _closing: on Python 3.11 a cancel that races a wait_for
+                # timeout can be swallowed, and a loop must not outlive its run.
+                self._closing = True
+                self._wake.set()
+                self.slots.close()
                 poll_loop.cancel()
                 submit_loop.cancel()
                 await self._drain(poll_loop, submit_loop)
@@ -271,23 +278,36 @@ class Runner:
                 if submit_loop.done() and submit_loop.exception():
                     raise submit_loop.exception()  # type: ignore[misc]
                 return
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
+            await self._nap(1.0)
 
     async def _drain(self, *loops: asyncio.Task[Any]) -> None:
         # Submits in flight finish (their answers get recorded); everything else is cancelled.
         if self._submits:
             await asyncio.gather(*self._submits, return_exceptions=True)
+        for job in list(self._unsent.values()):
+            # Claimed, never sent: certainly not at the provider, so simply pending again.
+            await self.store.transition(job, S.PENDING, expect=(S.SUBMITTING,),
+                                        attempts=max(0, job.attempts - 1), detail="claimed but not sent")
+            self._unsent.pop(job.id, None)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, *loops, return_exceptions=True)
 
+    async def _nap(self, seconds: float) -> None:
+        """Sleep until woken or ``seconds`` pass. asyncio.wait, unlike wait_for on 3.11, never
+        swallows a cancellation that races the timeout."""
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter}, timeout=max(0.0, seconds))
+        finally:
+            waiter.cancel()
+
     def _spawn(
         self, coro: Coroutine[Any, Any, Any], *, submit: bool = False, timer: bool = False
     ) -> None:
-        task = asyncio.create_task(coro)
+        self._track(asyncio.create_task(coro), submit=submit, timer=timer)
+
+    def _track(self, task: asyncio.Future[Any], *, submit: bool = False, timer: bool = False) -> None:
         self._tasks.add(task)
         if submit:
             self._submits.add(task)
@@ -336,7 +356,7 @@ class Runner:
         self.stop("deadline")
 
     async def _submit_loop(self) -> None:
-        while self._stop_submitting is None:
+        while self._stop_submitting is None and not self._closing:
             if self.s.deadline is not None:
                 # A job submitted now should finish before the deadline, else it would be left
                 # running (and paid for) while nobody downloads it until the next run.
@@ -348,10 +368,15 @@ class Runner:
                 self._end_submitting("max_jobs", f"--max-jobs {self.s.max_jobs} reached; no more submits")
                 break
             await self.slots.acquire()
-            if self._stop_submitting is not None:
+            if self._stop_submitting is not None or self._closing:
                 await self.slots.release()
                 break
-            job = await self.store.claim_pending(self._batches, time.time())
+            # The claim commits 'submitting' (the intent). Run it as a tracked task so that a
+            # cancel landing right after its commit cannot lose the job: _drain puts claimed but
+            # never-sent jobs back to pending.
+            claim = asyncio.ensure_future(self._claim())
+            self._track(claim, submit=True)
+            job = await asyncio.shield(claim)
             if job is None:
                 await self.slots.release()
                 when = await self.store.next_pending_at(self._batches)
@@ -360,15 +385,19 @@ class Runner:
                 # Wait for a retry delay to pass or a submit to finish (it may return a job).
                 delay = 1.0 if when is None else max(0.0, when - time.time())
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=min(delay, 1.0) or 0.001)
-                except TimeoutError:
-                    pass
+                await self._nap(min(delay, 1.0))
                 continue
             self._summary.submitted += 1
             self._spawn(self._submit(job), submit=True)
 
+    async def _claim(self) -> Job | None:
+        job = await self.store.claim_pending(self._batches, time.time())
+        if job is not None:
+            self._unsent[job.id] = job
+        return job
+
     async def _submit(self, job: Job) -> None:
+        self._unsent.pop(job.id, None)  # from here on, the request may reach the server
         try:
             inputs = self._resolve(job.inputs)
             sub = await self._api(lambda: self.client.submit(job.model_id, inputs))
@@ -444,7 +473,7 @@ class Runner:
         self._wake.set()
 
     async def _poll_loop(self) -> None:
-        while True:
+        while not self._closing:
             if not self._heap:
                 self._wake.clear()
                 await self._wake.wait()
@@ -453,10 +482,7 @@ class Runner:
             delay = due - time.time()
             if delay > 0:
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
+                await self._nap(delay)
                 continue
             heapq.heappop(self._heap)
             job = self._remote.get(job_id)
@@ -593,7 +619,7 @@ class Runner:
                             if url is None:
                                 await self._output_lost(job, exc)
                                 return
-                            out.url = url
+                            out.url = url or out.url
                         delay = self.s.policy.delay(tries)
                         self._emit("retry", job, f"download failed ({exc}); again in {delay:.1f}s")
                         await asyncio.sleep(delay)
@@ -605,15 +631,19 @@ class Runner:
             self._finished(job, f"{len(outputs)} file(s) in {folder}")
 
     async def _refresh_url(self, job: Job, idx: int) -> str | None:
-        """An output URL stopped working: ask /result again for a fresh one before giving up."""
+        """An output URL stopped working: ask /result again for a fresh one before giving up.
+        None: the output is gone for good; "": the API could not be asked right now."""
         if not job.request_id:
             return None
         rid = job.request_id
         try:
             result = await self._api(lambda: self.client.result(rid))
         except APIError as exc:
-            if classify(exc, Call.POLL) is Decision.FATAL:
+            decision = classify(exc, Call.POLL)
+            if decision is Decision.FATAL:
                 raise _Fatal(str(exc)) from exc
+            if decision is Decision.RETRY:
+                return ""  # could not ask now: keep the old URL, the next try asks again
             return None
         if result.status != "succeeded" or idx >= len(result.outputs):
             return None

@@ -71,7 +71,7 @@ class FaultConfig:
                 elif value.lower() == "date":
                     cfg.retry_after = "date"
                 else:
-                    cfg.retry_after = str(_number(spec, value))
+                    cfg.retry_after = f"{_number(spec, value):g}"
             elif name == "slow_seconds":
                 cfg.slow_seconds = _number(spec, value)
             elif name == "expire":

@@ -99,7 +99,8 @@ class _Queue:
                 while self.waiting and self.waiting[0].cancelled_at is not None:
                     self.waiting.popleft()
                 if self.waiting:
-                    self._start(self.waiting.popleft(), max(end, self.waiting[0].submitted_at))
+                    nxt = self.waiting.popleft()
+                    self._start(nxt, max(end, nxt.submitted_at))
                 continue
             return
 
@@ -445,7 +446,7 @@ class Simulator:
         url = f"{self.root_url}/_sim/files/{job.id}/0/{name}"
         expire = self.config.faults.expire_after
         if expire is not None:
-            exp = int(time.time() + expire)
+            exp = int((time.time() + expire) * 1000)  # milliseconds: sub-second expiries work
             sig = hmac.new(self._secret, f"{job.id}|{exp}".encode(), "sha256").hexdigest()[:16]
             url += f"?expires={exp}&sig={sig}"
         return url
@@ -549,7 +550,7 @@ class Simulator:
         if not exp.isdigit():
             return False
         want = hmac.new(self._secret, f"{job.id}|{exp}".encode(), "sha256").hexdigest()[:16]
-        return hmac.compare_digest(sig, want) and time.time() < int(exp)
+        return hmac.compare_digest(sig, want) and time.time() * 1000 < int(exp)
 
 
 def _iso(ts: float | None) -> str | None:
