@@ -106,6 +106,7 @@ class Manifest:
         self.folder = self.path.resolve().parent
         self.problems: list[Problem] = []
         self.duplicates = 0
+        self.bad_refs: set[str] = set()  # image references already reported as unusable
         self.model_id = DEFAULT_MODEL
         self.image_base_url: str | None = None
         self.defaults: dict[str, Any] = {}
@@ -391,7 +392,6 @@ class Manifest:
                 allowed = ", ".join(schema.properties)
                 self._problem(base.location, k, f"unknown field; allowed: {allowed} (or an image alias "
                               f"such as 'image', or prefix it with _ to keep it as a note)", file=base.file)
-                ok = False
         # Go on to the images even when something is already wrong: every problem at once.
         local_files: dict[str, str] = {}
         key_inputs = dict(inputs)
@@ -410,7 +410,11 @@ class Manifest:
                     continue
                 res = self._resolve_image(ref, base, fname)
                 if res is None:
-                    ok = False
+                    # Already reported; keep the job so its other fields are checked too (a
+                    # manifest with any problem records nothing, so it is never submitted).
+                    self.bad_refs.add(ref)
+                    sent.append(ref)
+                    keyed.append(ref)
                     continue
                 url, path = res
                 sent.append(url)

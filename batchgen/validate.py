@@ -71,7 +71,7 @@ async def validate_manifest(
         for spec in manifest.iter_jobs():
             jobs += 1
             file, _, location = spec.source.partition(", ")
-            named = _image_refs(schema, spec.inputs)
+            named = [(f, r) for f, r in _image_refs(schema, spec.inputs) if r not in manifest.bad_refs]
             refs = [r for _, r in named]
             for fname, r in named:
                 if r.startswith("file://") and not allow_local_files:
