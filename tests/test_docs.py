@@ -1,0 +1,54 @@
+"""The docs stay true: every command has help with an example and is in README; CI runs the
+README's test command; the README's examples name real options."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+from conftest import REPO
+
+from batchgen.cli import main
+
+README = (REPO / "README.md").read_text()
+COMMANDS = sorted(main.commands)
+
+
+def test_quick_start_is_two_commands():
+    block = README.split("## Quick start", 1)[1].split("##", 1)[0]
+    commands = re.findall(r"```sh\n(.+?)\n```", block)
+    assert commands[:2] == [
+        "pip install . && batchgen run sample_manifests/quickstart.yaml --simulate && batchgen status",
+        "pip install '.[test]' && pytest",
+    ]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "pip install '.[test]' && pytest" in ci
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help_with_an_example_and_is_documented(name):
+    result = CliRunner().invoke(main, [name, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output and f"batchgen {name}" in result.output
+    assert f"### `batchgen {name}" in README, f"README has no section for batchgen {name}"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_options_named_in_readme_exist(name):
+    section = re.split(r"\n##+ ", README.split(f"### `batchgen {name}", 1)[1], maxsplit=1)[0]
+    options = {p.opts[0] for p in main.commands[name].params} | {
+        o for p in main.commands[name].params for o in p.opts + p.secondary_opts}
+    for opt in set(re.findall(r"`(--[a-z-]+)", section)):
+        assert opt in options, f"README mentions {opt} for batchgen {name}, which has no such option"
+
+
+def test_exit_codes_documented():
+    from batchgen import cli
+
+    codes = {v for k, v in vars(cli).items() if k.startswith("EXIT_")}
+    for code in codes:
+        assert re.search(rf"^\| {code} \|", README, re.M), f"exit code {code} not in README"
