@@ -405,9 +405,12 @@ def simulate(host: str, port: int, token: str | None, concurrency: int, duration
         raise click.BadParameter(str(exc), param_hint="--fault") from None
     config = SimConfig(token=token, concurrency=concurrency, duration=duration,
                        faults=fault_config, seed=seed)
-    click.echo(f"simulator listening on http://{host}:{port}/v1 (Ctrl-C to stop)", err=True)
+
+    def ready(sim: Any) -> None:
+        click.echo(f"simulator listening on {sim.base_url} (Ctrl-C to stop)", err=True)
+
     try:
-        _run_async(serve(config, host, port))
+        _run_async(serve(config, host, port, ready=ready))
     except KeyboardInterrupt:
         pass
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from . import constants as C
+from . import crashpoints
 from .errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ async def download(session: aiohttp.ClientSession, url: str, dest: Path) -> Down
                     fh.write(chunk)
                     digest.update(chunk)
                     written += len(chunk)
+                    if total and written >= total // 2 and written - len(chunk) < total // 2:
+                        fh.flush()
+                        crashpoints.reached("download_partial")
                 fh.flush()
                 await asyncio.to_thread(os.fsync, fh.fileno())
     except DownloadError:

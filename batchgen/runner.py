@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 
 from . import constants as C
+from . import crashpoints
 from . import store as S
 from .client import Result, RunComfyClient
 from .downloads import download, output_name
@@ -394,6 +395,7 @@ class Runner:
         job = await self.store.claim_pending(self._batches, time.time())
         if job is not None:
             self._unsent[job.id] = job
+            crashpoints.reached("claimed")
         return job
 
     async def _submit(self, job: Job) -> None:
@@ -404,9 +406,11 @@ class Runner:
         except (APIError, UsageError) as exc:
             await asyncio.shield(self._submit_failed(job, exc))
             return
+        crashpoints.reached("submit_answered")
         # The request id is the only handle on a paid job: record it even if we are being
         # cancelled right now.
         await asyncio.shield(self._submitted(job, sub.request_id))
+        crashpoints.reached("submit_recorded")
 
     async def _submitted(self, job: Job, request_id: str) -> None:
         now = time.time()
@@ -494,6 +498,7 @@ class Runner:
         rid = job.request_id
         try:
             status = await self._api(lambda: self.client.status(rid))
+            crashpoints.reached("status_answered")
             if status.finished:
                 result = await self._api(lambda: self.client.result(rid))
                 await self._on_result(job, result)
@@ -524,6 +529,7 @@ class Runner:
         self._observe_duration(job, result, now)
         if result.status == "succeeded" and result.outputs:
             await self.store.record_result(job, result.outputs, cost=result.cost, finished_at=now)
+            crashpoints.reached("result_recorded")
             await self._leave_provider(job)
             self._emit(S.DOWNLOADING, job, f"{len(result.outputs)} output(s)")
             self._spawn(self._download_job(job))
@@ -624,10 +630,12 @@ class Runner:
                         self._emit("retry", job, f"download failed ({exc}); again in {delay:.1f}s")
                         await asyncio.sleep(delay)
                         continue
+                    crashpoints.reached("download_done")
                     rel = got.path.relative_to(self.workdir).as_posix()
                     await self.store.output_downloaded(out, rel, got.size, got.sha256)
                     break
             await self.store.transition(job, S.SUCCEEDED, expect=(S.DOWNLOADING,))
+            crashpoints.reached("job_succeeded")
             self._finished(job, f"{len(outputs)} file(s) in {folder}")
 
     async def _refresh_url(self, job: Job, idx: int) -> str | None:

@@ -1,0 +1,148 @@
+"""Pull the plug: a real `batchgen run` subprocess is killed with SIGKILL at exact moments and at
+random times, restarted each time, and must end with every job done exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import signal
+import sys
+
+import pytest
+import yaml
+from imagefactory import make_image
+
+from batchgen import crashpoints
+from batchgen import store as S
+from batchgen.store import Store
+
+N = 6
+
+
+async def start_run(tmp_path, sim, manifest, crash: str | None = None, *extra: str):
+    env = {**os.environ, "RUNCOMFY_API_TOKEN": "t", "BATCHGEN_CRASH_AT": crash or ""}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchgen.cli", "run", str(manifest), "--api-url", sim.base_url,
+        "--workdir", str(tmp_path / "work"), "--concurrency", "3", "-q", *extra,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+def write_manifest(tmp_path, sim):
+    url = sim.publish_file(make_image(tmp_path / "in.jpg", 640, 480))
+    path = tmp_path / "crash.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "crash", "defaults": {"image": url},
+        "jobs": [{"prompt": f"job {i}", "seed": i} for i in range(N)],
+    }))
+    return path
+
+
+async def finish(tmp_path, sim, manifest):
+    """Run until a run ends on its own; return its exit code."""
+    for _ in range(5):
+        proc = await start_run(tmp_path, sim, manifest)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        if proc.returncode in (0, 1):
+            return proc.returncode, err.decode()
+    raise AssertionError(f"run did not finish: {proc.returncode} {err.decode()}")
+
+
+async def check_invariants(tmp_path, sim, expect_unknown: int, never_sent: int | None = 0):
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        jobs = await store.jobs(["crash"])
+        counts = await store.counts(["crash"])
+        outs = {j.key: await store.outputs(j.id) for j in jobs}
+    assert counts["crash"].get(S.UNKNOWN, 0) == expect_unknown, counts
+    assert counts["crash"].get(S.SUCCEEDED, 0) == N - expect_unknown, counts
+    per_seed: dict[int, int] = {}
+    for r in sim.requests()["requests"]:
+        per_seed[r["input"]["seed"]] = per_seed.get(r["input"]["seed"], 0) + 1
+    assert all(n == 1 for n in per_seed.values()), per_seed  # never submitted twice
+    if never_sent is not None:
+        assert len(per_seed) == N - never_sent
+    for job in jobs:
+        if job.state != S.SUCCEEDED:
+            continue
+        (out,) = outs[job.key]
+        data = (tmp_path / "work" / out.path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == out.sha256
+        assert out.sha256 == hashlib.sha256(sim.output_bytes(job.request_id)).hexdigest()
+        assert not list((tmp_path / "work").rglob("*.part"))
+
+
+@pytest.mark.parametrize("point", crashpoints.POINTS)
+@pytest.mark.parametrize("nth", [1, 3])
+async def test_sigkill_at_each_moment(tmp_path, simulator, point, nth):
+    sim = await simulator(concurrency=2, duration=0.2)
+    manifest = write_manifest(tmp_path, sim)
+    proc = await start_run(tmp_path, sim, manifest, f"{point}:{nth}")
+    await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == -signal.SIGKILL, f"{point}:{nth} was never reached"
+    # Jobs caught between their committed intent and a recorded request id: their submit may or
+    # may not have reached the API, so the next run must make them unknown, not resubmit them.
+    caught = await jobs_in(tmp_path, S.SUBMITTING)
+    if point in ("claimed", "submit_answered"):
+        assert caught >= 1
+    code, err = await finish(tmp_path, sim, manifest)
+    assert code == (1 if caught else 0), err
+    await check_invariants(tmp_path, sim, caught, never_sent=None)
+
+
+async def jobs_in(tmp_path, state: str) -> int:
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        return (await store.counts(["crash"])).get("crash", {}).get(state, 0)
+
+
+async def test_sigkill_at_random_times(tmp_path, simulator):
+    rng = random.Random(1234)
+    sim = await simulator(concurrency=2, duration=0.3)
+    manifest = write_manifest(tmp_path, sim)
+    kills = 0
+    for _ in range(8):
+        proc = await start_run(tmp_path, sim, manifest)
+        try:
+            await asyncio.wait_for(proc.wait(), rng.uniform(0.2, 1.2))
+            break  # finished before the kill
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            kills += 1
+    await finish(tmp_path, sim, manifest)
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        unknown = (await store.counts(["crash"]))["crash"].get(S.UNKNOWN, 0)
+    assert kills >= 3
+    await check_invariants(tmp_path, sim, unknown, never_sent=None)
+
+
+async def test_sigint_stops_promptly_and_resumes(tmp_path, simulator):
+    sim = await simulator(concurrency=2, duration=1.0)
+    manifest = write_manifest(tmp_path, sim)
+    proc = await start_run(tmp_path, sim, manifest)
+    while len(sim.requests()["requests"]) < 2:
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 3, err.decode()
+    code, _ = await finish(tmp_path, sim, manifest)
+    assert code == 0
+    await check_invariants(tmp_path, sim, 0)
+
+
+async def test_second_run_on_the_same_workdir_is_refused(tmp_path, simulator):
+    sim = await simulator(concurrency=1, duration=2.0)
+    manifest = write_manifest(tmp_path, sim)
+    first = await start_run(tmp_path, sim, manifest)
+    while not sim.requests()["requests"]:
+        await asyncio.sleep(0.05)
+    second = await start_run(tmp_path, sim, manifest)
+    _, err = await asyncio.wait_for(second.communicate(), 30)
+    assert second.returncode == 4
+    assert f"pid {first.pid}" in err.decode() and "holds" in err.decode()
+    first.kill()
+    await first.wait()
+    # The dead run's lock does not block the next one.
+    code, _ = await finish(tmp_path, sim, manifest)
+    assert code == 0
