@@ -4,11 +4,11 @@ probed from disk, plus the JSON Schema part (required, types, lengths, enum, ite
 from __future__ import annotations
 
 import pytest
+from imagefactory import make_image
 
 from batchgen.constants import DEFAULT_MODEL
 from batchgen.images import probe_file
 from batchgen.schema import ModelSchema, bundled_schemas, find_schema
-from imagefactory import make_image
 
 SCHEMA = find_schema(DEFAULT_MODEL)
 
