@@ -23,6 +23,7 @@ from .errors import BatchgenError, ManifestError, UsageError
 from .lock import WorkdirLock
 from .manifest import load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary, local_file_resolver
+from .schema import find_schema
 from .store import Store
 from .validate import ValidationResult, validate_manifest
 
@@ -152,9 +153,13 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
             async with api_endpoint(opts.target) as (base_url, token, publish):
                 async with RunComfyClient(base_url, token) as client:
+                    price = None
+                    if opts.settings.max_cost is not None:
+                        price = await price_estimate(client, store, batches)
                     runner = Runner(
                         store, client, workdir, opts.settings,
                         resolve_inputs=local_file_resolver(publish), on_event=on_event,
+                        price_estimate=price,
                     )
                     if on_runner is not None:
                         on_runner(runner)
@@ -163,6 +168,28 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
     finally:
         lock.release()
     return RunOutcome(batches, new_jobs, summary, counts)
+
+
+async def price_estimate(client: RunComfyClient, store: Store, batches: list[str]) -> float | None:
+    """A job's likely price for budgeting: the API's model info (seen in RunComfy's own nodes),
+    else the bundled schema's, else None (the runner then learns it from the first result)."""
+    prices = []
+    for b in batches:
+        batch = await store.batch(b)
+        if batch is None:
+            continue
+        try:
+            info = await client.model_info(batch.model_id)
+            price = info.base_price_usd
+        except BatchgenError as exc:
+            log.info("no price from the API for %s: %s", batch.model_id, exc)
+            price = None
+        if price is None:
+            schema = find_schema(batch.model_id)
+            price = schema.base_price_usd if schema else None
+        if price is not None:
+            prices.append(price)
+    return max(prices) if prices else None
 
 
 @dataclass
@@ -245,8 +272,9 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
                                                    finished_at=time.time())
                             report.cancelled += 1
                         else:
+                            now_state = answer.status if answer.status in S.REMOTE_ACTIVE else job.state
                             await store.transition(
-                                job, job.state, detail=f"cancel answered {answer.outcome or '?'}"
+                                job, now_state, detail=f"cancel answered {answer.outcome or '?'}"
                             )
                             report.not_cancellable += 1
     finally:

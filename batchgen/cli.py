@@ -128,6 +128,8 @@ def _run_options(f: Any) -> Any:
                      help="Most API requests per second (0: no limit)."),
         click.option("--max-jobs", type=click.IntRange(0),
                      help="Submit at most this many jobs in this run."),
+        click.option("--max-cost", type=click.FloatRange(0),
+                     help="Stop submitting once this many USD are spent or committed in this run."),
         click.option("--max-runtime",
                      help="Stop submitting before, and stop at, this long from now (e.g. 90m, 6h)."),
         click.option("--job-timeout",
@@ -187,7 +189,7 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     max_runtime, job_timeout = kw["max_runtime"], kw["job_timeout"]
     settings = RunSettings(
         concurrency=kw["concurrency"], download_concurrency=kw["downloads"], rate=kw["rate"],
-        max_jobs=kw["max_jobs"],
+        max_jobs=kw["max_jobs"], max_cost=kw["max_cost"],
         deadline=time.time() + _duration(max_runtime, "--max-runtime") if max_runtime else None,
         job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else None,
     )

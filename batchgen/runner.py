@@ -60,6 +60,7 @@ class RunSettings:
     download_concurrency: int = C.DEFAULT_DOWNLOAD_CONCURRENCY
     rate: float = C.DEFAULT_RATE
     max_jobs: int | None = None  # submissions this run may start
+    max_cost: float | None = None  # USD this run may commit to (actual costs + estimates in flight)
     deadline: float | None = None  # wall-clock time.time() at which the run stops
     job_timeout: float | None = None  # seconds from submit before a job is given up
     policy: RetryPolicy = field(default_factory=RetryPolicy)
@@ -85,6 +86,36 @@ class RunSummary:
     account_error: str | None = None
     elapsed: float = 0.0
     api_calls: dict[str, int] = field(default_factory=dict)
+    spent_usd: float = 0.0  # costs the API reported for jobs finished in this run
+
+
+class Budget:
+    """Money committed by this run: costs reported for finished jobs, plus an estimate for each
+    job still at the provider. The estimate is the model's base price when known, else the
+    largest cost seen so far."""
+
+    def __init__(self, limit: float | None, estimate: float | None):
+        self.limit = limit
+        self.estimate = estimate
+        self.spent = 0.0
+        self._open: set[int] = set()
+
+    def started(self, job_id: int) -> None:
+        self._open.add(job_id)
+
+    def finished(self, job_id: int, cost: float | None) -> None:
+        self._open.discard(job_id)
+        if cost is not None:
+            self.spent += cost
+            self.estimate = max(self.estimate or 0.0, cost)
+
+    def committed(self) -> float:
+        return self.spent + len(self._open) * (self.estimate or 0.0)
+
+    def allows_another(self) -> bool:
+        if self.limit is None:
+            return True
+        return self.committed() + (self.estimate or 0.0) <= self.limit + 1e-9
 
 
 class PollPlanner:
@@ -162,6 +193,7 @@ class Runner:
         download_session: aiohttp.ClientSession | None = None,
         resolve_inputs: InputResolver | None = None,
         on_event: EventSink | None = None,
+        price_estimate: float | None = None,
     ):
         self.store = store
         self.client = client
@@ -171,6 +203,7 @@ class Runner:
         self.slots = Slots(self.cap)
         self.bucket = TokenBucket(self.s.rate)
         self.planner = PollPlanner(self.s)
+        self.budget = Budget(self.s.max_cost, price_estimate)
         self._dl_session = download_session
         self._resolve = resolve_inputs or local_file_resolver(None)
         self._on_event = on_event
@@ -368,6 +401,15 @@ class Runner:
             if self.s.max_jobs is not None and self._summary.submitted >= self.s.max_jobs:
                 self._end_submitting("max_jobs", f"--max-jobs {self.s.max_jobs} reached; no more submits")
                 break
+            if self.s.max_cost is not None:
+                if not self.budget.allows_another():
+                    self._end_submitting("budget", f"--max-cost {self.s.max_cost:g} USD reached "
+                                         f"(spent {self.budget.spent:.2f}, committed {self.budget.committed():.2f})")
+                    break
+                if self.budget.estimate is None and self._remote:
+                    # No price known yet: one job at a time until the first cost comes back.
+                    await self._nap(0.5)
+                    continue
             await self.slots.acquire()
             if self._stop_submitting is not None or self._closing:
                 await self.slots.release()
@@ -389,6 +431,7 @@ class Runner:
                 await self._nap(min(delay, 1.0))
                 continue
             self._summary.submitted += 1
+            self.budget.started(job.id)  # committed from the moment it may be sent
             self._spawn(self._submit(job), submit=True)
 
     async def _claim(self) -> Job | None:
@@ -427,6 +470,8 @@ class Runner:
     async def _submit_failed(self, job: Job, exc: BaseException) -> None:
         decision = Decision.FAIL if isinstance(exc, UsageError) else classify(exc, Call.SUBMIT)
         code = getattr(exc, "error_code", None)
+        if decision is not Decision.UNKNOWN:
+            self.budget.finished(job.id, None)  # refused: nothing to pay (an unknown one may be)
         try:
             if decision is Decision.RETRY:
                 if isinstance(exc, RateLimitError) and self.cap.on_throttle():
@@ -527,6 +572,8 @@ class Runner:
             return
         self._poll_failures.pop(job.id, None)
         self._observe_duration(job, result, now)
+        self.budget.finished(job.id, result.cost)
+        self._summary.spent_usd = self.budget.spent
         if result.status == "succeeded" and result.outputs:
             await self.store.record_result(job, result.outputs, cost=result.cost, finished_at=now)
             crashpoints.reached("result_recorded")

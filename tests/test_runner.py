@@ -195,3 +195,54 @@ async def test_max_jobs_budget(simulator, tmp_path):
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 5), max_jobs=2))
     assert out.summary.stop_reason == "max_jobs"
     assert out.counts == {"b": {"succeeded": 2, "pending": 3}}
+
+
+async def test_max_cost_budget(simulator, tmp_path):
+    sim = await simulator(duration=0.05, price_usd=0.10)
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 8), max_cost=0.35))
+    assert out.summary.stop_reason == "budget"
+    assert out.counts == {"b": {"succeeded": 3, "pending": 5}}
+    assert out.summary.spent_usd == pytest.approx(0.30)
+
+
+async def test_deadline_stops_submitting_then_stops(simulator, tmp_path):
+    import time
+
+    sim = await simulator(concurrency=1, duration=0.4)
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 6), concurrency=1,
+                                deadline=time.time() + 1.0))
+    assert out.summary.stop_reason == "deadline"
+    assert out.counts["b"].get(S.PENDING, 0) >= 2  # never submitted: left for the next run
+    assert out.summary.elapsed < 3
+
+
+async def test_retry_failed_jobs_keeps_history(simulator, tmp_path):
+    sim = await simulator(duration=0, faults=["script.submit=fail,fail"])
+    path = manifest(tmp_path, sim, 3)
+    first = await app.run(options(tmp_path, sim, path))
+    assert first.counts == {"b": {"succeeded": 1, "failed": 2}}
+    retry = await app.run(app.RunOptions(
+        workdir=tmp_path / "work", batch="b", retry_states=(S.FAILED, S.TIMED_OUT),
+        target=app.Target(api_url=sim.base_url, token="t"), settings=settings()))
+    assert retry.counts == {"b": {"succeeded": 3}} and retry.summary.submitted == 2
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        job = (await store.jobs(["b"]))[0]
+        states = [e[2] for e in await store.events(job.id)]
+    assert states.count(S.SUBMITTING) == 2 and S.FAILED in states
+
+
+async def test_cancel_batch(simulator, tmp_path):
+    sim = await simulator(concurrency=1, duration=30)
+    path = manifest(tmp_path, sim, 5)
+    box = []
+
+    def on_event(event):
+        if event.kind == S.IN_QUEUE and len(sim.requests()["requests"]) == 2:
+            box[0].stop("interrupted")
+
+    await app.run(options(tmp_path, sim, path, concurrency=2), on_event=on_event, on_runner=box.append)
+    report = await app.cancel(tmp_path / "work", "b", app.Target(api_url=sim.base_url, token="t"))
+    assert (report.not_submitted, report.cancelled, report.not_cancellable) == (3, 1, 1)
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        counts = await store.counts(["b"])
+    assert counts == {"b": {"cancelled": 4, "in_progress": 1}}
