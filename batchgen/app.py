@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import statistics
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -197,10 +198,23 @@ class BatchStatus:
     name: str
     model_id: str
     counts: dict[str, int]
+    failures: list[tuple[str, str, int]] = field(default_factory=list)  # (state, error, count)
+    median_queue_s: float | None = None
+    median_run_s: float | None = None
+    spent_usd: float = 0.0
+    next_steps: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "model": self.model_id, "total": self.total, "states": self.counts,
+            "failures": [{"state": st, "error": err, "count": n} for st, err, n in self.failures],
+            "median_queue_s": self.median_queue_s, "median_run_s": self.median_run_s,
+            "spent_usd": round(self.spent_usd, 4), "next_steps": self.next_steps,
+        }
 
 
 async def _require_batches(store: Store, batches: list[str], workdir: Path) -> None:
@@ -218,15 +232,38 @@ def _existing_store(workdir: Path) -> Path:
     return path
 
 
+def _next_steps(name: str, counts: dict[str, int]) -> list[str]:
+    steps = []
+    if counts.get(S.UNKNOWN):
+        steps.append(f"{counts[S.UNKNOWN]} job(s) have an unknown submit outcome (they may exist, and be "
+                     f"billed, at the provider): batchgen retry --unknown {name}")
+    failed = counts.get(S.FAILED, 0) + counts.get(S.TIMED_OUT, 0)
+    if failed:
+        steps.append(f"{failed} job(s) failed or timed out: batchgen retry {name}")
+    unfinished = sum(counts.get(s, 0) for s in S.STATES if s not in S.TERMINAL)
+    if unfinished:
+        steps.append(f"{unfinished} job(s) are not finished: batchgen run --batch {name}")
+    return steps
+
+
 async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchStatus]:
     async with await Store.open(_existing_store(workdir)) as store:
         known = await store.batches()
         await _require_batches(store, batches or [], workdir)
         counts = await store.counts(batches)
-        return [
-            BatchStatus(b.name, b.model_id, counts.get(b.name, {}))
-            for b in known if batches is None or b.name in batches
-        ]
+        out = []
+        for b in known:
+            if batches is not None and b.name not in batches:
+                continue
+            c = counts.get(b.name, {})
+            waits, runs, cost = await store.timings(b.name)
+            out.append(BatchStatus(
+                b.name, b.model_id, c, failures=await store.failure_groups(b.name),
+                median_queue_s=statistics.median(waits) if waits else None,
+                median_run_s=statistics.median(runs) if runs else None,
+                spent_usd=cost, next_steps=_next_steps(b.name, c),
+            ))
+        return out
 
 
 @dataclass

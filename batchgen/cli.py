@@ -29,6 +29,7 @@ from .errors import (
     ManifestError,
     UsageError,
 )
+from .progress import LineLog, Panel, stderr_is_tty
 from .runner import Event, RunSettings
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
@@ -135,6 +136,10 @@ def _run_options(f: Any) -> Any:
         click.option("--job-timeout",
                      help="Give up a job not finished this long after submit (e.g. 30m)."),
         click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary."),
+        click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Also append every event to this file (plain or JSON lines)."),
+        click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+                     show_default=True, help="json: one JSON object per line, for log collectors."),
         click.option("--verbose", "-v", count=True, help="More detail (-vv for debug)."),
     ]):
         f = opt(f)
@@ -197,8 +202,8 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
         workdir=kw["workdir"], target=app.Target(api_url=kw["api_url"], simulate=kw["simulate"]),
         settings=settings, **opts_kw,
     )
-    printer = _EventPrinter(kw["quiet"])
-    outcome = _run_async(_run_with_signals(opts, printer))
+    view = _RunView(kw["quiet"], kw["verbose"], kw["log_format"], kw["log_file"])
+    outcome = _run_async(_run_with_signals(opts, view))
     summary = outcome.summary
     _print_run_summary(outcome)
     if summary.account_error:
@@ -213,7 +218,7 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     sys.exit(EXIT_JOBS_FAILED if bad else EXIT_OK)
 
 
-async def _run_with_signals(opts: app.RunOptions, printer: _EventPrinter) -> app.RunOutcome:
+async def _run_with_signals(opts: app.RunOptions, view: _RunView) -> app.RunOutcome:
     loop = asyncio.get_running_loop()
     runner_box: list[Any] = []
     signals_seen = 0
@@ -230,33 +235,59 @@ async def _run_with_signals(opts: app.RunOptions, printer: _EventPrinter) -> app
         # the store; a submit caught on the wire becomes 'unknown' on the next run.
         os._exit(EXIT_INTERRUPTED)
 
+    def on_runner(runner: Any) -> None:
+        runner_box.append(runner)
+        view.attach(runner)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
-        return await app.run(opts, on_event=printer, on_runner=runner_box.append)
+        with view:
+            return await app.run(opts, on_event=view.on_event, on_runner=on_runner)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
 
-class _EventPrinter:
-    """Plain, timestamped lines, one per state change worth knowing."""
+class _RunView:
+    """Lines on stderr (and a log file), or a live panel on a terminal."""
 
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
+    def __init__(self, quiet: bool, verbose: int, log_format: str, log_file: Path | None):
+        self._file = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115
+        use_panel = not quiet and log_format == "text" and stderr_is_tty()
+        self.panel = Panel() if use_panel else None
+        verbosity = 0 if quiet else 1 + verbose
+        self.lines = LineLog(None if self.panel else sys.stderr, log_format, verbosity, self._file)
+        self._refresh: asyncio.Task[Any] | None = None
 
-    def __call__(self, event: Event) -> None:
-        if self.quiet and event.kind not in ("stop",):
-            return
-        stamp = time.strftime("%H:%M:%S")
-        if event.job is None:
-            click.echo(f"{stamp} {event.message}", err=True)
-            return
-        job = event.job
-        text = f"{stamp} {job.batch}/{job.key} {event.kind}"
-        if event.message:
-            text += f": {event.message}"
-        click.echo(text, err=True)
+    def on_event(self, event: Event) -> None:
+        self.lines(event)
+        if self.panel is not None:
+            self.panel.note(event)
+
+    def attach(self, runner: Any) -> None:
+        if self.panel is not None:
+            self._refresh = asyncio.get_running_loop().create_task(self._keep_fresh(runner))
+
+    async def _keep_fresh(self, runner: Any) -> None:
+        assert self.panel is not None
+        while True:
+            counts = await runner.store.counts(runner.batches)
+            self.panel.update(counts, runner.cap.value, runner.budget.spent)
+            await asyncio.sleep(0.5)
+
+    def __enter__(self) -> _RunView:
+        if self.panel is not None:
+            self.panel.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+        if self.panel is not None:
+            self.panel.__exit__()
+        if self._file is not None:
+            self._file.close()
 
 
 def _print_run_summary(outcome: app.RunOutcome) -> None:
@@ -335,17 +366,27 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
     """
     result = _run_async(app.status(workdir, list(batches) or None))
     if as_json:
-        click.echo(json.dumps(
-            {"batches": [{"name": b.name, "model": b.model_id, "total": b.total, "states": b.counts}
-                         for b in result]}, indent=2))
+        click.echo(json.dumps({"batches": [b.as_dict() for b in result]}, indent=2))
         return
     if not result:
         click.echo(f"no batches in {workdir}")
         return
     for b in result:
-        click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs)")
+        click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs, ${b.spent_usd:.2f} spent)")
         for st, n in _ordered(b.counts):
             click.echo(f"  {st:<12} {n:>6}")
+        if b.median_queue_s is not None or b.median_run_s is not None:
+            click.echo(f"  median queue wait {_secs(b.median_queue_s)}, median run time {_secs(b.median_run_s)}")
+        if b.failures:
+            click.echo("  failures:")
+            for st, err, n in b.failures:
+                click.echo(f"    {n:>5} {st}: {err or '(no message)'}")
+        for step in b.next_steps:
+            click.echo(f"  next: {step}")
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
 
 
 # ---- cancel ------------------------------------------------------------------------------------

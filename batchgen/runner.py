@@ -227,6 +227,10 @@ class Runner:
         self._summary = RunSummary()
         self._batches: list[str] = []
 
+    @property
+    def batches(self) -> list[str]:
+        return list(self._batches)
+
     # ---- public --------------------------------------------------------------------------------
 
     def stop(self, reason: str = "interrupted") -> None:

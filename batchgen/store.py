@@ -287,6 +287,39 @@ class Store:
                 out.setdefault(batch, {})[state] = n
         return out
 
+    async def failure_groups(self, batch: str, limit: int = 10) -> list[tuple[str, str, int]]:
+        """(state, error, count) of a batch's unsuccessful jobs, most common first."""
+        async with self._db.execute(
+            "SELECT state, COALESCE(error, ''), COUNT(*) FROM jobs WHERE batch = ? AND state IN "
+            "(?, ?, ?, ?) GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
+            (batch, FAILED, UNKNOWN, TIMED_OUT, CANCELLED, limit),
+        ) as cur:
+            return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+
+    async def timings(self, batch: str) -> tuple[list[float], list[float], float]:
+        """Queue waits and run times (seconds) of a batch's started jobs, and its total cost."""
+        async with self._db.execute(
+            "SELECT started_at - submitted_at, finished_at - started_at FROM jobs WHERE batch = ? "
+            "AND started_at IS NOT NULL AND submitted_at IS NOT NULL", (batch,),
+        ) as cur:
+            rows = await cur.fetchall()
+        async with self._db.execute("SELECT COALESCE(SUM(cost), 0) FROM jobs WHERE batch = ?", (batch,)) as cur:
+            (cost,) = await cur.fetchone()  # type: ignore[misc]
+        waits = [r[0] for r in rows if r[0] is not None]
+        runs = [r[1] for r in rows if r[1] is not None]
+        return waits, runs, float(cost)
+
+    async def existing_keys(self, batch: str, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(keys), 500):
+            part = list(keys[i:i + 500])
+            async with self._db.execute(
+                f"SELECT key FROM jobs WHERE batch = ? AND key IN ({', '.join('?' * len(part))})",
+                (batch, *part),
+            ) as cur:
+                found.update(r[0] for r in await cur.fetchall())
+        return found
+
     # ---- the runner's transitions ----------------------------------------------------------------
 
     async def recover_interrupted(self, batches: Sequence[str] | None = None) -> list[Job]:
