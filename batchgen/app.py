@@ -317,3 +317,60 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
     finally:
         lock.release()
     return report
+
+
+@dataclass
+class PlanReport:
+    batch: str
+    model_id: str
+    jobs: int
+    duplicates: int
+    new: int
+    recorded: dict[str, int]  # jobs of the manifest already in the store, by state
+    price_usd: float | None  # per job, when known
+    median_run_s: float | None  # from earlier runs of this batch
+
+    @property
+    def estimated_cost(self) -> float | None:
+        return None if self.price_usd is None else self.price_usd * self.to_submit
+
+    @property
+    def to_submit(self) -> int:
+        return self.new + self.recorded.get(S.PENDING, 0)
+
+    def estimated_duration(self, concurrency: int) -> float | None:
+        if self.median_run_s is None or not self.to_submit:
+            return None
+        return -(-self.to_submit // max(1, concurrency)) * self.median_run_s
+
+
+async def plan(opts: RunOptions) -> PlanReport:
+    """What `run` would do with this manifest, without submitting or recording anything."""
+    assert opts.manifest is not None
+    manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema)
+    result = await validate_manifest(manifest, allow_local_files=opts.target.simulate)
+    if result.problems:
+        raise ManifestError(result.problems)
+    recorded: dict[str, int] = {}
+    median_run = None
+    path = store_path(opts.workdir)
+    keys = [spec.key for spec in manifest.iter_jobs()]
+    if path.exists():
+        async with await Store.open(path) as store:
+            existing = await store.existing_keys(manifest.name, keys)
+            if existing:
+                for job in await store.jobs([manifest.name]):
+                    if job.key in existing:
+                        recorded[job.state] = recorded.get(job.state, 0) + 1
+            _, runs, _ = await store.timings(manifest.name)
+            median_run = statistics.median(runs) if runs else None
+    price = manifest.schema.base_price_usd if manifest.schema else None
+    if price is None and (opts.target.simulate or opts.target.token or os.environ.get(C.TOKEN_ENV)):
+        try:
+            async with api_endpoint(opts.target) as (base_url, token, _publish):
+                async with RunComfyClient(base_url, token) as client:
+                    price = (await client.model_info(manifest.model_id)).base_price_usd
+        except BatchgenError as exc:
+            log.info("no price for %s: %s", manifest.model_id, exc)
+    return PlanReport(manifest.name, manifest.model_id, len(keys), manifest.duplicates,
+                      len(keys) - sum(recorded.values()), recorded, price, median_run)

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from . import __version__, app
 from . import constants as C
 from . import store as S
+from .config import CONFIG_FILENAME, load_config
 from .errors import (
     AccountError,
     BatchgenError,
@@ -96,7 +98,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchgen")
-def main() -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help=f"Settings file (default: {CONFIG_FILENAME} in the work directory, if there).")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
     """batchgen: run a manifest of RunComfy Model API jobs to finished, downloaded files.
 
     \b
@@ -104,6 +109,7 @@ def main() -> None:
       batchgen run sample_manifests/quickstart.yaml --simulate
       batchgen status
     """
+    ctx.obj = {"config": config_path}
 
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -152,7 +158,8 @@ def _run_options(f: Any) -> Any:
               help="Model schema file to validate against (for models batchgen does not bundle).")
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
 @_run_options
-def run(manifest: Path | None, schema: Path | None, batch: str | None, **kw: Any) -> None:
+@click.option("--dry-run", is_flag=True, help="Show what would happen (see `batchgen plan`); submit nothing.")
+def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, **kw: Any) -> None:
     """Validate MANIFEST, record its jobs, submit them, and download every output.
 
     Running it again picks up where the last run stopped: jobs already submitted are polled,
@@ -165,6 +172,11 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, **kw: Any
       RUNCOMFY_API_TOKEN=... batchgen run nightly.yaml --concurrency 8 --max-runtime 6h
       batchgen run            # resume whatever is unfinished in ./jobs
     """
+    if dry_run:
+        if manifest is None:
+            raise click.UsageError("--dry-run needs a MANIFEST")
+        _show_plan(manifest, schema, batch, kw["workdir"], kw["simulate"], kw["api_url"], kw["concurrency"])
+        return
     _execute_run(kw, manifest=manifest, schema=schema, batch=batch)
 
 
@@ -189,7 +201,22 @@ def retry(batch: str, unknown: bool, **kw: Any) -> None:
     _execute_run(kw, batch=batch, retry_states=states)
 
 
+def _apply_config(kw: dict[str, Any]) -> None:
+    """Fill options the user did not give on the command line from the config file."""
+    ctx = click.get_current_context()
+    try:
+        settings, source = load_config((ctx.obj or {}).get("config"), kw["workdir"])
+    except BatchgenError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    for key, value in settings.items():
+        if key in kw and ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+            kw[key] = Path(value) if key == "log_file" else value
+    if source is not None:
+        log.info("settings from %s: %s", source, ", ".join(settings))
+
+
 def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
+    _apply_config(kw)
     _setup_logging(kw["verbose"], kw["quiet"])
     max_runtime, job_timeout = kw["max_runtime"], kw["job_timeout"]
     settings = RunSettings(
@@ -347,6 +374,90 @@ def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
         _fail(str(ManifestError(result.problems)), EXIT_USAGE)
     dup = f" ({result.duplicates} duplicate(s) collapsed)" if result.duplicates else ""
     click.echo(f"{manifest}: {result.jobs} job(s), all valid{dup}")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@workdir_option
+@_target_options
+@click.option("--schema", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Model schema file to validate against.")
+@click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
+@click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
+              show_default=True, help="The concurrency the run would use (for the duration estimate).")
+def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, schema: Path | None,
+         batch: str | None, concurrency: int) -> None:
+    """Show what `batchgen run MANIFEST` would do: jobs in the manifest, how many are new and how
+    many already recorded, estimated cost and duration. Submits and records nothing.
+
+    \b
+    Example:
+      batchgen plan sample_manifests/quickstart.yaml --simulate
+    """
+    _show_plan(manifest, schema, batch, workdir, simulate, api_url, concurrency)
+
+
+def _show_plan(manifest: Path, schema: Path | None, batch: str | None, workdir: Path, simulate: bool,
+               api_url: str | None, concurrency: int) -> None:
+    opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema,
+                          target=app.Target(api_url=api_url, simulate=simulate))
+    p = _run_async(app.plan(opts))
+    dup = f", {p.duplicates} duplicate row(s) collapsed" if p.duplicates else ""
+    click.echo(f"{p.batch} ({p.model_id}): {p.jobs} job(s) in the manifest{dup}")
+    click.echo(f"  new: {p.new}")
+    for st, n in _ordered(p.recorded):
+        click.echo(f"  already recorded, {st}: {n}")
+    click.echo(f"  would submit: {p.to_submit}")
+    cost = p.estimated_cost
+    click.echo("  estimated cost: " + (f"${cost:.2f} (${p.price_usd:.2f} a job)" if cost is not None
+                                       else "unknown (no price from the schema or the API)"))
+    duration = p.estimated_duration(concurrency)
+    click.echo("  estimated duration: " + (f"{duration / 60:.1f} min at --concurrency {concurrency}"
+                                           if duration is not None else "unknown until jobs of this batch have run"))
+
+
+@main.command()
+@click.argument("model", required=False)
+def models(model: str | None) -> None:
+    """List the bundled model schemas and what each needs, or show one MODEL in full.
+
+    Any other model id can be used too: give its schema with --schema to have it validated.
+
+    \b
+    Examples:
+      batchgen models
+      batchgen models bytedance/dreamina-3-0/pro/image-to-video
+    """
+    from .schema import bundled_schemas
+
+    schemas = bundled_schemas()
+    if model is not None:
+        chosen = [s for s in schemas if s.model_id == model]
+        if not chosen:
+            _fail(f"no bundled schema for '{model}'; bundled: {', '.join(s.model_id for s in schemas)}",
+                  EXIT_USAGE)
+        sch = chosen[0]
+        click.echo(f"{sch.model_id}  (output: {sch.output_kind})")
+        for name, prop in sch.properties.items():
+            req = "required" if name in sch.required else f"default {json.dumps(prop['default'])}" \
+                if "default" in prop and name not in sch.required else "optional"
+            facts = [prop.get("type", "")]
+            if "enum" in prop:
+                facts.append("one of " + ", ".join(json.dumps(v) for v in prop["enum"]))
+            if "maxLength" in prop:
+                facts.append(f"at most {prop['maxLength']} characters")
+            rules = list(dict.fromkeys(v.get("validation_error", "") for v in prop.get("validations", [])))
+            click.echo(f"  {name:<16} {req:<12} {'; '.join(f for f in facts if f)}")
+            for r in rules:
+                click.echo(f"  {'':<16} {'':<12} {r}")
+        note = (sch.data.get("x-batchgen") or {}).get("note")
+        if note:
+            click.echo(f"  note: {note}")
+        return
+    for sch in schemas:
+        images = ", ".join(f"{k}{' (list)' if v else ''}" for k, v in sch.image_fields().items())
+        click.echo(f"{sch.model_id}")
+        click.echo(f"  needs: {', '.join(sch.required)}; image field: {images}; output: {sch.output_kind}")
 
 
 # ---- status ------------------------------------------------------------------------------------
