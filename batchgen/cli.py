@@ -116,6 +116,8 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 
 
 def _target_options(f: Any) -> Any:
+    f = click.option("--sim-fault", "sim_faults", multiple=True, metavar="SPEC",
+                     help="With --simulate: inject a simulator fault, e.g. fail=0.3 (see batchgen simulate).")(f)
     f = click.option("--api-url", envvar=C.API_URL_ENV,
                      help=f"API base URL [env {C.API_URL_ENV}].")(f)
     f = click.option("--simulate", is_flag=True,
@@ -215,6 +217,20 @@ def _apply_config(kw: dict[str, Any]) -> None:
         log.info("settings from %s: %s", source, ", ".join(settings))
 
 
+def _target(api_url: str | None, simulate: bool, sim_faults: tuple[str, ...]) -> app.Target:
+    if sim_faults and not simulate:
+        raise click.UsageError("--sim-fault goes with --simulate")
+    sim_config = None
+    if simulate:
+        from .simulator import FaultConfig, SimConfig
+
+        try:
+            sim_config = SimConfig(faults=FaultConfig.parse(list(sim_faults)))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--sim-fault") from None
+    return app.Target(api_url=api_url, simulate=simulate, sim_config=sim_config)
+
+
 def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _apply_config(kw)
     _setup_logging(kw["verbose"], kw["quiet"])
@@ -226,7 +242,7 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
         job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else None,
     )
     opts = app.RunOptions(
-        workdir=kw["workdir"], target=app.Target(api_url=kw["api_url"], simulate=kw["simulate"]),
+        workdir=kw["workdir"], target=_target(kw["api_url"], kw["simulate"], kw["sim_faults"]),
         settings=settings, **opts_kw,
     )
     view = _RunView(kw["quiet"], kw["verbose"], kw["log_format"], kw["log_file"])
@@ -385,8 +401,8 @@ def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
 @click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
               show_default=True, help="The concurrency the run would use (for the duration estimate).")
-def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, schema: Path | None,
-         batch: str | None, concurrency: int) -> None:
+def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim_faults: tuple[str, ...],
+         schema: Path | None, batch: str | None, concurrency: int) -> None:
     """Show what `batchgen run MANIFEST` would do: jobs in the manifest, how many are new and how
     many already recorded, estimated cost and duration. Submits and records nothing.
 
@@ -412,8 +428,13 @@ def _show_plan(manifest: Path, schema: Path | None, batch: str | None, workdir: 
     click.echo("  estimated cost: " + (f"${cost:.2f} (${p.price_usd:.2f} a job)" if cost is not None
                                        else "unknown (no price from the schema or the API)"))
     duration = p.estimated_duration(concurrency)
-    click.echo("  estimated duration: " + (f"{duration / 60:.1f} min at --concurrency {concurrency}"
-                                           if duration is not None else "unknown until jobs of this batch have run"))
+    if not p.to_submit:
+        text = "nothing to submit"
+    elif duration is None:
+        text = "unknown until jobs of this batch have run"
+    else:
+        text = f"{duration / 60:.1f} min at --concurrency {concurrency}"
+    click.echo(f"  estimated duration: {text}")
 
 
 @main.command()
@@ -507,7 +528,7 @@ def _secs(value: float | None) -> str:
 @click.argument("batch")
 @workdir_option
 @_target_options
-def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool) -> None:
+def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_faults: tuple[str, ...]) -> None:
     """Cancel BATCH: jobs not yet submitted are never submitted; queued jobs are cancelled at
     the provider. Jobs already running cannot be cancelled: they are recorded as such and the
     next run still downloads what they produce.
@@ -516,7 +537,7 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool) -> No
     Example:
       batchgen cancel street-scenes
     """
-    report = _run_async(app.cancel(workdir, batch, app.Target(api_url=api_url, simulate=simulate)))
+    report = _run_async(app.cancel(workdir, batch, _target(api_url, simulate, sim_faults)))
     click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled, {report.cancelled} "
                f"cancelled at the provider, {report.not_cancellable} already running "
                "(still followed)")
