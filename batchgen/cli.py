@@ -560,9 +560,13 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
               help="Seconds each job runs.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Inject faults, e.g. --fault 429=0.1 --fault retry_after=2 (see README).")
+@click.option("--price", type=click.FloatRange(0), default=0.10, show_default=True,
+              help="USD per job, reported by model info and include_cost results.")
+@click.option("--balance", type=click.FloatRange(0),
+              help="Account balance in USD; submits beyond it get RunComfy's 400002 error.")
 @click.option("--seed", type=int, help="Random seed for reproducible faults.")
 def simulate(host: str, port: int, token: str | None, concurrency: int, duration: float,
-             faults: tuple[str, ...], seed: int | None) -> None:
+             faults: tuple[str, ...], price: float, balance: float | None, seed: int | None) -> None:
     """Serve a local fake of the RunComfy Model API until Ctrl-C.
 
     Point a run at it with --api-url (any token works unless --token is given).
@@ -578,8 +582,8 @@ def simulate(host: str, port: int, token: str | None, concurrency: int, duration
         fault_config = FaultConfig.parse(list(faults))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fault") from None
-    config = SimConfig(token=token, concurrency=concurrency, duration=duration,
-                       faults=fault_config, seed=seed)
+    config = SimConfig(token=token, concurrency=concurrency, duration=duration, price_usd=price,
+                       balance_usd=balance, faults=fault_config, seed=seed)
 
     def ready(sim: Any) -> None:
         click.echo(f"simulator listening on {sim.base_url} (Ctrl-C to stop)", err=True)

@@ -146,3 +146,25 @@ async def test_second_run_on_the_same_workdir_is_refused(tmp_path, simulator):
     # The dead run's lock does not block the next one.
     code, _ = await finish(tmp_path, sim, manifest)
     assert code == 0
+
+
+async def test_second_sigint_exits_at_once(tmp_path, simulator):
+    import time
+
+    sim = await simulator(duration=0.2, faults=["script.submit=slow", "slow_seconds=5"])
+    manifest = write_manifest(tmp_path, sim)
+    proc = await start_run(tmp_path, sim, manifest)
+    while not sim.calls["submit"]:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # the first waits for the submit on the wire (5 s) ...
+    await asyncio.sleep(0.3)
+    assert proc.returncode is None
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # ... the second does not
+    await asyncio.wait_for(proc.wait(), 5)
+    assert proc.returncode == 3 and time.monotonic() - started < 2
+    await asyncio.sleep(5)  # the slow submit completes at the provider anyway
+    code, _ = await finish(tmp_path, sim, manifest)
+    assert code == 1  # that job's outcome was lost with the process: unknown, not resubmitted
+    await check_invariants(tmp_path, sim, expect_unknown=1, never_sent=None)

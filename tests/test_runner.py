@@ -246,3 +246,36 @@ async def test_cancel_batch(simulator, tmp_path):
     async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
         counts = await store.counts(["b"])
     assert counts == {"b": {"cancelled": 4, "in_progress": 1}}
+
+
+async def test_throttling_lowers_the_cap_then_it_recovers(simulator, tmp_path):
+    sim = await simulator(duration=0.05, faults=["script.submit=" + ",".join(["429"] * 6), "retry_after=0"])
+    caps = []
+    box = []
+
+    def on_event(event):
+        if box:
+            caps.append(box[0].cap.value)
+
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 12), concurrency=8),
+                        on_event=on_event, on_runner=box.append)
+    assert out.counts == {"b": {"succeeded": 12}}
+    assert min(caps) < 8  # the provider said slow down: the in-flight cap went down on its own
+    assert submissions_per_seed(sim) == {i: 1 for i in range(12)}
+
+
+async def test_rate_limit_spaces_api_calls():
+    import time
+
+    from batchgen.limits import TokenBucket
+
+    bucket = TokenBucket(rate=20, burst=1)
+    start = time.monotonic()
+    for _ in range(11):
+        await bucket.take()
+    assert time.monotonic() - start == pytest.approx(0.5, abs=0.15)
+    unlimited = TokenBucket(rate=0)
+    start = time.monotonic()
+    for _ in range(1000):
+        await unlimited.take()
+    assert time.monotonic() - start < 0.1
