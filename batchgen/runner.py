@@ -119,11 +119,14 @@ class Budget:
 
 
 class PollPlanner:
-    """When to poll a job next: learns how long jobs take and polls near the expected finish.
+    """When to poll a job next: learns how long jobs take and polls just after the expected finish.
 
-    Before it has seen a job finish it polls on a growing interval (first_delay, then half the
-    time the job has been running, within [min, max]). Once it knows the median time from submit
-    to finish, it polls shortly after that, then every tenth of it.
+    Before any job has finished it polls on a growing interval (first_delay, then half the time
+    the job has been out, within [min, max]). Once it knows the median time the provider takes
+    (its own created_at -> finished_at, so our polling lag does not inflate it), it polls a hair
+    after that moment, then, if the job is late, every twentieth of it: most jobs then cost one
+    status call and one result call, and a finished job waits milliseconds, not seconds, for us
+    to notice (which is what keeps a provider slot busy).
     """
 
     def __init__(self, settings: RunSettings, window: int = 50):
@@ -145,9 +148,10 @@ class PollPlanner:
             if elapsed <= 0:
                 return self.s.first_poll_delay
             return min(hi, max(lo, elapsed * 0.5))
+        margin = max(0.02, expected * 0.01)
         if elapsed < expected:
-            return min(hi, max(lo, expected - elapsed + lo))
-        return min(hi, max(lo, expected * 0.1))
+            return min(hi, expected - elapsed + margin)
+        return min(hi, max(0.05, expected * 0.05))
 
 
 def local_file_resolver(publish: Callable[[str], str] | None) -> InputResolver:

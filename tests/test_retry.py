@@ -159,3 +159,26 @@ def test_adaptive_cap(events, expected):
         clock.t += dt
         cap.on_throttle() if kind == "throttle" else cap.on_success()
     assert cap.value == expected
+
+
+@pytest.mark.parametrize(
+    ("observed", "elapsed", "expected"),
+    [
+        ([], 0.0, 1.0),  # nothing learned: the first poll after first_poll_delay
+        ([], 1.0, 0.5),  # then half the time the job has been out ...
+        ([], 10.0, 5.0),
+        ([], 100.0, 30.0),  # ... capped
+        ([3.0, 3.0, 3.0], 0.0, 3.03),  # learned: a hair after the expected finish
+        ([3.0, 3.0, 3.0], 2.0, 1.03),
+        ([3.0, 3.0, 3.0], 3.1, 0.15),  # late: every twentieth of the expected time
+        ([0.0, 0.0], 0.0, 0.02),  # instant jobs: poll almost at once
+        ([1.0, 2.0, 100.0], 0.0, 2.02),  # the median, not the mean
+    ],
+)
+def test_poll_planner(observed, elapsed, expected):
+    from batchgen.runner import PollPlanner, RunSettings
+
+    planner = PollPlanner(RunSettings())
+    for seconds in observed:
+        planner.observe(seconds)
+    assert planner.next_delay(elapsed) == pytest.approx(expected)
