@@ -122,7 +122,11 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
     manifest = None
     if opts.manifest is not None:
         manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema)
-        result = await validate_manifest(manifest, allow_local_files=opts.target.simulate)
+        # One expansion serves both: jobs are kept as compact rows while they are checked, and
+        # recorded only if the whole manifest passed.
+        rows: list[tuple[Any, ...]] = []
+        result = await validate_manifest(manifest, allow_local_files=opts.target.simulate,
+                                         collect=lambda spec: rows.append(Store.job_row(spec)))
         if result.problems:
             raise ManifestError(result.problems)
     if not opts.target.simulate:
@@ -137,7 +141,8 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     manifest.name, manifest.model_id, str(Path(opts.manifest).resolve()),
                     {"image_base_url": manifest.image_base_url},
                 )
-                new_jobs = await store.add_jobs(manifest.name, manifest.iter_jobs())
+                new_jobs = await store.add_rows(manifest.name, rows)
+                rows.clear()
                 batches = [manifest.name]
             elif opts.batch is not None:
                 await _require_batches(store, [opts.batch], workdir)

@@ -21,6 +21,7 @@ raised one at a time, so a user sees them all at once.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import ipaddress
 import itertools
@@ -81,19 +82,27 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def _template_names(value: Any) -> set[str]:
+def _template_names(value: Any) -> frozenset[str]:
+    if isinstance(value, str):
+        return _string_template_names(value) if "{" in value else frozenset()
     names: set[str] = set()
-    if isinstance(value, str) and "{" in value:
+    if isinstance(value, list):
+        for v in value:
+            names |= _template_names(v)
+    return frozenset(names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _string_template_names(value: str) -> frozenset[str]:
+    names: set[str] = set()
+    if "{" in value:
         try:
             for _, name, _, _ in string.Formatter().parse(value):
                 if name:
                     names.add(re.split(r"[.\[]", name, maxsplit=1)[0])
         except ValueError:
             pass
-    elif isinstance(value, list):
-        for v in value:
-            names |= _template_names(v)
-    return names
+    return frozenset(names)
 
 
 class Manifest:
@@ -117,6 +126,7 @@ class Manifest:
         self._schema_file: Path | None = Path(schema_path) if schema_path else None
         self.schema: ModelSchema | None = None
         self._hash_cache: dict[Path, str] = {}
+        self._resolved: dict[tuple[Path, str], tuple[str, Path | None] | None] = {}
 
         if self.path.suffix.lower() == ".csv":
             self._rows = self.path
@@ -259,6 +269,7 @@ class Manifest:
         assert self._rows is not None
         path = self._rows
         name = path.name
+        folder = path.resolve().parent
         try:
             fh = open(path, newline="", encoding="utf-8-sig")
         except OSError as exc:
@@ -304,7 +315,7 @@ class Manifest:
                 for col, cell in zip(header, row, strict=False):
                     if col and cell.strip() != "":
                         values[col] = self._cast(col, cell.strip(), name, rowno)
-                yield _Base(values, name, f"row {rowno}", path.resolve().parent)
+                yield _Base(values, name, f"row {rowno}", folder)
 
     def _cast(self, col: str, cell: str, file: str, rowno: int) -> Any:
         t = self.schema.field_type(col) if self.schema else None
@@ -468,7 +479,19 @@ class Manifest:
         return merged
 
     def _resolve_image(self, ref: str, base: _Base, fname: str) -> tuple[str, Path | None] | None:
-        """(value to send, local file or None). A problem is recorded when it cannot be used."""
+        """(value to send, local file or None). A problem is recorded when it cannot be used.
+        Cached per (folder, reference): a 100,000-job manifest names a handful of images."""
+        cache_key = (base.folder, ref)
+        if cache_key in self._resolved:
+            hit = self._resolved[cache_key]
+            if hit is None:  # report it again for this job's own location
+                return self._resolve_image_uncached(ref, base, fname)
+            return hit
+        result = self._resolve_image_uncached(ref, base, fname)
+        self._resolved[cache_key] = result
+        return result
+
+    def _resolve_image_uncached(self, ref: str, base: _Base, fname: str) -> tuple[str, Path | None] | None:
         parts = urlsplit(ref)
         if parts.scheme in ("http", "https"):
             if parts.scheme == "http" and not is_loopback_host(parts.hostname):

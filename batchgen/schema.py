@@ -78,6 +78,9 @@ class ModelSchema:
             {**_strip_validations(self.input_schema), "additionalProperties": False}
         )
         self._rules = {name: _parse_rules(prop) for name, prop in self.properties.items()}
+        quick_ok = set(self.input_schema) <= _QUICK_TOP and all(
+            _quick_supported(p) for p in self.properties.values())
+        self._quick: dict[str, Any] | None = self.properties if quick_ok else None
 
     @classmethod
     def load(cls, path: str | Path) -> ModelSchema:
@@ -121,8 +124,11 @@ class ModelSchema:
         """Every problem with one job's inputs as (field, message). ``images`` maps each image
         reference found in the inputs to its probed facts, or to the probe's error message."""
         problems: list[tuple[str, str]] = []
-        for err in sorted(self._validator.iter_errors(inputs), key=lambda e: list(e.path)):
-            problems.append(self._describe(err))
+        # The quick check says "valid" for almost every job of a big manifest in a few
+        # microseconds; only a job it doubts pays for jsonschema and its precise messages.
+        if not self._quick_valid(inputs):
+            for err in sorted(self._validator.iter_errors(inputs), key=lambda e: list(e.path)):
+                problems.append(self._describe(err))
         for name, is_list in self.image_fields().items():
             value = inputs.get(name)
             refs = value if is_list and isinstance(value, list) else [value] if isinstance(value, str) else []
@@ -146,6 +152,20 @@ class ModelSchema:
                     problems.append((name, f"schema rule {rule.op!r} is not understood by batchgen; "
                                            "update batchgen or remove the rule"))
         return problems
+
+    def _quick_valid(self, inputs: dict[str, Any]) -> bool:
+        """True only when the inputs certainly satisfy the JSON Schema part. Conservative: any
+        keyword it does not know sends the job to jsonschema."""
+        if self._quick is None:
+            return False
+        for name in self.required:
+            if name not in inputs:
+                return False
+        for name, value in inputs.items():
+            prop = self._quick.get(name)
+            if prop is None or not _quick_value_ok(prop, value):
+                return False
+        return True
 
     def _describe(self, err: jsonschema.ValidationError) -> tuple[str, str]:
         field = ".".join(str(p) for p in err.path)
@@ -179,6 +199,55 @@ class ModelSchema:
         desc = prop.get("description") or prop.get("title") or ""
         t = prop.get("type", "value")
         return f"{t}{': ' + desc if desc else ''}"
+
+
+_QUICK_TOP = {"type", "title", "description", "required", "properties"}
+_QUICK_KEYS = {"type", "title", "description", "default", "format", "validations", "maxLength", "minLength",
+               "enum", "minItems", "maxItems", "items", "minimum", "maximum"}
+_TYPES: dict[str, Any] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def _quick_supported(prop: Any) -> bool:
+    if not isinstance(prop, dict) or not set(prop) <= _QUICK_KEYS:
+        return False
+    if "type" in prop and prop["type"] not in _TYPES:
+        return False
+    items = prop.get("items")
+    return items is None or _quick_supported(items)
+
+
+def _quick_value_ok(prop: dict[str, Any], value: Any) -> bool:
+    t = prop.get("type")
+    if t is not None and not _TYPES[t](value):
+        return False
+    if "enum" in prop and not any(value == e and type(value) is type(e) for e in prop["enum"]):
+        return False
+    if isinstance(value, str):
+        if "maxLength" in prop and len(value) > prop["maxLength"]:
+            return False
+        if "minLength" in prop and len(value) < prop["minLength"]:
+            return False
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if "minimum" in prop and value < prop["minimum"]:
+            return False
+        if "maximum" in prop and value > prop["maximum"]:
+            return False
+    if isinstance(value, list):
+        if "minItems" in prop and len(value) < prop["minItems"]:
+            return False
+        if "maxItems" in prop and len(value) > prop["maxItems"]:
+            return False
+        items = prop.get("items")
+        if items is not None and not all(_quick_value_ok(items, v) for v in value):
+            return False
+    return True
 
 
 def _strip_validations(node: Any) -> Any:

@@ -222,12 +222,20 @@ class Store:
 
     # ---- recording jobs ------------------------------------------------------------------------
 
-    async def add_jobs(self, batch: str, specs: Iterable[Any]) -> int:
-        """Record a manifest's jobs; return how many were new. Jobs already known are untouched.
+    @staticmethod
+    def job_row(spec: Any) -> tuple[Any, ...]:
+        """A manifest.JobSpec as the compact row add_rows() records (strings, not dicts: a
+        100,000-job manifest is held this way between validation and recording)."""
+        return (spec.key, spec.seq, spec.model_id, spec.source,
+                json.dumps(spec.inputs, sort_keys=True), json.dumps(spec.meta, sort_keys=True))
 
-        ``specs`` are manifest.JobSpec-like objects (key, seq, model_id, source, inputs, meta);
-        they are consumed in chunks so a 100,000-job manifest never sits in memory as rows.
-        """
+    async def add_jobs(self, batch: str, specs: Iterable[Any]) -> int:
+        """Record a manifest's jobs; return how many were new. Jobs already known are untouched."""
+        return await self.add_rows(batch, (self.job_row(s) for s in specs))
+
+    async def add_rows(self, batch: str, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Record job rows (see job_row) in chunks, one transaction each; return how many were new.
+        INSERT OR IGNORE on (batch, key): re-recording a grown manifest adds only its new jobs."""
         added = 0
         now = time.time()
         chunk: list[tuple[Any, ...]] = []
@@ -247,12 +255,8 @@ class Store:
                 added += db.total_changes - before
             chunk.clear()
 
-        for spec in specs:
-            chunk.append((
-                batch, spec.key, spec.seq, spec.model_id, spec.source,
-                json.dumps(spec.inputs, sort_keys=True), json.dumps(spec.meta, sort_keys=True),
-                now, now,
-            ))
+        for row in rows:
+            chunk.append((batch, *row, now, now))
             if len(chunk) >= INSERT_CHUNK:
                 await flush()
         await flush()

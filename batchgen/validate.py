@@ -4,11 +4,12 @@ against its model's schema, and report every problem at once with file, row/line
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import Problem
 from .images import ImageInfo, ImageProber
-from .manifest import Manifest
+from .manifest import JobSpec, Manifest
 from .schema import ModelSchema
 
 
@@ -34,9 +35,12 @@ def _image_refs(schema: ModelSchema | None, inputs: dict) -> list[tuple[str, str
 
 async def validate_manifest(
     manifest: Manifest, *, allow_local_files: bool, prober: ImageProber | None = None,
+    collect: Callable[[JobSpec], None] | None = None,
 ) -> ValidationResult:
     """Check a manifest. ``allow_local_files``: local images may be sent as files (a --simulate
-    run publishes them itself); against the real API they need the manifest's image_base_url."""
+    run publishes them itself); against the real API they need the manifest's image_base_url.
+    ``collect`` sees every job as it is expanded, so a caller can record them afterwards without
+    expanding the manifest twice."""
     own_prober = prober is None
     prober = prober or ImageProber()
     problems: list[Problem] = []
@@ -70,6 +74,8 @@ async def validate_manifest(
     try:
         for spec in manifest.iter_jobs():
             jobs += 1
+            if collect is not None:
+                collect(spec)
             file, _, location = spec.source.partition(", ")
             named = [(f, r) for f, r in _image_refs(schema, spec.inputs) if r not in manifest.bad_refs]
             refs = [r for _, r in named]
