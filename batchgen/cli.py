@@ -521,6 +521,66 @@ def _secs(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
+# ---- report and gallery --------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("batch")
+@click.option("--output", "-o", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="File to write; its extension picks the format: .csv, .json, .parquet (needs pyarrow) "
+                   "or .xlsx (needs openpyxl).")
+@workdir_option
+def report(batch: str, out: Path, workdir: Path) -> None:
+    """Write one row per job of BATCH: inputs, notes, state, timings, output files with their
+    sha256, cost and error.
+
+    Output paths in the report are absolute. Lists (several images, several outputs) are joined
+    with " | ".
+
+    \b
+    Examples:
+      batchgen report quickstart -o quickstart.csv
+      batchgen report quickstart -o quickstart.json
+      batchgen report nightly -o ~/reports/nightly.xlsx --workdir /data/batchgen
+    """
+    df = _run_async(_write_report(workdir, batch, out))
+    counts = df["state"].value_counts()
+    states = ", ".join(f"{n} {st}" for st, n in _ordered(counts.to_dict()))
+    click.echo(f"{out}: {len(df)} job(s) of {batch} ({states or 'no jobs'})")
+
+
+async def _write_report(workdir: Path, batch: str, out: Path) -> Any:
+    from .report import build_report, write_report  # pandas is slow to import: only here
+
+    df = await build_report(workdir, batch)
+    write_report(df, out)
+    return df
+
+
+@main.command()
+@click.argument("batch")
+@workdir_option
+@click.option("--open", "open_page", is_flag=True, help="Open the page in the default browser.")
+def gallery(batch: str, workdir: Path, open_page: bool) -> None:
+    """Write a self-contained HTML page of BATCH to WORKDIR/BATCH/gallery.html: every job's
+    input image, prompt and settings with its video or its error, filterable by state.
+
+    The page fetches nothing from the network; it links the videos by relative paths, so it
+    keeps working when the work directory is moved or copied as a whole.
+
+    \b
+    Examples:
+      batchgen gallery quickstart
+      batchgen gallery nightly --workdir /data/batchgen --open
+    """
+    from .gallery import build_gallery
+
+    page = _run_async(build_gallery(workdir, batch))
+    click.echo(f"{page}")
+    if open_page:
+        click.launch(page.as_uri())
+
+
 # ---- cancel ------------------------------------------------------------------------------------
 
 

@@ -257,11 +257,13 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 12px; overflow: hidden;
   display: flex; flex-direction: column; box-shadow: 0 1px 2px rgba(0,0,0,.06); }
 .card[hidden] { display: none; }
-.media { position: relative; background: #000; aspect-ratio: 16 / 9; display: flex; }
-.media video, .media > img { width: 100%; height: 100%; object-fit: contain; display: block; }
+/* overflow: hidden lets aspect-ratio win over a 4:3 video's own height: every card lines up. */
+.media { position: relative; background: #000; aspect-ratio: 16 / 9; display: flex; overflow: hidden; }
+.media video, .media > img { flex: 1 1 0; min-width: 0; height: 100%; object-fit: contain; display: block; }
 .media.no-output { background: var(--line); align-items: center; justify-content: center; }
 .media.no-output img { opacity: .35; filter: grayscale(1); object-fit: cover; }
-.veil { position: absolute; font-weight: 600; text-transform: uppercase; letter-spacing: .08em; color: var(--fg); }
+.veil { position: absolute; font-weight: 600; text-transform: uppercase; letter-spacing: .08em; color: var(--fg);
+  background: var(--card); padding: 3px 12px; border-radius: 6px; }
 .card[data-state="failed"] .veil { color: var(--bad); }
 .placeholder { margin: auto; color: #aaa; }
 .body { padding: 10px 14px 12px; display: flex; flex-direction: column; gap: 8px; flex: 1; }
@@ -273,9 +275,11 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr
 .state-succeeded { background: #dff3e4; color: var(--ok); }
 .state-failed, .state-timed_out, .state-unknown { background: #fde2e1; color: var(--bad); }
 .state-cancelled { background: #fff1d6; color: var(--warn); }
-.state-in_queue, .state-in_progress, .state-downloading, .state-submitting, .state-pending { background: #e1ecfd; color: var(--info); }
+.state-in_queue, .state-in_progress, .state-downloading, .state-submitting, .state-pending {
+  background: #e1ecfd; color: var(--info); }
 .inputs { display: flex; align-items: center; gap: 6px; }
-.inputs img { width: 56px; height: 40px; object-fit: cover; border-radius: 4px; border: 1px solid var(--line); display: block; }
+.inputs img { width: 56px; height: 40px; object-fit: cover; border-radius: 4px; border: 1px solid var(--line);
+  display: block; }
 .label { font-size: 11px; text-transform: uppercase; letter-spacing: .06em; color: var(--muted); }
 .prompt { margin: 0; }
 .settings { margin: 0; display: flex; flex-wrap: wrap; gap: 4px 14px; font-size: 12px; }

@@ -28,6 +28,14 @@ from .store import Job, Output, Store
 # a URL or a hex digest, and reads well in a spreadsheet.
 JOIN = " | "
 
+# The fixed columns, before and after the input.* and meta.* ones.
+HEAD_COLUMNS = ("batch", "key", "seq", "source", "model")
+TAIL_COLUMNS = (
+    "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
+    "queue_wait_s", "run_s", "outputs", "output_paths", "output_sha256", "output_bytes", "cost",
+    "error", "error_code",
+)
+
 # The extensions write_report understands, in the order error messages list them.
 FORMATS = (".csv", ".json", ".parquet", ".xlsx")
 
@@ -81,21 +89,28 @@ def _row(job: Job, outputs: list[Output], root: Path) -> dict[str, Any]:
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    # Columns in a stable order: the fixed ones where _row puts them, input./meta. columns (which
-    # vary between jobs) sorted and placed after "model".
-    fixed = [c for c in (rows[0] if rows else {}) if not c.startswith(("input.", "meta."))]
+    # Input and note columns vary between jobs: all of them, sorted, between the fixed ones.
     variable = sorted({c for r in rows for c in r if c.startswith(("input.", "meta."))},
                       key=lambda c: (not c.startswith("input."), c))
-    columns = fixed[:5] + variable + fixed[5:] if rows else ["batch", "key", "seq", "source", "model"]
-    df = pd.DataFrame(rows, columns=columns)
-    for col in variable:
-        # A field holding an int in one job and a string in another (CSV rows, templates) would
-        # make an object column that Parquet refuses: such a column becomes text throughout.
-        kinds = {type(v) for v in df[col] if v is not None and not _missing(v)}
-        if len(kinds) > 1:
-            df[col] = df[col].map(lambda v: None if v is None or _missing(v) else str(v))
-    # Nullable dtypes: a seed missing from one job stays an integer (42, not 42.0) in the others.
-    return df.convert_dtypes(convert_floating=False)
+    columns = [*HEAD_COLUMNS, *variable, *TAIL_COLUMNS]
+    # Built as objects, then typed per column from the values themselves: pandas' own inference
+    # would turn an integer column with one missing value into floats (41298.0 bytes).
+    # A field absent from a job is None here, never pandas' NaN, so the typing below sees it.
+    df = pd.DataFrame([[r.get(c) for c in columns] for r in rows], columns=columns, dtype=object)
+    for col in df.columns:
+        kinds = {type(v) for v in df[col] if v is not None}
+        if not kinds:
+            continue
+        if kinds == {int}:
+            # Nullable integers: a seed missing from one job stays 42 (not 42.0) in the others.
+            df[col] = df[col].astype("Int64")
+        elif kinds <= {int, float}:
+            df[col] = df[col].astype("float64")
+        elif len(kinds) > 1:
+            # A field holding a number in one job and text in another (CSV rows, notes) would
+            # make a column that Parquet refuses: such a column becomes text throughout.
+            df[col] = df[col].map(lambda v: None if v is None else str(v))
+    return df
 
 
 def write_report(df: pd.DataFrame, out: Path) -> None:

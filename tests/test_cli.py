@@ -131,3 +131,14 @@ def test_other_models_run_end_to_end(tmp_path, model, field):
 def test_cancel_unknown_batch_is_a_usage_error(done):
     result = cli("cancel", "nope")
     assert result.exit_code == 2 and "known: quickstart" in result.output
+
+
+def test_report_and_gallery_commands(done, tmp_path):
+    out = tmp_path / "r.csv"
+    result = cli("report", "quickstart", "-o", str(out))
+    assert result.exit_code == 0 and "6 job(s) of quickstart (6 succeeded)" in result.output
+    assert out.read_text().count("\n") == 7
+    bad = cli("report", "quickstart", "-o", str(tmp_path / "r.txt"))
+    assert bad.exit_code == 2 and ".csv, .json" in bad.output
+    page = cli("gallery", "quickstart")
+    assert page.exit_code == 0 and page.output.strip().endswith("quickstart/gallery.html")

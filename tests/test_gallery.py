@@ -28,8 +28,10 @@ from batchgen.gallery import build_gallery
 from batchgen.simulator import FaultConfig, SimConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
+# CI sets BATCHGEN_REQUIRE_CHROMIUM=1 so that a failed install fails the test instead of skipping it.
+REQUIRED = bool(os.environ.get("BATCHGEN_REQUIRE_CHROMIUM"))
 needs_chromium = pytest.mark.skipif(
-    not CHROMIUM.exists(),
+    not CHROMIUM.exists() and not REQUIRED,
     reason="needs /usr/bin/chromium (apt-get install chromium; .ci/run installs it)",
 )
 WAIT = 30.0  # every wait on the browser is bounded by this many seconds
@@ -216,6 +218,7 @@ class Page:
 @contextlib.asynccontextmanager
 async def chromium(profile: Path):
     """Headless Chromium on a free DevTools port; always killed (its whole process group) on exit."""
+    assert CHROMIUM.exists(), f"BATCHGEN_REQUIRE_CHROMIUM is set but {CHROMIUM} is missing"
     profile.mkdir(parents=True, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
         str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -237,7 +240,7 @@ async def chromium(profile: Path):
             await asyncio.sleep(0.05)
         port, path = port_file.read_text().splitlines()[:2]
         session = aiohttp.ClientSession()
-        ws = await session.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0, timeout=WAIT)
+        ws = await asyncio.wait_for(session.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0), WAIT)
         cdp = CDP(ws)
         yield cdp
     finally:
@@ -312,7 +315,7 @@ async def test_gallery_in_headless_chromium(samples, tmp_path):
         shot = await page.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
         png.write_bytes(base64.b64decode(shot["data"]))
         width, height = png_size(png.read_bytes())
-        assert width == 1280 and height >= 600 and png.stat().st_size > 20_000
+        assert width >= 1200 and height >= 600 and png.stat().st_size > 20_000  # less a scrollbar
         if os.environ.get("BATCHGEN_SCREENSHOTS"):  # to look at it: BATCHGEN_SCREENSHOTS=/some/dir
             shutil.copy(png, Path(os.environ["BATCHGEN_SCREENSHOTS"]) / "gallery.png")
 

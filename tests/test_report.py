@@ -1,0 +1,149 @@
+"""The report of a real simulated run: one row per job, values checked against the store's files,
+written as CSV, JSON, Parquet and Excel (or a clear error when the library is missing)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from test_runner import settings
+
+from batchgen import app
+from batchgen.errors import UsageError
+from batchgen.report import build_report, write_report
+from batchgen.simulator import FaultConfig, SimConfig
+
+COLUMNS = [
+    "batch", "key", "seq", "source", "model",
+    "input.frames", "input.image_urls", "input.prompt", "input.seed",
+    "meta._tags", "meta._take", "meta.matrix.frames",
+    "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
+    "queue_wait_s", "run_s", "outputs", "output_paths", "output_sha256", "output_bytes", "cost", "error",
+    "error_code",
+]
+
+
+async def simulated_run(samples: Path, workdir: Path, faults: list[str]) -> Path:
+    """The quick start under --simulate, with notes on its first scene: a list and a value that
+    is a number in one job and text in another."""
+    path = samples / "quickstart.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["jobs"][0]["_tags"] = ["dusk", "street"]
+    doc["jobs"][0]["_take"] = 2
+    doc["jobs"][1]["_take"] = "final"
+    path.write_text(yaml.safe_dump(doc))
+    target = app.Target(simulate=True, sim_config=SimConfig(duration=0.1, faults=FaultConfig.parse(faults)))
+    await app.run(app.RunOptions(workdir=workdir, manifest=path, target=target, settings=settings()))
+    return workdir
+
+
+def utc(text: str) -> dt.datetime:
+    when = dt.datetime.fromisoformat(text)
+    assert when.utcoffset() == dt.timedelta(0), text
+    return when
+
+
+@pytest.fixture
+async def mixed(samples, tmp_path) -> Path:
+    """A batch where the first submit fails and the five others succeed."""
+    return await simulated_run(samples, tmp_path / "work", ["script.submit=fail"])
+
+
+async def test_one_row_per_job_with_inputs_notes_timings_and_outputs(mixed, samples):
+    df = await build_report(mixed, "quickstart")
+    assert list(df.columns) == COLUMNS
+    assert list(df["seq"]) == list(range(6)) and set(df["batch"]) == {"quickstart"}
+    assert sorted(df["state"]) == ["failed"] + ["succeeded"] * 5
+    manifest = yaml.safe_load((samples / "quickstart.yaml").read_text())
+    prompts = [j["prompt"] for j in manifest["jobs"] for _ in (121, 241)]
+    assert list(df["input.prompt"]) == prompts
+    assert list(df["input.frames"]) == [121, 241] * 3 == list(df["meta.matrix.frames"])
+    assert set(df["input.seed"]) == {42}
+    assert df["input.image_urls"][0] == (samples / "images" / "street.jpg").resolve().as_uri()
+    # Lists are joined; a note that is a number here and text there becomes text throughout.
+    assert df["meta._tags"][0] == "dusk | street" and pd.isna(df["meta._tags"][2])
+    assert list(df["meta._take"][:4]) == ["2", "2", "final", "final"]  # 2 frames each
+
+    for _, row in df.iterrows():
+        created, submitted, finished = utc(row["created_at"]), utc(row["submitted_at"]), utc(row["finished_at"])
+        assert created <= submitted <= finished
+        assert row["attempts"] == 1 and len(row["request_id"]) > 10
+        if not pd.isna(row["started_at"]):
+            started = utc(row["started_at"])
+            assert row["queue_wait_s"] == pytest.approx((started - submitted).total_seconds(), abs=0.002)
+            assert row["run_s"] == pytest.approx((finished - started).total_seconds(), abs=0.002)
+        if row["state"] == "succeeded":
+            # Output paths are absolute; the digest and size are those of the file on disk.
+            path = Path(row["output_paths"])
+            assert path.is_absolute() and path.parent.parent == (mixed / "quickstart").resolve()
+            data = path.read_bytes()
+            assert row["output_sha256"] == hashlib.sha256(data).hexdigest()
+            assert row["output_bytes"] == len(data) > 1000
+            assert row["outputs"] == 1 and row["cost"] == pytest.approx(0.10) and pd.isna(row["error"])
+        else:
+            assert row["error"].startswith("Generation failed")
+            assert row["outputs"] == 0 and pd.isna(row["output_paths"]) and pd.isna(row["output_sha256"])
+
+
+async def test_failed_jobs_carry_their_error(samples, tmp_path):
+    work = await simulated_run(samples, tmp_path / "work", ["fail=1"])
+    df = await build_report(work, "quickstart")
+    assert list(df["state"]) == ["failed"] * 6
+    assert all(e.startswith("Generation failed") for e in df["error"])
+    assert df["output_paths"].isna().all() and df["output_bytes"].isna().all()
+
+
+async def test_csv_and_json_round_trip(mixed, tmp_path):
+    df = await build_report(mixed, "quickstart")
+    write_report(df, tmp_path / "out" / "r.csv")
+    back = pd.read_csv(tmp_path / "out" / "r.csv")
+    assert list(back.columns) == COLUMNS
+    assert list(back["key"]) == list(df["key"]) and list(back["input.seed"]) == [42] * 6
+    assert back["output_sha256"].fillna("").tolist() == df["output_sha256"].fillna("").tolist()
+
+    write_report(df, tmp_path / "r.json")
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert isinstance(records, list) and len(records) == 6 and list(records[0]) == COLUMNS
+    by_state = {r["state"]: r for r in records}
+    failed, succeeded = by_state["failed"], by_state["succeeded"]
+    # Integers stay integers, missing values are null, paths are not escaped.
+    assert records[0]["input.seed"] == 42 and records[0]["meta.matrix.frames"] == 121
+    assert records[0]["meta._tags"] == "dusk | street" and records[2]["meta._tags"] is None
+    assert failed["output_paths"] is None and failed["output_bytes"] is None and failed["error"]
+    assert succeeded["output_paths"].startswith("/") and succeeded["error"] is None
+    assert isinstance(succeeded["output_bytes"], int) and succeeded["output_bytes"] > 1000
+    assert not list(tmp_path.glob(".*.tmp*")), "the temporary file was left behind"
+
+
+@pytest.mark.parametrize("ext, package", [(".parquet", "pyarrow"), (".xlsx", "openpyxl")])
+async def test_parquet_and_excel_or_a_clear_error(mixed, tmp_path, ext, package):
+    df = await build_report(mixed, "quickstart")
+    out = tmp_path / f"r{ext}"
+    if importlib.util.find_spec(package) is None:
+        with pytest.raises(UsageError, match=f"needs the {package} package: pip install {package}"):
+            write_report(df, out)
+        assert not out.exists()
+        return
+    write_report(df, out)
+    back = pd.read_parquet(out) if ext == ".parquet" else pd.read_excel(out)
+    assert list(back.columns) == COLUMNS
+    assert list(back["key"]) == list(df["key"]) and list(back["state"]) == list(df["state"])
+    assert back["output_sha256"].fillna("").tolist() == df["output_sha256"].fillna("").tolist()
+
+
+async def test_unknown_format_batch_or_store_is_a_usage_error(mixed, tmp_path):
+    df = await build_report(mixed, "quickstart")
+    with pytest.raises(UsageError, match=r"'\.txt'; use one of: \.csv, \.json, \.parquet, \.xlsx"):
+        write_report(df, tmp_path / "r.txt")
+    with pytest.raises(UsageError, match="use one of"):
+        write_report(df, tmp_path / "report")
+    with pytest.raises(UsageError, match="no batch named 'nope'.*known: quickstart"):
+        await build_report(mixed, "nope")
+    with pytest.raises(UsageError, match="no batchgen store"):
+        await build_report(tmp_path / "elsewhere", "quickstart")
