@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -90,7 +89,7 @@ async def validate(
 
 
 @asynccontextmanager
-async def api_endpoint(target: Target) -> AsyncIterator[tuple[str, str, Any]]:
+async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIterator[tuple[str, str, Any]]:
     """(base_url, token, publish) for the run: a simulator started on a free loopback port under
     --simulate, else the configured API. ``publish`` serves local files (simulator only)."""
     if not target.simulate:
@@ -100,9 +99,12 @@ async def api_endpoint(target: Target) -> AsyncIterator[tuple[str, str, Any]]:
 
     config = target.sim_config or SimConfig()
     if config.token is None:
-        # The in-process simulator accepts exactly one token, made up for this run: the user's
-        # real token (if any) is never sent to it.
-        config.token = "sim-" + secrets.token_hex(8)
+        # The in-process simulator accepts exactly one token of its own: the user's real token
+        # (if any) is never sent to it. It is the same from run to run, with the simulator's
+        # state kept in the work directory, so an interrupted --simulate run resumes its jobs.
+        config.token = "batchgen-simulator"
+    if workdir is not None and config.state_file is None:
+        config.state_file = Path(workdir) / "simulator-state.jsonl"
     sim = Simulator(config)
     await sim.start()
     try:
@@ -157,7 +159,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
             if opts.retry_states:
                 for job in await store.jobs(batches, opts.retry_states):
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
-            async with api_endpoint(opts.target) as (base_url, token, publish):
+            async with api_endpoint(opts.target, workdir) as (base_url, token, publish):
                 async with RunComfyClient(base_url, token) as client:
                     price = None
                     if opts.settings.max_cost is not None:
@@ -299,7 +301,7 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
             remote = await store.jobs([batch], S.REMOTE_ACTIVE)
             if not remote:
                 return report
-            async with api_endpoint(target) as (base_url, token, _publish):
+            async with api_endpoint(target, Path(workdir)) as (base_url, token, _publish):
                 async with RunComfyClient(base_url, token) as client:
                     for job in remote:
                         assert job.request_id is not None

@@ -675,7 +675,9 @@ class Runner:
                         if tries > self.s.policy.max_call_retries:
                             await self._output_lost(job, exc)
                             return
-                        if decision is Decision.REFRESH:
+                        # An expired URL, or one failing again and again (a host that moved):
+                        # ask /result for a fresh URL before the output is declared lost.
+                        if decision is Decision.REFRESH or tries % 3 == 0:
                             url = await self._refresh_url(job, out.idx)
                             if url is None:
                                 await self._output_lost(job, exc)

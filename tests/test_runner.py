@@ -279,3 +279,24 @@ async def test_rate_limit_spaces_api_calls():
     for _ in range(1000):
         await unlimited.take()
     assert time.monotonic() - start < 0.1
+
+
+async def test_interrupted_simulated_run_resumes_its_jobs(samples, tmp_path):
+    """Under --simulate the simulator is started anew by each run; it keeps its jobs in the work
+    directory, so a resumed run polls them as it would at the real service."""
+    box = []
+
+    def on_event(event):
+        if event.kind == S.IN_QUEUE:
+            box[0].stop("interrupted")
+
+    opts = app.RunOptions(workdir=tmp_path / "work", manifest=samples / "quickstart.yaml",
+                          target=app.Target(simulate=True), settings=settings())
+    first = await app.run(opts, on_event=on_event, on_runner=box.append)
+    assert first.summary.stop_reason == "interrupted"
+    assert first.counts["quickstart"].get(S.IN_QUEUE, 0) >= 1
+    opts.target = app.Target(simulate=True)
+    second = await app.run(opts)
+    assert second.counts == {"quickstart": {"succeeded": 6}}
+    state = (tmp_path / "work" / "simulator-state.jsonl").read_text().splitlines()
+    assert sum('"job"' in line for line in state) == 6  # each job submitted once, across both runs

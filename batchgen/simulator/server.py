@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import heapq
 import hmac
+import json
 import logging
 import random
 import time
@@ -51,6 +52,9 @@ class SimConfig:
     validate_inputs: bool = True  # fetch and check input images, as the service does
     faults: FaultConfig = field(default_factory=FaultConfig)
     seed: int | None = None
+    # Where accepted jobs are remembered across restarts (JSON lines), so a run interrupted under
+    # --simulate finds its jobs again, as it would at the real service. None: memory only.
+    state_file: Path | None = None
 
 
 @dataclass
@@ -160,6 +164,7 @@ class Simulator:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._load_state()
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -189,7 +194,9 @@ class Simulator:
         """Serve a local file (a manifest's image under --simulate); only such files are served."""
         path = Path(path).resolve()
         fid = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-        self._published[fid] = path
+        if fid not in self._published:
+            self._published[fid] = path
+            self._persist({"publish": fid, "path": str(path)})
         return f"{self.root_url}/_sim/uploads/{fid}/{quote(path.name)}"
 
     def requests(self) -> dict[str, Any]:
@@ -360,6 +367,11 @@ class Simulator:
         )
         self.jobs[job.id] = job
         self._order.append(job.id)
+        self._persist({"job": {
+            "id": job.id, "owner": owner, "model_id": model_id, "input": body, "submitted_at": now,
+            "duration": job.duration, "will_fail": job.will_fail, "media_key": media_key,
+            "media": list(self._media_inputs[media_key]), "image_path": self._local_path(first_image),
+        }})
         queue = self._queues.setdefault(owner, _Queue(self.config.concurrency))
         queue.advance(now, self.jobs)
         queue.waiting.append(job)
@@ -370,6 +382,51 @@ class Simulator:
                 request.transport.close()
             return web.Response(status=200)
         return web.json_response({"request_id": job.id, **self._urls(job.id)})
+
+    def _local_path(self, url: str | None) -> str | None:
+        own = self.root_url + "/_sim/uploads/"
+        if url and url.startswith(own):
+            path = self._published.get(url[len(own):].split("/", 1)[0])
+            return str(path) if path else None
+        return None
+
+    def _persist(self, record: dict[str, Any]) -> None:
+        if self.config.state_file is None:
+            return
+        self.config.state_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.config.state_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _load_state(self) -> None:
+        """Replay the state file: jobs accepted by an earlier simulator process exist again (still
+        queued or running ones start over), so their request ids keep working."""
+        path = self.config.state_file
+        if path is None or not path.exists():
+            return
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if "publish" in rec:
+                self._published[rec["publish"]] = Path(rec["path"])
+            elif "job" in rec:
+                j = rec["job"]
+                job = _Job(id=j["id"], owner=j["owner"], model_id=j["model_id"], input=j["input"],
+                           submitted_at=j["submitted_at"], duration=j["duration"],
+                           will_fail=j["will_fail"], media_key=j["media_key"])
+                self.jobs[job.id] = job
+                self._order.append(job.id)
+                first, kind, frames = j["media"]
+                self._media_inputs.setdefault(job.media_key, (first, kind, frames))
+                if j.get("image_path") and job.media_key not in self._media_image_bytes:
+                    try:
+                        self._media_image_bytes[job.media_key] = Path(j["image_path"]).read_bytes()
+                    except OSError:
+                        pass
+                self._queues.setdefault(job.owner, _Queue(self.config.concurrency)).waiting.append(job)
+            elif "cancel" in rec and rec["cancel"] in self.jobs:
+                self.jobs[rec["cancel"]].cancelled_at = rec["at"]
 
     def _schema(self, model_id: str) -> ModelSchema | None:
         for path in self.config.extra_schemas:
@@ -465,6 +522,7 @@ class Simulator:
         self._queues[job.owner].advance(time.time(), self.jobs)
         if job.status() == "in_queue":
             job.cancelled_at = time.time()
+            self._persist({"cancel": job.id, "at": job.cancelled_at})
             result = "cancelled"
         else:
             result = "not_cancellable"
