@@ -97,7 +97,25 @@ async def m001_initial(db: aiosqlite.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [m001_initial]
+async def m002_history_by_trigger(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # The detail of the latest change, written by the same UPDATE that changes the state.
+        "ALTER TABLE jobs ADD COLUMN detail TEXT",
+        # A state change and its history row used to be two statements in a transaction (four
+        # round trips to the database thread, with a lock held across them); a trigger makes it
+        # one UPDATE that is atomic on its own. It fires only when state or detail is set, so
+        # bookkeeping updates (queue position) leave no history.
+        """CREATE TRIGGER jobs_history AFTER UPDATE OF state, detail ON jobs
+           WHEN NEW.state IS NOT OLD.state OR NEW.detail IS NOT NULL
+           BEGIN
+             INSERT INTO job_events (job_id, at, from_state, to_state, detail)
+             VALUES (NEW.id, NEW.updated_at, OLD.state, NEW.state, NEW.detail);
+           END""",
+    )
+
+
+MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger]
 
 
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:

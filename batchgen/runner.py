@@ -50,6 +50,9 @@ from .store import Job, Store
 
 log = logging.getLogger(__name__)
 
+# Most jobs claimed in one store round trip (bounded so one claim never holds the database long).
+_CLAIM_BATCH = 64
+
 InputResolver = Callable[[dict[str, Any]], dict[str, Any]]
 EventSink = Callable[["Event"], None]
 
@@ -422,14 +425,24 @@ class Runner:
             if self._stop_submitting is not None or self._closing:
                 await self.slots.release()
                 break
+            # Every slot free right now is claimed in one round trip: claiming one job per loop
+            # turn made the database the bottleneck of a fast provider. A budget claims one at a
+            # time so that each job is checked against it.
+            want = 1
+            limit = 1 if self.s.max_cost is not None else _CLAIM_BATCH
+            if self.s.max_jobs is not None:
+                limit = min(limit, self.s.max_jobs - self._summary.submitted)
+            while want < limit and self.slots.try_acquire():
+                want += 1
             # The claim commits 'submitting' (the intent). Run it as a tracked task so that a
-            # cancel landing right after its commit cannot lose the job: _drain puts claimed but
+            # cancel landing right after its commit cannot lose the jobs: _drain puts claimed but
             # never-sent jobs back to pending.
-            claim = asyncio.ensure_future(self._claim())
+            claim = asyncio.ensure_future(self._claim(want))
             self._track(claim, submit=True)
-            job = await asyncio.shield(claim)
-            if job is None:
+            jobs = await asyncio.shield(claim)
+            for _ in range(want - len(jobs)):
                 await self.slots.release()
+            if not jobs:
                 when = await self.store.next_pending_at(self._batches)
                 if when is None and not self._submits:
                     return  # nothing pending, and no submit in flight that could put one back
@@ -438,16 +451,18 @@ class Runner:
                 self._wake.clear()
                 await self._nap(min(delay, 1.0))
                 continue
-            self._summary.submitted += 1
-            self.budget.started(job.id)  # committed from the moment it may be sent
-            self._spawn(self._submit(job), submit=True)
+            for job in jobs:
+                self._summary.submitted += 1
+                self.budget.started(job.id)  # committed from the moment it may be sent
+                self._spawn(self._submit(job), submit=True)
 
-    async def _claim(self) -> Job | None:
-        job = await self.store.claim_pending(self._batches, time.time())
-        if job is not None:
+    async def _claim(self, n: int) -> list[Job]:
+        jobs = await self.store.claim_many(self._batches, time.time(), n)
+        for job in jobs:
             self._unsent[job.id] = job
+        if jobs:
             crashpoints.reached("claimed")
-        return job
+        return jobs
 
     async def _submit(self, job: Job) -> None:
         self._unsent.pop(job.id, None)  # from here on, the request may reach the server
@@ -492,6 +507,7 @@ class Runner:
                         detail=f"submit refused, retry in {delay:.1f}s: {exc}",
                     )
                     self._emit("retry", job, f"submit refused ({exc}); retrying in {delay:.1f}s")
+                    self._summary.submitted -= 1  # certainly not created: counts when it is
                     return
                 await self.store.transition(
                     job, S.FAILED, expect=(S.SUBMITTING,), error=f"{exc} (after {job.attempts} attempts)",

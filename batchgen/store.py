@@ -189,6 +189,17 @@ class Store:
             finally:
                 self._tx_owner = None
 
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """For a single-statement write, atomic by itself: it only waits for any open
+        transaction of another task to end (else it would silently join it), or joins the
+        caller's own transaction."""
+        if self._tx_owner is asyncio.current_task():
+            yield self._db
+            return
+        async with self._tx_lock:
+            yield self._db
+
     # ---- batches -------------------------------------------------------------------------------
 
     async def upsert_batch(
@@ -343,20 +354,25 @@ class Store:
         """Take the next pending job (manifest order) whose retry delay has passed, and record the
         intent to submit it: the job is 'submitting' once this returns. The caller must POST only
         after this commit."""
+        jobs = await self.claim_many(batches, now, 1)
+        return jobs[0] if jobs else None
+
+    async def claim_many(self, batches: Sequence[str] | None, now: float, limit: int) -> list[Job]:
+        """Like claim_pending for up to ``limit`` jobs at once, in manifest order. One statement
+        (UPDATE … RETURNING): atomic, and one round trip however many slots just came free."""
         where, args = _filters(batches, [PENDING])
-        async with self.atomic() as db:
+        async with self._write() as db:
             async with db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs {where} "
-                "AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT 1",
-                (*args, now),
+                f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
+                        detail = 'attempt ' || (attempts + 1)
+                    WHERE id IN (SELECT id FROM jobs {where}
+                                 AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?)
+                    RETURNING {_JOB_COLUMNS}""",
+                (now, *args, now, max(1, limit)),
             ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                return None
-            job = Job.from_row(row)
-            await self.transition(job, SUBMITTING, expect=(PENDING,), attempts=job.attempts + 1,
-                                  detail=f"attempt {job.attempts + 1}")
-        return job
+                rows = await cur.fetchall()
+        # RETURNING gives no order: put them back in manifest order.
+        return sorted((Job.from_row(r) for r in rows), key=lambda j: j.seq)
 
     async def next_pending_at(self, batches: Sequence[str] | None) -> float | None:
         """When the earliest pending job may be tried (0 for now), or None if none is pending."""
@@ -383,24 +399,19 @@ class Store:
         if bad:
             raise ValueError(f"not settable: {sorted(bad)}")
         now = time.time()
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        sql = f"UPDATE jobs SET state = ?, updated_at = ?{', ' if sets else ''}{sets} WHERE id = ?"
-        args: list[Any] = [state, now, *fields.values(), job.id]
+        sets = "".join(f", {k} = ?" for k in fields)
+        sql = f"UPDATE jobs SET state = ?, updated_at = ?, detail = ?{sets} WHERE id = ?"
+        args: list[Any] = [state, now, detail, *fields.values(), job.id]
         if expect:
             sql += f" AND state IN ({', '.join('?' * len(expect))})"
             args.extend(expect)
-        async with self.atomic() as db:
+        # One statement; the jobs_history trigger appends the history row in the same statement.
+        async with self._write() as db:
             cur = await db.execute(sql, args)
             if cur.rowcount != 1:
                 current = await self.job(job.id)
                 raise StoreError(
                     f"job {job.key} is '{current.state}', expected one of {list(expect or [])}"
-                )
-            if state != job.state or detail:
-                await db.execute(
-                    "INSERT INTO job_events (job_id, at, from_state, to_state, detail) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (job.id, now, job.state, state, detail),
                 )
         job.state = state
         job.updated_at = now
@@ -413,7 +424,7 @@ class Store:
         if bad or not fields:
             raise ValueError(f"not settable: {sorted(bad)}")
         sets = ", ".join(f"{k} = ?" for k in fields)
-        async with self.atomic() as db:
+        async with self._write() as db:
             await db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job.id))
         for k, v in fields.items():
             setattr(job, k, v)
@@ -467,7 +478,7 @@ class Store:
             return [Output(*r) for r in await cur.fetchall()]
 
     async def output_downloaded(self, out: Output, path: str, size: int, sha256: str) -> None:
-        async with self.atomic() as db:
+        async with self._write() as db:
             await db.execute(
                 "UPDATE outputs SET path = ?, size = ?, sha256 = ?, downloaded_at = ? "
                 "WHERE job_id = ? AND idx = ?",

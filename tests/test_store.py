@@ -61,7 +61,7 @@ async def test_old_store_moves_forward_and_keeps_data(tmp_path):
 
     async with aiosqlite.connect(path, isolation_level=None) as db:
         applied = await migrate(db, [*MIGRATIONS, m999_add_note])
-        assert applied == ["m999_add_note"]
+        assert applied == ["m002_history_by_trigger", "m999_add_note"]
         async with db.execute("SELECT name, note FROM batches") as cur:
             assert await cur.fetchall() == [("b", None)]
         # Applying again is a no-op.
@@ -119,6 +119,21 @@ async def test_claim_respects_retry_delay(store):
     assert await store.claim_pending(["b"], now=50.0) is None
     assert await store.next_pending_at(["b"]) == 100.0
     assert (await store.claim_pending(["b"], now=100.0)).key == "k1"
+
+
+async def test_claim_many_takes_ready_jobs_in_manifest_order(store):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec(f"k{i}", i) for i in (4, 3, 2, 1, 0)])
+    first = await store.claim_pending(["b"], now=0)  # k0
+    await store.transition(first, S.PENDING, not_before=100.0)  # waiting for a retry
+    jobs = await store.claim_many(["b"], now=50.0, limit=3)
+    assert [j.key for j in jobs] == ["k1", "k2", "k3"]
+    assert all(j.state == S.SUBMITTING and j.attempts == 1 for j in jobs)
+    assert [j.key for j in await store.claim_many(["b"], now=50.0, limit=10)] == ["k4"]
+    assert await store.claim_many(["b"], now=50.0, limit=10) == []
+    assert await store.counts() == {"b": {"pending": 1, "submitting": 4}}
+    for job in jobs:
+        assert [(e[1], e[2]) for e in await store.events(job.id)] == [("pending", "submitting")]
 
 
 async def test_interrupted_submit_becomes_unknown(tmp_path):
