@@ -16,20 +16,25 @@ Expansion order: schema defaults of optional fields < ``defaults`` < the job or 
 values; then ``repeat`` copies. String values may be templates (``"{subject}, golden hour"``)
 drawing on every variable of the job. Problems are collected with file, row/line and field, never
 raised one at a time, so a user sees them all at once.
+
+The schema's defaults are applied here rather than in validation so that the job key covers them:
+``frames: 121`` written out and ``frames`` left to its default are the same job.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
+import difflib
 import hashlib
 import ipaddress
 import itertools
 import json
+import math
 import re
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -41,10 +46,13 @@ from .errors import ManifestError, Problem
 from .schema import ModelSchema, SchemaError, find_schema
 
 TOP_KEYS = ("name", "model", "schema", "image_base_url", "defaults", "jobs", "rows", "matrix", "repeat")
-# Friendly column names for a model's image field (Dreamina wants a one-item list `image_urls`).
+# Friendly names for a model's one image field (Dreamina wants a one-item list `image_urls`).
 IMAGE_ALIASES = ("image", "image_url", "image_urls", "images", "image_path")
+# Without a schema, fields whose names look like these may hold local image paths.
+_IMAGE_NAME = re.compile(r"(image|img)", re.IGNORECASE)
 _BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+LIST_SEPARATOR = "|"  # several values in one CSV cell: "a.jpg|b.jpg"
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class JobSpec:
     batch: str
     model_id: str
     key: str  # 16 hex chars: model + canonical inputs + repeat index
-    seq: int  # position in the expanded manifest
+    seq: int  # position in the expanded manifest (duplicates skipped)
     source: str  # "quickstart.yaml, line 14" or "rows.csv, row 7"
     inputs: dict[str, Any]
     meta: dict[str, Any]
@@ -62,16 +70,39 @@ class JobSpec:
 
 
 @dataclass
-class _Base:
-    """A job before matrix and repeat: from the YAML list or a CSV row."""
+class _Level:
+    """One layer of a job's values (defaults, a job or row, matrix values) and where it came from."""
 
     values: dict[str, Any]
     file: str  # display name of the file it came from
     location: str  # "line 12" / "row 3"
-    folder: Path  # relative paths in it are relative to this
+    folder: Path  # relative image paths in it are relative to this
+    lines: dict[str, int] = field(default_factory=dict)  # key -> its line, for defaults and matrix
+    csv: bool = False
+
+
+class _Invalid(str):
+    """A CSV cell that failed its cast (already reported); it makes the job invalid."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that keeps dates as text: a prompt or seed written 2024-05-01 stays a string
+    (a date object could not be sent as JSON)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def is_image_name(name: str) -> bool:
+    """Without a schema: whether a field's name says it holds an image (image_url, img_url, ...)."""
+    return _IMAGE_NAME.search(name) is not None
 
 
 def is_loopback_host(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 and localhost: the only hosts plain http:// is allowed for."""
     if not host:
         return False
     if host.lower() in _LOOPBACK_NAMES:
@@ -82,280 +113,480 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def _template_names(value: Any) -> frozenset[str]:
-    if isinstance(value, str):
-        return _string_template_names(value) if "{" in value else frozenset()
-    names: set[str] = set()
+# ---- templates -------------------------------------------------------------------------------
+
+
+class TemplateError(ValueError):
+    """A template that cannot be rendered; ``missing`` names an undefined variable."""
+
+    def __init__(self, message: str, missing: str | None = None):
+        super().__init__(message)
+        self.missing = missing
+
+
+@lru_cache(maxsize=4096)
+def _parse_template(text: str) -> tuple[tuple[str, str | None, str | None, str | None], ...] | str | None:
+    """The parts of a template, None for plain text, or the syntax error as a string. Cached:
+    the same template (from defaults) is used by every row."""
+    if "{" not in text and "}" not in text:
+        return None
+    try:
+        parts = tuple(string.Formatter().parse(text))
+    except ValueError as exc:
+        return f"bad template ({exc}); write {{{{ and }}}} for literal braces"
+    for _, name, _, _ in parts:
+        if name is not None and (name == "" or "." in name or "[" in name):
+            return (f"bad template field {{{name}}}: use a plain name such as {{subject}}; "
+                    "write {{ and }} for literal braces")
+    return parts
+
+
+def template_names(value: Any) -> set[str]:
+    """Variables a value (a string, or a list of them) uses."""
     if isinstance(value, list):
-        for v in value:
-            names |= _template_names(v)
-    return frozenset(names)
+        return set().union(*(template_names(v) for v in value)) if value else set()
+    if not isinstance(value, str):
+        return set()
+    parts = _parse_template(value)
+    if not isinstance(parts, tuple):
+        return set()
+    return {name for _, name, _, _ in parts if name}
 
 
-@functools.lru_cache(maxsize=4096)
-def _string_template_names(value: str) -> frozenset[str]:
-    names: set[str] = set()
-    if "{" in value:
+def render(value: Any, variables: dict[str, Any]) -> Any:
+    """``value`` with every ``{name}`` replaced (format specs such as ``{seed:04d}`` work)."""
+    if isinstance(value, list):
+        return [render(v, variables) for v in value]
+    if not isinstance(value, str):
+        return value
+    parts = _parse_template(value)
+    if parts is None:
+        return value
+    if isinstance(parts, str):
+        raise TemplateError(parts)
+    out = []
+    for literal, name, spec, conversion in parts:
+        out.append(literal)
+        if name is None:
+            continue
+        if name not in variables:
+            raise TemplateError(f"template uses {{{name}}}, which this job does not define", missing=name)
+        v = variables[name]
+        if conversion == "r":
+            v = repr(v)
+        elif conversion in ("s", "a"):
+            v = str(v) if conversion == "s" else ascii(v)
         try:
-            for _, name, _, _ in string.Formatter().parse(value):
-                if name:
-                    names.add(re.split(r"[.\[]", name, maxsplit=1)[0])
-        except ValueError:
-            pass
-    return frozenset(names)
+            out.append(format(v, spec or ""))
+        except (ValueError, TypeError) as exc:
+            raise TemplateError(f"template {{{name}:{spec}}} cannot format {v!r}: {exc}") from exc
+    return "".join(out)
+
+
+def _json_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be sent as JSON, if it cannot."""
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value} is not a number JSON can carry"
+    if isinstance(value, list):
+        return next((p for p in map(_json_problem, value) if p), None)
+    if isinstance(value, dict):
+        return next((p for p in map(_json_problem, value.values()) if p), None)
+    return f"a {type(value).__name__} value cannot be sent; quote it to make it text"
 
 
 class Manifest:
-    """A loaded manifest. ``problems`` holds what is wrong with its structure; ``iter_jobs()``
-    streams the expanded jobs and adds the problems it meets on the way."""
+    """A loaded manifest.
 
-    def __init__(self, path: Path, *, batch: str | None = None, schema_path: Path | None = None):
+    ``problems`` holds what is wrong: what loading found, plus what the last ``iter_jobs()`` pass
+    met (cells that do not cast, unknown columns, templates, images). ``iter_jobs()`` streams
+    the expanded jobs; ``duplicates`` counts jobs it skipped because an earlier one had their key.
+    """
+
+    def __init__(self, path: str | Path, *, batch: str | None = None, schema_path: str | Path | None = None):
         self.path = Path(path)
         self.file = self.path.name
         self.folder = self.path.resolve().parent
-        self.problems: list[Problem] = []
-        self.duplicates = 0
-        self.bad_refs: set[str] = set()  # image references already reported as unusable
+        self.name = ""
         self.model_id = DEFAULT_MODEL
         self.image_base_url: str | None = None
+        self.schema: ModelSchema | None = None
         self.defaults: dict[str, Any] = {}
         self.matrix: dict[str, list[Any]] = {}
         self.repeat = 1
-        self._jobs: list[_Base] = []
+        self.duplicates = 0
+        self.bad_refs: set[str] = set()  # image references already reported as unusable
+        self._load_problems: list[Problem] = []
+        self._iter_problems: list[Problem] = []
+        self._seen_problems: set[Problem] = set()
+        self._reported: set[tuple[str, str, str]] = set()  # (file, column, kind) reported once
+        self._fatal = False  # nothing can be expanded (unreadable file, bad YAML, bad schema)
+        self._lines: dict[str, int] = {}
+        self._sub_lines: dict[str, dict[str, int]] = {"defaults": {}, "matrix": {}}
+        self._jobs: list[_Level] = []
         self._rows: Path | None = None
-        self._schema_file: Path | None = Path(schema_path) if schema_path else None
-        self.schema: ModelSchema | None = None
-        self._hash_cache: dict[Path, str] = {}
-        self._resolved: dict[tuple[Path, str], tuple[str, Path | None] | None] = {}
+        self._rows_name = ""
+        self._hashes: dict[Path, str] = {}
+        self._resolved: dict[tuple[str, Path], tuple[str, Path | None] | str | None] = {}
+        given_name: str | None = None
+        model_given = False
+        schema_file = Path(schema_path) if schema_path else None
 
-        if self.path.suffix.lower() == ".csv":
-            self._rows = self.path
-        elif self.path.suffix.lower() in (".yaml", ".yml"):
-            self._load_yaml()
+        suffix = self.path.suffix.lower()
+        if suffix == ".csv":
+            self._rows, self._rows_name = self.path, self.file
+        elif suffix in (".yaml", ".yml"):
+            given_name, model_given, yaml_schema = self._load_yaml()
+            schema_file = schema_file or yaml_schema
         else:
             self._problem("", "", f"unsupported manifest type '{self.path.suffix}'; use .yaml, .yml or .csv")
-        self.name = batch if batch is not None else self._default_name()
+            self._fatal = True
+
+        self.name = batch if batch is not None else given_name or self._name_from_file()
         if not _BATCH_NAME.match(self.name):
-            self._problem("", "name", f"batch name '{self.name}' is not allowed; use letters, digits, "
-                          "'.', '_' and '-' (it becomes a folder name)")
+            self._problem(self._where("name") if batch is None else "", "name",
+                          f"batch name '{self.name}' is not allowed; use letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit (it becomes a folder name)")
         try:
-            self.schema = find_schema(self.model_id, self._schema_file)
+            self.schema = find_schema(self.model_id, schema_file)
         except SchemaError as exc:
-            self._problem("", "schema", str(exc))
+            self._problem(self._where("schema"), "schema", str(exc))
+            self._fatal = True
+        if self.schema is not None and schema_file is not None and self.schema.model_id:
+            if not model_given:
+                self.model_id = self.schema.model_id  # a schema file names its model
+            elif self.schema.model_id != self.model_id:
+                self._problem(self._where("schema"), "schema",
+                              f"the schema file is for model '{self.schema.model_id}' but the manifest's model "
+                              f"is '{self.model_id}'; use the matching schema or set model: {self.schema.model_id}")
+        self._image_fields = self.schema.image_fields() if self.schema else {}
+
+    # ---- problems ------------------------------------------------------------------------------
+
+    @property
+    def problems(self) -> list[Problem]:
+        return self._load_problems + self._iter_problems
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise ManifestError(self.problems)
+
+    def _problem(self, location: str, field_name: str, message: str, file: str | None = None) -> None:
+        self._load_problems.append(Problem(file or self.file, location, field_name, message))
+
+    def _where(self, key: str) -> str:
+        return f"line {self._lines[key]}" if key in self._lines else ""
+
+    def _name_from_file(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.path.stem).strip("-._") or "batch"
 
     # ---- loading -------------------------------------------------------------------------------
 
-    def _problem(self, location: str, field_name: str, message: str, file: str | None = None) -> None:
-        self.problems.append(Problem(file or self.file, location, field_name, message))
-
-    def _default_name(self) -> str:
-        if getattr(self, "_name", None):
-            return self._name
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.path.stem).strip("-.") or "batch"
-
-    def _load_yaml(self) -> None:
+    def _load_yaml(self) -> tuple[str | None, bool, Path | None]:
+        """Read the YAML file's keys; return (name, whether model was given, schema file)."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             self._problem("", "", "file not found")
-            return
-        except (OSError, UnicodeDecodeError) as exc:
-            self._problem("", "", f"cannot read: {exc}")
-            return
+            self._fatal = True
+            return None, False, None
+        except UnicodeDecodeError:
+            self._problem("", "", "not UTF-8 text")
+            self._fatal = True
+            return None, False, None
+        except OSError as exc:
+            self._problem("", "", f"cannot read: {exc.strerror or exc}")
+            self._fatal = True
+            return None, False, None
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
-            data = yaml.safe_load(text)
+            loader = _Loader(text)  # checks for unprintable characters already
+            try:
+                root = loader.get_single_node()
+                data = loader.construct_document(root) if root is not None else {}
+            finally:
+                loader.dispose()
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}" if mark else ""
-            self._problem(where, "", f"not valid YAML: {getattr(exc, 'problem', None) or exc}")
-            return
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            self._problem("", "", "the manifest must be a mapping of keys (name, model, defaults, jobs, ...)")
-            return
-        lines = {}
+            if isinstance(exc, yaml.reader.ReaderError):
+                where = f"line {text.count(chr(10), 0, exc.position) + 1}"
+            self._problem(where, "", f"not valid YAML: {getattr(exc, 'problem', None) or getattr(exc, 'reason', exc)}")
+            self._fatal = True
+            return None, False, None
+        if not isinstance(data, dict) or not isinstance(root, yaml.MappingNode | type(None)):
+            self._problem("", "", "the manifest must be a mapping of keys (" + ", ".join(TOP_KEYS) + ")")
+            self._fatal = True
+            return None, False, None
+        nodes: dict[str, yaml.Node] = {}
         if isinstance(root, yaml.MappingNode):
+            self._check_duplicate_keys(root)
             for k, v in root.value:
-                lines[k.value] = (k.start_mark.line + 1, v)
+                self._lines[str(k.value)] = k.start_mark.line + 1
+                nodes[str(k.value)] = v
         for key in data:
             if key not in TOP_KEYS:
-                line = lines.get(key, (0, None))[0]
-                self._problem(f"line {line}" if line else "", str(key),
-                              f"unknown key; allowed: {', '.join(TOP_KEYS)}")
+                close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                self._problem(self._where(str(key)), str(key), f"unknown key{hint}; allowed: {', '.join(TOP_KEYS)}")
 
-        def where(key: str) -> str:
-            return f"line {lines[key][0]}" if key in lines else ""
-
+        name: str | None = None
         if "name" in data:
-            if not isinstance(data["name"], str | int) or isinstance(data["name"], bool):
-                self._problem(where("name"), "name", "must be a string")
+            if isinstance(data["name"], str | int) and not isinstance(data["name"], bool):
+                name = str(data["name"])
             else:
-                self._name = str(data["name"])
+                self._problem(self._where("name"), "name", "must be a string")
+        model_given = False
         if "model" in data:
-            if not isinstance(data["model"], str) or not data["model"].strip():
-                self._problem(where("model"), "model", "must be a model id such as " + DEFAULT_MODEL)
-            else:
+            if isinstance(data["model"], str) and data["model"].strip().strip("/"):
                 self.model_id = data["model"].strip().strip("/")
+                model_given = True
+            else:
+                self._problem(self._where("model"), "model", "must be a model id such as " + DEFAULT_MODEL)
+        schema_file: Path | None = None
         if "schema" in data:
             if not isinstance(data["schema"], str):
-                self._problem(where("schema"), "schema", "must be a path to a schema file")
-            elif self._schema_file is None:
-                self._schema_file = self.folder / data["schema"]
-                if not self._schema_file.exists():
-                    self._problem(where("schema"), "schema", f"file not found: {data['schema']}")
-                    self._schema_file = None
+                self._problem(self._where("schema"), "schema", "must be the path of a schema file")
+            elif not (self.folder / data["schema"]).is_file():
+                self._problem(self._where("schema"), "schema", f"schema file not found: {data['schema']}")
+                self._fatal = True
+            else:
+                schema_file = self.folder / data["schema"]
         if "image_base_url" in data:
             url = data["image_base_url"]
             parts = urlsplit(url) if isinstance(url, str) else None
             if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-                self._problem(where("image_base_url"), "image_base_url",
+                self._problem(self._where("image_base_url"), "image_base_url",
                               "must be an https:// URL where the manifest's local images are published")
             elif parts.scheme == "http" and not is_loopback_host(parts.hostname):
-                self._problem(where("image_base_url"), "image_base_url",
+                self._problem(self._where("image_base_url"), "image_base_url",
                               "must be https:// (plain http only for loopback addresses)")
             else:
                 self.image_base_url = url.rstrip("/")
         if "defaults" in data:
-            if not isinstance(data["defaults"], dict):
-                self._problem(where("defaults"), "defaults", "must be a mapping of field: value")
-            else:
+            if isinstance(data["defaults"], dict):
                 self.defaults = {str(k): v for k, v in data["defaults"].items()}
+                self._sub_lines["defaults"] = self._key_lines(nodes.get("defaults"))
+                self._check_values(self.defaults, self._sub_lines["defaults"], "defaults")
+            elif data["defaults"] is not None:
+                self._problem(self._where("defaults"), "defaults", "must be a mapping of field: value")
         if "matrix" in data:
             m = data["matrix"]
             if not isinstance(m, dict) or not m:
-                self._problem(where("matrix"), "matrix", "must be a mapping of field: [values, ...]")
+                self._problem(self._where("matrix"), "matrix", "must be a mapping of field: [values, ...]")
             else:
+                lines = self._sub_lines["matrix"] = self._key_lines(nodes.get("matrix"))
                 for k, v in m.items():
+                    where = f"line {lines.get(str(k), self._lines.get('matrix', 0))}"
                     if not isinstance(v, list) or not v:
-                        self._problem(where("matrix"), f"matrix.{k}", "must be a non-empty list of values")
+                        self._problem(where, f"matrix.{k}", "must be a non-empty list of values")
                     else:
                         self.matrix[str(k)] = v
+                self._check_values(self.matrix, lines, "matrix")
+                self.matrix = {k: v for k, v in self.matrix.items() if not isinstance(v, _Invalid)}
         if "repeat" in data:
             r = data["repeat"]
             if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-                self._problem(where("repeat"), "repeat", f"must be a whole number of at least 1, got {r!r}")
+                self._problem(self._where("repeat"), "repeat", f"must be a whole number of at least 1, got {r!r}")
             else:
                 self.repeat = r
         if "rows" in data:
             if not isinstance(data["rows"], str):
-                self._problem(where("rows"), "rows", "must be the path of a CSV file")
+                self._problem(self._where("rows"), "rows", "must be the path of a CSV file")
+            elif not (self.folder / data["rows"]).is_file():
+                self._problem(self._where("rows"), "rows", f"CSV file not found: {data['rows']}")
             else:
-                self._rows = self.folder / data["rows"]
-                if not self._rows.exists():
-                    self._problem(where("rows"), "rows", f"CSV file not found: {data['rows']}")
-                    self._rows = None
+                self._rows, self._rows_name = self.folder / data["rows"], data["rows"]
         if "jobs" in data:
-            jobs = data["jobs"]
-            node = lines.get("jobs", (0, None))[1]
-            if not isinstance(jobs, list):
-                self._problem(where("jobs"), "jobs", "must be a list of jobs (mappings of field: value)")
-            else:
-                items = node.value if isinstance(node, yaml.SequenceNode) else []
-                for i, job in enumerate(jobs):
-                    line = items[i].start_mark.line + 1 if i < len(items) else 0
-                    if not isinstance(job, dict):
-                        self._problem(f"line {line}", "jobs", f"job {i + 1} must be a mapping of field: value")
-                        continue
-                    self._jobs.append(_Base({str(k): v for k, v in job.items()}, self.file,
-                                            f"line {line}", self.folder))
+            self._load_jobs(data["jobs"], nodes.get("jobs"))
         if "jobs" not in data and "rows" not in data:
             self._problem("", "jobs", "the manifest has no jobs: add a 'jobs' list or 'rows: file.csv'")
+        return name, model_given, schema_file
 
-    # ---- expansion -----------------------------------------------------------------------------
+    def _load_jobs(self, jobs: Any, node: yaml.Node | None) -> None:
+        if jobs is None:
+            return
+        if not isinstance(jobs, list):
+            self._problem(self._where("jobs"), "jobs", "must be a list of jobs (mappings of field: value)")
+            return
+        items = node.value if isinstance(node, yaml.SequenceNode) else []
+        for i, job in enumerate(jobs):
+            item = items[i] if i < len(items) else None
+            where = f"line {item.start_mark.line + 1}" if item is not None else self._where("jobs")
+            if not isinstance(job, dict):
+                self._problem(where, "jobs", f"job {i + 1} must be a mapping of field: value, got {job!r}")
+                continue
+            if isinstance(item, yaml.MappingNode):
+                self._check_duplicate_keys(item)
+            values = {str(k): v for k, v in job.items()}
+            self._check_values(values, {}, where)
+            self._jobs.append(_Level(values, self.file, where, self.folder))
 
-    def _csv_bases(self) -> Iterator[_Base]:
+    def _key_lines(self, node: yaml.Node | None) -> dict[str, int]:
+        if not isinstance(node, yaml.MappingNode):
+            return {}
+        self._check_duplicate_keys(node)
+        return {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+
+    def _check_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        # PyYAML keeps the last of two equal keys without a word; the user surely meant one.
+        seen: dict[str, int] = {}
+        for k, _ in node.value:
+            name, line = str(k.value), k.start_mark.line + 1
+            if name in seen:
+                self._problem(f"line {line}", name, f"appears twice (also on line {seen[name]}); keep one")
+            seen[name] = line
+
+    def _check_values(self, values: dict[str, Any], lines: dict[str, int], where: str) -> None:
+        for k, v in values.items():
+            try:
+                why = _json_problem(v)
+            except RecursionError:  # a YAML alias that contains itself
+                why = "a value that contains itself cannot be sent"
+            if why:
+                values[k] = _Invalid("")  # reported here; the jobs it is part of are not expanded
+                loc = f"line {lines[k]}" if k in lines else where if where.startswith("line") else self._where(where)
+                self._problem(loc, k, why)
+
+    def use_schema(self, schema: ModelSchema | None) -> None:
+        """Check against another schema (``validate --schema``) than the one the manifest found."""
+        self.schema = schema
+        self._image_fields = schema.image_fields() if schema else {}
+
+    # ---- CSV rows ------------------------------------------------------------------------------
+
+    def _csv_levels(self) -> Iterator[_Level]:
         assert self._rows is not None
-        path = self._rows
-        name = path.name
+        path, name = self._rows, self._rows_name
         folder = path.resolve().parent
         try:
-            fh = open(path, newline="", encoding="utf-8-sig")
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
-            self._problem("", "", f"cannot read: {exc.strerror or exc}", file=name)
+            self._add(Problem(name, "", "", f"cannot read: {exc.strerror or exc}"))
             return
         with fh:
-            reader = csv.reader(fh)
-            try:
-                header = next(reader)
-            except StopIteration:
-                self._problem("", "", "the CSV file is empty (it needs a header row)", file=name)
-                return
-            except csv.Error as exc:
-                self._problem("row 1", "", f"not valid CSV: {exc}", file=name)
-                return
-            header = [h.strip() for h in header]
-            if not any(header):
-                self._problem("row 1", "", "the header row is empty", file=name)
-                return
-            seen_cols: set[str] = set()
-            for h in header:
-                if h in seen_cols:
-                    self._problem("row 1", h, "column appears twice", file=name)
-                    return
-                seen_cols.add(h)
-            rowno = 1
+            reader = csv.reader(_decoded_lines(fh))
+            rowno = 0
+            header: list[str] = []
             while True:
                 try:
                     row = next(reader)
                 except StopIteration:
                     break
+                except _NotText as exc:
+                    self._add(Problem(name, f"line {exc.lineno}", "", f"not UTF-8 text ({exc.reason}); save the "
+                                      "file as UTF-8 (spreadsheets call it 'CSV UTF-8')"))
+                    return
                 except csv.Error as exc:
-                    self._problem(f"row {rowno + 1}", "", f"not valid CSV: {exc}", file=name)
-                    break
+                    self._add(Problem(name, f"row {rowno + 1}", "", f"not valid CSV: {exc}"))
+                    return
                 rowno += 1
-                if not any(cell.strip() for cell in row):
+                if rowno == 1:
+                    header = [h.strip() for h in row]
+                    if not self._check_header(header, name):
+                        return
                     continue
+                if not any(cell.strip() for cell in row):
+                    continue  # a blank line
                 if len(row) > len(header):
-                    self._problem(f"row {rowno}", "", f"{len(row)} cells but the header has {len(header)} columns",
-                                  file=name)
+                    self._add(Problem(name, f"row {rowno}", "",
+                                                       f"{len(row)} cells but the header has {len(header)} columns"))
                     continue
                 values: dict[str, Any] = {}
                 for col, cell in zip(header, row, strict=False):
-                    if col and cell.strip() != "":
-                        values[col] = self._cast(col, cell.strip(), name, rowno)
-                yield _Base(values, name, f"row {rowno}", folder)
+                    cell = cell.strip()
+                    if cell and col:
+                        values[col] = self._cast(col, cell, name, rowno)
+                    elif cell:
+                        self._once(name, "", "unnamed", f"row {rowno}",
+                                   "a column without a header holds values; name it, or prefix it with _ "
+                                   "to keep it as a note")
+                yield _Level(values, name, f"row {rowno}", folder, csv=True)
+            if rowno == 0:
+                self._add(Problem(name, "", "", "the CSV file is empty (it needs a header row)"))
+
+    def _check_header(self, header: list[str], name: str) -> bool:
+        if not any(header):
+            self._add(Problem(name, "row 1", "", "the header row is empty"))
+            return False
+        seen: set[str] = set()
+        for h in header:
+            if h and h in seen:
+                self._add(Problem(name, "row 1", h, "column appears twice"))
+                return False
+            seen.add(h)
+        return True
+
+    def _once(self, file: str, column: str, kind: str, location: str, message: str) -> None:
+        """A problem about a whole column, reported at the first row it shows in, not every row."""
+        if (file, column, kind) not in self._reported:
+            self._reported.add((file, column, kind))
+            self._add(Problem(file, location, column, message))
 
     def _cast(self, col: str, cell: str, file: str, rowno: int) -> Any:
-        t = self.schema.field_type(col) if self.schema else None
+        """A CSV cell as the type its field wants (the schema says integer, number, boolean, list)."""
+        schema = self.schema
+        if schema is None or col not in schema.properties:
+            return cell
+        t = schema.field_type(col)
+        if t == "array":
+            items = [v.strip() for v in cell.split(LIST_SEPARATOR) if v.strip()]
+            cast = [self._cast_one(schema.item_type(col), v, col, file, rowno) for v in items]
+            return _Invalid(cell) if any(isinstance(v, _Invalid) for v in cast) else cast
+        return self._cast_one(t, cell, col, file, rowno)
+
+    def _cast_one(self, t: str | None, cell: str, col: str, file: str, rowno: int) -> Any:
         try:
             if t == "integer":
                 return int(cell)
             if t == "number":
-                return float(cell)
+                value = float(cell)
+                if not math.isfinite(value):
+                    raise ValueError(cell)
+                return value
             if t == "boolean":
                 low = cell.lower()
                 if low in ("true", "yes", "1"):
                     return True
                 if low in ("false", "no", "0"):
                     return False
-                raise ValueError
+                raise ValueError(cell)
         except ValueError:
-            allowed = {"integer": "a whole number", "number": "a number",
-                       "boolean": "true or false"}[t]
-            self._problem(f"row {rowno}", col, f"'{cell}' is not {allowed}", file=file)
+            wanted = {"integer": "a whole number", "number": "a number", "boolean": "true or false"}[t or ""]
+            self._add(Problem(file, f"row {rowno}", col, f"'{cell}' is not {wanted}"))
             return _Invalid(cell)
         return cell
 
+    # ---- expansion -----------------------------------------------------------------------------
+
     def iter_jobs(self) -> Iterator[JobSpec]:
-        """Stream every job. Duplicates (same key) are skipped and counted in ``duplicates``."""
-        if any(p.file == self.file and p.location == "" and p.field in ("", "schema") for p in self.problems):
+        """Stream every job: jobs listed in the YAML, then CSV rows; each times every matrix
+        combination, times ``repeat``. Duplicates (same key) are skipped and counted.
+
+        Each pass starts its problems afresh, so iterating twice does not report twice."""
+        self._iter_problems = []
+        self._seen_problems = set()
+        self._reported = set()
+        self.duplicates = 0
+        if self._fatal:
             return
         seen: set[str] = set()
-        self.duplicates = 0
         seq = 0
-        bases: Iterator[_Base] = iter(self._jobs)
+        defaults = self._normalize(self.defaults, self._top_level("defaults"))
+        matrix_level = self._top_level("matrix")
+        combos = [(combo, self._normalize(combo, matrix_level))
+                  for combo in (dict(zip(self.matrix, values, strict=True))
+                                for values in itertools.product(*self.matrix.values()))]
+        levels: Iterator[_Level] = iter(self._jobs)
         if self._rows is not None:
-            bases = itertools.chain(bases, self._csv_bases())
-        combos = [dict(zip(self.matrix, values, strict=True))
-                  for values in itertools.product(*self.matrix.values())] or [{}]
-        for base in bases:
-            for combo in combos:
+            levels = itertools.chain(levels, self._csv_levels())
+        for level in levels:
+            own = self._normalize(level.values, level)
+            for raw_combo, combo in combos or [({}, {})]:
                 for rep in range(self.repeat):
-                    spec = self._expand(base, combo, rep, seq)
+                    spec = self._expand(level, defaults, own, raw_combo, combo, rep, seq)
                     if spec is None:
-                        break
+                        break  # its problem is recorded; the other copies would repeat it
                     if spec.key in seen:
                         self.duplicates += 1
                         continue
@@ -363,33 +594,61 @@ class Manifest:
                     seq += 1
                     yield spec
 
-    def _expand(self, base: _Base, combo: dict[str, Any], rep: int, seq: int) -> JobSpec | None:
+    def _top_level(self, key: str) -> _Level:
+        return _Level({}, self.file, self._where(key), self.folder, lines=self._sub_lines.get(key, {}))
+
+    def _add(self, problem: Problem) -> None:
+        # Matrix and repeat copies of a job meet the same problem at the same place: once is enough.
+        if problem not in self._seen_problems:
+            self._seen_problems.add(problem)
+            self._iter_problems.append(problem)
+
+    def _at(self, level: _Level, field_name: str, message: str, *, once: bool = False) -> None:
+        """A problem with ``field_name`` of ``level``; ``once``: per file and field, not per row."""
+        loc = f"line {level.lines[field_name]}" if field_name in level.lines else level.location
+        if once:
+            self._once(level.file, field_name, message, loc, message)
+        else:
+            self._add(Problem(level.file, loc, field_name, message))
+
+    def _normalize(self, values: dict[str, Any], level: _Level) -> dict[str, Any]:
+        """``values`` with an image alias ('image', 'image_url', ...) moved onto the model's one
+        image field, as a list when it wants one ('a.jpg|b.jpg' for several)."""
+        if self.schema is None or len(self._image_fields) != 1:
+            return values
+        target, is_list = next(iter(self._image_fields.items()))
+        given = [k for k in values if k == target or (k in IMAGE_ALIASES and k not in self.schema.properties)]
+        if not given:
+            return values
+        if len(given) > 1:
+            self._at(level, given[0], f"the image is given twice ({', '.join(given)}); use one", once=level.csv)
+        out = {k: v for k, v in values.items() if k not in given}
+        out[target] = _listify(values[given[0]], is_list)
+        return out
+
+    def _expand(self, level: _Level, defaults: dict[str, Any], own: dict[str, Any], raw_combo: dict[str, Any],
+                combo: dict[str, Any], rep: int, seq: int) -> JobSpec | None:
         schema = self.schema
-        merged: dict[str, Any] = dict(self.defaults)
-        merged.update(base.values)
-        merged.update(combo)
-        merged = self._apply_aliases(merged, base)
+        merged = {**defaults, **own, **combo}
         if schema is not None:
             merged = schema.apply_defaults(merged)
-        ok = True
-        if any(isinstance(v, _Invalid) for v in merged.values()):
-            ok = False
+
         # Templates: every variable of the job may be used; a missing one is a problem.
-        variables = {k: v for k, v in merged.items()}
-        used: set[str] = set()
         rendered: dict[str, Any] = {}
+        used: set[str] = set()
+        broken = False
         for k, v in merged.items():
-            used |= _template_names(v)
+            used |= template_names(v)
             try:
-                rendered[k] = _render(v, variables)
-            except KeyError as exc:
-                self._problem(base.location, k, f"template uses {{{exc.args[0]}}}, which this job does not "
-                              f"define; defined: {', '.join(sorted(variables))}", file=base.file)
-                ok = False
-            except (ValueError, IndexError) as exc:
-                self._problem(base.location, k, f"bad template ({exc}); write {{{{ and }}}} for literal braces",
-                              file=base.file)
-                ok = False
+                rendered[k] = render(v, merged)
+            except TemplateError as exc:
+                message = str(exc)
+                if exc.missing is not None:
+                    message += f"; defined: {', '.join(sorted(merged))}"
+                # A template from the defaults that no row can fill is reported once, not per row.
+                self._at(level, k, message, once=level.csv and k not in own)
+                broken = True
+
         inputs: dict[str, Any] = {}
         meta: dict[str, Any] = {}
         for k, v in rendered.items():
@@ -400,163 +659,172 @@ class Manifest:
             elif k in used:
                 meta[k] = v  # a template-only variable: kept for reports, not sent
             else:
-                allowed = ", ".join(schema.properties)
-                self._problem(base.location, k, f"unknown field; allowed: {allowed} (or an image alias "
-                              f"such as 'image', or prefix it with _ to keep it as a note)", file=base.file)
-        # Go on to the images even when something is already wrong: every problem at once.
-        local_files: dict[str, str] = {}
-        key_inputs = dict(inputs)
-        image_fields = schema.image_fields() if schema else {k: isinstance(v, list) for k, v in inputs.items()
-                                                              if k in IMAGE_ALIASES}
-        for fname in image_fields:
-            if fname not in inputs:
-                continue
-            value = inputs[fname]
-            refs = value if isinstance(value, list) else [value]
-            sent, keyed = [], []
-            for ref in refs:
-                if not isinstance(ref, str):
-                    sent.append(ref)
-                    keyed.append(ref)
-                    continue
-                res = self._resolve_image(ref, base, fname)
-                if res is None:
-                    # Already reported; keep the job so its other fields are checked too (a
-                    # manifest with any problem records nothing, so it is never submitted).
-                    self.bad_refs.add(ref)
-                    sent.append(ref)
-                    keyed.append(ref)
-                    continue
-                url, path = res
-                sent.append(url)
-                if path is not None:
-                    local_files[url] = str(path)
-                    keyed.append("sha256:" + self._file_hash(path))
-                else:
-                    keyed.append(url)
-            inputs[fname] = sent if isinstance(value, list) else (sent[0] if sent else value)
-            key_inputs[fname] = keyed if isinstance(value, list) else (keyed[0] if keyed else value)
-        if not ok:
+                self._unknown(k, level, own, combo)
+
+        local_files, key_inputs = self._resolve_images(inputs, level, own, combo)
+        if broken or any(isinstance(v, _Invalid) for v in merged.values()):
+            # A template that cannot be filled, a cell that did not cast, a value that cannot be
+            # sent: reported, with the job's other problems found above; but a job with a value
+            # nobody meant is not worth checking further.
             return None
         if self.matrix:
-            meta["matrix"] = combo
+            meta["matrix"] = dict(raw_combo)
         if self.repeat > 1:
             meta["repeat"] = rep
         canonical = json.dumps({"model": self.model_id, "inputs": key_inputs, "repeat": rep},
                                sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
         key = hashlib.sha256(canonical.encode()).hexdigest()[:16]
-        return JobSpec(self.name, self.model_id, key, seq, f"{base.file}, {base.location}", inputs, meta,
+        return JobSpec(self.name, self.model_id, key, seq, f"{level.file}, {level.location}", inputs, meta,
                        local_files)
 
-    def _apply_aliases(self, merged: dict[str, Any], base: _Base) -> dict[str, Any]:
-        """Map friendly image columns ('image', 'image_url', ...) onto the model's one image
-        field, as a list when the model wants a list ('a.jpg|b.jpg' for several)."""
-        schema = self.schema
-        if schema is None:
-            return merged
-        fields = schema.image_fields()
-        if len(fields) != 1:
-            return merged
-        target, is_list = next(iter(fields.items()))
-        given = [a for a in IMAGE_ALIASES if a != target and a not in schema.properties and a in merged]
-        if given:
-            # The most specific level wins: a job's own value over the manifest's defaults.
-            own = [a for a in given if a in base.values] + ([target] if target in base.values else [])
-            if len(own) > 1:
-                self._problem(base.location, own[0], f"the image is given twice ({', '.join(own)}); use one",
-                              file=base.file)
-                return merged
-            chosen = own[0] if own else given[0]
-            value = merged[chosen]
-            for a in given:
-                merged.pop(a)
-            if chosen != target:
-                merged[target] = value
-        if is_list and isinstance(merged.get(target), str):
-            merged[target] = [v.strip() for v in merged[target].split("|") if v.strip()]
-        elif not is_list and isinstance(merged.get(target), list) and len(merged[target]) == 1:
-            merged[target] = merged[target][0]
-        return merged
+    def _unknown(self, k: str, level: _Level, own: dict[str, Any], combo: dict[str, Any]) -> None:
+        """Report a key that is no field of the model, where it was written, once."""
+        assert self.schema is not None
+        fields = list(self.schema.properties)
+        close = difflib.get_close_matches(k, fields + list(IMAGE_ALIASES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        aliases = ""
+        if len(self._image_fields) == 1:
+            target = next(iter(self._image_fields))
+            aliases = f"or image / image_url for {target}; "
+        allowed = f"allowed: {', '.join(fields)} ({aliases}or prefix it with _ to keep it as a note)"
+        if k in own:
+            what = "column" if level.csv else "field"
+            self._at(level, k, f"unknown {what} '{k}'{hint}; {allowed}", once=level.csv)
+        else:
+            origin = self._top_level("matrix" if k in combo else "defaults")
+            self._at(origin, k, f"unknown field '{k}'{hint}; {allowed}")
 
-    def _resolve_image(self, ref: str, base: _Base, fname: str) -> tuple[str, Path | None] | None:
-        """(value to send, local file or None). A problem is recorded when it cannot be used.
-        Cached per (folder, reference): a 100,000-job manifest names a handful of images."""
-        cache_key = (base.folder, ref)
-        if cache_key in self._resolved:
-            hit = self._resolved[cache_key]
-            if hit is None:  # report it again for this job's own location
-                return self._resolve_image_uncached(ref, base, fname)
-            return hit
-        result = self._resolve_image_uncached(ref, base, fname)
-        self._resolved[cache_key] = result
-        return result
+    # ---- images --------------------------------------------------------------------------------
 
-    def _resolve_image_uncached(self, ref: str, base: _Base, fname: str) -> tuple[str, Path | None] | None:
+    def _resolve_images(self, inputs: dict[str, Any], level: _Level, own: dict[str, Any],
+                        combo: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+        """Turn image references in ``inputs`` (in place) into what is sent; return the local files
+        behind them and the inputs as the key sees them (a local file by its content)."""
+        local_files: dict[str, str] = {}
+        key_inputs = inputs
+        fields = self._image_fields if self.schema is not None else {
+            k: isinstance(v, list) for k, v in inputs.items() if is_image_name(k)}
+        for fname in fields:
+            value = inputs.get(fname)
+            if value is None:
+                continue
+            # Relative paths are relative to the file that wrote them: a row's to its CSV.
+            folder = level.folder if fname in own and fname not in combo else self.folder
+            refs = value if isinstance(value, list) else [value]
+            sent, keyed = [], []
+            for ref in refs:
+                res = self._resolve(ref, folder) if isinstance(ref, str) else None
+                if isinstance(res, str):
+                    self._at(level, fname, res)
+                    self.bad_refs.add(ref)
+                if not isinstance(res, tuple):
+                    sent.append(ref)
+                    keyed.append(ref)
+                    continue
+                url, path = res
+                sent.append(url)
+                if path is None:
+                    keyed.append(url)
+                    continue
+                digest = self._file_hash(path)
+                if digest is None:
+                    self._at(level, fname, f"cannot read local image {ref}")
+                    self.bad_refs.add(url)
+                else:
+                    local_files[url] = str(path)
+                keyed.append(f"sha256:{digest}")
+            if key_inputs is inputs:
+                key_inputs = dict(inputs)
+            inputs[fname] = sent if isinstance(value, list) else sent[0]
+            key_inputs[fname] = keyed if isinstance(value, list) else keyed[0]
+        return local_files, key_inputs
+
+    def _resolve(self, ref: str, folder: Path) -> tuple[str, Path | None] | str | None:
+        """(value to send, local file or None), a problem as a string, or None to leave the value
+        alone (without a schema, a value that does not look like an image). Cached: thousands of
+        rows name the same few images."""
+        cache_key = (ref, folder)
+        if cache_key not in self._resolved:
+            self._resolved[cache_key] = self._resolve_uncached(ref, folder)
+        return self._resolved[cache_key]
+
+    def _resolve_uncached(self, ref: str, folder: Path) -> tuple[str, Path | None] | str | None:
         parts = urlsplit(ref)
         if parts.scheme in ("http", "https"):
+            if not parts.netloc:
+                return f"{ref}: not a complete URL"
             if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-                self._problem(base.location, fname, f"{ref}: plain http is allowed only for loopback "
-                              "addresses; use https://", file=base.file)
-                return None
+                return f"{ref}: plain http is allowed only for loopback addresses; use https://"
             return ref, None
-        if parts.scheme and len(parts.scheme) > 1 and parts.scheme != "file":
-            self._problem(base.location, fname, f"{ref}: unsupported scheme '{parts.scheme}'; use an https:// "
-                          "URL or a local file path", file=base.file)
-            return None
+        if parts.scheme and len(parts.scheme) > 1 and parts.scheme != "file":  # one letter: a Windows drive
+            return f"{ref}: unsupported scheme '{parts.scheme}'; use an https:// URL or a local file path"
         raw = parts.path if parts.scheme == "file" else ref
         path = Path(raw).expanduser()
         if not path.is_absolute():
-            path = base.folder / path
+            path = folder / path
         path = path.resolve()
         if not path.is_file():
-            self._problem(base.location, fname, f"local image not found: {ref} (looked for {path})",
-                          file=base.file)
-            return None
+            if self.schema is None and parts.scheme != "file" and path.suffix.lower() not in _IMAGE_SUFFIXES:
+                return None  # no schema says this is an image; it is probably just text
+            return f"local image not found: {ref} (looked for {path})"
         if self.image_base_url:
             try:
                 rel = path.relative_to(self.folder)
             except ValueError:
-                self._problem(base.location, fname, f"{ref} is outside the manifest's folder, so "
-                              "image_base_url cannot say where it is published", file=base.file)
-                return None
-            url = self.image_base_url + "/" + "/".join(quote(p) for p in rel.parts)
-            return url, path
+                return (f"{ref} is outside the manifest's folder, so image_base_url cannot say where it is "
+                        "published; move it under the manifest's folder")
+            return self.image_base_url + "/" + "/".join(quote(p) for p in rel.parts), path
         return path.as_uri(), path
 
-    def _file_hash(self, path: Path) -> str:
-        digest = self._hash_cache.get(path)
+    def _file_hash(self, path: Path) -> str | None:
+        """sha256 of a local image (its identity in the job key), once per file; None if unreadable."""
+        digest = self._hashes.get(path)
         if digest is None:
             h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            digest = self._hash_cache[path] = h.hexdigest()
+            try:
+                with open(path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+            except OSError:
+                return None
+            digest = self._hashes[path] = h.hexdigest()
         return digest
 
 
-class _Invalid(str):
-    """A CSV cell that failed its cast (already reported); it makes the job invalid."""
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif"}
 
 
-def _render(value: Any, variables: dict[str, Any]) -> Any:
-    if isinstance(value, str) and ("{" in value or "}" in value):
-        return value.format_map(_Vars(variables))
-    if isinstance(value, list):
-        return [_render(v, variables) for v in value]
+class _NotText(Exception):
+    def __init__(self, lineno: int, reason: str):
+        super().__init__(reason)
+        self.lineno, self.reason = lineno, reason
+
+
+def _decoded_lines(fh: Any) -> Iterator[str]:
+    """A binary file's lines as text, decoded one by one so that a bad byte is reported with
+    its line (a whole-file decoder would fail at some block boundary instead)."""
+    for lineno, raw in enumerate(fh, 1):
+        try:
+            yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise _NotText(lineno, exc.reason) from None
+
+
+def _listify(value: Any, is_list: bool) -> Any:
+    """A string for a list field becomes a list ('a.jpg|b.jpg' for several); a one-item list for a
+    single-URL field becomes its item."""
+    if is_list and isinstance(value, str):
+        return [v.strip() for v in value.split(LIST_SEPARATOR) if v.strip()]
+    if not is_list and isinstance(value, list) and len(value) == 1:
+        return value[0]
     return value
 
 
-class _Vars(dict):  # type: ignore[type-arg]
-    """Template variables; a missing one raises KeyError with its name."""
-
-    def __missing__(self, key: str) -> Any:
-        raise KeyError(key)
-
-
 def load_manifest(path: str | Path, batch: str | None = None, schema_path: str | Path | None = None) -> Manifest:
-    """Load a manifest. Problems of structure are in ``Manifest.problems`` (raise_problems()
-    turns them into a ManifestError)."""
+    """Load a manifest (YAML or CSV by extension). What is wrong with it is in ``problems``, filled
+    further by ``iter_jobs()``; validate.py reports them all together."""
     path = Path(path)
     if not path.exists():
         raise ManifestError([Problem(str(path), "", "", "file not found")])
-    return Manifest(path, batch=batch, schema_path=Path(schema_path) if schema_path else None)
+    return Manifest(path, batch=batch, schema_path=schema_path)

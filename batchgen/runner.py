@@ -127,9 +127,9 @@ class PollPlanner:
     Before any job has finished it polls on a growing interval (first_delay, then half the time
     the job has been out, within [min, max]). Once it knows the median time the provider takes
     (its own created_at -> finished_at, so our polling lag does not inflate it), it polls a hair
-    after that moment, then, if the job is late, every twentieth of it: most jobs then cost one
-    status call and one result call, and a finished job waits milliseconds, not seconds, for us
-    to notice (which is what keeps a provider slot busy).
+    after that moment, then, if the job is late, every twentieth of it. Polls from the expected
+    finish on go to /result (see Runner._poll): most jobs then cost one call, and a finished job
+    waits milliseconds, not seconds, for us to notice (which is what keeps a provider slot busy).
     """
 
     def __init__(self, settings: RunSettings, window: int = 50):
@@ -565,23 +565,36 @@ class Runner:
     async def _poll(self, job: Job) -> None:
         assert job.request_id is not None
         rid = job.request_id
+        expected = self.planner.expected
+        elapsed = time.time() - (job.submitted_at or time.time())
         try:
-            status = await self._api(lambda: self.client.status(rid))
-            crashpoints.reached("status_answered")
-            if status.finished:
+            if expected is not None and elapsed >= expected:
+                # Probably finished: /result gives the outputs of a finished job and the status
+                # of an unfinished one, so one call does the work of /status and /result.
                 result = await self._api(lambda: self.client.result(rid))
-                await self._on_result(job, result)
-                return
+                crashpoints.reached("status_answered")
+                if result.status not in (S.IN_QUEUE, S.IN_PROGRESS):
+                    await self._on_result(job, result)
+                    return
+                status_now, position = result.status, None
+            else:
+                status = await self._api(lambda: self.client.status(rid))
+                crashpoints.reached("status_answered")
+                if status.finished:
+                    result = await self._api(lambda: self.client.result(rid))
+                    await self._on_result(job, result)
+                    return
+                status_now, position = status.status, status.queue_position
         except APIError as exc:
             await self._poll_failed(job, exc)
             return
         self._poll_failures.pop(job.id, None)
         now = time.time()
-        if status.status == S.IN_PROGRESS and job.state != S.IN_PROGRESS:
+        if status_now == S.IN_PROGRESS and job.state != S.IN_PROGRESS:
             await self.store.transition(job, S.IN_PROGRESS, started_at=now, queue_position=None)
             self._emit(S.IN_PROGRESS, job)
-        elif status.status == S.IN_QUEUE and status.queue_position != job.queue_position:
-            await self.store.update_fields(job, queue_position=status.queue_position)
+        elif status_now == S.IN_QUEUE and position is not None and position != job.queue_position:
+            await self.store.update_fields(job, queue_position=position)
         elapsed = now - (job.submitted_at or now)
         if self.s.job_timeout is not None and elapsed > self.s.job_timeout:
             await self._time_out(job)

@@ -1,14 +1,22 @@
 """Model schemas as data: RunComfy's JSON Schema for a model's input, plus its `validations` rules.
 
 Adding a model is adding a file to ``batchgen/models/`` (or passing ``--schema FILE``): nothing
-here names a model. ``check`` is pure: image facts come in already probed.
+here names a model. ``check`` is pure: image facts come in already probed (see images.py).
+
+RunComfy's rules look like ``{"validation_rule": "width_pixels>", "validation_value": 320,
+"validation_error": "The shortest side must be at least 320 pixels."}``: a subject
+(``file_size_mb``, ``width_pixels``, ``height_pixels``, ``width/height``, ``file_type``) and an
+operator (``<``, ``<=``, ``>``, ``>=``, ``==``, ``_in``). They are applied literally, whatever the
+message says: ``width_pixels> 320`` refuses a side of exactly 320.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,24 +26,24 @@ import jsonschema
 from .errors import BatchgenError
 from .images import ImageInfo
 
+log = logging.getLogger(__name__)
+
 MODELS_DIR = Path(__file__).parent / "models"
 
-# A "MB" in a file_size_mb rule is 10^6 bytes: the stricter reading (4.7 MB = 4,700,000 bytes,
-# smaller than 4.7 MiB), so no file we accept can be refused by a service that means MiB.
+# A "MB" in a file_size_mb rule is 10^6 bytes. RunComfy does not say whether it means 10^6 or
+# 2^20; 10^6 is the stricter reading (4.7 MB = 4,700,000 bytes, less than 4.7 MiB), so no file we
+# accept can be refused by a service that means the other.
 BYTES_PER_MB = 1_000_000
 
 IMAGE_FORMATS = ("image_uri", "image_uris")
 
-_RULE = re.compile(r"^\s*(file_size_mb|width_pixels|height_pixels|width/height|file_type)\s*"
-                   r"(<=|>=|==|<|>|_in)\s*$")
-_OPS = {
-    "<": lambda a, b: a < b,
-    "<=": lambda a, b: a <= b,
-    ">": lambda a, b: a > b,
-    ">=": lambda a, b: a >= b,
-    "==": lambda a, b: a == b,
-}
-_OP_WORDS = {"<": "under", "<=": "at most", ">": "over", ">=": "at least", "==": "exactly"}
+SUBJECTS = ("file_size_mb", "width_pixels", "height_pixels", "width/height", "file_type")
+OPERATORS = ("<=", ">=", "==", "<", ">", "_in")  # two-character ones first, for the parser
+_RULE = re.compile(r"^\s*(?P<subject>[a-z_/]+?)\s*(?P<op><=|>=|==|<|>|_in)\s*$")
+_OP_WORDS = {"<": "less than", "<=": "at most", ">": "greater than", ">=": "at least", "==": "exactly",
+             "_in": "one of"}
+_TYPE_WORDS = {"string": "text", "integer": "a whole number", "number": "a number", "boolean": "true or false",
+               "array": "a list", "object": "a mapping", "null": "null"}
 
 
 class SchemaError(BatchgenError):
@@ -44,13 +52,112 @@ class SchemaError(BatchgenError):
 
 @dataclass(frozen=True)
 class Rule:
-    subject: str
-    op: str
+    """One of RunComfy's ``validations``, parsed."""
+
+    subject: str  # one of SUBJECTS
+    op: str  # one of OPERATORS
     value: Any
-    message: str
+    message: str  # the schema's validation_error, shown to the user
+
+    def allowed(self) -> str:
+        """What the rule allows, in plain words with exact numbers."""
+        word = _OP_WORDS[self.op]
+        if self.subject == "file_type":
+            kinds = self.value if isinstance(self.value, list) else [self.value]
+            return f"{word} {', '.join(str(k).upper() for k in kinds)}"
+        if self.subject == "file_size_mb":
+            return f"{word} {_fmt_bytes(self.value)}; 1 MB = {BYTES_PER_MB:,} bytes"
+        what = {"width_pixels": "width", "height_pixels": "height", "width/height": "width/height"}[self.subject]
+        unit = " pixels" if self.subject != "width/height" else ""
+        values = ", ".join(str(v) for v in self.value) if self.op == "_in" else str(self.value)
+        return f"{what} {word} {values}{unit}"
+
+    def passes(self, info: ImageInfo) -> bool:
+        if self.subject == "file_type":
+            kinds = self.value if self.op == "_in" else [self.value]
+            return _norm_type(info.format) in {_norm_type(str(k)) for k in kinds}
+        actual = self.measure(info)
+        if actual is None:
+            return False
+        if self.op == "_in":
+            return actual in {_exact(v) for v in self.value}
+        limit = _exact(self.value)
+        return {"<": actual < limit, "<=": actual <= limit, ">": actual > limit, ">=": actual >= limit,
+                "==": actual == limit}[self.op]
+
+    def measure(self, info: ImageInfo) -> Fraction | None:
+        # Exact arithmetic: 330/1000 must equal 0.33 and 963/321 must equal 3, with no float
+        # rounding deciding a boundary either way.
+        if self.subject == "file_size_mb":
+            return Fraction(info.size, BYTES_PER_MB)
+        if self.subject == "width_pixels":
+            return Fraction(info.width)
+        if self.subject == "height_pixels":
+            return Fraction(info.height)
+        return Fraction(info.width, info.height) if info.height else None
+
+    def explain(self, info: ImageInfo) -> str:
+        """Why ``info`` fails this rule: what the image is, the schema's message, what is allowed."""
+        if self.subject == "file_type":
+            actual = f"image is {info.format.upper()}"
+        elif self.subject == "file_size_mb":
+            actual = f"image is {info.size:,} bytes"
+        elif self.subject == "width/height":
+            ratio = f"{float(info.width / info.height):.4g}" if info.height else "undefined"
+            actual = f"image is {info.width}x{info.height} (width/height {ratio})"
+        else:
+            actual = f"image is {info.width}x{info.height}"
+        said = self.message.strip().rstrip(".")
+        return f"{actual}; {said} (allowed: {self.allowed()})" if said else f"{actual}; allowed: {self.allowed()}"
+
+
+def _exact(value: Any) -> Fraction:
+    # str() first: Fraction(0.33) is the binary float 0.330000000000000015..., Fraction("0.33")
+    # is the 33/100 the schema's author wrote.
+    return Fraction(str(value)) if isinstance(value, float) else Fraction(value)
+
+
+def _fmt_bytes(mb: Any) -> str:
+    n = _exact(mb) * BYTES_PER_MB
+    return f"{int(n):,} bytes" if n.denominator == 1 else f"{float(n):,.1f} bytes"
+
+
+def _norm_type(name: str) -> str:
+    name = name.strip().lower().removeprefix("image/").lstrip(".")
+    return "jpeg" if name in ("jpg", "jpe", "pjpeg") else name
+
+
+def parse_rule(raw: Any) -> Rule:
+    """One ``validations`` entry as a Rule; ValueError says what is not understood."""
+    if not isinstance(raw, dict) or "validation_rule" not in raw:
+        raise ValueError(f"validation entry {json.dumps(raw, default=str)[:80]} has no validation_rule")
+    text = str(raw.get("validation_rule"))
+    value = raw.get("validation_value")
+    message = str(raw.get("validation_error") or "")
+    m = _RULE.match(text)
+    if not m or m.group("subject") not in SUBJECTS:
+        raise ValueError(f"rule '{text}' is not understood by batchgen (known subjects: {', '.join(SUBJECTS)}; "
+                         f"operators: {', '.join(OPERATORS)})")
+    subject, op = m.group("subject"), m.group("op")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if subject == "file_type":
+        ok = (op == "_in" and isinstance(value, list) and value and all(isinstance(v, str) for v in value)) or (
+            op == "==" and isinstance(value, str))
+    elif op == "_in":
+        ok = isinstance(value, list) and bool(value) and all(number(v) for v in value)
+    else:
+        ok = number(value)
+    if not ok:
+        raise ValueError(f"rule '{text}' has a value batchgen cannot use: {json.dumps(value, default=str)}")
+    return Rule(subject, op, value, message)
 
 
 def model_filename(model_id: str) -> str:
+    """The bundled file of a model: ``bytedance/dreamina-3-0/pro/image-to-video`` ->
+    ``bytedance--dreamina-3-0--pro--image-to-video.json``."""
     return model_id.strip("/").replace("/", "--") + ".json"
 
 
@@ -64,23 +171,62 @@ class ModelSchema:
         self.source = source
         self.model_id: str = str(data.get("model_id") or "")
         self.input_schema: dict[str, Any] = data["input"]
-        self.properties: dict[str, Any] = self.input_schema.get("properties") or {}
-        self.required: list[str] = list(self.input_schema.get("required") or [])
-        extra = data.get("x-batchgen") or {}
-        self.base_price_usd: float | None = extra.get("base_price_usd")
+        props = self.input_schema.get("properties") or {}
+        if not isinstance(props, dict) or not all(isinstance(p, dict) for p in props.values()):
+            raise SchemaError(f"{source or 'schema'}: input 'properties' must map field names to schemas")
+        self.properties: dict[str, Any] = props
+        self.required: list[str] = [str(r) for r in self.input_schema.get("required") or []]
+        extra = data.get("x-batchgen")
+        if not isinstance(extra, dict):
+            extra = {}
+        price = extra.get("base_price_usd")
+        self.base_price_usd: float | None = float(price) if isinstance(price, int | float) else None
         kind = extra.get("output_kind")
-        if kind not in ("video", "image"):
-            kind = "video" if "video" in self.model_id.lower() else "image"
-        self.output_kind: str = kind
-        # The JSON Schema part, without RunComfy's custom keyword (jsonschema ignores unknown
-        # keywords anyway; removing it keeps error messages short).
-        self._validator = jsonschema.Draft202012Validator(
-            {**_strip_validations(self.input_schema), "additionalProperties": False}
-        )
-        self._rules = {name: _parse_rules(prop) for name, prop in self.properties.items()}
-        quick_ok = set(self.input_schema) <= _QUICK_TOP and all(
-            _quick_supported(p) for p in self.properties.values())
-        self._quick: dict[str, Any] | None = self.properties if quick_ok else None
+        self.output_kind: str = kind if kind in ("video", "image") else _guess_output_kind(self.model_id, data)
+
+        # The JSON Schema part. RunComfy's custom keyword is removed (jsonschema would ignore it,
+        # but its errors would quote it); unknown formats such as image_uri are not checked
+        # because no format checker is given. Fields outside `properties` are refused unless the
+        # schema itself says otherwise: a misspelt optional field would otherwise be dropped
+        # silently by the service and the job paid for with the default.
+        plain = _strip_validations(self.input_schema)
+        plain.setdefault("additionalProperties", False)
+        plain.pop("required", None)  # checked by hand, with a message that says what is allowed
+        try:
+            jsonschema.Draft202012Validator.check_schema(plain)
+        except jsonschema.SchemaError as exc:
+            raise SchemaError(f"{source or 'schema'}: not valid JSON Schema: {exc.message}") from exc
+        self._validator = jsonschema.Draft202012Validator(plain)
+        # Checking field by field lets the answer for a value many jobs share (frames: 121, the
+        # same image) be remembered; a whole-object check would redo it all for each of 100,000
+        # jobs. Only for the plain shape RunComfy publishes; anything fancier is checked whole.
+        plain_shape = set(plain) <= _PLAIN_KEYWORDS and plain.get("additionalProperties") is False
+        self._field_validators = ({name: jsonschema.Draft202012Validator(sub)
+                                   for name, sub in (plain.get("properties") or {}).items()}
+                                  if plain_shape else None)
+        self._field_cache: dict[tuple[str, Any], list[tuple[tuple[int, str], tuple[str, str]]]] = {}
+        self._rule_cache: dict[tuple[str, ImageInfo], list[str]] = {}
+        self._order = {name: i for i, name in enumerate(self.properties)}
+        self._image_fields = self._find_image_fields()
+
+        # `validations` may sit on the field or on its items (a list of URLs): both apply to each image.
+        self.rules: dict[str, list[Rule]] = {}
+        # Rules batchgen cannot apply, as (field, message): reported, never silently passed.
+        self.rule_problems: list[tuple[str, str]] = []
+        for name, prop in self.properties.items():
+            items = prop.get("items") if isinstance(prop.get("items"), dict) else {}
+            raw = [*_as_list(prop.get("validations")), *_as_list(items.get("validations"))]
+            for entry in raw:
+                try:
+                    rule = parse_rule(entry)
+                    self.rules.setdefault(name, []).append(rule)
+                except ValueError as exc:
+                    self.rule_problems.append((name, f"schema {self._label()}: {exc}; update batchgen or "
+                                                     "remove the rule from the schema"))
+            if name in self.rules and name not in self._image_fields:
+                # Only images are probed; a rule on another kind of file (video, audio) cannot be
+                # checked here, and the service will apply it anyway.
+                log.info("%s: rules on field %s are not checked (not an image field)", self._label(), name)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelSchema:
@@ -93,23 +239,58 @@ class ModelSchema:
             raise SchemaError(f"schema {path} is not valid JSON: {exc}") from exc
         return cls(data, str(path))
 
-    def image_fields(self) -> dict[str, bool]:
-        """Fields that hold image URLs: name -> True when the field is a list of them."""
-        found = {}
+    def _label(self) -> str:
+        return self.model_id or Path(self.source).name or "schema"
+
+    def __repr__(self) -> str:
+        return f"ModelSchema({self._label()!r})"
+
+    # ---- what the model takes ------------------------------------------------------------------
+
+    def _find_image_fields(self) -> dict[str, bool]:
+        found: dict[str, bool] = {}
         for name, prop in self.properties.items():
             fmt = prop.get("format")
-            items = prop.get("items") or {}
-            if prop.get("type") == "array" and (items.get("format") in IMAGE_FORMATS or fmt in IMAGE_FORMATS):
-                found[name] = True
-            elif fmt == "image_uris":
+            items = prop.get("items") if isinstance(prop.get("items"), dict) else {}
+            if fmt == "image_uris" or (prop.get("type") == "array" and items.get("format") in IMAGE_FORMATS):
                 found[name] = True
             elif fmt == "image_uri":
                 found[name] = False
         return found
 
+    def image_fields(self) -> dict[str, bool]:
+        """Fields that hold image URLs: name -> True when the field is a list of them."""
+        return dict(self._image_fields)
+
     def field_type(self, name: str) -> str | None:
+        """The JSON Schema type of a field ("integer", "array", ...), None if unknown or mixed."""
         t = (self.properties.get(name) or {}).get("type")
         return t if isinstance(t, str) else None
+
+    def item_type(self, name: str) -> str | None:
+        items = (self.properties.get(name) or {}).get("items")
+        t = items.get("type") if isinstance(items, dict) else None
+        return t if isinstance(t, str) else None
+
+    def describe(self, name: str) -> str:
+        """What a field takes, in a few words: 'text, at most 800 characters'."""
+        prop = self.properties.get(name) or {}
+        if "enum" in prop:
+            return "one of " + ", ".join(json.dumps(v) for v in prop["enum"])
+        t = self.field_type(name)
+        if name in self._image_fields:
+            if self._image_fields[name]:
+                lo, hi = prop.get("minItems"), prop.get("maxItems")
+                n = f"exactly {lo}" if lo is not None and lo == hi else f"{lo or 0} to {hi}" if hi else "some"
+                words = f"a list of {n} image URL(s)"
+            else:
+                words = "an image URL"
+        else:
+            words = _TYPE_WORDS.get(t or "", t or "a value")
+        if "maxLength" in prop:
+            words += f", at most {prop['maxLength']} characters"
+        desc = str(prop.get("description") or "").strip()
+        return f"{words} ({desc.rstrip('.')})" if desc else words
 
     def apply_defaults(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults of optional fields only. Required fields' defaults are RunComfy's
@@ -120,134 +301,135 @@ class ModelSchema:
                 out[name] = prop["default"]
         return out
 
+    # ---- checking ------------------------------------------------------------------------------
+
     def check(self, inputs: dict[str, Any], images: dict[str, ImageInfo | str]) -> list[tuple[str, str]]:
-        """Every problem with one job's inputs as (field, message). ``images`` maps each image
-        reference found in the inputs to its probed facts, or to the probe's error message."""
-        problems: list[tuple[str, str]] = []
-        # The quick check says "valid" for almost every job of a big manifest in a few
-        # microseconds; only a job it doubts pays for jsonschema and its precise messages.
-        if not self._quick_valid(inputs):
-            for err in sorted(self._validator.iter_errors(inputs), key=lambda e: list(e.path)):
-                problems.append(self._describe(err))
-        for name, is_list in self.image_fields().items():
+        """Every problem with one job's inputs as (field, message).
+
+        ``images`` maps each image reference found in the inputs to its probed facts, or to the
+        probe's error message; a reference missing from it is not checked (not probed yet).
+        Rules the schema has but batchgen cannot apply are reported on their field too.
+        """
+        found = [((self._order.get(name, len(self._order)), name), (name, f"is required: {self.describe(name)}"))
+                 for name in self.required if name not in inputs]
+        if self._field_validators is None:
+            found += [(self._error_order(err), self._explain(err)) for err in self._validator.iter_errors(inputs)]
+        else:
+            for name, value in inputs.items():
+                if name in self._field_validators:
+                    found += self._field_errors(name, value)
+                else:
+                    found.append(((len(self._order), name),
+                                  (name, f"unknown field; allowed: {', '.join(self.properties)}")))
+        for name, is_list in self._image_fields.items():
             value = inputs.get(name)
             refs = value if is_list and isinstance(value, list) else [value] if isinstance(value, str) else []
             for i, ref in enumerate(refs):
-                if not isinstance(ref, str):
-                    continue
-                label = f"{name}[{i}]" if is_list else name
-                info = images.get(ref)
+                info = images.get(ref) if isinstance(ref, str) else None
                 if info is None:
                     continue
+                label = f"{name}[{i}]" if is_list else name
+                order = (self._order[name], label)
                 if isinstance(info, str):
-                    problems.append((label, f"{ref}: {info}"))
-                    continue
-                for rule in self._rules.get(name, []):
-                    msg = _apply_rule(rule, info)
-                    if msg:
-                        problems.append((label, msg))
-        for name, rules in self._rules.items():
-            for rule in rules:
-                if rule.subject == "?":
-                    problems.append((name, f"schema rule {rule.op!r} is not understood by batchgen; "
-                                           "update batchgen or remove the rule"))
-        return problems
+                    found.append((order, (label, f"{ref}: {info}")))
+                else:
+                    found += [(order, (label, message)) for message in self._rule_failures(name, info)]
+        found += [((self._order[name], name), (name, message)) for name, message in self.rule_problems
+                  if name in inputs]
+        # In the schema's field order, so a job's problems read like its form.
+        return [p for _, p in sorted(found, key=lambda item: item[0])]
 
-    def _quick_valid(self, inputs: dict[str, Any]) -> bool:
-        """True only when the inputs certainly satisfy the JSON Schema part. Conservative: any
-        keyword it does not know sends the job to jsonschema."""
-        if self._quick is None:
-            return False
-        for name in self.required:
-            if name not in inputs:
-                return False
-        for name, value in inputs.items():
-            prop = self._quick.get(name)
-            if prop is None or not _quick_value_ok(prop, value):
-                return False
-        return True
+    def _rule_failures(self, name: str, info: ImageInfo) -> list[str]:
+        """Messages of the rules of field ``name`` that ``info`` fails; remembered per image."""
+        found = self._rule_cache.get((name, info))
+        if found is None:
+            found = [rule.explain(info) for rule in self.rules.get(name, ()) if not rule.passes(info)]
+            if len(self._rule_cache) >= _CACHE_LIMIT:
+                self._rule_cache.clear()
+            self._rule_cache[(name, info)] = found
+        return found
 
-    def _describe(self, err: jsonschema.ValidationError) -> tuple[str, str]:
-        field = ".".join(str(p) for p in err.path)
-        v = err.validator
-        if v == "required":
-            missing = err.message.split("'")[1] if "'" in err.message else err.message
-            return missing, f"is required ({self._allowed_text(missing)})"
-        if v == "additionalProperties":
-            inst = err.instance if isinstance(err.instance, dict) else {}
-            extra = ", ".join(sorted(set(inst) - set(self.properties)))
-            return extra or field, f"unknown field; allowed: {', '.join(self.properties)}"
-        if v == "maxLength":
-            return field, f"is {len(err.instance)} characters; at most {err.validator_value} allowed"
-        if v == "minLength":
-            return field, f"is {len(err.instance)} characters; at least {err.validator_value} required"
-        if v == "enum":
-            allowed = ", ".join(json.dumps(x) for x in err.validator_value)
-            return field, f"must be one of {allowed}, got {json.dumps(err.instance)}"
+    def _field_errors(self, name: str, value: Any) -> list[tuple[tuple[int, str], tuple[str, str]]]:
+        """(sort key, problem) for one field's value; remembered for small values many jobs share."""
+        key = _cache_key(value)
+        found = self._field_cache.get((name, key)) if key is not None else None
+        if found is None:
+            assert self._field_validators is not None
+            found = [(self._error_order(err, [name]), self._explain(err, [name]))
+                     for err in self._field_validators[name].iter_errors(value)]
+            if key is not None:
+                if len(self._field_cache) >= _CACHE_LIMIT:
+                    self._field_cache.clear()
+                self._field_cache[(name, key)] = found
+        return found
+
+    def _error_order(self, err: jsonschema.ValidationError, prefix: list[Any] | None = None) -> tuple[int, str]:
+        path = [*(prefix or []), *err.absolute_path]
+        head = str(path[0]) if path else ""
+        return self._order.get(head, len(self._order)), _path_label(path)
+
+    def _explain(self, err: jsonschema.ValidationError, prefix: list[Any] | None = None) -> tuple[str, str]:
+        field = _path_label([*(prefix or []), *err.absolute_path])
+        v, want, got = err.validator, err.validator_value, err.instance
+        if v == "additionalProperties" and isinstance(got, dict) and not err.absolute_path:
+            extra = sorted(k for k in got if k not in self.properties)
+            return (", ".join(extra) or field), f"unknown field; allowed: {', '.join(self.properties)}"
         if v == "type":
-            return field, f"must be of type {err.validator_value}, got {json.dumps(err.instance)}"
+            words = _TYPE_WORDS.get(want, want) if isinstance(want, str) else " or ".join(map(str, want))
+            return field, f"must be of type {want} ({words}), got {json.dumps(got, default=str)}"
+        if v == "enum":
+            return field, f"must be one of {', '.join(json.dumps(x) for x in want)}, got {json.dumps(got, default=str)}"
+        if v == "maxLength":
+            return field, f"is {len(got)} characters; at most {want} allowed"
+        if v == "minLength":
+            return field, f"is {len(got)} characters; at least {want} required"
         if v == "minItems":
-            return field, f"has {len(err.instance)} item(s); at least {err.validator_value} required"
+            return field, f"has {len(got)} item(s); at least {want} required"
         if v == "maxItems":
-            return field, f"has {len(err.instance)} item(s); at most {err.validator_value} allowed"
-        if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-            return field, err.message
+            return field, f"has {len(got)} item(s); at most {want} allowed"
+        bounds = {"minimum": "at least", "maximum": "at most", "exclusiveMinimum": "greater than",
+                  "exclusiveMaximum": "less than"}
+        if v in bounds:
+            return field, f"is {got}; must be {bounds[v]} {want}"
+        if v == "pattern":
+            return field, f"{json.dumps(got, default=str)} does not match the pattern {want}"
+        if v == "required":
+            missing = [r for r in want if isinstance(got, dict) and r not in got]
+            return field, f"needs {', '.join(missing)}"
         return field, err.message
 
-    def _allowed_text(self, name: str) -> str:
-        prop = self.properties.get(name) or {}
-        desc = prop.get("description") or prop.get("title") or ""
-        t = prop.get("type", "value")
-        return f"{t}{': ' + desc if desc else ''}"
+
+# Keywords of an input schema that field-by-field checking covers (besides what it does by hand).
+_PLAIN_KEYWORDS = {"type", "title", "description", "properties", "additionalProperties", "$schema", "$id",
+                   "examples", "default"}
+# Entries kept in each per-schema memo before it starts afresh; bounds memory on huge manifests.
+_CACHE_LIMIT = 50_000
 
 
-_QUICK_TOP = {"type", "title", "description", "required", "properties"}
-_QUICK_KEYS = {"type", "title", "description", "default", "format", "validations", "maxLength", "minLength",
-               "enum", "minItems", "maxItems", "items", "minimum", "maximum"}
-_TYPES: dict[str, Any] = {
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "array": lambda v: isinstance(v, list),
-    "object": lambda v: isinstance(v, dict),
-}
-
-
-def _quick_supported(prop: Any) -> bool:
-    if not isinstance(prop, dict) or not set(prop) <= _QUICK_KEYS:
-        return False
-    if "type" in prop and prop["type"] not in _TYPES:
-        return False
-    items = prop.get("items")
-    return items is None or _quick_supported(items)
-
-
-def _quick_value_ok(prop: dict[str, Any], value: Any) -> bool:
-    t = prop.get("type")
-    if t is not None and not _TYPES[t](value):
-        return False
-    if "enum" in prop and not any(value == e and type(value) is type(e) for e in prop["enum"]):
-        return False
+def _cache_key(value: Any) -> Any:
+    """A hashable stand-in for a small value (the type too: True == 1 but is no integer), or None."""
     if isinstance(value, str):
-        if "maxLength" in prop and len(value) > prop["maxLength"]:
-            return False
-        if "minLength" in prop and len(value) < prop["minLength"]:
-            return False
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if "minimum" in prop and value < prop["minimum"]:
-            return False
-        if "maximum" in prop and value > prop["maximum"]:
-            return False
-    if isinstance(value, list):
-        if "minItems" in prop and len(value) < prop["minItems"]:
-            return False
-        if "maxItems" in prop and len(value) > prop["maxItems"]:
-            return False
-        items = prop.get("items")
-        if items is not None and not all(_quick_value_ok(items, v) for v in value):
-            return False
-    return True
+        return ("str", value) if len(value) <= 256 else None
+    if value is None or isinstance(value, bool | int | float):
+        return (type(value).__name__, value)
+    if isinstance(value, list) and len(value) <= 8:
+        keys = tuple(_cache_key(v) for v in value)
+        return ("list", keys) if None not in keys else None
+    return None
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]  # one rule not in a list: still a rule
+
+
+def _path_label(path: list[Any]) -> str:
+    """['image_urls', 0] -> 'image_urls[0]'."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
 
 
 def _strip_validations(node: Any) -> Any:
@@ -258,55 +440,21 @@ def _strip_validations(node: Any) -> Any:
     return node
 
 
-def _parse_rules(prop: dict[str, Any]) -> list[Rule]:
-    rules = []
-    raw = list(prop.get("validations") or []) + list((prop.get("items") or {}).get("validations") or [])
-    for item in raw:
-        text = str(item.get("validation_rule", ""))
-        m = _RULE.match(text)
-        message = str(item.get("validation_error") or text)
-        if not m:
-            rules.append(Rule("?", text, item.get("validation_value"), message))
-            continue
-        rules.append(Rule(m.group(1), m.group(2), item.get("validation_value"), message))
-    return rules
-
-
-def _apply_rule(rule: Rule, info: ImageInfo) -> str | None:
-    """None when the image passes; else what is wrong and what is allowed."""
-    if rule.subject == "?":
-        return None
-    if rule.subject == "file_type":
-        allowed = [str(x).lower() for x in (rule.value or [])]
-        if "jpg" in allowed:
-            allowed.append("jpeg")
-        if info.format in allowed:
-            return None
-        return f"image is {info.format.upper()}; {rule.message} (allowed: {', '.join(a.upper() for a in allowed)})"
-    op = _OPS.get(rule.op)
-    if op is None:
-        return f"unsupported operator {rule.op!r} in schema rule"
-    if rule.subject == "file_size_mb":
-        limit = float(rule.value) * BYTES_PER_MB
-        if op(info.size, limit):
-            return None
-        return (f"image is {info.size:,} bytes; {rule.message} "
-                f"({_OP_WORDS[rule.op]} {int(limit):,} bytes, 1 MB = 1,000,000 bytes)")
-    if rule.subject == "width_pixels":
-        if op(info.width, rule.value):
-            return None
-        return f"image is {info.width} px wide; {rule.message} (width must be {_OP_WORDS[rule.op]} {rule.value})"
-    if rule.subject == "height_pixels":
-        if op(info.height, rule.value):
-            return None
-        return f"image is {info.height} px high; {rule.message} (height must be {_OP_WORDS[rule.op]} {rule.value})"
-    if rule.subject == "width/height":
-        ratio = info.width / info.height if info.height else float("inf")
-        if op(ratio, rule.value):
-            return None
-        return (f"image is {info.width}x{info.height} (width/height {ratio:.4g}); {rule.message} "
-                f"(width/height must be {_OP_WORDS[rule.op]} {rule.value})")
-    return None
+def _guess_output_kind(model_id: str, data: dict[str, Any]) -> str:
+    """For schemas without x-batchgen.output_kind: the model id says it ("image-to-video"),
+    else an output schema that offers only videos."""
+    mid = model_id.lower()
+    if "to-video" in mid or mid.endswith("video"):
+        return "video"
+    if "to-image" in mid or mid.endswith("image"):
+        return "image"
+    out = data.get("output")
+    out = out if isinstance(out, dict) else {}
+    inner = out.get("output") if isinstance(out.get("output"), dict) else out
+    props = set((inner.get("properties") or {}) if isinstance(inner, dict) else {})
+    if props & {"video", "videos"} and not props & {"image", "images"}:
+        return "video"
+    return "video" if "video" in mid else "image"
 
 
 @cache
@@ -315,15 +463,17 @@ def _load_cached(path: str) -> ModelSchema:
 
 
 def find_schema(model_id: str, extra_path: str | Path | None = None) -> ModelSchema | None:
-    """The schema for ``model_id``: ``extra_path`` if given, else the bundled file, else None
-    (an unknown model: its inputs pass unchecked, apart from image probing)."""
+    """The schema for ``model_id``: ``extra_path`` (a ``--schema FILE``) if given, else the
+    bundled file, else None (an unknown model: its inputs pass unchecked, apart from image
+    probing). Raises SchemaError for a file that cannot be used."""
     if extra_path is not None:
         return _load_cached(str(Path(extra_path).resolve()))
     path = MODELS_DIR / model_filename(model_id)
-    if path.exists():
+    if path.is_file():
         return _load_cached(str(path))
     return None
 
 
 def bundled_schemas() -> list[ModelSchema]:
+    """Every schema shipped in ``batchgen/models/``, by file name."""
     return [_load_cached(str(p)) for p in sorted(MODELS_DIR.glob("*.json"))]

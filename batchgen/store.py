@@ -6,6 +6,12 @@ interface can later sit on PostgreSQL for several runners sharing one queue.
 Durability: WAL mode with synchronous=NORMAL keeps every committed transaction across a killed
 process (kill -9, OOM); a power loss may lose the last commits but never corrupts the file. Every
 state change is committed (with its history row) before the runner takes the step that follows.
+
+Speed: the runner's writes are group-committed. Each write is a small function run in the
+connection's thread; writes requested while a commit is under way wait and go in the next one,
+all in one transaction and one thread round trip, each in its own savepoint so that one that
+fails leaves the others alone. A caller's await returns only once its write is committed, so
+"commit, then act" holds for every job while a thousand jobs share a commit.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,15 +131,24 @@ class Store:
         self.path = path
         self._tx_lock = asyncio.Lock()
         self._tx_owner: asyncio.Task[Any] | None = None
+        self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: str | Path) -> Store:
         path = Path(path)
+        pending = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves (atomic()), nothing implicit.
-            db = await aiosqlite.connect(path, isolation_level=None)
+            pending = aiosqlite.connect(path, isolation_level=None)
+            db = await pending
         except (OSError, aiosqlite.Error) as exc:
+            # A failed connect stops aiosqlite's thread, which then calls back into this loop:
+            # wait for it, or it may find the loop closed (a thread exception at exit).
+            thread = getattr(pending, "_thread", None)
+            if thread is not None:
+                await asyncio.to_thread(thread.join, 5)
             raise StoreError(f"cannot open the store {path}: {exc}") from exc
         try:
             await db.execute("PRAGMA journal_mode=WAL")
@@ -152,6 +168,8 @@ class Store:
         return cls(db, path)
 
     async def close(self) -> None:
+        while self._committer is not None and not self._committer.done():
+            await asyncio.shield(self._committer)  # writes already asked for are not lost
         await self._db.close()
 
     async def __aenter__(self) -> Store:
@@ -189,16 +207,43 @@ class Store:
             finally:
                 self._tx_owner = None
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """For a single-statement write, atomic by itself: it only waits for any open
-        transaction of another task to end (else it would silently join it), or joins the
-        caller's own transaction."""
-        if self._tx_owner is asyncio.current_task():
-            yield self._db
-            return
-        async with self._tx_lock:
-            yield self._db
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(connection, *args)`` in the connection's own thread: a whole operation of
+        several statements costs one round trip. aiosqlite has no public call for this; its
+        ``_execute`` (the primitive every public method uses) is the one private name used here."""
+        return await self._db._execute(fn, self._db._conn, *args)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn(connection)`` in a group commit (see the module docstring) and return its result
+        once committed. Inside the caller's own atomic() it simply joins that transaction."""
+        if self._tx_owner is not None and self._tx_owner is asyncio.current_task():
+            return await self._in_thread(fn)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._group.append((fn, fut))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit_groups())
+        return await fut
+
+    async def _commit_groups(self) -> None:
+        while self._group:
+            group, self._group = self._group, []
+            try:
+                async with self._tx_lock:  # never inside another task's open transaction
+                    results = await self._in_thread(_apply_group, [fn for fn, _ in group])
+            except Exception as exc:  # the connection itself failed
+                results = [(False, StoreError(f"store write failed: {exc}"))] * len(group)
+            except BaseException:  # cancelled (the loop is shutting down): the outcome is not known
+                for _, fut in group:
+                    if not fut.done():
+                        fut.set_exception(StoreError("the store was closed during a write"))
+                raise
+            for (_, fut), (ok, value) in zip(group, results, strict=True):
+                if fut.done():
+                    continue  # its caller was cancelled; the write itself is committed
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
 
     # ---- batches -------------------------------------------------------------------------------
 
@@ -361,16 +406,13 @@ class Store:
         """Like claim_pending for up to ``limit`` jobs at once, in manifest order. One statement
         (UPDATE … RETURNING): atomic, and one round trip however many slots just came free."""
         where, args = _filters(batches, [PENDING])
-        async with self._write() as db:
-            async with db.execute(
-                f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
-                        detail = 'attempt ' || (attempts + 1)
-                    WHERE id IN (SELECT id FROM jobs {where}
-                                 AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?)
-                    RETURNING {_JOB_COLUMNS}""",
-                (now, *args, now, max(1, limit)),
-            ) as cur:
-                rows = await cur.fetchall()
+        sql = f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
+                      detail = 'attempt ' || (attempts + 1)
+                  WHERE id IN (SELECT id FROM jobs {where}
+                               AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?)
+                  RETURNING {_JOB_COLUMNS}"""
+        params = (now, *args, now, max(1, limit))
+        rows = await self._write(lambda conn: conn.execute(sql, params).fetchall())
         # RETURNING gives no order: put them back in manifest order.
         return sorted((Job.from_row(r) for r in rows), key=lambda j: j.seq)
 
@@ -399,20 +441,9 @@ class Store:
         if bad:
             raise ValueError(f"not settable: {sorted(bad)}")
         now = time.time()
-        sets = "".join(f", {k} = ?" for k in fields)
-        sql = f"UPDATE jobs SET state = ?, updated_at = ?, detail = ?{sets} WHERE id = ?"
-        args: list[Any] = [state, now, detail, *fields.values(), job.id]
-        if expect:
-            sql += f" AND state IN ({', '.join('?' * len(expect))})"
-            args.extend(expect)
+        sql, params = _transition_sql(job.id, state, now, detail, fields, expect)
         # One statement; the jobs_history trigger appends the history row in the same statement.
-        async with self._write() as db:
-            cur = await db.execute(sql, args)
-            if cur.rowcount != 1:
-                current = await self.job(job.id)
-                raise StoreError(
-                    f"job {job.key} is '{current.state}', expected one of {list(expect or [])}"
-                )
+        await self._write(lambda conn: _apply_transition(conn, job.key, job.id, sql, params, expect))
         job.state = state
         job.updated_at = now
         for k, v in fields.items():
@@ -423,9 +454,9 @@ class Store:
         bad = set(fields) - _SETTABLE
         if bad or not fields:
             raise ValueError(f"not settable: {sorted(bad)}")
-        sets = ", ".join(f"{k} = ?" for k in fields)
-        async with self._write() as db:
-            await db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job.id))
+        sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
+        params = (*fields.values(), job.id)
+        await self._write(lambda conn: conn.execute(sql, params))
         for k, v in fields.items():
             setattr(job, k, v)
 
@@ -456,34 +487,41 @@ class Store:
         """Record a succeeded result's output URLs [(kind, url)] and move the job to downloading,
         in one transaction. A refreshed result (expired URLs) replaces URLs of outputs not yet
         downloaded and keeps finished files as they are."""
-        async with self.atomic() as db:
-            for idx, (kind, url) in enumerate(outputs):
-                await db.execute(
-                    """INSERT INTO outputs (job_id, idx, kind, url) VALUES (?, ?, ?, ?)
-                       ON CONFLICT (job_id, idx) DO UPDATE SET url = excluded.url, kind = excluded.kind
-                       WHERE outputs.sha256 IS NULL""",
-                    (job.id, idx, kind, url),
-                )
-            if job.state != DOWNLOADING:
-                await self.transition(
-                    job, DOWNLOADING, detail=f"{len(outputs)} output(s)", cost=cost,
-                    finished_at=finished_at,
-                )
+        rows = [(job.id, idx, kind, url) for idx, (kind, url) in enumerate(outputs)]
+        move = None
+        now = time.time()
+        fields = {"cost": cost, "finished_at": finished_at}
+        if job.state != DOWNLOADING:
+            move = _transition_sql(job.id, DOWNLOADING, now, f"{len(outputs)} output(s)", fields, None)
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                """INSERT INTO outputs (job_id, idx, kind, url) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (job_id, idx) DO UPDATE SET url = excluded.url, kind = excluded.kind
+                   WHERE outputs.sha256 IS NULL""",
+                rows,
+            )
+            if move is not None:
+                _apply_transition(conn, job.key, job.id, *move, None)
+
+        await self._write(apply)  # outputs and the state change: one savepoint, all or nothing
+        if move is not None:
+            job.state, job.updated_at = DOWNLOADING, now
+            job.cost, job.finished_at = cost, finished_at
 
     async def outputs(self, job_id: int) -> list[Output]:
-        async with self._db.execute(
+        rows = await self._db.execute_fetchall(
             "SELECT job_id, idx, kind, url, path, size, sha256 FROM outputs WHERE job_id = ? "
             "ORDER BY idx", (job_id,),
-        ) as cur:
-            return [Output(*r) for r in await cur.fetchall()]
+        )
+        return [Output(*r) for r in rows]
 
     async def output_downloaded(self, out: Output, path: str, size: int, sha256: str) -> None:
-        async with self._write() as db:
-            await db.execute(
-                "UPDATE outputs SET path = ?, size = ?, sha256 = ?, downloaded_at = ? "
-                "WHERE job_id = ? AND idx = ?",
-                (path, size, sha256, time.time(), out.job_id, out.idx),
-            )
+        params = (path, size, sha256, time.time(), out.job_id, out.idx)
+        await self._write(lambda conn: conn.execute(
+            "UPDATE outputs SET path = ?, size = ?, sha256 = ?, downloaded_at = ? "
+            "WHERE job_id = ? AND idx = ?", params,
+        ))
         out.path, out.size, out.sha256 = path, size, sha256
 
 
@@ -498,3 +536,52 @@ def _filters(
         clauses.append(f"state IN ({', '.join('?' * len(states))})" if states else "0")
         args.extend(states)
     return ("WHERE " + " AND ".join(clauses) if clauses else "WHERE 1"), args
+
+
+def _transition_sql(
+    job_id: int, state: str, now: float, detail: str | None, fields: dict[str, Any],
+    expect: Sequence[str] | None,
+) -> tuple[str, list[Any]]:
+    sets = "".join(f", {k} = ?" for k in fields)
+    sql = f"UPDATE jobs SET state = ?, updated_at = ?, detail = ?{sets} WHERE id = ?"
+    params: list[Any] = [state, now, detail, *fields.values(), job_id]
+    if expect:
+        sql += f" AND state IN ({', '.join('?' * len(expect))})"
+        params.extend(expect)
+    return sql, params
+
+
+def _apply_transition(
+    conn: sqlite3.Connection, key: str, job_id: int, sql: str, params: list[Any],
+    expect: Sequence[str] | None,
+) -> None:
+    if conn.execute(sql, params).rowcount != 1:
+        row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no job with id {job_id}")
+        raise StoreError(f"job {key} is '{row[0]}', expected one of {list(expect or [])}")
+
+
+def _apply_group(
+    conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+) -> list[tuple[bool, Any]]:
+    """One group commit, in the connection's thread: every write in its own savepoint (so one
+    that fails is undone alone), then one COMMIT for all."""
+    out: list[tuple[bool, Any]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for fn in fns:
+            conn.execute("SAVEPOINT w")
+            try:
+                out.append((True, fn(conn)))
+            except Exception as exc:  # noqa: BLE001 - handed to that write's caller
+                conn.execute("ROLLBACK TO w")
+                out.append((False, exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc}")))
+            conn.execute("RELEASE w")
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        err = StoreError(f"cannot commit to the store: {exc}")
+        return [(False, err)] * len(fns)
+    return out

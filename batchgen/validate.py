@@ -1,29 +1,50 @@
 """Validation before spending: expand a manifest, probe each distinct image once, check every job
-against its model's schema, and report every problem at once with file, row/line and field."""
+against its model's schema, and report every problem at once with file, row/line and field.
+
+Defaults: the manifest applies the schema's defaults of optional fields while expanding (so the
+job key covers them); validation checks the inputs exactly as they will be sent.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from .errors import Problem
 from .images import ImageInfo, ImageProber
-from .manifest import JobSpec, Manifest
-from .schema import ModelSchema
+from .manifest import JobSpec, Manifest, is_image_name
+from .schema import ModelSchema, SchemaError, find_schema
+
+log = logging.getLogger(__name__)
+
+# Jobs held while their images are probed. Probes are cached, so a 100,000-job manifest over a
+# handful of images costs a handful of probes; the window only bounds memory and lets probes of
+# different images overlap.
+WINDOW = 1000
 
 
 @dataclass
 class ValidationResult:
-    jobs: int
-    problems: list[Problem]
-    duplicates: int
-    schema: ModelSchema | None
+    jobs: int  # jobs in the expanded manifest, duplicates not counted
+    problems: list[Problem]  # empty: the manifest may be run
+    duplicates: int  # jobs skipped because an earlier one had the same key
+    schema: ModelSchema | None  # None: an unknown model, inputs passed through unchecked
 
 
-def _image_refs(schema: ModelSchema | None, inputs: dict) -> list[tuple[str, str]]:
-    """(field, reference) of every image in a job's inputs."""
-    fields = schema.image_fields() if schema else {}
+def image_refs(schema: ModelSchema | None, inputs: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, reference) of every image in a job's inputs. Without a schema, fields whose names
+    say image (image_url, img_url, start_image, ...)."""
+    if schema is not None:
+        fields: Any = schema.image_fields()
+    else:
+        fields = [k for k in inputs if is_image_name(k)]
     refs: list[tuple[str, str]] = []
     for name in fields:
         value = inputs.get(name)
@@ -34,42 +55,68 @@ def _image_refs(schema: ModelSchema | None, inputs: dict) -> list[tuple[str, str
 
 
 async def validate_manifest(
-    manifest: Manifest, *, allow_local_files: bool, prober: ImageProber | None = None,
+    manifest: Manifest,
+    *,
+    schema_path: str | Path | None = None,
+    allow_local_files: bool,
+    session: aiohttp.ClientSession | None = None,
+    prober: ImageProber | None = None,
     collect: Callable[[JobSpec], None] | None = None,
 ) -> ValidationResult:
-    """Check a manifest. ``allow_local_files``: local images may be sent as files (a --simulate
-    run publishes them itself); against the real API they need the manifest's image_base_url.
+    """Check every job of ``manifest``; never raises for bad input.
+
+    ``schema_path`` checks against that schema file instead of the one the manifest found.
+    ``allow_local_files``: local images may be sent as ``file://`` (a --simulate run publishes
+    them itself); against the real API they need the manifest's ``image_base_url``. ``session``
+    (without credentials) or ``prober`` are used for remote images; otherwise one is made here.
     ``collect`` sees every job as it is expanded, so a caller can record them afterwards without
-    expanding the manifest twice."""
-    own_prober = prober is None
-    prober = prober or ImageProber()
-    problems: list[Problem] = []
-    seen_problems: set[Problem] = set()
+    expanding the manifest twice.
+    """
+    extra: list[Problem] = []
+    if schema_path is not None:
+        try:
+            manifest.use_schema(find_schema(manifest.model_id, schema_path))
+        except SchemaError as exc:
+            problems = [*manifest.problems, Problem(str(schema_path), "", "", str(exc))]
+            return ValidationResult(0, problems, 0, None)
     schema = manifest.schema
+    # Rules the schema has but batchgen cannot apply: said once, on the schema, not on every job.
+    schema_rules = set(schema.rule_problems) if schema else set()
+    if schema is not None:
+        schema_file = Path(schema.source).name if schema.source else manifest.file
+        extra += [Problem(schema_file, "", field_name, message) for field_name, message in schema.rule_problems]
+
+    own_prober = prober is None
+    prober = prober or ImageProber(session=session)
+    found: list[Problem] = []
+    seen: set[Problem] = set()
     jobs = 0
-    # Jobs wait here while their images are probed in the background; probes are cached, so
-    # a 100,000-job manifest over a handful of images costs a handful of probes.
-    batch: list[tuple] = []
-    source_of: dict[str, str] = {}
+    window: list[tuple[JobSpec, list[tuple[str, str]]]] = []
+    refused_local: set[str] = set()
 
     def add(p: Problem) -> None:
-        if p not in seen_problems:  # matrix and repeat copies repeat their base job's problems
-            seen_problems.add(p)
-            problems.append(p)
+        if p not in seen:  # matrix and repeat copies of a job share its source and its problems
+            seen.add(p)
+            found.append(p)
 
-    async def check_batch() -> None:
-        refs = {r for _, _, rs in batch for r in rs}
-        infos = dict(zip(refs, await asyncio.gather(*(prober.probe(source_of[r]) for r in refs)), strict=True))
-        for spec, loc, rs in batch:
-            images: dict[str, ImageInfo | str] = {r: infos[r] for r in rs}
+    async def check_window() -> None:
+        refs = list({ref for _, named in window for _, ref in named})
+        disk = {ref: spec.local_files.get(ref, ref) for spec, named in window for _, ref in named}
+        infos = await asyncio.gather(*(prober.probe(disk[r]) for r in refs))
+        probed: dict[str, ImageInfo | str] = dict(zip(refs, infos, strict=True))
+        for spec, named in window:
+            file, _, location = spec.source.partition(", ")
+            images = {ref: probed[ref] for _, ref in named}
             if schema is not None:
-                for fname, msg in schema.check(spec.inputs, images):
-                    add(Problem(loc[0], loc[1], fname, msg))
+                for field_name, message in schema.check(spec.inputs, images):
+                    if (field_name, message) not in schema_rules:
+                        add(Problem(file, location, field_name, message))
             else:
-                for r in rs:
-                    if isinstance(images[r], str):
-                        add(Problem(loc[0], loc[1], "", f"{r}: {images[r]}"))
-        batch.clear()
+                for field_name, ref in named:
+                    info = images[ref]
+                    if isinstance(info, str):
+                        add(Problem(file, location, field_name, f"{ref}: {info}"))
+        window.clear()
 
     try:
         for spec in manifest.iter_jobs():
@@ -77,20 +124,43 @@ async def validate_manifest(
             if collect is not None:
                 collect(spec)
             file, _, location = spec.source.partition(", ")
-            named = [(f, r) for f, r in _image_refs(schema, spec.inputs) if r not in manifest.bad_refs]
-            refs = [r for _, r in named]
-            for fname, r in named:
-                if r.startswith("file://") and not allow_local_files:
-                    add(Problem(file, location, fname, f"local image {spec.local_files.get(r, r)} needs "
-                                "image_base_url in the manifest (the https:// address where the same "
-                                "files are published) to run against the real API; or use --simulate"))
-                source_of.setdefault(r, spec.local_files.get(r, r))
-            batch.append((spec, (file, location), refs))
-            if len(batch) >= 500:
-                await check_batch()
-        await check_batch()
+            named = []
+            for field_name, ref in image_refs(schema, spec.inputs):
+                if ref in manifest.bad_refs:
+                    continue  # the manifest said what is wrong with it
+                if ref.startswith("file://") and not allow_local_files and ref not in refused_local:
+                    refused_local.add(ref)  # once per file, at the first job that uses it
+                    add(Problem(file, location, field_name,
+                                f"local file {spec.local_files.get(ref, ref)} needs image_base_url in the manifest "
+                                "(the https:// address where the same files are published) to run against the "
+                                "real API; or use --simulate"))
+                if ref in spec.local_files or ref.startswith(("http://", "https://")):
+                    named.append((field_name, ref))
+            window.append((spec, named))
+            if len(window) >= WINDOW:
+                await check_window()
+        await check_window()
     finally:
         if own_prober:
             await prober.close()
-    structural = [p for p in manifest.problems if p not in seen_problems]
-    return ValidationResult(jobs, structural + problems, manifest.duplicates, schema)
+    problems = extra + _in_order(manifest, found)
+    return ValidationResult(jobs, problems, manifest.duplicates, schema)
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def _in_order(manifest: Manifest, checked: list[Problem]) -> list[Problem]:
+    """Every problem by file (the manifest, then the others as they were met) and row/line, so
+    one job's problems read together; problems about a whole file come first."""
+    loaded = manifest.problems
+    known = set(loaded)
+    files: dict[str, int] = {manifest.file: 0}
+    for p in (*loaded, *checked):
+        files.setdefault(p.file, len(files))
+
+    def order(p: Problem) -> tuple[int, int]:
+        m = _NUMBER.search(p.location)
+        return files[p.file], int(m.group()) if m else 0
+
+    return sorted([*loaded, *(p for p in checked if p not in known)], key=order)

@@ -1,20 +1,21 @@
 """Manifest expansion: defaults, jobs, CSV rows, matrix, repeat, aliases, templates, keys, and
-problems that name file, row or line, and field — all of them at once."""
+problems that name file, row or line, and field — all of them at once. Pure: no network."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import textwrap
 
 import pytest
 from imagefactory import make_image
 
-from batchgen.app import validate
-from batchgen.manifest import load_manifest
+from batchgen.constants import DEFAULT_MODEL
+from batchgen.errors import ManifestError
+from batchgen.manifest import JobSpec, is_loopback_host, load_manifest, render, template_names
 
 
 def write(path, text):
-    path.write_text(textwrap.dedent(text))
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
     return path
 
 
@@ -31,6 +32,13 @@ def jobs_of(path, **kw):
     return m, specs
 
 
+def texts(m):
+    return [str(p) for p in m.problems]
+
+
+# ---- expansion --------------------------------------------------------------------------------
+
+
 def test_defaults_jobs_matrix_repeat(imgs):
     path = write(imgs / "m.yaml", """
         defaults: {seed: 5}
@@ -41,16 +49,46 @@ def test_defaults_jobs_matrix_repeat(imgs):
         repeat: 2
     """)
     m, specs = jobs_of(path)
-    assert m.problems == [] and m.name == "m"
+    assert m.problems == [] and m.name == "m" and m.model_id == DEFAULT_MODEL
     assert len(specs) == 2 * 2 * 2
     first = specs[0]
-    assert first.inputs["seed"] == 5 and first.inputs["frames"] == 121
-    assert first.inputs["image_urls"] == [(imgs / "a.jpg").resolve().as_uri()]
+    assert isinstance(first, JobSpec) and first.batch == "m" and first.model_id == DEFAULT_MODEL
+    assert first.inputs == {"prompt": "one", "seed": 5, "frames": 121,
+                            "image_urls": [(imgs / "a.jpg").resolve().as_uri()]}
+    assert [s.inputs["frames"] for s in specs[:4]] == [121, 121, 241, 241]
     assert specs[4].inputs["seed"] == 9
-    assert first.source == "m.yaml, line 4" and specs[4].source == "m.yaml, line 5"
+    assert first.source == "m.yaml, line 3" and specs[4].source == "m.yaml, line 4"
     assert [s.seq for s in specs] == list(range(8))
     assert len({s.key for s in specs}) == 8
     assert first.meta == {"matrix": {"frames": 121}, "repeat": 0}
+    assert specs[1].meta == {"matrix": {"frames": 121}, "repeat": 1}
+    assert first.local_files == {first.inputs["image_urls"][0]: str((imgs / "a.jpg").resolve())}
+
+
+def test_merge_order_schema_defaults_then_defaults_then_job_then_matrix(imgs):
+    path = write(imgs / "m.yaml", """
+        defaults: {frames: 241, seed: 1}
+        jobs:
+          - {prompt: p, image: a.jpg, seed: 2}
+          - {prompt: q, image: a.jpg, frames: 121, seed: 3}
+        matrix: {seed: [7]}
+    """)
+    _, specs = jobs_of(path)
+    assert [(s.inputs["frames"], s.inputs["seed"]) for s in specs] == [(241, 7), (121, 7)]
+    path = write(imgs / "n.yaml", "jobs: [{prompt: p, image: a.jpg}]\n")
+    _, (spec,) = jobs_of(path)
+    assert (spec.inputs["frames"], spec.inputs["seed"]) == (121, -1)  # the schema's, for optional fields only
+
+
+def test_jobs_and_rows_together_in_order(imgs):
+    write(imgs / "rows.csv", "prompt,image\nfrom csv,a.jpg\n")
+    path = write(imgs / "m.yaml", """
+        rows: rows.csv
+        jobs: [{prompt: from yaml, image: b.png}]
+    """)
+    _, specs = jobs_of(path)
+    assert [s.inputs["prompt"] for s in specs] == ["from yaml", "from csv"]
+    assert [s.source for s in specs] == ["m.yaml, line 2", "rows.csv, row 2"]
 
 
 def test_csv_rows_with_template_alias_and_notes(imgs):
@@ -63,131 +101,440 @@ def test_csv_rows_with_template_alias_and_notes(imgs):
     m, specs = jobs_of(path)
     assert m.problems == []
     assert [s.inputs["prompt"] for s in specs] == ["A fox at dusk", "A owl at dusk"]
-    assert specs[0].inputs["frames"] == 241 and specs[1].inputs["frames"] == 121
+    assert specs[0].inputs["frames"] == 241 and specs[1].inputs["frames"] == 121  # empty cell: not given
     assert specs[0].meta == {"_note": "keep", "subject": "fox"}
-    assert "subject" not in specs[0].inputs
+    assert specs[1].meta == {"subject": "owl"}
+    assert "subject" not in specs[0].inputs and "_note" not in specs[0].inputs
     assert specs[0].source == "rows.csv, row 2" and specs[0].batch == "night-shift"
+
+
+def test_csv_manifest_on_its_own_casts_by_schema_type(imgs):
+    path = write(imgs / "plain.csv", """
+        prompt,image,seed,frames
+        "A quoted, comma prompt",a.jpg,-7,241
+
+        second,b.png,,
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == [] and m.name == "plain"
+    assert specs[0].inputs["prompt"] == "A quoted, comma prompt"
+    assert (specs[0].inputs["seed"], specs[0].inputs["frames"]) == (-7, 241)
+    assert specs[1].source == "plain.csv, row 4"  # the blank line is skipped but counted
+
+
+def test_csv_casts_numbers_booleans_and_lists(tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"model_id": "acme/t2i", "input": {"type": "object", "properties": {
+        "prompt": {"type": "string"}, "scale": {"type": "number"}, "hd": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string"}}, "steps": {"type": "integer"}}}}))
+    path = write(tmp_path / "m.csv", """
+        prompt,scale,hd,tags,steps
+        a,1.5,yes,x|y,3
+        b,lots,maybe,,3.5
+    """)
+    m, specs = jobs_of(path, schema_path=schema)
+    assert specs[0].inputs == {"prompt": "a", "scale": 1.5, "hd": True, "tags": ["x", "y"], "steps": 3}
+    assert len(specs) == 1  # the row with bad cells is not expanded
+    assert texts(m) == [
+        "m.csv, row 3, field 'scale': 'lots' is not a number",
+        "m.csv, row 3, field 'hd': 'maybe' is not true or false",
+        "m.csv, row 3, field 'steps': '3.5' is not a whole number",
+    ]
+
+
+def test_list_field_takes_several_urls_separated_by_bars(imgs):
+    path = write(imgs / "m.csv", "prompt,image_urls\np,a.jpg|b.png\n")
+    _, (spec,) = jobs_of(path)
+    assert [u.rsplit("/", 1)[1] for u in spec.inputs["image_urls"]] == ["a.jpg", "b.png"]
+
+
+def test_alias_onto_a_single_url_field(imgs):
+    path = write(imgs / "m.yaml", """
+        model: kling/kling-2-1/standard/image-to-video
+        jobs: [{prompt: p, image: a.jpg}, {prompt: q, image_urls: [b.png]}]
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    assert [s.inputs["image_url"].rsplit("/", 1)[1] for s in specs] == ["a.jpg", "b.png"]
+    assert specs[0].inputs["duration"] == 5
+
+
+def test_the_same_image_twice_is_a_problem(imgs):
+    path = write(imgs / "m.yaml", "jobs:\n  - {prompt: p, image: a.jpg, image_urls: [b.png]}\n")
+    m, _ = jobs_of(path)
+    assert "m.yaml, line 2, field 'image': the image is given twice (image, image_urls); use one" in texts(m)
+
+
+def test_a_job_image_overrides_a_default_image(imgs):
+    path = write(imgs / "m.yaml", """
+        defaults: {image: a.jpg}
+        jobs: [{prompt: p}, {prompt: q, image_url: b.png}]
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    assert [s.inputs["image_urls"][0].rsplit("/", 1)[1] for s in specs] == ["a.jpg", "b.png"]
+
+
+def test_rows_images_are_relative_to_their_csv(tmp_path):
+    make_image(tmp_path / "data" / "pics" / "c.jpg", 640, 480)
+    write(tmp_path / "data" / "rows.csv", "prompt,image\np,pics/c.jpg\n")
+    path = write(tmp_path / "m.yaml", "rows: data/rows.csv\n")
+    m, (spec,) = jobs_of(path)
+    assert m.problems == [] and spec.source == "data/rows.csv, row 2"
+    assert spec.inputs["image_urls"] == [(tmp_path / "data" / "pics" / "c.jpg").resolve().as_uri()]
+
+
+# ---- templates ----------------------------------------------------------------------------------
+
+
+def test_template_helpers():
+    assert render("{a} and {{literal}} {n:03d}", {"a": "x", "n": 7}) == "x and {literal} 007"
+    assert template_names(["{a} {b}", "plain", 3]) == {"a", "b"}
+
+
+def test_templates_use_matrix_variables_that_are_not_sent(imgs):
+    path = write(imgs / "m.yaml", """
+        defaults: {prompt: "{style} shot of a fox, seed {seed}, {{raw}}"}
+        jobs: [{image: a.jpg, seed: 4}]
+        matrix: {style: [noir, pastel]}
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    assert [s.inputs["prompt"] for s in specs] == ["noir shot of a fox, seed 4, {raw}",
+                                                   "pastel shot of a fox, seed 4, {raw}"]
+    assert "style" not in specs[0].inputs
+    assert specs[0].meta == {"style": "noir", "matrix": {"style": "noir"}}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "needle"),
+    [
+        ("{nope}", "m.yaml, line 2, field 'prompt': template uses {nope}, which this job does not define; "
+                   "defined: frames, image_urls, prompt, seed"),
+        ("{a.b}", "m.yaml, line 2, field 'prompt': bad template field {a.b}: use a plain name"),
+        ("{unclosed", "m.yaml, line 2, field 'prompt': bad template (expected '}' before end of string)"),
+        ("{seed:zz}", "m.yaml, line 2, field 'prompt': template {seed:zz} cannot format -1"),
+    ],
+)
+def test_template_problems_name_the_field_and_variable(imgs, prompt, needle):
+    path = imgs / "m.yaml"
+    path.write_text("jobs:\n  - " + json.dumps({"prompt": prompt, "image": "a.jpg"}) + "\n")
+    m, specs = jobs_of(path)
+    assert specs == []
+    assert any(t.startswith(needle) for t in texts(m)), texts(m)
+
+
+def test_a_default_template_missing_a_column_is_reported_once(imgs):
+    write(imgs / "rows.csv", "image\na.jpg\nb.png\na.jpg\n")
+    path = write(imgs / "m.yaml", """
+        defaults: {prompt: "A {subject}"}
+        rows: rows.csv
+    """)
+    m, specs = jobs_of(path)
+    assert specs == []
+    (problem,) = m.problems
+    assert str(problem).startswith("rows.csv, row 2, field 'prompt': template uses {subject}")
+
+
+# ---- keys ---------------------------------------------------------------------------------------
 
 
 def test_keys_are_stable_and_default_insensitive(imgs):
     a = write(imgs / "a.yaml", "jobs: [{prompt: p, image: a.jpg}]\n")
     b = write(imgs / "b.yaml", "jobs: [{prompt: p, image_urls: [a.jpg], frames: 121, seed: -1}]\n")
     c = write(imgs / "c.yaml", "jobs: [{prompt: p, image: a.jpg}]\nrepeat: 2\n")
+    d = write(imgs / "d.yaml", "defaults: {frames: 121}\njobs: [{prompt: p, image: a.jpg}]\n")
     ka = jobs_of(a)[1][0].key
-    assert ka == jobs_of(b)[1][0].key  # defaults written out or left implicit: same job
-    assert ka == jobs_of(a)[1][0].key
+    assert len(ka) == 16 and int(ka, 16) >= 0
+    assert ka == jobs_of(a)[1][0].key == jobs_of(b)[1][0].key == jobs_of(d)[1][0].key
     ks = [s.key for s in jobs_of(c)[1]]
     assert ks[0] == ka and ks[1] != ka  # each repeat is its own job
+    e = write(imgs / "e.yaml", "jobs: [{prompt: p, image: a.jpg, seed: 1}]\n")
+    assert jobs_of(e)[1][0].key != ka
 
 
-def test_key_follows_image_content_not_its_path(imgs, tmp_path):
+def test_key_follows_image_content_not_its_path_or_url(imgs, tmp_path):
     a = write(imgs / "a.yaml", "jobs: [{prompt: p, image: a.jpg}]\n")
     before = jobs_of(a)[1][0].key
     moved = tmp_path / "moved"
     moved.mkdir()
-    (moved / "a.jpg").write_bytes((imgs / "a.jpg").read_bytes())
-    write(moved / "a.yaml", "jobs: [{prompt: p, image: a.jpg}]\n")
+    (moved / "renamed.jpg").write_bytes((imgs / "a.jpg").read_bytes())
+    write(moved / "a.yaml", "image_base_url: https://cdn.example.com/x\njobs: [{prompt: p, image: renamed.jpg}]\n")
     assert jobs_of(moved / "a.yaml")[1][0].key == before
     make_image(imgs / "a.jpg", 641, 480)
     assert jobs_of(a)[1][0].key != before
 
 
+def test_duplicates_collapse_keeping_the_first(imgs):
+    path = write(imgs / "m.yaml", """
+        jobs:
+          - {prompt: p, image: a.jpg, _note: first}
+          - {prompt: p, image: a.jpg, _note: second}
+          - {prompt: other, image: a.jpg}
+    """)
+    m, specs = jobs_of(path)
+    assert [s.meta.get("_note") for s in specs] == ["first", None] and m.duplicates == 1
+    assert [s.seq for s in specs] == [0, 1]
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+
 def test_image_base_url_publishes_local_files(imgs):
+    make_image(imgs / "sub dir" / "my pic.jpg", 640, 480)
     path = write(imgs / "m.yaml", """
         image_base_url: https://cdn.example.com/in/
-        jobs: [{prompt: p, image: a.jpg}]
+        jobs: [{prompt: p, image: a.jpg}, {prompt: q, image: "sub dir/my pic.jpg"}]
     """)
-    _, (spec,) = jobs_of(path)
-    assert spec.inputs["image_urls"] == ["https://cdn.example.com/in/a.jpg"]
-    assert spec.local_files == {"https://cdn.example.com/in/a.jpg": str((imgs / "a.jpg").resolve())}
-
-
-def test_duplicates_collapse(imgs):
-    path = write(imgs / "m.yaml", "jobs: [{prompt: p, image: a.jpg}, {prompt: p, image: a.jpg}]\n")
     m, specs = jobs_of(path)
-    assert len(specs) == 1 and m.duplicates == 1
+    assert m.image_base_url == "https://cdn.example.com/in"
+    assert specs[0].inputs["image_urls"] == ["https://cdn.example.com/in/a.jpg"]
+    assert specs[0].local_files == {"https://cdn.example.com/in/a.jpg": str((imgs / "a.jpg").resolve())}
+    assert specs[1].inputs["image_urls"] == ["https://cdn.example.com/in/sub%20dir/my%20pic.jpg"]
+
+
+def test_image_base_url_cannot_publish_files_outside_the_folder(tmp_path):
+    make_image(tmp_path / "outside.jpg", 640, 480)
+    (tmp_path / "in").mkdir()
+    path = write(tmp_path / "in" / "m.yaml", """
+        image_base_url: https://cdn.example.com
+        jobs: [{prompt: p, image: ../outside.jpg}]
+    """)
+    m, _ = jobs_of(path)
+    assert any("outside the manifest's folder" in t and "line 2, field 'image_urls'" in t for t in texts(m))
+
+
+@pytest.mark.parametrize(
+    ("ref", "problem"),
+    [
+        ("https://cdn.example.com/a.jpg", None),
+        ("http://127.0.0.1:8080/a.jpg", None),
+        ("http://127.1.2.3/a.jpg", None),
+        ("http://localhost/a.jpg", None),
+        ("http://[::1]:9000/a.jpg", None),
+        ("http://example.com/a.jpg", "plain http is allowed only for loopback addresses; use https://"),
+        ("http://10.0.0.1/a.jpg", "plain http is allowed only for loopback"),
+        ("ftp://example.com/a.jpg", "unsupported scheme 'ftp'"),
+        ("missing.jpg", "local image not found: missing.jpg (looked for "),
+    ],
+)
+def test_image_references(tmp_path, ref, problem):
+    path = write(tmp_path / "m.yaml", f"jobs:\n  - {{prompt: p, image: '{ref}'}}\n")
+    m, specs = jobs_of(path)
+    if problem is None:
+        assert m.problems == [] and specs[0].inputs["image_urls"] == [ref] and specs[0].local_files == {}
+    else:
+        (p,) = m.problems
+        assert (p.file, p.location, p.field) == ("m.yaml", "line 2", "image_urls") and problem in p.message
+
+
+def test_absolute_paths_and_file_uris(imgs, tmp_path):
+    path = write(tmp_path / "elsewhere.yaml", f"""
+        jobs:
+          - {{prompt: p, image: '{imgs / "a.jpg"}'}}
+          - {{prompt: q, image: '{(imgs / "b.png").as_uri()}'}}
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    assert [s.inputs["image_urls"][0] for s in specs] == [(imgs / "a.jpg").as_uri(), (imgs / "b.png").as_uri()]
+
+
+def test_is_loopback_host():
+    assert is_loopback_host("127.0.0.1") and is_loopback_host("::1") and is_loopback_host("LOCALHOST")
+    assert not is_loopback_host("example.com") and not is_loopback_host(None) and not is_loopback_host("0.0.0.0")
+
+
+# ---- problems -----------------------------------------------------------------------------------
 
 
 def test_all_problems_at_once_with_locations(imgs):
-    write(imgs / "rows.csv", "prompt,image,frames,promt\nok,a.jpg,,\nbad,missing.jpg,abc,x\n")
+    write(imgs / "rows.csv", "prompt,image,frames,promt\nok,a.jpg,,\nbad,missing.jpg,abc,x\nalso,a.jpg,,y\n")
     path = write(imgs / "m.yaml", """
         name: good
         colour: red
-        defaults: {frames: 120}
+        defaults: {frames: 121, sede: 4}
         rows: rows.csv
         jobs:
           - {prompt: "{nope}", image: a.jpg}
-          - {prompt: p, image: "http://example.com/x.jpg"}
+          - {prompt: p, image: "http://example.com/x.jpg", size: big}
     """)
-    result = asyncio.run(validate(path, simulate=True))
-    text = "\n".join(str(p) for p in result.problems)
+    m, _ = jobs_of(path)
+    found = texts(m)
     for needle in [
-        "m.yaml, line 3, field 'colour': unknown key; allowed: name, model",
-        "m.yaml, line 7, field 'prompt': template uses {nope}",
-        "m.yaml, line 8, field 'image_urls': http://example.com/x.jpg: plain http is allowed only for loopback",
+        "m.yaml, line 2, field 'colour': unknown key; allowed: name, model, schema, "
+        "image_base_url, defaults, jobs, rows, matrix, repeat",
+        "m.yaml, line 3, field 'sede': unknown field 'sede' (did you mean 'seed'?); allowed: prompt, image_urls, "
+        "seed, frames (or image / image_url for image_urls; or prefix it with _ to keep it as a note)",
+        "m.yaml, line 6, field 'prompt': template uses {nope}, which this job does not define",
+        "m.yaml, line 7, field 'image_urls': http://example.com/x.jpg: plain http is allowed only for loopback",
+        "m.yaml, line 7, field 'size': unknown field 'size'; allowed: prompt",
         "rows.csv, row 3, field 'frames': 'abc' is not a whole number",
-        "rows.csv, row 3, field 'promt': unknown field; allowed: prompt, image_urls, seed, frames",
+        "rows.csv, row 3, field 'promt': unknown column 'promt' (did you mean 'prompt'?); allowed: prompt, "
+        "image_urls, seed, frames (or image / image_url for image_urls; or prefix it with _ to keep it as a note)",
         "rows.csv, row 3, field 'image_urls': local image not found: missing.jpg",
-        "rows.csv, row 2, field 'frames': must be one of 121, 241, got 120",
     ]:
-        assert needle in text, f"{needle!r} not in\n{text}"
+        assert sum(t.startswith(needle) for t in found) == 1, f"{needle!r} not once in\n" + "\n".join(found)
+    assert len(found) == 8  # the defaults' typo and the CSV column once each, not per job or row
+
+
+def test_iterating_twice_does_not_double_problems(imgs):
+    path = write(imgs / "m.yaml", "jobs: [{prompt: p, image: missing.jpg}]\n")
+    m = load_manifest(path)
+    list(m.iter_jobs())
+    list(m.iter_jobs())
+    assert len(m.problems) == 1
+
+
+def test_expansion_streams_rows(imgs):
+    lines = ["prompt,image"] + [f"p{i},a.jpg" for i in range(1000)] + ["late,missing.jpg"]
+    path = write(imgs / "m.csv", "\n".join(lines) + "\n")
+    m = load_manifest(path)
+    jobs = m.iter_jobs()
+    assert next(jobs).inputs["prompt"] == "p0"
+    assert m.problems == []  # the last row has not been read yet
+    assert sum(1 for _ in jobs) == 1000  # the job with the missing image too: its other fields get checked
+    assert texts(m) == [f"m.csv, row 1002, field 'image_urls': local image not found: missing.jpg "
+                        f"(looked for {(imgs / 'missing.jpg').resolve()})"]
 
 
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
-        ("jobs: [\n", "not valid YAML"),
-        ("- a\n- b\n", "must be a mapping"),
-        ("name: x\n", "has no jobs"),
-        ("name: 'a b'\njobs: []\n", "batch name 'a b' is not allowed"),
-        ("jobs: [{prompt: p}]\nrepeat: 0\n", "field 'repeat': must be a whole number"),
-        ("jobs: [{prompt: p}]\nmatrix: {seed: 3}\n", "non-empty list"),
-        ("rows: nope.csv\n", "CSV file not found"),
-        ("jobs: [{prompt: p}]\nimage_base_url: ftp://x\n", "https:// URL"),
+        ("jobs: [\n  {prompt: p}\n", "m.yaml, line 3: not valid YAML"),
+        ("- a\n- b\n", "m.yaml: the manifest must be a mapping of keys (name, model"),
+        ("name: x\n", "m.yaml, field 'jobs': the manifest has no jobs"),
+        ("name: 'a b'\njobs: []\n", "m.yaml, line 1, field 'name': batch name 'a b' is not allowed"),
+        ("name: ../up\njobs: []\n", "batch name '../up' is not allowed"),
+        ("jobs: [{prompt: p}]\nrepeat: 0\n", "m.yaml, line 2, field 'repeat': must be a whole number of at least 1"),
+        ("jobs: [{prompt: p}]\nrepeat: two\n", "field 'repeat': must be a whole number of at least 1, got 'two'"),
+        ("jobs: [{prompt: p}]\nmatrix: {seed: 3}\n", "m.yaml, line 2, field 'matrix.seed': must be a non-empty list"),
+        ("jobs: [{prompt: p}]\nmatrix: [1, 2]\n", "field 'matrix': must be a mapping of field: [values, ...]"),
+        ("rows: nope.csv\n", "m.yaml, line 1, field 'rows': CSV file not found: nope.csv"),
+        ("rows: [a.csv]\n", "field 'rows': must be the path of a CSV file"),
+        ("jobs: [{prompt: p}]\nimage_base_url: ftp://x\n", "field 'image_base_url': must be an https:// URL"),
+        ("jobs: [{prompt: p}]\nimage_base_url: http://cdn.example.com\n", "must be https:// (plain http only for"),
+        ("jobs: {prompt: p}\n", "m.yaml, line 1, field 'jobs': must be a list of jobs"),
+        ("jobs:\n  - just text\n", "m.yaml, line 2, field 'jobs': job 1 must be a mapping of field: value"),
+        ("defaults: [1]\njobs: []\n", "m.yaml, line 1, field 'defaults': must be a mapping of field: value"),
+        ("model: 7\njobs: []\n", "field 'model': must be a model id such as"),
+        ("jobs: []\nrepeat: 1\nrepeat: 2\n", "m.yaml, line 3, field 'repeat': appears twice (also on line 2)"),
+        ("jobs: []\nrpeat: 2\n", "field 'rpeat': unknown key (did you mean 'repeat'?); allowed: name, model"),
+        ("jobs:\n  - {prompt: p, prompt: q}\n", "field 'prompt': appears twice"),
+        ("jobs: [{prompt: p, seed: .nan}]\n", "m.yaml, line 1, field 'seed': nan is not a number JSON can carry"),
+        ("schema: none.json\njobs: []\n", "m.yaml, line 1, field 'schema': schema file not found: none.json"),
     ],
 )
 def test_structural_problems(tmp_path, text, needle):
-    path = write(tmp_path / "m.yaml", text)
-    result = asyncio.run(validate(path, simulate=True))
-    assert any(needle in str(p) for p in result.problems), result.problems
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    m, _ = jobs_of(path)
+    assert any(t.startswith(needle) or needle in t for t in texts(m)), texts(m)
+
+
+@pytest.mark.parametrize(
+    ("csv_bytes", "needle"),
+    [
+        (b"", "m.csv: the CSV file is empty"),
+        (b"prompt,prompt\na,b\n", "m.csv, row 1, field 'prompt': column appears twice"),
+        (b"prompt\na,b\n", "m.csv, row 2: 2 cells but the header has 1 columns"),
+        (b"prompt\nok\n\xff\xfe bad\n", "m.csv, line 3: not UTF-8 text (invalid start byte)"),
+        (b"prompt,\na,stray\n", "m.csv, row 2: a column without a header holds values"),
+    ],
+)
+def test_csv_problems(tmp_path, csv_bytes, needle):
+    path = tmp_path / "m.csv"
+    path.write_bytes(csv_bytes)
+    m, _ = jobs_of(path)
+    assert any(t.startswith(needle) for t in texts(m)), texts(m)
+
+
+def test_excel_csv_with_byte_order_mark(imgs):
+    (imgs / "m.csv").write_bytes(b"\xef\xbb\xbfprompt,image\r\nhello,a.jpg\r\n")
+    m, (spec,) = jobs_of(imgs / "m.csv")
+    assert m.problems == [] and spec.inputs["prompt"] == "hello"
+
+
+def test_dates_stay_text(imgs):
+    path = write(imgs / "m.yaml", "jobs: [{prompt: 2024-05-01, image: a.jpg}]\n")
+    m, (spec,) = jobs_of(path)
+    assert m.problems == [] and spec.inputs["prompt"] == "2024-05-01"
+
+
+def test_missing_manifest_is_a_manifest_error(tmp_path):
+    with pytest.raises(ManifestError, match="file not found"):
+        load_manifest(tmp_path / "nope.yaml")
+    (tmp_path / "m.txt").write_text("x")
+    assert "unsupported manifest type '.txt'" in texts(load_manifest(tmp_path / "m.txt"))[0]
+
+
+# ---- models and schemas -------------------------------------------------------------------------
 
 
 def test_unknown_model_passes_inputs_through(imgs):
     path = write(imgs / "m.yaml", """
         model: someone/new-model v2
-        jobs: [{prompt: p, anything: 3}]
+        jobs: [{prompt: "p {n}", n: 3, size: 1024x768, start_image: a.jpg}]
     """)
     m, (spec,) = jobs_of(path)
-    assert m.schema is None and spec.inputs == {"prompt": "p", "anything": 3}
+    assert m.schema is None and m.problems == []
+    assert spec.inputs == {"prompt": "p 3", "n": 3, "size": "1024x768",
+                           "start_image": (imgs / "a.jpg").resolve().as_uri()}
     assert spec.model_id == "someone/new-model v2"
 
 
 def test_schema_option_validates_another_model(imgs):
-    import json
-
     schema = imgs / "s.json"
     schema.write_text(json.dumps({"model_id": "acme/i2v", "input": {
         "type": "object", "required": ["image_url"],
         "properties": {"image_url": {"type": "string", "format": "image_uri"},
                        "duration": {"type": "integer", "enum": [5, 10]}}}}))
-    path = write(imgs / "m.yaml", "model: acme/i2v\njobs: [{image: a.jpg, duration: 7}]\n")
-    result = asyncio.run(validate(path, schema=schema, simulate=True))
-    assert [(p.field, "5, 10" in p.message) for p in result.problems] == [("duration", True)]
+    path = write(imgs / "m.yaml", "jobs: [{image: a.jpg, duration: 7}]\n")
     m, (spec,) = jobs_of(path, schema_path=schema)
+    assert m.model_id == "acme/i2v"  # no model in the manifest: the schema's
     assert spec.inputs["image_url"].startswith("file://")  # alias onto a single-URL field
+    in_file = write(imgs / "n.yaml", "schema: s.json\nmodel: acme/i2v\njobs: [{image: a.jpg}]\n")
+    assert jobs_of(in_file)[0].schema.model_id == "acme/i2v"
+    other = write(imgs / "o.yaml", "schema: s.json\nmodel: acme/other\njobs: [{image: a.jpg}]\n")
+    assert "the schema file is for model 'acme/i2v' but the manifest's model is 'acme/other'" in texts(
+        jobs_of(other)[0])[0]
 
 
-def test_csv_manifest_directly(samples):
-    m, specs = jobs_of(samples / "plain.csv")
-    assert m.problems == [] and m.name == "plain" and len(specs) == 2
+def test_bad_schema_file_is_a_problem(imgs):
+    (imgs / "s.json").write_text("{broken")
+    path = write(imgs / "m.yaml", "schema: s.json\njobs: [{image: a.jpg}]\n")
+    m, specs = jobs_of(path)
+    assert specs == [] and "m.yaml, line 1, field 'schema': schema" in texts(m)[0] and "not valid JSON" in texts(m)[0]
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "street-scenes.yaml", "plain.csv"])
-def test_every_sample_manifest_is_valid(samples, name):
-    result = asyncio.run(validate(samples / name, simulate=True))
-    assert result.problems == [] and result.jobs >= 2
+def test_batch_name_override(imgs):
+    path = write(imgs / "My Manifest!.yaml", "jobs: [{prompt: p, image: a.jpg}]\n")
+    assert load_manifest(path).name == "My-Manifest"
+    assert load_manifest(path, batch="nightly").name == "nightly"
+    assert "batch name 'a/b' is not allowed" in texts(load_manifest(path, batch="a/b"))[0]
 
 
-def test_quickstart_has_six_jobs_with_a_matrix(samples):
+def test_problem_free_sample_manifests(samples):
+    for name in ("quickstart.yaml", "street-scenes.yaml", "plain.csv"):
+        m, specs = jobs_of(samples / name)
+        assert m.problems == [] and len(specs) >= 2, name
     m, specs = jobs_of(samples / "quickstart.yaml")
     assert len(specs) >= 6 and m.matrix
+
+
+@pytest.mark.perf
+def test_expands_100000_jobs_quickly(imgs):
+    import time
+
+    rows = ["subject,image,seed"] + [f"subject {i},{'a.jpg' if i % 2 else 'b.png'},{i}" for i in range(25_000)]
+    (imgs / "rows.csv").write_text("\n".join(rows) + "\n")
+    path = write(imgs / "m.yaml", """
+        defaults: {prompt: "{style} shot of {subject}"}
+        rows: rows.csv
+        matrix: {frames: [121, 241], style: [Noir, Pastel]}
+    """)
+    start = time.perf_counter()
+    m = load_manifest(path)
+    count = sum(1 for _ in m.iter_jobs())
+    elapsed = time.perf_counter() - start
+    assert count == 100_000 and m.problems == []
+    assert elapsed < 10, f"{elapsed:.1f} s for 100,000 jobs"

@@ -1,92 +1,122 @@
 """Every rule of the Dreamina schema on both sides of its boundary, with real JPEG and PNG files
-probed from disk, plus the JSON Schema part (required, types, lengths, enum, items)."""
+probed from disk, plus the JSON Schema part (required, types, lengths, enum, items), the rule
+parser, and finding schemas."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from imagefactory import make_image
+from imagefactory import EXTENSIONS, make_image
 
 from batchgen.constants import DEFAULT_MODEL
-from batchgen.images import probe_file
-from batchgen.schema import ModelSchema, bundled_schemas, find_schema
+from batchgen.images import ImageInfo, probe_file
+from batchgen.schema import ModelSchema, SchemaError, bundled_schemas, find_schema, model_filename, parse_rule
 
 SCHEMA = find_schema(DEFAULT_MODEL)
+assert SCHEMA is not None
 
 
-def check_image(tmp_path, width, height, fmt="JPEG", nbytes=None):
-    ext = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp"}[fmt]
-    path = make_image(tmp_path / f"img-{width}x{height}-{nbytes}.{ext}", width, height, fmt, nbytes)
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("images")
+
+
+def check_image(folder, width, height, fmt="JPEG", nbytes=None):
+    """Write a real image, probe it from disk as validation does, check it as Dreamina's input."""
+    path = make_image(folder / f"{width}x{height}-{nbytes}.{EXTENSIONS[fmt]}", width, height, fmt, nbytes)
     ref = path.as_uri()
-    inputs = {"prompt": "p", "image_urls": [ref]}
-    return SCHEMA.check(inputs, {ref: probe_file(path)})
+    info = probe_file(path)
+    assert (info.width, info.height) == (width, height)
+    return SCHEMA.check({"prompt": "p", "image_urls": [ref]}, {ref: info})
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 @pytest.mark.parametrize(
-    ("width", "height", "ok", "needle"),
+    ("width", "height", "needle"),
     [
-        (321, 321, True, None),
-        (320, 600, False, "320 pixels"),  # "> 320": exactly 320 is refused, whatever the message says
-        (600, 320, False, "320 pixels"),
-        (4096, 2000, True, None),
-        (4097, 2000, False, "4096"),
-        (2000, 4096, True, None),
-        (2000, 4097, False, "4096"),
-        (962, 321, True, None),  # width/height 2.997 < 3
-        (963, 321, False, "3:1"),  # exactly 3
-        (331, 1000, True, None),  # 0.331 > 0.33
-        (330, 1000, False, "0.33"),  # exactly 0.33
+        (321, 321, None),
+        # "width_pixels> 320": exactly 320 is refused, although the message says "at least 320".
+        (320, 600, "image is 320x600; The shortest side must be at least 320 pixels (allowed: width greater than 320"),
+        (600, 320, "image is 600x320; The shortest side must be at least 320 pixels (allowed: height greater than 320"),
+        (4096, 2000, None),
+        (4097, 2000, "image is 4097x2000; Maximum resolution is 4096x4096 (allowed: width at most 4096 pixels)"),
+        (2000, 4096, None),
+        (2000, 4097, "image is 2000x4097; Maximum resolution is 4096x4096 (allowed: height at most 4096 pixels)"),
+        (962, 321, None),  # width/height = 2.9969 < 3
+        (963, 321, "(width/height 3); The ratio of long side to short side must be within 3:1 "
+                   "(allowed: width/height less than 3)"),  # exactly 3
+        (331, 1000, None),  # 0.331 > 0.33
+        (330, 1000, "(width/height 0.33); The ratio of long side to short side must be greater than 0.33 "
+                    "(allowed: width/height greater than 0.33)"),  # exactly 0.33
     ],
 )
-def test_dimension_rules(tmp_path, fmt, width, height, ok, needle):
-    problems = check_image(tmp_path, width, height, fmt)
-    if ok:
+def test_dimension_rules(image_dir, fmt, width, height, needle):
+    problems = check_image(image_dir, width, height, fmt)
+    if needle is None:
         assert problems == []
     else:
-        assert problems and all(field == "image_urls[0]" for field, _ in problems)
-        assert any(needle in msg for _, msg in problems), problems
+        (field, message), = problems
+        assert field == "image_urls[0]" and needle in message, message
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-@pytest.mark.parametrize(("nbytes", "ok"), [(4_699_999, True), (4_700_000, False)])
-def test_file_size_rule_uses_decimal_megabytes(tmp_path, fmt, nbytes, ok):
-    problems = check_image(tmp_path, 400, 400, fmt, nbytes)
-    if ok:
-        assert problems == []
-    else:
-        (field, msg), = problems
-        assert "4,700,000 bytes" in msg and "less than 4.7 MB" in msg
+def test_file_size_rule_uses_decimal_megabytes(image_dir, fmt):
+    assert check_image(image_dir, 400, 400, fmt, 4_699_999) == []
+    assert check_image(image_dir, 400, 400, fmt, 4_700_000) == [(
+        "image_urls[0]",
+        "image is 4,700,000 bytes; File size must be less than 4.7 MB "
+        "(allowed: less than 4,700,000 bytes; 1 MB = 1,000,000 bytes)",
+    )]
 
 
 @pytest.mark.parametrize(("fmt", "ok"), [("JPEG", True), ("PNG", True), ("GIF", False), ("WEBP", False)])
-def test_only_jpeg_and_png(tmp_path, fmt, ok):
-    problems = check_image(tmp_path, 400, 400, fmt)
-    assert (problems == []) is ok
-    if not ok:
-        assert "JPEG or PNG" in problems[0][1]
+def test_only_jpeg_and_png(image_dir, fmt, ok):
+    problems = check_image(image_dir, 400, 400, fmt)
+    if ok:
+        assert problems == []
+    else:
+        assert problems == [("image_urls[0]", f"image is {fmt}; Upload JPEG or PNG only (allowed: one of JPEG, PNG)")]
+
+
+def test_every_failing_rule_of_one_image_is_reported():
+    info = ImageInfo("gif", 5000, 300, 9_000_000)
+    messages = [m for _, m in SCHEMA.check({"prompt": "p", "image_urls": ["u"]}, {"u": info})]
+    assert len(messages) == 5  # type, size, width, height, ratio
+    assert messages[0].startswith("image is GIF")
 
 
 @pytest.mark.parametrize(
-    ("inputs", "field", "needle"),
+    ("inputs", "expected"),
     [
-        ({"image_urls": ["u"]}, "prompt", "is required"),
-        ({"prompt": "x" * 801, "image_urls": ["u"]}, "prompt", "801 characters; at most 800"),
-        ({"prompt": "p", "image_urls": []}, "image_urls", "at least 1"),
-        ({"prompt": "p", "image_urls": ["u", "v"]}, "image_urls", "at most 1"),
-        ({"prompt": "p", "image_urls": ["u"], "frames": 120}, "frames", "one of 121, 241, got 120"),
-        ({"prompt": "p", "image_urls": ["u"], "seed": "lucky"}, "seed", "type integer"),
-        ({"prompt": "p", "image_urls": ["u"], "colour": "red"}, "colour", "unknown field; allowed: prompt"),
+        ({"image_urls": ["u"]}, ("prompt", "is required: text, at most 800 characters")),
+        ({"prompt": "p"}, ("image_urls", "is required: a list of exactly 1 image URL(s) (Upload JPEG or PNG only)")),
+        ({"prompt": "x" * 801, "image_urls": ["u"]}, ("prompt", "is 801 characters; at most 800 allowed")),
+        ({"prompt": "p", "image_urls": []}, ("image_urls", "has 0 item(s); at least 1 required")),
+        ({"prompt": "p", "image_urls": ["u", "v"]}, ("image_urls", "has 2 item(s); at most 1 allowed")),
+        ({"prompt": "p", "image_urls": "u"}, ("image_urls", 'must be of type array (a list), got "u"')),
+        ({"prompt": "p", "image_urls": [7]}, ("image_urls[0]", "must be of type string (text), got 7")),
+        ({"prompt": "p", "image_urls": ["u"], "frames": 120}, ("frames", "must be one of 121, 241, got 120")),
+        ({"prompt": "p", "image_urls": ["u"], "frames": "121"}, ("frames", 'must be one of 121, 241, got "121"')),
+        ({"prompt": "p", "image_urls": ["u"], "seed": "lucky"},
+         ("seed", 'must be of type integer (a whole number), got "lucky"')),
+        ({"prompt": "p", "image_urls": ["u"], "seed": 1.5},
+         ("seed", "must be of type integer (a whole number), got 1.5")),
+        ({"prompt": "p", "image_urls": ["u"], "seed": True},
+         ("seed", "must be of type integer (a whole number), got true")),
+        ({"prompt": "p", "image_urls": ["u"], "colour": "red"},
+         ("colour", "unknown field; allowed: prompt, image_urls, seed, frames")),
     ],
 )
-def test_json_schema_rules(inputs, field, needle):
-    problems = SCHEMA.check(inputs, {})
-    assert any(f == field and needle in m for f, m in problems), problems
+def test_json_schema_rules(inputs, expected):
+    assert expected in SCHEMA.check(inputs, {})
 
 
 @pytest.mark.parametrize(
     "inputs",
     [
         {"prompt": "x" * 800, "image_urls": ["u"]},
+        {"prompt": "p", "image_urls": ["u"], "frames": 121, "seed": -1},
         {"prompt": "p", "image_urls": ["u"], "frames": 241, "seed": 7},
     ],
 )
@@ -94,36 +124,159 @@ def test_valid_inputs_pass(inputs):
     assert SCHEMA.check(inputs, {}) == []
 
 
+def test_all_problems_of_a_job_at_once_in_field_order():
+    problems = SCHEMA.check({"seed": "x", "frames": 3, "prompt": "y" * 900, "zz": 1}, {})
+    assert [f for f, _ in problems] == ["prompt", "image_urls", "seed", "frames", "zz"]
+
+
 def test_defaults_fill_optional_fields_only():
-    filled = SCHEMA.apply_defaults({})
-    assert filled == {"seed": -1, "frames": 121}  # not the example prompt or image
+    assert SCHEMA.apply_defaults({}) == {"seed": -1, "frames": 121}  # not the example prompt or image
+    assert SCHEMA.apply_defaults({"frames": 241}) == {"seed": -1, "frames": 241}
 
 
 def test_image_fields_and_output_kind():
     assert SCHEMA.image_fields() == {"image_urls": True}
     assert SCHEMA.output_kind == "video"
+    assert SCHEMA.model_id == DEFAULT_MODEL and SCHEMA.input_schema["required"] == ["prompt", "image_urls"]
 
 
-def test_unknown_rule_is_reported_not_ignored(tmp_path):
-    data = {
-        "model_id": "x/y",
-        "input": {"type": "object", "properties": {"image_url": {
-            "type": "string", "format": "image_uri",
-            "validations": [{"validation_rule": "dpi>", "validation_value": 72, "validation_error": "dpi"}],
-        }}},
-    }
-    problems = ModelSchema(data).check({"image_url": "u"}, {})
-    assert problems and "not understood" in problems[0][1]
+def test_probe_error_is_reported_on_the_field():
+    problems = SCHEMA.check({"prompt": "p", "image_urls": ["https://h/x.jpg"]},
+                            {"https://h/x.jpg": "image URL answered HTTP 404"})
+    assert problems == [("image_urls[0]", "https://h/x.jpg: image URL answered HTTP 404")]
 
 
-def test_every_bundled_schema_loads():
+# ---- rules read from any schema --------------------------------------------------------------
+
+
+def schema_with(rules, fmt="image_uri", **extra):
+    prop = {"type": "string", "format": fmt, "validations": [
+        {"validation_rule": r, "validation_value": v, "validation_error": f"{r} {v}"} for r, v in rules]}
+    return ModelSchema({"model_id": "acme/x-to-image", "input": {"type": "object", "properties": {"img": prop}},
+                        **extra})
+
+
+@pytest.mark.parametrize(
+    ("rule", "value", "passing", "failing"),
+    [
+        ("width_pixels>=", 320, 320, 319),
+        ("width_pixels<", 320, 319, 320),
+        ("width_pixels==", 512, 512, 513),
+        ("width_pixels_in", [512, 1024], 1024, 1000),
+        ("height_pixels >", 100, 101, 100),
+    ],
+)
+def test_rules_apply_literally(rule, value, passing, failing):
+    schema = schema_with([(rule, value)])
+    assert schema.rule_problems == []
+    ok = schema.check({"img": "u"}, {"u": ImageInfo("png", passing, passing, 10)})
+    bad = schema.check({"img": "u"}, {"u": ImageInfo("png", failing, failing, 10)})
+    assert ok == [] and len(bad) == 1 and bad[0][0] == "img"
+
+
+def test_size_and_ratio_rules_use_exact_arithmetic():
+    schema = schema_with([("file_size_mb<=", 0.3), ("width/height>=", 0.7)])
+    assert schema.check({"img": "u"}, {"u": ImageInfo("png", 700, 1000, 300_000)}) == []
+    bad = schema.check({"img": "u"}, {"u": ImageInfo("png", 699, 1000, 300_001)})
+    assert [m.split(";")[0] for _, m in bad] == ["image is 300,001 bytes", "image is 699x1000 (width/height 0.699)"]
+
+
+def test_file_type_rules_accept_jpg_spelling():
+    schema = schema_with([("file_type_in", ["JPG", "png"])])
+    assert schema.check({"img": "u"}, {"u": ImageInfo("jpeg", 400, 400, 10)}) == []
+    assert schema_with([("file_type==", "png")]).check({"img": "u"}, {"u": ImageInfo("png", 4, 4, 1)}) == []
+
+
+@pytest.mark.parametrize(
+    ("rule", "value", "needle"),
+    [
+        ("dpi>", 72, "rule 'dpi>' is not understood by batchgen"),
+        ("width_pixels~", 72, "rule 'width_pixels~' is not understood"),
+        ("file_size_mb<", "big", "has a value batchgen cannot use"),
+        ("file_type_in", "jpeg", "has a value batchgen cannot use"),
+        ("width/height<", True, "has a value batchgen cannot use"),
+    ],
+)
+def test_unknown_rule_is_reported_not_ignored(rule, value, needle):
+    schema = schema_with([(rule, value)])
+    (field, message), = schema.rule_problems
+    assert field == "img" and needle in message and "acme/x-to-image" in message
+    assert schema.check({"img": "u"}, {"u": ImageInfo("png", 400, 400, 10)}) == schema.rule_problems
+    assert schema.check({}, {}) == []  # no image given, nothing to refuse it
+
+
+def test_parse_rule():
+    rule = parse_rule({"validation_rule": "width/height<", "validation_value": 3, "validation_error": "x"})
+    assert (rule.subject, rule.op, rule.value) == ("width/height", "<", 3)
+    with pytest.raises(ValueError, match="no validation_rule"):
+        parse_rule({"rule": "x"})
+
+
+def test_rules_on_list_items_apply_to_each_image():
+    prop = {"type": "array", "items": {"type": "string", "format": "image_uri", "validations": [
+        {"validation_rule": "width_pixels>", "validation_value": 100, "validation_error": "too small"}]}}
+    schema = ModelSchema({"model_id": "a/b", "input": {"type": "object", "properties": {"refs": prop}}})
+    assert schema.image_fields() == {"refs": True}
+    images = {"a": ImageInfo("png", 200, 200, 1), "b": ImageInfo("png", 50, 50, 1)}
+    problems = schema.check({"refs": ["a", "b"]}, images)
+    assert problems == [("refs[1]", "image is 50x50; too small (allowed: width greater than 100 pixels)")]
+
+
+@pytest.mark.parametrize(
+    ("model_id", "output", "kind"),
+    [
+        ("acme/foo/image-to-video", {}, "video"),
+        ("acme/foo/text-to-image", {}, "image"),
+        ("acme/foo", {"output": {"properties": {"videos": {}}}}, "video"),
+        ("acme/foo", {"output": {"properties": {"images": {}}}}, "image"),
+    ],
+)
+def test_output_kind_guessed_without_x_batchgen(model_id, output, kind):
+    schema = ModelSchema({"model_id": model_id, "input": {"type": "object", "properties": {}}, "output": output})
+    assert schema.output_kind == kind
+
+
+def test_image_uris_format_is_a_list_field():
+    schema = ModelSchema({"model_id": "a/b", "input": {"type": "object", "properties": {
+        "images": {"type": "array", "format": "image_uris"}, "mask": {"type": "string", "format": "image_uri"},
+        "prompt": {"type": "string"}}}})
+    assert schema.image_fields() == {"images": True, "mask": False}
+
+
+# ---- finding schemas ---------------------------------------------------------------------------
+
+
+def test_find_schema_bundled_extra_and_unknown(tmp_path):
+    assert model_filename(DEFAULT_MODEL) == "bytedance--dreamina-3-0--pro--image-to-video.json"
+    assert find_schema(DEFAULT_MODEL) is SCHEMA  # loaded once
+    assert find_schema("nobody/nothing") is None
+    extra = tmp_path / "mine.json"
+    extra.write_text(json.dumps({"model_id": "mine/v1", "input": {"type": "object", "properties": {}}}))
+    assert find_schema(DEFAULT_MODEL, extra).model_id == "mine/v1"  # --schema wins
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"model_id": "x"}', "no 'input' object"),
+        ('{"input": {"type": "object", "properties": {"a": {"type": "strnig"}}}}', "not valid JSON Schema"),
+    ],
+)
+def test_bad_schema_files(tmp_path, text, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(SchemaError, match=needle):
+        ModelSchema.load(path)
+    with pytest.raises(SchemaError, match="cannot read schema"):
+        ModelSchema.load(tmp_path / "missing.json")
+
+
+def test_every_bundled_schema_loads_with_rules_understood():
     schemas = bundled_schemas()
     assert DEFAULT_MODEL in {s.model_id for s in schemas}
     for s in schemas:
         assert s.image_fields(), s.model_id
-
-
-def test_probe_error_is_reported_on_the_field(tmp_path):
-    problems = SCHEMA.check({"prompt": "p", "image_urls": ["https://h/x.jpg"]},
-                            {"https://h/x.jpg": "image URL answered HTTP 404"})
-    assert problems == [("image_urls[0]", "https://h/x.jpg: image URL answered HTTP 404")]
+        assert s.rule_problems == [], s.model_id
+        assert s.output_kind in ("video", "image")
+        assert find_schema(s.model_id) is s
