@@ -28,6 +28,11 @@ POINTS = (
 )
 
 
+def armed(name: str) -> bool:
+    """Whether a test asked to die at ``name`` (for work done only to set up that moment)."""
+    return name == _name
+
+
 def reached(name: str) -> None:
     global _seen
     if not _name or name != _name:

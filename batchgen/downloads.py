@@ -12,8 +12,11 @@ import asyncio
 import hashlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -23,6 +26,7 @@ from . import crashpoints
 from .errors import DownloadError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _DEFAULT_EXT = {"video": ".mp4", "image": ".png"}
 
@@ -61,24 +65,38 @@ def _expected_total(resp: aiohttp.ClientResponse) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
-async def download(session: aiohttp.ClientSession, url: str, dest: Path) -> Downloaded:
+async def download(
+    session: aiohttp.ClientSession, url: str, dest: Path, files: Executor | None = None
+) -> Downloaded:
     """Fetch ``url`` into ``dest``. Raises DownloadError (``expired`` for 403/404/410) and leaves
-    any partial bytes in ``dest.part`` for the next try to resume."""
+    any partial bytes in ``dest.part`` for the next try to resume.
+
+    ``files``: the threads that open, fsync and rename (asyncio's default pool when None). Give
+    it as many threads as downloads run at once: fsync waits on the disk, and the file system
+    commits the fsyncs of many threads together, so a small pool would cap throughput."""
+    loop = asyncio.get_running_loop()
+
+    def in_thread(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        return loop.run_in_executor(files, fn, *args)
+
     scheme = urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise DownloadError(f"refusing to download a {scheme or 'relative'} URL: {url}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    fh: BinaryIO | None = None
+    discard = False  # the partial file cannot be trusted: remove it
     try:
+        # The .part file is opened before the request: any await between the response and the
+        # first read would let a connection that breaks meanwhile take buffered bytes with it.
+        fh, have = await in_thread(_open_part, dest.parent, part)
+        headers = {"Range": f"bytes={have}-"} if have else {}
         async with session.get(url, headers=headers, allow_redirects=True) as resp:
             if resp.status in (403, 404, 410):
                 raise DownloadError(f"output URL answered HTTP {resp.status} (expired or gone)",
                                     status=resp.status, expired=True)
             if resp.status == 416 and have:
                 # Our partial file is longer than the object: it cannot be trusted. Start over.
-                part.unlink(missing_ok=True)
+                discard = True
                 raise DownloadError("partial file longer than the output; restarting", status=416)
             if resp.status not in (200, 206):
                 raise DownloadError(f"output URL answered HTTP {resp.status}", status=resp.status)
@@ -86,34 +104,72 @@ async def download(session: aiohttp.ClientSession, url: str, dest: Path) -> Down
             if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(
                 f"bytes {have}-"
             ):
-                part.unlink(missing_ok=True)
+                discard = True
                 raise DownloadError("server answered a different range than asked; restarting")
+            if not resumed and have:
+                fh.seek(0)
+                fh.truncate()  # the server sent the whole file: start over
             total = _expected_total(resp)
-            digest = await asyncio.to_thread(_hash_file, part) if resumed else hashlib.sha256()
+            digest = None if resumed else hashlib.sha256()  # a resumed file is hashed at the end
             written = have if resumed else 0
-            # Plain blocking writes of 64 KiB chunks to a local disk cost microseconds; the slow
-            # parts (fsync, hashing a resumed prefix) run in a thread.
-            with open(part, "ab" if resumed else "wb") as fh:  # noqa: ASYNC230
-                async for chunk in resp.content.iter_chunked(C.DOWNLOAD_CHUNK):
-                    fh.write(chunk)
+            async for chunk in resp.content.iter_chunked(C.DOWNLOAD_CHUNK):
+                fh.write(chunk)
+                if digest is not None:
                     digest.update(chunk)
-                    written += len(chunk)
-                    if total and written >= total // 2 and written - len(chunk) < total // 2:
-                        fh.flush()
-                        crashpoints.reached("download_partial")
-                fh.flush()
-                await asyncio.to_thread(os.fsync, fh.fileno())
+                written += len(chunk)
+                if (crashpoints.armed("download_partial") and total
+                        and written >= total // 2 and written - len(chunk) < total // 2):
+                    fh.flush()  # half the bytes on disk when the test kills us here
+                    crashpoints.reached("download_partial")
+        if total is not None and written != total:
+            raise DownloadError(f"download incomplete: {written} of {total} bytes")
+        if written == 0:
+            discard = True
+            raise DownloadError("output is empty (0 bytes)")
+        # Complete: fsync, close, hash (a resumed file), rename into place, all in one thread hop.
+        sha256 = await in_thread(_finish, fh, part, dest, digest)
+        fh = None
     except DownloadError:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise DownloadError(f"download broke: {type(exc).__name__}: {exc}") from exc
-    if total is not None and written != total:
-        raise DownloadError(f"download incomplete: {written} of {total} bytes")
-    if written == 0:
-        part.unlink(missing_ok=True)
-        raise DownloadError("output is empty (0 bytes)")
-    await asyncio.to_thread(_publish, part, dest)
-    return Downloaded(dest, written, digest.hexdigest(), resumed)
+    finally:
+        if fh is not None:
+            # Blocking file calls run in a thread: on a busy disk they take milliseconds and
+            # would stall every other job (writing a 64 KiB chunk above costs microseconds).
+            await in_thread(_close_part, fh, part, discard)
+    return Downloaded(dest, written, sha256, resumed)
+
+
+def _open_part(folder: Path, part: Path) -> tuple[BinaryIO, int]:
+    """Make the job's folder and open its .part file for appending; also the size of the bytes
+    an earlier try left there (0: none)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(part, "ab")  # noqa: SIM115 - closed by _close_part
+    return fh, os.fstat(fh.fileno()).st_size
+
+
+def _close_part(fh: BinaryIO, part: Path, discard: bool) -> None:
+    """Make the bytes durable before the file can be published and recorded (or drop them)."""
+    if fh.closed:
+        return
+    try:
+        if not discard:
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        fh.close()
+        if discard:
+            part.unlink(missing_ok=True)
+
+
+def _finish(fh: BinaryIO, part: Path, dest: Path, digest: Any) -> str:
+    """The sha256 of a complete .part file, after making it durable under its final name."""
+    _close_part(fh, part, discard=False)
+    if digest is None:
+        digest = _hash_file(part)
+    _publish(part, dest)
+    return digest.hexdigest()
 
 
 def _hash_file(path: Path) -> hashlib._Hash:

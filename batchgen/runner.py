@@ -25,6 +25,7 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -124,8 +125,8 @@ class Budget:
 class PollPlanner:
     """When to poll a job next: learns how long jobs take and polls just after the expected finish.
 
-    Before any job has finished it polls on a growing interval (first_delay, then half the time
-    the job has been out, within [min, max]). Once it knows the median time the provider takes
+    Before any job has finished it polls on a growing interval (first_delay, then a third of the
+    time the job has been out, within [min, max]). Once it knows the median time the provider takes
     (its own created_at -> finished_at, so our polling lag does not inflate it), it polls a hair
     after that moment, then, if the job is late, every twentieth of it. Polls from the expected
     finish on go to /result (see Runner._poll): most jobs then cost one call, and a finished job
@@ -150,8 +151,12 @@ class PollPlanner:
         if expected is None:
             if elapsed <= 0:
                 return self.s.first_poll_delay
-            return min(hi, max(lo, elapsed * 0.5))
-        margin = max(0.02, expected * 0.01)
+            # A third more each time: a few more polls of the first jobs, in exchange for
+            # noticing the first finishes (which teach the expected duration) promptly.
+            return min(hi, max(lo, elapsed / 3))
+        # Our submitted_at is taken when the answer arrives, after the provider's clock started,
+        # so a job of exactly the expected duration is done by then: the margin only absorbs jitter.
+        margin = max(0.01, expected * 0.005)
         if elapsed < expected:
             return min(hi, expected - elapsed + margin)
         return min(hi, max(0.05, expected * 0.05))
@@ -215,6 +220,10 @@ class Runner:
         self._resolve = resolve_inputs or local_file_resolver(None)
         self._on_event = on_event
         self._dl_sem = asyncio.Semaphore(max(1, self.s.download_concurrency))
+        # Threads for downloads' blocking file calls (open, fsync, rename): one per download (up to 16), so
+        # fsyncs waiting on the disk never queue behind each other (see downloads.download).
+        self._file_threads = ThreadPoolExecutor(max(1, min(16, self.s.download_concurrency)),
+                                                thread_name_prefix="batchgen-files")
 
         self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
         self._tiebreak = itertools.count()
@@ -290,6 +299,7 @@ class Runner:
         finally:
             if own_dl and self._dl_session is not None:
                 await self._dl_session.close()
+            self._file_threads.shutdown(wait=True)  # all tasks are done: nothing is waiting
             self._summary.elapsed = time.monotonic() - started
             self._summary.api_calls = dict(self.client.calls)
         return self._summary
@@ -460,8 +470,8 @@ class Runner:
         jobs = await self.store.claim_many(self._batches, time.time(), n)
         for job in jobs:
             self._unsent[job.id] = job
-        if jobs:
-            crashpoints.reached("claimed")
+        for _ in jobs:
+            crashpoints.reached("claimed")  # once per job, whatever the size of the claim
         return jobs
 
     async def _submit(self, job: Job) -> None:
@@ -697,7 +707,7 @@ class Runner:
                 while True:
                     dest = folder / output_name(out.idx, out.kind, out.url)
                     try:
-                        got = await download(self._dl_session, out.url, dest)  # type: ignore[arg-type]
+                        got = await download(self._dl_session, out.url, dest, self._file_threads)  # type: ignore[arg-type]
                     except DownloadError as exc:
                         tries += 1
                         decision = classify(exc, Call.DOWNLOAD)

@@ -130,7 +130,8 @@ async def _serve(duration: float, concurrency: int) -> None:
 async def _hand_loop(base_url: str, image: str, n: int, concurrency: int, poll: float, out_dir: Path) -> None:
     """What a user writes by hand: gather, a semaphore, poll /status every `poll` seconds, then
     /result, then download. No store, no retries, no resume. With poll=0 it is the bare ceiling:
-    the fewest calls and the least work a client can do per job."""
+    submit, /result, download, the fewest calls and the least work a client can do per job (the
+    calls batchgen makes for a job it expects to be finished)."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -146,14 +147,18 @@ async def _hand_loop(base_url: str, image: str, n: int, concurrency: int, poll: 
                 async with http.post(f"{base_url}/models/{MODEL}", json=body) as r:
                     sub = await r.json()
                 rid = sub["request_id"]
-                while True:
-                    async with http.get(f"{base_url}/requests/{rid}/status") as r:
-                        st = (await r.json())["status"]
-                    if st in TERMINAL_STATUS:
+                if poll:
+                    while True:
+                        async with http.get(f"{base_url}/requests/{rid}/status") as r:
+                            st = (await r.json())["status"]
+                        if st in TERMINAL_STATUS:
+                            break
+                        await asyncio.sleep(poll)
+                while True:  # the ceiling asks /result at once (it answers unfinished jobs too)
+                    async with http.get(f"{base_url}/requests/{rid}/result") as r:
+                        res = await r.json()
+                    if res["status"] in TERMINAL_STATUS:
                         break
-                    await asyncio.sleep(poll)
-                async with http.get(f"{base_url}/requests/{rid}/result") as r:
-                    res = await r.json()
                 url = res["output"]["video"]
                 async with http.get(url) as r:
                     data = await r.read()
@@ -342,17 +347,35 @@ def scale(rep: Report, work: Path, rows: int) -> None:
                     db.execute("DELETE FROM outputs")
 
 
+def _filesystem(path: Path) -> str:
+    """The file system type under ``path`` (from /proc/mounts), for the record."""
+    best, kind = "", "unknown file system"
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                _, mount, fstype, *_ = line.split()
+                if str(path).startswith(mount) and len(mount) > len(best):
+                    best, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--only", default="overhead,makespan,naive,scale")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--scratch", default=None,
+                    help="where work directories and outputs go (default: the system's temp dir); "
+                         "/dev/shm takes the disk out of the comparison")
     args = ap.parse_args()
     only = set(args.only.split(","))
     q = args.quick
     n_over, n_span, c, d, rows = (60, 40, 10, 0.5, 250) if q else (5000, 2000, 100, 3.0, 25_000)
-    work = Path(tempfile.mkdtemp(prefix="batchgen-bench-"))
-    print(f"batchgen benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, scratch {work}"
+    work = Path(tempfile.mkdtemp(prefix="batchgen-bench-", dir=args.scratch))
+    print(f"batchgen benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, scratch {work} "
+          f"({_filesystem(work)})"
           + ("  [--quick: sizes too small to mean anything]" if q else ""))
     rep = Report()
     try:
