@@ -85,9 +85,10 @@ class _Invalid(str):
     """A CSV cell that failed its cast (already reported); it makes the job invalid."""
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """SafeLoader that keeps dates as text: a prompt or seed written 2024-05-01 stays a string
-    (a date object could not be sent as JSON)."""
+    (a date object could not be sent as JSON). LibYAML's parser when PyYAML has it: a manifest
+    with long lists parses ten times faster."""
 
 
 _Loader.yaml_implicit_resolvers = {

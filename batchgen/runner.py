@@ -156,7 +156,7 @@ class PollPlanner:
             return min(hi, max(lo, elapsed / 3))
         # Our submitted_at is taken when the answer arrives, after the provider's clock started,
         # so a job of exactly the expected duration is done by then: the margin only absorbs jitter.
-        margin = max(0.01, expected * 0.005)
+        margin = max(0.005, expected * 0.002)
         if elapsed < expected:
             return min(hi, expected - elapsed + margin)
         return min(hi, max(0.05, expected * 0.05))

@@ -238,7 +238,7 @@ def section(title: str) -> None:
 
 
 def overhead(rep: Report, work: Path, n: int, concurrency: int) -> None:
-    section(f"1. Overhead: {n} instant jobs, submit + status + result + download, {concurrency} at a time")
+    section(f"1. Overhead: {n} instant jobs, submit + result + download, {concurrency} at a time")
     with SimProcess(duration=0.0, concurrency=100_000) as sim:
         c0 = sim.cpu()
         bare = run_hand_loop(sim, work / "bare", n, concurrency, poll=0.0)
