@@ -220,8 +220,8 @@ class Runner:
         self._resolve = resolve_inputs or local_file_resolver(None)
         self._on_event = on_event
         self._dl_sem = asyncio.Semaphore(max(1, self.s.download_concurrency))
-        # Threads for downloads' blocking file calls (open, fsync, rename): one per download (up to 16), so
-        # fsyncs waiting on the disk never queue behind each other (see downloads.download).
+        # Threads for downloads' blocking file calls (open, fsync, rename): one per download (up
+        # to 16), so fsyncs waiting on the disk never queue behind each other (downloads.download).
         self._file_threads = ThreadPoolExecutor(max(1, min(16, self.s.download_concurrency)),
                                                 thread_name_prefix="batchgen-files")
 
