@@ -228,6 +228,9 @@ class Runner:
         self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
         self._tiebreak = itertools.count()
         self._remote: dict[int, Job] = {}  # jobs at the provider, by id
+        # Jobs holding one of the provider's slots: from their submit until the provider says
+        # they are finished (which can be before their result is fetched and recorded).
+        self._holding: set[int] = set()
         self._poll_failures: dict[int, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._submits: set[asyncio.Task[Any]] = set()
@@ -314,6 +317,7 @@ class Runner:
         for job in await self.store.jobs(self._batches, S.REMOTE_ACTIVE):
             # Already at the provider: it holds one of the provider's slots until it finishes.
             self.slots.used += 1
+            self._holding.add(job.id)
             self._remote[job.id] = job
             self._schedule(job, now)
         for job in await self.store.jobs(self._batches, [S.DOWNLOADING]):
@@ -497,6 +501,7 @@ class Runner:
         self.cap.on_success()
         await self.slots.changed()
         self._remote[job.id] = job
+        self._holding.add(job.id)
         self._emit(S.IN_QUEUE, job, f"submitted as {request_id}")
         self._schedule(job, now + self.planner.next_delay(0.0))
 
@@ -584,6 +589,7 @@ class Runner:
                 result = await self._api(lambda: self.client.result(rid))
                 crashpoints.reached("status_answered")
                 if result.status not in (S.IN_QUEUE, S.IN_PROGRESS):
+                    await self._free_slot(job)
                     await self._on_result(job, result)
                     return
                 status_now, position = result.status, None
@@ -591,6 +597,7 @@ class Runner:
                 status = await self._api(lambda: self.client.status(rid))
                 crashpoints.reached("status_answered")
                 if status.finished:
+                    await self._free_slot(job)
                     result = await self._api(lambda: self.client.result(rid))
                     await self._on_result(job, result)
                     return
@@ -654,7 +661,15 @@ class Runner:
             self.planner.observe(seconds)
 
     async def _leave_provider(self, job: Job) -> None:
-        if self._remote.pop(job.id, None) is not None:
+        self._remote.pop(job.id, None)
+        await self._free_slot(job)
+
+    async def _free_slot(self, job: Job) -> None:
+        """The provider finished ``job``: its slot can take the next submit at once, before this
+        job's result is fetched or recorded (those concern only this job, and are redone by a
+        later run if a crash comes first). A freed slot is what keeps the provider busy."""
+        if job.id in self._holding:
+            self._holding.discard(job.id)
             await self.slots.release()
 
     async def _poll_failed(self, job: Job, exc: APIError) -> None:
