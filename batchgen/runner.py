@@ -47,7 +47,7 @@ from .errors import (
 )
 from .limits import AdaptiveCap, Slots, TokenBucket
 from .retry import Call, Decision, RetryPolicy, classify
-from .store import Job, Store
+from .store import Job, Output, Store
 
 log = logging.getLogger(__name__)
 
@@ -633,7 +633,9 @@ class Runner:
             crashpoints.reached("result_recorded")
             await self._leave_provider(job)
             self._emit(S.DOWNLOADING, job, f"{len(result.outputs)} output(s)")
-            self._spawn(self._download_job(job))
+            outputs = [Output(job.id, idx, kind, url, None, None, None)
+                       for idx, (kind, url) in enumerate(result.outputs)]
+            self._spawn(self._download_job(job, outputs))
             return
         if result.status == "succeeded":
             state, error = S.FAILED, "the provider reported success but returned no output"
@@ -711,13 +713,16 @@ class Runner:
 
     # ---- downloading ---------------------------------------------------------------------------
 
-    async def _download_job(self, job: Job) -> None:
+    async def _download_job(self, job: Job, outputs: list[Output] | None = None) -> None:
+        """Download a job's outputs (``outputs``: as just recorded; None: read them from the
+        store, as on resume) and mark it succeeded with its last file."""
         async with self._dl_sem:
-            outputs = await self.store.outputs(job.id)
+            if outputs is None:
+                outputs = await self.store.outputs(job.id)
             folder = self.workdir / job.batch / job.key
-            for out in outputs:
-                if out.sha256 is not None and out.path and (self.workdir / out.path).exists():
-                    continue
+            todo = [out for out in outputs
+                    if not (out.sha256 is not None and out.path and (self.workdir / out.path).exists())]
+            for n, out in enumerate(todo, 1):
                 tries = 0
                 while True:
                     dest = folder / output_name(out.idx, out.kind, out.url)
@@ -743,9 +748,12 @@ class Runner:
                         continue
                     crashpoints.reached("download_done")
                     rel = got.path.relative_to(self.workdir).as_posix()
-                    await self.store.output_downloaded(out, rel, got.size, got.sha256)
+                    # The last file and the job's success: one write.
+                    await self.store.output_downloaded(out, rel, got.size, got.sha256,
+                                                       job_done=job if n == len(todo) else None)
                     break
-            await self.store.transition(job, S.SUCCEEDED, expect=(S.DOWNLOADING,))
+            if not todo:
+                await self.store.transition(job, S.SUCCEEDED, expect=(S.DOWNLOADING,))
             crashpoints.reached("job_succeeded")
             self._finished(job, f"{len(outputs)} file(s) in {folder}")
 

@@ -516,13 +516,27 @@ class Store:
         )
         return [Output(*r) for r in rows]
 
-    async def output_downloaded(self, out: Output, path: str, size: int, sha256: str) -> None:
-        params = (path, size, sha256, time.time(), out.job_id, out.idx)
-        await self._write(lambda conn: conn.execute(
-            "UPDATE outputs SET path = ?, size = ?, sha256 = ?, downloaded_at = ? "
-            "WHERE job_id = ? AND idx = ?", params,
-        ))
+    async def output_downloaded(
+        self, out: Output, path: str, size: int, sha256: str, *, job_done: Job | None = None
+    ) -> None:
+        """Record a complete file. ``job_done``: it was the job's last missing output, so the job
+        becomes 'succeeded' in the same write."""
+        now = time.time()
+        params = (path, size, sha256, now, out.job_id, out.idx)
+        move = None
+        if job_done is not None:
+            move = _transition_sql(job_done.id, SUCCEEDED, now, None, {}, (DOWNLOADING,))
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE outputs SET path = ?, size = ?, sha256 = ?, downloaded_at = ? "
+                         "WHERE job_id = ? AND idx = ?", params)
+            if job_done is not None and move is not None:
+                _apply_transition(conn, job_done.key, job_done.id, *move, (DOWNLOADING,))
+
+        await self._write(apply)
         out.path, out.size, out.sha256 = path, size, sha256
+        if job_done is not None:
+            job_done.state, job_done.updated_at = SUCCEEDED, now
 
 
 def _filters(

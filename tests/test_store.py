@@ -188,3 +188,26 @@ async def test_unopenable_store_is_a_store_error(tmp_path):
     (tmp_path / "dir.sqlite3").mkdir()
     with pytest.raises(StoreError):
         await Store.open(tmp_path / "dir.sqlite3")
+
+
+async def test_last_file_and_success_in_one_write_or_neither(store):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    job = await store.claim_pending(["b"], now=0)
+    await store.transition(job, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id="r1")
+    await store.record_result(job, [("video", "http://h/a.mp4")], cost=0.1, finished_at=5.0)
+    [out] = await store.outputs(job.id)
+
+    # A job that is not downloading any more (say a user cancelled it meanwhile): refused, and
+    # the file is not recorded either.
+    stale = S.Job(**{**job.__dict__, "state": S.DOWNLOADING})
+    await store.transition(job, S.FAILED, expect=(S.DOWNLOADING,))
+    with pytest.raises(StoreError, match="expected one of"):
+        await store.output_downloaded(out, "b/k1/output.mp4", 10, "ab" * 32, job_done=stale)
+    assert (await store.outputs(job.id))[0].sha256 is None
+
+    await store.transition(job, S.DOWNLOADING, expect=(S.FAILED,))
+    await store.output_downloaded(out, "b/k1/output.mp4", 10, "ab" * 32, job_done=job)
+    assert job.state == S.SUCCEEDED and (await store.job(job.id)).state == S.SUCCEEDED
+    assert (await store.outputs(job.id))[0].sha256 == "ab" * 32
+    assert [e[2] for e in await store.events(job.id)][-1] == S.SUCCEEDED
