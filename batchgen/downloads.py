@@ -83,13 +83,19 @@ async def download(
     if scheme not in ("http", "https"):
         raise DownloadError(f"refusing to download a {scheme or 'relative'} URL: {url}")
     part = dest.with_name(dest.name + ".part")
-    fh: BinaryIO | None = None
+    try:
+        have = part.stat().st_size  # a lookup, not a write: cheap enough for the event loop
+    except OSError:
+        have = 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    # Bytes received but not yet in a file: a small output whole (written in one go at the end),
+    # or a large one's first chunks while its .part file is being opened in a thread. Reading
+    # never waits for the disk: a connection that breaks while we wait takes its buffered bytes.
+    buf = bytearray()
+    fh: BinaryIO | None = None  # a large (or resumed) output's .part file, once open
+    opening: asyncio.Future[BinaryIO] | None = None
     discard = False  # the partial file cannot be trusted: remove it
     try:
-        # The .part file is opened before the request: any await between the response and the
-        # first read would let a connection that breaks meanwhile take buffered bytes with it.
-        fh, have = await in_thread(_open_part, dest.parent, part)
-        headers = {"Range": f"bytes={have}-"} if have else {}
         async with session.get(url, headers=headers, allow_redirects=True) as resp:
             if resp.status in (403, 404, 410):
                 raise DownloadError(f"output URL answered HTTP {resp.status} (expired or gone)",
@@ -106,55 +112,74 @@ async def download(
             ):
                 discard = True
                 raise DownloadError("server answered a different range than asked; restarting")
-            if not resumed and have:
-                fh.seek(0)
-                fh.truncate()  # the server sent the whole file: start over
             total = _expected_total(resp)
             digest = None if resumed else hashlib.sha256()  # a resumed file is hashed at the end
             written = have if resumed else 0
+            if resumed or total is None or total > C.DOWNLOAD_IN_MEMORY:
+                opening = asyncio.ensure_future(in_thread(_open_part, dest.parent, part, resumed))
             async for chunk in resp.content.iter_chunked(C.DOWNLOAD_CHUNK):
-                fh.write(chunk)
+                if fh is None and opening is not None and opening.done():
+                    fh = opening.result()
+                    fh.write(buf)
+                    buf.clear()
+                if fh is not None:
+                    fh.write(chunk)
+                else:
+                    buf += chunk
                 if digest is not None:
                     digest.update(chunk)
                 written += len(chunk)
                 if (crashpoints.armed("download_partial") and total
                         and written >= total // 2 and written - len(chunk) < total // 2):
-                    fh.flush()  # half the bytes on disk when the test kills us here
+                    if fh is not None:
+                        fh.flush()  # half the bytes on disk when the test kills us here
                     crashpoints.reached("download_partial")
         if total is not None and written != total:
             raise DownloadError(f"download incomplete: {written} of {total} bytes")
         if written == 0:
             discard = True
             raise DownloadError("output is empty (0 bytes)")
-        # Complete: fsync, close, hash (a resumed file), rename into place, all in one thread hop.
-        sha256 = await in_thread(_finish, fh, part, dest, digest)
-        fh = None
+        # Complete: write, fsync, close, hash a resumed file, rename into place: one thread hop.
+        if opening is None:
+            sha256 = await in_thread(_write_whole, dest, part, buf, digest)
+        else:
+            fh = fh or await opening
+            sha256 = await in_thread(_finish, fh, part, dest, buf, digest)
+        buf.clear()
+        fh = opening = None
     except DownloadError:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise DownloadError(f"download broke: {type(exc).__name__}: {exc}") from exc
     finally:
-        if fh is not None:
-            # Blocking file calls run in a thread: on a busy disk they take milliseconds and
-            # would stall every other job (writing a 64 KiB chunk above costs microseconds).
-            await in_thread(_close_part, fh, part, discard)
+        # What arrived of a broken transfer is kept, durably, for a Range resume.
+        try:
+            if opening is not None:
+                fh = fh or await opening
+                await in_thread(_close_part, fh, part, buf, discard)
+            elif discard:
+                await in_thread(part.unlink, True)
+            elif buf:
+                await in_thread(_save_partial, dest.parent, part, buf)
+        except OSError as exc:  # the next try starts over; the error that matters is raised
+            log.warning("could not keep or clean up %s: %s", part, exc)
     return Downloaded(dest, written, sha256, resumed)
 
 
-def _open_part(folder: Path, part: Path) -> tuple[BinaryIO, int]:
-    """Make the job's folder and open its .part file for appending; also the size of the bytes
-    an earlier try left there (0: none)."""
+def _open_part(folder: Path, part: Path, append: bool) -> BinaryIO:
+    """Make the job's folder and open its .part file: to append to (a resume) or afresh."""
     folder.mkdir(parents=True, exist_ok=True)
-    fh = open(part, "ab")  # noqa: SIM115 - closed by _close_part
-    return fh, os.fstat(fh.fileno()).st_size
+    return open(part, "ab" if append else "wb")  # noqa: SIM115 - closed by _close_part
 
 
-def _close_part(fh: BinaryIO, part: Path, discard: bool) -> None:
-    """Make the bytes durable before the file can be published and recorded (or drop them)."""
+def _close_part(fh: BinaryIO, part: Path, pending: bytearray, discard: bool) -> None:
+    """Write what is still pending and make the bytes durable before the file can be published
+    and recorded (or drop them)."""
     if fh.closed:
         return
     try:
         if not discard:
+            fh.write(pending)
             fh.flush()
             os.fsync(fh.fileno())
     finally:
@@ -163,9 +188,25 @@ def _close_part(fh: BinaryIO, part: Path, discard: bool) -> None:
             part.unlink(missing_ok=True)
 
 
-def _finish(fh: BinaryIO, part: Path, dest: Path, digest: Any) -> str:
+def _save_partial(folder: Path, part: Path, data: bytearray) -> None:
+    """Keep the bytes of a broken small transfer in its .part file, for a Range resume."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(part, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_whole(dest: Path, part: Path, data: bytearray, digest: Any) -> str:
+    """A complete small output: written durably to its .part file, then renamed into place."""
+    _save_partial(dest.parent, part, data)
+    _publish(part, dest)
+    return digest.hexdigest()
+
+
+def _finish(fh: BinaryIO, part: Path, dest: Path, pending: bytearray, digest: Any) -> str:
     """The sha256 of a complete .part file, after making it durable under its final name."""
-    _close_part(fh, part, discard=False)
+    _close_part(fh, part, pending, discard=False)
     if digest is None:
         digest = _hash_file(part)
     _publish(part, dest)

@@ -7,18 +7,23 @@ import hashlib
 import pytest
 from aiohttp import web
 
+from batchgen import constants as C
 from batchgen.downloads import download, make_session, output_name
 from batchgen.errors import DownloadError
 
 BODY = bytes(range(256)) * 1000  # 256,000 bytes
 
 
-@pytest.fixture
-async def files():
-    """A file server whose behaviour each test sets: cut the body short, ignore Range, expire."""
+@pytest.fixture(params=["in memory", "streamed"])
+async def files(request, monkeypatch):
+    """A file server whose behaviour each test sets: cut the body short, ignore Range, expire.
+    Every test runs twice: outputs small enough to be received in memory, and outputs streamed
+    to their .part file."""
+    if request.param == "streamed":
+        monkeypatch.setattr(C, "DOWNLOAD_IN_MEMORY", 0)
     state = {"cut_at": None, "ranges": True, "status": 200, "hits": []}
 
-    async def handler(request):
+    async def handler(request):  # noqa: F811 - the aiohttp request, not pytest's
         state["hits"].append(request.headers.get("Range"))
         if state["status"] != 200:
             return web.Response(status=state["status"])
