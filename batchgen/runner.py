@@ -125,8 +125,8 @@ class Budget:
 class PollPlanner:
     """When to poll a job next: learns how long jobs take and polls just after the expected finish.
 
-    Before any job has finished it polls on a growing interval (first_delay, then a third of the
-    time the job has been out, within [min, max]). Once it knows the median time the provider takes
+    Before any job has finished it polls on a growing interval (first_delay, then a quarter of
+    the time the job has been out, within [min, max]). Once it knows the median time the provider takes
     (its own created_at -> finished_at, so our polling lag does not inflate it), it polls a hair
     after that moment, then, if the job is late, every twentieth of it. Polls from the expected
     finish on go to /result (see Runner._poll): most jobs then cost one call, and a finished job
@@ -151,9 +151,9 @@ class PollPlanner:
         if expected is None:
             if elapsed <= 0:
                 return self.s.first_poll_delay
-            # A third more each time: a few more polls of the first jobs, in exchange for
+            # A quarter more each time: a few more polls of the first jobs, in exchange for
             # noticing the first finishes (which teach the expected duration) promptly.
-            return min(hi, max(lo, elapsed / 3))
+            return min(hi, max(lo, elapsed / 4))
         # Our submitted_at is taken when the answer arrives, after the provider's clock started,
         # so a job of exactly the expected duration is done by then: the margin only absorbs jitter.
         margin = max(0.005, expected * 0.002)

@@ -165,9 +165,9 @@ def test_adaptive_cap(events, expected):
     ("observed", "elapsed", "expected"),
     [
         ([], 0.0, 1.0),  # nothing learned: the first poll after first_poll_delay
-        ([], 1.0, 1 / 3),  # then a third of the time the job has been out ...
-        ([], 10.0, 10 / 3),
-        ([], 100.0, 30.0),  # ... capped
+        ([], 1.0, 0.25),  # then a quarter of the time the job has been out ...
+        ([], 10.0, 2.5),
+        ([], 200.0, 30.0),  # ... capped
         ([3.0, 3.0, 3.0], 0.0, 3.006),  # learned: a hair after the expected finish
         ([3.0, 3.0, 3.0], 2.0, 1.006),
         ([3.0, 3.0, 3.0], 3.1, 0.15),  # late: every twentieth of the expected time

@@ -249,24 +249,32 @@ def section(title: str) -> None:
 # ---- sections ------------------------------------------------------------------------------------
 
 
-def overhead(rep: Report, work: Path, n: int, concurrency: int) -> None:
-    section(f"1. Overhead: {n} instant jobs, submit + result + download, {concurrency} at a time")
-    with SimProcess(duration=0.0, concurrency=100_000) as sim:
-        c0 = sim.cpu()
-        bare = run_hand_loop(sim, work / "bare", n, concurrency, poll=0.0)
-        sim_bare = sim.cpu() - c0
-        calls_bare = sim.calls()
-    with SimProcess(duration=0.0, concurrency=100_000) as sim:
-        c0 = sim.cpu()
-        ours = run_batchgen(sim, work / "overhead", n, concurrency)
-        sim_ours = sim.cpu() - c0
-        calls = sim.calls()
-    for name, use, sim_cpu, c in (("bare loop", bare, sim_bare, calls_bare), ("batchgen", ours, sim_ours, calls)):
+def overhead(rep: Report, work: Path, n: int, concurrency: int, rounds: int) -> None:
+    section(f"1. Overhead: {n} instant jobs, submit + result + download, {concurrency} at a time; "
+            f"best of {rounds} alternating rounds each")
+    best: dict[str, tuple[Usage, float, dict[str, int]]] = {}
+    for r in range(rounds):
+        # Alternating rounds, the best of each side: a burst of noise from a neighbour on this
+        # shared machine then cannot decide the ratio.
+        for name in ("bare loop", "batchgen"):
+            with SimProcess(duration=0.0, concurrency=100_000) as sim:
+                c0 = sim.cpu()
+                if name == "bare loop":
+                    use = run_hand_loop(sim, work / f"bare-{r}", n, concurrency, poll=0.0)
+                else:
+                    use = run_batchgen(sim, work / f"overhead-{r}", n, concurrency)
+                sim_cpu = sim.cpu() - c0
+                calls = sim.calls()
+            shutil.rmtree(work / (f"bare-{r}" if name == "bare loop" else f"overhead-{r}"), ignore_errors=True)
+            if name not in best or use.wall < best[name][0].wall:
+                best[name] = (use, sim_cpu, calls)
+    for name, (use, sim_cpu, c) in best.items():
         rep.figure(f"{name}: jobs/s, CPU ms/job",
                    f"{n / use.wall:7.0f} jobs/s  {1000 * use.cpu / n:5.2f} ms/job  "
                    f"(simulator busy {100 * sim_cpu / use.wall:3.0f}% of the time; "
                    f"calls/job {sum(c[k] for k in ('submit', 'status', 'result', 'download')) / n:.2f})")
-    rep.target("batchgen jobs/s ÷ bare loop's", (n / ours.wall) / (n / bare.wall), 0.7, ".2f", at_least=True)
+    bare, ours = best["bare loop"][0], best["batchgen"][0]
+    rep.target("batchgen jobs/s ÷ bare loop's", bare.wall / ours.wall, 0.7, ".2f", at_least=True)
     rep.target("batchgen CPU per job ÷ bare loop's", ours.cpu / bare.cpu, 3.0, ".2f")
 
 
@@ -392,7 +400,7 @@ def main() -> int:
     rep = Report()
     try:
         if "overhead" in only:
-            overhead(rep, work, n_over, 50 if not q else 10)
+            overhead(rep, work, n_over, 50 if not q else 10, rounds=1 if q else 3)
         ours = None
         if "makespan" in only or "naive" in only:
             ours = makespan(rep, work, n_span, c, d)
