@@ -140,13 +140,15 @@ async def download(
             discard = True
             raise DownloadError("output is empty (0 bytes)")
         # Complete: write, fsync, close, hash a resumed file, rename into place: one thread hop.
+        # It owns the file from here on (the finally below must not touch it too, even if we
+        # are cancelled meanwhile: the thread then finishes the file on its own).
+        data, buf = buf, bytearray()
         if opening is None:
-            sha256 = await in_thread(_write_whole, dest, part, buf, digest)
+            sha256 = await in_thread(_write_whole, dest, part, data, digest)
         else:
-            fh = fh or await opening
-            sha256 = await in_thread(_finish, fh, part, dest, buf, digest)
-        buf.clear()
-        fh = opening = None
+            final_fh = fh or await opening
+            fh = opening = None
+            sha256 = await in_thread(_finish, final_fh, part, dest, data, digest)
     except DownloadError:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:

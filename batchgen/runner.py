@@ -51,6 +51,10 @@ from .store import Job, Output, Store
 
 log = logging.getLogger(__name__)
 
+# /result statuses that mean the job is over (anything else, even unknown words, is not trusted
+# to mean that: /status decides).
+_RESULT_FINISHED = ("succeeded", "failed", "cancelled")
+
 # Most jobs claimed in one store round trip (bounded so one claim never holds the database long).
 _CLAIM_BATCH = 64
 
@@ -583,17 +587,21 @@ class Runner:
         expected = self.planner.expected
         elapsed = time.time() - (job.submitted_at or time.time())
         try:
+            result = None
             if expected is not None and elapsed >= expected:
                 # Probably finished: /result gives the outputs of a finished job and the status
                 # of an unfinished one, so one call does the work of /status and /result.
-                result = await self._api(lambda: self.client.result(rid))
+                result = await self._result_if_ready(rid)
                 crashpoints.reached("status_answered")
-                if result.status not in (S.IN_QUEUE, S.IN_PROGRESS):
-                    await self._free_slot(job)
-                    await self._on_result(job, result)
-                    return
+            if result is not None and result.status in _RESULT_FINISHED:
+                await self._free_slot(job)
+                await self._on_result(job, result)
+                return
+            if result is not None and result.status in (S.IN_QUEUE, S.IN_PROGRESS):
                 status_now, position = result.status, None
             else:
+                # Not expected yet, or /result said something we cannot read as an answer
+                # either way: /status is the authority on whether a job has finished.
                 status = await self._api(lambda: self.client.status(rid))
                 crashpoints.reached("status_answered")
                 if status.finished:
@@ -617,6 +625,16 @@ class Runner:
             await self._time_out(job)
             return
         self._schedule(job, now + self.planner.next_delay(elapsed))
+
+    async def _result_if_ready(self, rid: str) -> Result | None:
+        """/result for a job expected to be done. None when it refused in a way that may only
+        mean "not ready" (a 4xx for an unfinished job): the caller then asks /status."""
+        try:
+            return await self._api(lambda: self.client.result(rid))
+        except APIError as exc:
+            if classify(exc, Call.POLL) is Decision.FAIL:
+                return None
+            raise
 
     async def _on_result(self, job: Job, result: Result) -> None:
         now = time.time()

@@ -226,7 +226,12 @@ class Store:
 
     async def _commit_groups(self) -> None:
         while self._group:
-            group, self._group = self._group, []
+            # A write whose caller was cancelled before it went in is dropped, not committed
+            # behind its back (a claim nobody will send would become 'unknown').
+            group = [(fn, fut) for fn, fut in self._group if not fut.cancelled()]
+            self._group = []
+            if not group:
+                continue
             try:
                 async with self._tx_lock:  # never inside another task's open transaction
                     results = await self._in_thread(_apply_group, [fn for fn, _ in group])

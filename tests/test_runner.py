@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 import yaml
+from aiohttp import web
 from imagefactory import make_image
 
 from batchgen import app
@@ -13,6 +15,7 @@ from batchgen import store as S
 from batchgen.errors import AccountError
 from batchgen.retry import RetryPolicy
 from batchgen.runner import RunSettings
+from batchgen.simulator import SimConfig, Simulator
 from batchgen.store import Store
 
 FAST = RetryPolicy(base=0.01, cap=0.05, retry_after_cap=0.05)
@@ -300,3 +303,41 @@ async def test_interrupted_simulated_run_resumes_its_jobs(samples, tmp_path):
     assert second.counts == {"quickstart": {"succeeded": 6}}
     state = (tmp_path / "work" / "simulator-state.jsonl").read_text().splitlines()
     assert sum('"job"' in line for line in state) == 6  # each job submitted once, across both runs
+
+
+class _ResultSaysLittleUntilDone(Simulator):
+    """A provider whose /result, for an unfinished job, answers a status word batchgen does not
+    know, or a 404: the protocol does not promise either never happens."""
+
+    def __init__(self, config, unfinished: str):
+        super().__init__(config)
+        self.unfinished = unfinished
+        self.odd_answers = 0
+
+    async def _result(self, request):
+        job = self.jobs.get(request.match_info["rid"])
+        if job is not None:
+            self._queues[job.owner].advance(time.time(), self.jobs)
+            if job.status() in ("in_queue", "in_progress"):
+                self.odd_answers += 1
+                if self.unfinished == "404":
+                    return self._error(404, 404001, "Result not ready")
+                return web.json_response({"request_id": job.id, "status": "pending"})
+        return await super()._result(request)
+
+
+@pytest.mark.parametrize("unfinished", ["unknown word", "404"])
+async def test_result_polling_never_fails_a_job_that_is_still_running(tmp_path, unfinished):
+    # Durations vary around the median the planner learns, so about half the jobs are asked
+    # /result before they are done: they must be asked /status then, not failed.
+    sim = _ResultSaysLittleUntilDone(SimConfig(duration=0.3, duration_jitter=0.6, seed=4), unfinished)
+    await sim.start()
+    try:
+        path = manifest(tmp_path, sim, 12)
+        out = await app.run(options(tmp_path, sim, path, concurrency=3))
+        assert out.counts == {"b": {"succeeded": 12}}
+        assert sim.odd_answers > 0  # the case was really met
+        assert set(submissions_per_seed(sim).values()) == {1}
+        await check_outputs_match(sim, tmp_path / "work")
+    finally:
+        await sim.stop()

@@ -211,3 +211,17 @@ async def test_last_file_and_success_in_one_write_or_neither(store):
     assert job.state == S.SUCCEEDED and (await store.job(job.id)).state == S.SUCCEEDED
     assert (await store.outputs(job.id))[0].sha256 == "ab" * 32
     assert [e[2] for e in await store.events(job.id)][-1] == S.SUCCEEDED
+
+
+async def test_a_write_cancelled_before_its_commit_is_dropped(store):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    job = (await store.jobs(["b"]))[0]
+    task = asyncio.create_task(store.claim_many(["b"], now=0, limit=1))
+    await asyncio.sleep(0)  # the claim is queued for the next group commit ...
+    task.cancel()  # ... and its caller gives up before that commit starts
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.transition(job, S.FAILED, expect=(S.PENDING,))  # a later write still commits
+    assert (await store.job(job.id)).state == S.FAILED
+    assert [(e[1], e[2]) for e in await store.events(job.id)] == [("pending", "failed")]
