@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from contextlib import AsyncExitStack
 
 import pytest
 from aiohttp import web
+from conftest import loopback
 
 from batchgen.client import RunComfyClient, model_path, normalize_status, parse_outputs
 from batchgen.errors import (
@@ -19,27 +21,15 @@ from batchgen.errors import (
 )
 
 
-async def _serve(app: web.Application):
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    return runner, f"http://127.0.0.1:{port}/v1"
-
-
 @pytest.fixture
 async def server():
-    runners = []
+    """``url = await server(app)``: the app on a loopback port, until the test ends."""
+    async with AsyncExitStack() as stack:
 
-    async def start(app):
-        runner, url = await _serve(app)
-        runners.append(runner)
-        return url
+        async def start(app: web.Application) -> str:
+            return await stack.enter_async_context(loopback(app)) + "/v1"
 
-    yield start
-    for r in runners:
-        await r.cleanup()
+        yield start
 
 
 def test_model_path_escapes_each_segment():

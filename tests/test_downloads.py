@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 from aiohttp import web
+from conftest import loopback
 
 from batchgen import constants as C
 from batchgen.downloads import download, make_session, output_name
@@ -50,16 +51,10 @@ async def files(request, monkeypatch):
 
     app = web.Application()
     app.router.add_get("/out/{name}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    state["url"] = f"http://127.0.0.1:{port}/out/video.mp4"
-    async with make_session() as session:
+    async with loopback(app) as root, make_session() as session:
+        state["url"] = f"{root}/out/video.mp4"
         state["session"] = session
         yield state
-    await runner.cleanup()
 
 
 def test_output_names_are_stable():

@@ -10,6 +10,7 @@ import zlib
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import loopback
 from imagefactory import head_padding, image_bytes, make_image, pad
 
 from batchgen.images import ImageInfo, ImageProbeError, ImageProber, probe_bytes, probe_file, probe_url
@@ -85,13 +86,8 @@ async def host():
     h = ImageHost()
     app = web.Application()
     app.router.add_route("*", "/{name}", h.handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    h.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield h
-    await runner.cleanup()
+    async with loopback(app) as h.url:
+        yield h
 
 
 @pytest.fixture

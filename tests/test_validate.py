@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 from aiohttp import web
-from conftest import SAMPLES
+from conftest import SAMPLES, loopback
 from imagefactory import image_bytes, make_image
 
 from batchgen.images import ImageProber
@@ -49,17 +49,13 @@ async def host():
 
     app = web.Application()
     app.router.add_get("/{name}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    async with loopback(app) as root:
 
-    class Host:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        class Host:
+            url = root
 
-    Host.files, Host.gets = files, gets
-    yield Host
-    await runner.cleanup()
+        Host.files, Host.gets = files, gets
+        yield Host
 
 
 # ---- the samples --------------------------------------------------------------------------------
