@@ -161,8 +161,11 @@ class PollPlanner:
         # Our submitted_at is taken when the answer arrives, after the provider's clock started,
         # so a job of exactly the expected duration is done by then: the margin only absorbs jitter.
         margin = max(0.005, expected * 0.002)
-        if elapsed < expected:
-            return min(hi, expected - elapsed + margin)
+        if elapsed <= 0 or elapsed < expected:
+            # elapsed <= 0: the first poll of a job just submitted, even when jobs are so quick
+            # that the expected duration is 0 (the "late" interval below is for a job that
+            # was asked about and had not finished).
+            return min(hi, max(0.0, expected - elapsed) + margin)
         return min(hi, max(0.05, expected * 0.05))
 
 

@@ -171,7 +171,8 @@ def test_adaptive_cap(events, expected):
         ([3.0, 3.0, 3.0], 0.0, 3.006),  # learned: a hair after the expected finish
         ([3.0, 3.0, 3.0], 2.0, 1.006),
         ([3.0, 3.0, 3.0], 3.1, 0.15),  # late: every twentieth of the expected time
-        ([0.0, 0.0], 0.0, 0.05),  # instant jobs: poll almost at once
+        ([0.0, 0.0], 0.0, 0.005),  # instant jobs: poll almost at once after the submit ...
+        ([0.0, 0.0], 0.01, 0.05),  # ... and, if that found it unfinished, every 50 ms
         ([1.0, 2.0, 100.0], 0.0, 2.005),  # the median, not the mean
     ],
 )
