@@ -48,9 +48,9 @@ REQUEST_TIMEOUT = 60.0
 # Downloads: no total limit (videos can be large), but a stall of this long fails the attempt.
 DOWNLOAD_READ_TIMEOUT = 60.0
 DOWNLOAD_CHUNK = 1 << 16
-# Outputs up to this size are received in memory and written in one go (one thread hop);
-# larger ones stream to their .part file.
-DOWNLOAD_IN_MEMORY = 16 << 20
+# Outputs up to this size are received in memory and written in one go on the event loop's
+# thread (about a millisecond at most); larger ones stream to their .part file.
+DOWNLOAD_IN_MEMORY = 1 << 20
 
 # Jobs inserted per transaction when a manifest is recorded.
 INSERT_CHUNK = 2000

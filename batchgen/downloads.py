@@ -2,16 +2,24 @@
 
 A file appears under its final name only when complete: bytes go to ``<name>.part`` first, a
 broken transfer resumes from there with a Range request (or starts over when the server ignores
-ranges), and the length is checked against what the server announced. So a path recorded in the
-store always points at a whole file.
+ranges), and the length is checked against what the server announced. A file is durable (on disk,
+not just in the page cache) before ``download`` returns, so a path recorded in the store always
+points at a whole file, even after a power loss.
+
+Small outputs (most images) are received in memory and written on the event loop's thread, where
+that costs less than handing them to a thread; ``SyncBatch`` then makes all the files finished in
+the same moment durable together, in one thread call (one ``syncfs`` on Linux). Larger outputs
+stream to their ``.part`` file; opening, fsync and rename happen in threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -29,6 +37,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DEFAULT_EXT = {"video": ".mp4", "image": ".png"}
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Linux's syncfs(2): flush one file system (data and journal) in one call. Python's os
+    module does not have it; elsewhere each file is fsynced instead."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_syncfs = _load_syncfs()
 
 
 @dataclass(frozen=True)
@@ -65,15 +90,77 @@ def _expected_total(resp: aiohttp.ClientResponse) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
+class SyncBatch:
+    """Makes files durable in batches: every file handed in while a flush is under way goes in
+    the next one, a single thread call (one syncfs per file system on Linux, an fsync of each
+    file and its folder elsewhere). One per runner, shared by all its downloads."""
+
+    def __init__(self, files: Executor | None = None):
+        self._files = files
+        self._pending: list[tuple[Path, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def sync(self, path: Path) -> None:
+        """Return once ``path`` (a complete file under its final name) is on disk."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((path, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        await fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await loop.run_in_executor(self._files, make_durable, [p for p, _ in batch])
+            except OSError as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            else:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+
+
+def make_durable(paths: list[Path]) -> None:
+    """Flush complete files, and the renames that put them in place, to disk."""
+    if _syncfs is None:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(path.parent)
+        return
+    flushed: set[int] = set()
+    for path in paths:
+        device = os.stat(path).st_dev
+        if device in flushed:
+            continue
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        flushed.add(device)
+
+
 async def download(
-    session: aiohttp.ClientSession, url: str, dest: Path, files: Executor | None = None
+    session: aiohttp.ClientSession, url: str, dest: Path, files: Executor | None = None,
+    synced: SyncBatch | None = None,
 ) -> Downloaded:
     """Fetch ``url`` into ``dest``. Raises DownloadError (``expired`` for 403/404/410) and leaves
     any partial bytes in ``dest.part`` for the next try to resume.
 
     ``files``: the threads that open, fsync and rename (asyncio's default pool when None). Give
     it as many threads as downloads run at once: fsync waits on the disk, and the file system
-    commits the fsyncs of many threads together, so a small pool would cap throughput."""
+    commits the fsyncs of many threads together, so a small pool would cap throughput.
+    ``synced``: the runner's SyncBatch, so that small files are flushed together."""
     loop = asyncio.get_running_loop()
 
     def in_thread(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
@@ -139,13 +226,19 @@ async def download(
         if written == 0:
             discard = True
             raise DownloadError("output is empty (0 bytes)")
-        # Complete: write, fsync, close, hash a resumed file, rename into place: one thread hop.
-        # It owns the file from here on (the finally below must not touch it too, even if we
-        # are cancelled meanwhile: the thread then finishes the file on its own).
+        # Complete. From here on the bytes are the final step's alone: the finally below must
+        # not keep them as a partial file too, even if we are cancelled meanwhile.
         data, buf = buf, bytearray()
         if opening is None:
-            sha256 = await in_thread(_write_whole, dest, part, data, digest)
+            # Small: write and rename here (cheaper than a thread hop), then wait for the batch
+            # flush. Cancelled while waiting, the file is whole but unrecorded: redone next run.
+            _write_file(dest, part, data)
+            await (synced or SyncBatch(files)).sync(dest)
+            assert digest is not None  # a small output is never a resumed one
+            sha256 = digest.hexdigest()
         else:
+            # Large: write what is pending, fsync, close, hash a resumed file, rename into
+            # place, all in one thread hop, which finishes the file even if we are cancelled.
             final_fh = fh or await opening
             fh = opening = None
             sha256 = await in_thread(_finish, final_fh, part, dest, data, digest)
@@ -199,11 +292,12 @@ def _save_partial(folder: Path, part: Path, data: bytearray) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_whole(dest: Path, part: Path, data: bytearray, digest: Any) -> str:
-    """A complete small output: written durably to its .part file, then renamed into place."""
-    _save_partial(dest.parent, part, data)
-    _publish(part, dest)
-    return digest.hexdigest()
+def _write_file(dest: Path, part: Path, data: bytearray) -> None:
+    """A complete small output: to its .part file, then renamed into place (not yet durable)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(part, "wb") as fh:
+        fh.write(data)
+    os.replace(part, dest)
 
 
 def _finish(fh: BinaryIO, part: Path, dest: Path, pending: bytearray, digest: Any) -> str:

@@ -37,7 +37,7 @@ from . import constants as C
 from . import crashpoints
 from . import store as S
 from .client import Result, RunComfyClient
-from .downloads import download, output_name
+from .downloads import SyncBatch, download, output_name
 from .errors import (
     APIError,
     BatchgenError,
@@ -231,6 +231,7 @@ class Runner:
         # to 16), so fsyncs waiting on the disk never queue behind each other (downloads.download).
         self._file_threads = ThreadPoolExecutor(max(1, min(16, self.s.download_concurrency)),
                                                 thread_name_prefix="batchgen-files")
+        self._synced = SyncBatch(self._file_threads)  # small files are flushed together
 
         self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
         self._tiebreak = itertools.count()
@@ -748,7 +749,8 @@ class Runner:
                 while True:
                     dest = folder / output_name(out.idx, out.kind, out.url)
                     try:
-                        got = await download(self._dl_session, out.url, dest, self._file_threads)  # type: ignore[arg-type]
+                        got = await download(self._dl_session, out.url, dest, self._file_threads,  # type: ignore[arg-type]
+                                             self._synced)
                     except DownloadError as exc:
                         tries += 1
                         decision = classify(exc, Call.DOWNLOAD)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -9,7 +10,8 @@ from aiohttp import web
 from conftest import loopback
 
 from batchgen import constants as C
-from batchgen.downloads import download, make_session, output_name
+from batchgen import downloads as D
+from batchgen.downloads import SyncBatch, download, make_session, output_name
 from batchgen.errors import DownloadError
 
 BODY = bytes(range(256)) * 1000  # 256,000 bytes
@@ -102,3 +104,56 @@ async def test_expired_urls_are_flagged(files, tmp_path, status):
 async def test_refuses_non_http_urls(files, tmp_path):
     with pytest.raises(DownloadError, match="refusing"):
         await download(files["session"], "file:///etc/passwd", tmp_path / "o")
+
+
+async def test_small_files_finished_together_are_flushed_together(files, tmp_path, monkeypatch):
+    calls = []
+    real = D.make_durable
+
+    def counting(paths):
+        calls.append(len(paths))
+        real(paths)
+
+    monkeypatch.setattr(D, "make_durable", counting)
+    synced = SyncBatch()
+    got = await asyncio.gather(*(
+        download(files["session"], files["url"], tmp_path / f"job{i}" / "output.mp4", synced=synced)
+        for i in range(8)
+    ))
+    assert all((tmp_path / f"job{i}" / "output.mp4").read_bytes() == BODY for i in range(8))
+    assert all(g.sha256 == hashlib.sha256(BODY).hexdigest() for g in got)
+    if C.DOWNLOAD_IN_MEMORY:  # small outputs: far fewer flushes than files, none lost
+        assert sum(calls) == 8 and len(calls) < 8
+    else:  # streamed outputs are fsynced one by one in their own thread hop
+        assert calls == []
+
+
+@pytest.mark.parametrize("syncfs", ["syncfs", "fsync each file"])
+async def test_flushing_works_with_and_without_syncfs(tmp_path, monkeypatch, syncfs):
+    if syncfs == "syncfs" and D._syncfs is None:
+        pytest.skip("no syncfs on this platform")
+    if syncfs != "syncfs":
+        monkeypatch.setattr(D, "_syncfs", None)
+    paths = []
+    for i in range(3):
+        (tmp_path / f"d{i}").mkdir()
+        paths.append(tmp_path / f"d{i}" / "f")
+        paths[-1].write_bytes(b"x")
+    await SyncBatch().sync(paths[0])
+    D.make_durable(paths)  # several folders, one file system
+
+
+async def test_a_failed_flush_is_a_download_error_and_no_file_is_claimed(files, tmp_path, monkeypatch):
+    if D._syncfs is None:
+        pytest.skip("no syncfs on this platform")
+    import ctypes
+    import errno
+
+    def failing(fd):  # what a disk that refuses the write-back looks like to us
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(D, "_syncfs", failing)
+    monkeypatch.setattr(C, "DOWNLOAD_IN_MEMORY", 1 << 20)
+    with pytest.raises(DownloadError, match="syncfs"):
+        await download(files["session"], files["url"], tmp_path / "output.mp4")

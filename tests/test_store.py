@@ -225,3 +225,62 @@ async def test_a_write_cancelled_before_its_commit_is_dropped(store):
     await store.transition(job, S.FAILED, expect=(S.PENDING,))  # a later write still commits
     assert (await store.job(job.id)).state == S.FAILED
     assert [(e[1], e[2]) for e in await store.events(job.id)] == [("pending", "failed")]
+
+
+async def test_one_failing_write_in_a_group_leaves_the_others_committed(store):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec(f"k{i}", i) for i in range(3)])
+    jobs = await store.jobs(["b"])
+    # Three writes issued in one turn of the loop share one group commit; the middle one is
+    # refused (wrong expected state), which replays the group one savepoint per write.
+    results = await asyncio.gather(
+        store.transition(jobs[0], S.FAILED, expect=(S.PENDING,)),
+        store.transition(jobs[1], S.FAILED, expect=(S.IN_QUEUE,)),
+        store.transition(jobs[2], S.FAILED, expect=(S.PENDING,)),
+        return_exceptions=True,
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], StoreError) and "expected one of" in str(results[1])
+    assert [j.state for j in await store.jobs(["b"])] == [S.FAILED, S.PENDING, S.FAILED]
+    # Each committed transition has its history row, the refused one none.
+    assert [len(await store.events(j.id)) for j in jobs] == [1, 0, 1]
+
+
+async def test_group_commit_waits_for_an_open_transaction(store):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    [job] = await store.jobs(["b"])
+    order = []
+
+    async def long_transaction():
+        async with store.atomic() as db:
+            await db.execute("UPDATE batches SET updated_at = 1 WHERE name = 'b'")
+            await asyncio.sleep(0.05)  # a group commit asked for now must not block the loop
+            order.append("atomic")
+
+    async def write():
+        await asyncio.sleep(0.01)
+        await store.transition(job, S.FAILED, expect=(S.PENDING,))
+        order.append("write")
+
+    await asyncio.wait_for(asyncio.gather(long_transaction(), write()), 5)
+    assert order == ["atomic", "write"]
+    assert (await store.job(job.id)).state == S.FAILED
+
+
+async def test_the_log_is_checkpointed_as_writes_accumulate(store, monkeypatch):
+    monkeypatch.setattr(S, "_CHECKPOINT_EVERY", 20)
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec(f"k{i}", i) for i in range(50)])
+    wal = store.path.with_name(store.path.name + "-wal")
+    for job in await store.jobs(["b"]):
+        await store.transition(job, S.FAILED, expect=(S.PENDING,))
+    assert store._checkpoint is not None
+    await store._checkpoint
+    # Everything written so far is in the database file itself: a reader that ignores the log
+    # (opened on a copy of the main file alone) sees it.
+    copy = store.path.with_name("copy.sqlite3")
+    copy.write_bytes(store.path.read_bytes())
+    with sqlite3.connect(copy) as db:
+        failed = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'failed'").fetchone()[0]
+    assert failed >= 20 and wal.exists()
