@@ -32,6 +32,8 @@ MAX_CALL_RETRIES = 8
 # Polling. Until batchgen has seen jobs of a model finish it polls on a short, growing interval;
 # after that it polls near the expected finish (see runner.PollPlanner).
 FIRST_POLL_DELAY = 1.0
+# The one job polled early to learn how long jobs take (runner.PollPlanner).
+SCOUT_FIRST_POLL = 0.05
 MIN_POLL_INTERVAL = 0.25
 MAX_POLL_INTERVAL = 30.0
 

@@ -64,12 +64,15 @@ class Downloaded:
     resumed: bool
 
 
-def output_name(idx: int, kind: str, url: str) -> str:
-    """Stable file name of output ``idx``: output.mp4, output-1.mp4, … (extension from the URL)."""
+def output_name(key: str, idx: int, kind: str, url: str) -> str:
+    """Stable file name of a job's output ``idx``: <key>.mp4, <key>-1.mp4, … (extension from
+    the URL). One flat folder per batch: a file per output and no folder per job, which also
+    halves the inodes a job costs the file system (on ext4 creating one is the dearest call
+    batchgen makes). Keys are hex, so "<key>-1" cannot be another job's name."""
     suffix = PurePosixPath(urlsplit(url).path).suffix.lower()
     if not suffix or len(suffix) > 6 or not suffix[1:].isalnum():
         suffix = _DEFAULT_EXT.get(kind, ".bin")
-    return ("output" if idx == 0 else f"output-{idx}") + suffix
+    return (key if idx == 0 else f"{key}-{idx}") + suffix
 
 
 def make_session(limit: int = C.DEFAULT_DOWNLOAD_CONCURRENCY) -> aiohttp.ClientSession:
@@ -262,7 +265,7 @@ async def download(
 
 
 def _open_part(folder: Path, part: Path, append: bool) -> BinaryIO:
-    """Make the job's folder and open its .part file: to append to (a resume) or afresh."""
+    """Make the batch's folder and open its .part file: to append to (a resume) or afresh."""
     folder.mkdir(parents=True, exist_ok=True)
     return open(part, "ab" if append else "wb")  # noqa: SIM115 - closed by _close_part
 

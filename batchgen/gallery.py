@@ -4,7 +4,7 @@ either its output video or its error, with client-side filters by state.
 The page is one self-contained file, ``<workdir>/<batch>/gallery.html``: CSS and JS inline, no
 fonts or scripts from anywhere, and a Content-Security-Policy that forbids any request from
 script, so opening it never phones home. Media are linked, never embedded: outputs by a path
-relative to the page (the page beside the batch's job folders keeps working when the work
+relative to the page (the page beside the batch's outputs keeps working when the work
 directory is moved, copied or served over HTTP as a whole), input images by a relative path
 when they are local files and by their URL otherwise.
 """

@@ -130,7 +130,10 @@ class PollPlanner:
     """When to poll a job next: learns how long jobs take and polls just after the expected finish.
 
     Before any job has finished it polls on a growing interval (first_delay, then a quarter of
-    the time the job has been out, within [min, max]). Once it knows the median time the provider takes
+    the time the job has been out, within [min, max]), except for one "scout" job, polled from
+    50 ms on, a quarter more each time: it costs a few calls per run and learns the duration of
+    quick jobs in milliseconds instead of a second (Runner then re-plans every job waiting for
+    its first poll). Once it knows the median time the provider takes
     (its own created_at -> finished_at, so our polling lag does not inflate it), it polls a hair
     after that moment, then, if the job is late, every twentieth of it. Polls from the expected
     finish on go to /result (see Runner._poll): most jobs then cost one call, and a finished job
@@ -148,6 +151,11 @@ class PollPlanner:
     @property
     def expected(self) -> float | None:
         return statistics.median(self._durations) if self._durations else None
+
+    def scout_delay(self, elapsed: float) -> float:
+        """Next poll of the scout, while no duration is known: SCOUT_FIRST_POLL, then a quarter
+        of the time it has been out."""
+        return min(self.s.max_poll_interval, max(C.SCOUT_FIRST_POLL, elapsed / 4))
 
     def next_delay(self, elapsed: float) -> float:
         expected = self.expected
@@ -236,6 +244,7 @@ class Runner:
         self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
         self._tiebreak = itertools.count()
         self._remote: dict[int, Job] = {}  # jobs at the provider, by id
+        self._scout: int | None = None  # the job polled early while no duration is known
         # Jobs holding one of the provider's slots: from their submit until the provider says
         # they are finished (which can be before their result is fetched and recorded).
         self._holding: set[int] = set()
@@ -511,7 +520,11 @@ class Runner:
         self._remote[job.id] = job
         self._holding.add(job.id)
         self._emit(S.IN_QUEUE, job, f"submitted as {request_id}")
-        self._schedule(job, now + self.planner.next_delay(0.0))
+        if self.planner.expected is None and self._scout not in self._remote:
+            self._scout = job.id
+            self._schedule(job, now + self.planner.scout_delay(0.0))
+        else:
+            self._schedule(job, now + self.planner.next_delay(0.0))
 
     async def _submit_failed(self, job: Job, exc: BaseException) -> None:
         decision = Decision.FAIL if isinstance(exc, UsageError) else classify(exc, Call.SUBMIT)
@@ -628,7 +641,10 @@ class Runner:
         if self.s.job_timeout is not None and elapsed > self.s.job_timeout:
             await self._time_out(job)
             return
-        self._schedule(job, now + self.planner.next_delay(elapsed))
+        if job.id == self._scout and self.planner.expected is None:
+            self._schedule(job, now + self.planner.scout_delay(elapsed))
+        else:
+            self._schedule(job, now + self.planner.next_delay(elapsed))
 
     async def _result_if_ready(self, rid: str) -> Result | None:
         """/result for a job expected to be done. None when it refused in a way that may only
@@ -682,10 +698,41 @@ class Runner:
         if seconds is None and job.submitted_at:
             seconds = now - job.submitted_at
         if seconds is not None:
+            first = self.planner.expected is None
             self.planner.observe(seconds)
+            if first and self.planner.expected is not None:
+                self._replan()
+
+    def _replan(self) -> None:
+        """The first duration is known: bring forward every poll planned without it (the first
+        polls were planned a whole first_poll_delay out), to just after each job's expected end."""
+        now = time.time()
+
+        def due(job: Job) -> float:
+            return now + self.planner.next_delay(max(0.0, now - (job.submitted_at or now)))
+
+        self._bring_forward(due)
+
+    def _bring_forward(self, due: Callable[[Job], float | None]) -> None:
+        """Move planned polls earlier, to ``due(job)`` where that is earlier (None: leave it). The
+        heap keeps one entry per job (a second would start a second chain of polls), so entries
+        are changed in place, never added."""
+        heap = []
+        for when, tiebreak, job_id in self._heap:
+            job = self._remote.get(job_id)
+            new = due(job) if job is not None else None
+            heap.append((when if new is None else min(when, new), tiebreak, job_id))
+        heapq.heapify(heap)
+        self._heap = heap
+        self._wake.set()
 
     async def _leave_provider(self, job: Job) -> None:
         self._remote.pop(job.id, None)
+        if job.id == self._scout and self.planner.expected is None:
+            # It left without teaching a duration (failed at once, timed out): scout with another.
+            self._scout = next(iter(self._remote), None)
+            soon = time.time() + C.SCOUT_FIRST_POLL
+            self._bring_forward(lambda j: soon if j.id == self._scout else None)
         await self._free_slot(job)
 
     async def _free_slot(self, job: Job) -> None:
@@ -741,13 +788,13 @@ class Runner:
         async with self._dl_sem:
             if outputs is None:
                 outputs = await self.store.outputs(job.id)
-            folder = self.workdir / job.batch / job.key
+            folder = self.workdir / job.batch
             todo = [out for out in outputs
                     if not (out.sha256 is not None and out.path and (self.workdir / out.path).exists())]
             for n, out in enumerate(todo, 1):
                 tries = 0
                 while True:
-                    dest = folder / output_name(out.idx, out.kind, out.url)
+                    dest = folder / output_name(job.key, out.idx, out.kind, out.url)
                     try:
                         got = await download(self._dl_session, out.url, dest, self._file_threads,  # type: ignore[arg-type]
                                              self._synced)

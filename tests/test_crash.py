@@ -98,7 +98,9 @@ async def jobs_in(tmp_path, state: str) -> int:
 
 async def test_sigkill_at_random_times(tmp_path, simulator):
     rng = random.Random(1234)
-    sim = await simulator(concurrency=2, duration=0.3)
+    # Jobs long enough that the batch outlives several kills (each run polls sooner than the
+    # last, having learned the duration, so short jobs would finish before the third kill).
+    sim = await simulator(concurrency=2, duration=0.8)
     manifest = write_manifest(tmp_path, sim)
     kills = 0
     for _ in range(8):

@@ -60,8 +60,8 @@ async def files(request, monkeypatch):
 
 
 def test_output_names_are_stable():
-    assert output_name(0, "video", "https://x/a/b.MP4?sig=1") == "output.mp4"
-    assert output_name(2, "image", "https://x/a/noext") == "output-2.png"
+    assert output_name("0123abcd", 0, "video", "https://x/a/b.MP4?sig=1") == "0123abcd.mp4"
+    assert output_name("0123abcd", 2, "image", "https://x/a/noext") == "0123abcd-2.png"
 
 
 async def test_whole_file_with_digest(files, tmp_path):

@@ -81,7 +81,7 @@ async def test_one_row_per_job_with_inputs_notes_timings_and_outputs(mixed, samp
         if row["state"] == "succeeded":
             # Output paths are absolute; the digest and size are those of the file on disk.
             path = Path(row["output_paths"])
-            assert path.is_absolute() and path.parent.parent == (mixed / "quickstart").resolve()
+            assert path.is_absolute() and path.parent == (mixed / "quickstart").resolve()
             data = path.read_bytes()
             assert row["output_sha256"] == hashlib.sha256(data).hexdigest()
             assert row["output_bytes"] == len(data) > 1000

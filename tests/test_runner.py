@@ -79,7 +79,7 @@ async def test_quickstart_simulated_end_to_end_and_rerun_submits_nothing(samples
     first = await app.run(opts)
     assert first.new_jobs == 6 and first.summary.submitted == 6
     assert first.counts == {"quickstart": {"succeeded": 6}}
-    files = sorted((tmp_path / "work" / "quickstart").glob("*/output.mp4"))
+    files = sorted((tmp_path / "work" / "quickstart").glob("*.mp4"))
     assert len(files) == 6 and all(f.stat().st_size > 1000 for f in files)
     second = await app.run(opts)
     assert second.new_jobs == 0 and second.summary.submitted == 0
@@ -341,3 +341,18 @@ async def test_result_polling_never_fails_a_job_that_is_still_running(tmp_path, 
         await check_outputs_match(sim, tmp_path / "work")
     finally:
         await sim.stop()
+
+
+async def test_a_scout_learns_the_duration_so_the_first_jobs_are_not_held(simulator, tmp_path):
+    # Before any job has finished, jobs are first polled after first_poll_delay (5 s here); one
+    # scout job is polled from 50 ms on instead, and once it has taught how long jobs take (0.1 s)
+    # every other job's first poll is brought forward. Without the scout this run takes > 5 s.
+    sim = await simulator(concurrency=4, duration=0.1)
+    started = time.monotonic()
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 8),
+                                first_poll_delay=5.0, min_poll_interval=0.25, max_poll_interval=5.0))
+    assert out.counts == {"b": {"succeeded": 8}}
+    assert time.monotonic() - started < 3.0
+    calls = sim.requests()["calls"]
+    # The scout's few polls are the only extra calls: about one status or result call per job.
+    assert calls["status"] + calls["result"] <= 8 + 10
