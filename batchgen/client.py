@@ -9,6 +9,7 @@ are not followed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class ModelInfo:
     pricing_note: str | None
 
 
+@functools.lru_cache(maxsize=64)  # one model per batch, asked once per submit
 def model_path(model_id: str) -> str:
     """A model id as a URL path: each segment escaped, so spaces and '%' survive."""
     return "/".join(quote(seg, safe="") for seg in model_id.strip("/").split("/"))
@@ -183,6 +185,8 @@ class RunComfyClient:
         self._session = session
         self._own_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        # Built once: a dict per call is measurable at thousands of calls a second.
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         self._limit = limit
         self.calls: dict[str, int] = {"submit": 0, "status": 0, "result": 0, "cancel": 0, "model": 0}
 
@@ -231,9 +235,7 @@ class RunComfyClient:
 
     async def result(self, request_id: str, include_cost: bool = True) -> Result:
         path = f"/requests/{quote(request_id, safe='')}/result"
-        body = await self._call(
-            "result", "GET", path, params={"include_cost": "true"} if include_cost else None
-        )
+        body = await self._call("result", "GET", path + "?include_cost=true" if include_cost else path)
         cost = body.get("cost")
         error = body.get("error")
         if error is not None and not isinstance(error, str):
@@ -270,18 +272,15 @@ class RunComfyClient:
 
     async def _call(
         self, what: str, method: str, path: str, *, json_body: Any = None,
-        params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        """``path``: already escaped, with its query string if any."""
         session = self._ensure_session()
         self.calls[what] += 1
         url = URL(self.base_url + path, encoded=True)
-        if params:
-            url = url.update_query(params)
-        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
         label = f"{what} {path}"
         try:
             async with session.request(
-                method, url, json=json_body, headers=headers, allow_redirects=False
+                method, url, json=json_body, headers=self._headers, allow_redirects=False
             ) as resp:
                 raw = await resp.read()
                 status = resp.status

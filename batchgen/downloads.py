@@ -169,12 +169,13 @@ async def download(
     def in_thread(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return loop.run_in_executor(files, fn, *args)
 
-    scheme = urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https"):
-        raise DownloadError(f"refusing to download a {scheme or 'relative'} URL: {url}")
-    part = dest.with_name(dest.name + ".part")
+    if not url.startswith(("https://", "http://")):  # the common case, without parsing
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise DownloadError(f"refusing to download a {scheme or 'relative'} URL: {url}")
+    part = Path(f"{dest}.part")
     try:
-        have = part.stat().st_size  # a lookup, not a write: cheap enough for the event loop
+        have = os.stat(part).st_size  # a lookup, not a write: cheap enough for the event loop
     except OSError:
         have = 0
     headers = {"Range": f"bytes={have}-"} if have else {}
@@ -297,8 +298,12 @@ def _save_partial(folder: Path, part: Path, data: bytearray) -> None:
 
 def _write_file(dest: Path, part: Path, data: bytearray) -> None:
     """A complete small output: to its .part file, then renamed into place (not yet durable)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(part, "wb") as fh:
+    try:
+        fh = open(part, "wb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:  # the batch's first file: make its folder (only then: it costs)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(part, "wb")  # noqa: SIM115
+    with fh:
         fh.write(data)
     os.replace(part, dest)
 

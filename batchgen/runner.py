@@ -794,7 +794,8 @@ class Runner:
             for n, out in enumerate(todo, 1):
                 tries = 0
                 while True:
-                    dest = folder / output_name(job.key, out.idx, out.kind, out.url)
+                    name = output_name(job.key, out.idx, out.kind, out.url)
+                    dest = folder / name
                     try:
                         got = await download(self._dl_session, out.url, dest, self._file_threads,  # type: ignore[arg-type]
                                              self._synced)
@@ -817,7 +818,7 @@ class Runner:
                         await asyncio.sleep(delay)
                         continue
                     crashpoints.reached("download_done")
-                    rel = got.path.relative_to(self.workdir).as_posix()
+                    rel = f"{job.batch}/{name}"  # relative to the work directory, as stored
                     # The last file and the job's success: one write.
                     await self.store.output_downloaded(out, rel, got.size, got.sha256,
                                                        job_done=job if n == len(todo) else None)
