@@ -105,6 +105,21 @@ def test_local_probe_reads_format_size_and_bytes(tmp_path, fmt, name):
     assert probe_file(path) == ImageInfo(name, 640, 480, path.stat().st_size)
 
 
+def test_formats_beyond_the_common_ones_are_still_recognised(tmp_path):
+    # Only the common formats' plugins are loaded at first; a WebP or TIFF makes the probe load
+    # the rest. In a fresh process, since a test before this one may have loaded them all.
+    import subprocess
+    import sys
+
+    webp = make_image(tmp_path / "a.webp", 64, 48, "WEBP")
+    tiff = make_image(tmp_path / "a.tif", 64, 48, "TIFF")
+    code = ("import sys; from batchgen.images import probe_file; "
+            "print(probe_file(sys.argv[1]).format, probe_file(sys.argv[2]).format)")
+    out = subprocess.run([sys.executable, "-c", code, str(webp), str(tiff)], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split() == ["webp", "tiff"]
+
+
 def test_local_probe_errors(tmp_path):
     (tmp_path / "notes.jpg").write_text("not an image, just text")
     with pytest.raises(ImageProbeError, match="not a readable image"):

@@ -255,8 +255,12 @@ def overhead(rep: Report, work: Path, n: int, concurrency: int, rounds: int) -> 
     best: dict[str, tuple[Usage, float, dict[str, int]]] = {}
     for r in range(rounds):
         # Alternating rounds, the best of each side: a burst of noise from a neighbour on this
-        # shared machine then cannot decide the ratio.
-        for name in ("bare loop", "batchgen"):
+        # shared machine then cannot decide the ratio. Who goes first alternates too, and no
+        # round's files are deleted until the end: on ext4, creating files just after thousands
+        # were deleted is markedly slower (the allocator skips recently freed inodes), which
+        # would penalise whichever side always ran right after a deletion.
+        order = ("bare loop", "batchgen") if r % 2 == 0 else ("batchgen", "bare loop")
+        for name in order:
             with SimProcess(duration=0.0, concurrency=100_000) as sim:
                 c0 = sim.cpu()
                 if name == "bare loop":
@@ -265,7 +269,6 @@ def overhead(rep: Report, work: Path, n: int, concurrency: int, rounds: int) -> 
                     use = run_batchgen(sim, work / f"overhead-{r}", n, concurrency)
                 sim_cpu = sim.cpu() - c0
                 calls = sim.calls()
-            shutil.rmtree(work / (f"bare-{r}" if name == "bare loop" else f"overhead-{r}"), ignore_errors=True)
             if name not in best or use.wall < best[name][0].wall:
                 best[name] = (use, sim_cpu, calls)
     for name, (use, sim_cpu, c) in best.items():
