@@ -826,7 +826,7 @@ class Runner:
             if not todo:
                 await self.store.transition(job, S.SUCCEEDED, expect=(S.DOWNLOADING,))
             crashpoints.reached("job_succeeded")
-            self._finished(job, f"{len(outputs)} file(s) in {folder}")
+            self._finished(job, ", ".join(str(self.workdir / o.path) for o in outputs if o.path))
 
     async def _refresh_url(self, job: Job, idx: int) -> str | None:
         """An output URL stopped working: ask /result again for a fresh one before giving up.
