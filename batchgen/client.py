@@ -277,7 +277,7 @@ class RunComfyClient:
         session = self._ensure_session()
         self.calls[what] += 1
         url = URL(self.base_url + path, encoded=True)
-        label = f"{what} {path}"
+        label = f"{what} {path.partition('?')[0]}"  # in errors: the endpoint, not its query
         try:
             async with session.request(
                 method, url, json=json_body, headers=self._headers, allow_redirects=False

@@ -114,17 +114,28 @@ class SyncBatch:
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            batch, self._pending = self._pending, []
+            # Files whose downloads were cancelled meanwhile are left out: unrecorded, they are
+            # downloaded again next run anyway.
+            batch = [(p, fut) for p, fut in self._pending if not fut.done()]
+            self._pending = []
+            if not batch:
+                continue
             try:
                 await loop.run_in_executor(self._files, make_durable, [p for p, _ in batch])
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - each waiting download gets it
+                err = exc if isinstance(exc, OSError) else OSError(f"cannot flush files: {exc}")
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(exc)
+                        fut.set_exception(err)
             else:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_result(None)
+
+    async def close(self) -> None:
+        """Wait for a flush under way (before the threads it runs in are shut down)."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
 
 def make_durable(paths: list[Path]) -> None:
@@ -297,15 +308,21 @@ def _save_partial(folder: Path, part: Path, data: bytearray) -> None:
 
 
 def _write_file(dest: Path, part: Path, data: bytearray) -> None:
-    """A complete small output: to its .part file, then renamed into place (not yet durable)."""
+    """A complete small output: to its .part file, then renamed into place (not yet durable).
+    If that fails (disk full), the .part goes too: the bytes were only ever in memory, and a
+    leftover would make the next try ask for a range that does not exist."""
     try:
-        fh = open(part, "wb")  # noqa: SIM115 - closed below
-    except FileNotFoundError:  # the batch's first file: make its folder (only then: it costs)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(part, "wb")  # noqa: SIM115
-    with fh:
-        fh.write(data)
-    os.replace(part, dest)
+        try:
+            fh = open(part, "wb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:  # the batch's first file: make its folder (only then: it costs)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(part, "wb")  # noqa: SIM115
+        with fh:
+            fh.write(data)
+        os.replace(part, dest)
+    except OSError:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def _finish(fh: BinaryIO, part: Path, dest: Path, pending: bytearray, digest: Any) -> str:

@@ -319,6 +319,7 @@ class Runner:
         finally:
             if own_dl and self._dl_session is not None:
                 await self._dl_session.close()
+            await asyncio.shield(self._synced.close())  # a flush still under way needs its thread
             self._file_threads.shutdown(wait=True)  # all tasks are done: nothing is waiting
             self._summary.elapsed = time.monotonic() - started
             self._summary.api_calls = dict(self.client.calls)
@@ -708,7 +709,9 @@ class Runner:
         polls were planned a whole first_poll_delay out), to just after each job's expected end."""
         now = time.time()
 
-        def due(job: Job) -> float:
+        def due(job: Job) -> float | None:
+            if job.id in self._poll_failures:
+                return None  # waiting out a backoff or a Retry-After on purpose
             return now + self.planner.next_delay(max(0.0, now - (job.submitted_at or now)))
 
         self._bring_forward(due)
@@ -729,8 +732,9 @@ class Runner:
     async def _leave_provider(self, job: Job) -> None:
         self._remote.pop(job.id, None)
         if job.id == self._scout and self.planner.expected is None:
-            # It left without teaching a duration (failed at once, timed out): scout with another.
-            self._scout = next(iter(self._remote), None)
+            # It left without teaching a duration (failed at once, timed out): scout with another,
+            # one not waiting out a backoff or a Retry-After.
+            self._scout = next((j for j in self._remote if j not in self._poll_failures), None)
             soon = time.time() + C.SCOUT_FIRST_POLL
             self._bring_forward(lambda j: soon if j.id == self._scout else None)
         await self._free_slot(job)

@@ -16,8 +16,11 @@ then act" holds for every job while many jobs share a commit. If one write of a 
 group is rolled back and replayed with each write in its own savepoint, so that one failure leaves
 the others alone (failures are rare; savepoints on every write would double the statements).
 Checkpoints, which fsync, are taken off the loop: the writer never checkpoints itself, aiosqlite's
-thread does it every so many writes. Reads, and the multi-statement transactions of atomic(),
-stay on aiosqlite's connection; a group commit never runs while one of those is open.
+thread does it every so many writes (the one sync left on the loop is SQLite's of the log's header
+when it starts the log over after a checkpoint: one per ~1,000 writes). Reads, and the
+multi-statement transactions of atomic(), stay on aiosqlite's connection; a group commit never
+runs while one of those is open. A group that finds the write lock held by another process waits
+for it with asyncio.sleep, never in SQLite's busy handler, which would freeze the loop.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 # Group-committed writes between two checkpoints of the log (SQLite's own default is 1000 pages;
 # a job's write touches a few).
 _CHECKPOINT_EVERY = 1000
+# How long group commits wait for another process's write lock before failing (seconds).
+_BUSY_WAIT = 10.0
 
 # Job states; see ARCHITECTURE.md for the diagram.
 PENDING = "pending"
@@ -247,12 +252,33 @@ class Store:
             # behind its back (a claim nobody will send would become 'unknown').
             group = [(fn, fut) for fn, fut in self._group if not fut.cancelled()]
             self._group = []
+            waited = 0.0
+            while True:
+                if not group:
+                    break
+                async with self._tx_lock:  # never inside another task's open transaction
+                    # Synchronous, on this thread: nothing else runs meanwhile, so no write can
+                    # slip in between, and a cancellation cannot land halfway through.
+                    try:
+                        results = _apply_group(self._w, [fn for fn, _ in group])
+                    except Exception as exc:  # noqa: BLE001 - the file itself is unusable
+                        err = exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc}")
+                        results = [(False, err)] * len(group)
+                if results is not None:
+                    break
+                # Another process holds the write lock (a `batchgen retry`, an sqlite3 shell):
+                # wait for it here, not in SQLite's busy handler, which would freeze the loop.
+                if waited >= _BUSY_WAIT:
+                    err = StoreError(f"cannot commit to the store: locked by another process for "
+                                     f"{_BUSY_WAIT:g} s")
+                    results = [(False, err)] * len(group)
+                    break
+                delay = min(0.1, max(0.005, waited))  # 5 ms, doubling, at most 100 ms
+                await asyncio.sleep(delay)
+                waited += delay
+                group = [(fn, fut) for fn, fut in group if not fut.cancelled()]
             if not group:
                 continue
-            async with self._tx_lock:  # never inside another task's open transaction
-                # Synchronous, on this thread: nothing else runs meanwhile, so no write can
-                # slip in between, and a cancellation cannot land halfway through.
-                results = _apply_group(self._w, [fn for fn, _ in group])
             for (_, fut), (ok, value) in zip(group, results, strict=True):
                 if fut.done():
                     continue  # its caller was cancelled meanwhile; the write itself is committed
@@ -269,9 +295,12 @@ class Store:
 
     async def _checkpoint_wal(self) -> None:
         """Copy the log into the database file (and fsync) in aiosqlite's thread. PASSIVE: it
-        never waits for, nor blocks, the writer; what it cannot copy now, the next one does."""
+        never waits for other processes; what it cannot copy now, the next one does. It holds
+        the transaction lock, since on aiosqlite's connection it must not run inside an open
+        atomic() (group commits wait for it meanwhile, asynchronously: a few ms per 1,000)."""
         try:
-            await self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            async with self._tx_lock:
+                await self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except aiosqlite.Error as exc:
             log.warning("store checkpoint failed (the log grows until one succeeds): %s", exc)
 
@@ -612,8 +641,9 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
-        # Another process (a `batchgen retry` during a run) may hold the write lock for a moment.
-        conn.execute("PRAGMA busy_timeout=10000")
+        # No waiting inside SQLite: it would freeze the event loop. A group that finds the write
+        # lock taken by another process is retried from the loop (Store._commit_groups).
+        conn.execute("PRAGMA busy_timeout=0")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints fsync: not on the loop
     except sqlite3.Error:
         conn.close()
@@ -623,11 +653,13 @@ def _open_writer(path: Path) -> sqlite3.Connection:
 
 def _apply_group(
     conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
-) -> list[tuple[bool, Any]]:
+) -> list[tuple[bool, Any]] | None:
     """One group commit: all writes in one transaction. If one fails, the transaction is rolled
-    back and replayed with each write in its own savepoint, so that only that one is undone."""
+    back and replayed with each write in its own savepoint, so that only that one is undone.
+    None: another process holds the write lock; nothing was done."""
+    if not _begin(conn):
+        return None
     try:
-        conn.execute("BEGIN IMMEDIATE")
         try:
             out = [(True, fn(conn)) for fn in fns]
         except Exception:  # noqa: BLE001 - replayed below, where it is reported to its caller
@@ -639,12 +671,25 @@ def _apply_group(
     return out
 
 
-def _apply_one_by_one(
-    conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
-) -> list[tuple[bool, Any]]:
-    out: list[tuple[bool, Any]] = []
+def _begin(conn: sqlite3.Connection) -> bool:
+    """BEGIN IMMEDIATE (take the write lock); False if another process holds it. Other errors
+    (a broken file) are raised as StoreError."""
     try:
         conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return False
+        raise StoreError(f"cannot commit to the store: {exc}") from exc
+    return True
+
+
+def _apply_one_by_one(
+    conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+) -> list[tuple[bool, Any]] | None:
+    out: list[tuple[bool, Any]] = []
+    if not _begin(conn):  # another process took the lock in the moment since our rollback
+        return None
+    try:
         for fn in fns:
             conn.execute("SAVEPOINT w")
             try:

@@ -157,3 +157,33 @@ async def test_a_failed_flush_is_a_download_error_and_no_file_is_claimed(files, 
     monkeypatch.setattr(C, "DOWNLOAD_IN_MEMORY", 1 << 20)
     with pytest.raises(DownloadError, match="syncfs"):
         await download(files["session"], files["url"], tmp_path / "output.mp4")
+
+
+async def test_a_small_file_that_cannot_be_put_in_place_leaves_no_part(files, tmp_path):
+    if not C.DOWNLOAD_IN_MEMORY:
+        pytest.skip("streamed outputs keep their .part on purpose, for a Range resume")
+    dest = tmp_path / "output.mp4"
+    dest.mkdir()  # something in the way: the rename fails, as it would on a full disk
+    (dest / "x").write_bytes(b"x")
+    with pytest.raises(DownloadError, match="download broke"):
+        await download(files["session"], files["url"], dest)
+    assert not (tmp_path / "output.mp4.part").exists()
+    (dest / "x").unlink()
+    dest.rmdir()
+    got = await download(files["session"], files["url"], dest)
+    assert not got.resumed and dest.read_bytes() == BODY and files["hits"][-1] is None
+
+
+async def test_files_whose_downloads_were_cancelled_are_not_flushed(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(D, "make_durable", lambda paths: calls.append(list(paths)))
+    synced = SyncBatch()
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    gone = asyncio.create_task(synced.sync(tmp_path / "a"))
+    kept = asyncio.create_task(synced.sync(tmp_path / "b"))
+    await asyncio.sleep(0)  # both queued for the next flush ...
+    gone.cancel()  # ... and one caller gives up before it runs
+    await kept
+    await synced.close()
+    assert calls == [[tmp_path / "b"]] and gone.cancelled()

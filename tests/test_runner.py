@@ -356,3 +356,38 @@ async def test_a_scout_learns_the_duration_so_the_first_jobs_are_not_held(simula
     calls = sim.requests()["calls"]
     # The scout's few polls are the only extra calls: about one status or result call per job.
     assert calls["status"] + calls["result"] <= 8 + 10
+
+
+async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
+    # Jobs throttled with Retry-After are polled no sooner than they were told, even when the
+    # scout hands over or the first duration brings every other poll forward.
+    from batchgen.client import Result, RunComfyClient
+    from batchgen.errors import RateLimitError
+    from batchgen.runner import Runner
+
+    async with await Store.open(tmp_path / "s.sqlite3") as store:
+        async with RunComfyClient("http://127.0.0.1:9", "t") as client:  # never called here
+            runner = Runner(store, client, tmp_path,
+                            settings(first_poll_delay=5.0, policy=RetryPolicy(retry_after_cap=60)))
+            now = time.time()
+            jobs = [S.Job(i, "b", f"k{i}", i, "m", "s", {}, {}, S.IN_QUEUE, 1, f"r{i}", None, None,
+                          None, None, None, 0, 0, now - 0.5, None, None) for i in range(4)]
+            for job in jobs:
+                runner._remote[job.id] = job
+            scout, waiting, throttled, fresh = jobs
+            runner._scout = scout.id
+            await runner._poll_failed(throttled, RateLimitError("HTTP 429", status=429, retry_after=30.0))
+            runner._schedule(waiting, now + 5.0)  # planned before any duration was known
+            runner._schedule(fresh, now + 5.0)
+
+            def due(job):
+                return next(when for when, _, jid in runner._heap if jid == job.id) - time.time()
+
+            await runner._leave_provider(scout)  # the scout fails: another job takes over ...
+            assert runner._scout == waiting.id and due(waiting) < 0.5 and due(throttled) > 25
+            done = Result("r0", "succeeded", [], None, None, "2026-01-01T00:00:00Z",
+                          "2026-01-01T00:00:00.300Z")
+            runner._observe_duration(scout, done, time.time())  # ... and a duration is learned
+            assert due(fresh) < 0.5 and due(throttled) > 25
+            assert sorted(jid for _, _, jid in runner._heap) == [1, 2, 3]  # one entry per job
+            runner._file_threads.shutdown()

@@ -284,3 +284,41 @@ async def test_the_log_is_checkpointed_as_writes_accumulate(store, monkeypatch):
     with sqlite3.connect(copy) as db:
         failed = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'failed'").fetchone()[0]
     assert failed >= 20 and wal.exists()
+
+
+async def test_another_process_holding_the_lock_does_not_freeze_the_loop(store, monkeypatch):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    [job] = await store.jobs(["b"])
+    # Another process (say an sqlite3 shell) holds the write lock for 0.5 s.
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    asyncio.get_running_loop().call_later(0.5, holder.execute, "COMMIT")
+    ticks = []
+
+    async def ticker():  # the loop keeps turning while the write waits
+        while True:
+            ticks.append(asyncio.get_running_loop().time())
+            await asyncio.sleep(0.01)
+
+    t = asyncio.create_task(ticker())
+    try:
+        await store.transition(job, S.FAILED, expect=(S.PENDING,))
+    finally:
+        t.cancel()
+        holder.close()
+    assert (await store.job(job.id)).state == S.FAILED
+    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    assert len(ticks) > 20 and max(gaps) < 0.2
+
+    # Held for longer than the store waits: the write fails with a StoreError, nothing hangs.
+    monkeypatch.setattr(S, "_BUSY_WAIT", 0.2)
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="locked by another process"):
+            await store.transition(job, S.PENDING, expect=(S.FAILED,))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert (await store.job(job.id)).state == S.FAILED
