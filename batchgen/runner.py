@@ -523,9 +523,7 @@ class Runner:
         self._emit(S.IN_QUEUE, job, f"submitted as {request_id}")
         if self.planner.expected is None and self._scout not in self._remote:
             self._scout = job.id
-            self._schedule(job, now + self.planner.scout_delay(0.0))
-        else:
-            self._schedule(job, now + self.planner.next_delay(0.0))
+        self._schedule(job, now + self._poll_delay(job, 0.0))
 
     async def _submit_failed(self, job: Job, exc: BaseException) -> None:
         decision = Decision.FAIL if isinstance(exc, UsageError) else classify(exc, Call.SUBMIT)
@@ -642,10 +640,14 @@ class Runner:
         if self.s.job_timeout is not None and elapsed > self.s.job_timeout:
             await self._time_out(job)
             return
+        self._schedule(job, now + self._poll_delay(job, elapsed))
+
+    def _poll_delay(self, job: Job, elapsed: float) -> float:
+        """How long until ``job``'s next poll: the scout's early schedule while no duration is
+        known, the planner's otherwise."""
         if job.id == self._scout and self.planner.expected is None:
-            self._schedule(job, now + self.planner.scout_delay(elapsed))
-        else:
-            self._schedule(job, now + self.planner.next_delay(elapsed))
+            return self.planner.scout_delay(elapsed)
+        return self.planner.next_delay(elapsed)
 
     async def _result_if_ready(self, rid: str) -> Result | None:
         """/result for a job expected to be done. None when it refused in a way that may only

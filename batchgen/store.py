@@ -253,9 +253,7 @@ class Store:
             group = [(fn, fut) for fn, fut in self._group if not fut.cancelled()]
             self._group = []
             waited = 0.0
-            while True:
-                if not group:
-                    break
+            while group:
                 async with self._tx_lock:  # never inside another task's open transaction
                     # Synchronous, on this thread: nothing else runs meanwhile, so no write can
                     # slip in between, and a cancellation cannot land halfway through.
