@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 
 
 class AdaptiveCap:
@@ -28,8 +29,11 @@ class AdaptiveCap:
     def value(self) -> int:
         return int(self._value)
 
-    def on_success(self) -> None:
+    def on_success(self) -> bool:
+        """Register a success; return True when it raised the cap (by one, every cap successes)."""
+        before = int(self._value)
         self._value = min(float(self.maximum), self._value + 1.0 / max(1.0, self._value))
+        return int(self._value) != before
 
     def on_throttle(self) -> bool:
         """Register a throttle; return True when it lowered the cap."""
@@ -44,23 +48,33 @@ class AdaptiveCap:
 
 
 class Slots:
-    """A counting limit whose size can change while tasks wait (the adaptive cap drives it)."""
+    """A counting limit whose size can change while tasks wait (the adaptive cap drives it).
+
+    Only ``acquire`` waits; giving a slot back or moving the cap is a plain call that wakes the
+    waiters (one event loop, so no lock is needed: nothing runs between a check and its update).
+    """
 
     def __init__(self, cap: AdaptiveCap):
         self.cap = cap
         self.used = 0
         self.closed = False
-        self._cond = asyncio.Condition()
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def acquire(self) -> None:
         """Take a slot; after close() returns at once (the caller checks and gives it back)."""
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used < self.cap.value or self.closed)
-            self.used += 1
+        while self.used >= self.cap.value and not self.closed:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():  # cancelled: not a waiter any more
+                    self._waiters.remove(waiter)
+        self.used += 1
 
     def close(self) -> None:
         self.closed = True
-        asyncio.ensure_future(self.changed())
+        self.changed()
 
     def try_acquire(self) -> bool:
         if self.used < self.cap.value:
@@ -68,15 +82,16 @@ class Slots:
             return True
         return False
 
-    async def release(self) -> None:
-        async with self._cond:
-            self.used = max(0, self.used - 1)
-            self._cond.notify_all()
+    def release(self) -> None:
+        self.used = max(0, self.used - 1)
+        self.changed()
 
-    async def changed(self) -> None:
-        """Wake waiters after the cap moved."""
-        async with self._cond:
-            self._cond.notify_all()
+    def changed(self) -> None:
+        """Wake the waiters (a slot came free, or the cap moved); each checks again."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     @property
     def free(self) -> int:

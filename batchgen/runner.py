@@ -21,6 +21,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import os
 import statistics
 import time
 from collections import deque
@@ -143,14 +144,13 @@ class PollPlanner:
     def __init__(self, settings: RunSettings, window: int = 50):
         self.s = settings
         self._durations: deque[float] = deque(maxlen=window)
+        # The median, kept up to date by observe(): it is read on every poll and submit.
+        self.expected: float | None = None
 
     def observe(self, seconds: float) -> None:
         if seconds >= 0:
             self._durations.append(seconds)
-
-    @property
-    def expected(self) -> float | None:
-        return statistics.median(self._durations) if self._durations else None
+            self.expected = statistics.median(self._durations)
 
     def scout_delay(self, elapsed: float) -> float:
         """Next poll of the scout, while no duration is known: SCOUT_FIRST_POLL, then a quarter
@@ -225,6 +225,7 @@ class Runner:
         self.store = store
         self.client = client
         self.workdir = Path(workdir)
+        self._workdir = os.fspath(workdir)
         self.s = settings or RunSettings()
         self.cap = AdaptiveCap(self.s.concurrency)
         self.slots = Slots(self.cap)
@@ -423,7 +424,8 @@ class Runner:
         self._emit(job.state, job, message)
 
     async def _api(self, coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        await self.bucket.take()
+        if self.bucket.rate > 0:  # no coroutine to make when there is no limit
+            await self.bucket.take()
         return await coro_fn()
 
     # ---- submitting ----------------------------------------------------------------------------
@@ -455,7 +457,7 @@ class Runner:
                     continue
             await self.slots.acquire()
             if self._stop_submitting is not None or self._closing:
-                await self.slots.release()
+                self.slots.release()
                 break
             # Every slot free right now is claimed in one round trip: claiming one job per loop
             # turn made the database the bottleneck of a fast provider. A budget claims one at a
@@ -473,7 +475,7 @@ class Runner:
             self._track(claim, submit=True)
             jobs = await asyncio.shield(claim)
             for _ in range(want - len(jobs)):
-                await self.slots.release()
+                self.slots.release()
             if not jobs:
                 when = await self.store.next_pending_at(self._batches)
                 if when is None and not self._submits:
@@ -505,19 +507,19 @@ class Runner:
             await asyncio.shield(self._submit_failed(job, exc))
             return
         crashpoints.reached("submit_answered")
-        # The request id is the only handle on a paid job: record it even if we are being
-        # cancelled right now.
-        await asyncio.shield(self._submitted(job, sub.request_id))
+        await self._submitted(job, sub.request_id)
         crashpoints.reached("submit_recorded")
 
     async def _submitted(self, job: Job, request_id: str) -> None:
         now = time.time()
+        # The request id is the only handle on a paid job: it is committed even if we are
+        # cancelled right now (the next run then follows the job).
         await self.store.transition(
             job, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id=request_id, submitted_at=now,
-            error=None, error_code=None, not_before=None, detail=f"request {request_id}",
+            error=None, error_code=None, not_before=None, detail=f"request {request_id}", shield=True,
         )
-        self.cap.on_success()
-        await self.slots.changed()
+        if self.cap.on_success():
+            self.slots.changed()
         self._remote[job.id] = job
         self._holding.add(job.id)
         self._emit(S.IN_QUEUE, job, f"submitted as {request_id}")
@@ -572,7 +574,7 @@ class Runner:
                 )
             self._finished(job, str(exc))
         finally:
-            await self.slots.release()
+            self.slots.release()
 
     # ---- polling -------------------------------------------------------------------------------
 
@@ -610,7 +612,7 @@ class Runner:
                 result = await self._result_if_ready(rid)
                 crashpoints.reached("status_answered")
             if result is not None and result.status in _RESULT_FINISHED:
-                await self._free_slot(job)
+                self._free_slot(job)
                 await self._on_result(job, result)
                 return
             if result is not None and result.status in (S.IN_QUEUE, S.IN_PROGRESS):
@@ -621,7 +623,7 @@ class Runner:
                 status = await self._api(lambda: self.client.status(rid))
                 crashpoints.reached("status_answered")
                 if status.finished:
-                    await self._free_slot(job)
+                    self._free_slot(job)
                     result = await self._api(lambda: self.client.result(rid))
                     await self._on_result(job, result)
                     return
@@ -670,12 +672,18 @@ class Runner:
         self.budget.finished(job.id, result.cost)
         self._summary.spent_usd = self.budget.spent
         if result.status == "succeeded" and result.outputs:
-            await self.store.record_result(job, result.outputs, cost=result.cost, finished_at=now)
-            crashpoints.reached("result_recorded")
-            await self._leave_provider(job)
-            self._emit(S.DOWNLOADING, job, f"{len(result.outputs)} output(s)")
+            self._leave_provider(job)
             outputs = [Output(job.id, idx, kind, url, None, None, None)
                        for idx, (kind, url) in enumerate(result.outputs)]
+            if len(outputs) == 1 and not self._dl_sem.locked():
+                # The usual case: one output and a download slot free. Fetched right here, and
+                # recorded with the result and the job's success in one write (a large output,
+                # or a failed try, records the result first: see _download_job).
+                await self._download_job(job, outputs, unrecorded=(result, now))
+                return
+            # Every download slot is busy (or several outputs): record the result now (its URLs
+            # and cost, the job 'downloading') rather than keep it unrecorded while it waits.
+            await self._record_result(job, result.outputs, result.cost, now)
             self._spawn(self._download_job(job, outputs))
             return
         if result.status == "succeeded":
@@ -687,7 +695,7 @@ class Runner:
         else:
             state, error = S.FAILED, f"unexpected result status {result.status!r}"
         await self.store.transition(job, state, error=error, cost=result.cost, finished_at=now)
-        await self._leave_provider(job)
+        self._leave_provider(job)
         self._finished(job, error)
 
     def _observe_duration(self, job: Job, result: Result, now: float) -> None:
@@ -731,7 +739,7 @@ class Runner:
         self._heap = heap
         self._wake.set()
 
-    async def _leave_provider(self, job: Job) -> None:
+    def _leave_provider(self, job: Job) -> None:
         self._remote.pop(job.id, None)
         if job.id == self._scout and self.planner.expected is None:
             # It left without teaching a duration (failed at once, timed out): scout with another,
@@ -739,15 +747,15 @@ class Runner:
             self._scout = next((j for j in self._remote if j not in self._poll_failures), None)
             soon = time.time() + C.SCOUT_FIRST_POLL
             self._bring_forward(lambda j: soon if j.id == self._scout else None)
-        await self._free_slot(job)
+        self._free_slot(job)
 
-    async def _free_slot(self, job: Job) -> None:
+    def _free_slot(self, job: Job) -> None:
         """The provider finished ``job``: its slot can take the next submit at once, before this
         job's result is fetched or recorded (those concern only this job, and are redone by a
         later run if a crash comes first). A freed slot is what keeps the provider busy."""
         if job.id in self._holding:
             self._holding.discard(job.id)
-            await self.slots.release()
+            self.slots.release()
 
     async def _poll_failed(self, job: Job, exc: APIError) -> None:
         decision = classify(exc, Call.POLL)
@@ -758,7 +766,7 @@ class Runner:
             await self.store.transition(job, S.FAILED, error=str(exc),
                                         error_code=getattr(exc, "error_code", None),
                                         finished_at=time.time())
-            await self._leave_provider(job)
+            self._leave_provider(job)
             self._finished(job, str(exc))
             return
         # Transient: poll again later; the job itself is fine at the provider.
@@ -783,29 +791,57 @@ class Runner:
             job, S.TIMED_OUT, finished_at=time.time(),
             error=f"no result within --job-timeout {self.s.job_timeout:g}s (cancel: {outcome})",
         )
-        await self._leave_provider(job)
+        self._leave_provider(job)
         self._finished(job, job.error or "")
 
     # ---- downloading ---------------------------------------------------------------------------
 
-    async def _download_job(self, job: Job, outputs: list[Output] | None = None) -> None:
+    async def _record_result(self, job: Job, outputs: list[tuple[str, str]], cost: float | None,
+                             finished_at: float | None) -> None:
+        await self.store.record_result(job, outputs, cost=cost, finished_at=finished_at)
+        crashpoints.reached("result_recorded")
+        self._emit(S.DOWNLOADING, job, f"{len(outputs)} output(s)")
+
+    async def _download_job(
+        self, job: Job, outputs: list[Output] | None = None,
+        unrecorded: tuple[Result, float] | None = None,
+    ) -> None:
         """Download a job's outputs (``outputs``: as just recorded; None: read them from the
-        store, as on resume) and mark it succeeded with its last file."""
+        store, as on resume) and mark it succeeded with its last file.
+
+        ``unrecorded``: (result, finished_at) of a one-output result not yet in the store. Its
+        file is fetched first, then the result, the file and the success are one write. Nothing
+        is lost by a crash meanwhile: the job is still at the provider's in the store, so the
+        next run asks /result again (one call; nothing is paid twice). Before a large output
+        streams to disk, or when a try fails, the result is recorded first: a long or retried
+        download never runs with nothing recorded."""
+
+        async def record() -> None:
+            nonlocal unrecorded
+            if unrecorded is not None:
+                result, finished_at = unrecorded
+                unrecorded = None
+                await self._record_result(job, result.outputs, result.cost, finished_at)
+
         async with self._dl_sem:
             if outputs is None:
                 outputs = await self.store.outputs(job.id)
-            folder = self.workdir / job.batch
+            folder = os.path.join(self._workdir, job.batch)  # strings: see downloads.download
             todo = [out for out in outputs
                     if not (out.sha256 is not None and out.path and (self.workdir / out.path).exists())]
             for n, out in enumerate(todo, 1):
                 tries = 0
                 while True:
                     name = output_name(job.key, out.idx, out.kind, out.url)
-                    dest = folder / name
+                    dest = os.path.join(folder, name)
                     try:
-                        got = await download(self._dl_session, out.url, dest, self._file_threads,  # type: ignore[arg-type]
-                                             self._synced)
+                        got = await download(
+                            self._dl_session, out.url, dest, self._file_threads,  # type: ignore[arg-type]
+                            self._synced, resume=unrecorded is None or tries > 0,
+                            before_streaming=record if unrecorded is not None else None,
+                        )
                     except DownloadError as exc:
+                        await record()
                         tries += 1
                         decision = classify(exc, Call.DOWNLOAD)
                         if tries > self.s.policy.max_call_retries:
@@ -825,14 +861,20 @@ class Runner:
                         continue
                     crashpoints.reached("download_done")
                     rel = f"{job.batch}/{name}"  # relative to the work directory, as stored
-                    # The last file and the job's success: one write.
-                    await self.store.output_downloaded(out, rel, got.size, got.sha256,
-                                                       job_done=job if n == len(todo) else None)
+                    if unrecorded is not None:
+                        result, finished_at = unrecorded
+                        out.path, out.size, out.sha256 = rel, got.size, got.sha256
+                        await self.store.record_downloaded(job, [out], cost=result.cost,
+                                                           finished_at=finished_at)
+                    else:
+                        # The last file and the job's success: one write.
+                        await self.store.output_downloaded(out, rel, got.size, got.sha256,
+                                                           job_done=job if n == len(todo) else None)
                     break
             if not todo:
                 await self.store.transition(job, S.SUCCEEDED, expect=(S.DOWNLOADING,))
             crashpoints.reached("job_succeeded")
-            self._finished(job, ", ".join(str(self.workdir / o.path) for o in outputs if o.path))
+            self._finished(job, ", ".join(os.path.join(self._workdir, o.path) for o in outputs if o.path))
 
     async def _refresh_url(self, job: Job, idx: int) -> str | None:
         """An output URL stopped working: ask /result again for a fresh one before giving up.

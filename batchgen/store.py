@@ -26,6 +26,7 @@ for it with asyncio.sleep, never in SQLite's busy handler, which would freeze th
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sqlite3
@@ -235,16 +236,18 @@ class Store:
         ``_execute`` (the primitive every public method uses) is the one private name used here."""
         return await self._db._execute(fn, self._db._conn, *args)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any], shield: bool = False) -> Any:
         """Run ``fn(connection)`` in a group commit (see the module docstring) and return its result
-        once committed. Inside the caller's own atomic() it simply joins that transaction."""
+        once committed. Inside the caller's own atomic() it simply joins that transaction.
+        ``shield``: committed even if the caller is cancelled while it waits (otherwise a write
+        whose caller is gone before its group starts is dropped)."""
         if self._tx_owner is not None and self._tx_owner is asyncio.current_task():
             return await self._in_thread(fn)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._group.append((fn, fut))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.ensure_future(self._commit_groups())
-        return await fut
+        return await (asyncio.shield(fut) if shield else fut)
 
     async def _commit_groups(self) -> None:
         while self._group:
@@ -489,18 +492,18 @@ class Store:
         *,
         expect: Sequence[str] | None = None,
         detail: str | None = None,
+        shield: bool = False,
         **fields: Any,
     ) -> None:
         """Move ``job`` to ``state`` (setting ``fields``) and append the history row, in one
         transaction. With ``expect``, refuse unless the stored state is one of those: that catches
-        two actors racing on one job. ``job`` is updated in place."""
-        bad = set(fields) - _SETTABLE
-        if bad:
-            raise ValueError(f"not settable: {sorted(bad)}")
+        two actors racing on one job. ``job`` is updated in place. ``shield``: see _write."""
+        if not _SETTABLE.issuperset(fields):
+            raise ValueError(f"not settable: {sorted(set(fields) - _SETTABLE)}")
         now = time.time()
         sql, params = _transition_sql(job.id, state, now, detail, fields, expect)
         # One statement; the jobs_history trigger appends the history row in the same statement.
-        await self._write(lambda conn: _apply_transition(conn, job.key, job.id, sql, params, expect))
+        await self._write(lambda conn: _apply_transition(conn, job.key, job.id, sql, params, expect), shield)
         job.state = state
         job.updated_at = now
         for k, v in fields.items():
@@ -566,6 +569,35 @@ class Store:
             job.state, job.updated_at = DOWNLOADING, now
             job.cost, job.finished_at = cost, finished_at
 
+    async def record_downloaded(
+        self, job: Job, outputs: Sequence[Output], *, cost: float | None, finished_at: float | None,
+    ) -> None:
+        """A succeeded result whose outputs are already whole on disk (``outputs`` with path, size
+        and sha256 set): the outputs, their files and the job's success in one write, where
+        record_result and output_downloaded would take two. The job must still be at the
+        provider's (in_queue or in_progress) in the store."""
+        now = time.time()
+        rows = [(job.id, o.idx, o.kind, o.url, o.path, o.size, o.sha256, now) for o in outputs]
+        fields = {"cost": cost, "finished_at": finished_at}
+        move = _transition_sql(job.id, SUCCEEDED, now, f"{len(outputs)} output(s) downloaded", fields,
+                               REMOTE_ACTIVE)
+
+        def apply(conn: sqlite3.Connection) -> None:
+            for row in rows:
+                conn.execute(
+                    """INSERT INTO outputs (job_id, idx, kind, url, path, size, sha256, downloaded_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (job_id, idx) DO UPDATE SET kind = excluded.kind, url = excluded.url,
+                           path = excluded.path, size = excluded.size, sha256 = excluded.sha256,
+                           downloaded_at = excluded.downloaded_at""",
+                    row,
+                )
+            _apply_transition(conn, job.key, job.id, *move, REMOTE_ACTIVE)
+
+        await self._write(apply)
+        job.state, job.updated_at = SUCCEEDED, now
+        job.cost, job.finished_at = cost, finished_at
+
     async def outputs(self, job_id: int) -> list[Output]:
         rows = await self._db.execute_fetchall(
             "SELECT job_id, idx, kind, url, path, size, sha256 FROM outputs WHERE job_id = ? "
@@ -613,13 +645,20 @@ def _transition_sql(
     job_id: int, state: str, now: float, detail: str | None, fields: dict[str, Any],
     expect: Sequence[str] | None,
 ) -> tuple[str, list[Any]]:
-    sets = "".join(f", {k} = ?" for k in fields)
-    sql = f"UPDATE jobs SET state = ?, updated_at = ?, detail = ?{sets} WHERE id = ?"
     params: list[Any] = [state, now, detail, *fields.values(), job_id]
     if expect:
-        sql += f" AND state IN ({', '.join('?' * len(expect))})"
         params.extend(expect)
-    return sql, params
+    return _transition_statement(tuple(fields), len(expect) if expect else 0), params
+
+
+@functools.lru_cache(maxsize=64)
+def _transition_statement(field_names: tuple[str, ...], n_expect: int) -> str:
+    """The UPDATE of a transition (a handful of shapes, each written thousands of times)."""
+    sets = "".join(f", {k} = ?" for k in field_names)
+    sql = f"UPDATE jobs SET state = ?, updated_at = ?, detail = ?{sets} WHERE id = ?"
+    if n_expect:
+        sql += f" AND state IN ({', '.join('?' * n_expect)})"
+    return sql
 
 
 def _apply_transition(

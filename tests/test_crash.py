@@ -73,14 +73,33 @@ async def check_invariants(tmp_path, sim, expect_unknown: int, never_sent: int |
         assert not list((tmp_path / "work").rglob("*.part"))
 
 
-@pytest.mark.parametrize("point", crashpoints.POINTS)
+# 'result_recorded' is not on a job's usual route (one output, a download slot free: the file is
+# fetched first, then recorded with the result in one write); the next test takes it.
+@pytest.mark.parametrize("point", [p for p in crashpoints.POINTS if p != "result_recorded"])
 @pytest.mark.parametrize("nth", [1, 3])
 async def test_sigkill_at_each_moment(tmp_path, simulator, point, nth):
     sim = await simulator(concurrency=2, duration=0.2)
+    await sigkill_and_finish(tmp_path, sim, point, nth)
+
+
+@pytest.mark.parametrize("point", ["result_recorded", "download_done", "job_succeeded"])
+@pytest.mark.parametrize("nth", [1, 3])
+async def test_sigkill_after_a_failed_download(tmp_path, simulator, point, nth):
+    """The other route to a file: the result recorded first ('downloading'), then the file, then
+    the job's success. Every job's first download breaks off half way (all six finish together,
+    long before the first retry), which sends each down this route."""
+    sim = await simulator(concurrency=N, duration=0.2, faults=[f"script.download={','.join(['truncate'] * N)}"])
+    await sigkill_and_finish(tmp_path, sim, point, nth, "--concurrency", str(N), recorded_route=True)
+
+
+async def sigkill_and_finish(tmp_path, sim, point: str, nth: int, *extra: str,
+                             recorded_route: bool = False) -> None:
     manifest = write_manifest(tmp_path, sim)
-    proc = await start_run(tmp_path, sim, manifest, f"{point}:{nth}")
+    proc = await start_run(tmp_path, sim, manifest, f"{point}:{nth}", *extra)
     await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == -signal.SIGKILL, f"{point}:{nth} was never reached"
+    if recorded_route:  # the kill found results recorded ahead of their files
+        assert await jobs_in(tmp_path, S.DOWNLOADING) >= 1
     # Jobs caught between their committed intent and a recorded request id: their submit may or
     # may not have reached the API, so the next run must make them unknown, not resubmit them.
     caught = await jobs_in(tmp_path, S.SUBMITTING)

@@ -62,6 +62,16 @@ async def files(request, monkeypatch):
 def test_output_names_are_stable():
     assert output_name("0123abcd", 0, "video", "https://x/a/b.MP4?sig=1") == "0123abcd.mp4"
     assert output_name("0123abcd", 2, "image", "https://x/a/noext") == "0123abcd-2.png"
+    # Only the path's last segment counts: not the host, the query or the fragment.
+    assert output_name("k", 0, "video", "https://cdn.example.com") == "k.mp4"
+    assert output_name("k", 0, "video", "https://cdn.example.com/") == "k.mp4"
+    assert output_name("k", 0, "image", "https://h/x.v2/file?name=a.jpg#b.gif") == "k.png"
+    assert output_name("k", 0, "image", "https://h/a/b.webp#frag") == "k.webp"
+    assert output_name("k", 0, "video", "https://h/a/b.mp4.part") == "k.part"
+    assert output_name("k", 0, "video", "https://h/a/.hidden") == "k.mp4"
+    assert output_name("k", 0, "video", "https://h/a/b.") == "k.mp4"
+    assert output_name("k", 0, "video", "https://h/a/b.toolong7") == "k.mp4"
+    assert output_name("k", 1, "video", "/relative/clip.MOV") == "k-1.mov"
 
 
 async def test_whole_file_with_digest(files, tmp_path):

@@ -94,6 +94,45 @@ async def test_run_against_a_simulator_counts_and_digests(simulator, tmp_path):
     await check_outputs_match(sim, tmp_path / "work")
 
 
+async def job_histories(workdir) -> dict[str, list[str]]:
+    async with await Store.open(workdir / "batchgen.sqlite3") as store:
+        return {j.key: [e[2] for e in await store.events(j.id)] for j in await store.jobs()}
+
+
+async def test_a_small_output_is_recorded_with_its_result_in_one_write(simulator, tmp_path):
+    sim = await simulator(concurrency=3, duration=0.1)
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 4)))
+    assert out.counts == {"b": {"succeeded": 4}}
+    for states in (await job_histories(tmp_path / "work")).values():
+        assert S.DOWNLOADING not in states and states[-1] == S.SUCCEEDED, states
+    jobs = await outputs_by_job(tmp_path / "work")
+    assert all(job.cost == 0.10 and job.finished_at and outs[0].size for job, outs in jobs.values())
+    await check_outputs_match(sim, tmp_path / "work")
+
+
+async def test_a_large_output_records_its_result_before_it_streams(simulator, tmp_path, monkeypatch):
+    from batchgen import constants as C
+
+    monkeypatch.setattr(C, "DOWNLOAD_IN_MEMORY", 0)  # every output counts as large
+    sim = await simulator(concurrency=3, duration=0.1)
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 4)))
+    assert out.counts == {"b": {"succeeded": 4}}
+    for states in (await job_histories(tmp_path / "work")).values():
+        assert states[-2:] == [S.DOWNLOADING, S.SUCCEEDED], states
+    await check_outputs_match(sim, tmp_path / "work")
+
+
+async def test_a_result_waiting_for_a_download_slot_is_recorded_meanwhile(simulator, tmp_path):
+    # One download at a time, downloads slower than jobs: results arrive while the slot is taken.
+    sim = await simulator(concurrency=4, duration=0.05, faults=["script.download=slow,slow,slow,slow"])
+    sim.config.faults.slow_seconds = 0.3
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 4), download_concurrency=1))
+    assert out.counts == {"b": {"succeeded": 4}}
+    histories = (await job_histories(tmp_path / "work")).values()
+    assert sum(S.DOWNLOADING in states for states in histories) >= 2
+    await check_outputs_match(sim, tmp_path / "work")
+
+
 async def test_stopped_part_way_then_resumed(simulator, tmp_path):
     sim = await simulator(concurrency=2, duration=0.3)
     path = manifest(tmp_path, sim, 8)
@@ -383,7 +422,7 @@ async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
             def due(job):
                 return next(when for when, _, jid in runner._heap if jid == job.id) - time.time()
 
-            await runner._leave_provider(scout)  # the scout fails: another job takes over ...
+            runner._leave_provider(scout)  # the scout fails: another job takes over ...
             assert runner._scout == waiting.id and due(waiting) < 0.5 and due(throttled) > 25
             done = Result("r0", "succeeded", [], None, None, "2026-01-01T00:00:00Z",
                           "2026-01-01T00:00:00.300Z")

@@ -227,6 +227,43 @@ async def test_a_write_cancelled_before_its_commit_is_dropped(store):
     assert [(e[1], e[2]) for e in await store.events(job.id)] == [("pending", "failed")]
 
 
+async def test_a_shielded_write_is_committed_though_its_caller_is_cancelled(store):
+    # The runner records a request id this way: the only handle on a paid job is never dropped.
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    [job] = await store.claim_many(["b"], now=0, limit=1)
+    task = asyncio.create_task(store.transition(job, S.IN_QUEUE, expect=(S.SUBMITTING,),
+                                                request_id="r-1", shield=True))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.transition(S.Job(**{**job.__dict__}), S.IN_PROGRESS, expect=(S.IN_QUEUE,))  # after it
+    stored = await store.job(job.id)
+    assert stored.state == S.IN_PROGRESS and stored.request_id == "r-1"
+
+
+async def test_one_output_recorded_with_its_file_and_success_in_one_write(store):
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
+    jobs = await store.claim_many(["b"], now=0, limit=2)
+    for job in jobs:
+        await store.transition(job, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id=f"r-{job.key}")
+    job, other = jobs
+    out = S.Output(job.id, 0, "video", "http://h/a.mp4", "b/k1.mp4", 10, "ab" * 32)
+    await store.record_downloaded(job, [out], cost=0.25, finished_at=5.0)
+    stored = await store.job(job.id)
+    assert (stored.state, stored.cost, stored.finished_at) == (S.SUCCEEDED, 0.25, 5.0)
+    assert await store.outputs(job.id) == [out]
+    assert [(e[1], e[2]) for e in await store.events(job.id)][-1] == (S.IN_QUEUE, S.SUCCEEDED)
+    # Only a job still at the provider's: one already recorded (or finished) is refused whole.
+    await store.transition(other, S.FAILED)
+    with pytest.raises(StoreError, match="expected one of"):
+        await store.record_downloaded(other, [S.Output(other.id, 0, "video", "u", "b/k2.mp4", 1, "cd" * 32)],
+                                      cost=0.25, finished_at=5.0)
+    assert await store.outputs(other.id) == [] and (await store.job(other.id)).state == S.FAILED
+
+
 async def test_one_failing_write_in_a_group_leaves_the_others_committed(store):
     await store.upsert_batch("b", "m/x", None, {})
     await store.add_jobs("b", [Spec(f"k{i}", i) for i in range(3)])

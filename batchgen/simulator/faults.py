@@ -17,7 +17,8 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
 =====================  =======================================================================
 
 Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``, ``truncate``
-(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403).
+(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403); ``slow``
+applies to downloads too.
 """
 
 from __future__ import annotations

@@ -568,6 +568,8 @@ class Simulator:
         outcome = self.faults.pick("download")
         if outcome == "expire" or not self._signature_ok(job, request):
             return web.Response(status=403, text="URL expired")
+        if outcome == "slow":  # a slow file host
+            await asyncio.sleep(self.config.faults.slow_seconds)
         data = await self.media(job.media_key)
         ctype = "video/mp4" if request.match_info["name"].endswith(".mp4") else "image/png"
         start = 0
