@@ -67,6 +67,7 @@ class JobSpec:
     inputs: dict[str, Any]
     meta: dict[str, Any]
     local_files: dict[str, str] = field(default_factory=dict)  # input URL -> file on disk
+    inputs_json: str | None = None  # the inputs in canonical JSON, as recorded (None: not made yet)
 
 
 @dataclass
@@ -79,6 +80,11 @@ class _Level:
     folder: Path  # relative image paths in it are relative to this
     lines: dict[str, int] = field(default_factory=dict)  # key -> its line, for defaults and matrix
     csv: bool = False
+
+
+# Canonical JSON (sorted keys, no spaces, text as is) for job keys and recorded inputs. One encoder
+# for all: json.dumps with options builds a new one per call, which a 100,000-job manifest feels.
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
 class _Invalid(str):
@@ -573,6 +579,7 @@ class Manifest:
             return
         seen: set[str] = set()
         seq = 0
+        self._model_json = _canonical_json(self.model_id)  # part of every job's key (_expand)
         defaults = self._normalize(self.defaults, self._top_level("defaults"))
         matrix_level = self._top_level("matrix")
         combos = [(combo, self._normalize(combo, matrix_level))
@@ -639,6 +646,14 @@ class Manifest:
         used: set[str] = set()
         broken = False
         for k, v in merged.items():
+            # Plain text and plain values (most of a large matrix) need no template work.
+            if isinstance(v, str):
+                if "{" not in v and "}" not in v:
+                    rendered[k] = v
+                    continue
+            elif not isinstance(v, list):
+                rendered[k] = v
+                continue
             used |= template_names(v)
             try:
                 rendered[k] = render(v, merged)
@@ -672,11 +687,16 @@ class Manifest:
             meta["matrix"] = dict(raw_combo)
         if self.repeat > 1:
             meta["repeat"] = rep
-        canonical = json.dumps({"model": self.model_id, "inputs": key_inputs, "repeat": rep},
-                               sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+        # The key hashes {"inputs": ..., "model": ..., "repeat": ...} in canonical JSON (sorted keys,
+        # no spaces). It is written out by hand around the inputs' own canonical JSON, which is
+        # also what gets recorded: one encoding per job instead of three. Keys already recorded
+        # depend on this exact text: test_manifest pins it.
+        inputs_json = _canonical_json(inputs)
+        key_json = inputs_json if key_inputs is inputs else _canonical_json(key_inputs)
+        canonical = f'{{"inputs":{key_json},"model":{self._model_json},"repeat":{rep}}}'
         key = hashlib.sha256(canonical.encode()).hexdigest()[:16]
         return JobSpec(self.name, self.model_id, key, seq, f"{level.file}, {level.location}", inputs, meta,
-                       local_files)
+                       local_files, inputs_json)
 
     def _unknown(self, k: str, level: _Level, own: dict[str, Any], combo: dict[str, Any]) -> None:
         """Report a key that is no field of the model, where it was written, once."""

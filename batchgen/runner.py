@@ -584,6 +584,8 @@ class Runner:
 
     async def _poll_loop(self) -> None:
         while not self._closing:
+            if self._exit_now:
+                return  # stopping: no new polls (they are safe to redo next run)
             if not self._heap:
                 self._wake.clear()
                 await self._wake.wait()

@@ -45,6 +45,9 @@ from .migrations import migrate
 
 log = logging.getLogger(__name__)
 
+# Inputs and notes as recorded: compact, sorted, text as is (one encoder, not one per call).
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
 # Group-committed writes between two checkpoints of the log (SQLite's own default is 1000 pages;
 # a job's write touches a few).
 _CHECKPOINT_EVERY = 1000
@@ -342,8 +345,8 @@ class Store:
     def job_row(spec: Any) -> tuple[Any, ...]:
         """A manifest.JobSpec as the compact row add_rows() records (strings, not dicts: a
         100,000-job manifest is held this way between validation and recording)."""
-        return (spec.key, spec.seq, spec.model_id, spec.source,
-                json.dumps(spec.inputs, sort_keys=True), json.dumps(spec.meta, sort_keys=True))
+        inputs_json = spec.inputs_json if getattr(spec, "inputs_json", None) else _JSON(spec.inputs)
+        return (spec.key, spec.seq, spec.model_id, spec.source, inputs_json, _JSON(spec.meta))
 
     async def add_jobs(self, batch: str, specs: Iterable[Any]) -> int:
         """Record a manifest's jobs; return how many were new. Jobs already known are untouched."""

@@ -253,6 +253,25 @@ def test_keys_are_stable_and_default_insensitive(imgs):
     assert jobs_of(e)[1][0].key != ka
 
 
+def test_keys_never_change_between_versions(tmp_path):
+    # Keys already in users' stores must come out the same, or a grown manifest would submit
+    # every job again. These were computed by batchgen before the key's JSON was hand-assembled.
+    path = write(tmp_path / "pin.yaml", """
+        model: bytedance/dreamina-3-0/pro/image-to-video
+        defaults: {seed: 7}
+        jobs:
+          - prompt: "Un gato en la playa, atardecer — «cine» 🎬"
+            image: "https://cdn.example.com/a b/cat.png"
+            _note: x
+          - {prompt: "plain", image_urls: ["https://cdn.example.com/1.png"], seed: -1, frames: 241}
+        repeat: 2
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    assert [s.key for s in specs] == ["28fa78bc6e06ca3b", "a86d41dedbfdfe5f", "68543baf7a963e8b", "eb2b94d5421e2663"]
+    assert json.loads(specs[0].inputs_json) == specs[0].inputs  # what is recorded is what is sent
+
+
 def test_key_follows_image_content_not_its_path_or_url(imgs, tmp_path):
     a = write(imgs / "a.yaml", "jobs: [{prompt: p, image: a.jpg}]\n")
     before = jobs_of(a)[1][0].key

@@ -61,11 +61,30 @@ async def test_old_store_moves_forward_and_keeps_data(tmp_path):
 
     async with aiosqlite.connect(path, isolation_level=None) as db:
         applied = await migrate(db, [*MIGRATIONS, m999_add_note])
-        assert applied == ["m002_history_by_trigger", "m999_add_note"]
+        assert applied == ["m002_history_by_trigger", "m003_drop_unused_indexes", "m999_add_note"]
         async with db.execute("SELECT name, note FROM batches") as cur:
             assert await cur.fetchall() == [("b", None)]
         # Applying again is a no-op.
         assert await migrate(db, [*MIGRATIONS, m999_add_note]) == []
+
+
+async def test_the_runners_queries_search_an_index(tmp_path):
+    # With the single-column indexes gone (m003), every hot query must still be a SEARCH on
+    # (batch, state, seq), never a SCAN of a 100,000-job table.
+    path = tmp_path / "s.sqlite3"
+    await (await Store.open(path)).close()
+    with sqlite3.connect(path) as db:
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'"
+                                            " AND name NOT LIKE 'sqlite_autoindex%'")}
+        assert indexes == {"jobs_batch_state_seq"}
+        for sql in (
+            "SELECT id FROM jobs WHERE batch IN (?) AND state IN (?) AND (not_before IS NULL OR not_before <= ?) "
+            "ORDER BY seq LIMIT ?",  # claim_many
+            "SELECT id FROM jobs WHERE batch IN (?, ?) AND state IN (?, ?) ORDER BY batch, seq",  # jobs()
+            "SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs WHERE batch IN (?) AND state IN (?)",
+        ):
+            plan = " ".join(r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", [0] * sql.count("?")))
+            assert "jobs_batch_state_seq" in plan and "SCAN jobs" not in plan, (sql, plan)
 
 
 async def test_failing_migration_rolls_back(tmp_path):
