@@ -31,6 +31,7 @@ from .errors import (
     RateLimitError,
     ServerError,
 )
+from .limits import TokenBucket
 from .retry import parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,11 @@ def make_status_error(
     return APIStatusError(text, **kwargs)
 
 
+def _label(what: str, path: str) -> str:
+    """How errors name a call: the endpoint, not its query string."""
+    return f"{what} {path.partition('?')[0]}"
+
+
 class RunComfyClient:
     """Calls the API at ``base_url`` with ``token``. Use as an async context manager, or pass a
     session you own (it will not be closed)."""
@@ -179,6 +185,7 @@ class RunComfyClient:
         timeout: float = C.REQUEST_TIMEOUT,
         connect_timeout: float = C.CONNECT_TIMEOUT,
         limit: int = 100,
+        limiter: TokenBucket | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self._token = token
@@ -188,6 +195,8 @@ class RunComfyClient:
         # Built once: a dict per call is measurable at thousands of calls a second.
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
         self._limit = limit
+        # Paces every call (the run's --rate); None: no limit. Set by the runner.
+        self.limiter = limiter
         self.calls: dict[str, int] = {"submit": 0, "status": 0, "result": 0, "cancel": 0, "model": 0}
 
     def __repr__(self) -> str:  # never show the token
@@ -275,35 +284,38 @@ class RunComfyClient:
     ) -> dict[str, Any]:
         """``path``: already escaped, with its query string if any."""
         session = self._ensure_session()
+        if self.limiter is not None:
+            await self.limiter.take()
         self.calls[what] += 1
         url = URL(self.base_url + path, encoded=True)
-        label = f"{what} {path.partition('?')[0]}"  # in errors: the endpoint, not its query
         try:
             async with session.request(
                 method, url, json=json_body, headers=self._headers, allow_redirects=False
             ) as resp:
                 raw = await resp.read()
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
         except aiohttp.ClientConnectorError as exc:
             # The TCP/TLS connection was never made: the server cannot have seen the request.
-            raise APIConnectionError(f"{label}: cannot connect to {self.base_url}: {exc.os_error}") from exc
+            raise APIConnectionError(
+                f"{_label(what, path)}: cannot connect to {self.base_url}: {exc.os_error}") from exc
         except aiohttp.ConnectionTimeoutError as exc:
-            raise APIConnectionError(f"{label}: timed out connecting to {self.base_url}") from exc
+            raise APIConnectionError(f"{_label(what, path)}: timed out connecting to {self.base_url}") from exc
         except TimeoutError as exc:
-            raise APIResponseLostError(f"{label}: no answer within {self._timeout.total:g} s") from exc
+            raise APIResponseLostError(
+                f"{_label(what, path)}: no answer within {self._timeout.total:g} s") from exc
         except aiohttp.ClientError as exc:
             # Reset, disconnect, malformed response: the server may well have acted on it.
-            raise APIResponseLostError(f"{label}: connection lost: {type(exc).__name__}: {exc}") from exc
+            raise APIResponseLostError(
+                f"{_label(what, path)}: connection lost: {type(exc).__name__}: {exc}") from exc
+        status = resp.status
         try:
-            body = json.loads(raw) if raw.strip() else None
+            body = json.loads(raw) if raw else None  # blank: ValueError, None as well
         except ValueError:
             body = None
         if status >= 400 or _error_code(body) is not None:
-            raise make_status_error(status, body, retry_after, label)
+            raise make_status_error(status, body, resp.headers.get("Retry-After"), _label(what, path))
         if 300 <= status < 400:
-            raise ServerError(f"{label}: unexpected redirect (HTTP {status}); not followed",
+            raise ServerError(f"{_label(what, path)}: unexpected redirect (HTTP {status}); not followed",
                               status=status)
         if not isinstance(body, dict):
-            raise APIResponseLostError(f"{label}: HTTP {status} with a body that is not JSON")
+            raise APIResponseLostError(f"{_label(what, path)}: HTTP {status} with a body that is not JSON")
         return body

@@ -755,10 +755,11 @@ class Manifest:
                 else:
                     local_files[url] = str(path)
                 keyed.append(f"sha256:{digest}")
-            if key_inputs is inputs:
-                key_inputs = dict(inputs)
             inputs[fname] = sent if isinstance(value, list) else sent[0]
-            key_inputs[fname] = keyed if isinstance(value, list) else keyed[0]
+            if keyed != sent or key_inputs is not inputs:  # a local file: keyed by its content
+                if key_inputs is inputs:
+                    key_inputs = dict(inputs)
+                key_inputs[fname] = keyed if isinstance(value, list) else keyed[0]
         return local_files, key_inputs
 
     def _resolve(self, ref: str, folder: Path) -> tuple[str, Path | None] | str | None:

@@ -229,7 +229,9 @@ class Runner:
         self.s = settings or RunSettings()
         self.cap = AdaptiveCap(self.s.concurrency)
         self.slots = Slots(self.cap)
-        self.bucket = TokenBucket(self.s.rate)
+        if self.s.rate > 0:
+            # Every API call of the run takes a token first (the client does it in one place).
+            self.client.limiter = TokenBucket(self.s.rate)
         self.planner = PollPlanner(self.s)
         self.budget = Budget(self.s.max_cost, price_estimate)
         self._dl_session = download_session
@@ -423,11 +425,6 @@ class Runner:
         self._summary.finished[job.state] = self._summary.finished.get(job.state, 0) + 1
         self._emit(job.state, job, message)
 
-    async def _api(self, coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        if self.bucket.rate > 0:  # no coroutine to make when there is no limit
-            await self.bucket.take()
-        return await coro_fn()
-
     # ---- submitting ----------------------------------------------------------------------------
 
     async def _deadline_watch(self, deadline: float) -> None:
@@ -502,7 +499,7 @@ class Runner:
         self._unsent.pop(job.id, None)  # from here on, the request may reach the server
         try:
             inputs = self._resolve(job.inputs)
-            sub = await self._api(lambda: self.client.submit(job.model_id, inputs))
+            sub = await self.client.submit(job.model_id, inputs)
         except (APIError, UsageError) as exc:
             await asyncio.shield(self._submit_failed(job, exc))
             return
@@ -610,8 +607,13 @@ class Runner:
             result = None
             if expected is not None and elapsed >= expected:
                 # Probably finished: /result gives the outputs of a finished job and the status
-                # of an unfinished one, so one call does the work of /status and /result.
-                result = await self._result_if_ready(rid)
+                # of an unfinished one, so one call does the work of /status and /result. A 4xx
+                # may only mean "not ready" for an unfinished job: /status then decides.
+                try:
+                    result = await self.client.result(rid)
+                except APIError as exc:
+                    if classify(exc, Call.POLL) is not Decision.FAIL:
+                        raise
                 crashpoints.reached("status_answered")
             if result is not None and result.status in _RESULT_FINISHED:
                 self._free_slot(job)
@@ -622,11 +624,11 @@ class Runner:
             else:
                 # Not expected yet, or /result said something we cannot read as an answer
                 # either way: /status is the authority on whether a job has finished.
-                status = await self._api(lambda: self.client.status(rid))
+                status = await self.client.status(rid)
                 crashpoints.reached("status_answered")
                 if status.finished:
                     self._free_slot(job)
-                    result = await self._api(lambda: self.client.result(rid))
+                    result = await self.client.result(rid)
                     await self._on_result(job, result)
                     return
                 status_now, position = status.status, status.queue_position
@@ -652,16 +654,6 @@ class Runner:
         if job.id == self._scout and self.planner.expected is None:
             return self.planner.scout_delay(elapsed)
         return self.planner.next_delay(elapsed)
-
-    async def _result_if_ready(self, rid: str) -> Result | None:
-        """/result for a job expected to be done. None when it refused in a way that may only
-        mean "not ready" (a 4xx for an unfinished job): the caller then asks /status."""
-        try:
-            return await self._api(lambda: self.client.result(rid))
-        except APIError as exc:
-            if classify(exc, Call.POLL) is Decision.FAIL:
-                return None
-            raise
 
     async def _on_result(self, job: Job, result: Result) -> None:
         now = time.time()
@@ -785,7 +777,7 @@ class Runner:
         rid = job.request_id
         outcome = "not asked"
         try:
-            cancelled = await self._api(lambda: self.client.cancel(rid))
+            cancelled = await self.client.cancel(rid)
             outcome = cancelled.outcome
         except APIError as exc:
             outcome = f"cancel failed: {exc}"
@@ -885,7 +877,7 @@ class Runner:
             return None
         rid = job.request_id
         try:
-            result = await self._api(lambda: self.client.result(rid))
+            result = await self.client.result(rid)
         except APIError as exc:
             decision = classify(exc, Call.POLL)
             if decision is Decision.FATAL:

@@ -176,6 +176,9 @@ class ModelSchema:
             raise SchemaError(f"{source or 'schema'}: input 'properties' must map field names to schemas")
         self.properties: dict[str, Any] = props
         self.required: list[str] = [str(r) for r in self.input_schema.get("required") or []]
+        # Optional fields' defaults, in field order (apply_defaults runs once per job).
+        self._defaults = [(name, prop["default"]) for name, prop in props.items()
+                          if name not in self.required and "default" in prop]
         extra = data.get("x-batchgen")
         if not isinstance(extra, dict):
             extra = {}
@@ -296,9 +299,9 @@ class ModelSchema:
         """Fill defaults of optional fields only. Required fields' defaults are RunComfy's
         playground examples (a sample prompt and image), never something to send."""
         out = dict(inputs)
-        for name, prop in self.properties.items():
-            if name not in out and name not in self.required and "default" in prop:
-                out[name] = prop["default"]
+        for name, value in self._defaults:
+            if name not in out:
+                out[name] = value
         return out
 
     # ---- checking ------------------------------------------------------------------------------

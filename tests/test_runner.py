@@ -306,6 +306,16 @@ async def test_throttling_lowers_the_cap_then_it_recovers(simulator, tmp_path):
     assert submissions_per_seed(sim) == {i: 1 for i in range(12)}
 
 
+async def test_the_request_rate_paces_every_api_call_of_a_run(simulator, tmp_path):
+    sim = await simulator(concurrency=6, duration=0)
+    started = time.monotonic()
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 6), rate=5))
+    elapsed = time.monotonic() - started
+    assert out.counts == {"b": {"succeeded": 6}}
+    calls = sum(sim.calls[k] for k in ("submit", "status", "result"))
+    assert calls >= 12 and elapsed >= (calls - 5) / 5 * 0.9  # a burst of 5, then 5 a second
+
+
 async def test_rate_limit_spaces_api_calls():
     import time
 
