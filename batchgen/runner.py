@@ -474,8 +474,12 @@ class Runner:
             for _ in range(want - len(jobs)):
                 self.slots.release()
             if not jobs:
+                # Only a submit in flight can put a job back to pending. Whether one is in flight
+                # is read before the store is asked: one that ended during that read may have
+                # made a job pending that the read did not see.
+                submits_in_flight = bool(self._submits)
                 when = await self.store.next_pending_at(self._batches)
-                if when is None and not self._submits:
+                if when is None and not submits_in_flight:
                     return  # nothing pending, and no submit in flight that could put one back
                 # Wait for a retry delay to pass or a submit to finish (it may return a job).
                 delay = 1.0 if when is None else max(0.0, when - time.time())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 
@@ -204,6 +205,31 @@ async def test_everything_at_once_ends_in_correct_terminal_states(simulator, tmp
         else:  # unknown: its submit answer was lost; it may or may not exist at the provider
             assert job.request_id is None and job.error
     await check_outputs_match(sim, tmp_path / "work")
+
+
+async def test_a_submit_refused_while_the_queue_is_read_is_not_left_pending(simulator, tmp_path):
+    # The submit loop found nothing to claim and asks the store when the next pending job is
+    # due; meanwhile the only submit in flight is refused (429) and puts its job back to pending.
+    # The read did not see it, but the run must not end with that job pending.
+    from batchgen.client import RunComfyClient
+    from batchgen.manifest import load_manifest
+    from batchgen.runner import Runner
+
+    class SlowQueueRead(Store):
+        async def next_pending_at(self, batches):
+            answer = await super().next_pending_at(batches)
+            await asyncio.sleep(0.3)
+            return answer
+
+    sim = await simulator(duration=0, faults=["script.submit=429"])
+    m = load_manifest(manifest(tmp_path, sim, 1))
+    async with await SlowQueueRead.open(tmp_path / "s.sqlite3") as store:
+        await store.upsert_batch("b", m.model_id, None, {})
+        await store.add_jobs("b", m.iter_jobs())
+        async with RunComfyClient(sim.base_url, "t") as client:
+            await Runner(store, client, tmp_path, settings()).run(["b"])
+        assert await store.counts(["b"]) == {"b": {"succeeded": 1}}
+    assert sim.calls["submit"] == 2
 
 
 async def test_bad_token_stops_the_run_with_nothing_submitted(simulator, tmp_path):
