@@ -19,6 +19,7 @@ from typing import Any
 from . import constants as C
 from . import store as S
 from .client import RunComfyClient
+from .downloads import discard_partials
 from .errors import BatchgenError, ManifestError, UsageError
 from .lock import WorkdirLock
 from .manifest import load_manifest
@@ -159,6 +160,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
             if opts.retry_states:
                 for job in await store.jobs(batches, opts.retry_states):
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
+                    discard_partials(workdir / job.batch, job.key)
             async with api_endpoint(opts.target, workdir) as (base_url, token, publish):
                 async with RunComfyClient(base_url, token) as client:
                     price = None

@@ -19,6 +19,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DEFAULT_EXT = {"video": ".mp4", "image": ".png"}
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -71,9 +73,11 @@ def output_name(key: str, idx: int, kind: str, url: str) -> str:
     # The URL's path (no query, no fragment, no host), read by hand: urlsplit and a PurePosixPath
     # per output were a measurable share of a fast batch's time.
     path = url.partition("?")[0].partition("#")[0]
-    if path[:8].lower().startswith(("https://", "http://")):
+    if _SCHEME.match(path):
         host_and_path = path.partition("//")[2]
         path = host_and_path[len(host_and_path.partition("/")[0]):]
+    while path.endswith(("/", "/.")):  # as a path: "a/b.mp4/" and "a/b.mp4/." name b.mp4
+        path = path[:-1] if path.endswith("/") else path[:-2]
     suffix = os.path.splitext(path.rpartition("/")[2])[1].lower()
     if not suffix or len(suffix) > 6 or not suffix[1:].isalnum():
         suffix = _DEFAULT_EXT.get(kind, ".bin")
@@ -152,7 +156,7 @@ def make_durable(paths: list[str]) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(os.path.dirname(path))
+            _fsync_dir(os.path.dirname(path) or ".")
         return
     flushed: set[int] = set()
     for path in paths:
@@ -181,10 +185,12 @@ async def download(
     it as many threads as downloads run at once: fsync waits on the disk, and the file system
     commits the fsyncs of many threads together, so a small pool would cap throughput.
     ``synced``: the runner's SyncBatch, so that small files are flushed together.
-    ``resume=False``: a first try, which need not look for a partial file (any left from an
-    earlier run is simply overwritten). ``before_streaming`` is awaited before a large output
-    (not received in memory) starts to stream to disk: the runner records the job's result
-    then, so that a long download never runs with nothing recorded."""
+    ``resume=False``: the caller knows no partial file of this output can exist (a first try,
+    straight from a fresh result), so none is looked for; a file under that name is overwritten.
+    (A job submitted again has its old partials removed: discard_partials.)
+    ``before_streaming`` is awaited before a large output (not received in memory) starts to
+    stream to disk: the runner records the job's result then, so that a long download never
+    runs with nothing recorded."""
     loop = asyncio.get_running_loop()
 
     def in_thread(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
@@ -292,6 +298,19 @@ async def download(
         except OSError as exc:  # the next try starts over; the error that matters is raised
             log.warning("could not keep or clean up %s: %s", part, exc)
     return Downloaded(dest, written, sha256, resumed)
+
+
+def discard_partials(folder: str | os.PathLike[str], key: str) -> None:
+    """Remove a job's partial files (``<key>.mp4.part``, ``<key>-1.png.part``, …): before a
+    job is submitted again its next output is a different file, and resuming an old .part into
+    it would splice two generations into one file under a digest that matches."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(".part") and (name.startswith(key + ".") or name.startswith(key + "-")):
+            _unlink(os.path.join(folder, name))
 
 
 def _unlink(path: str) -> None:

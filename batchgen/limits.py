@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 
@@ -67,9 +68,10 @@ class Slots:
             self._waiters.append(waiter)
             try:
                 await waiter
-            finally:
-                if not waiter.done():  # cancelled: not a waiter any more
+            except asyncio.CancelledError:
+                with contextlib.suppress(ValueError):  # not a waiter any more (if still listed)
                     self._waiters.remove(waiter)
+                raise
         self.used += 1
 
     def close(self) -> None:

@@ -229,9 +229,9 @@ class Runner:
         self.s = settings or RunSettings()
         self.cap = AdaptiveCap(self.s.concurrency)
         self.slots = Slots(self.cap)
-        if self.s.rate > 0:
-            # Every API call of the run takes a token first (the client does it in one place).
-            self.client.limiter = TokenBucket(self.s.rate)
+        # Every API call of the run takes a token first (the client does it in one place); no
+        # bucket at all when there is no limit.
+        self.client.limiter = TokenBucket(self.s.rate) if self.s.rate > 0 else None
         self.planner = PollPlanner(self.s)
         self.budget = Budget(self.s.max_cost, price_estimate)
         self._dl_session = download_session
@@ -835,7 +835,7 @@ class Runner:
                     try:
                         got = await download(
                             self._dl_session, out.url, dest, self._file_threads,  # type: ignore[arg-type]
-                            self._synced, resume=unrecorded is None or tries > 0,
+                            self._synced, resume=unrecorded is None,  # (a failed try records)
                             before_streaming=record if unrecorded is not None else None,
                         )
                     except DownloadError as exc:

@@ -46,7 +46,7 @@ from .migrations import migrate
 log = logging.getLogger(__name__)
 
 # Inputs and notes as recorded: compact, sorted, text as is (one encoder, not one per call).
-_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 # Group-committed writes between two checkpoints of the log (SQLite's own default is 1000 pages;
 # a job's write touches a few).
@@ -250,7 +250,10 @@ class Store:
         self._group.append((fn, fut))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.ensure_future(self._commit_groups())
-        return await (asyncio.shield(fut) if shield else fut)
+        if not shield:
+            return await fut
+        fut.add_done_callback(_observe)  # its caller may be gone by the time it fails
+        return await asyncio.shield(fut)
 
     async def _commit_groups(self) -> None:
         while self._group:
@@ -629,6 +632,14 @@ class Store:
         out.path, out.size, out.sha256 = path, size, sha256
         if job_done is not None:
             job_done.state, job_done.updated_at = SUCCEEDED, now
+
+
+def _observe(fut: asyncio.Future[Any]) -> None:
+    """Mark a shielded write's failure as seen: a caller still waiting gets it through the
+    shield; one that was cancelled (the run is being torn down) would otherwise leave asyncio
+    to log 'Future exception was never retrieved'."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _filters(

@@ -72,6 +72,17 @@ def test_output_names_are_stable():
     assert output_name("k", 0, "video", "https://h/a/b.") == "k.mp4"
     assert output_name("k", 0, "video", "https://h/a/b.toolong7") == "k.mp4"
     assert output_name("k", 1, "video", "/relative/clip.MOV") == "k-1.mov"
+    assert output_name("k", 0, "image", "https://h/a/b.webp/") == "k.webp"  # as a path would read
+    assert output_name("k", 0, "image", "https://h/a/b.webp/.") == "k.webp"
+    assert output_name("k", 0, "video", "ftp://files.example.com") == "k.mp4"  # a host is no name
+
+
+def test_partials_of_one_job_are_discarded_and_nothing_else(tmp_path):
+    for name in ("k1.mp4.part", "k1-1.png.part", "k1.mp4", "k2.mp4.part", "k10.mp4.part", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    D.discard_partials(tmp_path, "k1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1.mp4", "k10.mp4.part", "k2.mp4.part", "notes.txt"]
+    D.discard_partials(tmp_path / "missing", "k1")  # no folder yet: nothing to do
 
 
 async def test_whole_file_with_digest(files, tmp_path):

@@ -19,7 +19,7 @@ from batchgen.errors import (
     RateLimitError,
     ServerError,
 )
-from batchgen.limits import AdaptiveCap
+from batchgen.limits import AdaptiveCap, Slots
 from batchgen.retry import Call, Decision, RetryPolicy, classify, parse_retry_after
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
@@ -183,3 +183,28 @@ def test_poll_planner(observed, elapsed, expected):
     for seconds in observed:
         planner.observe(seconds)
     assert planner.next_delay(elapsed) == pytest.approx(expected)
+
+
+async def test_slots_wait_wake_and_forget_a_cancelled_waiter():
+    import asyncio
+
+    cap = AdaptiveCap(2)
+    slots = Slots(cap)
+    await slots.acquire()
+    await slots.acquire()
+    waiter = asyncio.ensure_future(slots.acquire())
+    await asyncio.sleep(0)
+    assert not waiter.done() and slots.free == 0
+    waiter.cancel()  # a waiter that gives up is not a waiter any more ...
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not slots._waiters and slots.used == 2  # ... and took no slot
+    second = asyncio.ensure_future(slots.acquire())
+    await asyncio.sleep(0)
+    slots.release()  # a slot back: the waiter gets it
+    await asyncio.wait_for(second, 1)
+    assert slots.used == 2
+    third = asyncio.ensure_future(slots.acquire())
+    await asyncio.sleep(0)
+    slots.close()  # closing lets every waiter through (the runner checks and gives it back)
+    await asyncio.wait_for(third, 1)

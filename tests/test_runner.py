@@ -299,6 +299,26 @@ async def test_retry_failed_jobs_keeps_history(simulator, tmp_path):
     assert states.count(S.SUBMITTING) == 2 and S.FAILED in states
 
 
+async def test_a_retried_job_never_resumes_the_partial_file_of_its_earlier_attempt(simulator, tmp_path):
+    # The first attempt's output could not be downloaded (cut short, then expired): the job
+    # failed with half a file in <key>.mp4.part. Retried, it is a new generation, different
+    # bytes at the real service; resuming the old .part would splice two outputs into one file.
+    sim = await simulator(duration=0, faults=["script.download=truncate,truncate,truncate,expire"])
+    path = manifest(tmp_path, sim, 1)
+    lossy = RetryPolicy(base=0.01, cap=0.05, retry_after_cap=0.05, max_call_retries=2)
+    first = await app.run(options(tmp_path, sim, path, policy=lossy))
+    assert first.counts == {"b": {"failed": 1}}
+    assert list((tmp_path / "work" / "b").glob("*.part"))
+    for media_key, data in list(sim._media.items()):
+        sim._media[media_key] = bytes(reversed(data))  # the next generation of this job
+    retry = await app.run(app.RunOptions(
+        workdir=tmp_path / "work", batch="b", retry_states=(S.FAILED,),
+        target=app.Target(api_url=sim.base_url, token="t"), settings=settings()))
+    assert retry.counts == {"b": {"succeeded": 1}}
+    await check_outputs_match(sim, tmp_path / "work")  # the file is what the provider served
+    assert not list((tmp_path / "work" / "b").glob("*.part"))
+
+
 async def test_cancel_batch(simulator, tmp_path):
     sim = await simulator(concurrency=1, duration=30)
     path = manifest(tmp_path, sim, 5)
