@@ -84,7 +84,7 @@ class _Level:
 
 # Canonical JSON (sorted keys, no spaces, text as is) for job keys and recorded inputs. One encoder
 # for all: json.dumps with options builds a new one per call, which a 100,000-job manifest feels.
-_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
+canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
 class _Invalid(str):
@@ -579,7 +579,7 @@ class Manifest:
             return
         seen: set[str] = set()
         seq = 0
-        self._model_json = _canonical_json(self.model_id)  # part of every job's key (_expand)
+        self._model_json = canonical_json(self.model_id)  # part of every job's key (_expand)
         defaults = self._normalize(self.defaults, self._top_level("defaults"))
         matrix_level = self._top_level("matrix")
         combos = [(combo, self._normalize(combo, matrix_level))
@@ -691,8 +691,8 @@ class Manifest:
         # no spaces). It is written out by hand around the inputs' own canonical JSON, which is
         # also what gets recorded: one encoding per job instead of three. Keys already recorded
         # depend on this exact text: test_manifest pins it.
-        inputs_json = _canonical_json(inputs)
-        key_json = inputs_json if key_inputs is inputs else _canonical_json(key_inputs)
+        inputs_json = canonical_json(inputs)
+        key_json = inputs_json if key_inputs is inputs else canonical_json(key_inputs)
         canonical = f'{{"inputs":{key_json},"model":{self._model_json},"repeat":{rep}}}'
         key = hashlib.sha256(canonical.encode()).hexdigest()[:16]
         return JobSpec(self.name, self.model_id, key, seq, f"{level.file}, {level.location}", inputs, meta,

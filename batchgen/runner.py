@@ -224,8 +224,7 @@ class Runner:
     ):
         self.store = store
         self.client = client
-        self.workdir = Path(workdir)
-        self._workdir = os.fspath(workdir)
+        self._workdir = os.fspath(workdir)  # a string: joined with names on the hot path
         self.s = settings or RunSettings()
         self.cap = AdaptiveCap(self.s.concurrency)
         self.slots = Slots(self.cap)
@@ -826,7 +825,8 @@ class Runner:
                 outputs = await self.store.outputs(job.id)
             folder = os.path.join(self._workdir, job.batch)  # strings: see downloads.download
             todo = [out for out in outputs
-                    if not (out.sha256 is not None and out.path and (self.workdir / out.path).exists())]
+                    if not (out.sha256 is not None and out.path
+                            and os.path.exists(os.path.join(self._workdir, out.path)))]
             for n, out in enumerate(todo, 1):
                 tries = 0
                 while True:

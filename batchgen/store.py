@@ -41,12 +41,10 @@ import aiosqlite
 
 from .constants import INSERT_CHUNK
 from .errors import StoreError
+from .manifest import canonical_json
 from .migrations import migrate
 
 log = logging.getLogger(__name__)
-
-# Inputs and notes as recorded: compact, sorted, text as is (one encoder, not one per call).
-_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 # Group-committed writes between two checkpoints of the log (SQLite's own default is 1000 pages;
 # a job's write touches a few).
@@ -348,8 +346,9 @@ class Store:
     def job_row(spec: Any) -> tuple[Any, ...]:
         """A manifest.JobSpec as the compact row add_rows() records (strings, not dicts: a
         100,000-job manifest is held this way between validation and recording)."""
-        inputs_json = spec.inputs_json if getattr(spec, "inputs_json", None) else _JSON(spec.inputs)
-        return (spec.key, spec.seq, spec.model_id, spec.source, inputs_json, _JSON(spec.meta))
+        # Inputs and notes are recorded in the manifest's canonical JSON (the text job keys hash).
+        inputs_json = spec.inputs_json if getattr(spec, "inputs_json", None) else canonical_json(spec.inputs)
+        return (spec.key, spec.seq, spec.model_id, spec.source, inputs_json, canonical_json(spec.meta))
 
     async def add_jobs(self, batch: str, specs: Iterable[Any]) -> int:
         """Record a manifest's jobs; return how many were new. Jobs already known are untouched."""
