@@ -158,19 +158,22 @@ def make_durable(paths: list[str]) -> None:
                 os.close(fd)
             _fsync_dir(os.path.dirname(path) or ".")
         return
+    # One syncfs per file system. Every system call here lets the event loop's thread take the
+    # GIL and makes this one wait to get it back, so folders (one per batch, usually one in all)
+    # are opened once each, not every file stat'ed.
     flushed: set[int] = set()
-    for path in paths:
-        device = os.stat(path).st_dev
-        if device in flushed:
-            continue
-        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    for folder in dict.fromkeys(os.path.dirname(p) or "." for p in paths):
+        fd = os.open(folder, os.O_RDONLY)
         try:
+            device = os.fstat(fd).st_dev
+            if device in flushed:
+                continue
             if _syncfs(fd) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"syncfs: {os.strerror(err)}")
+            flushed.add(device)
         finally:
             os.close(fd)
-        flushed.add(device)
 
 
 async def download(

@@ -18,11 +18,11 @@ becomes 'unknown'.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import logging
 import os
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -132,7 +132,7 @@ class PollPlanner:
 
     Before any job has finished it polls on a growing interval (first_delay, then a quarter of
     the time the job has been out, within [min, max]), except for one "scout" job, polled from
-    50 ms on, a quarter more each time: it costs a few calls per run and learns the duration of
+    10 ms on, a quarter more each time: it costs a few calls per run and learns the duration of
     quick jobs in milliseconds instead of a second (Runner then re-plans every job waiting for
     its first poll). Once it knows the median time the provider takes
     (its own created_at -> finished_at, so our polling lag does not inflate it), it polls a hair
@@ -144,13 +144,20 @@ class PollPlanner:
     def __init__(self, settings: RunSettings, window: int = 50):
         self.s = settings
         self._durations: deque[float] = deque(maxlen=window)
+        self._sorted: list[float] = []  # the same durations in order: a median costs a lookup
         # The median, kept up to date by observe(): it is read on every poll and submit.
         self.expected: float | None = None
 
     def observe(self, seconds: float) -> None:
-        if seconds >= 0:
-            self._durations.append(seconds)
-            self.expected = statistics.median(self._durations)
+        if seconds < 0:
+            return
+        if len(self._durations) == self._durations.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self._durations[0])]
+        self._durations.append(seconds)
+        bisect.insort(self._sorted, seconds)
+        n = len(self._sorted)
+        mid = self._sorted[n // 2]
+        self.expected = mid if n % 2 else (self._sorted[n // 2 - 1] + mid) / 2
 
     def scout_delay(self, elapsed: float) -> float:
         """Next poll of the scout, while no duration is known: SCOUT_FIRST_POLL, then a quarter
@@ -168,7 +175,7 @@ class PollPlanner:
             return min(hi, max(lo, elapsed / 4))
         # Our submitted_at is taken when the answer arrives, after the provider's clock started,
         # so a job of exactly the expected duration is done by then: the margin only absorbs jitter.
-        margin = max(0.005, expected * 0.002)
+        margin = max(C.POLL_MARGIN_MIN, expected * 0.002)
         if elapsed <= 0 or elapsed < expected:
             # elapsed <= 0: the first poll of a job just submitted, even when jobs are so quick
             # that the expected duration is 0 (the "late" interval below is for a job that

@@ -171,9 +171,9 @@ def test_adaptive_cap(events, expected):
         ([3.0, 3.0, 3.0], 0.0, 3.006),  # learned: a hair after the expected finish
         ([3.0, 3.0, 3.0], 2.0, 1.006),
         ([3.0, 3.0, 3.0], 3.1, 0.15),  # late: every twentieth of the expected time
-        ([0.0, 0.0], 0.0, 0.005),  # instant jobs: poll almost at once after the submit ...
+        ([0.0, 0.0], 0.0, 0.002),  # instant jobs: poll almost at once after the submit ...
         ([0.0, 0.0], 0.01, 0.05),  # ... and, if that found it unfinished, every 50 ms
-        ([1.0, 2.0, 100.0], 0.0, 2.005),  # the median, not the mean
+        ([1.0, 2.0, 100.0], 0.0, 2.004),  # the median, not the mean
     ],
 )
 def test_poll_planner(observed, elapsed, expected):
@@ -183,6 +183,25 @@ def test_poll_planner(observed, elapsed, expected):
     for seconds in observed:
         planner.observe(seconds)
     assert planner.next_delay(elapsed) == pytest.approx(expected)
+
+
+def test_poll_planner_median_follows_the_window():
+    import random
+    import statistics
+    from collections import deque
+
+    from batchgen.runner import PollPlanner, RunSettings
+
+    rng = random.Random(5)
+    for window in (1, 2, 7, 50):
+        planner, recent = PollPlanner(RunSettings(), window=window), deque(maxlen=window)
+        for _ in range(300):  # repeats included: the oldest copy of a value must leave, not another
+            seconds = rng.choice([rng.random(), 1.0, 0.0, 2.5])
+            planner.observe(seconds)
+            recent.append(seconds)
+            assert planner.expected == statistics.median(recent)
+    planner.observe(-1.0)  # a clock step backwards teaches nothing
+    assert planner.expected == statistics.median(recent)
 
 
 async def test_slots_wait_wake_and_forget_a_cancelled_waiter():
