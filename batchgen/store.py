@@ -8,11 +8,12 @@ process (kill -9, OOM); a power loss may lose the last commits but never corrupt
 state change is committed (with its history row) before the runner takes the step that follows.
 
 Speed: the runner's writes are group-committed on a second, plain sqlite3 connection that is
-used only on the event loop's thread. Writes requested during one turn of the loop are applied
-together at the start of the next, in one transaction: no thread hop, no GIL hand-off (both cost
-more than the SQL itself), and in WAL mode with synchronous=NORMAL a commit is an append to the
-log, tens of microseconds. A caller's await returns only once its write is committed, so "commit,
-then act" holds for every job while many jobs share a commit. If one write of a group fails, the
+used only on the event loop's thread. Writes requested meanwhile are applied together in one
+transaction, at the next turn of the loop or, under load, up to 2 ms later (_GROUP_WINDOW): no
+thread hop, no GIL hand-off (both cost more than the SQL itself), and in WAL mode with
+synchronous=NORMAL a commit is an append to the log, tens of microseconds. A caller's await
+returns only once its write is committed, so "commit, then act" holds for every job while many
+jobs share a commit. If one write of a group fails, the
 group is rolled back and replayed with each write in its own savepoint, so that one failure leaves
 the others alone (failures are rare; savepoints on every write would double the statements).
 Checkpoints, which fsync, are taken off the loop: the writer never checkpoints itself, aiosqlite's
@@ -51,6 +52,12 @@ log = logging.getLogger(__name__)
 _CHECKPOINT_EVERY = 1000
 # How long group commits wait for another process's write lock before failing (seconds).
 _BUSY_WAIT = 10.0
+# At most one group commit per this many seconds. After a quiet spell a write is committed at
+# once; under load the writes of the next 2 ms join its group. A commit costs about as much as
+# its writes (BEGIN, then every touched page appended to the log): on 5,000 instant jobs this
+# took the store's share of the loop from 0.28 s to 0.21 s (1,400 groups became 420), and the
+# batch ~3% faster, though each write waits up to 2 ms more.
+_GROUP_WINDOW = 0.002
 
 # Job states; see ARCHITECTURE.md for the diagram.
 PENDING = "pending"
@@ -153,6 +160,7 @@ class Store:
         self._tx_owner: asyncio.Task[Any] | None = None
         self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._last_commit = 0.0  # time.monotonic() of the last group commit
 
     @classmethod
     async def open(cls, path: str | Path) -> Store:
@@ -189,8 +197,11 @@ class Store:
         return cls(db, path, writer)
 
     async def close(self) -> None:
-        while self._committer is not None and not self._committer.done():
-            await asyncio.shield(self._committer)  # writes already asked for are not lost
+        # Writes already asked for are not lost, even if the committer was cancelled meanwhile.
+        while self._group or (self._committer is not None and not self._committer.done()):
+            if self._committer is None or self._committer.done():
+                self._committer = asyncio.ensure_future(self._commit_groups())
+            await asyncio.shield(self._committer)
         if self._checkpoint is not None:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
         self._w.close()
@@ -255,6 +266,9 @@ class Store:
 
     async def _commit_groups(self) -> None:
         while self._group:
+            wait = self._last_commit + _GROUP_WINDOW - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # see _GROUP_WINDOW
             # A write whose caller was cancelled before it went in is dropped, not committed
             # behind its back (a claim nobody will send would become 'unknown').
             group = [(fn, fut) for fn, fut in self._group if not fut.cancelled()]
@@ -282,6 +296,7 @@ class Store:
                 await asyncio.sleep(delay)
                 waited += delay
                 group = [(fn, fut) for fn, fut in group if not fut.cancelled()]
+            self._last_commit = time.monotonic()
             if not group:
                 continue
             for (_, fut), (ok, value) in zip(group, results, strict=True):

@@ -378,3 +378,56 @@ async def test_another_process_holding_the_lock_does_not_freeze_the_loop(store, 
         holder.execute("ROLLBACK")
         holder.close()
     assert (await store.job(job.id)).state == S.FAILED
+
+
+async def test_commits_are_at_most_one_per_window_and_a_lone_write_waits_for_none(store, monkeypatch):
+    monkeypatch.setattr(S, "_GROUP_WINDOW", 0.3)  # long, so that timing cannot blur the test
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec(f"k{i}", i) for i in range(32)])
+    jobs = await store.jobs(["b"])
+    groups = []
+    apply_group = S._apply_group
+    monkeypatch.setattr(S, "_apply_group", lambda conn, fns: groups.append(len(fns)) or apply_group(conn, fns))
+    loop = asyncio.get_running_loop()
+
+    t = loop.time()
+    await store.transition(jobs[0], S.FAILED)  # after a quiet spell: committed at once
+    assert loop.time() - t < 0.15
+    t = loop.time()
+    await store.transition(jobs[1], S.FAILED)  # right after a commit: waits out the window
+    assert loop.time() - t >= 0.25
+
+    async def write(job, turns):  # writes asked for over several turns of the loop ...
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await store.transition(job, S.FAILED)
+
+    await asyncio.gather(*(write(job, i % 5) for i, job in enumerate(jobs[2:])))
+    assert groups == [1, 1, 30]  # ... share one commit
+    await asyncio.sleep(0.35)
+    t = loop.time()
+    await store.transition(jobs[0], S.PENDING)  # quiet again: at once
+    assert loop.time() - t < 0.15
+    assert {j.state for j in await store.jobs(["b"])} == {S.FAILED, S.PENDING}
+
+
+async def test_close_commits_writes_whose_committer_was_cancelled(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "_GROUP_WINDOW", 0.3)
+    store = await Store.open(tmp_path / "store.sqlite3")
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
+    first, second = await store.jobs(["b"])
+    await store.transition(first, S.FAILED)
+    waiting = asyncio.create_task(store.transition(second, S.FAILED, shield=True))
+    await asyncio.sleep(0.01)  # queued; the committer sleeps out the window ...
+    store._committer.cancel()  # ... and is cancelled (a torn-down loop cancels every task)
+    await asyncio.sleep(0)
+    await store.close()
+    await asyncio.sleep(0)
+    assert waiting.done()  # not left hanging
+    await waiting
+    reopened = await Store.open(tmp_path / "store.sqlite3")
+    try:
+        assert [j.state for j in await reopened.jobs(["b"])] == [S.FAILED, S.FAILED]
+    finally:
+        await reopened.close()
