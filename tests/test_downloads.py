@@ -208,3 +208,49 @@ async def test_files_whose_downloads_were_cancelled_are_not_flushed(tmp_path, mo
     await kept
     await synced.close()
     assert calls == [[tmp_path / "b"]] and gone.cancelled()
+
+
+@pytest.mark.parametrize("way", ["unnamed file", "named .part", "no /proc", "unsupported"])
+def test_a_small_file_appears_whole_under_its_name_and_nothing_else(tmp_path, monkeypatch, way):
+    import errno
+    import os
+
+    if way == "named .part":
+        monkeypatch.setattr(D, "_O_TMPFILE", 0)
+    elif not D._O_TMPFILE:
+        pytest.skip("no O_TMPFILE on this system: only the .part way exists")
+    elif way == "no /proc":
+        real_link = os.link
+
+        def link(src, dst, **kw):
+            if str(src).startswith("/proc/"):
+                raise FileNotFoundError(errno.ENOENT, "no /proc", src)
+            return real_link(src, dst, **kw)
+
+        monkeypatch.setattr(os, "link", link)
+    elif way == "unsupported":
+        real_open = os.open
+
+        def open_(path, flags, *a, **kw):
+            if flags & D._O_TMPFILE == D._O_TMPFILE:
+                raise OSError(errno.EOPNOTSUPP, "not supported", path)
+            return real_open(path, flags, *a, **kw)
+
+        monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(D, "_no_tmpfile", set())
+    folder = tmp_path / "batch"  # not there yet: made by the first file
+    dest, part = str(folder / "k.mp4"), str(folder / "k.mp4.part")
+    D._write_file(dest, part, bytearray(b"first"))
+    assert os.listdir(folder) == ["k.mp4"] and (folder / "k.mp4").read_bytes() == b"first"
+    D._write_file(dest, part, bytearray(b"second try"))  # a file of an earlier try is replaced
+    assert os.listdir(folder) == ["k.mp4"] and (folder / "k.mp4").read_bytes() == b"second try"
+    assert (folder / "k.mp4").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert bool(D._no_tmpfile) == (way in ("no /proc", "unsupported"))
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
