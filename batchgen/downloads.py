@@ -277,6 +277,8 @@ async def download(
             # Small: write and rename here (cheaper than a thread hop), then wait for the batch
             # flush. Cancelled while waiting, the file is whole but unrecorded: redone next run.
             _write_file(dest, part, data)
+            if have:  # a partial of an earlier try, which the server would not resume: obsolete
+                _unlink(part)
             await (synced or SyncBatch(files)).sync(dest)
             assert digest is not None  # a small output is never a resumed one
             sha256 = digest.hexdigest()
@@ -383,6 +385,8 @@ def _write_file(dest: str, part: str, data: bytearray) -> None:
 # file system cannot (or a system without /proc) use .part and rename instead.
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _no_tmpfile: set[str] = set()
+# Errors that would fail a .part file just the same: raised, not a reason to fall back.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 
 def _write_unnamed(folder: str, dest: str, part: str, data: bytearray) -> bool:
@@ -394,10 +398,10 @@ def _write_unnamed(folder: str, dest: str, part: str, data: bytearray) -> bool:
             os.makedirs(folder, exist_ok=True)
             fd = os.open(folder, _O_TMPFILE | os.O_WRONLY, 0o666)
     except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP):
-            _no_tmpfile.add(folder)
-            return False
-        raise
+        if exc.errno in _NO_ROOM:
+            raise
+        _no_tmpfile.add(folder)  # no O_TMPFILE here (EOPNOTSUPP; EISDIR on kernels before it)
+        return False
     with open(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -414,8 +418,12 @@ def _write_unnamed(folder: str, dest: str, part: str, data: bytearray) -> bool:
             except OSError:
                 _unlink(part)
                 raise
-        except (FileNotFoundError, PermissionError, NotADirectoryError):
-            _no_tmpfile.add(folder)  # no /proc here: the bytes are written again, under .part
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise
+            # No /proc here, or a kernel or sandbox that will not link an unnamed file (EXDEV,
+            # EPERM, ENOSYS, ...): the bytes are written again, under .part.
+            _no_tmpfile.add(folder)
             return False
     return True
 

@@ -112,6 +112,7 @@ async def test_server_ignoring_range_restarts_cleanly(files, tmp_path):
         await download(files["session"], files["url"], dest)
     got = await download(files["session"], files["url"], dest)
     assert not got.resumed and dest.read_bytes() == BODY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output.mp4"]  # no stale .part left
 
 
 @pytest.mark.parametrize("status", [403, 404, 410])
@@ -210,7 +211,7 @@ async def test_files_whose_downloads_were_cancelled_are_not_flushed(tmp_path, mo
     assert calls == [[tmp_path / "b"]] and gone.cancelled()
 
 
-@pytest.mark.parametrize("way", ["unnamed file", "named .part", "no /proc", "unsupported"])
+@pytest.mark.parametrize("way", ["unnamed file", "named .part", "no /proc", "link refused", "unsupported"])
 def test_a_small_file_appears_whole_under_its_name_and_nothing_else(tmp_path, monkeypatch, way):
     import errno
     import os
@@ -219,12 +220,13 @@ def test_a_small_file_appears_whole_under_its_name_and_nothing_else(tmp_path, mo
         monkeypatch.setattr(D, "_O_TMPFILE", 0)
     elif not D._O_TMPFILE:
         pytest.skip("no O_TMPFILE on this system: only the .part way exists")
-    elif way == "no /proc":
+    elif way in ("no /proc", "link refused"):
         real_link = os.link
+        err = errno.ENOENT if way == "no /proc" else errno.EXDEV  # EXDEV: the link not followed
 
         def link(src, dst, **kw):
             if str(src).startswith("/proc/"):
-                raise FileNotFoundError(errno.ENOENT, "no /proc", src)
+                raise OSError(err, os.strerror(err), src)
             return real_link(src, dst, **kw)
 
         monkeypatch.setattr(os, "link", link)
@@ -245,7 +247,7 @@ def test_a_small_file_appears_whole_under_its_name_and_nothing_else(tmp_path, mo
     D._write_file(dest, part, bytearray(b"second try"))  # a file of an earlier try is replaced
     assert os.listdir(folder) == ["k.mp4"] and (folder / "k.mp4").read_bytes() == b"second try"
     assert (folder / "k.mp4").stat().st_mode & 0o777 == 0o666 & ~_umask()
-    assert bool(D._no_tmpfile) == (way in ("no /proc", "unsupported"))
+    assert bool(D._no_tmpfile) == (way in ("no /proc", "link refused", "unsupported"))
 
 
 def _umask() -> int:

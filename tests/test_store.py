@@ -380,35 +380,39 @@ async def test_another_process_holding_the_lock_does_not_freeze_the_loop(store, 
     assert (await store.job(job.id)).state == S.FAILED
 
 
-async def test_commits_are_at_most_one_per_window_and_a_lone_write_waits_for_none(store, monkeypatch):
+async def test_commits_under_load_are_at_most_one_per_window_and_lone_writes_wait_for_none(
+        store, monkeypatch):
     monkeypatch.setattr(S, "_GROUP_WINDOW", 0.3)  # long, so that timing cannot blur the test
     await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec(f"k{i}", i) for i in range(32)])
+    await store.add_jobs("b", [Spec(f"k{i}", i) for i in range(36)])
     jobs = await store.jobs(["b"])
     groups = []
     apply_group = S._apply_group
     monkeypatch.setattr(S, "_apply_group", lambda conn, fns: groups.append(len(fns)) or apply_group(conn, fns))
     loop = asyncio.get_running_loop()
 
-    t = loop.time()
-    await store.transition(jobs[0], S.FAILED)  # after a quiet spell: committed at once
-    assert loop.time() - t < 0.15
-    t = loop.time()
-    await store.transition(jobs[1], S.FAILED)  # right after a commit: waits out the window
-    assert loop.time() - t >= 0.25
+    async def timed(*writes):
+        t = loop.time()
+        await asyncio.gather(*writes)
+        return loop.time() - t
 
-    async def write(job, turns):  # writes asked for over several turns of the loop ...
+    # One write after another (a cancel of a whole batch): nothing to group, no wait at all.
+    assert await timed(store.transition(jobs[0], S.FAILED)) < 0.15
+    assert await timed(store.transition(jobs[1], S.FAILED)) < 0.15
+    # Writes asked for together share a commit, at once.
+    assert await timed(*(store.transition(j, S.FAILED) for j in jobs[2:4])) < 0.15
+
+    async def write(job, turns):  # under load: writes asked for over several turns of the loop ...
         for _ in range(turns):
             await asyncio.sleep(0)
         await store.transition(job, S.FAILED)
 
-    await asyncio.gather(*(write(job, i % 5) for i, job in enumerate(jobs[2:])))
-    assert groups == [1, 1, 30]  # ... share one commit
+    await asyncio.gather(*(write(job, i % 5) for i, job in enumerate(jobs[4:34])))
+    assert groups == [1, 1, 2, 30]  # ... share one commit, the window after the last group
+    assert await timed(store.transition(jobs[34], S.FAILED)) >= 0.25  # the window after a group
     await asyncio.sleep(0.35)
-    t = loop.time()
-    await store.transition(jobs[0], S.PENDING)  # quiet again: at once
-    assert loop.time() - t < 0.15
-    assert {j.state for j in await store.jobs(["b"])} == {S.FAILED, S.PENDING}
+    assert await timed(store.transition(jobs[35], S.FAILED)) < 0.15  # quiet again: at once
+    assert {j.state for j in await store.jobs(["b"])} == {S.FAILED}
 
 
 async def test_close_commits_writes_whose_committer_was_cancelled(tmp_path, monkeypatch):
@@ -429,5 +433,35 @@ async def test_close_commits_writes_whose_committer_was_cancelled(tmp_path, monk
     reopened = await Store.open(tmp_path / "store.sqlite3")
     try:
         assert [j.state for j in await reopened.jobs(["b"])] == [S.FAILED, S.FAILED]
+    finally:
+        await reopened.close()
+
+
+async def test_writes_survive_a_committer_cancelled_while_it_waits_for_the_lock(tmp_path):
+    store = await Store.open(tmp_path / "store.sqlite3")
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    [job] = await store.jobs(["b"])
+    release = asyncio.Event()
+
+    async def hold():  # another task's transaction (atomic(), a checkpoint) holds the lock
+        async with store.atomic():
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(store.transition(job, S.FAILED, shield=True))
+    await asyncio.sleep(0.01)  # the committer has taken the write and waits for the lock ...
+    store._committer.cancel()  # ... when it is cancelled
+    await asyncio.sleep(0)
+    release.set()
+    await holder
+    await store.close()
+    await asyncio.sleep(0)
+    assert waiting.done()
+    await waiting
+    reopened = await Store.open(tmp_path / "store.sqlite3")
+    try:
+        assert (await reopened.job(job.id)).state == S.FAILED
     finally:
         await reopened.close()
