@@ -1,10 +1,10 @@
 """One output URL to one file on disk: resumable, verified, atomic, with its sha256.
 
-A file appears under its final name only when complete: bytes go to ``<name>.part`` first, a
-broken transfer resumes from there with a Range request (or starts over when the server ignores
-ranges), and the length is checked against what the server announced. A file is durable (on disk,
-not just in the page cache) before ``download`` returns, so a path recorded in the store always
-points at a whole file, even after a power loss.
+A file appears under its final name only when complete: bytes go to ``<name>.part`` first (or, for
+a small output, an unnamed file), a broken transfer resumes from its .part with a Range request (or
+starts over when the server ignores ranges), and the length is checked against what the server
+announced. A file is durable (on disk, not just in the page cache) before ``download`` returns, so
+a path recorded in the store always points at a whole file, even after a power loss.
 
 Small outputs (most images) are received in memory and written on the event loop's thread, where
 that costs less than handing them to a thread (on Linux as an unnamed file linked into place once
@@ -274,8 +274,8 @@ async def download(
         # not keep them as a partial file too, even if we are cancelled meanwhile.
         data, buf = buf, bytearray()
         if opening is None:
-            # Small: write and rename here (cheaper than a thread hop), then wait for the batch
-            # flush. Cancelled while waiting, the file is whole but unrecorded: redone next run.
+            # Small: written and put in place here (cheaper than a thread hop), then wait for the
+            # batch flush. Cancelled while waiting, the file is whole but unrecorded: redone next run.
             _write_file(dest, part, data)
             if have:  # a partial of an earlier try, which the server would not resume: obsolete
                 _unlink(part)

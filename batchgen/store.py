@@ -7,21 +7,21 @@ Durability: WAL mode with synchronous=NORMAL keeps every committed transaction a
 process (kill -9, OOM); a power loss may lose the last commits but never corrupts the file. Every
 state change is committed (with its history row) before the runner takes the step that follows.
 
-Speed: the runner's writes are group-committed on a second, plain sqlite3 connection that is
-used only on the event loop's thread. Writes requested meanwhile are applied together in one
+Speed: the runner's writes are group-committed on a second, plain sqlite3 connection that is used
+only on the event loop's thread. Writes requested meanwhile are applied together in one
 transaction, at the next turn of the loop or, under load, up to 2 ms later (_GROUP_WINDOW): no
 thread hop, no GIL hand-off (both cost more than the SQL itself), and in WAL mode with
-synchronous=NORMAL a commit is an append to the log, tens of microseconds. A caller's await
-returns only once its write is committed, so "commit, then act" holds for every job while many
-jobs share a commit. If one write of a group fails, the
-group is rolled back and replayed with each write in its own savepoint, so that one failure leaves
-the others alone (failures are rare; savepoints on every write would double the statements).
-Checkpoints, which fsync, are taken off the loop: the writer never checkpoints itself, aiosqlite's
-thread does it every so many writes (the one sync left on the loop is SQLite's of the log's header
-when it starts the log over after a checkpoint: one per ~1,000 writes). Reads, and the
-multi-statement transactions of atomic(), stay on aiosqlite's connection; a group commit never
-runs while one of those is open. A group that finds the write lock held by another process waits
-for it with asyncio.sleep, never in SQLite's busy handler, which would freeze the loop.
+synchronous=NORMAL a commit is an append to the log, tens of microseconds. A caller's await returns
+only once its write is committed, so "commit, then act" holds for every job while many jobs share a
+commit. If one write of a group fails, the group is rolled back and replayed with each write in its
+own savepoint, so that one failure leaves the others alone (failures are rare; savepoints on every
+write would double the statements). Checkpoints, which fsync, are taken off the loop: the writer
+never checkpoints itself, aiosqlite's thread does it every so many writes (the one sync left on the
+loop is SQLite's of the log's header when it starts the log over after a checkpoint: one per ~1,000
+writes). Reads, and the multi-statement transactions of atomic(), stay on aiosqlite's connection; a
+group commit never runs while one of those is open. A group that finds the write lock held by
+another process waits for it with asyncio.sleep, never in SQLite's busy handler, which would freeze
+the loop.
 """
 
 from __future__ import annotations
