@@ -366,17 +366,22 @@ def _write_file(dest: str, part: str, data: bytearray) -> None:
     if _O_TMPFILE and folder not in _no_tmpfile and _write_unnamed(folder, dest, part, data):
         return
     try:
-        try:
-            fh = open(part, "wb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:  # the batch's first file: make its folder (only then: it costs)
-            os.makedirs(folder, exist_ok=True)
-            fh = open(part, "wb")  # noqa: SIM115
-        with fh:
+        with _in_folder(folder, lambda: open(part, "wb")) as fh:
             fh.write(data)
         os.replace(part, dest)
     except OSError:
         _unlink(part)
         raise
+
+
+def _in_folder(folder: str, create: Callable[[], T]) -> T:
+    """``create()`` a file in ``folder``, making the folder first if it is missing (the batch's
+    first file: only then, since asking on every file would cost a system call each)."""
+    try:
+        return create()
+    except FileNotFoundError:
+        os.makedirs(folder, exist_ok=True)
+        return create()
 
 
 # Linux: an unnamed file (O_TMPFILE), linked into place once written. On ext4 that is half the
@@ -392,11 +397,7 @@ _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 def _write_unnamed(folder: str, dest: str, part: str, data: bytearray) -> bool:
     """Write ``data`` to ``dest`` by way of an unnamed file; False: not possible in ``folder``."""
     try:
-        try:
-            fd = os.open(folder, _O_TMPFILE | os.O_WRONLY, 0o666)
-        except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(folder, _O_TMPFILE | os.O_WRONLY, 0o666)
+        fd = _in_folder(folder, lambda: os.open(folder, _O_TMPFILE | os.O_WRONLY, 0o666))
     except OSError as exc:
         if exc.errno in _NO_ROOM:
             raise

@@ -749,7 +749,7 @@ class Runner:
             # It left without teaching a duration (failed at once, timed out): scout with another,
             # one not waiting out a backoff or a Retry-After.
             self._scout = next((j for j in self._remote if j not in self._poll_failures), None)
-            soon = time.time() + C.SCOUT_FIRST_POLL
+            soon = time.time() + self.planner.scout_delay(0.0)
             self._bring_forward(lambda j: soon if j.id == self._scout else None)
         self._free_slot(job)
 
