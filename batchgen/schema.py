@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from .errors import BatchgenError
 from .images import ImageInfo
+
+if TYPE_CHECKING:
+    import jsonschema
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +168,10 @@ def model_filename(model_id: str) -> str:
 class ModelSchema:
     """One model's input schema and the checks it implies."""
 
-    def __init__(self, data: dict[str, Any], source: str = ""):
+    def __init__(self, data: dict[str, Any], source: str = "", *, trusted: bool = False):
+        """``trusted``: a schema shipped with batchgen, proven valid JSON Schema by its tests, so
+        not checked again here (checking needs the jsonschema library, a twentieth of a second to
+        import, which a run whose inputs pass the quick tests never needs)."""
         if not isinstance(data, dict) or not isinstance(data.get("input"), dict):
             raise SchemaError(f"{source or 'schema'}: no 'input' object; not a RunComfy model schema")
         self.data = data
@@ -195,18 +202,29 @@ class ModelSchema:
         plain = _strip_validations(self.input_schema)
         plain.setdefault("additionalProperties", False)
         plain.pop("required", None)  # checked by hand, with a message that says what is allowed
-        try:
-            jsonschema.Draft202012Validator.check_schema(plain)
-        except jsonschema.SchemaError as exc:
-            raise SchemaError(f"{source or 'schema'}: not valid JSON Schema: {exc.message}") from exc
-        self._validator = jsonschema.Draft202012Validator(plain)
+        if not trusted:
+            jsonschema = _jsonschema()
+            try:
+                jsonschema.Draft202012Validator.check_schema(plain)
+            except jsonschema.SchemaError as exc:
+                raise SchemaError(f"{source or 'schema'}: not valid JSON Schema: {exc.message}") from exc
+        self._plain = plain
+        self._validator: jsonschema.Draft202012Validator | None = None  # built when first needed
         # Checking field by field lets the answer for a value many jobs share (frames: 121, the
         # same image) be remembered; a whole-object check would redo it all for each of 100,000
         # jobs. Only for the plain shape RunComfy publishes; anything fancier is checked whole.
         plain_shape = set(plain) <= _PLAIN_KEYWORDS and plain.get("additionalProperties") is False
-        self._field_validators = ({name: jsonschema.Draft202012Validator(sub)
-                                   for name, sub in (plain.get("properties") or {}).items()}
-                                  if plain_shape else None)
+        field_schemas = plain.get("properties") or {}
+        self._field_schemas: dict[str, Any] | None = field_schemas if plain_shape else None
+        self._field_validators: dict[str, jsonschema.Draft202012Validator] = {}
+        # A value passing its field's quick test needs no JSON Schema validation at all: most of a
+        # large matrix (a seed per job) would otherwise miss the memo below every time.
+        self._quick: dict[str, Callable[[Any], bool]] = {}
+        if plain_shape:
+            for name, sub in field_schemas.items():
+                test = quick_test(sub)
+                if test is not None:
+                    self._quick[name] = test
         self._field_cache: dict[tuple[str, Any], list[tuple[tuple[int, str], tuple[str, str]]]] = {}
         self._rule_cache: dict[tuple[str, ImageInfo], list[str]] = {}
         self._order = {name: i for i, name in enumerate(self.properties)}
@@ -232,7 +250,7 @@ class ModelSchema:
                 log.info("%s: rules on field %s are not checked (not an image field)", self._label(), name)
 
     @classmethod
-    def load(cls, path: str | Path) -> ModelSchema:
+    def load(cls, path: str | Path, *, trusted: bool = False) -> ModelSchema:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -240,7 +258,7 @@ class ModelSchema:
             raise SchemaError(f"cannot read schema {path}: {exc.strerror or exc}") from exc
         except ValueError as exc:
             raise SchemaError(f"schema {path} is not valid JSON: {exc}") from exc
-        return cls(data, str(path))
+        return cls(data, str(path), trusted=trusted)
 
     def _label(self) -> str:
         return self.model_id or Path(self.source).name or "schema"
@@ -315,11 +333,17 @@ class ModelSchema:
         """
         found = [((self._order.get(name, len(self._order)), name), (name, f"is required: {self.describe(name)}"))
                  for name in self.required if name not in inputs]
-        if self._field_validators is None:
+        if self._field_schemas is None:
+            if self._validator is None:
+                self._validator = _jsonschema().Draft202012Validator(self._plain)
             found += [(self._error_order(err), self._explain(err)) for err in self._validator.iter_errors(inputs)]
         else:
+            quick = self._quick
             for name, value in inputs.items():
-                if name in self._field_validators:
+                test = quick.get(name)
+                if test is not None and test(value):
+                    continue
+                if name in self._field_schemas:
                     found += self._field_errors(name, value)
                 else:
                     found.append(((len(self._order), name),
@@ -357,9 +381,13 @@ class ModelSchema:
         key = _cache_key(value)
         found = self._field_cache.get((name, key)) if key is not None else None
         if found is None:
-            assert self._field_validators is not None
+            validator = self._field_validators.get(name)
+            if validator is None:
+                assert self._field_schemas is not None
+                validator = _jsonschema().Draft202012Validator(self._field_schemas[name])
+                self._field_validators[name] = validator
             found = [(self._error_order(err, [name]), self._explain(err, [name]))
-                     for err in self._field_validators[name].iter_errors(value)]
+                     for err in validator.iter_errors(value)]
             if key is not None:
                 if len(self._field_cache) >= _CACHE_LIMIT:
                     self._field_cache.clear()
@@ -400,6 +428,87 @@ class ModelSchema:
             missing = [r for r in want if isinstance(got, dict) and r not in got]
             return field, f"needs {', '.join(missing)}"
         return field, err.message
+
+
+def _jsonschema() -> Any:
+    """The jsonschema library, imported on first use (see ModelSchema's ``trusted``)."""
+    import jsonschema
+
+    return jsonschema
+
+
+# ---- quick tests ------------------------------------------------------------------------------
+# A quick test may refuse a value the schema accepts (that value then goes to jsonschema, which
+# decides and explains), but must never pass one it refuses. So type tests are exact where
+# jsonschema is lenient (1.0 is an integer to it, not to a quick test), and a keyword applies
+# to exactly the values jsonschema applies it to (a length to any str, a bound to any number).
+
+_TYPE_TESTS: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: type(v) is str,
+    "integer": lambda v: type(v) is int,
+    "number": lambda v: type(v) is int or type(v) is float,
+    "boolean": lambda v: type(v) is bool,
+    "array": lambda v: type(v) is list,
+    "object": lambda v: type(v) is dict,
+    "null": lambda v: v is None,
+}
+_BOUNDS = {"minimum": operator.ge, "maximum": operator.le,
+           "exclusiveMinimum": operator.gt, "exclusiveMaximum": operator.lt}
+_LENGTHS = {"minLength": (str, operator.ge), "maxLength": (str, operator.le),
+            "minItems": (list, operator.ge), "maxItems": (list, operator.le)}
+# Keywords that constrain nothing (no format checker is used: formats are annotations here).
+_ANNOTATIONS = {"title", "description", "examples", "default", "format", "$comment", "deprecated",
+                "readOnly", "writeOnly"}
+_QUICK_KEYWORDS = {"type", "enum", "items", *_BOUNDS, *_LENGTHS, *_ANNOTATIONS}
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def quick_test(schema: Any) -> Callable[[Any], bool] | None:
+    """A fast test that passes only values ``schema`` accepts; None when the schema uses
+    anything it does not cover (then jsonschema checks every value)."""
+    if not isinstance(schema, dict) or not set(schema) <= _QUICK_KEYWORDS:
+        return None
+    tests: list[Callable[[Any], bool]] = []
+    if "type" in schema:
+        names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not names or not all(isinstance(n, str) and n in _TYPE_TESTS for n in names):
+            return None
+        types = [_TYPE_TESTS[n] for n in names]
+        tests.append(types[0] if len(types) == 1 else lambda v: any(t(v) for t in types))
+    if "enum" in schema:
+        if not isinstance(schema["enum"], list):
+            return None
+        # By type as well as value: True == 1 in Python, not in JSON Schema.
+        allowed = {(type(e), e) for e in schema["enum"] if type(e) in _SCALARS}
+        tests.append(lambda v: type(v) in _SCALARS and (type(v), v) in allowed)
+    for word, op in _BOUNDS.items():
+        if word in schema:
+            bound = schema[word]
+            if type(bound) not in (int, float):
+                return None
+            tests.append(lambda v, b=bound, op=op: _bound_ok(v, b, op))
+    for word, (kind, op) in _LENGTHS.items():
+        if word in schema:
+            size = schema[word]
+            if type(size) is not int or size < 0:
+                return None
+            tests.append(lambda v, n=size, kind=kind, op=op: not isinstance(v, kind) or op(len(v), n))
+    if "items" in schema:
+        item_test = quick_test(schema["items"])
+        if item_test is None:
+            return None
+        tests.append(lambda v: not isinstance(v, list) or all(item_test(x) for x in v))
+    if len(tests) == 1:
+        return tests[0]
+    return lambda v: all(t(v) for t in tests)
+
+
+def _bound_ok(value: Any, bound: int | float, op: Callable[[Any, Any], bool]) -> bool:
+    if type(value) is int or type(value) is float:
+        return op(value, bound)  # NaN fails every comparison: left to jsonschema
+    # A bound applies to numbers only (not to True, which is no number to JSON Schema); other
+    # number types (Decimal, Fraction) are left to jsonschema.
+    return isinstance(value, bool) or not isinstance(value, numbers.Number)
 
 
 # Keywords of an input schema that field-by-field checking covers (besides what it does by hand).
@@ -462,7 +571,7 @@ def _guess_output_kind(model_id: str, data: dict[str, Any]) -> str:
 
 @cache
 def _load_cached(path: str) -> ModelSchema:
-    return ModelSchema.load(path)
+    return ModelSchema.load(path, trusted=Path(path).parent == MODELS_DIR)
 
 
 def find_schema(model_id: str, extra_path: str | Path | None = None) -> ModelSchema | None:

@@ -5,13 +5,27 @@ parser, and finding schemas."""
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
+from decimal import Decimal
+from fractions import Fraction
 
+import jsonschema
 import pytest
 from imagefactory import EXTENSIONS, make_image
 
 from batchgen.constants import DEFAULT_MODEL
 from batchgen.images import ImageInfo, probe_file
-from batchgen.schema import ModelSchema, SchemaError, bundled_schemas, find_schema, model_filename, parse_rule
+from batchgen.schema import (
+    ModelSchema,
+    SchemaError,
+    bundled_schemas,
+    find_schema,
+    model_filename,
+    parse_rule,
+    quick_test,
+)
 
 SCHEMA = find_schema(DEFAULT_MODEL)
 assert SCHEMA is not None
@@ -276,7 +290,106 @@ def test_every_bundled_schema_loads_with_rules_understood():
     schemas = bundled_schemas()
     assert DEFAULT_MODEL in {s.model_id for s in schemas}
     for s in schemas:
+        # Bundled schemas are loaded as trusted (not checked on every run): checked here instead.
+        jsonschema.Draft202012Validator.check_schema(s._plain)
         assert s.image_fields(), s.model_id
         assert s.rule_problems == [], s.model_id
         assert s.output_kind in ("video", "image")
         assert find_schema(s.model_id) is s
+
+
+# Schemas of the shapes RunComfy publishes, and of every keyword a quick test covers, each with
+# values on both sides of it and values of every kind a manifest can produce (and a few it cannot).
+QUICK_SCHEMAS = [
+    {"type": "string", "maxLength": 5},
+    {"type": "string", "minLength": 2, "format": "image_uri", "description": "d", "default": "x"},
+    {"type": "integer", "default": -1},
+    {"type": "integer", "enum": [5, 10]},
+    {"type": "number", "minimum": 0, "maximum": 1},
+    {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    {"type": ["integer", "null"], "minimum": 3},
+    {"enum": ["480p", "720p", 1, None, True]},
+    {"type": "boolean"},
+    {"type": "object"},
+    {"type": "array", "items": {"type": "string", "format": "image_uri"}, "minItems": 1, "maxItems": 2},
+    {"type": "array", "items": {"type": "integer", "maximum": 9}},
+    {"maxLength": 3, "minimum": 2, "maxItems": 1},  # keywords without a type apply to their kind
+]
+QUICK_VALUES = [
+    "", "a", "abcde", "abcdef", "720p", "480p", "x" * 300, 0, 1, 2, 3, 5, 9, 10, 11, -1, 2**70, 0.0, 0.5, 1.0, 5.0,
+    -0.5, math.inf, math.nan, True, False, None, [], ["a"], ["a", "b"], ["a", "b", "c"], [1], [1, 2], [10], [True],
+    [1.0], {}, {"a": 1}, Decimal("0.5"), Fraction(1, 2), ("a",),
+]
+
+
+@pytest.mark.parametrize("schema", QUICK_SCHEMAS, ids=json.dumps)
+def test_quick_test_never_passes_what_json_schema_refuses(schema):
+    """The quick test stands in for jsonschema on the values it passes, so it must not pass a
+    single value jsonschema refuses; and it must pass the plain valid values, or it saves nothing."""
+    test = quick_test(schema)
+    assert test is not None
+    validator = jsonschema.Draft202012Validator(schema)
+    passed = 0
+    for value in QUICK_VALUES:
+        if test(value):
+            passed += 1
+            assert validator.is_valid(value), (schema, value)
+    assert passed, schema
+
+
+@pytest.mark.parametrize(("schema", "value"), [
+    ({"type": "string", "maxLength": 5}, "abc"),
+    ({"type": "integer", "default": -1}, 42),
+    ({"type": "integer", "enum": [121, 241]}, 241),
+    ({"type": "array", "items": {"type": "string"}, "maxItems": 1, "minItems": 1}, ["https://x/a.jpg"]),
+])
+def test_quick_test_passes_plain_valid_values(schema, value):
+    assert quick_test(schema)(value)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "pattern": "^a"},  # a keyword it does not cover
+    {"type": "strng"},  # not a type: jsonschema says what is wrong
+    {"type": "string", "maxLength": "5"},
+    {"enum": "abc"},
+    {"items": [{"type": "string"}]},
+    {"type": "array", "items": {"type": "string", "uniqueItems": True}},
+    True,
+])
+def test_quick_test_declines_what_it_does_not_cover(schema):
+    assert quick_test(schema) is None
+
+
+def test_values_failing_the_quick_test_are_still_judged_by_json_schema():
+    # 5.0 is an integer to JSON Schema; the quick test (exact types) leaves it to jsonschema.
+    assert SCHEMA.check({"prompt": "p", "image_urls": ["https://x/a.jpg"], "frames": 121.0}, {}) == []
+    assert SCHEMA.check({"prompt": "p", "image_urls": ["https://x/a.jpg"], "seed": 7.0}, {}) == []
+    assert SCHEMA.check({"prompt": "p", "image_urls": ["https://x/a.jpg"], "seed": 7.5}, {}) == [
+        ("seed", "must be of type integer (a whole number), got 7.5")]
+
+
+def test_an_untrusted_schema_is_checked_when_loaded(tmp_path):
+    bad = {"model_id": "a/b", "input": {"type": "object", "properties": {"x": {"type": "string", "maxLength": -1}}}}
+    with pytest.raises(SchemaError, match="not valid JSON Schema"):
+        ModelSchema(bad)
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(SchemaError, match="not valid JSON Schema"):
+        find_schema("a/b", path)
+
+
+def test_a_run_of_valid_jobs_never_imports_jsonschema(tmp_path):
+    """jsonschema takes a twentieth of a second to import; checking valid jobs of a bundled model
+    must not need it (the quick tests decide), so neither does the start of a run."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        f"model: {DEFAULT_MODEL}\njobs:\n  - prompt: a cat\n    image_url: https://example.com/a.jpg\n"
+        "matrix:\n  seed: [1, 2, 3]\n  frames: [121, 241]\n")
+    code = (
+        "import sys\nfrom batchgen.manifest import load_manifest\n"
+        f"m = load_manifest({str(manifest)!r})\njobs = list(m.iter_jobs())\n"
+        "problems = [p for j in jobs for p in m.schema.check(j.inputs, {})]\n"
+        "print(len(jobs), problems, 'jsonschema' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["6", "[]", "False"]
