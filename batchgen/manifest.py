@@ -160,6 +160,14 @@ def template_names(value: Any) -> set[str]:
     return {name for _, name, _, _ in parts if name}
 
 
+def _plain_texts(values: list[Any]) -> bool:
+    """True for a list of strings without braces (a list of image URLs): nothing to render."""
+    for v in values:
+        if type(v) is not str or "{" in v or "}" in v:
+            return False
+    return True
+
+
 def render(value: Any, variables: dict[str, Any]) -> Any:
     """``value`` with every ``{name}`` replaced (format specs such as ``{seed:04d}`` work)."""
     if isinstance(value, list):
@@ -582,7 +590,9 @@ class Manifest:
         self._model_json = canonical_json(self.model_id)  # part of every job's key (_expand)
         defaults = self._normalize(self.defaults, self._top_level("defaults"))
         matrix_level = self._top_level("matrix")
-        combos = [(combo, self._normalize(combo, matrix_level))
+        # A matrix without an image field has nothing to normalize (most matrices: seeds, sizes).
+        normalize = self._normalize if self._names_image(self.matrix) else lambda values, _level: values
+        combos = [(combo, normalize(combo, matrix_level))
                   for combo in (dict(zip(self.matrix, values, strict=True))
                                 for values in itertools.product(*self.matrix.values()))]
         levels: Iterator[_Level] = iter(self._jobs)
@@ -619,6 +629,13 @@ class Manifest:
         else:
             self._add(Problem(level.file, loc, field_name, message))
 
+    def _names_image(self, values: dict[str, Any]) -> bool:
+        """Whether ``_normalize`` could change a mapping with these keys."""
+        if self.schema is None or len(self._image_fields) != 1:
+            return False
+        target = next(iter(self._image_fields))
+        return any(k == target or k in IMAGE_ALIASES for k in values)
+
     def _normalize(self, values: dict[str, Any], level: _Level) -> dict[str, Any]:
         """``values`` with an image alias ('image', 'image_url', ...) moved onto the model's one
         image field, as a list when it wants one ('a.jpg|b.jpg' for several)."""
@@ -653,6 +670,9 @@ class Manifest:
                     continue
             elif not isinstance(v, list):
                 rendered[k] = v
+                continue
+            elif _plain_texts(v):
+                rendered[k] = list(v)  # a copy, as rendering makes: no two jobs share a list
                 continue
             used |= template_names(v)
             try:

@@ -355,14 +355,15 @@ class ModelSchema:
                 info = images.get(ref) if isinstance(ref, str) else None
                 if info is None:
                     continue
-                label = f"{name}[{i}]" if is_list else name
-                order = (self._order[name], label)
-                if isinstance(info, str):
-                    found.append((order, (label, f"{ref}: {info}")))
-                else:
-                    found += [(order, (label, message)) for message in self._rule_failures(name, info)]
-        found += [((self._order[name], name), (name, message)) for name, message in self.rule_problems
-                  if name in inputs]
+                failures = [f"{ref}: {info}"] if isinstance(info, str) else self._rule_failures(name, info)
+                if failures:
+                    label = f"{name}[{i}]" if is_list else name
+                    found += [((self._order[name], label), (label, message)) for message in failures]
+        if self.rule_problems:
+            found += [((self._order[name], name), (name, message)) for name, message in self.rule_problems
+                      if name in inputs]
+        if not found:
+            return []
         # In the schema's field order, so a job's problems read like its form.
         return [p for _, p in sorted(found, key=lambda item: item[0])]
 
@@ -497,10 +498,24 @@ def quick_test(schema: Any) -> Callable[[Any], bool] | None:
         item_test = quick_test(schema["items"])
         if item_test is None:
             return None
-        tests.append(lambda v: not isinstance(v, list) or all(item_test(x) for x in v))
+        tests.append(lambda v: not isinstance(v, list) or _each(item_test, v))
     if len(tests) == 1:
         return tests[0]
-    return lambda v: all(t(v) for t in tests)
+
+    def every(value: Any) -> bool:  # a plain loop: all() over a generator costs twice as much
+        for test in tests:
+            if not test(value):
+                return False
+        return True
+
+    return every
+
+
+def _each(test: Callable[[Any], bool], values: list[Any]) -> bool:
+    for value in values:
+        if not test(value):
+            return False
+    return True
 
 
 def _bound_ok(value: Any, bound: int | float, op: Callable[[Any, Any], bool]) -> bool:

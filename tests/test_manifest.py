@@ -175,6 +175,33 @@ def test_a_job_image_overrides_a_default_image(imgs):
     assert [s.inputs["image_urls"][0].rsplit("/", 1)[1] for s in specs] == ["a.jpg", "b.png"]
 
 
+
+def test_a_matrix_of_images_is_normalized_like_a_job(imgs):
+    # The matrix is normalized only when it names an image: this is the case that must still be.
+    path = write(imgs / "m.yaml", """
+        jobs: [{prompt: p}]
+        matrix: {image: [a.jpg, b.png], seed: [1, 2]}
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    assert [(s.inputs["image_urls"][0].rsplit("/", 1)[1], s.inputs["seed"]) for s in specs] == [
+        ("a.jpg", 1), ("a.jpg", 2), ("b.png", 1), ("b.png", 2)]
+    assert specs[0].meta["matrix"] == {"image": "a.jpg", "seed": 1}  # as written, for reports
+
+
+def test_jobs_never_share_a_list(imgs):
+    # Plain lists are not rendered (nothing to fill), but each job still gets its own copy.
+    path = write(imgs / "m.yaml", """
+        model: kling/kling-o1/image-to-video
+        jobs: [{prompt: p, start_image_url: a.jpg, _notes: [one, two]}]
+        repeat: 2
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    assert [s.meta["_notes"] for s in specs] == [["one", "two"]] * 2
+    specs[0].meta["_notes"].append("three")
+    assert specs[1].meta["_notes"] == ["one", "two"]
+
 def test_rows_images_are_relative_to_their_csv(tmp_path):
     make_image(tmp_path / "data" / "pics" / "c.jpg", 640, 480)
     write(tmp_path / "data" / "rows.csv", "prompt,image\np,pics/c.jpg\n")
