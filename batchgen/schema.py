@@ -168,10 +168,7 @@ def model_filename(model_id: str) -> str:
 class ModelSchema:
     """One model's input schema and the checks it implies."""
 
-    def __init__(self, data: dict[str, Any], source: str = "", *, trusted: bool = False):
-        """``trusted``: a schema shipped with batchgen, proven valid JSON Schema by its tests, so
-        not checked again here (checking needs the jsonschema library, a twentieth of a second to
-        import, which a run whose inputs pass the quick tests never needs)."""
+    def __init__(self, data: dict[str, Any], source: str = ""):
         if not isinstance(data, dict) or not isinstance(data.get("input"), dict):
             raise SchemaError(f"{source or 'schema'}: no 'input' object; not a RunComfy model schema")
         self.data = data
@@ -202,12 +199,6 @@ class ModelSchema:
         plain = _strip_validations(self.input_schema)
         plain.setdefault("additionalProperties", False)
         plain.pop("required", None)  # checked by hand, with a message that says what is allowed
-        if not trusted:
-            jsonschema = _jsonschema()
-            try:
-                jsonschema.Draft202012Validator.check_schema(plain)
-            except jsonschema.SchemaError as exc:
-                raise SchemaError(f"{source or 'schema'}: not valid JSON Schema: {exc.message}") from exc
         self._plain = plain
         self._validator: jsonschema.Draft202012Validator | None = None  # built when first needed
         # Checking field by field lets the answer for a value many jobs share (frames: 121, the
@@ -225,6 +216,17 @@ class ModelSchema:
                 test = quick_test(sub)
                 if test is not None:
                     self._quick[name] = test
+        # A schema whose every field has a quick test is sound as it is: quick_test accepts only
+        # well-formed values of the keywords that constrain (a length that is a whole number, an
+        # enum that is a list, ...). Any other schema is checked against the metaschema now, so a
+        # broken one is reported here, not met mid-validation. Checking needs jsonschema, a
+        # twentieth of a second to import, which a run of the bundled models then never pays.
+        if not (plain_shape and len(self._quick) == len(field_schemas)):
+            jsonschema = _jsonschema()
+            try:
+                jsonschema.Draft202012Validator.check_schema(plain)
+            except jsonschema.SchemaError as exc:
+                raise SchemaError(f"{source or 'schema'}: not valid JSON Schema: {exc.message}") from exc
         self._field_cache: dict[tuple[str, Any], list[tuple[tuple[int, str], tuple[str, str]]]] = {}
         self._rule_cache: dict[tuple[str, ImageInfo], list[str]] = {}
         self._order = {name: i for i, name in enumerate(self.properties)}
@@ -250,7 +252,7 @@ class ModelSchema:
                 log.info("%s: rules on field %s are not checked (not an image field)", self._label(), name)
 
     @classmethod
-    def load(cls, path: str | Path, *, trusted: bool = False) -> ModelSchema:
+    def load(cls, path: str | Path) -> ModelSchema:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -258,7 +260,7 @@ class ModelSchema:
             raise SchemaError(f"cannot read schema {path}: {exc.strerror or exc}") from exc
         except ValueError as exc:
             raise SchemaError(f"schema {path} is not valid JSON: {exc}") from exc
-        return cls(data, str(path), trusted=trusted)
+        return cls(data, str(path))
 
     def _label(self) -> str:
         return self.model_id or Path(self.source).name or "schema"
@@ -586,7 +588,7 @@ def _guess_output_kind(model_id: str, data: dict[str, Any]) -> str:
 
 @cache
 def _load_cached(path: str) -> ModelSchema:
-    return ModelSchema.load(path, trusted=Path(path).parent == MODELS_DIR)
+    return ModelSchema.load(path)
 
 
 def find_schema(model_id: str, extra_path: str | Path | None = None) -> ModelSchema | None:
