@@ -159,7 +159,8 @@ class Store:
         self._checkpoint: asyncio.Task[None] | None = None
         self._tx_lock = asyncio.Lock()
         self._tx_owner: asyncio.Task[Any] | None = None
-        self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        # Writes waiting for the next group commit: (write, its caller's future, shielded).
+        self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]] = []
         self._committer: asyncio.Task[None] | None = None
         self._last_commit = 0.0  # time.monotonic() of the last group commit
         self._last_group = 0  # how many writes it had
@@ -258,13 +259,13 @@ class Store:
         if self._tx_owner is not None and self._tx_owner is asyncio.current_task():
             return await self._in_thread(fn)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._group.append((fn, fut))
+        # Shielded by the committer itself rather than asyncio.shield (a second future and two
+        # callbacks per write, on the hot path): a cancelled caller cancels ``fut``, and the
+        # committer still applies a shielded write whose future is cancelled.
+        self._group.append((fn, fut, shield))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.ensure_future(self._commit_groups())
-        if not shield:
-            return await fut
-        fut.add_done_callback(_observe)  # its caller may be gone by the time it fails
-        return await asyncio.shield(fut)
+        return await fut
 
     async def _commit_groups(self) -> None:
         while self._group:
@@ -274,8 +275,8 @@ class Store:
             if wait > 0 and self._last_group > 1:
                 await asyncio.sleep(wait)  # see _GROUP_WINDOW
             # A write whose caller was cancelled before it went in is dropped, not committed
-            # behind its back (a claim nobody will send would become 'unknown').
-            group = [(fn, fut) for fn, fut in self._group if not fut.cancelled()]
+            # behind its back (a claim nobody will send would become 'unknown'), unless shielded.
+            group = _live(self._group)
             self._group = []
             try:
                 waited = 0.0
@@ -284,7 +285,7 @@ class Store:
                         # Synchronous, on this thread: nothing else runs meanwhile, so no write can
                         # slip in between, and a cancellation cannot land halfway through.
                         try:
-                            results = _apply_group(self._w, [fn for fn, _ in group])
+                            results = _apply_group(self._w, [fn for fn, _, _ in group])
                         except Exception as exc:  # noqa: BLE001 - the file itself is unusable
                             err = exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc}")
                             results = [(False, err)] * len(group)
@@ -300,7 +301,7 @@ class Store:
                     delay = min(0.1, max(0.005, waited))  # 5 ms, doubling, at most 100 ms
                     await asyncio.sleep(delay)
                     waited += delay
-                    group = [(fn, fut) for fn, fut in group if not fut.cancelled()]
+                    group = _live(group)
             except asyncio.CancelledError:
                 # Cancelled before the group was applied (it is applied synchronously, after the
                 # awaits): its writes go back in the queue, for close() or the next committer.
@@ -309,9 +310,11 @@ class Store:
             self._last_commit, self._last_group = time.monotonic(), len(group)
             if not group:
                 continue
-            for (_, fut), (ok, value) in zip(group, results, strict=True):
+            for (_, fut, _), (ok, value) in zip(group, results, strict=True):
                 if fut.done():
-                    continue  # its caller was cancelled meanwhile; the write itself is committed
+                    # Its caller was cancelled meanwhile (the run is being torn down): the write
+                    # is committed, or its failure goes unreported, as asyncio.shield would have.
+                    continue
                 if ok:
                     fut.set_result(value)
                 else:
@@ -658,12 +661,10 @@ class Store:
             job_done.state, job_done.updated_at = SUCCEEDED, now
 
 
-def _observe(fut: asyncio.Future[Any]) -> None:
-    """Mark a shielded write's failure as seen: a caller still waiting gets it through the
-    shield; one that was cancelled (the run is being torn down) would otherwise leave asyncio
-    to log 'Future exception was never retrieved'."""
-    if not fut.cancelled():
-        fut.exception()
+def _live(group: list[tuple[Any, asyncio.Future[Any], bool]]) -> list[tuple[Any, asyncio.Future[Any], bool]]:
+    """The writes still to apply: those whose caller waits, and shielded ones whatever became
+    of their caller."""
+    return [w for w in group if w[2] or not w[1].cancelled()]
 
 
 def _filters(
