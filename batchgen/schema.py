@@ -434,7 +434,7 @@ class ModelSchema:
 
 
 def _jsonschema() -> Any:
-    """The jsonschema library, imported on first use (see ModelSchema's ``trusted``)."""
+    """The jsonschema library, imported on first use (why: see the end of ModelSchema.__init__)."""
     import jsonschema
 
     return jsonschema
@@ -442,7 +442,7 @@ def _jsonschema() -> Any:
 
 # ---- quick tests ------------------------------------------------------------------------------
 # A quick test may refuse a value the schema accepts (that value then goes to jsonschema, which
-# decides and explains), but must never pass one it refuses. So type tests are exact where
+# decides and explains), but must never pass a value jsonschema would refuse. So type tests are exact where
 # jsonschema is lenient (1.0 is an integer to it, not to a quick test), and a keyword applies
 # to exactly the values jsonschema applies it to (a length to any str, a bound to any number).
 
