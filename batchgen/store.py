@@ -47,6 +47,10 @@ from .migrations import migrate
 
 log = logging.getLogger(__name__)
 
+# A write waiting for a group commit: the write, its caller's future, and for a shielded write
+# what it does (for the log), None for the others.
+_Queued = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], str | None]
+
 # Group-committed writes between two checkpoints of the log (SQLite's own default is 1000 pages;
 # a job's write touches a few).
 _CHECKPOINT_EVERY = 1000
@@ -159,8 +163,7 @@ class Store:
         self._checkpoint: asyncio.Task[None] | None = None
         self._tx_lock = asyncio.Lock()
         self._tx_owner: asyncio.Task[Any] | None = None
-        # Writes waiting for the next group commit: (write, its caller's future, shielded).
-        self._group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], bool]] = []
+        self._group: list[_Queued] = []  # writes waiting for the next group commit
         self._committer: asyncio.Task[None] | None = None
         self._last_commit = 0.0  # time.monotonic() of the last group commit
         self._last_group = 0  # how many writes it had
@@ -251,11 +254,13 @@ class Store:
         ``_execute`` (the primitive every public method uses) is the one private name used here."""
         return await self._db._execute(fn, self._db._conn, *args)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], Any], shield: bool = False) -> Any:
+    async def _write(self, fn: Callable[[sqlite3.Connection], Any], shield: str | None = None) -> Any:
         """Run ``fn(connection)`` in a group commit (see the module docstring) and return its result
         once committed. Inside the caller's own atomic() it simply joins that transaction.
-        ``shield``: committed even if the caller is cancelled while it waits (otherwise a write
-        whose caller is gone before its group starts is dropped)."""
+        ``shield``: what the write does ("recording job … as in_queue (request …)"); given, the
+        write is committed even if the caller is cancelled while it waits, and if it then fails,
+        that is logged with this text. Otherwise a write whose caller is gone before its group
+        starts is dropped."""
         if self._tx_owner is not None and self._tx_owner is asyncio.current_task():
             return await self._in_thread(fn)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -310,10 +315,12 @@ class Store:
             self._last_commit, self._last_group = time.monotonic(), len(group)
             if not group:
                 continue
-            for (_, fut, _), (ok, value) in zip(group, results, strict=True):
+            for (_, fut, what), (ok, value) in zip(group, results, strict=True):
                 if fut.done():
                     # Its caller was cancelled meanwhile (the run is being torn down): the write
-                    # is committed, or its failure goes unreported, as asyncio.shield would have.
+                    # is committed or, shielded and failed, logged, since nobody else will say.
+                    if not ok and what is not None:
+                        log.error("%s failed after the run stopped waiting for it: %s", what, value)
                     continue
                 if ok:
                     fut.set_result(value)
@@ -536,7 +543,8 @@ class Store:
         now = time.time()
         sql, params = _transition_sql(job.id, state, now, detail, fields, expect)
         # One statement; the jobs_history trigger appends the history row in the same statement.
-        await self._write(lambda conn: _apply_transition(conn, job.key, job.id, sql, params, expect), shield)
+        what = (f"recording job {job.key} as {state}" + (f" ({detail})" if detail else "")) if shield else None
+        await self._write(lambda conn: _apply_transition(conn, job.key, job.id, sql, params, expect), what)
         job.state = state
         job.updated_at = now
         for k, v in fields.items():
@@ -661,10 +669,10 @@ class Store:
             job_done.state, job_done.updated_at = SUCCEEDED, now
 
 
-def _live(group: list[tuple[Any, asyncio.Future[Any], bool]]) -> list[tuple[Any, asyncio.Future[Any], bool]]:
+def _live(group: list[_Queued]) -> list[_Queued]:
     """The writes still to apply: those whose caller waits, and shielded ones whatever became
     of their caller."""
-    return [w for w in group if w[2] or not w[1].cancelled()]
+    return [w for w in group if w[2] is not None or not w[1].cancelled()]
 
 
 def _filters(

@@ -415,6 +415,65 @@ async def test_commits_under_load_are_at_most_one_per_window_and_lone_writes_wai
     assert {j.state for j in await store.jobs(["b"])} == {S.FAILED}
 
 
+
+async def test_a_cancelled_shielded_write_does_not_stop_its_group(store):
+    # Its caller gone, its future is cancelled: the committer must skip handing it the result and
+    # go on to the rest of the group, not stop there and leave the others waiting for ever.
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
+    first, second = await store.claim_many(["b"], now=0, limit=2)
+    gone = asyncio.create_task(store.transition(first, S.IN_QUEUE, request_id="r-1", shield=True))
+    waiting = asyncio.create_task(store.transition(second, S.IN_QUEUE, request_id="r-2"))
+    await asyncio.sleep(0)  # both in one group ...
+    gone.cancel()  # ... and the first's caller leaves
+    await asyncio.wait_for(waiting, 5)
+    assert gone.cancelled()
+    assert [(j.state, j.request_id) for j in await store.jobs(["b"])] == [
+        (S.IN_QUEUE, "r-1"), (S.IN_QUEUE, "r-2")]
+    assert store._committer.done() and store._committer.exception() is None
+
+
+async def test_a_shielded_write_outlasts_another_process_lock_and_its_caller(store):
+    # The committer waits (asynchronously) for another process's write lock; the caller of a
+    # shielded write is cancelled meanwhile. Once the lock is free the write must still go in.
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    [job] = await store.claim_many(["b"], now=0, limit=1)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        task = asyncio.create_task(store.transition(job, S.IN_QUEUE, request_id="r-1", shield=True))
+        await asyncio.sleep(0.03)  # the committer has met the lock and waits for it ...
+        task.cancel()  # ... when the run gives up on this write
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    for _ in range(100):
+        if store._committer.done():
+            break
+        await asyncio.sleep(0.02)
+    stored = await store.job(job.id)
+    assert (stored.state, stored.request_id) == (S.IN_QUEUE, "r-1")
+
+
+async def test_a_shielded_write_failing_with_nobody_waiting_is_logged(store, caplog):
+    # The request id is the only handle on a paid job: if recording it fails after the run
+    # stopped waiting, the log must say so (nobody else will).
+    await store.upsert_batch("b", "m/x", None, {})
+    await store.add_jobs("b", [Spec("k1", 0)])
+    [job] = await store.claim_many(["b"], now=0, limit=1)
+    task = asyncio.create_task(store.transition(job, S.IN_QUEUE, expect=(S.PENDING,),  # fails
+                                                detail="request r-1", request_id="r-1", shield=True))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.transition(S.Job(**{**job.__dict__}), S.FAILED)  # a later write: the group is done
+    assert f"recording job {job.key} as in_queue (request r-1) failed" in caplog.text
+    assert "expected one of ['pending']" in caplog.text
+
 async def test_close_commits_writes_whose_committer_was_cancelled(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "_GROUP_WINDOW", 0.3)
     store = await Store.open(tmp_path / "store.sqlite3")
