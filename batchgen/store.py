@@ -537,7 +537,8 @@ class Store:
     ) -> None:
         """Move ``job`` to ``state`` (setting ``fields``) and append the history row, in one
         transaction. With ``expect``, refuse unless the stored state is one of those: that catches
-        two actors racing on one job. ``job`` is updated in place. ``shield``: see _write."""
+        two actors racing on one job. ``job`` is updated in place. ``shield``: committed even if the
+        caller is cancelled while it waits, and logged if it then fails (see _write)."""
         if not _SETTABLE.issuperset(fields):
             raise ValueError(f"not settable: {sorted(set(fields) - _SETTABLE)}")
         now = time.time()
