@@ -591,7 +591,7 @@ class Manifest:
         defaults = self._normalize(self.defaults, self._top_level("defaults"))
         matrix_level = self._top_level("matrix")
         # A matrix without an image field has nothing to normalize (most matrices: seeds, sizes).
-        normalize = self._normalize if self._names_image(self.matrix) else lambda values, _level: values
+        normalize = self._normalize if self._image_keys(self.matrix) else lambda values, _level: values
         combos = [(combo, normalize(combo, matrix_level))
                   for combo in (dict(zip(self.matrix, values, strict=True))
                                 for values in itertools.product(*self.matrix.values()))]
@@ -629,22 +629,21 @@ class Manifest:
         else:
             self._add(Problem(level.file, loc, field_name, message))
 
-    def _names_image(self, values: dict[str, Any]) -> bool:
-        """Whether ``_normalize`` could change a mapping with these keys."""
+    def _image_keys(self, values: dict[str, Any]) -> list[str]:
+        """The keys of ``values`` that give the model's one image field (itself or an alias)."""
         if self.schema is None or len(self._image_fields) != 1:
-            return False
+            return []
         target = next(iter(self._image_fields))
-        return any(k == target or k in IMAGE_ALIASES for k in values)
+        properties = self.schema.properties
+        return [k for k in values if k == target or (k in IMAGE_ALIASES and k not in properties)]
 
     def _normalize(self, values: dict[str, Any], level: _Level) -> dict[str, Any]:
         """``values`` with an image alias ('image', 'image_url', ...) moved onto the model's one
         image field, as a list when it wants one ('a.jpg|b.jpg' for several)."""
-        if self.schema is None or len(self._image_fields) != 1:
-            return values
-        target, is_list = next(iter(self._image_fields.items()))
-        given = [k for k in values if k == target or (k in IMAGE_ALIASES and k not in self.schema.properties)]
+        given = self._image_keys(values)
         if not given:
             return values
+        target, is_list = next(iter(self._image_fields.items()))
         if len(given) > 1:
             self._at(level, given[0], f"the image is given twice ({', '.join(given)}); use one", once=level.csv)
         out = {k: v for k, v in values.items() if k not in given}

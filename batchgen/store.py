@@ -205,8 +205,8 @@ class Store:
     async def close(self) -> None:
         # Writes already asked for are not lost, even if the committer was cancelled meanwhile.
         while self._group or (self._committer is not None and not self._committer.done()):
-            if self._committer is None or self._committer.done():
-                self._committer = asyncio.ensure_future(self._commit_groups())
+            self._start_committer()
+            assert self._committer is not None
             await asyncio.shield(self._committer)
         if self._checkpoint is not None:
             await asyncio.gather(self._checkpoint, return_exceptions=True)
@@ -268,9 +268,13 @@ class Store:
         # callbacks per write, on the hot path): a cancelled caller cancels ``fut``, and the
         # committer still applies a shielded write whose future is cancelled.
         self._group.append((fn, fut, shield))
+        self._start_committer()
+        return await fut
+
+    def _start_committer(self) -> None:
+        """Start committing queued writes unless a committer is already at it."""
         if self._committer is None or self._committer.done():
             self._committer = asyncio.ensure_future(self._commit_groups())
-        return await fut
 
     async def _commit_groups(self) -> None:
         while self._group:
