@@ -59,6 +59,10 @@ DOWNLOAD_CHUNK = 1 << 16
 # Outputs up to this size are received in memory and written in one go on the event loop's
 # thread (about a millisecond at most); larger ones stream to their .part file.
 DOWNLOAD_IN_MEMORY = 1 << 20
+# Such small files are recorded before they are flushed, then flushed together every so many
+# seconds (durability.py): the kernel's own write-back wakes every 5 s, so flushing more often
+# only adds journal commits, and a restart can cost at most this long's files a second download.
+FLUSH_EVERY = 5.0
 
 # Jobs inserted per transaction when a manifest is recorded.
 INSERT_CHUNK = 2000

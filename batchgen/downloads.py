@@ -3,26 +3,25 @@
 A file appears under its final name only when complete: bytes go to ``<name>.part`` first (or, for
 a small output, an unnamed file), a broken transfer resumes from its .part with a Range request (or
 starts over when the server ignores ranges), and the length is checked against what the server
-announced. A file is durable (on disk, not just in the page cache) before ``download`` returns, so
-a path recorded in the store always points at a whole file, even after a power loss.
+announced.
 
 Small outputs (most images) are received in memory and written on the event loop's thread, where
 that costs less than handing them to a thread (on Linux as an unnamed file linked into place once
-written, elsewhere under .part and renamed); ``SyncBatch`` then makes all the files finished in
-the same moment durable together, in one thread call (one ``syncfs`` on Linux). Larger outputs
-stream to their ``.part`` file; opening, fsync and rename happen in threads.
+written, elsewhere under .part and renamed). ``download`` returns as soon as such a file is in
+place, not yet flushed to disk (``Downloaded.durable`` is False): the caller records it with a mark
+and hands it to durability.Flusher, which flushes files in batches (see durability for why a
+restart loses nothing). Larger outputs stream to their ``.part`` file and are fsynced before
+``download`` returns; opening, fsync and rename happen in threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import hashlib
 import logging
 import os
 import re
-import sys
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import aiohttp
 
 from . import constants as C
 from . import crashpoints
+from .durability import fsync_dir
 from .errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -42,21 +42,6 @@ _DEFAULT_EXT = {"video": ".mp4", "image": ".png"}
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    """Linux's syncfs(2): flush one file system (data and journal) in one call. Python's os
-    module does not have it; elsewhere each file is fsynced instead."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-_syncfs = _load_syncfs()
 
 
 @dataclass(frozen=True)
@@ -65,6 +50,7 @@ class Downloaded:
     size: int
     sha256: str
     resumed: bool
+    durable: bool = True  # False: a small file in place but not flushed (see durability)
 
 
 def output_name(key: str, idx: int, kind: str, url: str) -> str:
@@ -104,83 +90,9 @@ def _expected_total(resp: aiohttp.ClientResponse) -> int | None:
     return int(length) if length and length.isdigit() else None
 
 
-class SyncBatch:
-    """Makes files durable in batches: every file handed in while a flush is under way goes in
-    the next one, a single thread call (one syncfs per file system on Linux, an fsync of each
-    file and its folder elsewhere). One per runner, shared by all its downloads."""
-
-    def __init__(self, files: Executor | None = None):
-        self._files = files
-        self._pending: list[tuple[str, asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def sync(self, path: str) -> None:
-        """Return once ``path`` (a complete file under its final name) is on disk."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((path, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.ensure_future(self._flush())
-        await fut
-
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            # Files whose downloads were cancelled meanwhile are left out: unrecorded, they are
-            # downloaded again next run anyway.
-            batch = [(p, fut) for p, fut in self._pending if not fut.done()]
-            self._pending = []
-            if not batch:
-                continue
-            try:
-                await loop.run_in_executor(self._files, make_durable, [p for p, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - each waiting download gets it
-                err = exc if isinstance(exc, OSError) else OSError(f"cannot flush files: {exc}")
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
-            else:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
-
-    async def close(self) -> None:
-        """Wait for a flush under way (before the threads it runs in are shut down)."""
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
-
-
-def make_durable(paths: list[str]) -> None:
-    """Flush complete files, and the renames that put them in place, to disk."""
-    if _syncfs is None:
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _fsync_dir(os.path.dirname(path) or ".")
-        return
-    # One syncfs per file system. Every system call here lets the event loop's thread take the
-    # GIL and makes this one wait to get it back, so folders (one per batch, usually one in all)
-    # are opened once each, not every file stat'ed.
-    flushed: set[int] = set()
-    for folder in dict.fromkeys(os.path.dirname(p) or "." for p in paths):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            device = os.fstat(fd).st_dev
-            if device in flushed:
-                continue
-            if _syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs: {os.strerror(err)}")
-            flushed.add(device)
-        finally:
-            os.close(fd)
-
-
 async def download(
     session: aiohttp.ClientSession, url: str, dest: str | os.PathLike[str], files: Executor | None = None,
-    synced: SyncBatch | None = None, *, resume: bool = True,
+    *, resume: bool = True,
     before_streaming: Callable[[], Awaitable[None]] | None = None,
 ) -> Downloaded:
     """Fetch ``url`` into ``dest``. Raises DownloadError (``expired`` for 403/404/410) and leaves
@@ -189,7 +101,6 @@ async def download(
     ``files``: the threads that open, fsync and rename (asyncio's default pool when None). Give
     it as many threads as downloads run at once: fsync waits on the disk, and the file system
     commits the fsyncs of many threads together, so a small pool would cap throughput.
-    ``synced``: the runner's SyncBatch, so that small files are flushed together.
     ``resume=False``: the caller knows no partial file of this output can exist (a first try,
     straight from a fresh result), so none is looked for; a file under that name is overwritten.
     (A job submitted again has its old partials removed: discard_partials.)
@@ -274,14 +185,12 @@ async def download(
         # not keep them as a partial file too, even if we are cancelled meanwhile.
         data, buf = buf, bytearray()
         if opening is None:
-            # Small: written and put in place here (cheaper than a thread hop), then wait for the
-            # batch flush. Cancelled while waiting, the file is whole but unrecorded: redone next run.
+            # Small: written and put in place here (cheaper than a thread hop); not flushed.
             _write_file(dest, part, data)
             if have:  # a partial of an earlier try, which the server would not resume: obsolete
                 _unlink(part)
-            await (synced or SyncBatch(files)).sync(dest)
             assert digest is not None  # a small output is never a resumed one
-            sha256 = digest.hexdigest()
+            return Downloaded(dest, written, digest.hexdigest(), False, durable=False)
         else:
             # Large: write what is pending, fsync, close, hash a resumed file, rename into
             # place, all in one thread hop, which finishes the file even if we are cancelled.
@@ -448,18 +357,6 @@ def _hash_file(path: str) -> hashlib._Hash:
 
 def _publish(part: str, dest: str) -> None:
     os.replace(part, dest)
-    _fsync_dir(os.path.dirname(dest) or ".")
+    fsync_dir(os.path.dirname(dest) or ".")
 
 
-def _fsync_dir(path: str) -> None:
-    # Make the rename itself durable; not all platforms allow opening a directory.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

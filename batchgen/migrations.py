@@ -126,7 +126,20 @@ async def m003_drop_unused_indexes(db: aiosqlite.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger, m003_drop_unused_indexes]
+async def m004_unsynced_outputs(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # The boot id of the machine whose page cache held an output's file when it was recorded,
+        # until a flush put it on disk (NULL: durable). See durability.py.
+        "ALTER TABLE outputs ADD COLUMN unsynced_boot TEXT",
+        # Partial: holds only the few outputs still waiting for a flush, so a start finds them at
+        # once however large the store.
+        "CREATE INDEX outputs_unsynced ON outputs (job_id) WHERE unsynced_boot IS NOT NULL",
+    )
+
+
+MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger, m003_drop_unused_indexes,
+                               m004_unsynced_outputs]
 
 
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:

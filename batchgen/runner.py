@@ -38,7 +38,8 @@ from . import constants as C
 from . import crashpoints
 from . import store as S
 from .client import Result, RunComfyClient
-from .downloads import SyncBatch, download, output_name
+from .downloads import download, output_name
+from .durability import BOOT_ID, Flusher, file_intact
 from .errors import (
     APIError,
     BatchgenError,
@@ -76,6 +77,7 @@ class RunSettings:
     first_poll_delay: float = C.FIRST_POLL_DELAY
     min_poll_interval: float = C.MIN_POLL_INTERVAL
     max_poll_interval: float = C.MAX_POLL_INTERVAL
+    flush_every: float = C.FLUSH_EVERY  # seconds between flushes of small files (durability.py)
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,7 @@ class Runner:
         # to 16), so fsyncs waiting on the disk never queue behind each other (downloads.download).
         self._file_threads = ThreadPoolExecutor(max(1, min(16, self.s.download_concurrency)),
                                                 thread_name_prefix="batchgen-files")
-        self._synced = SyncBatch(self._file_threads)  # small files are flushed together
+        self._flusher = Flusher(self.store.mark_synced, self._file_threads, self.s.flush_every)
 
         self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
         self._tiebreak = itertools.count()
@@ -328,7 +330,7 @@ class Runner:
         finally:
             if own_dl and self._dl_session is not None:
                 await self._dl_session.close()
-            await asyncio.shield(self._synced.close())  # a flush still under way needs its thread
+            await asyncio.shield(self._flusher.close())  # a flush still under way needs its thread
             self._file_threads.shutdown(wait=True)  # all tasks are done: nothing is waiting
             self._summary.elapsed = time.monotonic() - started
             self._summary.api_calls = dict(self.client.calls)
@@ -347,8 +349,38 @@ class Runner:
             self._holding.add(job.id)
             self._remote[job.id] = job
             self._schedule(job, now)
+        await self._check_unflushed()
         for job in await self.store.jobs(self._batches, [S.DOWNLOADING]):
             self._spawn(self._download_job(job))
+
+    async def _check_unflushed(self) -> None:
+        """Outputs recorded before their files were flushed (durability.py). Under this boot the
+        page cache still holds them (an earlier run was killed, or ended before its next flush):
+        they are flushed now. Under an earlier boot the machine went down first, so each file is
+        checked, and one that is gone or damaged is downloaded again (its job goes back to
+        downloading; nothing is resubmitted)."""
+        unflushed = await self.store.unsynced_outputs(self._batches)
+        earlier = [(job, out) for job, out, boot in unflushed if boot != BOOT_ID]
+        for job, out, boot in unflushed:
+            if boot == BOOT_ID:
+                self._flusher.add((job.id, out.idx), os.path.join(self._workdir, out.path or ""))
+        await self._flusher.flush()
+        if not earlier:
+            return
+        intact = await asyncio.get_running_loop().run_in_executor(self._file_threads, lambda: [
+            file_intact(os.path.join(self._workdir, out.path or ""), out.size, out.sha256)
+            for _job, out in earlier])
+        good = [(job.id, out.idx) for (job, out), ok in zip(earlier, intact, strict=True) if ok]
+        if good:
+            await self.store.mark_synced(good)
+        lost = [(job, out) for (job, out), ok in zip(earlier, intact, strict=True) if not ok]
+        for job, out in lost:
+            await self.store.output_lost(
+                job, out.idx, f"output {out.path} was lost when the machine restarted before it "
+                "reached the disk; downloading it again")
+        if lost:
+            self._emit("note", None, f"{len(lost)} output file(s) lost in a restart of the machine "
+                       "before they reached the disk: downloading them again")
 
     async def _wait_until_done(self, submit_loop: asyncio.Task[Any]) -> None:
         while True:
@@ -842,7 +874,7 @@ class Runner:
                     try:
                         got = await download(
                             self._dl_session, out.url, dest, self._file_threads,  # type: ignore[arg-type]
-                            self._synced, resume=unrecorded is None,  # (a failed try records)
+                            resume=unrecorded is None,  # (a failed try records)
                             before_streaming=record if unrecorded is not None else None,
                         )
                     except DownloadError as exc:
@@ -866,15 +898,19 @@ class Runner:
                         continue
                     crashpoints.reached("download_done")
                     rel = f"{job.batch}/{name}"  # relative to the work directory, as stored
+                    boot = None if got.durable else BOOT_ID
                     if unrecorded is not None:
                         result, finished_at = unrecorded
                         out.path, out.size, out.sha256 = rel, got.size, got.sha256
                         await self.store.record_downloaded(job, [out], cost=result.cost,
-                                                           finished_at=finished_at)
+                                                           finished_at=finished_at, unsynced_boot=boot)
                     else:
                         # The last file and the job's success: one write.
                         await self.store.output_downloaded(out, rel, got.size, got.sha256,
-                                                           job_done=job if n == len(todo) else None)
+                                                           job_done=job if n == len(todo) else None,
+                                                           unsynced_boot=boot)
+                    if boot is not None:  # recorded first, so the flush that clears it covers it
+                        self._flusher.add((job.id, out.idx), dest)
                     break
             if not todo:
                 await self.store.transition(job, S.SUCCEEDED, expect=(S.DOWNLOADING,))

@@ -617,13 +617,16 @@ class Store:
 
     async def record_downloaded(
         self, job: Job, outputs: Sequence[Output], *, cost: float | None, finished_at: float | None,
+        unsynced_boot: str | None = None,
     ) -> None:
-        """A succeeded result whose outputs are already whole on disk (``outputs`` with path, size
-        and sha256 set): the outputs, their files and the job's success in one write, where
+        """A succeeded result whose outputs are already whole in place (``outputs`` with path,
+        size and sha256 set): the outputs, their files and the job's success in one write, where
         record_result and output_downloaded would take two. The job must still be at the
-        provider's (in_queue or in_progress) in the store."""
+        provider's (in_queue or in_progress) in the store. ``unsynced_boot``: the files are not
+        flushed yet (durability.py)."""
         now = time.time()
-        rows = [(job.id, o.idx, o.kind, o.url, o.path, o.size, o.sha256, now) for o in outputs]
+        rows = [(job.id, o.idx, o.kind, o.url, o.path, o.size, o.sha256, now, unsynced_boot)
+                for o in outputs]
         fields = {"cost": cost, "finished_at": finished_at}
         move = _transition_sql(job.id, SUCCEEDED, now, f"{len(outputs)} output(s) downloaded", fields,
                                REMOTE_ACTIVE)
@@ -631,11 +634,13 @@ class Store:
         def apply(conn: sqlite3.Connection) -> None:
             for row in rows:
                 conn.execute(
-                    """INSERT INTO outputs (job_id, idx, kind, url, path, size, sha256, downloaded_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                    """INSERT INTO outputs (job_id, idx, kind, url, path, size, sha256, downloaded_at,
+                                           unsynced_boot)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                        ON CONFLICT (job_id, idx) DO UPDATE SET kind = excluded.kind, url = excluded.url,
                            path = excluded.path, size = excluded.size, sha256 = excluded.sha256,
-                           downloaded_at = excluded.downloaded_at""",
+                           downloaded_at = excluded.downloaded_at,
+                           unsynced_boot = excluded.unsynced_boot""",
                     row,
                 )
             _apply_transition(conn, job.key, job.id, *move, REMOTE_ACTIVE)
@@ -652,19 +657,20 @@ class Store:
         return [Output(*r) for r in rows]
 
     async def output_downloaded(
-        self, out: Output, path: str, size: int, sha256: str, *, job_done: Job | None = None
+        self, out: Output, path: str, size: int, sha256: str, *, job_done: Job | None = None,
+        unsynced_boot: str | None = None,
     ) -> None:
         """Record a complete file. ``job_done``: it was the job's last missing output, so the job
-        becomes 'succeeded' in the same write."""
+        becomes 'succeeded' in the same write. ``unsynced_boot``: as for record_downloaded."""
         now = time.time()
-        params = (path, size, sha256, now, out.job_id, out.idx)
+        params = (path, size, sha256, now, unsynced_boot, out.job_id, out.idx)
         move = None
         if job_done is not None:
             move = _transition_sql(job_done.id, SUCCEEDED, now, None, {}, (DOWNLOADING,))
 
         def apply(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE outputs SET path = ?, size = ?, sha256 = ?, downloaded_at = ? "
-                         "WHERE job_id = ? AND idx = ?", params)
+            conn.execute("UPDATE outputs SET path = ?, size = ?, sha256 = ?, downloaded_at = ?, "
+                         "unsynced_boot = ? WHERE job_id = ? AND idx = ?", params)
             if job_done is not None and move is not None:
                 _apply_transition(conn, job_done.key, job_done.id, *move, (DOWNLOADING,))
 
@@ -672,6 +678,47 @@ class Store:
         out.path, out.size, out.sha256 = path, size, sha256
         if job_done is not None:
             job_done.state, job_done.updated_at = SUCCEEDED, now
+
+    async def mark_synced(self, keys: Sequence[tuple[int, int]]) -> None:
+        """Outputs (job id, idx) whose files a flush has put on disk."""
+        rows = list(keys)
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE outputs SET unsynced_boot = NULL WHERE job_id = ? AND idx = ? "
+                             "AND unsynced_boot IS NOT NULL", rows)
+
+        await self._write(apply)
+
+    async def unsynced_outputs(self, batches: Sequence[str]) -> list[tuple[Job, Output, str]]:
+        """The outputs of ``batches`` recorded but not yet known to be on disk: (job, output, the
+        boot id their file was written under)."""
+        where, args = _filters(batches, None)
+        rows = await self._db.execute_fetchall(
+            f"SELECT {_JOB_COLUMNS}, o.idx, o.kind, o.url, o.path, o.size, o.sha256, o.unsynced_boot "
+            f"FROM outputs o JOIN jobs ON jobs.id = o.job_id {where} AND o.unsynced_boot IS NOT NULL "
+            "ORDER BY o.job_id, o.idx", args,
+        )
+        n = _JOB_COLUMNS.count(",") + 1
+        return [(Job.from_row(r[:n]), Output(r[0], *r[n:n + 6]), r[n + 6]) for r in rows]
+
+    async def output_lost(self, job: Job, idx: int, why: str) -> None:
+        """A recorded output's file is gone or damaged: forget the file (its URL stays) and put a
+        succeeded job back to downloading, in one write."""
+        now = time.time()
+        move = None
+        if job.state == SUCCEEDED:
+            move = _transition_sql(job.id, DOWNLOADING, now, why, {}, (SUCCEEDED,))
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE outputs SET path = NULL, size = NULL, sha256 = NULL, "
+                         "downloaded_at = NULL, unsynced_boot = NULL WHERE job_id = ? AND idx = ?",
+                         (job.id, idx))
+            if move is not None:
+                _apply_transition(conn, job.key, job.id, *move, (SUCCEEDED,))
+
+        await self._write(apply)
+        if move is not None:
+            job.state, job.updated_at = DOWNLOADING, now
 
 
 def _live(group: list[_Queued]) -> list[_Queued]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 
 import pytest
@@ -11,7 +10,7 @@ from conftest import loopback
 
 from batchgen import constants as C
 from batchgen import downloads as D
-from batchgen.downloads import SyncBatch, download, make_session, output_name
+from batchgen.downloads import download, make_session, output_name
 from batchgen.errors import DownloadError
 
 BODY = bytes(range(256)) * 1000  # 256,000 bytes
@@ -128,57 +127,23 @@ async def test_refuses_non_http_urls(files, tmp_path):
         await download(files["session"], "file:///etc/passwd", tmp_path / "o")
 
 
-async def test_small_files_finished_together_are_flushed_together(files, tmp_path, monkeypatch):
-    calls = []
-    real = D.make_durable
+@pytest.mark.parametrize("size", ["small", "large"])
+async def test_a_small_output_is_returned_unflushed_a_large_one_fsynced(files, tmp_path, monkeypatch, size):
+    from batchgen import durability
 
-    def counting(paths):
-        calls.append(len(paths))
-        real(paths)
-
-    monkeypatch.setattr(D, "make_durable", counting)
-    synced = SyncBatch()
-    got = await asyncio.gather(*(
-        download(files["session"], files["url"], tmp_path / f"job{i}" / "output.mp4", synced=synced)
-        for i in range(8)
-    ))
-    assert all((tmp_path / f"job{i}" / "output.mp4").read_bytes() == BODY for i in range(8))
-    assert all(g.sha256 == hashlib.sha256(BODY).hexdigest() for g in got)
-    if C.DOWNLOAD_IN_MEMORY:  # small outputs: far fewer flushes than files, none lost
-        assert sum(calls) == 8 and len(calls) < 8
-    else:  # streamed outputs are fsynced one by one in their own thread hop
-        assert calls == []
-
-
-@pytest.mark.parametrize("syncfs", ["syncfs", "fsync each file"])
-async def test_flushing_works_with_and_without_syncfs(tmp_path, monkeypatch, syncfs):
-    if syncfs == "syncfs" and D._syncfs is None:
-        pytest.skip("no syncfs on this platform")
-    if syncfs != "syncfs":
-        monkeypatch.setattr(D, "_syncfs", None)
-    paths = []
-    for i in range(3):
-        (tmp_path / f"d{i}").mkdir()
-        paths.append(tmp_path / f"d{i}" / "f")
-        paths[-1].write_bytes(b"x")
-    await SyncBatch().sync(paths[0])
-    D.make_durable(paths)  # several folders, one file system
-
-
-async def test_a_failed_flush_is_a_download_error_and_no_file_is_claimed(files, tmp_path, monkeypatch):
-    if D._syncfs is None:
-        pytest.skip("no syncfs on this platform")
-    import ctypes
-    import errno
-
-    def failing(fd):  # what a disk that refuses the write-back looks like to us
-        ctypes.set_errno(errno.EIO)
-        return -1
-
-    monkeypatch.setattr(D, "_syncfs", failing)
-    monkeypatch.setattr(C, "DOWNLOAD_IN_MEMORY", 1 << 20)
-    with pytest.raises(DownloadError, match="syncfs"):
-        await download(files["session"], files["url"], tmp_path / "output.mp4")
+    flushed = []
+    monkeypatch.setattr(durability, "make_durable", lambda paths: flushed.append(paths))
+    fsynced = []
+    real_fsync = D.os.fsync
+    monkeypatch.setattr(D.os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(C, "DOWNLOAD_IN_MEMORY", 1 << 20 if size == "small" else 0)
+    got = await download(files["session"], files["url"], tmp_path / "output.mp4")
+    assert (tmp_path / "output.mp4").read_bytes() == BODY
+    assert got.sha256 == hashlib.sha256(BODY).hexdigest() and got.size == len(BODY)
+    # A small file is left to the runner's Flusher (recorded first, flushed later); a large one
+    # is on disk when download returns.
+    assert got.durable is (size == "large")
+    assert flushed == [] and bool(fsynced) is (size == "large")
 
 
 async def test_a_small_file_that_cannot_be_put_in_place_leaves_no_part(files, tmp_path):
@@ -194,21 +159,6 @@ async def test_a_small_file_that_cannot_be_put_in_place_leaves_no_part(files, tm
     dest.rmdir()
     got = await download(files["session"], files["url"], dest)
     assert not got.resumed and dest.read_bytes() == BODY and files["hits"][-1] is None
-
-
-async def test_files_whose_downloads_were_cancelled_are_not_flushed(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(D, "make_durable", lambda paths: calls.append(list(paths)))
-    synced = SyncBatch()
-    (tmp_path / "a").write_bytes(b"a")
-    (tmp_path / "b").write_bytes(b"b")
-    gone = asyncio.create_task(synced.sync(tmp_path / "a"))
-    kept = asyncio.create_task(synced.sync(tmp_path / "b"))
-    await asyncio.sleep(0)  # both queued for the next flush ...
-    gone.cancel()  # ... and one caller gives up before it runs
-    await kept
-    await synced.close()
-    assert calls == [[tmp_path / "b"]] and gone.cancelled()
 
 
 @pytest.mark.parametrize("way", ["unnamed file", "named .part", "no /proc", "link refused", "unsupported"])

@@ -61,7 +61,7 @@ async def test_old_store_moves_forward_and_keeps_data(tmp_path):
 
     async with aiosqlite.connect(path, isolation_level=None) as db:
         applied = await migrate(db, [*MIGRATIONS, m999_add_note])
-        assert applied == ["m002_history_by_trigger", "m003_drop_unused_indexes", "m999_add_note"]
+        assert applied == [m.__name__ for m in MIGRATIONS[1:]] + ["m999_add_note"]
         async with db.execute("SELECT name, note FROM batches") as cur:
             assert await cur.fetchall() == [("b", None)]
         # Applying again is a no-op.

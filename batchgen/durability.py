@@ -1,0 +1,189 @@
+"""Getting finished files onto the disk, and knowing which ones are.
+
+A small output (received in memory) is recorded as soon as it is written, before the kernel has
+written it back. That is safe against everything but a restart of the machine: a killed process
+leaves its written files in the page cache, where the kernel writes them back on its own. So such
+an output is recorded with the id of the running boot (``unsynced_boot``) and handed to the
+``Flusher``, which makes everything handed in durable every so often (one ``syncfs`` on Linux)
+and then clears the mark. At the next run's start, outputs still marked by an *earlier* boot
+(the machine went down before their flush) are checked against their recorded size and sha256:
+a file the restart lost or cut short is downloaded again (the job's result is kept: nothing is
+submitted or paid twice). Outputs marked by the current boot need no check: the page cache
+still holds them.
+
+Waiting for each file to reach the disk before recording it cost a fast batch a tenth of its
+speed (the flushes stall the creation of the next files), for a failure that a check at start
+repairs. Streamed (large) outputs are still fsynced before they are recorded: one fsync per
+large file costs nothing next to its transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+
+log = logging.getLogger(__name__)
+
+_BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
+def _read_boot_id() -> str:
+    """This boot's id. Where the system does not tell it, one of our own per process: outputs left
+    unflushed by any earlier process are then always checked (never wrongly trusted)."""
+    try:
+        with open(_BOOT_ID_FILE, encoding="ascii") as fh:
+            value = fh.read().strip()
+    except OSError:
+        value = ""
+    return value or f"process-{uuid.uuid4()}"
+
+
+BOOT_ID = _read_boot_id()
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """Linux's syncfs(2): flush one file system (data and journal) in one call. Python's os
+    module does not have it; elsewhere each file is fsynced instead."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_syncfs = _load_syncfs()
+
+
+def make_durable(paths: list[str]) -> None:
+    """Flush complete files, and the links or renames that put them in place, to disk."""
+    if _syncfs is None:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # removed since (by its owner): nothing left to flush
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(os.path.dirname(path) or ".")
+        return
+    # One syncfs per file system: folders are opened once each, not every file stat'ed.
+    flushed: set[int] = set()
+    for folder in dict.fromkeys(os.path.dirname(p) or "." for p in paths):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            device = os.fstat(fd).st_dev
+            if device in flushed:
+                continue
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs: {os.strerror(err)}")
+            flushed.add(device)
+        finally:
+            os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable; not all platforms allow opening a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_intact(path: str, size: int | None, sha256: str | None) -> bool:
+    """Whether ``path`` holds exactly the bytes recorded for it (size first: after a crash a
+    file the kernel had not written back is usually missing or empty)."""
+    try:
+        if os.stat(path).st_size != size:
+            return False
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return False
+    return digest.hexdigest() == sha256
+
+
+Key = tuple[int, int]  # (job id, output idx)
+
+
+class Flusher:
+    """Makes the files handed in durable every ``every`` seconds, then has ``mark`` record them
+    as such. One per runner. A file handed in must already be recorded (with this boot's mark):
+    the flush that follows then covers it, and clearing the mark cannot race its recording.
+
+    Nothing waits for a flush: a run that ends first leaves its last files marked, and the next
+    run either finds the page cache intact (same boot) or checks them (see the module)."""
+
+    def __init__(self, mark: Callable[[list[Key]], Awaitable[None]], files: Executor | None = None,
+                 every: float = 10.0):
+        self._mark = mark
+        self._files = files
+        self._every = every
+        self._pending: dict[Key, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[None] | None = None
+
+    def add(self, key: Key, path: str) -> None:
+        self._pending[key] = path
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def flush(self) -> None:
+        """Flush what was handed in now, not at the end of the period."""
+        if self._flushing is not None and not self._flushing.done():
+            await asyncio.shield(self._flushing)
+        if self._pending:
+            self._flushing = asyncio.ensure_future(self._flush())
+            await asyncio.shield(self._flushing)
+        if self._pending and (self._task is None or self._task.done()):  # it failed: try later
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self._every)
+            await self.flush()
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, {}
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._files, make_durable, list(batch.values()))
+            await self._mark(list(batch))
+        except Exception as exc:  # noqa: BLE001 - the marks stay: checked after a restart
+            log.warning("could not flush %d downloaded file(s) to disk (tried again in %g s): %s",
+                        len(batch), self._every, exc)
+            for key, path in batch.items():
+                self._pending.setdefault(key, path)
+
+    async def close(self) -> None:
+        """Stop. A flush under way finishes (its thread cannot be stopped, and its files should
+        get their marks cleared); files still waiting keep their marks."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,199 @@
+"""Small outputs recorded before they are flushed: the Flusher, and the check after a restart.
+
+A restart of the machine cannot be run in a test, so the runs here leave their marks as a run
+under another boot would: the store's unsynced_boot column is rewritten to a boot id that is not
+this one, which is exactly what a run before a reboot leaves behind."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import hashlib
+import logging
+import sqlite3
+
+import pytest
+from test_runner import check_outputs_match, job_histories, manifest, options, outputs_by_job
+
+from batchgen import app, durability
+from batchgen import store as S
+from batchgen.durability import BOOT_ID, Flusher, file_intact, make_durable
+
+
+def test_the_boot_id_is_the_kernels_or_one_that_matches_no_other_process():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            assert BOOT_ID == fh.read().strip()
+    except OSError:
+        assert BOOT_ID.startswith("process-")
+
+
+@pytest.mark.parametrize("syncfs", ["syncfs", "fsync each file"])
+def test_flushing_works_with_and_without_syncfs(tmp_path, monkeypatch, syncfs):
+    if syncfs == "syncfs" and durability._syncfs is None:
+        pytest.skip("no syncfs on this platform")
+    if syncfs != "syncfs":
+        monkeypatch.setattr(durability, "_syncfs", None)
+    paths = []
+    for i in range(3):
+        (tmp_path / f"d{i}").mkdir()
+        paths.append(str(tmp_path / f"d{i}" / "f"))
+        (tmp_path / f"d{i}" / "f").write_bytes(b"x")
+    make_durable(paths)  # several folders, one file system
+    (tmp_path / "d1" / "f").unlink()  # removed by someone meanwhile: nothing to flush, no error
+    make_durable(paths)
+
+
+def test_file_intact_compares_size_and_digest(tmp_path):
+    f = tmp_path / "out.mp4"
+    f.write_bytes(b"abcdef")
+    digest = hashlib.sha256(b"abcdef").hexdigest()
+    assert file_intact(str(f), 6, digest)
+    assert not file_intact(str(f), 7, digest)  # cut short (or the record is of another file)
+    f.write_bytes(b"abcdeX")
+    assert not file_intact(str(f), 6, digest)  # same length, other bytes
+    f.unlink()
+    assert not file_intact(str(f), 6, digest)
+
+
+async def test_the_flusher_flushes_what_was_handed_in_then_marks_it(tmp_path, monkeypatch):
+    flushed, marked = [], []
+    monkeypatch.setattr(durability, "make_durable", lambda paths: flushed.append(sorted(paths)))
+
+    async def mark(keys):
+        marked.append(sorted(keys))
+
+    flusher = Flusher(mark, every=0.05)
+    flusher.add((1, 0), "a")
+    flusher.add((2, 0), "b")
+    assert flushed == []  # nothing waits for a flush: it comes later, for all of them at once
+    await asyncio.sleep(0.15)
+    assert flushed == [["a", "b"]] and marked == [[(1, 0), (2, 0)]] and flusher.pending == 0
+    flusher.add((3, 0), "c")  # a quiet flusher starts again when handed more
+    await asyncio.sleep(0.15)
+    assert flushed[-1] == ["c"] and marked[-1] == [(3, 0)]
+    flusher.add((4, 0), "d")
+    await flusher.close()  # a run ending before the next flush: the file keeps its mark
+    assert flushed[-1] == ["c"] and flusher.pending == 1
+
+
+async def test_a_flush_that_fails_is_logged_and_tried_again(tmp_path, monkeypatch, caplog):
+    if durability._syncfs is None:
+        pytest.skip("no syncfs on this platform")
+    failures = [1]
+
+    def syncfs(fd):  # what a disk that refuses the write-back once looks like to us
+        if failures:
+            failures.pop()
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return 0
+
+    monkeypatch.setattr(durability, "_syncfs", syncfs)
+    (tmp_path / "f").write_bytes(b"x")
+    marked = []
+
+    async def mark(keys):
+        marked.append(keys)
+
+    flusher = Flusher(mark, every=0.05)
+    with caplog.at_level(logging.WARNING, logger="batchgen.durability"):
+        flusher.add((1, 0), str(tmp_path / "f"))
+        await asyncio.sleep(0.08)
+        assert marked == [] and "could not flush 1 downloaded file" in caplog.text
+        await asyncio.sleep(0.1)
+    assert marked == [[(1, 0)]]  # the mark is cleared only once a flush got it on disk
+    await flusher.close()
+
+
+async def test_a_close_during_a_flush_waits_for_it(monkeypatch):
+    import threading
+
+    release = threading.Event()
+    monkeypatch.setattr(durability, "make_durable", lambda paths: release.wait(5))
+    marked = []
+
+    async def mark(keys):
+        marked.append(keys)
+
+    flusher = Flusher(mark, every=0.01)
+    flusher.add((1, 0), "a")
+    await asyncio.sleep(0.05)  # the flush is in its thread now
+    closing = asyncio.ensure_future(flusher.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()
+    release.set()
+    await closing
+    assert marked == [[(1, 0)]]
+
+
+def unsynced(workdir) -> dict[tuple[int, int], str | None]:
+    with sqlite3.connect(workdir / "batchgen.sqlite3") as db:
+        return {(j, i): b for j, i, b in db.execute("SELECT job_id, idx, unsynced_boot FROM outputs")}
+
+
+async def test_small_outputs_are_recorded_unflushed_then_marked_by_the_flush(simulator, tmp_path):
+    sim = await simulator(concurrency=4, duration=0.05)
+    path = manifest(tmp_path, sim, 4)
+    out = await app.run(options(tmp_path, sim, path, flush_every=60))  # the run ends before it
+    assert out.counts == {"b": {"succeeded": 4}}
+    assert set(unsynced(tmp_path / "work").values()) == {BOOT_ID}
+    # The next run (same boot: the page cache holds the files) trusts them, downloads none of
+    # them again, and flushes them before anything else, even with nothing else to do.
+    downloads = sim.calls["download"]
+    again = await app.run(options(tmp_path, sim, path, flush_every=60))
+    assert again.summary.submitted == 0 and sim.calls["download"] == downloads
+    assert set(unsynced(tmp_path / "work").values()) == {None}
+
+
+async def test_a_large_output_is_recorded_as_on_disk(simulator, tmp_path, monkeypatch):
+    from batchgen import constants as C
+
+    monkeypatch.setattr(C, "DOWNLOAD_IN_MEMORY", 0)
+    sim = await simulator(concurrency=4, duration=0.05)
+    await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 2), flush_every=60))
+    assert set(unsynced(tmp_path / "work").values()) == {None}  # fsynced before it was recorded
+
+
+async def test_files_a_restart_lost_are_downloaded_again_and_nothing_is_resubmitted(simulator, tmp_path):
+    sim = await simulator(concurrency=4, duration=0.05)
+    path = manifest(tmp_path, sim, 5)
+    work = tmp_path / "work"
+    await app.run(options(tmp_path, sim, path, flush_every=60))
+    jobs = await outputs_by_job(work)
+    # The machine went down before the flush: every output carries another boot's mark, and the
+    # disk lost some of the files: one is gone, one is empty, one has the right length and
+    # wrong bytes (a file system that updated the size before the data).
+    with sqlite3.connect(work / "batchgen.sqlite3") as db:
+        db.execute("UPDATE outputs SET unsynced_boot = 'an-earlier-boot'")
+    files = {key: work / outs[0].path for key, (_job, outs) in sorted(jobs.items())}
+    gone, empty, garbled, *intact = files
+    files[gone].unlink()
+    files[empty].write_bytes(b"")
+    files[garbled].write_bytes(b"\0" * files[garbled].stat().st_size)
+    submits, downloads = sim.calls["submit"], sim.calls["download"]
+
+    events = []
+    again = await app.run(options(tmp_path, sim, path, flush_every=0.01), on_event=events.append)
+    assert again.counts == {"b": {"succeeded": 5}}
+    assert sim.calls["submit"] == submits  # nothing paid twice
+    assert sim.calls["download"] == downloads + 3  # only the three damaged files
+    await check_outputs_match(sim, work)
+    marks = unsynced(work)
+    assert all(marks[(jobs[key][0].id, 0)] is None for key in intact)  # checked: on disk
+    assert set(marks.values()) <= {None, BOOT_ID}  # the new files: this boot's, or flushed
+    histories = await job_histories(work)
+    for key, states in histories.items():
+        after = states[states.index(S.SUCCEEDED) + 1:]  # what the second run did to the job
+        assert after == ([S.DOWNLOADING, S.SUCCEEDED] if key in (gone, empty, garbled) else []), states
+    assert any("3 output file(s) lost in a restart" in e.message for e in events)
+
+
+async def test_the_unflushed_outputs_query_uses_its_partial_index(tmp_path):
+    async with await S.Store.open(tmp_path / "s.sqlite3") as store:
+        rows = await store._db.execute_fetchall(
+            "EXPLAIN QUERY PLAN SELECT o.job_id FROM outputs o JOIN jobs ON jobs.id = o.job_id "
+            "WHERE batch IN ('b') AND o.unsynced_boot IS NOT NULL")
+    plan = " ".join(r[-1] for r in rows)
+    assert "outputs_unsynced" in plan, plan
