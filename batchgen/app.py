@@ -152,9 +152,13 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                 batches = [opts.batch]
             else:
                 counts = await store.counts()
+                # Unfinished batches, and finished ones with files not yet known to be on disk:
+                # after a restart of the machine, the run checks those and fetches what it lost.
+                unflushed = set(await store.unsynced_batches())
                 batches = [
                     b for b, per_state in counts.items()
-                    if any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.REMOTE_ACTIVE,
+                    if b in unflushed
+                    or any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.REMOTE_ACTIVE,
                                                          S.DOWNLOADING))
                 ]
             if opts.retry_states:

@@ -60,8 +60,9 @@ DOWNLOAD_CHUNK = 1 << 16
 # thread (about a millisecond at most); larger ones stream to their .part file.
 DOWNLOAD_IN_MEMORY = 1 << 20
 # Such small files are recorded before they are flushed, then flushed together every so many
-# seconds (durability.py): the kernel's own write-back wakes every 5 s, so flushing more often
-# only adds journal commits, and a restart can cost at most this long's files a second download.
+# seconds (durability.py): a restart of the machine can cost at most this long's files (and a
+# run's last ones, which the kernel writes back within about 30 s) a second download. More often
+# would only add journal commits, each of which stalls the creation of the next files.
 FLUSH_EVERY = 5.0
 
 # Jobs inserted per transaction when a manifest is recorded.

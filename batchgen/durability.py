@@ -29,6 +29,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 
+from . import constants as C
+
 log = logging.getLogger(__name__)
 
 _BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
@@ -82,7 +84,10 @@ def make_durable(paths: list[str]) -> None:
     # One syncfs per file system: folders are opened once each, not every file stat'ed.
     flushed: set[int] = set()
     for folder in dict.fromkeys(os.path.dirname(p) or "." for p in paths):
-        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except FileNotFoundError:  # removed since, files and all: nothing left to flush
+            continue
         try:
             device = os.fstat(fd).st_dev
             if device in flushed:
@@ -133,11 +138,17 @@ class Flusher:
     the flush that follows then covers it, and clearing the mark cannot race its recording.
 
     Nothing waits for a flush: a run that ends first leaves its last files marked, and the next
-    run either finds the page cache intact (same boot) or checks them (see the module)."""
+    run either finds the page cache intact (same boot) or checks them (see the module).
 
-    def __init__(self, mark: Callable[[list[Key]], Awaitable[None]], files: Executor | None = None,
-                 every: float = 10.0):
+    A flush that fails calls ``on_failure`` with its files, which are never marked as flushed:
+    Linux reports a write-back error once, so a second flush would succeed while the bytes that
+    failed are still not on disk. Recording the flush failed is the caller's job."""
+
+    def __init__(self, mark: Callable[[list[Key]], Awaitable[None]],
+                 on_failure: Callable[[list[Key], Exception], Awaitable[None]],
+                 files: Executor | None = None, every: float = C.FLUSH_EVERY):
         self._mark = mark
+        self._on_failure = on_failure
         self._files = files
         self._every = every
         self._pending: dict[Key, str] = {}
@@ -150,14 +161,12 @@ class Flusher:
             self._task = asyncio.ensure_future(self._run())
 
     async def flush(self) -> None:
-        """Flush what was handed in now, not at the end of the period."""
-        if self._flushing is not None and not self._flushing.done():
+        """Flush what was handed in now, not at the end of the period (one flush at a time)."""
+        while self._flushing is not None and not self._flushing.done():
             await asyncio.shield(self._flushing)
         if self._pending:
             self._flushing = asyncio.ensure_future(self._flush())
             await asyncio.shield(self._flushing)
-        if self._pending and (self._task is None or self._task.done()):  # it failed: try later
-            self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         while self._pending:
@@ -166,14 +175,17 @@ class Flusher:
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, {}
+        keys = list(batch)
         try:
             await asyncio.get_running_loop().run_in_executor(self._files, make_durable, list(batch.values()))
-            await self._mark(list(batch))
-        except Exception as exc:  # noqa: BLE001 - the marks stay: checked after a restart
-            log.warning("could not flush %d downloaded file(s) to disk (tried again in %g s): %s",
-                        len(batch), self._every, exc)
-            for key, path in batch.items():
-                self._pending.setdefault(key, path)
+        except Exception as exc:  # noqa: BLE001 - the caller decides what becomes of the files
+            await self._on_failure(keys, exc)
+            return
+        try:
+            await self._mark(keys)
+        except Exception as exc:  # noqa: BLE001 - the marks stay: the files are checked again
+            log.warning("could not record %d file(s) as flushed (checked again at the next start): %s",
+                        len(keys), exc)
 
     async def close(self) -> None:
         """Stop. A flush under way finishes (its thread cannot be stopped, and its files should

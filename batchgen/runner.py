@@ -45,6 +45,7 @@ from .errors import (
     BatchgenError,
     DownloadError,
     RateLimitError,
+    StoreError,
     UsageError,
 )
 from .limits import AdaptiveCap, Slots, TokenBucket
@@ -250,7 +251,8 @@ class Runner:
         # to 16), so fsyncs waiting on the disk never queue behind each other (downloads.download).
         self._file_threads = ThreadPoolExecutor(max(1, min(16, self.s.download_concurrency)),
                                                 thread_name_prefix="batchgen-files")
-        self._flusher = Flusher(self.store.mark_synced, self._file_threads, self.s.flush_every)
+        self._flusher = Flusher(self.store.mark_synced, self._flush_failed, self._file_threads,
+                                self.s.flush_every)
 
         self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
         self._tiebreak = itertools.count()
@@ -334,6 +336,8 @@ class Runner:
             self._file_threads.shutdown(wait=True)  # all tasks are done: nothing is waiting
             self._summary.elapsed = time.monotonic() - started
             self._summary.api_calls = dict(self.client.calls)
+        if self._fatal is not None:  # the last flush, while closing, failed
+            raise self._fatal
         return self._summary
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -354,12 +358,13 @@ class Runner:
             self._spawn(self._download_job(job))
 
     async def _check_unflushed(self) -> None:
-        """Outputs recorded before their files were flushed (durability.py). Under this boot the
-        page cache still holds them (an earlier run was killed, or ended before its next flush):
-        they are flushed now. Under an earlier boot the machine went down first, so each file is
-        checked, and one that is gone or damaged is downloaded again (its job goes back to
-        downloading; nothing is resubmitted)."""
-        unflushed = await self.store.unsynced_outputs(self._batches)
+        """Outputs recorded before their files were flushed (durability.py), in every batch of
+        the store, not only this run's. Under this boot the page cache still holds them (an
+        earlier run was killed, or ended before its next flush): they are flushed now. Under an
+        earlier boot the machine went down first, so each file is checked, and one that is gone
+        or damaged is forgotten: its job goes back to downloading (this run downloads it if the
+        job is in one of its batches; nothing is resubmitted)."""
+        unflushed = await self.store.unsynced_outputs()
         earlier = [(job, out) for job, out, boot in unflushed if boot != BOOT_ID]
         for job, out, boot in unflushed:
             if boot == BOOT_ID:
@@ -373,14 +378,35 @@ class Runner:
         good = [(job.id, out.idx) for (job, out), ok in zip(earlier, intact, strict=True) if ok]
         if good:
             await self.store.mark_synced(good)
-        lost = [(job, out) for (job, out), ok in zip(earlier, intact, strict=True) if not ok]
-        for job, out in lost:
-            await self.store.output_lost(
-                job, out.idx, f"output {out.path} was lost when the machine restarted before it "
-                "reached the disk; downloading it again")
+        lost = [(job.id, out.idx) for (job, out), ok in zip(earlier, intact, strict=True) if not ok]
         if lost:
+            await self._forget_outputs(lost, "was lost when the machine restarted before it reached "
+                                       "the disk; downloading it again")
             self._emit("note", None, f"{len(lost)} output file(s) lost in a restart of the machine "
                        "before they reached the disk: downloading them again")
+
+    async def _forget_outputs(self, keys: list[tuple[int, int]], why: str) -> None:
+        """Forget the files of outputs (job id, idx): one write per job, read afresh (a job with
+        several such outputs must not be moved twice)."""
+        by_job: dict[int, list[int]] = {}
+        for job_id, idx in keys:
+            by_job.setdefault(job_id, []).append(idx)
+        for job_id, idxs in by_job.items():
+            job = await self.store.job(job_id)
+            await self.store.output_lost(job, idxs, f"output {', '.join(map(str, idxs))} {why}")
+
+    async def _flush_failed(self, keys: list[tuple[int, int]], exc: Exception) -> None:
+        """The disk refused to flush these files. They may never reach it, and Linux reports such
+        an error only once (a later flush would look fine): their outputs are forgotten, to be
+        downloaded again, and the run stops, since every further file would go to the same disk."""
+        try:
+            await self._forget_outputs(keys, f"could not be flushed to disk ({exc}); downloading it again")
+        finally:
+            if self._fatal is None:
+                self._fatal = StoreError(
+                    f"cannot flush downloaded files to disk: {exc} ({len(keys)} output file(s) "
+                    "will be downloaded again by the next run)")
+            self.stop("error")
 
     async def _wait_until_done(self, submit_loop: asyncio.Task[Any]) -> None:
         while True:

@@ -689,36 +689,51 @@ class Store:
 
         await self._write(apply)
 
-    async def unsynced_outputs(self, batches: Sequence[str]) -> list[tuple[Job, Output, str]]:
-        """The outputs of ``batches`` recorded but not yet known to be on disk: (job, output, the
-        boot id their file was written under)."""
+    async def unsynced_outputs(self, batches: Sequence[str] | None = None) -> list[tuple[Job, Output, str]]:
+        """The outputs (of ``batches``; None: all) recorded but not yet known to be on disk:
+        (job, output, the boot id their file was written under)."""
         where, args = _filters(batches, None)
-        rows = await self._db.execute_fetchall(
-            f"SELECT {_JOB_COLUMNS}, o.idx, o.kind, o.url, o.path, o.size, o.sha256, o.unsynced_boot "
-            f"FROM outputs o JOIN jobs ON jobs.id = o.job_id {where} AND o.unsynced_boot IS NOT NULL "
-            "ORDER BY o.job_id, o.idx", args,
-        )
+        rows = await self._db.execute_fetchall(UNSYNCED_SQL.format(where=where), args)
         n = _JOB_COLUMNS.count(",") + 1
         return [(Job.from_row(r[:n]), Output(r[0], *r[n:n + 6]), r[n + 6]) for r in rows]
 
-    async def output_lost(self, job: Job, idx: int, why: str) -> None:
-        """A recorded output's file is gone or damaged: forget the file (its URL stays) and put a
-        succeeded job back to downloading, in one write."""
+    async def unsynced_batches(self) -> list[str]:
+        """Batches with outputs not yet known to be on disk."""
+        rows = await self._db.execute_fetchall(UNSYNCED_BATCHES_SQL)
+        return [r[0] for r in rows]
+
+    async def output_lost(self, job: Job, idxs: Sequence[int], why: str) -> None:
+        """Some of a job's recorded output files are gone or damaged: forget those files (their
+        URLs stay) and put a succeeded job back to downloading, in one write."""
         now = time.time()
         move = None
         if job.state == SUCCEEDED:
             move = _transition_sql(job.id, DOWNLOADING, now, why, {}, (SUCCEEDED,))
+        rows = [(job.id, idx) for idx in idxs]
 
         def apply(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE outputs SET path = NULL, size = NULL, sha256 = NULL, "
-                         "downloaded_at = NULL, unsynced_boot = NULL WHERE job_id = ? AND idx = ?",
-                         (job.id, idx))
+            conn.executemany("UPDATE outputs SET path = NULL, size = NULL, sha256 = NULL, "
+                             "downloaded_at = NULL, unsynced_boot = NULL WHERE job_id = ? AND idx = ?",
+                             rows)
             if move is not None:
                 _apply_transition(conn, job.key, job.id, *move, (SUCCEEDED,))
 
         await self._write(apply)
         if move is not None:
             job.state, job.updated_at = DOWNLOADING, now
+
+
+# Outputs first, through their partial index (a handful of rows however large the store), then
+# each one's job: a plan that scanned the batch's jobs would cost every start a full pass.
+UNSYNCED_SQL = (
+    f"SELECT {_JOB_COLUMNS}, o.idx, o.kind, o.url, o.path, o.size, o.sha256, o.unsynced_boot "
+    "FROM outputs o INDEXED BY outputs_unsynced CROSS JOIN jobs ON jobs.id = o.job_id "
+    "{where} AND o.unsynced_boot IS NOT NULL ORDER BY o.job_id, o.idx"
+)
+UNSYNCED_BATCHES_SQL = (
+    "SELECT DISTINCT jobs.batch FROM outputs o INDEXED BY outputs_unsynced "
+    "CROSS JOIN jobs ON jobs.id = o.job_id WHERE o.unsynced_boot IS NOT NULL ORDER BY jobs.batch"
+)
 
 
 def _live(group: list[_Queued]) -> list[_Queued]:

@@ -10,7 +10,6 @@ import asyncio
 import ctypes
 import errno
 import hashlib
-import logging
 import sqlite3
 
 import pytest
@@ -42,6 +41,8 @@ def test_flushing_works_with_and_without_syncfs(tmp_path, monkeypatch, syncfs):
         (tmp_path / f"d{i}" / "f").write_bytes(b"x")
     make_durable(paths)  # several folders, one file system
     (tmp_path / "d1" / "f").unlink()  # removed by someone meanwhile: nothing to flush, no error
+    (tmp_path / "d2" / "f").unlink()
+    (tmp_path / "d2").rmdir()  # a batch folder removed, files and all
     make_durable(paths)
 
 
@@ -57,6 +58,10 @@ def test_file_intact_compares_size_and_digest(tmp_path):
     assert not file_intact(str(f), 6, digest)
 
 
+async def _never_fails(keys, exc):
+    raise AssertionError(f"unexpected flush failure: {exc}")
+
+
 async def test_the_flusher_flushes_what_was_handed_in_then_marks_it(tmp_path, monkeypatch):
     flushed, marked = [], []
     monkeypatch.setattr(durability, "make_durable", lambda paths: flushed.append(sorted(paths)))
@@ -64,7 +69,7 @@ async def test_the_flusher_flushes_what_was_handed_in_then_marks_it(tmp_path, mo
     async def mark(keys):
         marked.append(sorted(keys))
 
-    flusher = Flusher(mark, every=0.05)
+    flusher = Flusher(mark, _never_fails, every=0.05)
     flusher.add((1, 0), "a")
     flusher.add((2, 0), "b")
     assert flushed == []  # nothing waits for a flush: it comes later, for all of them at once
@@ -74,36 +79,42 @@ async def test_the_flusher_flushes_what_was_handed_in_then_marks_it(tmp_path, mo
     await asyncio.sleep(0.15)
     assert flushed[-1] == ["c"] and marked[-1] == [(3, 0)]
     flusher.add((4, 0), "d")
+    await flusher.flush()  # at once, not at the end of the period
+    assert flushed[-1] == ["d"] and marked[-1] == [(4, 0)]
+    flusher.add((5, 0), "e")
     await flusher.close()  # a run ending before the next flush: the file keeps its mark
-    assert flushed[-1] == ["c"] and flusher.pending == 1
+    assert flushed[-1] == ["d"] and flusher.pending == 1
 
 
-async def test_a_flush_that_fails_is_logged_and_tried_again(tmp_path, monkeypatch, caplog):
+async def test_a_failed_flush_never_marks_its_files_and_says_so(tmp_path, monkeypatch):
     if durability._syncfs is None:
         pytest.skip("no syncfs on this platform")
-    failures = [1]
+    calls = []
 
-    def syncfs(fd):  # what a disk that refuses the write-back once looks like to us
-        if failures:
-            failures.pop()
+    def syncfs(fd):  # a disk that refuses the write-back once, then looks fine again
+        calls.append(fd)
+        if len(calls) == 1:
             ctypes.set_errno(errno.EIO)
             return -1
         return 0
 
     monkeypatch.setattr(durability, "_syncfs", syncfs)
     (tmp_path / "f").write_bytes(b"x")
-    marked = []
+    marked, failed = [], []
 
     async def mark(keys):
         marked.append(keys)
 
-    flusher = Flusher(mark, every=0.05)
-    with caplog.at_level(logging.WARNING, logger="batchgen.durability"):
-        flusher.add((1, 0), str(tmp_path / "f"))
-        await asyncio.sleep(0.08)
-        assert marked == [] and "could not flush 1 downloaded file" in caplog.text
-        await asyncio.sleep(0.1)
-    assert marked == [[(1, 0)]]  # the mark is cleared only once a flush got it on disk
+    async def on_failure(keys, exc):
+        failed.append((keys, str(exc)))
+
+    flusher = Flusher(mark, on_failure, every=0.02)
+    flusher.add((1, 0), str(tmp_path / "f"))
+    await asyncio.sleep(0.1)
+    # Linux reports a write-back error once: a second syncfs would succeed with the bytes still
+    # not on disk, so the files of a failed flush are handed back, never flushed again and marked.
+    assert failed == [([(1, 0)], "[Errno 5] syncfs: Input/output error")]
+    assert marked == [] and len(calls) == 1 and flusher.pending == 0
     await flusher.close()
 
 
@@ -117,7 +128,7 @@ async def test_a_close_during_a_flush_waits_for_it(monkeypatch):
     async def mark(keys):
         marked.append(keys)
 
-    flusher = Flusher(mark, every=0.01)
+    flusher = Flusher(mark, _never_fails, every=0.01)
     flusher.add((1, 0), "a")
     await asyncio.sleep(0.05)  # the flush is in its thread now
     closing = asyncio.ensure_future(flusher.close())
@@ -190,10 +201,80 @@ async def test_files_a_restart_lost_are_downloaded_again_and_nothing_is_resubmit
     assert any("3 output file(s) lost in a restart" in e.message for e in events)
 
 
-async def test_the_unflushed_outputs_query_uses_its_partial_index(tmp_path):
+@pytest.mark.parametrize("sql", [S.UNSYNCED_SQL.format(where="WHERE batch IN ('b')"),
+                                 S.UNSYNCED_SQL.format(where="WHERE 1"), S.UNSYNCED_BATCHES_SQL])
+async def test_the_unflushed_outputs_queries_read_only_their_partial_index(tmp_path, sql):
+    # Every start asks: it must cost the handful of marked outputs, not a pass over the jobs.
     async with await S.Store.open(tmp_path / "s.sqlite3") as store:
-        rows = await store._db.execute_fetchall(
-            "EXPLAIN QUERY PLAN SELECT o.job_id FROM outputs o JOIN jobs ON jobs.id = o.job_id "
-            "WHERE batch IN ('b') AND o.unsynced_boot IS NOT NULL")
-    plan = " ".join(r[-1] for r in rows)
-    assert "outputs_unsynced" in plan, plan
+        rows = await store._db.execute_fetchall("EXPLAIN QUERY PLAN " + sql)
+    plan = [r[-1] for r in rows]
+    assert plan[0] == "SCAN o USING INDEX outputs_unsynced", plan
+    assert plan[1].startswith("SEARCH jobs USING INTEGER PRIMARY KEY"), plan
+
+
+async def test_a_plain_run_after_a_restart_checks_finished_batches_too(simulator, tmp_path):
+    sim = await simulator(concurrency=4, duration=0.05)
+    work = tmp_path / "work"
+    await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 3), flush_every=60))
+    with sqlite3.connect(work / "batchgen.sqlite3") as db:
+        db.execute("UPDATE outputs SET unsynced_boot = 'an-earlier-boot'")
+    lost = sorted((work / "b").iterdir())[0]
+    lost.unlink()
+    downloads = sim.calls["download"]
+    # No manifest, no --batch: the batch is finished, yet it still has files to check.
+    again = await app.run(app.RunOptions(workdir=work, target=app.Target(api_url=sim.base_url, token="t"),
+                                         settings=options(tmp_path, sim, None).settings))
+    assert again.batches == ["b"] and again.counts == {"b": {"succeeded": 3}}
+    assert sim.calls["download"] == downloads + 1 and lost.exists()
+    await check_outputs_match(sim, work)
+
+
+async def test_a_job_that_lost_several_outputs_gets_them_all_back(simulator, tmp_path):
+    sim = await simulator(concurrency=4, duration=0.05)
+    work = tmp_path / "work"
+    path = manifest(tmp_path, sim, 1)
+    await app.run(options(tmp_path, sim, path, flush_every=60))
+    (job, [first]), = (await outputs_by_job(work)).values()
+    # A second output of the same job (the simulator makes one; the real API can make more).
+    second = work / f"b/{job.key}-1.mp4"
+    second.write_bytes((work / first.path).read_bytes())
+    with sqlite3.connect(work / "batchgen.sqlite3") as db:
+        db.execute("INSERT INTO outputs (job_id, idx, kind, url, path, size, sha256, downloaded_at) "
+                   "VALUES (?, 1, ?, ?, ?, ?, ?, 0)",
+                   (job.id, first.kind, first.url, f"b/{second.name}", first.size, first.sha256))
+        db.execute("UPDATE outputs SET unsynced_boot = 'an-earlier-boot'")
+    (work / first.path).unlink()
+    second.unlink()
+    downloads = sim.calls["download"]
+    again = await app.run(options(tmp_path, sim, path, flush_every=60))
+    assert again.counts == {"b": {"succeeded": 1}} and sim.calls["download"] == downloads + 2
+    assert (work / first.path).read_bytes() == second.read_bytes()
+    assert hashlib.sha256(second.read_bytes()).hexdigest() == first.sha256
+    assert (await job_histories(work))[job.key][-2:] == [S.DOWNLOADING, S.SUCCEEDED]
+
+
+async def test_a_disk_that_refuses_a_flush_stops_the_run_and_loses_nothing(simulator, tmp_path, monkeypatch):
+    if durability._syncfs is None:
+        pytest.skip("no syncfs on this platform")
+
+    def refusing(fd):
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    sim = await simulator(concurrency=1, duration=0.1)  # one at a time: flushes come between jobs
+    work = tmp_path / "work"
+    path = manifest(tmp_path, sim, 3)
+    monkeypatch.setattr(durability, "_syncfs", refusing)
+    with pytest.raises(S.StoreError, match="cannot flush downloaded files to disk: .*Input/output error"):
+        await app.run(options(tmp_path, sim, path, flush_every=0.01))
+    jobs = await outputs_by_job(work)
+    # Whatever a failed flush covered is no longer trusted: downloaded again, never resubmitted.
+    forgotten = [key for key, (_job, outs) in jobs.items() if outs and outs[0].sha256 is None]
+    assert forgotten and all(jobs[key][0].state == S.DOWNLOADING for key in forgotten)
+    submits = sim.calls["submit"]
+    monkeypatch.undo()
+    again = await app.run(options(tmp_path, sim, path, flush_every=0.01))
+    assert again.counts == {"b": {"succeeded": 3}}
+    submitted_before = sum(job.request_id is not None for job, _outs in jobs.values())
+    assert sim.calls["submit"] == submits + (3 - submitted_before)  # none of them twice
+    await check_outputs_match(sim, work)

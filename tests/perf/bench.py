@@ -385,6 +385,20 @@ def _filesystem(path: Path) -> str:
     return kind
 
 
+def _create_cost(work: Path, n: int = 1000) -> float:
+    """Microseconds to create and write one small file in ``work``. On this development machine's
+    shared disk the same call has been seen to cost 20 times more in some folders than in others
+    (and for a while after thousands of files were deleted nearby): the figure says which kind
+    of folder a run got."""
+    probe = work / "create-probe"
+    probe.mkdir()
+    data = b"x" * 2000
+    t = time.perf_counter()
+    for i in range(n):
+        (probe / f"{i}.mp4").write_bytes(data)
+    return (time.perf_counter() - t) / n * 1e6
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
@@ -405,6 +419,8 @@ def main() -> int:
     print(f"batchgen benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, scratch {work} "
           f"({_filesystem(work)})"
           + ("  [--quick: sizes too small to mean anything]" if q else ""))
+    print(f"creating a small file in the scratch folder takes {_create_cost(work):.0f} us here (a healthy "
+          "local disk: 20-40 us; far more and both sides of section 1 are mostly file creation)")
     rep = Report()
     try:
         if "overhead" in only:
