@@ -32,7 +32,7 @@ import aiohttp
 
 from . import constants as C
 from . import crashpoints
-from .durability import fsync_dir
+from .durability import fsync_dir, hash_file
 from .errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ T = TypeVar("T")
 
 _DEFAULT_EXT = {"video": ".mp4", "image": ".png"}
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 
 
 @dataclass(frozen=True)
@@ -342,21 +340,11 @@ def _finish(fh: BinaryIO, part: str, dest: str, pending: bytearray, digest: Any)
     """The sha256 of a complete .part file, after making it durable under its final name."""
     _close_part(fh, part, pending, discard=False)
     if digest is None:
-        digest = _hash_file(part)
+        digest = hash_file(part)
     _publish(part, dest)
     return digest.hexdigest()
-
-
-def _hash_file(path: str) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest
 
 
 def _publish(part: str, dest: str) -> None:
     os.replace(part, dest)
     fsync_dir(os.path.dirname(dest) or ".")
-
-

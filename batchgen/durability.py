@@ -114,19 +114,21 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def hash_file(path: str) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
 def file_intact(path: str, size: int | None, sha256: str | None) -> bool:
     """Whether ``path`` holds exactly the bytes recorded for it (size first: after a crash a
     file the kernel had not written back is usually missing or empty)."""
     try:
-        if os.stat(path).st_size != size:
-            return False
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        return os.stat(path).st_size == size and hash_file(path).hexdigest() == sha256
     except OSError:
         return False
-    return digest.hexdigest() == sha256
 
 
 Key = tuple[int, int]  # (job id, output idx)
@@ -179,7 +181,11 @@ class Flusher:
         try:
             await asyncio.get_running_loop().run_in_executor(self._files, make_durable, list(batch.values()))
         except Exception as exc:  # noqa: BLE001 - the caller decides what becomes of the files
-            await self._on_failure(keys, exc)
+            try:
+                await self._on_failure(keys, exc)
+            except Exception as also:  # noqa: BLE001 - nobody awaits a periodic flush: say it here
+                log.error("a flush of %d file(s) failed (%s), and so did handling it: %s",
+                          len(keys), exc, also)
             return
         try:
             await self._mark(keys)
