@@ -155,6 +155,7 @@ class Flusher:
         self._every = every
         self._pending: dict[Key, str] = {}
         self._task: asyncio.Task[None] | None = None
+        self._soon: asyncio.Future[None] | None = None
         self._flushing: asyncio.Future[None] | None = None
 
     def add(self, key: Key, path: str) -> None:
@@ -169,6 +170,12 @@ class Flusher:
         if self._pending:
             self._flushing = asyncio.ensure_future(self._flush())
             await asyncio.shield(self._flushing)
+
+    def flush_soon(self) -> None:
+        """Flush what was handed in now, in the background. A syncfs waits for every dirty page
+        of the file system, other programs' too, so nothing that starts a run awaits one."""
+        if self._pending and (self._soon is None or self._soon.done()):
+            self._soon = asyncio.ensure_future(self.flush())
 
     async def _run(self) -> None:
         while self._pending:
@@ -199,6 +206,8 @@ class Flusher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._soon is not None:  # a flush asked for at once: let it finish, like any other
+            await asyncio.gather(self._soon, return_exceptions=True)
         if self._flushing is not None:
             await asyncio.gather(self._flushing, return_exceptions=True)
 

@@ -360,16 +360,16 @@ class Runner:
     async def _check_unflushed(self) -> None:
         """Outputs recorded before their files were flushed (durability.py), in every batch of
         the store, not only this run's. Under this boot the page cache still holds them (an
-        earlier run was killed, or ended before its next flush): they are flushed now. Under an
-        earlier boot the machine went down first, so each file is checked, and one that is gone
-        or damaged is forgotten: its job goes back to downloading (this run downloads it if the
-        job is in one of its batches; nothing is resubmitted)."""
+        earlier run was killed, or ended before its next flush): they are flushed now, in the
+        background. Under an earlier boot the machine went down first, so each file is checked,
+        and one that is gone or damaged is forgotten: its job goes back to downloading (this run
+        downloads it if the job is in one of its batches; nothing is resubmitted)."""
         unflushed = await self.store.unsynced_outputs()
         earlier = [(job, out) for job, out, boot in unflushed if boot != BOOT_ID]
         for job, out, boot in unflushed:
             if boot == BOOT_ID:
                 self._flusher.add((job.id, out.idx), os.path.join(self._workdir, out.path or ""))
-        await self._flusher.flush()
+        self._flusher.flush_soon()  # while the run goes on; its end waits for it
         if not earlier:
             return
         intact = await asyncio.get_running_loop().run_in_executor(self._file_threads, lambda: [

@@ -81,9 +81,14 @@ async def test_the_flusher_flushes_what_was_handed_in_then_marks_it(tmp_path, mo
     flusher.add((4, 0), "d")
     await flusher.flush()  # at once, not at the end of the period
     assert flushed[-1] == ["d"] and marked[-1] == [(4, 0)]
+    flusher.add((6, 0), "f")
+    flusher.flush_soon()  # at once too, without waiting for it
+    assert flushed[-1] == ["d"]
+    await asyncio.sleep(0.01)
+    assert flushed[-1] == ["f"] and marked[-1] == [(6, 0)]
     flusher.add((5, 0), "e")
     await flusher.close()  # a run ending before the next flush: the file keeps its mark
-    assert flushed[-1] == ["d"] and flusher.pending == 1
+    assert flushed[-1] == ["f"] and flusher.pending == 1
 
 
 async def test_a_failed_flush_never_marks_its_files_and_says_so(tmp_path, monkeypatch):
