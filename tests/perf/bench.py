@@ -297,19 +297,34 @@ def makespan(rep: Report, work: Path, n: int, c: int, d: float) -> dict[str, flo
 
 
 def naive(rep: Report, work: Path, n: int, c: int, d: float, ours: dict[str, float]) -> None:
-    section(f"3. Against a naive script: gather + semaphore({c}) + poll every 1s, same batch")
-    with SimProcess(duration=d, concurrency=c) as sim:
-        hand = run_hand_loop(sim, work / "naive", n, c, poll=1.0)
-        calls = sim.calls()
-        reqs = sim.requests()["requests"]
-    hand_calls = calls["status"] + calls["result"]
-    rep.figure("naive script wall time", f"{hand.wall:.1f}s = {phases(hand, reqs)}")
+    section(f"3. Against a naive script: gather + semaphore({c}) + poll every 1s, same batch; "
+            "best of 2 alternating runs each")
+    # Both finish within a couple of percent of the bound, so one run each would let a
+    # neighbour's burst on this shared machine decide "no worse". The order is batchgen (the run
+    # of section 2), naive, batchgen, naive: alternating, as in section 1.
+    hands: list[tuple[Usage, int, list[dict[str, Any]]]] = []
+    runs = [ours]
+    for i in range(2):
+        with SimProcess(duration=d, concurrency=c) as sim:
+            hand = run_hand_loop(sim, work / f"naive-{i}", n, c, poll=1.0)
+            calls = sim.calls()
+            hands.append((hand, calls["status"] + calls["result"], sim.requests()["requests"]))
+        if i == 0:
+            with SimProcess(duration=d, concurrency=c) as sim:
+                again = run_batchgen(sim, work / "makespan-again", n, c)
+                calls = sim.calls()
+            runs.append({"wall": again.wall, "calls": calls["status"] + calls["result"]})
+    hand, hand_calls, reqs = min(hands, key=lambda h: h[0].wall)
+    best = min(runs, key=lambda r: r["wall"])
+    rep.figure("naive script wall time (best run)", f"{hand.wall:.1f}s = {phases(hand, reqs)}")
     rep.figure("naive script: makespan, status + result calls",
-               f"{hand.wall:.1f}s, {hand_calls} ({hand_calls / n:.2f}/job)")
+               f"{hand.wall:.1f}s, {hand_calls} ({hand_calls / n:.2f}/job); runs "
+               + ", ".join(f"{h[0].wall:.1f}s" for h in hands))
     rep.figure("batchgen: makespan, status + result calls",
-               f"{ours['wall']:.1f}s, {ours['calls']:.0f} ({ours['calls'] / n:.2f}/job)")
-    rep.target("batchgen makespan ÷ naive script's", ours["wall"] / hand.wall, 1.0, ".3f")
-    rep.target("batchgen status + result calls ÷ naive script's", ours["calls"] / hand_calls, 1 / 3, ".3f")
+               f"{best['wall']:.1f}s, {best['calls']:.0f} ({best['calls'] / n:.2f}/job); runs "
+               + ", ".join(f"{r['wall']:.1f}s" for r in runs))
+    rep.target("batchgen makespan ÷ naive script's", best["wall"] / hand.wall, 1.0, ".3f")
+    rep.target("batchgen status + result calls ÷ naive script's", best["calls"] / hand_calls, 1 / 3, ".3f")
 
 
 def scale(rep: Report, work: Path, rows: int) -> None:
