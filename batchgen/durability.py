@@ -122,11 +122,14 @@ def hash_file(path: str) -> hashlib._Hash:
     return digest
 
 
-def file_intact(path: str, size: int | None, sha256: str | None) -> bool:
+def file_intact(path: str, size: int | None, sha256: str | None, *, digest: bool = True) -> bool:
     """Whether ``path`` holds exactly the bytes recorded for it (size first: after a crash a
-    file the kernel had not written back is usually missing or empty)."""
+    file the kernel had not written back is usually missing or empty). ``digest=False``: the
+    size alone (enough while the page cache that holds the file is the one that wrote it)."""
     try:
-        return os.stat(path).st_size == size and hash_file(path).hexdigest() == sha256
+        if os.stat(path).st_size != size:
+            return False
+        return not digest or hash_file(path).hexdigest() == sha256
     except OSError:
         return False
 
@@ -142,12 +145,12 @@ class Flusher:
     Nothing waits for a flush: a run that ends first leaves its last files marked, and the next
     run either finds the page cache intact (same boot) or checks them (see the module).
 
-    A flush that fails calls ``on_failure`` with its files, which are never marked as flushed:
-    Linux reports a write-back error once, so a second flush would succeed while the bytes that
-    failed are still not on disk. Recording the flush failed is the caller's job."""
+    A flush that fails calls ``on_failure`` with its files ({key: path}), which are never marked
+    as flushed: Linux reports a write-back error once, so a second flush would succeed while the
+    bytes that failed are still not on disk. Recording that is the caller's job."""
 
     def __init__(self, mark: Callable[[list[Key]], Awaitable[None]],
-                 on_failure: Callable[[list[Key], Exception], Awaitable[None]],
+                 on_failure: Callable[[dict[Key, str], Exception], Awaitable[None]],
                  files: Executor | None = None, every: float = C.FLUSH_EVERY):
         self._mark = mark
         self._on_failure = on_failure
@@ -184,16 +187,18 @@ class Flusher:
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, {}
-        keys = list(batch)
         try:
             await asyncio.get_running_loop().run_in_executor(self._files, make_durable, list(batch.values()))
         except Exception as exc:  # noqa: BLE001 - the caller decides what becomes of the files
             try:
-                await self._on_failure(keys, exc)
+                await self._on_failure(batch, exc)
             except Exception as also:  # noqa: BLE001 - nobody awaits a periodic flush: say it here
                 log.error("a flush of %d file(s) failed (%s), and so did handling it: %s",
-                          len(keys), exc, also)
+                          len(batch), exc, also)
             return
+        # A key handed in again meanwhile is a newer file, which this flush may have missed: its
+        # mark stays for the next one.
+        keys = [key for key in batch if key not in self._pending]
         try:
             await self._mark(keys)
         except Exception as exc:  # noqa: BLE001 - the marks stay: the files are checked again

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import heapq
 import itertools
 import logging
@@ -253,6 +254,9 @@ class Runner:
                                                 thread_name_prefix="batchgen-files")
         self._flusher = Flusher(self.store.mark_synced, self._flush_failed, self._file_threads,
                                 self.s.flush_every)
+        # Files a flush failed on ({(job id, idx): path}), forgotten once the run's tasks are done.
+        self._unflushable: dict[tuple[int, int], str] = {}
+        self._flush_error: StoreError | None = None
 
         self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
         self._tiebreak = itertools.count()
@@ -330,9 +334,12 @@ class Runner:
             if self._fatal is not None:
                 raise self._fatal
         finally:
-            if own_dl and self._dl_session is not None:
-                await self._dl_session.close()
-            await asyncio.shield(self._flusher.close())  # a flush still under way needs its thread
+            try:
+                if own_dl and self._dl_session is not None:
+                    await self._dl_session.close()
+            finally:
+                await asyncio.shield(self._flusher.close())  # a flush under way needs its thread
+                await self._forget_unflushable()
             self._file_threads.shutdown(wait=True)  # all tasks are done: nothing is waiting
             self._summary.elapsed = time.monotonic() - started
             self._summary.api_calls = dict(self.client.calls)
@@ -360,30 +367,34 @@ class Runner:
     async def _check_unflushed(self) -> None:
         """Outputs recorded before their files were flushed (durability.py), in every batch of
         the store, not only this run's. Under this boot the page cache still holds them (an
-        earlier run was killed, or ended before its next flush): they are flushed now, in the
-        background. Under an earlier boot the machine went down first, so each file is checked,
-        and one that is gone or damaged is forgotten: its job goes back to downloading (this run
-        downloads it if the job is in one of its batches; nothing is resubmitted)."""
+        earlier run was killed, or ended before its next flush): each file that is still there,
+        at its size, is flushed, in the background. Under an earlier boot the machine went down
+        first, so each file is checked against its size and sha256. A file that is gone or
+        damaged is forgotten: its job goes back to downloading (this run downloads it if the job
+        is in one of its batches; nothing is resubmitted)."""
         unflushed = await self.store.unsynced_outputs()
-        earlier = [(job, out) for job, out, boot in unflushed if boot != BOOT_ID]
-        for job, out, boot in unflushed:
-            if boot == BOOT_ID:
-                self._flusher.add((job.id, out.idx), os.path.join(self._workdir, out.path or ""))
-        self._flusher.flush_soon()  # while the run goes on; its end waits for it
-        if not earlier:
+        if not unflushed:
             return
-        intact = await asyncio.get_running_loop().run_in_executor(self._file_threads, lambda: [
-            file_intact(os.path.join(self._workdir, out.path or ""), out.size, out.sha256)
-            for _job, out in earlier])
-        good = [(job.id, out.idx) for (job, out), ok in zip(earlier, intact, strict=True) if ok]
-        if good:
-            await self.store.mark_synced(good)
-        lost = [(job.id, out.idx) for (job, out), ok in zip(earlier, intact, strict=True) if not ok]
+        paths = [os.path.join(self._workdir, out.path or "") for _job, out, _boot in unflushed]
+        fine = await asyncio.get_running_loop().run_in_executor(self._file_threads, lambda: [
+            file_intact(path, out.size, out.sha256, digest=boot != BOOT_ID)
+            for path, (_job, out, boot) in zip(paths, unflushed, strict=True)])
+        checked, lost = [], []
+        for path, (job, out, boot), ok in zip(paths, unflushed, fine, strict=True):
+            if not ok:
+                lost.append((job.id, out.idx))
+            elif boot == BOOT_ID:
+                self._flusher.add((job.id, out.idx), path)
+            else:
+                checked.append((job.id, out.idx))
+        self._flusher.flush_soon()  # while the run goes on; its end waits for it
+        if checked:
+            await self.store.mark_synced(checked)
         if lost:
-            await self._forget_outputs(lost, "was lost when the machine restarted before it reached "
-                                       "the disk; downloading it again")
-            self._emit("note", None, f"{len(lost)} output file(s) lost in a restart of the machine "
-                       "before they reached the disk: downloading them again")
+            await self._forget_outputs(lost, "was missing or damaged (the machine restarted before "
+                                       "it reached the disk, or it was removed); downloading it again")
+            self._emit("note", None, f"{len(lost)} output file(s) missing or damaged since they were "
+                       "written, before they reached the disk: their jobs are downloading again")
 
     async def _forget_outputs(self, keys: list[tuple[int, int]], why: str) -> None:
         """Forget the files of outputs (job id, idx): one write per job, read afresh (a job with
@@ -395,18 +406,40 @@ class Runner:
             job = await self.store.job(job_id)
             await self.store.output_lost(job, idxs, f"output {', '.join(map(str, idxs))} {why}")
 
-    async def _flush_failed(self, keys: list[tuple[int, int]], exc: Exception) -> None:
+    async def _flush_failed(self, files: dict[tuple[int, int], str], exc: Exception) -> None:
         """The disk refused to flush these files. They may never reach it, and Linux reports such
-        an error only once (a later flush would look fine): their outputs are forgotten, to be
-        downloaded again, and the run stops, since every further file would go to the same disk."""
+        an error only once (a later flush would look fine), so they must not be trusted: the run
+        stops (every further file would go to the same disk), and once every task is done their
+        outputs are forgotten, to be downloaded again (_forget_unflushable). Not here: a download
+        still running could meanwhile record a job's last output and call the job succeeded."""
+        self._unflushable.update(files)
+        if self._flush_error is None:
+            self._flush_error = StoreError(f"cannot flush downloaded files to disk: {exc}")
+        if self._fatal is None:
+            self._fatal = self._flush_error
+        self.stop("error")
+
+    async def _forget_unflushable(self) -> None:
+        if not self._unflushable:
+            return
+        files, self._unflushable = self._unflushable, {}
+        err = self._flush_error
+        assert err is not None
         try:
-            await self._forget_outputs(keys, f"could not be flushed to disk ({exc}); downloading it again")
-        finally:
-            if self._fatal is None:
-                self._fatal = StoreError(
-                    f"cannot flush downloaded files to disk: {exc} ({len(keys)} output file(s) "
-                    "will be downloaded again by the next run)")
-            self.stop("error")
+            await self._forget_outputs(list(files), "could not be flushed to disk; downloading it again")
+            what = f"{len(files)} output file(s) will be downloaded again by the next run"
+        except Exception as exc:  # noqa: BLE001 - the store is likely on the same failing disk
+            # The files keep this boot's marks, which a run under this boot trusts if the files
+            # are there at their size: remove them, so that it fetches them again instead.
+            for path in files.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            what = (f"recording that failed too ({exc}); their {len(files)} file(s) were removed, "
+                    "so the next run downloads them again")
+        # The same exception object, whichever path raises it (it may be on its way already).
+        err.args = (f"{err.args[0]} ({what})",)
+        if self._fatal is not err:  # another error stopped the run first and is the one raised
+            log.error("%s", err)
 
     async def _wait_until_done(self, submit_loop: asyncio.Task[Any]) -> None:
         while True:

@@ -54,6 +54,7 @@ def test_file_intact_compares_size_and_digest(tmp_path):
     assert not file_intact(str(f), 7, digest)  # cut short (or the record is of another file)
     f.write_bytes(b"abcdeX")
     assert not file_intact(str(f), 6, digest)  # same length, other bytes
+    assert file_intact(str(f), 6, digest, digest=False)  # the size alone
     f.unlink()
     assert not file_intact(str(f), 6, digest)
 
@@ -118,7 +119,7 @@ async def test_a_failed_flush_never_marks_its_files_and_says_so(tmp_path, monkey
     await asyncio.sleep(0.1)
     # Linux reports a write-back error once: a second syncfs would succeed with the bytes still
     # not on disk, so the files of a failed flush are handed back, never flushed again and marked.
-    assert failed == [([(1, 0)], "[Errno 5] syncfs: Input/output error")]
+    assert failed == [({(1, 0): str(tmp_path / "f")}, "[Errno 5] syncfs: Input/output error")]
     assert marked == [] and len(calls) == 1 and flusher.pending == 0
     await flusher.close()
 
@@ -155,8 +156,9 @@ async def test_small_outputs_are_recorded_unflushed_then_marked_by_the_flush(sim
     out = await app.run(options(tmp_path, sim, path, flush_every=60))  # the run ends before it
     assert out.counts == {"b": {"succeeded": 4}}
     assert set(unsynced(tmp_path / "work").values()) == {BOOT_ID}
-    # The next run (same boot: the page cache holds the files) trusts them, downloads none of
-    # them again, and flushes them before anything else, even with nothing else to do.
+    # The next run (same boot: the page cache holds the files) trusts them once it has seen
+    # them at their size, downloads none of them again, and flushes them, even with nothing else
+    # to do (in the background: the run's end waits for it).
     downloads = sim.calls["download"]
     again = await app.run(options(tmp_path, sim, path, flush_every=60))
     assert again.summary.submitted == 0 and sim.calls["download"] == downloads
@@ -203,7 +205,7 @@ async def test_files_a_restart_lost_are_downloaded_again_and_nothing_is_resubmit
     for key, states in histories.items():
         after = states[states.index(S.SUCCEEDED) + 1:]  # what the second run did to the job
         assert after == ([S.DOWNLOADING, S.SUCCEEDED] if key in (gone, empty, garbled) else []), states
-    assert any("3 output file(s) lost in a restart" in e.message for e in events)
+    assert any("3 output file(s) missing or damaged" in e.message for e in events)
 
 
 @pytest.mark.parametrize("sql", [S.UNSYNCED_SQL.format(where="WHERE batch IN ('b')"),
@@ -282,4 +284,72 @@ async def test_a_disk_that_refuses_a_flush_stops_the_run_and_loses_nothing(simul
     assert again.counts == {"b": {"succeeded": 3}}
     submitted_before = sum(job.request_id is not None for job, _outs in jobs.values())
     assert sim.calls["submit"] == submits + (3 - submitted_before)  # none of them twice
+    await check_outputs_match(sim, work)
+
+
+async def test_a_start_does_not_wait_for_the_flush_of_earlier_files(simulator, tmp_path, monkeypatch):
+    import threading
+
+    sim = await simulator(concurrency=2, duration=0.05)
+    await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 2), flush_every=60))
+    release = threading.Event()
+    real = durability.make_durable
+    monkeypatch.setattr(durability, "make_durable", lambda paths: (release.wait(10), real(paths)))
+    run = asyncio.ensure_future(app.run(options(tmp_path, sim, manifest(tmp_path, sim, 4), flush_every=60)))
+    # A syncfs waits for every dirty page of the file system, other programs' too: the new jobs
+    # are submitted while the flush of the earlier run's files is still under way.
+    for _ in range(500):
+        if sim.calls["submit"] == 4 or run.done():
+            break
+        await asyncio.sleep(0.01)
+    assert sim.calls["submit"] == 4 and not run.done()  # the run's end waits for the flush
+    release.set()
+    await run
+    assert set(unsynced(tmp_path / "work").values()) <= {None, BOOT_ID}
+    assert all(v is None for k, v in unsynced(tmp_path / "work").items() if k[0] <= 2)
+
+
+async def test_a_file_gone_under_this_boot_is_downloaded_again(simulator, tmp_path):
+    sim = await simulator(concurrency=4, duration=0.05)
+    work = tmp_path / "work"
+    path = manifest(tmp_path, sim, 2)
+    await app.run(options(tmp_path, sim, path, flush_every=60))
+    gone = sorted((work / "b").iterdir())[0]
+    gone.unlink()  # removed before its flush (by a failing earlier run, or by hand)
+    downloads = sim.calls["download"]
+    again = await app.run(options(tmp_path, sim, path, flush_every=60))
+    assert again.counts == {"b": {"succeeded": 2}} and sim.calls["download"] == downloads + 1
+    await check_outputs_match(sim, work)
+
+
+async def test_when_forgetting_unflushable_files_fails_too_they_are_removed(simulator, tmp_path, monkeypatch):
+    if durability._syncfs is None:
+        pytest.skip("no syncfs on this platform")
+
+    def refusing(fd):
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    async def store_fails_too(self, job, idxs, why):  # the store is on the same failing disk
+        raise S.StoreError("disk I/O error")
+
+    sim = await simulator(concurrency=1, duration=0.1)
+    work = tmp_path / "work"
+    path = manifest(tmp_path, sim, 3)
+    monkeypatch.setattr(durability, "_syncfs", refusing)
+    monkeypatch.setattr(S.Store, "output_lost", store_fails_too)
+    with pytest.raises(S.StoreError, match=r"recording that failed too .*were removed"):
+        await app.run(options(tmp_path, sim, path, flush_every=0.01))
+    # Their marks still say "this boot": a run under this boot trusts a marked file that is
+    # there at its size, so the files themselves were removed, and the next run fetches them.
+    marks = unsynced(work)
+    assert BOOT_ID in marks.values()
+    jobs = await outputs_by_job(work)
+    assert any(not (work / outs[0].path).exists() for _job, outs in jobs.values() if outs and outs[0].path)
+    monkeypatch.undo()
+    submits = sim.calls["submit"]
+    again = await app.run(options(tmp_path, sim, path, flush_every=0.01))
+    assert again.counts == {"b": {"succeeded": 3}}
+    submitted_before = sum(job.request_id is not None for job, _outs in jobs.values())
+    assert sim.calls["submit"] == submits + (3 - submitted_before)
     await check_outputs_match(sim, work)
