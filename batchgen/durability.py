@@ -8,8 +8,9 @@ an output is recorded with the id of the running boot (``unsynced_boot``) and ha
 and then clears the mark. At the next run's start, outputs still marked by an *earlier* boot
 (the machine went down before their flush) are checked against their recorded size and sha256:
 a file the restart lost or cut short is downloaded again (the job's result is kept: nothing is
-submitted or paid twice). Outputs marked by the current boot need no check: the page cache
-still holds them.
+submitted or paid twice). Outputs marked by the current boot are only looked for at their
+size (the page cache still holds what was written; a file removed since is fetched again) and
+flushed.
 
 Waiting for each file to reach the disk before recording it cost a fast batch a tenth of its
 speed (the flushes stall the creation of the next files), for a failure that a check at start
