@@ -725,14 +725,14 @@ class Store:
 
 # Outputs first, through their partial index (a handful of rows however large the store), then
 # each one's job: a plan that scanned the batch's jobs would cost every start a full pass.
+_UNSYNCED_FROM = "FROM outputs o INDEXED BY outputs_unsynced CROSS JOIN jobs ON jobs.id = o.job_id "
 UNSYNCED_SQL = (
     f"SELECT {_JOB_COLUMNS}, o.idx, o.kind, o.url, o.path, o.size, o.sha256, o.unsynced_boot "
-    "FROM outputs o INDEXED BY outputs_unsynced CROSS JOIN jobs ON jobs.id = o.job_id "
-    "{where} AND o.unsynced_boot IS NOT NULL ORDER BY o.job_id, o.idx"
+    + _UNSYNCED_FROM + "{where} AND o.unsynced_boot IS NOT NULL ORDER BY o.job_id, o.idx"
 )
 UNSYNCED_BATCHES_SQL = (
-    "SELECT DISTINCT jobs.batch FROM outputs o INDEXED BY outputs_unsynced "
-    "CROSS JOIN jobs ON jobs.id = o.job_id WHERE o.unsynced_boot IS NOT NULL ORDER BY jobs.batch"
+    "SELECT DISTINCT jobs.batch " + _UNSYNCED_FROM
+    + "WHERE o.unsynced_boot IS NOT NULL ORDER BY jobs.batch"
 )
 
 

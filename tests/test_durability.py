@@ -145,6 +145,11 @@ async def test_a_close_during_a_flush_waits_for_it(monkeypatch):
     assert marked == [[(1, 0)]]
 
 
+def _refusing_syncfs(fd):  # a disk that refuses the write-back, as syncfs(2) reports it
+    ctypes.set_errno(errno.EIO)
+    return -1
+
+
 def unsynced(workdir) -> dict[tuple[int, int], str | None]:
     with sqlite3.connect(workdir / "batchgen.sqlite3") as db:
         return {(j, i): b for j, i, b in db.execute("SELECT job_id, idx, unsynced_boot FROM outputs")}
@@ -263,15 +268,10 @@ async def test_a_job_that_lost_several_outputs_gets_them_all_back(simulator, tmp
 async def test_a_disk_that_refuses_a_flush_stops_the_run_and_loses_nothing(simulator, tmp_path, monkeypatch):
     if durability._syncfs is None:
         pytest.skip("no syncfs on this platform")
-
-    def refusing(fd):
-        ctypes.set_errno(errno.EIO)
-        return -1
-
     sim = await simulator(concurrency=1, duration=0.1)  # one at a time: flushes come between jobs
     work = tmp_path / "work"
     path = manifest(tmp_path, sim, 3)
-    monkeypatch.setattr(durability, "_syncfs", refusing)
+    monkeypatch.setattr(durability, "_syncfs", _refusing_syncfs)
     with pytest.raises(S.StoreError, match="cannot flush downloaded files to disk: .*Input/output error"):
         await app.run(options(tmp_path, sim, path, flush_every=0.01))
     jobs = await outputs_by_job(work)
@@ -325,18 +325,13 @@ async def test_a_file_gone_under_this_boot_is_downloaded_again(simulator, tmp_pa
 async def test_when_forgetting_unflushable_files_fails_too_they_are_removed(simulator, tmp_path, monkeypatch):
     if durability._syncfs is None:
         pytest.skip("no syncfs on this platform")
-
-    def refusing(fd):
-        ctypes.set_errno(errno.EIO)
-        return -1
-
     async def store_fails_too(self, job, idxs, why):  # the store is on the same failing disk
         raise S.StoreError("disk I/O error")
 
     sim = await simulator(concurrency=1, duration=0.1)
     work = tmp_path / "work"
     path = manifest(tmp_path, sim, 3)
-    monkeypatch.setattr(durability, "_syncfs", refusing)
+    monkeypatch.setattr(durability, "_syncfs", _refusing_syncfs)
     monkeypatch.setattr(S.Store, "output_lost", store_fails_too)
     with pytest.raises(S.StoreError, match=r"recording that failed too .*were removed"):
         await app.run(options(tmp_path, sim, path, flush_every=0.01))
