@@ -23,6 +23,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -135,10 +136,11 @@ class PollPlanner:
     """When to poll a job next: learns how long jobs take and polls just after the expected finish.
 
     Before any job has finished it polls on a growing interval (first_delay, then a quarter of
-    the time the job has been out, within [min, max]), except for one "scout" job, polled from
-    10 ms on, a quarter more each time: it costs a few calls per run and learns the duration of
-    quick jobs in milliseconds instead of a second (Runner then re-plans every job waiting for
-    its first poll). Once it knows the median time the provider takes
+    the time the job has been out, within [min, max]), except for the first SCOUTS jobs out,
+    polled from 10 ms on, a quarter more each time, each scout offset from the others (see
+    scout_delay): they cost a few hundred calls per run and notice the first finish within a few
+    percent of its duration, instead of within a quarter (Runner then re-plans every job waiting
+    for its first poll). Once it knows the median time the provider takes
     (its own created_at -> finished_at, so our polling lag does not inflate it), it polls a hair
     after that moment, then, if the job is late, every twentieth of it. Polls from the expected
     finish on go to /result (see Runner._poll): most jobs then cost one call, and a finished job
@@ -163,10 +165,20 @@ class PollPlanner:
         mid = self._sorted[n // 2]
         self.expected = mid if n % 2 else (self._sorted[n // 2 - 1] + mid) / 2
 
-    def scout_delay(self, elapsed: float) -> float:
-        """Next poll of the scout, while no duration is known: SCOUT_FIRST_POLL, then a quarter
-        of the time it has been out."""
-        return min(self.s.max_poll_interval, max(C.SCOUT_FIRST_POLL, elapsed / 4))
+    @staticmethod
+    def scout_phase(slot: int) -> float:
+        """The phase of scout number ``slot``: the SCOUTS phases spread evenly over [0, 1)."""
+        return slot / C.SCOUTS
+
+    def scout_delay(self, elapsed: float, phase: float = 0.0) -> float:
+        """Next poll of a scout, while no duration is known: the first moment after ``elapsed``
+        of SCOUT_FIRST_POLL × SCOUT_GROWTH^(k + phase), k = 0, 1, ... Moments, not intervals
+        from the last answer: each answer's round trip would otherwise push the scouts' polls
+        together, and it is their being spread that makes them notice a finish promptly."""
+        first, growth = C.SCOUT_FIRST_POLL, math.log(C.SCOUT_GROWTH)
+        k = 0 if elapsed < first else math.floor(math.log(elapsed / first) / growth - phase) + 1
+        target = first * math.exp((k + phase) * growth)
+        return min(self.s.max_poll_interval, max(0.0, target - elapsed))
 
     def next_delay(self, elapsed: float) -> float:
         expected = self.expected
@@ -261,7 +273,9 @@ class Runner:
         self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
         self._tiebreak = itertools.count()
         self._remote: dict[int, Job] = {}  # jobs at the provider, by id
-        self._scout: int | None = None  # the job polled early while no duration is known
+        # The jobs polled early while no duration is known, by id: their slot (0..SCOUTS-1),
+        # which sets their phase (PollPlanner.scout_delay).
+        self._scouts: dict[int, int] = {}
         # Jobs holding one of the provider's slots: from their submit until the provider says
         # they are finished (which can be before their result is fetched and recorded).
         self._holding: set[int] = set()
@@ -359,6 +373,7 @@ class Runner:
             self.slots.used += 1
             self._holding.add(job.id)
             self._remote[job.id] = job
+            self._enlist_scout(job)
             self._schedule(job, now)
         await self._check_unflushed()
         for job in await self.store.jobs(self._batches, [S.DOWNLOADING]):
@@ -621,8 +636,7 @@ class Runner:
         self._remote[job.id] = job
         self._holding.add(job.id)
         self._emit(S.IN_QUEUE, job, f"submitted as {request_id}")
-        if self.planner.expected is None and self._scout not in self._remote:
-            self._scout = job.id
+        self._enlist_scout(job)
         self._schedule(job, now + self._poll_delay(job, 0.0))
 
     async def _submit_failed(self, job: Job, exc: BaseException) -> None:
@@ -749,11 +763,17 @@ class Runner:
             return
         self._schedule(job, now + self._poll_delay(job, elapsed))
 
+    def _enlist_scout(self, job: Job) -> None:
+        """Make ``job`` a scout if no duration is known yet and a scout's slot is free."""
+        if self.planner.expected is None and len(self._scouts) < C.SCOUTS:
+            self._scouts[job.id] = min(set(range(C.SCOUTS)) - set(self._scouts.values()))
+
     def _poll_delay(self, job: Job, elapsed: float) -> float:
         """How long until ``job``'s next poll: the scout's early schedule while no duration is
         known, the planner's otherwise."""
-        if job.id == self._scout and self.planner.expected is None:
-            return self.planner.scout_delay(elapsed)
+        slot = self._scouts.get(job.id)
+        if slot is not None and self.planner.expected is None:
+            return self.planner.scout_delay(elapsed, self.planner.scout_phase(slot))
         return self.planner.next_delay(elapsed)
 
     async def _on_result(self, job: Job, result: Result) -> None:
@@ -836,12 +856,16 @@ class Runner:
 
     def _leave_provider(self, job: Job) -> None:
         self._remote.pop(job.id, None)
-        if job.id == self._scout and self.planner.expected is None:
-            # It left without teaching a duration (failed at once, timed out): scout with another,
-            # one not waiting out a backoff or a Retry-After.
-            self._scout = next((j for j in self._remote if j not in self._poll_failures), None)
-            soon = time.time() + self.planner.scout_delay(0.0)
-            self._bring_forward(lambda j: soon if j.id == self._scout else None)
+        if self._scouts.pop(job.id, None) is not None and self.planner.expected is None:
+            # It left without teaching a duration (failed at once, timed out): another job takes
+            # its place, one not scouting yet nor waiting out a backoff or a Retry-After.
+            heir = next((j for j in self._remote.values()
+                         if j.id not in self._scouts and j.id not in self._poll_failures), None)
+            if heir is not None:
+                self._enlist_scout(heir)
+                now = time.time()
+                due = now + self._poll_delay(heir, now - (heir.submitted_at or now))
+                self._bring_forward(lambda j: due if j.id == heir.id else None)
         self._free_slot(job)
 
     def _free_slot(self, job: Job) -> None:

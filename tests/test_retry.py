@@ -204,6 +204,37 @@ def test_poll_planner_median_follows_the_window():
     assert planner.expected == statistics.median(recent)
 
 
+def test_scouts_poll_on_their_own_schedule_and_together_finely():
+    import math
+
+    from batchgen import constants as C
+    from batchgen.runner import PollPlanner, RunSettings
+
+    planner = PollPlanner(RunSettings())
+    schedules = []
+    for slot in range(C.SCOUTS):
+        phase = planner.scout_phase(slot)
+        elapsed, moments = 0.0, []
+        while elapsed < 20.0:
+            # Each answer arrives some way after its poll (up to 20 ms here): the next poll is
+            # still the scout's next moment, not an interval counted from the answer.
+            elapsed += planner.scout_delay(elapsed, phase)
+            moments.append(elapsed)
+            elapsed += 0.02 * ((len(moments) * 7 + slot) % 5) / 4
+        schedules.append(moments)
+        expected = [C.SCOUT_FIRST_POLL * C.SCOUT_GROWTH ** (k + phase) for k in range(200)]
+        assert all(any(math.isclose(m, e, rel_tol=1e-9) for e in expected) for m in moments), slot
+        assert moments[0] == pytest.approx(C.SCOUT_FIRST_POLL * C.SCOUT_GROWTH ** phase)
+    # Alone, each scout polls a quarter later each time (from 10 ms: about 30 polls to 20 s) ...
+    assert all(len(m) <= 1 + math.log(20.0 / C.SCOUT_FIRST_POLL, C.SCOUT_GROWTH) for m in schedules)
+    # ... together they poll every 2.8% of the time out, so a finish after 0.5 s is seen within
+    # 2.8% of its time.
+    together = sorted(m for moments in schedules for m in moments if m > 0.5)
+    assert max(b / a for a, b in zip(together, together[1:])) < 1.029
+    # The schedule is capped like any other poll interval.
+    assert planner.scout_delay(1000.0, 0.5) == RunSettings().max_poll_interval
+
+
 async def test_slots_wait_wake_and_forget_a_cancelled_waiter():
     import asyncio
 

@@ -439,9 +439,9 @@ async def test_result_polling_never_fails_a_job_that_is_still_running(tmp_path, 
 
 
 async def test_a_scout_learns_the_duration_so_the_first_jobs_are_not_held(simulator, tmp_path):
-    # Before any job has finished, jobs are first polled after first_poll_delay (5 s here); one
-    # scout job is polled from 50 ms on instead, and once it has taught how long jobs take (0.1 s)
-    # every other job's first poll is brought forward. Without the scout this run takes > 5 s.
+    # Before any job has finished, jobs are first polled after first_poll_delay (5 s here); the
+    # scouts are polled from 10 ms on instead, and once one has taught how long jobs take (0.1 s)
+    # every other job's first poll is brought forward. Without the scouts this run takes > 5 s.
     sim = await simulator(concurrency=4, duration=0.1)
     started = time.monotonic()
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 8),
@@ -449,8 +449,10 @@ async def test_a_scout_learns_the_duration_so_the_first_jobs_are_not_held(simula
     assert out.counts == {"b": {"succeeded": 8}}
     assert time.monotonic() - started < 3.0
     calls = sim.requests()["calls"]
-    # The scout's few polls are the only extra calls: about one status or result call per job.
-    assert calls["status"] + calls["result"] <= 8 + 10
+    # The scouts' polls are the only extra calls. Each polls at most at 10 ms x 1.25^k, k = 0, 1,
+    # ..., until it is seen finished: 0.1 s out, plus up to 0.1 s in the simulator's queue (it runs
+    # 4 at a time) is k <= 14, for at most C.SCOUTS (8) scouts.
+    assert calls["status"] + calls["result"] <= 8 + 8 * 15
 
 
 async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
@@ -470,7 +472,7 @@ async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
             for job in jobs:
                 runner._remote[job.id] = job
             scout, waiting, throttled, fresh = jobs
-            runner._scout = scout.id
+            runner._scouts = {scout.id: 0}
             await runner._poll_failed(throttled, RateLimitError("HTTP 429", status=429, retry_after=30.0))
             runner._schedule(waiting, now + 5.0)  # planned before any duration was known
             runner._schedule(fresh, now + 5.0)
@@ -479,7 +481,7 @@ async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
                 return next(when for when, _, jid in runner._heap if jid == job.id) - time.time()
 
             runner._leave_provider(scout)  # the scout fails: another job takes over ...
-            assert runner._scout == waiting.id and due(waiting) < 0.5 and due(throttled) > 25
+            assert runner._scouts == {waiting.id: 0} and due(waiting) < 0.5 and due(throttled) > 25
             done = Result("r0", "succeeded", [], None, None, "2026-01-01T00:00:00Z",
                           "2026-01-01T00:00:00.300Z")
             runner._observe_duration(scout, done, time.time())  # ... and a duration is learned
