@@ -189,15 +189,21 @@ class PollPlanner:
             # A quarter more each time: a few more polls of the first jobs, in exchange for
             # noticing the first finishes (which teach the expected duration) promptly.
             return min(hi, max(lo, elapsed / 4))
-        # Our submitted_at is taken when the answer arrives, after the provider's clock started,
-        # so a job of exactly the expected duration is done by then: the margin only absorbs jitter.
-        margin = max(C.POLL_MARGIN_MIN, expected * 0.002)
         if elapsed <= 0 or elapsed < expected:
             # elapsed <= 0: the first poll of a job just submitted, even when jobs are so quick
             # that the expected duration is 0 (the "late" interval below is for a job that
             # was asked about and had not finished).
-            return min(hi, max(0.0, expected - elapsed) + margin)
+            return self.until_expected(elapsed)
         return min(hi, max(0.05, expected * 0.05))
+
+    def until_expected(self, elapsed: float) -> float:
+        """Delay until a hair after the expected finish of a job out for ``elapsed`` seconds (0
+        if that is past): its first poll once a duration is known. Needs ``expected``."""
+        assert self.expected is not None
+        # Our submitted_at is taken when the answer arrives, after the provider's clock started,
+        # so a job of exactly the expected duration is done by then: the margin only absorbs jitter.
+        margin = max(C.POLL_MARGIN_MIN, self.expected * 0.002)
+        return min(self.s.max_poll_interval, max(0.0, self.expected - elapsed) + margin)
 
 
 def local_file_resolver(publish: Callable[[str], str] | None) -> InputResolver:
@@ -831,13 +837,15 @@ class Runner:
 
     def _replan(self) -> None:
         """The first duration is known: bring forward every poll planned without it (the first
-        polls were planned a whole first_poll_delay out), to just after each job's expected end."""
+        polls were planned a whole first_poll_delay out), to just after each job's expected end,
+        which for jobs out longer than that is now: the first wave finishes together, and each
+        of its jobs is probably done once one is seen done."""
         now = time.time()
 
         def due(job: Job) -> float | None:
             if job.id in self._poll_failures:
                 return None  # waiting out a backoff or a Retry-After on purpose
-            return now + self.planner.next_delay(max(0.0, now - (job.submitted_at or now)))
+            return now + self.planner.until_expected(max(0.0, now - (job.submitted_at or now)))
 
         self._bring_forward(due)
 
