@@ -194,6 +194,7 @@ class RunComfyClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         # Built once: a dict per call is measurable at thousands of calls a second.
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._limit = limit
         # Paces every call (the run's --rate); None: no limit. Set by the runner.
         self.limiter = limiter
@@ -224,8 +225,13 @@ class RunComfyClient:
 
     # ---- endpoints -----------------------------------------------------------------------------
 
-    async def submit(self, model_id: str, inputs: dict[str, Any]) -> Submitted:
-        body = await self._call("submit", "POST", f"/models/{model_path(model_id)}", json_body=inputs)
+    async def submit(self, model_id: str, inputs: dict[str, Any] | str) -> Submitted:
+        """``inputs``: a dict, or the same already encoded as JSON text."""
+        path = f"/models/{model_path(model_id)}"
+        if isinstance(inputs, str):
+            body = await self._call("submit", "POST", path, json_text=inputs)
+        else:
+            body = await self._call("submit", "POST", path, json_body=inputs)
         request_id = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(request_id, str) or not request_id:
             # A 200 without a request id: the job may exist, and we cannot find it. Unknown.
@@ -280,17 +286,21 @@ class RunComfyClient:
     # ---- transport -----------------------------------------------------------------------------
 
     async def _call(
-        self, what: str, method: str, path: str, *, json_body: Any = None,
+        self, what: str, method: str, path: str, *, json_body: Any = None, json_text: str | None = None,
     ) -> dict[str, Any]:
-        """``path``: already escaped, with its query string if any."""
+        """``path``: already escaped, with its query string if any. The body, if any: a value to
+        send as JSON (``json_body``), or JSON text (``json_text``)."""
         session = self._ensure_session()
         if self.limiter is not None:
             await self.limiter.take()
         self.calls[what] += 1
         url = URL(self.base_url + path, encoded=True)
+        data, headers = None, self._headers
+        if json_text is not None:
+            data, headers = json_text.encode(), self._json_headers
         try:
             async with session.request(
-                method, url, json=json_body, headers=self._headers, allow_redirects=False
+                method, url, json=json_body, data=data, headers=headers, allow_redirects=False
             ) as resp:
                 raw = await resp.read()
         except aiohttp.ClientConnectorError as exc:

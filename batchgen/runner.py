@@ -620,8 +620,12 @@ class Runner:
     async def _submit(self, job: Job) -> None:
         self._unsent.pop(job.id, None)  # from here on, the request may reach the server
         try:
-            inputs = self._resolve(job.inputs)
-            sub = await self.client.submit(job.model_id, inputs)
+            if job.inputs_json is not None and "file://" not in job.inputs_json:
+                # Nothing to resolve: the recorded JSON text is the body (no decode, copy and
+                # encode of the inputs per submit).
+                sub = await self.client.submit(job.model_id, job.inputs_json)
+            else:
+                sub = await self.client.submit(job.model_id, self._resolve(job.inputs))
         except (APIError, UsageError) as exc:
             await asyncio.shield(self._submit_failed(job, exc))
             return

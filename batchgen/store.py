@@ -121,12 +121,15 @@ class Job:
     submitted_at: float | None
     started_at: float | None
     finished_at: float | None
+    # ``inputs`` as recorded: JSON text, which a submit sends as it is (None: not read from the
+    # store, as in a job built by hand).
+    inputs_json: str | None = None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Job:
         (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest) = row
         return cls(id_, batch, key, seq, model_id, source, json.loads(inputs_json),
-                   json.loads(meta_json), *rest)
+                   json.loads(meta_json), *rest, inputs_json=inputs_json)
 
 
 @dataclass

@@ -68,6 +68,26 @@ async def test_submit_sends_token_and_escaped_path(server):
                     "body": {"prompt": "x"}}
 
 
+async def test_submit_sends_recorded_json_text_as_it_is(server):
+    # The runner sends a job's inputs as recorded (JSON text): byte for byte, as JSON.
+    seen = {}
+
+    async def submit(request):
+        seen["type"] = request.headers.get("Content-Type")
+        seen["raw"] = await request.read()
+        seen["auth"] = request.headers.get("Authorization")
+        return web.json_response({"request_id": "r1"})
+
+    app = web.Application()
+    app.router.add_post("/v1/models/{tail:.*}", submit)
+    url = await server(app)
+    text = '{"image_urls":["https://x/a.png"],"prompt":"caf\u00e9 ☕","seed":7}'
+    async with RunComfyClient(url, "tok") as client:
+        sub = await client.submit("m", text)
+    assert sub.request_id == "r1"
+    assert seen == {"type": "application/json", "raw": text.encode(), "auth": "Bearer tok"}
+
+
 async def test_error_with_http_200_is_an_error(server):
     async def handler(request):
         return web.json_response({"error_code": 400004, "error_message": "token revoked"})
