@@ -42,6 +42,9 @@ SCOUT_FIRST_POLL = 0.01
 SCOUT_GROWTH = 1.25
 SCOUTS = 8
 MIN_POLL_INTERVAL = 0.25
+# The longest a download waits for the submits claimed before it (runner._submits_first). Only a
+# backstop: they are normally on their way within milliseconds.
+SUBMITS_FIRST_MAX = 0.25
 # The least a job is polled after its expected finish (runner.PollPlanner.next_delay). It only
 # matters for jobs under a second (longer ones get 0.2% of their duration); for those, each
 # millisecond of it is a millisecond a concurrency slot is held for nothing.

@@ -290,6 +290,10 @@ class Runner:
         self._submits: set[asyncio.Task[Any]] = set()
         self._timers: set[asyncio.Task[Any]] = set()  # not work: they do not keep the run alive
         self._unsent: dict[int, Job] = {}  # claimed ('submitting') but not yet handed to the client
+        # Submits go before downloads (_submits_first): a claim in flight, and the downloads
+        # waiting for it and its jobs' submits to be on their way.
+        self._claiming = False
+        self._after_submits: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         # Why submitting ended (max_jobs, balance, deadline, interrupted, error), and whether the
         # run should also stop following jobs now (an interrupt) rather than finish them.
@@ -487,6 +491,7 @@ class Runner:
             await self.store.transition(job, S.PENDING, expect=(S.SUBMITTING,),
                                         attempts=max(0, job.attempts - 1), detail="claimed but not sent")
             self._unsent.pop(job.id, None)
+        self._let_downloads_go()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, *loops, return_exceptions=True)
@@ -588,7 +593,13 @@ class Runner:
             # never-sent jobs back to pending.
             claim = asyncio.ensure_future(self._claim(want))
             self._track(claim, submit=True)
-            jobs = await asyncio.shield(claim)
+            self._claiming = True
+            try:
+                jobs = await asyncio.shield(claim)
+            finally:
+                self._claiming = False
+                if not self._unsent:  # nothing claimed (else its submits let the downloads go)
+                    self._let_downloads_go()
             for _ in range(want - len(jobs)):
                 self.slots.release()
             if not jobs:
@@ -609,6 +620,31 @@ class Runner:
                 self.budget.started(job.id)  # committed from the moment it may be sent
                 self._spawn(self._submit(job), submit=True)
 
+    async def _submits_first(self) -> None:
+        """Wait, if a claim is in flight or claimed jobs are not yet sent, until they are (at most
+        SUBMITS_FIRST_MAX). Downloads call this first. Jobs of one wave finish together, and
+        the event loop is then the bottleneck: a download's request, file and record done first
+        would hold up the submits that refill the slots just freed, which is the provider's time
+        and the batch's makespan (measured: 20 ms against 40 ms from a job's finish to the next
+        submit into its slot). The download merely moves a few milliseconds later."""
+        # A slot freed just now wakes the submit loop: its turn (the claim) comes first.
+        await asyncio.sleep(0)
+        if not self._claiming and not self._unsent:
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._after_submits.append(fut)
+        backstop = loop.call_later(C.SUBMITS_FIRST_MAX, _resolve, fut)
+        try:
+            await fut
+        finally:
+            backstop.cancel()
+
+    def _let_downloads_go(self) -> None:
+        waiting, self._after_submits = self._after_submits, []
+        for fut in waiting:
+            _resolve(fut)
+
     async def _claim(self, n: int) -> list[Job]:
         jobs = await self.store.claim_many(self._batches, time.time(), n)
         for job in jobs:
@@ -619,6 +655,8 @@ class Runner:
 
     async def _submit(self, job: Job) -> None:
         self._unsent.pop(job.id, None)  # from here on, the request may reach the server
+        if not self._unsent and not self._claiming:
+            self._let_downloads_go()
         try:
             if job.inputs_json is not None and "file://" not in job.inputs_json:
                 # Nothing to resolve: the recorded JSON text is the body (no decode, copy and
@@ -798,6 +836,7 @@ class Runner:
         self._summary.spent_usd = self.budget.spent
         if result.status == "succeeded" and result.outputs:
             self._leave_provider(job)
+            await self._submits_first()
             outputs = [Output(job.id, idx, kind, url, None, None, None)
                        for idx, (kind, url) in enumerate(result.outputs)]
             if len(outputs) == 1 and not self._dl_sem.locked():
@@ -1035,6 +1074,11 @@ class Runner:
     async def _output_lost(self, job: Job, exc: BatchgenError) -> None:
         await self.store.transition(job, S.FAILED, error=f"output could not be downloaded: {exc}")
         self._finished(job, str(exc))
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _parse_time(value: str) -> float:

@@ -455,6 +455,57 @@ async def test_a_scout_learns_the_duration_so_the_first_jobs_are_not_held(simula
     assert calls["status"] + calls["result"] <= 8 + 8 * 15
 
 
+async def test_a_download_waits_for_the_submits_claimed_before_it(tmp_path, monkeypatch):
+    # When jobs finish together, the submits that refill their slots go first: a download
+    # waits while a claim is in flight or claimed jobs are unsent, and no longer.
+    import asyncio
+
+    from batchgen import constants as C
+    from batchgen.client import RunComfyClient
+    from batchgen.runner import Runner
+
+    async with await Store.open(tmp_path / "s.sqlite3") as store:
+        async with RunComfyClient("http://127.0.0.1:9", "t") as client:  # never called here
+            runner = Runner(store, client, tmp_path, settings())
+
+            async def settled(task, turns=20):
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                return task.done()
+
+            # Nothing being submitted: a download goes at once.
+            assert await settled(asyncio.ensure_future(runner._submits_first()), turns=2)
+
+            # A claim in flight, then its job claimed but unsent: the download waits ...
+            runner._claiming = True
+            waiting = asyncio.ensure_future(runner._submits_first())
+            assert not await settled(waiting)
+            job = S.Job(1, "b", "k1", 1, "m", "s", {}, {}, S.SUBMITTING, 1, None, None, None,
+                        None, None, None, 0, 0, None, None, None)
+            runner._unsent[job.id] = job
+            runner._claiming = False
+            assert not await settled(waiting)
+            # ... until the submit takes the job (its request never ends here).
+            async def forever(*_):
+                await asyncio.Event().wait()
+
+            monkeypatch.setattr(client, "submit", forever)
+            submit = asyncio.ensure_future(runner._submit(job))
+            assert await settled(waiting, turns=3)
+            submit.cancel()
+            await asyncio.gather(submit, return_exceptions=True)
+
+            # A claim that finds nothing lets waiting downloads go as well: see _submit_loop.
+            # Whatever happens, a download waits SUBMITS_FIRST_MAX at most.
+            monkeypatch.setattr(C, "SUBMITS_FIRST_MAX", 0.05)
+            runner._claiming = True
+            started = time.monotonic()
+            await runner._submits_first()
+            assert 0.04 < time.monotonic() - started < 1.0
+            runner._claiming = False
+            runner._file_threads.shutdown()
+
+
 async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
     # Jobs throttled with Retry-After are polled no sooner than they were told, even when the
     # scout hands over or the first duration brings every other poll forward.
