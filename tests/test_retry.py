@@ -205,6 +205,7 @@ def test_poll_planner_median_follows_the_window():
 
 
 def test_scouts_poll_on_their_own_schedule_and_together_finely():
+    import itertools
     import math
 
     from batchgen import constants as C
@@ -230,7 +231,7 @@ def test_scouts_poll_on_their_own_schedule_and_together_finely():
     # ... together they poll every 2.8% of the time out, so a finish after 0.5 s is seen within
     # 2.8% of its time.
     together = sorted(m for moments in schedules for m in moments if m > 0.5)
-    assert max(b / a for a, b in zip(together, together[1:])) < 1.029
+    assert max(b / a for a, b in itertools.pairwise(together)) < 1.029
     # The schedule is capped like any other poll interval.
     assert planner.scout_delay(1000.0, 0.5) == RunSettings().max_poll_interval
 
