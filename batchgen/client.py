@@ -239,8 +239,10 @@ class RunComfyClient:
         return Submitted(request_id, body.get("status_url"), body.get("result_url"),
                          body.get("cancel_url"))
 
-    async def status(self, request_id: str) -> Status:
-        body = await self._call("status", "GET", f"/requests/{quote(request_id, safe='')}/status")
+    async def status(self, request_id: str, *, paced: bool = True) -> Status:
+        """``paced=False``: the caller has already taken this call's token from the limiter."""
+        body = await self._call("status", "GET", f"/requests/{quote(request_id, safe='')}/status",
+                                paced=paced)
         pos = body.get("queue_position")
         return Status(
             request_id=str(body.get("request_id") or request_id),
@@ -287,11 +289,12 @@ class RunComfyClient:
 
     async def _call(
         self, what: str, method: str, path: str, *, json_body: Any = None, json_text: str | None = None,
+        paced: bool = True,
     ) -> dict[str, Any]:
         """``path``: already escaped, with its query string if any. The body, if any: a value to
         send as JSON (``json_body``), or JSON text (``json_text``)."""
         session = self._ensure_session()
-        if self.limiter is not None:
+        if paced and self.limiter is not None:
             await self.limiter.take()
         self.calls[what] += 1
         url = URL(self.base_url + path, encoded=True)

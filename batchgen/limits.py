@@ -126,3 +126,18 @@ class TokenBucket:
             if wait > 0:
                 # Sleep holding the lock: the next caller's wait starts after ours, keeping order.
                 await asyncio.sleep(wait)
+
+    def try_take(self, reserve: float = 0.0) -> bool:
+        """Take a token now if one is spare: nobody is waiting for one, and ``reserve`` tokens
+        stay in the bucket after it. For requests that may be skipped (they are never queued)."""
+        if self.rate <= 0:
+            return True
+        if self._lock.locked():
+            return False
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens - 1.0 < reserve:
+            return False
+        self._tokens -= 1.0
+        return True

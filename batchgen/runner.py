@@ -178,6 +178,8 @@ class PollPlanner:
         first, growth = C.SCOUT_FIRST_POLL, math.log(C.SCOUT_GROWTH)
         k = 0 if elapsed < first else math.floor(math.log(elapsed / first) / growth - phase) + 1
         target = first * math.exp((k + phase) * growth)
+        if target <= elapsed:  # rounding in the log picked the moment we are at: the next one
+            target = first * math.exp((k + 1 + phase) * growth)
         return min(self.s.max_poll_interval, max(0.0, target - elapsed))
 
     def next_delay(self, elapsed: float) -> float:
@@ -766,6 +768,16 @@ class Runner:
         rid = job.request_id
         expected = self.planner.expected
         elapsed = time.time() - (job.submitted_at or time.time())
+        paced = True
+        limiter = self.client.limiter
+        if expected is None and job.id in self._scouts and limiter is not None:
+            # A scout's early polls are extras: under --rate they are made only on a spare token
+            # (nobody waiting, half the bucket left), so they never hold back a submit or another
+            # job's poll. A skipped moment is simply followed by the next.
+            if not limiter.try_take(reserve=limiter.burst / 2):
+                self._schedule(job, time.time() + self._poll_delay(job, elapsed))
+                return
+            paced = False
         try:
             result = None
             if expected is not None and elapsed >= expected:
@@ -787,7 +799,7 @@ class Runner:
             else:
                 # Not expected yet, or /result said something we cannot read as an answer
                 # either way: /status is the authority on whether a job has finished.
-                status = await self.client.status(rid)
+                status = await self.client.status(rid, paced=paced)
                 crashpoints.reached("status_answered")
                 if status.finished:
                     self._free_slot(job)

@@ -236,6 +236,23 @@ def test_scouts_poll_on_their_own_schedule_and_together_finely():
     assert planner.scout_delay(1000.0, 0.5) == RunSettings().max_poll_interval
 
 
+def test_scout_delay_is_never_zero_at_one_of_its_own_moments():
+    # At an elapsed time equal (in floating point) to a scout's moment, floor(log(...)) can
+    # round down to this very moment: its next poll must still be the next moment, not now.
+    from batchgen import constants as C
+    from batchgen.runner import PollPlanner, RunSettings
+
+    planner = PollPlanner(RunSettings(max_poll_interval=1e9))
+    zero = []
+    for slot in range(C.SCOUTS):
+        phase = planner.scout_phase(slot)
+        for k in range(60):
+            moment = C.SCOUT_FIRST_POLL * C.SCOUT_GROWTH ** (k + phase)
+            if planner.scout_delay(moment, phase) <= 0.0:
+                zero.append((slot, k))
+    assert not zero, f"{len(zero)} moments give a 0 delay, e.g. {zero[:5]}"
+
+
 async def test_slots_wait_wake_and_forget_a_cancelled_waiter():
     import asyncio
 

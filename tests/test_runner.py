@@ -379,6 +379,51 @@ async def test_rate_limit_spaces_api_calls():
     assert time.monotonic() - start < 0.1
 
 
+async def test_try_take_takes_only_a_spare_token():
+    import asyncio
+
+    from batchgen.limits import TokenBucket
+
+    bucket = TokenBucket(rate=1, burst=4)
+    assert [bucket.try_take(reserve=2) for _ in range(3)] == [True, True, False]  # 2 stay
+    assert [bucket.try_take() for _ in range(3)] == [True, True, False]
+    waiter = asyncio.ensure_future(bucket.take())  # queued for the next token
+    await asyncio.sleep(0.01)
+    bucket._tokens = 4.0
+    assert not bucket.try_take()  # someone is waiting: nothing is spare
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert TokenBucket(rate=0).try_take(reserve=100)
+
+
+async def test_under_a_rate_a_scout_polls_only_on_a_spare_token(tmp_path):
+    # A scout's early polls are extras: with the bucket short, its moment is skipped (no call, no
+    # token, the next moment planned); with tokens to spare, it polls (here the call fails:
+    # nothing listens on port 9, which is how we see that it was made).
+    from batchgen.client import RunComfyClient
+    from batchgen.limits import TokenBucket
+    from batchgen.runner import Runner
+
+    async with await Store.open(tmp_path / "s.sqlite3") as store:
+        async with RunComfyClient("http://127.0.0.1:9", "t") as client:
+            runner = Runner(store, client, tmp_path, settings(rate=10))
+            client.limiter = TokenBucket(rate=10, burst=10)
+            scout = _job(1, time.time())
+            runner._remote[scout.id] = scout
+            runner._enlist_scout(scout)
+            client.limiter._tokens = 5.0  # exactly half the bucket: nothing to spare above it
+            await runner._poll(scout)
+            assert client.calls["status"] == 0 and scout.id not in runner._poll_failures
+            assert [jid for _, _, jid in runner._heap] == [scout.id]
+            assert client.limiter._tokens == pytest.approx(5.0, abs=0.1)
+            runner._heap.clear()
+            client.limiter._tokens = 10.0
+            await runner._poll(scout)
+            assert client.calls["status"] == 1 and scout.id in runner._poll_failures
+            assert client.limiter._tokens == pytest.approx(9.0, abs=0.1)  # one token, not two
+            runner._file_threads.shutdown()
+
+
 async def test_interrupted_simulated_run_resumes_its_jobs(samples, tmp_path):
     """Under --simulate the simulator is started anew by each run; it keeps its jobs in the work
     directory, so a resumed run polls them as it would at the real service."""
@@ -504,6 +549,92 @@ async def test_a_download_waits_for_the_submits_claimed_before_it(tmp_path, monk
             assert 0.04 < time.monotonic() - started < 1.0
             runner._claiming = False
             runner._file_threads.shutdown()
+
+
+def _job(i, now):
+    return S.Job(i, "b", f"k{i}", i, "m", "s", {}, {}, S.IN_QUEUE, 1, f"r{i}", None, None,
+                 None, None, None, 0, 0, now - 0.5, None, None)
+
+
+async def test_eight_scouts_with_distinct_phases_and_a_heir_takes_the_free_slot(tmp_path):
+    # SCOUTS scouts, each with its own slot; a scout that leaves without teaching a duration
+    # hands its slot to the oldest job not scouting; the heap keeps one entry per job.
+    from batchgen import constants as C
+    from batchgen.client import RunComfyClient
+    from batchgen.runner import Runner
+
+    async with await Store.open(tmp_path / "s.sqlite3") as store:
+        async with RunComfyClient("http://127.0.0.1:9", "t") as client:
+            runner = Runner(store, client, tmp_path, settings(first_poll_delay=5.0))
+            now = time.time()
+            jobs = [_job(i, now) for i in range(C.SCOUTS + 2)]
+            for job in jobs:
+                runner._remote[job.id] = job
+                runner._enlist_scout(job)
+                runner._schedule(job, now + 5.0)
+            assert sorted(runner._scouts.values()) == list(range(C.SCOUTS))
+            assert set(runner._scouts) == {j.id for j in jobs[:C.SCOUTS]}
+            # a non-scout's first poll is the planner's; a scout's is its own moment
+            assert runner._poll_delay(jobs[-1], 0.0) == 5.0
+            assert runner._poll_delay(jobs[3], 0.0) < 0.02
+            # scout 3 leaves without teaching a duration: the oldest non-scout inherits slot 3
+            runner._leave_provider(jobs[3])
+            assert runner._scouts[jobs[C.SCOUTS].id] == 3
+            assert sorted(runner._scouts.values()) == list(range(C.SCOUTS))
+            assert sorted(jid for _, _, jid in runner._heap) == sorted(j.id for j in jobs)
+            runner._file_threads.shutdown()
+
+
+async def test_a_claim_that_finds_nothing_lets_a_waiting_download_go_at_once(tmp_path, monkeypatch):
+    # A claim that finds nothing to submit lets the downloads waiting for it go at once, not at
+    # the backstop.
+    from batchgen import constants as C
+    from batchgen.client import RunComfyClient
+    from batchgen.runner import Runner
+
+    monkeypatch.setattr(C, "SUBMITS_FIRST_MAX", 5.0)  # the backstop must not be what ends the wait
+    async with await Store.open(tmp_path / "s.sqlite3") as store:
+        async with RunComfyClient("http://127.0.0.1:9", "t") as client:
+            runner = Runner(store, client, tmp_path, settings())
+            runner._batches = ["b"]  # no such batch: every claim finds nothing
+            loop_task = asyncio.ensure_future(runner._submit_loop())
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert runner._claiming
+            started = time.monotonic()
+            await asyncio.wait_for(runner._submits_first(), 2.0)
+            assert time.monotonic() - started < 1.0
+            await asyncio.wait_for(loop_task, 5.0)
+            runner._file_threads.shutdown()
+
+
+async def test_runner_sends_the_recorded_text_and_downloads_wait_for_submits(simulator, tmp_path):
+    # Wired in: every submit sends the job's recorded JSON text, and every finished job's
+    # download first lets the submits ahead of it go.
+    sim = await simulator(concurrency=4, duration=0.05)
+    sent, waits = [], []
+
+    def on_runner(runner):
+        real_submit, real_wait = runner.client.submit, runner._submits_first
+
+        async def submit(model_id, inputs):
+            sent.append(inputs)
+            return await real_submit(model_id, inputs)
+
+        async def submits_first():
+            waits.append(1)
+            await real_wait()
+
+        runner.client.submit = submit
+        runner._submits_first = submits_first
+
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 6)), on_runner=on_runner)
+    assert out.counts == {"b": {"succeeded": 6}}
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        recorded = sorted(j.inputs_json for j in await store.jobs())
+    assert all(isinstance(x, str) for x in sent)
+    assert sorted(sent) == recorded
+    assert len(waits) == 6
 
 
 async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
