@@ -875,6 +875,11 @@ class Runner:
         self._finished(job, error)
 
     def _observe_duration(self, job: Job, result: Result, now: float) -> None:
+        if result.status != "succeeded":
+            # A job that failed (often at once: a refused input) or was cancelled says nothing
+            # of how long a job takes; learned, an instant failure would set the expected
+            # duration to 0 and every job out would be polled every 50 ms.
+            return
         # Prefer the provider's own timestamps: ours include polling lag.
         seconds = None
         try:

@@ -666,7 +666,11 @@ async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
             assert runner._scouts == {waiting.id: 0} and due(waiting) < 0.5 and due(throttled) > 25
             done = Result("r0", "succeeded", [], None, None, "2026-01-01T00:00:00Z",
                           "2026-01-01T00:00:00.300Z")
-            runner._observe_duration(scout, done, time.time())  # ... and a duration is learned
+            failed = Result("r0", "failed", [], "refused", None, "2026-01-01T00:00:00Z",
+                            "2026-01-01T00:00:00Z")
+            runner._observe_duration(scout, failed, time.time())  # an instant failure teaches
+            assert runner.planner.expected is None                # nothing of durations ...
+            runner._observe_duration(scout, done, time.time())  # ... a success does
             # The jobs have been out 0.5 s, longer than the 0.3 s learned: they are probably
             # done, and polled now, not after the interval of a job found unfinished (15 ms).
             assert due(fresh) < 0.01 and due(throttled) > 25
