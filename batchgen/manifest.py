@@ -81,8 +81,6 @@ class _Level:
     csv: bool = False
 
 
-# Canonical JSON (sorted keys, no spaces, text as is) for job keys and recorded inputs. One encoder
-# for all: json.dumps with options builds a new one per call, which a 100,000-job manifest feels.
 def _close_matches(word: str, candidates: list[str], n: int) -> list[str]:
     """difflib's suggestions, imported only when a manifest has a key to correct."""
     import difflib
@@ -90,6 +88,8 @@ def _close_matches(word: str, candidates: list[str], n: int) -> list[str]:
     return difflib.get_close_matches(word, candidates, n=n)
 
 
+# Canonical JSON (sorted keys, no spaces, text as is) for job keys and recorded inputs. One encoder
+# for all: json.dumps with options builds a new one per call, which a 100,000-job manifest feels.
 canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
