@@ -296,6 +296,9 @@ class Runner:
         # waiting for it and its jobs' submits to be on their way.
         self._claiming = False
         self._after_submits: list[asyncio.Future[None]] = []
+        # Jobs already at the provider when this run started: an earlier run may have fetched
+        # their result and kept a broken download's bytes (.part) before it was killed.
+        self._from_earlier_run: set[int] = set()
         self._wake = asyncio.Event()
         # Why submitting ended (max_jobs, balance, deadline, interrupted, error), and whether the
         # run should also stop following jobs now (an interrupt) rather than finish them.
@@ -385,6 +388,7 @@ class Runner:
             self.slots.used += 1
             self._holding.add(job.id)
             self._remote[job.id] = job
+            self._from_earlier_run.add(job.id)
             self._enlist_scout(job)
             self._schedule(job, now)
         await self._check_unflushed()
@@ -1025,7 +1029,10 @@ class Runner:
                     try:
                         got = await download(
                             self._dl_session, out.url, dest, self._file_threads,  # type: ignore[arg-type]
-                            resume=unrecorded is None,  # (a failed try records)
+                            # A fresh result's first try has no partial file to resume, unless
+                            # an earlier run was killed between keeping one and recording the
+                            # result (then it is resumed, and removed once the file is whole).
+                            resume=unrecorded is None or job.id in self._from_earlier_run,
                             before_streaming=record if unrecorded is not None else None,
                         )
                     except DownloadError as exc:

@@ -445,6 +445,33 @@ async def test_interrupted_simulated_run_resumes_its_jobs(samples, tmp_path):
     assert sum('"job"' in line for line in state) == 6  # each job submitted once, across both runs
 
 
+async def test_a_partial_file_left_by_a_killed_run_is_not_left_behind(simulator, tmp_path):
+    # A run killed after keeping a broken download's bytes (<key>.mp4.part) but before recording
+    # the result leaves the job at the provider's in the store. The next run fetches the result
+    # afresh: it must resume from (or replace) that partial file, and leave no .part behind.
+    sim = await simulator(concurrency=4, duration=0.3)
+    box = []
+
+    def on_event(event):
+        if event.kind == S.IN_QUEUE and box:
+            box[0].stop("interrupted")
+
+    path = manifest(tmp_path, sim, 1)
+    first = await app.run(options(tmp_path, sim, path), on_event=on_event, on_runner=box.append)
+    assert first.counts["b"].get(S.IN_QUEUE) == 1
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        (job,) = await store.jobs(["b"])
+    part = tmp_path / "work" / "b" / f"{job.key}.mp4.part"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    await asyncio.sleep(0.4)  # the job is done at the provider when the next run asks
+    media = await sim.media(sim.jobs[job.request_id].media_key)
+    part.write_bytes(media[:100])  # the first bytes, as a broken try keeps them
+    second = await app.run(options(tmp_path, sim, path))
+    assert second.counts == {"b": {"succeeded": 1}}
+    assert not list((tmp_path / "work").rglob("*.part"))
+    assert (tmp_path / "work" / "b" / f"{job.key}.mp4").read_bytes() == media
+
+
 class _ResultSaysLittleUntilDone(Simulator):
     """A provider whose /result, for an unfinished job, answers a status word batchgen does not
     know, or a 404: the protocol does not promise either never happens."""
