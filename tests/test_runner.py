@@ -567,8 +567,8 @@ async def test_a_download_waits_for_the_submits_claimed_before_it(tmp_path, monk
             submit.cancel()
             await asyncio.gather(submit, return_exceptions=True)
 
-            # A claim that finds nothing lets waiting downloads go as well: see _submit_loop.
-            # Whatever happens, a download waits SUBMITS_FIRST_MAX at most.
+            # Whatever happens, a download waits SUBMITS_FIRST_MAX at most (a claim that finds
+            # nothing releases it at once: the next test).
             monkeypatch.setattr(C, "SUBMITS_FIRST_MAX", 0.05)
             runner._claiming = True
             started = time.monotonic()
