@@ -604,8 +604,7 @@ class Runner:
                 jobs = await asyncio.shield(claim)
             finally:
                 self._claiming = False
-                if not self._unsent:  # nothing claimed (else its submits let the downloads go)
-                    self._let_downloads_go()
+                self._let_downloads_go_if_sent()  # nothing claimed, else its submits will
             for _ in range(want - len(jobs)):
                 self.slots.release()
             if not jobs:
@@ -635,7 +634,7 @@ class Runner:
         submit into its slot). The download merely moves a few milliseconds later."""
         # A slot freed just now wakes the submit loop: its turn (the claim) comes first.
         await asyncio.sleep(0)
-        if not self._claiming and not self._unsent:
+        if self._all_sent():
             return
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -645,6 +644,14 @@ class Runner:
             await fut
         finally:
             backstop.cancel()
+
+    def _all_sent(self) -> bool:
+        """No claim in flight, no claimed job waiting to be handed to the client."""
+        return not self._claiming and not self._unsent
+
+    def _let_downloads_go_if_sent(self) -> None:
+        if self._all_sent():
+            self._let_downloads_go()
 
     def _let_downloads_go(self) -> None:
         waiting, self._after_submits = self._after_submits, []
@@ -661,8 +668,7 @@ class Runner:
 
     async def _submit(self, job: Job) -> None:
         self._unsent.pop(job.id, None)  # from here on, the request may reach the server
-        if not self._unsent and not self._claiming:
-            self._let_downloads_go()
+        self._let_downloads_go_if_sent()
         try:
             if job.inputs_json is not None and "file://" not in job.inputs_json:
                 # Nothing to resolve: the recorded JSON text is the body (no decode, copy and
