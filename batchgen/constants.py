@@ -14,6 +14,15 @@ API_URL_ENV = "RUNCOMFY_API_URL"
 DEFAULT_WORKDIR = "jobs"
 STORE_FILENAME = "batchgen.sqlite3"
 LOCK_FILENAME = "batchgen.lock"
+# --simulate runs keep their own store and outputs in this folder of the work directory, so that a
+# simulated result is never taken for a real one, nor written over one (ARCHITECTURE.md, "Realms").
+SIMULATED_DIR = "simulated"
+# What the in-process simulator remembers across runs (simulator/server.py), in that folder.
+SIM_STATE_FILENAME = "simulator-state.jsonl"
+# How often, at most, a run checks that its store file is still the one it opened (a stat): a
+# store deleted under a run is noticed within this long, at its next write. Every claim checks
+# too, so nothing is submitted into a store that is gone.
+STORE_CHECK_EVERY = 0.5
 
 # Jobs in flight at the provider. RunComfy does not document an account limit; a handful is polite
 # and the adaptive cap (retry.py) finds the real one when 429s say so.

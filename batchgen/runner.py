@@ -538,7 +538,8 @@ class Runner:
             self._fatal = exc.__cause__ or exc
         elif self._fatal is None:
             # A bug or a store failure: stop the run rather than go on with a store we cannot trust.
-            log.error("internal error in a runner task", exc_info=exc)
+            # A store failure is said in one line (the run ends with it); a bug shows its traceback.
+            log.error("a runner task failed: %s", exc, exc_info=None if isinstance(exc, StoreError) else exc)
             self._fatal = exc
         self.stop("error")
 

@@ -50,7 +50,7 @@ def test_status_suggests_what_to_do_next(samples):
     cli("run", str(samples / "quickstart.yaml"), "--simulate")
     import sqlite3
 
-    with sqlite3.connect("jobs/batchgen.sqlite3") as db:
+    with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
         db.execute("UPDATE jobs SET state='unknown', error='lost' WHERE rowid IN (1, 2)")
         db.execute("UPDATE jobs SET state='failed', error='Generation failed' WHERE rowid = 3")
     out = cli("status").output
@@ -129,14 +129,14 @@ def test_other_models_run_end_to_end(tmp_path, model, field):
 
 
 def test_cancel_unknown_batch_is_a_usage_error(done):
-    result = cli("cancel", "nope")
+    result = cli("cancel", "nope", "--simulate")
     assert result.exit_code == 2 and "known: quickstart" in result.output
 
 
 def test_report_and_gallery_commands(done, tmp_path):
     out = tmp_path / "r.csv"
     result = cli("report", "quickstart", "-o", str(out))
-    assert result.exit_code == 0 and "6 job(s) of quickstart (6 succeeded)" in result.output
+    assert result.exit_code == 0 and "6 job(s) of quickstart, simulated (6 succeeded)" in result.output
     assert out.read_text().count("\n") == 7
     bad = cli("report", "quickstart", "-o", str(tmp_path / "r.txt"))
     assert bad.exit_code == 2 and ".csv, .json" in bad.output
