@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -142,3 +143,30 @@ def test_report_and_gallery_commands(done, tmp_path):
     assert bad.exit_code == 2 and ".csv, .json" in bad.output
     page = cli("gallery", "quickstart")
     assert page.exit_code == 0 and page.output.strip().endswith("quickstart/gallery.html")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_lost_store_is_refused_not_silently_recreated(done, samples, damage):
+    store = Path("jobs/simulated/batchgen.sqlite3")
+    if damage == "truncate":
+        store.write_bytes(b"")
+    else:
+        store.unlink()
+    again = cli("run", str(samples / "quickstart.yaml"), "--simulate")
+    assert again.exit_code == 70
+    said = again.output.replace("\n", " ")
+    assert ("is empty (0 bytes)" if damage == "truncate" else "is missing") in said
+    assert "quickstart/" in said and "batchgen.lock" in said  # what says earlier runs were here
+    assert "start over on purpose: rm -r jobs/simulated" in said
+    # Nothing was made of it: no new store, nothing submitted.
+    assert (store.stat().st_size == 0) if damage == "truncate" else not store.exists()
+    assert "submitted" not in said
+    # Reading commands do not give it a new schema either.
+    assert cli("status").exit_code == 70
+    assert (store.stat().st_size == 0) if damage == "truncate" else not store.exists()
+
+
+def test_a_work_directory_without_leftovers_gets_a_new_store(samples):
+    Path("jobs").mkdir()
+    Path("jobs/batchgen.toml").write_text("concurrency = 6\n")
+    assert cli("run", str(samples / "quickstart.yaml"), "--simulate").exit_code == 0
