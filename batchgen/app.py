@@ -26,7 +26,7 @@ from .runner import EventSink, Runner, RunSettings, RunSummary, local_file_resol
 from .schema import find_schema
 from .store import SIMULATOR_API, Store
 from .validate import ValidationResult, validate_manifest
-from .workdir import check_store, create_store, existing_store, realm
+from .workdir import check_store, create_store, existing_store, legacy_simulated, realm
 from .workdir import store_path as realm_store
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,8 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
     try:
         create_store(realm_store(folder))
         async with await Store.open(realm_store(folder), api=api) as store:
+            if not simulated:
+                await _forget_legacy_simulated(store, workdir)
             if manifest is not None:
                 await store.upsert_batch(
                     manifest.name, manifest.model_id, str(Path(opts.manifest).resolve()),
@@ -217,6 +219,23 @@ async def price_estimate(client: RunComfyClient, store: Store, batches: list[str
         if price is not None:
             prices.append(price)
     return max(prices) if prices else None
+
+
+async def _forget_legacy_simulated(store: Store, workdir: Path) -> None:
+    """A work directory of a batchgen that kept --simulate results in the API's store: the jobs
+    the simulator ran there are put back to pending, so that the API runs them (their
+    placeholder files are replaced as the API's results arrive). Once: the simulator's old state
+    file is then renamed."""
+    legacy = legacy_simulated(workdir)
+    if legacy is None:
+        return
+    path, ids = legacy
+    for job in await store.jobs():
+        if job.request_id in ids and job.api is None:
+            await store.requeue(job, "ran on the built-in simulator before batchgen kept simulated "
+                                     "results apart: to be run against the API", expect=S.STATES)
+            discard_partials(Path(workdir) / job.batch, job.key)
+    path.rename(path.with_name(path.name + ".forgotten"))
 
 
 async def _require_own_api(store: Store, batches: list[str], api: str) -> None:

@@ -633,13 +633,14 @@ class Store:
         ) as cur:
             return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
 
-    async def requeue(self, job: Job, detail: str) -> None:
-        """Put a finished job back to pending for a user-requested retry. Its history stays; its
-        request id, API, outputs and error are cleared so the next submit starts afresh."""
+    async def requeue(self, job: Job, detail: str, *, expect: Sequence[str] = TERMINAL) -> None:
+        """Put a finished job (one in ``expect``) back to pending for a user-requested retry. Its
+        history stays; its request id, API, outputs and error are cleared so the next submit
+        starts afresh."""
         async with self.atomic() as db:
             await db.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
             await self.transition(
-                job, PENDING, expect=TERMINAL, detail=detail, attempts=0, request_id=None,
+                job, PENDING, expect=expect, detail=detail, attempts=0, request_id=None,
                 queue_position=None, error=None, error_code=None, cost=None, not_before=None,
                 submitted_at=None, started_at=None, finished_at=None, api=None,
             )

@@ -15,6 +15,7 @@ is refused, and the message says how to start over on purpose.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -88,6 +89,24 @@ def existing_store(workdir: Path, simulated: bool) -> Path | None:
     if path.stat().st_size == 0:
         raise StoreError(f"the store {path} is empty (0 bytes): it was truncated; put it back from a backup")
     return path
+
+
+def legacy_simulated(workdir: Path) -> tuple[Path, set[str]] | None:
+    """Before simulated results were kept apart, --simulate runs shared the API's store, and the
+    in-process simulator kept its jobs in ``WORKDIR/simulator-state.jsonl``: that file, and the
+    request ids it gave (jobs of the API realm with one of them ran on the simulator), or None."""
+    path = Path(workdir) / C.SIM_STATE_FILENAME
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    ids = set()
+    for line in lines:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            ids.add(json.loads(line)["job"]["id"])
+    return path, ids
 
 
 def create_store(path: Path) -> None:

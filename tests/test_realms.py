@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import sqlite3
 import sys
 import time
 
@@ -153,3 +154,30 @@ async def test_a_restarted_simulator_replays_its_jobs_at_their_own_times(tmp_pat
             assert old["finished_at"] == pytest.approx(hour_ago + i + 2.0)
     finally:
         await sim.stop()
+
+
+async def test_simulated_jobs_of_an_older_batchgen_in_the_apis_store_are_run_against_the_api(
+        tmp_path, simulator):
+    """Before simulated results were kept apart, --simulate shared the API's store: the jobs the
+    simulator's saved state names are run again against the API, once."""
+    api = await simulator()
+    image = api.publish_file(make_image(tmp_path / "in.jpg", 640, 480))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: old\njobs:\n  - prompt: p\n    image: {image}\n  - prompt: q\n    image: {image}\n")
+    work = tmp_path / "work"
+    await app.run(app.RunOptions(workdir=work, manifest=manifest, target=app.Target(simulate=True),
+                                 settings=RunSettings(concurrency=2)))
+    # The layout of the older batchgen: everything in the work directory itself, no API recorded.
+    for entry in (work / "simulated").iterdir():
+        entry.rename(work / entry.name)
+    with sqlite3.connect(work / "batchgen.sqlite3") as db:
+        db.execute("UPDATE jobs SET api = NULL")
+    db.close()
+
+    opts = app.RunOptions(workdir=work, manifest=manifest, target=app.Target(api_url=api.base_url, token="t"),
+                          settings=RunSettings(concurrency=2))
+    done = await app.run(opts)
+    assert done.summary.submitted == 2 == api.calls["submit"]
+    assert done.counts == {"old": {"succeeded": 2}}
+    assert not (work / "simulator-state.jsonl").exists()
+    assert (await app.run(opts)).summary.submitted == 0
