@@ -8,13 +8,12 @@ import os
 import sqlite3
 import sys
 
-import yaml
-from imagefactory import make_image
+from conftest import image_manifest
 
 # --- store and work directory ---
 #
 # A real `batchgen run` subprocess against a real simulator on loopback, while the test deletes
-# files of its work directory under it.
+# a file of its work directory under it.
 
 
 async def _start_run(tmp_path, sim, manifest):
@@ -26,62 +25,50 @@ async def _start_run(tmp_path, sim, manifest):
     )
 
 
-def _manifest(tmp_path, sim, n=3):
-    url = sim.publish_file(make_image(tmp_path / "in.jpg", 640, 480))
-    path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "tamper", "defaults": {"image": url},
-        "jobs": [{"prompt": f"job {i}", "seed": i} for i in range(n)],
-    }))
-    return path
-
-
-async def _until_submitted(tmp_path, n):
-    """Wait until the running batch has ``n`` request ids in its store."""
+async def _remove_under_a_run(tmp_path, sim, name):
+    """Start a run of 3 jobs; once all are submitted, delete ``name`` from its work directory.
+    Returns the run (still going) and its manifest."""
+    manifest = image_manifest(tmp_path, sim, "tamper", 3)
+    proc = await _start_run(tmp_path, sim, manifest)
     store = tmp_path / "work" / "batchgen.sqlite3"
     for _ in range(400):
         await asyncio.sleep(0.025)
-        if not store.exists():
-            continue
         try:
             with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
-                got = db.execute("SELECT COUNT(*) FROM jobs WHERE request_id IS NOT NULL").fetchone()[0]
+                if db.execute("SELECT COUNT(*) FROM jobs WHERE request_id IS NOT NULL").fetchone()[0] == 3:
+                    break
         except sqlite3.Error:
             continue
-        if got >= n:
-            return
-    raise AssertionError("the run never submitted its jobs")
+    else:
+        raise AssertionError("the run never submitted its jobs")
+    (tmp_path / "work" / name).unlink()
+    return proc, manifest
+
+
+async def _ends(proc) -> tuple[int, str]:
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode, err.decode()
 
 
 async def test_a_store_deleted_under_a_run_stops_it_with_exit_70_and_is_not_recreated(tmp_path, simulator):
     sim = await simulator(duration=2.0)
-    manifest = _manifest(tmp_path, sim)
-    proc = await _start_run(tmp_path, sim, manifest)
-    await _until_submitted(tmp_path, 3)
-    (tmp_path / "work" / "batchgen.sqlite3").unlink()
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 70, err.decode()
-    assert "was deleted, replaced or emptied while this run was using it" in err.decode()
-    assert "Traceback" not in err.decode()
+    proc, manifest = await _remove_under_a_run(tmp_path, sim, "batchgen.sqlite3")
+    code, err = await _ends(proc)
+    assert code == 70, err
+    assert "was deleted, replaced or emptied while this run was using it" in err and "Traceback" not in err
     # The next run finds the work directory without its store: refused, nothing recreated, and
     # the jobs already paid for are not submitted again.
-    again = await _start_run(tmp_path, sim, manifest)
-    _, err = await asyncio.wait_for(again.communicate(), 30)
-    assert again.returncode == 70 and "is missing" in err.decode() and "start over on purpose" in err.decode()
+    code, err = await _ends(await _start_run(tmp_path, sim, manifest))
+    assert code == 70 and "is missing" in err and "start over on purpose" in err
     assert not (tmp_path / "work" / "batchgen.sqlite3").exists()
     assert sim.calls["submit"] == 3
 
 
 async def test_a_second_run_is_refused_though_the_lock_file_was_removed(tmp_path, simulator):
     sim = await simulator(duration=1.5)
-    manifest = _manifest(tmp_path, sim)
-    first = await _start_run(tmp_path, sim, manifest)
-    await _until_submitted(tmp_path, 3)
-    (tmp_path / "work" / "batchgen.lock").unlink()
-    second = await _start_run(tmp_path, sim, manifest)
-    _, err = await asyncio.wait_for(second.communicate(), 30)
-    assert second.returncode == 4, err.decode()
-    assert "another batchgen run holds" in err.decode()
-    _, err = await asyncio.wait_for(first.communicate(), 30)
-    assert first.returncode == 0, err.decode()
+    first, manifest = await _remove_under_a_run(tmp_path, sim, "batchgen.lock")
+    code, err = await _ends(await _start_run(tmp_path, sim, manifest))
+    assert code == 4 and "another batchgen run holds" in err, err
+    code, err = await _ends(first)
+    assert code == 0, err
     assert sim.calls["submit"] == 3
