@@ -913,15 +913,17 @@ class Runner:
             # of how long a job takes; learned, an instant failure would set the expected
             # duration to 0 and every job out would be polled every 50 ms.
             return
-        # Prefer the provider's own timestamps: ours include polling lag. Timestamps that put the
-        # finish before the start, or beyond what any job may take, are not believed.
+        # Prefer the provider's own timestamps: ours include polling lag. But the job ran within
+        # the time since we submitted it (a second's slack: timestamps may be whole seconds), so
+        # timestamps saying otherwise, or putting the finish first, are garbage.
+        ours = now - job.submitted_at if job.submitted_at else None
         seconds = None
         if result.created_at is not None and result.finished_at is not None:
             seconds = result.finished_at - result.created_at
-            if not 0 <= seconds <= (self.s.job_timeout or C.DEFAULT_JOB_TIMEOUT):
+            if not 0 <= seconds <= (math.inf if ours is None else ours + 1.0):
                 seconds = None
-        if seconds is None and job.submitted_at:
-            seconds = now - job.submitted_at
+        if seconds is None:
+            seconds = ours
         if seconds is not None:
             first = self.planner.expected is None
             self.planner.observe(seconds)
