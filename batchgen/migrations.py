@@ -138,13 +138,29 @@ async def m004_unsynced_outputs(db: aiosqlite.Connection) -> None:
     )
 
 
-async def m005_job_api(db: aiosqlite.Connection) -> None:
+async def m005_overdue_jobs_are_followed(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # 'timed_out' used to mean "given up" whatever the provider said to the cancel that came
+        # with it, so a job it could not cancel kept running, was billed, and was never downloaded
+        # (and `retry` submitted it again). Such jobs are 'overdue' now: followed by the next run,
+        # left alone by `retry`. Only the cancel's answer, kept in the error text, tells them from
+        # the jobs really cancelled at the provider, which stay 'timed_out' (safe to retry). The
+        # state change writes a history row (m002's trigger) saying why.
+        """UPDATE jobs SET state = 'overdue', updated_at = (julianday('now') - 2440587.5) * 86400.0,
+               detail = 'timed out but not cancelled at the provider: followed again (migration 5)'
+           WHERE state = 'timed_out' AND request_id IS NOT NULL
+             AND COALESCE(error, '') NOT LIKE '%(cancel: cancelled)'""",
+    )
+
+
+async def m006_job_api(db: aiosqlite.Connection) -> None:
     await _run(
         db,
         # The API a job was submitted to: "simulator" (the built-in one, --simulate) or the API's
         # base URL. Written with the claim, before the submit, so a job's request id and result
         # always come with the API they belong to; a request id means nothing to another API.
-        # NULL: not submitted yet, or submitted before batchgen kept track (this migration).
+        # NULL: not submitted yet, or submitted before batchgen kept track (migration 6).
         # Simulated and real jobs live in separate stores (ARCHITECTURE.md, "Realms"): within one
         # store the column lets a run refuse to follow, or count as done, another API's jobs.
         "ALTER TABLE jobs ADD COLUMN api TEXT",
@@ -152,7 +168,7 @@ async def m005_job_api(db: aiosqlite.Connection) -> None:
 
 
 MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger, m003_drop_unused_indexes,
-                               m004_unsynced_outputs, m005_job_api]
+                               m004_unsynced_outputs, m005_overdue_jobs_are_followed, m006_job_api]
 
 
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:
