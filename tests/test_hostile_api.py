@@ -294,7 +294,7 @@ async def _remove_under_a_run(tmp_path, sim, name):
     manifest = image_manifest(tmp_path, sim, "tamper", 3)
     proc = await _start_run(tmp_path, sim, manifest)
     store = tmp_path / "work" / "batchgen.sqlite3"
-    for _ in range(400):
+    for _ in range(1200):  # up to 30 s: a loaded machine starts Python slowly
         await asyncio.sleep(0.025)
         try:
             with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
@@ -309,7 +309,7 @@ async def _remove_under_a_run(tmp_path, sim, name):
 
 
 async def _ends(proc) -> tuple[int, str]:
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, err.decode()
 
 
@@ -328,7 +328,7 @@ async def test_a_store_deleted_under_a_run_stops_it_with_exit_70_and_is_not_recr
 
 
 async def test_a_second_run_is_refused_though_the_lock_file_was_removed(tmp_path, simulator):
-    sim = await simulator(duration=1.5)
+    sim = await simulator(duration=4.0)  # the first run outlasts the second one's start
     first, manifest = await _remove_under_a_run(tmp_path, sim, "batchgen.lock")
     code, err = await _ends(await _start_run(tmp_path, sim, manifest))
     assert code == 4 and "another batchgen run holds" in err, err
