@@ -138,6 +138,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # Job events are printed by the CLI itself; the library logger is for -v.
     logging.getLogger("batchgen").setLevel(level if verbose else logging.WARNING)
+    # The only aiohttp server of a run is a --simulate run's own simulator, which complains
+    # about every connection a stopping run leaves: noise, unless asked for.
+    logging.getLogger("aiohttp.server").setLevel(level if verbose else logging.CRITICAL)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
