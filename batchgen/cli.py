@@ -139,8 +139,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     # Job events are printed by the CLI itself; the library logger is for -v.
     logging.getLogger("batchgen").setLevel(level if verbose else logging.WARNING)
     # The only aiohttp server of a run is a --simulate run's own simulator, which complains
-    # about every connection a stopping run leaves: noise, unless asked for.
-    logging.getLogger("aiohttp.server").setLevel(level if verbose else logging.CRITICAL)
+    # about every connection a stopping run leaves: noise, but for -vv.
+    logging.getLogger("aiohttp.server").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -333,6 +333,8 @@ def _open_log_file(path: Path) -> IO[str]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by _RunView
+    except FileExistsError as exc:  # mkdir met a file where a folder should be
+        _fail(f"cannot open the log file {path}: {exc.filename} is a file, not a folder", EXIT_USAGE)
     except OSError as exc:
         _fail(f"cannot open the log file {path}: {exc.strerror or exc}", EXIT_USAGE)
 
