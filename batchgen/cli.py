@@ -131,11 +131,15 @@ class _LogFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+def _install_log_handler() -> None:
+    """Every command's log records (asyncio's and aiohttp's too) go through _LogFormatter."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     # Job events are printed by the CLI itself; the library logger is for -v.
     logging.getLogger("batchgen").setLevel(level if verbose else logging.WARNING)
     # The only aiohttp server of a run is a --simulate run's own simulator, which complains
@@ -156,6 +160,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
       batchgen run sample_manifests/quickstart.yaml --simulate
       batchgen status
     """
+    _install_log_handler()
     ctx.obj = {"config": config_path}
 
 
