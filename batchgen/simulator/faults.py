@@ -14,22 +14,28 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
 ``expire=30``          output URLs stop working 30 s after /result handed them out
 ``hostile_text=1``     every error message starts with a spreadsheet formula, terminal escapes
                        (colour, clear screen, an OSC 8 link, a title) and a NUL (HOSTILE_TEXT)
+``stuck=processing``    /status and /result answer this status word for every job, forever
+``garble.cost=1e400``  every /status and /result answer carries this raw JSON text as the field's
+                       value (``Infinity``, ``NaN``, ``18446744073709551616``, ``123``, ...)
 ``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
                        ``script.status``, ``script.result``, ``script.cancel``, ``script.download``
 =====================  =======================================================================
 
 Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``, ``truncate``
-(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403); ``slow``
-applies to downloads too.
+(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403), ``404``
+(RunComfy's 404001 "request not found", as a request id just handed out may get), ``badjson``
+(HTTP 200 with a body that is not JSON); ``slow`` applies to downloads too.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 
 ENDPOINTS = ("submit", "status", "result", "cancel", "download")
-OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire")
+OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire", "404",
+            "badjson")
 
 # What hostile_text puts before every error message: text that would act if printed or opened
 # as it is (a formula for spreadsheets; CSI, OSC and NUL for terminals and log tools).
@@ -55,6 +61,9 @@ class FaultConfig:
     truncate_rate: float = 0.0
     expire_after: float | None = None
     hostile_text: bool = False
+    stuck_status: str | None = None  # the status word every /status and /result answer says
+    # Field name -> raw JSON text put as that field's value in every /status and /result answer.
+    garble: dict[str, str] = field(default_factory=dict)
     script: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
@@ -74,6 +83,14 @@ class FaultConfig:
                 if bad:
                     raise ValueError(f"fault '{spec}': unknown outcome {bad[0]!r}; one of {', '.join(OUTCOMES)}")
                 cfg.script[endpoint] = steps
+            elif name.startswith("garble."):
+                try:
+                    json.loads(value)  # Python's reading: Infinity, NaN, 1e400 and huge ints pass
+                except ValueError:
+                    raise ValueError(f"fault '{spec}': '{value}' is not JSON text") from None
+                cfg.garble[name.removeprefix("garble.")] = value
+            elif name == "stuck":
+                cfg.stuck_status = value
             elif name == "retry_after":
                 if value.lower() == "none":
                     cfg.retry_after = None
@@ -93,8 +110,8 @@ class FaultConfig:
                     raise ValueError(f"fault '{spec}': a rate must be between 0 and 1")
                 setattr(cfg, _RATE_KEYS[name], rate)
             else:
-                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "hostile_text",
-                                     "script.ENDPOINT"])
+                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "hostile_text", "stuck",
+                                     "garble.FIELD", "script.ENDPOINT"])
                 raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
         return cfg
 
