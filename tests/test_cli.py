@@ -240,3 +240,20 @@ def test_a_crashed_runner_task_is_one_error_line(samples, verbose):
                       "(set BATCHGEN_TRACEBACK=1 for details)"], result.stderr
     assert "Traceback" not in result.stderr
     assert "Traceback" in crash(BATCHGEN_TRACEBACK="1").stderr
+
+
+def test_a_bug_outside_the_event_loop_is_one_error_line(done, monkeypatch):
+    from batchgen import cli as cli_module
+
+    def bug(counts):
+        raise KeyError("a bug while printing")
+
+    monkeypatch.setattr(cli_module, "_ordered", bug)  # status prints its counts through it
+    result = cli("status")
+    assert result.exit_code == 70
+    assert result.output.splitlines()[-1:] == [
+        "error: internal error: KeyError: 'a bug while printing' (set BATCHGEN_TRACEBACK=1 for details)"]
+    assert "Traceback" not in result.output
+    monkeypatch.setenv("BATCHGEN_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        cli("status")
