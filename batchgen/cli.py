@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -33,6 +33,7 @@ from .errors import (
 )
 from .progress import LineLog, Panel, stderr_is_tty
 from .runner import Event, RunSettings
+from .text import printable
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
 EXIT_OK = 0  # every job of the batch succeeded
@@ -45,6 +46,12 @@ EXIT_INTERNAL = 70  # a bug or an unusable store
 
 log = logging.getLogger("batchgen")
 
+max_expand_option = click.option(
+    "--max-expand", type=click.IntRange(1), default=C.DEFAULT_MAX_EXPAND, show_default=True,
+    help="Refuse a manifest that expands to more jobs than this (jobs x rows x matrix x repeat, "
+         "counted before expanding).",
+)
+
 workdir_option = click.option(
     "--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
     default=Path(C.DEFAULT_WORKDIR), show_default=True,
@@ -53,8 +60,23 @@ workdir_option = click.option(
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {printable(message, keep_newlines=True)}", err=True)
     sys.exit(code)
+
+
+def _show_tracebacks() -> bool:
+    """BATCHGEN_TRACEBACK=1: a developer wants Python's traceback rather than one line."""
+    return bool(os.environ.get("BATCHGEN_TRACEBACK"))
+
+
+def _fail_for(exc: Exception) -> NoReturn:
+    """One line and an exit code for an error that reached the top (or the traceback, if asked)."""
+    if _show_tracebacks():
+        raise exc
+    if isinstance(exc, BatchgenError):
+        _fail(str(exc), _exit_code_for(exc))
+    # A bug: still one line, with the way to see more.
+    _fail(f"internal error: {type(exc).__name__}: {exc} (set BATCHGEN_TRACEBACK=1 for details)", EXIT_INTERNAL)
 
 
 def _exit_code_for(exc: BaseException) -> int:
@@ -75,28 +97,57 @@ def _run_async(coro: Any) -> Any:
         return asyncio.run(coro)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED)
-    except BatchgenError as exc:
-        if os.environ.get("BATCHGEN_TRACEBACK"):
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line
+        _fail_for(exc)
+
+
+class _Group(click.Group):
+    """The command group, with a last net: whatever escapes a command (a bug outside the event
+    loop, a file that cannot be opened) is one line and an exit code, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        _fail(str(exc), _exit_code_for(exc))
-    except Exception as exc:  # a bug: still one line, with the way to see more
-        if os.environ.get("BATCHGEN_TRACEBACK"):
-            raise
-        _fail(f"internal error: {type(exc).__name__}: {exc} (set BATCHGEN_TRACEBACK=1 for details)",
-              EXIT_INTERNAL)
+        except Exception as exc:  # noqa: BLE001 - every error becomes one line
+            _fail_for(exc)
+
+
+class _LogFormatter(logging.Formatter):
+    """Log records as single lines: text from outside (the API's messages) escaped, and an
+    exception as its type and message, its traceback only with BATCHGEN_TRACEBACK=1."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and record.exc_info[1] is not None and not _show_tracebacks():
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord({
+                **record.__dict__, "msg": "%s (%s: %s)", "exc_info": None, "exc_text": None,
+                "args": (record.getMessage(), type(exc).__name__, exc),
+            })
+        return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return printable(super().formatMessage(record))
+
+
+def _install_log_handler() -> None:
+    """Every command's log records (asyncio's and aiohttp's too) go through _LogFormatter."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     # Job events are printed by the CLI itself; the library logger is for -v.
     logging.getLogger("batchgen").setLevel(level if verbose else logging.WARNING)
+    # The only aiohttp server of a run is a --simulate run's own simulator, which complains
+    # about every connection a stopping run leaves: noise, but for -vv.
+    logging.getLogger("aiohttp.server").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchgen")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help=f"Settings file (default: {CONFIG_FILENAME} in the work directory, if there).")
@@ -109,6 +160,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
       batchgen run sample_manifests/quickstart.yaml --simulate
       batchgen status
     """
+    _install_log_handler()
     ctx.obj = {"config": config_path}
 
 
@@ -163,7 +215,9 @@ def _run_options(f: Any) -> Any:
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
 @_run_options
 @click.option("--dry-run", is_flag=True, help="Show what would happen (see `batchgen plan`); submit nothing.")
-def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, **kw: Any) -> None:
+@max_expand_option
+def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, max_expand: int,
+        **kw: Any) -> None:
     """Validate MANIFEST, record its jobs, submit them, and download every output.
 
     Running it again picks up where the last run stopped: jobs already submitted are polled,
@@ -179,9 +233,10 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
     if dry_run:
         if manifest is None:
             raise click.UsageError("--dry-run needs a MANIFEST")
-        _show_plan(manifest, schema, batch, kw["workdir"], kw["simulate"], kw["api_url"], kw["concurrency"])
+        _show_plan(manifest, schema, batch, kw["workdir"], kw["simulate"], kw["api_url"], kw["concurrency"],
+                   max_expand)
         return
-    _execute_run(kw, manifest=manifest, schema=schema, batch=batch)
+    _execute_run(kw, manifest=manifest, schema=schema, batch=batch, max_expand=max_expand)
 
 
 @main.command()
@@ -268,7 +323,8 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
         workdir=kw["workdir"], target=_target(kw["api_url"], kw["simulate"], kw["sim_faults"]),
         settings=settings, **opts_kw,
     )
-    view = _RunView(kw["quiet"], kw["verbose"], kw["log_format"], kw["log_file"])
+    log_file = _open_log_file(kw["log_file"]) if kw["log_file"] else None
+    view = _RunView(kw["quiet"], kw["verbose"], kw["log_format"], log_file)
     _tune_gc()
     outcome = _run_async(_run_with_signals(opts, view))
     summary = outcome.summary
@@ -285,6 +341,17 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     if unfinished:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_JOBS_FAILED if bad else EXIT_OK)
+
+
+def _open_log_file(path: Path) -> IO[str]:
+    """The --log-file, appended to; its folder is made if missing (``logs/batchgen.log``)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by _RunView
+    except FileExistsError as exc:  # mkdir met a file where a folder should be
+        _fail(f"cannot open the log file {path}: {exc.filename} is a file, not a folder", EXIT_USAGE)
+    except OSError as exc:
+        _fail(f"cannot open the log file {path}: {exc.strerror or exc}", EXIT_USAGE)
 
 
 async def _run_with_signals(opts: app.RunOptions, view: _RunView) -> app.RunOutcome:
@@ -321,8 +388,8 @@ async def _run_with_signals(opts: app.RunOptions, view: _RunView) -> app.RunOutc
 class _RunView:
     """Lines on stderr (and a log file), or a live panel on a terminal."""
 
-    def __init__(self, quiet: bool, verbose: int, log_format: str, log_file: Path | None):
-        self._file = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115
+    def __init__(self, quiet: bool, verbose: int, log_format: str, log_file: IO[str] | None):
+        self._file = log_file
         use_panel = not quiet and log_format == "text" and stderr_is_tty()
         self.panel = Panel() if use_panel else None
         verbosity = 0 if quiet else 1 + verbose
@@ -405,7 +472,8 @@ def _duration(text: str, option: str) -> float:
               help="Model schema file to validate against.")
 @click.option("--simulate", is_flag=True,
               help="Validate for a --simulate run (local image files need no image_base_url).")
-def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
+@max_expand_option
+def validate(manifest: Path, schema: Path | None, simulate: bool, max_expand: int) -> None:
     """Check MANIFEST against the model's schema without submitting anything.
 
     Every problem is listed at once, each with its file, row or line, and field.
@@ -414,7 +482,7 @@ def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
     Example:
       batchgen validate sample_manifests/quickstart.yaml --simulate
     """
-    result = _run_async(app.validate(manifest, schema=schema, simulate=simulate))
+    result = _run_async(app.validate(manifest, schema=schema, simulate=simulate, max_expand=max_expand))
     if result.problems:
         _fail(str(ManifestError(result.problems)), EXIT_USAGE)
     dup = f" ({result.duplicates} duplicate(s) collapsed)" if result.duplicates else ""
@@ -430,8 +498,9 @@ def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
 @click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
               show_default=True, help="The concurrency the run would use (for the duration estimate).")
+@max_expand_option
 def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim_faults: tuple[str, ...],
-         schema: Path | None, batch: str | None, concurrency: int) -> None:
+         schema: Path | None, batch: str | None, concurrency: int, max_expand: int) -> None:
     """Show what `batchgen run MANIFEST` would do: jobs in the manifest, how many are new and how
     many already recorded, estimated cost and duration. Submits and records nothing.
 
@@ -439,12 +508,12 @@ def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim
     Example:
       batchgen plan sample_manifests/quickstart.yaml --simulate
     """
-    _show_plan(manifest, schema, batch, workdir, simulate, api_url, concurrency)
+    _show_plan(manifest, schema, batch, workdir, simulate, api_url, concurrency, max_expand)
 
 
 def _show_plan(manifest: Path, schema: Path | None, batch: str | None, workdir: Path, simulate: bool,
-               api_url: str | None, concurrency: int) -> None:
-    opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema,
+               api_url: str | None, concurrency: int, max_expand: int) -> None:
+    opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema, max_expand=max_expand,
                           target=app.Target(api_url=api_url, simulate=simulate))
     p = _run_async(app.plan(opts))
     dup = f", {p.duplicates} duplicate row(s) collapsed" if p.duplicates else ""
@@ -541,7 +610,7 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
         if b.failures:
             click.echo("  failures:")
             for st, err, n in b.failures:
-                click.echo(f"    {n:>5} {st}: {err or '(no message)'}")
+                click.echo(f"    {n:>5} {st}: {printable(err) if err else '(no message)'}")
         for step in b.next_steps:
             click.echo(f"  next: {step}")
 
@@ -631,7 +700,7 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
                f"cancelled at the provider, {report.not_cancellable} already running "
                "(still followed)")
     for err in report.errors:
-        click.echo(f"  could not cancel {err}", err=True)
+        click.echo(f"  could not cancel {printable(err)}", err=True)
     sys.exit(EXIT_JOBS_FAILED if report.errors else EXIT_OK)
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .constants import CONFIG_FILENAME
 from .errors import UsageError
 
-CONFIG_FILENAME = "batchgen.toml"
+__all__ = ["CONFIG_FILENAME", "SETTINGS", "load_config"]
 
 # Option name -> the type the file must give.
 SETTINGS: dict[str, type | tuple[type, ...]] = {

@@ -14,6 +14,13 @@ API_URL_ENV = "RUNCOMFY_API_URL"
 DEFAULT_WORKDIR = "jobs"
 STORE_FILENAME = "batchgen.sqlite3"
 LOCK_FILENAME = "batchgen.lock"
+CONFIG_FILENAME = "batchgen.toml"
+# Where a --simulate run keeps its simulator's jobs, so an interrupted run resumes them.
+SIM_STATE_FILENAME = "simulator-state.jsonl"
+# Files batchgen keeps in the work directory beside the batches' folders (SQLite adds -wal,
+# -shm and -journal to the store's name): a batch may not be named as one of them.
+WORKDIR_FILES = (STORE_FILENAME, f"{STORE_FILENAME}-wal", f"{STORE_FILENAME}-shm",
+                 f"{STORE_FILENAME}-journal", LOCK_FILENAME, CONFIG_FILENAME, SIM_STATE_FILENAME)
 
 # Jobs in flight at the provider. RunComfy does not document an account limit; a handful is polite
 # and the adaptive cap (retry.py) finds the real one when 429s say so.
@@ -87,6 +94,18 @@ FLUSH_EVERY = 5.0
 
 # Jobs inserted per transaction when a manifest is recorded.
 INSERT_CHUNK = 2000
+
+# Jobs one manifest may expand to (jobs x CSV rows x matrix combinations x repeat), counted before
+# anything is expanded. A million jobs is far beyond a night's work (and over $100,000 at a
+# Dreamina price), yet small enough to record in a few seconds; a typo such as `repeat: 1000000`
+# or a matrix of five 100-value lists is refused in milliseconds instead of filling memory for
+# minutes. `--max-expand N` raises it for a manifest that really means more.
+DEFAULT_MAX_EXPAND = 1_000_000
+# YAML aliases may make a manifest's values at most this many times as many nodes as the file
+# writes (and at least ALIAS_FREE_NODES in all): `<<: *defaults` in every job multiplies by a few,
+# a "billion laughs" by millions. Counted on the parsed nodes, before any value is built or walked.
+ALIAS_EXPANSION_RATIO = 10
+ALIAS_FREE_NODES = 100_000
 
 # Reading the API's answers (client.py). Anything beyond these is not believed: it is ignored, or
 # makes that one call fail, never the run.

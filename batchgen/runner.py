@@ -557,7 +557,8 @@ class Runner:
             self._fatal = exc.__cause__ or exc
         elif self._fatal is None:
             # A bug or a store failure: stop the run rather than go on with a store we cannot trust.
-            log.error("internal error in a runner task", exc_info=exc)
+            # The run raises it, and the CLI reports it in one line: here only for -vv.
+            log.debug("internal error in a runner task", exc_info=exc)
             self._fatal = exc
         self.stop("error")
 

@@ -12,6 +12,8 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
 ``fail=0.1``           10% of jobs end ``failed``
 ``truncate=0.1``       10% of downloads send the full Content-Length, then stop half way
 ``expire=30``          output URLs stop working 30 s after /result handed them out
+``hostile_text=1``     every error message starts with a spreadsheet formula, terminal escapes
+                       (colour, clear screen, an OSC 8 link, a title) and a NUL (HOSTILE_TEXT)
 ``stuck=processing``    /status and /result answer this status word for every job, forever
 ``garble.cost=1e400``  every /status and /result answer carries this raw JSON text as the field's
                        value (``Infinity``, ``NaN``, ``18446744073709551616``, ``123``, ...)
@@ -35,6 +37,11 @@ ENDPOINTS = ("submit", "status", "result", "cancel", "download")
 OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire", "404",
             "badjson")
 
+# What hostile_text puts before every error message: text that would act if printed or opened
+# as it is (a formula for spreadsheets; CSI, OSC and NUL for terminals and log tools).
+HOSTILE_TEXT = ('=HYPERLINK("https://evil.example/x","click") \x1b[31m\x1b[2J\x1b]8;;https://evil.example\x07'
+                'link\x1b]8;;\x07\x1b]0;pwned\x07\x00 ')
+
 _RATE_KEYS = {
     "429": "rate_429", "5xx": "rate_5xx", "error200": "rate_error_200", "slow": "slow_rate",
     "drop": "drop_after_submit", "fail": "fail_rate", "truncate": "truncate_rate",
@@ -53,6 +60,7 @@ class FaultConfig:
     fail_rate: float = 0.0
     truncate_rate: float = 0.0
     expire_after: float | None = None
+    hostile_text: bool = False
     stuck_status: str | None = None  # the status word every /status and /result answer says
     # Field name -> raw JSON text put as that field's value in every /status and /result answer.
     garble: dict[str, str] = field(default_factory=dict)
@@ -94,13 +102,15 @@ class FaultConfig:
                 cfg.slow_seconds = _number(spec, value)
             elif name == "expire":
                 cfg.expire_after = _number(spec, value)
+            elif name == "hostile_text":
+                cfg.hostile_text = _number(spec, value) != 0
             elif name in _RATE_KEYS:
                 rate = _number(spec, value)
                 if not 0 <= rate <= 1:
                     raise ValueError(f"fault '{spec}': a rate must be between 0 and 1")
                 setattr(cfg, _RATE_KEYS[name], rate)
             else:
-                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "stuck",
+                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "hostile_text", "stuck",
                                      "garble.FIELD", "script.ENDPOINT"])
                 raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
         return cfg

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from ..images import ImageInfo, ImageProbeError, probe_bytes
 from ..schema import ModelSchema, find_schema
-from .faults import FaultConfig, FaultPicker
+from .faults import HOSTILE_TEXT, FaultConfig, FaultPicker
 from .media import make_image, make_video
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,13 @@ class Simulator:
             "finished_at": job.finished_at, "cancelled_at": job.cancelled_at,
         }
 
-    @staticmethod
-    def _error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    def _error(self, status: int, code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        message = self._text(message)
         return web.json_response({"error_code": code, "error_message": message}, status=status, headers=headers)
+
+    def _text(self, message: str) -> str:
+        """An error message as the API writes it, or as a hostile one would (fault hostile_text)."""
+        return HOSTILE_TEXT + message if self.config.faults.hostile_text else message
 
     def _auth(self, request: web.Request) -> str | web.Response:
         """The caller's identity (a hash of its token), or RunComfy's error: 400 + 400004."""
@@ -508,7 +512,7 @@ class Simulator:
         if status == "completed":
             if job.will_fail:
                 body["status"] = "failed"
-                body["error"] = "Generation failed: the model could not produce a video for this input"
+                body["error"] = self._text("Generation failed: the model could not produce a video for this input")
             else:
                 body["status"] = "succeeded"
                 kind = self._media_inputs[job.media_key][1]
