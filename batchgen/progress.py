@@ -18,7 +18,8 @@ from . import store as S
 from .runner import Event
 
 # Which events a line is written for, by verbosity: quiet (-q), normal, verbose (-v).
-_NORMAL = {S.IN_QUEUE, S.SUCCEEDED, S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, "stop", "cap"}
+_NORMAL = {S.IN_QUEUE, S.SUCCEEDED, S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, "stop", "cap",
+           "outage"}
 _VERBOSE = _NORMAL | {S.IN_PROGRESS, S.DOWNLOADING, "retry", "note"}
 _QUIET = {"stop", S.UNKNOWN}
 
@@ -102,7 +103,7 @@ class Panel:
         self.live.__exit__(None, None, None)
 
     def note(self, event: Event) -> None:
-        if event.kind in (S.FAILED, S.UNKNOWN, S.TIMED_OUT, "stop", "cap"):
+        if event.kind in (S.FAILED, S.UNKNOWN, S.TIMED_OUT, "stop", "cap", "outage"):
             self.recent = (self.recent + [format_line(event, "text")])[-5:]
 
     def update(self, counts: dict[str, dict[str, int]], cap: int, spent: float) -> None:

@@ -89,7 +89,7 @@ class RunSettings:
 class Event:
     """Something worth telling the user: a job changed state, or the run did something."""
 
-    kind: str  # a job state, or 'cap', 'stop', 'retry', 'note'
+    kind: str  # a job state, or 'cap', 'stop', 'retry', 'note', 'outage' (the API unreachable, or back)
     job: Job | None
     message: str = ""
 
@@ -719,7 +719,7 @@ class Runner:
     async def _submitted(self, job: Job, request_id: str) -> None:
         now = time.time()
         self._streak.accepted()
-        self._outage.ended()
+        self._api_answered()
         # The request id is the only handle on a paid job: it is committed even if we are
         # cancelled right now (the next run then follows the job).
         await self.store.transition(
@@ -742,9 +742,12 @@ class Runner:
         else:
             self.budget.finished(job.id, None)  # refused, or never sent: nothing to pay
         if decision is Decision.UNREACHABLE:
+            if not self._outage.active:
+                self._emit("outage", None, f"API unreachable ({exc}): submits wait for it, at most "
+                           f"--outage-budget {self.s.outage_budget:g}s")
             self._outage.failed(str(exc))
         elif isinstance(exc, APIError):
-            self._outage.ended()  # the API answered, even if only to refuse
+            self._api_answered()  # even if only to refuse
         try:
             if decision is Decision.UNREACHABLE:
                 await self._unclaim(job, exc, f"API unreachable, waiting for it: {exc}")
@@ -832,9 +835,16 @@ class Runner:
         return True
 
     def _refused_everywhere(self, message: str) -> None:
+        """Stop submitting: ``message`` (what the API refuses, what to do) ends the run's output."""
         if self._stop_submitting is None:
             self._summary.stop_message = message
-        self._end_submitting("refused", message)
+        self._end_submitting("refused", "no more submits: the API refuses every job alike; "
+                             "finishing the jobs already submitted")
+
+    def _api_answered(self) -> None:
+        if self._outage.active:
+            self._emit("outage", None, f"API reachable again after {self._outage.lasted():.1f}s")
+            self._outage.ended()
 
     def _give_up_on_outage(self) -> None:
         if self._stop_submitting is None:
