@@ -69,8 +69,8 @@ def classify(exc: BaseException, call: Call) -> Decision:
         # The server refused the request: nothing was created.
         return Decision.RETRY
     if isinstance(exc, ServerError):
-        # A server error, wrapped in RunComfy's envelope or not (a proxy page, HTTP 200 with
-        # 500001), says nothing of whether the job was created before it failed.
+        # A server error says nothing of whether the job was created before it failed: a bare
+        # 5xx (a proxy's page) as little as one in RunComfy's envelope (even with HTTP 200).
         return Decision.UNKNOWN if call is Call.SUBMIT else Decision.RETRY
     if call is Call.SUBMIT and getattr(exc, "error_code", None) == UNKNOWN_MODEL:
         # InvalidResourceIdentifier: every job of this model would be refused the same way.
