@@ -39,9 +39,10 @@ from .text import printable
 EXIT_OK = 0  # every job of the batch succeeded
 EXIT_JOBS_FAILED = 1  # the run finished, but some jobs failed, timed out, were cancelled, are unknown or overdue
 EXIT_USAGE = 2  # bad manifest, bad options, missing token: nothing was submitted
-EXIT_INTERRUPTED = 3  # Ctrl-C/SIGTERM, deadline or a budget stopped the run; run again to go on
+EXIT_INTERRUPTED = 3  # Ctrl-C/SIGTERM, deadline, a budget or an API outage stopped the run; run again to go on
 EXIT_LOCKED = 4  # another run holds the work directory
 EXIT_ACCOUNT = 5  # the account cannot run jobs (bad token, insufficient balance)
+EXIT_REFUSED = 6  # the API refuses every job alike (unknown model, same input error): fix it, run again
 EXIT_INTERNAL = 70  # a bug or an unusable store
 
 log = logging.getLogger("batchgen")
@@ -197,6 +198,9 @@ def _run_options(f: Any) -> Any:
                      help="Give up on a job not finished this long after submit: cancel it if still "
                           "queued, else mark it overdue and keep following it "
                           f"[default: {C.DEFAULT_JOB_TIMEOUT / 3600:g}h]."),
+        click.option("--outage-budget",
+                     help="Stop (exit 3) once the API has been unreachable this long "
+                          f"[default: {C.OUTAGE_BUDGET / 60:g}m]."),
         click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary."),
         click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
                      help="Also append every event to this file (plain or JSON lines)."),
@@ -312,12 +316,13 @@ def _tune_gc() -> None:
 def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _apply_config(kw)
     _setup_logging(kw["verbose"], kw["quiet"])
-    max_runtime, job_timeout = kw["max_runtime"], kw["job_timeout"]
+    max_runtime, job_timeout, outage = kw["max_runtime"], kw["job_timeout"], kw["outage_budget"]
     settings = RunSettings(
         concurrency=kw["concurrency"], download_concurrency=kw["downloads"], rate=kw["rate"],
         max_jobs=kw["max_jobs"], max_cost=kw["max_cost"],
         deadline=time.time() + _duration(max_runtime, "--max-runtime") if max_runtime else None,
         job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else C.DEFAULT_JOB_TIMEOUT,
+        outage_budget=_duration(outage, "--outage-budget") if outage else C.OUTAGE_BUDGET,
     )
     opts = app.RunOptions(
         workdir=kw["workdir"], target=_target(kw["api_url"], kw["simulate"], kw["sim_faults"]),
@@ -331,6 +336,10 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _print_run_summary(outcome)
     if summary.account_error:
         _fail(summary.account_error, EXIT_ACCOUNT)
+    if summary.stop_reason == "refused":
+        _fail(summary.stop_message or "the API refuses every job", EXIT_REFUSED)
+    if summary.stop_reason == "outage":
+        _fail(summary.stop_message or "the API is unreachable", EXIT_INTERRUPTED)
     if summary.stop_reason in ("interrupted", "deadline", "max_jobs", "budget", "error"):
         sys.exit(EXIT_INTERRUPTED)
     bad = sum(n for b in outcome.counts.values() for s, n in b.items()
@@ -438,7 +447,7 @@ def _print_run_summary(outcome: app.RunOutcome) -> None:
     if outcome.overdue_kept:
         click.echo(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
                    "delivered and are billed (still followed); retry --force submits them anyway", err=True)
-    if s.stop_reason:
+    if s.stop_reason and not s.stop_message:  # a stop message says itself what to do
         click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)
 
 

@@ -22,6 +22,7 @@ SETTINGS: dict[str, type | tuple[type, ...]] = {
     "max_cost": (int, float),
     "max_runtime": str,
     "job_timeout": str,
+    "outage_budget": str,
     "log_file": str,
     "log_format": str,
 }

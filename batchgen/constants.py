@@ -76,6 +76,17 @@ BACKOFF_CAP = 30.0
 # A Retry-After larger than this is treated as this: one bad header must not stall a nightly run.
 RETRY_AFTER_CAP = 120.0
 
+# How long the API may stay unreachable (connections refused, DNS failing) before a run gives up
+# (exit 3, "run again to go on"). Such a submit certainly sent nothing, so its job just waits,
+# its attempts untouched; ten minutes rides out a deploy or a network blip without leaving a
+# nightly run waiting all night on a dead host. --outage-budget overrides it.
+OUTAGE_BUDGET = 600.0
+# The same refusal (error code and message) on this many submits in a row, before any submit of
+# the run was accepted, is taken to be one every job will meet (a field the service now requires,
+# an image host it cannot reach): the run stops instead of spending every job's attempts on it.
+# Three: two could be two bad rows side by side.
+SAME_REFUSALS_TO_STOP = 3
+
 # HTTP timeouts (seconds). A submit that times out is an unknown outcome, so keep connect short
 # (a connect failure is safe to retry) and the total generous.
 CONNECT_TIMEOUT = 10.0

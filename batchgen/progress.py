@@ -19,7 +19,8 @@ from .runner import Event
 from .text import printable
 
 # Which events a line is written for, by verbosity: quiet (-q), normal, verbose (-v).
-_NORMAL = {S.IN_QUEUE, S.SUCCEEDED, S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE, "stop", "cap"}
+_NORMAL = {S.IN_QUEUE, S.SUCCEEDED, S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE, "stop", "cap",
+           "outage"}
 _VERBOSE = _NORMAL | {S.IN_PROGRESS, S.DOWNLOADING, "retry", "note"}
 _QUIET = {"stop", S.UNKNOWN, S.OVERDUE}  # money that may be at stake
 
@@ -104,7 +105,7 @@ class Panel:
         self.live.__exit__(None, None, None)
 
     def note(self, event: Event) -> None:
-        if event.kind in (S.FAILED, S.UNKNOWN, S.TIMED_OUT, S.OVERDUE, "stop", "cap"):
+        if event.kind in (S.FAILED, S.UNKNOWN, S.TIMED_OUT, S.OVERDUE, "stop", "cap", "outage"):
             self.recent = (self.recent + [format_line(event, "text")])[-5:]
 
     def update(self, counts: dict[str, dict[str, int]], cap: int, spent: float) -> None:

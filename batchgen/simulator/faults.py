@@ -9,6 +9,10 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
 ``error200=0.05``      5% answer HTTP 200 with an error envelope (error_code 500001)
 ``slow=0.1``           10% of calls wait ``slow_seconds`` (default 2) before answering
 ``drop=0.05``          5% of submits create the job, then drop the connection without answering
+``500_created=0.05``   5% of submits create the job, then answer 500 with an error envelope (500001)
+``error200_created=0.05``  5% of submits create the job, then answer HTTP 200 with error_code 500001
+``model_info=404``     model info answers 404 (``noprice``: without ``base_price_usd``), so a run
+                       learns the price only from its first result
 ``fail=0.1``           10% of jobs end ``failed``
 ``truncate=0.1``       10% of downloads send the full Content-Length, then stop half way
 ``expire=30``          output URLs stop working 30 s after /result handed them out
@@ -21,10 +25,11 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
                        ``script.status``, ``script.result``, ``script.cancel``, ``script.download``
 =====================  =======================================================================
 
-Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``, ``truncate``
-(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403), ``404``
-(RunComfy's 404001 "request not found", as a request id just handed out may get), ``badjson``
-(HTTP 200 with a body that is not JSON); ``slow`` applies to downloads too.
+Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``,
+``500_created`` and ``error200_created`` (submit), ``truncate`` (downloads), ``fail`` (submit: the
+job will fail), ``expire`` (download: answer 403), ``404`` (RunComfy's 404001 "request not found",
+as a request id just handed out may get), ``badjson`` (HTTP 200 with a body that is not JSON);
+``slow`` applies to downloads too.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ import random
 from dataclasses import dataclass, field
 
 ENDPOINTS = ("submit", "status", "result", "cancel", "download")
-OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire", "404",
-            "badjson")
+OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "500_created", "error200_created",
+            "truncate", "fail", "expire", "404", "badjson")
+# Submit outcomes that create the job and then answer anything but its request id.
+CREATED_THEN_LOST = ("drop", "500_created", "error200_created")
+MODEL_INFO = ("ok", "404", "noprice")
 
 # What hostile_text puts before every error message: text that would act if printed or opened
 # as it is (a formula for spreadsheets; CSI, OSC and NUL for terminals and log tools).
@@ -44,7 +52,8 @@ HOSTILE_TEXT = ('=HYPERLINK("https://evil.example/x","click") \x1b[31m\x1b[2J\x1
 
 _RATE_KEYS = {
     "429": "rate_429", "5xx": "rate_5xx", "error200": "rate_error_200", "slow": "slow_rate",
-    "drop": "drop_after_submit", "fail": "fail_rate", "truncate": "truncate_rate",
+    "drop": "drop_after_submit", "500_created": "rate_500_created",
+    "error200_created": "rate_error_200_created", "fail": "fail_rate", "truncate": "truncate_rate",
 }
 
 
@@ -57,6 +66,9 @@ class FaultConfig:
     slow_rate: float = 0.0
     slow_seconds: float = 2.0
     drop_after_submit: float = 0.0
+    rate_500_created: float = 0.0
+    rate_error_200_created: float = 0.0
+    model_info: str = "ok"  # one of MODEL_INFO
     fail_rate: float = 0.0
     truncate_rate: float = 0.0
     expire_after: float | None = None
@@ -104,6 +116,10 @@ class FaultConfig:
                 cfg.expire_after = _number(spec, value)
             elif name == "hostile_text":
                 cfg.hostile_text = _number(spec, value) != 0
+            elif name == "model_info":
+                if value not in MODEL_INFO:
+                    raise ValueError(f"fault '{spec}': one of {', '.join(MODEL_INFO)}")
+                cfg.model_info = value
             elif name in _RATE_KEYS:
                 rate = _number(spec, value)
                 if not 0 <= rate <= 1:
@@ -111,7 +127,7 @@ class FaultConfig:
                 setattr(cfg, _RATE_KEYS[name], rate)
             else:
                 allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "hostile_text", "stuck",
-                                     "garble.FIELD", "script.ENDPOINT"])
+                                     "garble.FIELD", "model_info", "script.ENDPOINT"])
                 raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
         return cfg
 
@@ -145,8 +161,11 @@ class FaultPicker:
             return "5xx"
         if c.rate_error_200 and r() < c.rate_error_200:
             return "error200"
-        if endpoint == "submit" and c.drop_after_submit and r() < c.drop_after_submit:
-            return "drop"
+        if endpoint == "submit":
+            for outcome, rate in (("drop", c.drop_after_submit), ("500_created", c.rate_500_created),
+                                  ("error200_created", c.rate_error_200_created)):
+                if rate and r() < rate:
+                    return outcome
         if c.slow_rate and r() < c.slow_rate:
             return "slow"
         return "ok"

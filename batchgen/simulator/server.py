@@ -407,6 +407,11 @@ class Simulator:
             if request.transport is not None:
                 request.transport.close()
             return web.Response(status=200)
+        if outcome in ("500_created", "error200_created"):
+            # The job exists (and would be billed), then something failed on the way out: the
+            # client gets a server error in RunComfy's own envelope, and no request id.
+            status = 500 if outcome == "500_created" else 200
+            return self._error(status, 500001, "Internal error, please try again")
         return web.json_response({"request_id": job.id, **self._urls(job.id)})
 
     def _local_path(self, url: str | None) -> str | None:
@@ -467,12 +472,14 @@ class Simulator:
         if isinstance(owner, web.Response):
             return owner
         model_id = unquote(request.match_info["model_id"])
-        if self._schema(model_id) is None:
+        shown = self.config.faults.model_info
+        if self._schema(model_id) is None or shown == "404":
             return self._error(404, 400001, f"Unknown model '{model_id}'")
-        return web.json_response({
-            "model_id": model_id, "base_price_usd": self.config.price_usd, "price_unit": "per request",
-            "pricing_note": "simulated price",
-        })
+        body: dict[str, Any] = {"model_id": model_id, "price_unit": "per request",
+                                "pricing_note": "simulated price"}
+        if shown != "noprice":
+            body["base_price_usd"] = self.config.price_usd
+        return web.json_response(body)
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
         self.calls["status"] += 1
