@@ -66,7 +66,7 @@ def test_output_names_are_stable():
     assert output_name("k", 0, "video", "https://cdn.example.com/") == "k.mp4"
     assert output_name("k", 0, "image", "https://h/x.v2/file?name=a.jpg#b.gif") == "k.png"
     assert output_name("k", 0, "image", "https://h/a/b.webp#frag") == "k.webp"
-    assert output_name("k", 0, "video", "https://h/a/b.mp4.part") == "k.part"
+    assert output_name("k", 0, "video", "https://h/a/b.mp4.part") == "k.mp4"  # .part: not a media type
     assert output_name("k", 0, "video", "https://h/a/.hidden") == "k.mp4"
     assert output_name("k", 0, "video", "https://h/a/b.") == "k.mp4"
     assert output_name("k", 0, "video", "https://h/a/b.toolong7") == "k.mp4"
@@ -74,6 +74,17 @@ def test_output_names_are_stable():
     assert output_name("k", 0, "image", "https://h/a/b.webp/") == "k.webp"  # as a path would read
     assert output_name("k", 0, "image", "https://h/a/b.webp/.") == "k.webp"
     assert output_name("k", 0, "video", "ftp://files.example.com") == "k.mp4"  # a host is no name
+
+
+@pytest.mark.parametrize("ending", [".sh", ".html", ".exe", ".py", ".desktop", ".svg", ".mp4.sh", ".part"])
+def test_an_output_extension_comes_from_the_media_list_never_from_the_url(ending):
+    assert output_name("k", 0, "video", f"https://h/out/evil{ending}?x=1") == "k.mp4"
+    assert output_name("k", 1, "image", f"https://h/out/evil{ending}") == "k-1.png"
+
+
+@pytest.mark.parametrize("ext", [".webm", ".mov", ".jpg", ".jpeg", ".gif", ".webp", ".wav", ".mp3"])
+def test_media_extensions_are_kept(ext):
+    assert output_name("k", 0, "video", f"https://h/out/clip{ext.upper()}") == f"k{ext}"
 
 
 def test_partials_of_one_job_are_discarded_and_nothing_else(tmp_path):
