@@ -12,13 +12,23 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
 ``fail=0.1``           10% of jobs end ``failed``
 ``truncate=0.1``       10% of downloads send the full Content-Length, then stop half way
 ``expire=30``          output URLs stop working 30 s after /result handed them out
+``offhost=0.5``        half the jobs' output URLs name another host (``offhost_host``, default
+                       ``localhost``: the simulator still serves them, under a name not allowed)
+``redirect=same``      every download first answers 302: ``same`` (to the same file, once),
+                       ``loop`` (to itself, forever), or a host name (the same file on that host)
+``output_ext=sh``      output URLs end in ``output.sh`` rather than ``.mp4``/``.png``
+``output_body=gzip``   every output's body is one of the bodies below (also script outcomes):
+                       ``gzip`` (gzipped when the request accepts gzip), ``gzip_forced`` (gzipped
+                       whatever was asked), ``bomb`` (64 MiB of zeros, gzipped, whatever was
+                       asked), ``huge`` (declares 3 GiB, sends the file, then closes),
+                       ``endless`` (no length, never ends), ``trickle`` (256 bytes every 0.1 s)
 ``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
                        ``script.status``, ``script.result``, ``script.cancel``, ``script.download``
 =====================  =======================================================================
 
 Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``, ``truncate``
-(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403); ``slow``
-applies to downloads too.
+(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403), and the
+bodies above (downloads); ``slow`` applies to downloads too.
 """
 
 from __future__ import annotations
@@ -27,11 +37,13 @@ import random
 from dataclasses import dataclass, field
 
 ENDPOINTS = ("submit", "status", "result", "cancel", "download")
-OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire")
+BODIES = ("gzip", "gzip_forced", "bomb", "huge", "endless", "trickle")
+OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire", *BODIES)
 
 _RATE_KEYS = {
     "429": "rate_429", "5xx": "rate_5xx", "error200": "rate_error_200", "slow": "slow_rate",
     "drop": "drop_after_submit", "fail": "fail_rate", "truncate": "truncate_rate",
+    "offhost": "offhost_rate",
 }
 
 
@@ -47,6 +59,11 @@ class FaultConfig:
     fail_rate: float = 0.0
     truncate_rate: float = 0.0
     expire_after: float | None = None
+    offhost_rate: float = 0.0
+    offhost_host: str = "localhost"
+    redirect: str | None = None  # "same", "loop" or a host name
+    output_ext: str | None = None
+    output_body: str | None = None  # one of BODIES
     script: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
@@ -77,13 +94,22 @@ class FaultConfig:
                 cfg.slow_seconds = _number(spec, value)
             elif name == "expire":
                 cfg.expire_after = _number(spec, value)
+            elif name in ("offhost_host", "redirect", "output_ext"):
+                if not value.replace(".", "").replace("-", "").isalnum():
+                    raise ValueError(f"fault '{spec}': '{value}' must be a plain name")
+                setattr(cfg, name, value)
+            elif name == "output_body":
+                if value not in BODIES:
+                    raise ValueError(f"fault '{spec}': unknown body '{value}'; one of {', '.join(BODIES)}")
+                cfg.output_body = value
             elif name in _RATE_KEYS:
                 rate = _number(spec, value)
                 if not 0 <= rate <= 1:
                     raise ValueError(f"fault '{spec}': a rate must be between 0 and 1")
                 setattr(cfg, _RATE_KEYS[name], rate)
             else:
-                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "script.ENDPOINT"])
+                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "offhost_host",
+                                     "redirect", "output_ext", "output_body", "script.ENDPOINT"])
                 raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
         return cfg
 
@@ -110,7 +136,9 @@ class FaultPicker:
         c = self.config
         r = self.rng.random
         if endpoint == "download":
-            return "truncate" if c.truncate_rate and r() < c.truncate_rate else "ok"
+            if c.truncate_rate and r() < c.truncate_rate:
+                return "truncate"
+            return c.output_body or "ok"
         if c.rate_429 and r() < c.rate_429:
             return "429"
         if c.rate_5xx and r() < c.rate_5xx:
@@ -125,3 +153,6 @@ class FaultPicker:
 
     def job_fails(self) -> bool:
         return bool(self.config.fail_rate) and self.rng.random() < self.config.fail_rate
+
+    def job_offhost(self) -> bool:
+        return bool(self.config.offhost_rate) and self.rng.random() < self.config.offhost_rate
