@@ -138,6 +138,28 @@ async def test_refuses_non_http_urls(files, tmp_path):
         await download(files["session"], "file:///etc/passwd", tmp_path / "o")
 
 
+@pytest.mark.parametrize("way", ["resumed", "fresh", "broken"])
+async def test_a_part_file_is_never_written_through_a_symlink(files, tmp_path, monkeypatch, way):
+    """A link planted under the .part name (a shared folder, a hostile name) must not make the
+    download write where it points: the link is replaced, never followed."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    dest = tmp_path / "output.mp4"
+    (tmp_path / "output.mp4.part").symlink_to(victim)
+    monkeypatch.setattr(D, "_O_TMPFILE", 0)  # small files through a named .part as well
+    if way == "broken":
+        files["cut_at"] = 100_000
+        with pytest.raises(DownloadError):
+            await download(files["session"], files["url"], dest, resume=False)
+        part = tmp_path / "output.mp4.part"
+        assert not part.is_symlink() and part.stat().st_size == 100_000
+    else:
+        got = await download(files["session"], files["url"], dest, resume=way == "resumed")
+        assert not got.resumed and not dest.is_symlink() and dest.read_bytes() == BODY
+        assert files["hits"] == [None]  # no range asked for on the strength of the link's target
+    assert victim.read_bytes() == b"precious"
+
+
 @pytest.mark.parametrize("size", ["small", "large"])
 async def test_a_small_output_is_returned_unflushed_a_large_one_fsynced(files, tmp_path, monkeypatch, size):
     from batchgen import durability
