@@ -175,12 +175,14 @@ async def download(
     folder = os.path.dirname(dest)
     part = dest + ".part"
     have = 0
+    leftover = False  # something under the .part name: removed once the file is in place
     if resume:
         try:
             # A lookup, not a write: cheap enough for the event loop. lstat: only a plain file of
             # our own is resumed; a symlink (or a hard link) under our name is replaced, never
             # appended to (_create).
             st = os.lstat(part)
+            leftover = True
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 have = st.st_size
         except OSError:
@@ -281,7 +283,7 @@ async def download(
         if opening is None:
             # Small: written and put in place here (cheaper than a thread hop); not flushed.
             _write_file(dest, part, data)
-            if have:  # a partial of an earlier try, which the server would not resume: obsolete
+            if leftover:  # a partial of an earlier try (empty, or not resumed): obsolete
                 _unlink(part)
             assert digest is not None  # a small output is never a resumed one
             return Downloaded(dest, written, digest.hexdigest(), False, durable=False)

@@ -138,6 +138,15 @@ async def test_refuses_non_http_urls(files, tmp_path):
         await download(files["session"], "file:///etc/passwd", tmp_path / "o")
 
 
+async def test_an_empty_partial_left_by_a_kill_is_removed_once_the_file_is_whole(files, tmp_path):
+    """A run killed while keeping a broken transfer's bytes can leave an empty .part: nothing to
+    resume, but not to be left behind either."""
+    (tmp_path / "output.mp4.part").write_bytes(b"")
+    got = await download(files["session"], files["url"], tmp_path / "output.mp4")
+    assert not got.resumed and files["hits"] == [None]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output.mp4"]
+
+
 @pytest.mark.parametrize("way", ["resumed", "fresh", "broken"])
 async def test_a_part_file_is_never_written_through_a_symlink(files, tmp_path, monkeypatch, way):
     """A link planted under the .part name (a shared folder, a hostile name) must not make the
