@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -75,7 +76,7 @@ class DownloadLimits:
     min_rate: float = C.MIN_DOWNLOAD_RATE  # bytes per second, over each window
     rate_window: float = C.DOWNLOAD_RATE_WINDOW  # seconds
 
-    @property
+    @functools.cached_property  # built once per settings: read on every download
     def timeout(self) -> aiohttp.ClientTimeout:
         # A host that sends nothing at all for a window is too slow as well.
         return aiohttp.ClientTimeout(total=None, sock_connect=C.CONNECT_TIMEOUT,
@@ -83,7 +84,6 @@ class DownloadLimits:
 
 
 _LIMITS = DownloadLimits()
-_TIMEOUT = _LIMITS.timeout  # built once: the usual case, on the hot path
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def make_session(limit: int = C.DEFAULT_DOWNLOAD_CONCURRENCY,
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=max(limit, 1),
                                        resolver=hosts.resolver() if hosts is not None else None),
-        timeout=_TIMEOUT, auto_decompress=False,
+        timeout=_LIMITS.timeout, auto_decompress=False,
     )
 
 
@@ -320,7 +320,7 @@ async def _get(session: aiohttp.ClientSession, url: URL, headers: dict[str, str]
                hosts: OutputHosts | None, limits: DownloadLimits) -> aiohttp.ClientResponse:
     """The response to GET ``url``, after following its redirects by hand: each hop is checked
     against ``hosts`` before anything is sent to it, and there are at most a few."""
-    timeout = _TIMEOUT if limits is _LIMITS else limits.timeout
+    timeout = limits.timeout
     for _hop in range(C.MAX_OUTPUT_REDIRECTS + 1):
         if hosts is not None:
             refusal = await hosts.refusal(url)
