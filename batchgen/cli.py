@@ -23,6 +23,7 @@ from . import __version__, app
 from . import constants as C
 from . import store as S
 from .config import CONFIG_FILENAME, load_config
+from .downloads import DownloadLimits
 from .errors import (
     AccountError,
     BatchgenError,
@@ -278,7 +279,9 @@ def _apply_config(kw: dict[str, Any]) -> None:
     except BatchgenError as exc:
         _fail(str(exc), EXIT_USAGE)
     for key, value in settings.items():
-        if key in kw and ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+        if key not in kw:  # a setting of the file alone (no option): taken as it is
+            kw[key] = value
+        elif ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
             kw[key] = Path(value) if key == "log_file" else value
     if source is not None:
         log.info("settings from %s: %s", source, ", ".join(settings))
@@ -323,6 +326,11 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
         deadline=time.time() + _duration(max_runtime, "--max-runtime") if max_runtime else None,
         job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else C.DEFAULT_JOB_TIMEOUT,
         outage_budget=_duration(outage, "--outage-budget") if outage else C.OUTAGE_BUDGET,
+        output_hosts=kw.get("output_hosts", ()),
+        download_limits=DownloadLimits(
+            max_bytes=kw.get("max_output_size", C.MAX_OUTPUT_BYTES),
+            min_rate=kw.get("min_download_rate", C.MIN_DOWNLOAD_RATE),
+            rate_window=kw.get("download_rate_window", C.DOWNLOAD_RATE_WINDOW)),
     )
     opts = app.RunOptions(
         workdir=kw["workdir"], target=_target(kw["api_url"], kw["simulate"], kw["sim_faults"]),

@@ -94,6 +94,24 @@ REQUEST_TIMEOUT = 60.0
 # Downloads: no total limit (videos can be large), but a stall of this long fails the attempt.
 DOWNLOAD_READ_TIMEOUT = 60.0
 DOWNLOAD_CHUNK = 1 << 16
+# The largest output batchgen accepts (max_output_size in batchgen.toml): a 10 s 2K video is tens
+# of MB, so 2 GiB leaves room for any real output while a server that declares or streams more
+# (or a gzip bomb) cannot fill the disk.
+MAX_OUTPUT_BYTES = 2 << 30
+# A download receiving less than MIN_DOWNLOAD_RATE bytes/s over DOWNLOAD_RATE_WINDOW seconds is
+# abandoned (its .part kept) and tried again later: a host trickling bytes would otherwise hold a
+# download slot for hours. 10 KB/s is far below any real CDN; 60 s rides out a pause.
+MIN_DOWNLOAD_RATE = 10_000
+DOWNLOAD_RATE_WINDOW = 60.0
+# Redirects followed for one output, each hop checked against the allowed hosts: CDNs use one or
+# two; more is a loop.
+MAX_OUTPUT_REDIRECTS = 5
+# Output hosts besides the API's own and those in output_hosts: RunComfy's storage hosts, the
+# only ones RunComfy's own CLI downloads from.
+OUTPUT_HOSTS = ("*.runcomfy.net", "*.runcomfy.com")
+# The largest API answer read: real ones are a few hundred bytes; a larger one is refused, not
+# read whole into memory.
+MAX_API_ANSWER = 4 << 20
 # Outputs up to this size are received in memory and written in one go on the event loop's
 # thread (about a millisecond at most); larger ones stream to their .part file.
 DOWNLOAD_IN_MEMORY = 1 << 20

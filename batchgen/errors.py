@@ -118,7 +118,10 @@ class InvalidRequestError(APIStatusError):
 class DownloadError(BatchgenError):
     """An output file could not be downloaded intact."""
 
-    def __init__(self, message: str, *, status: int | None = None, expired: bool = False):
+    def __init__(self, message: str, *, status: int | None = None, expired: bool = False,
+                 permanent: bool = False):
         super().__init__(message)
         self.status = status
         self.expired = expired
+        # Trying again cannot help (a host not allowed, an output over the size cap): the job fails.
+        self.permanent = permanent

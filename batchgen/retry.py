@@ -80,6 +80,8 @@ def classify(exc: BaseException, call: Call) -> Decision:
     if isinstance(exc, APIStatusError):
         return Decision.FAIL
     if isinstance(exc, DownloadError):
+        if exc.permanent:
+            return Decision.FAIL
         if exc.expired:
             return Decision.REFRESH
         if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):

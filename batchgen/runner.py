@@ -39,7 +39,7 @@ from . import constants as C
 from . import crashpoints
 from . import store as S
 from .client import FINISHED_STATUSES, Result, RunComfyClient
-from .downloads import download, output_name
+from .downloads import DownloadLimits, download, output_name
 from .durability import BOOT_ID, Flusher, file_intact
 from .errors import (
     APIError,
@@ -53,6 +53,7 @@ from .errors import (
     UsageError,
 )
 from .limits import AdaptiveCap, Slots, TokenBucket
+from .outputhosts import OutputHosts
 from .retry import Call, Decision, Outage, RefusalStreak, RetryPolicy, classify
 from .store import Job, Output, Store
 
@@ -87,6 +88,8 @@ class RunSettings:
     min_poll_interval: float = C.MIN_POLL_INTERVAL
     max_poll_interval: float = C.MAX_POLL_INTERVAL
     flush_every: float = C.FLUSH_EVERY  # seconds between flushes of small files (durability.py)
+    output_hosts: tuple[str, ...] = ()  # allowed besides RunComfy's and the API's (outputhosts.py)
+    download_limits: DownloadLimits = field(default_factory=DownloadLimits)
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,7 @@ class Runner:
         self._outage = Outage(self.s.outage_budget, self.s.policy)
         self._streak: RefusalStreak[Job] = RefusalStreak()
         self._dl_session = download_session
+        self._output_hosts = OutputHosts(client.base_url, self.s.output_hosts)
         self._resolve = resolve_inputs or local_file_resolver(None)
         self._on_event = on_event
         self._dl_sem = asyncio.Semaphore(max(1, self.s.download_concurrency))
@@ -373,7 +377,7 @@ class Runner:
         if own_dl:
             from .downloads import make_session
 
-            self._dl_session = make_session(self.s.download_concurrency)
+            self._dl_session = make_session(self.s.download_concurrency, self._output_hosts)
         try:
             await self._resume()
             submit_loop = asyncio.create_task(self._submit_loop(), name="submit-loop")
@@ -1230,12 +1234,13 @@ class Runner:
                             # result (then it is resumed, and removed once the file is whole).
                             resume=unrecorded is None or job.id in self._from_earlier_run,
                             before_streaming=record if unrecorded is not None else None,
+                            hosts=self._output_hosts, limits=self.s.download_limits,
                         )
                     except DownloadError as exc:
                         await record()
                         tries += 1
                         decision = classify(exc, Call.DOWNLOAD)
-                        if tries > self.s.policy.max_call_retries:
+                        if decision is Decision.FAIL or tries > self.s.policy.max_call_retries:
                             await self._output_lost(job, exc)
                             return
                         # An expired URL, or one failing again and again (a host that moved):

@@ -60,6 +60,7 @@ CASES = [
     (DownloadError("forbidden", status=403), Call.DOWNLOAD, Decision.REFRESH),
     (DownloadError("truncated"), Call.DOWNLOAD, Decision.RETRY),
     (DownloadError("busy", status=503), Call.DOWNLOAD, Decision.RETRY),
+    (DownloadError("host not allowed", permanent=True), Call.DOWNLOAD, Decision.FAIL),
     (ValueError("a bug"), Call.POLL, Decision.FAIL),
 ]
 
