@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from . import constants as C
 from . import store as S
@@ -21,10 +22,11 @@ from .client import RunComfyClient
 from .downloads import discard_partials
 from .errors import BatchgenError, ManifestError, UsageError
 from .lock import WorkdirLock
-from .manifest import load_manifest
+from .manifest import is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary, local_file_resolver
 from .schema import find_schema
 from .store import SIMULATOR_API, Store
+from .text import printable
 from .validate import ValidationResult, validate_manifest
 from .workdir import check_store, create_store, existing_store, legacy_simulated, realm
 from .workdir import store_path as realm_store
@@ -51,6 +53,7 @@ class RunOptions:
     # only with --force: the provider may still deliver them, and bills them).
     retry_states: tuple[str, ...] = ()
     schema: Path | None = None
+    max_expand: int = C.DEFAULT_MAX_EXPAND  # most jobs the manifest may expand to
     target: Target = field(default_factory=Target)
     settings: RunSettings = field(default_factory=RunSettings)
 
@@ -82,7 +85,16 @@ def resolve_token(target: Target) -> str:
 
 
 def resolve_api_url(target: Target) -> str:
-    return (target.api_url or os.environ.get(C.API_URL_ENV) or C.DEFAULT_API_URL).rstrip("/")
+    """The API's base URL; refused when the token would travel in clear text: plain http:// is
+    only for loopback addresses (a simulator on this machine)."""
+    url = (target.api_url or os.environ.get(C.API_URL_ENV) or C.DEFAULT_API_URL).strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"API URL '{printable(url)}' is not an http(s) URL such as {C.DEFAULT_API_URL}")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise UsageError(f"API URL '{printable(url)}' is plain http:// to a host that is not this machine: the API "
+                         "token would cross the network readable by anyone on the way; use https://")
+    return url
 
 
 def api_identity(target: Target) -> str:
@@ -92,10 +104,10 @@ def api_identity(target: Target) -> str:
 
 async def validate(
     manifest_path: Path, *, schema: Path | None = None, simulate: bool = False,
-    batch: str | None = None,
+    batch: str | None = None, max_expand: int = C.DEFAULT_MAX_EXPAND,
 ) -> ValidationResult:
     """Expand and check a manifest; never submits anything."""
-    manifest = load_manifest(manifest_path, batch=batch, schema_path=schema)
+    manifest = load_manifest(manifest_path, batch=batch, schema_path=schema, max_expand=max_expand)
     return await validate_manifest(manifest, allow_local_files=simulate)
 
 
@@ -134,7 +146,9 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
     new_jobs = 0
     manifest = None
     if opts.manifest is not None:
-        manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema)
+        manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema,
+                                 max_expand=opts.max_expand)
+        manifest.check_workdir(workdir)
         # One expansion serves both: jobs are kept as compact rows while they are checked, and
         # recorded only if the whole manifest passed.
         rows: list[tuple[Any, ...]] = []
@@ -144,7 +158,8 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
             raise ManifestError(result.problems)
     simulated = opts.target.simulate
     if not simulated:
-        resolve_token(opts.target)  # fail before taking the lock or touching the store
+        resolve_api_url(opts.target)  # fail before taking the lock or touching the store
+        resolve_token(opts.target)
     api = api_identity(opts.target)
     folder = realm(workdir, simulated)  # simulated results live apart: workdir.py
     check_store(workdir, simulated)  # a lost store is never silently replaced
@@ -462,7 +477,9 @@ class PlanReport:
 async def plan(opts: RunOptions) -> PlanReport:
     """What `run` would do with this manifest, without submitting or recording anything."""
     assert opts.manifest is not None
-    manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema)
+    manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema,
+                                 max_expand=opts.max_expand)
+    manifest.check_workdir(opts.workdir)
     result = await validate_manifest(manifest, allow_local_files=opts.target.simulate)
     if result.problems:
         raise ManifestError(result.problems)

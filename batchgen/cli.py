@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -23,6 +23,7 @@ from . import __version__, app
 from . import constants as C
 from . import store as S
 from .config import CONFIG_FILENAME, load_config
+from .downloads import DownloadLimits
 from .errors import (
     AccountError,
     BatchgenError,
@@ -33,17 +34,25 @@ from .errors import (
 )
 from .progress import LineLog, Panel, stderr_is_tty
 from .runner import Event, RunSettings
+from .text import printable
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
 EXIT_OK = 0  # every job of the batch succeeded
 EXIT_JOBS_FAILED = 1  # the run finished, but some jobs failed, timed out, were cancelled, are unknown or overdue
 EXIT_USAGE = 2  # bad manifest, bad options, missing token: nothing was submitted
-EXIT_INTERRUPTED = 3  # Ctrl-C/SIGTERM, deadline or a budget stopped the run; run again to go on
+EXIT_INTERRUPTED = 3  # Ctrl-C/SIGTERM, deadline, a budget or an API outage stopped the run; run again to go on
 EXIT_LOCKED = 4  # another run holds the work directory
 EXIT_ACCOUNT = 5  # the account cannot run jobs (bad token, insufficient balance)
+EXIT_REFUSED = 6  # the API refuses every job alike (unknown model, same input error): fix it, run again
 EXIT_INTERNAL = 70  # a bug or an unusable store
 
 log = logging.getLogger("batchgen")
+
+max_expand_option = click.option(
+    "--max-expand", type=click.IntRange(1), default=C.DEFAULT_MAX_EXPAND, show_default=True,
+    help="Refuse a manifest that expands to more jobs than this (jobs x rows x matrix x repeat, "
+         "counted before expanding).",
+)
 
 workdir_option = click.option(
     "--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
@@ -53,8 +62,23 @@ workdir_option = click.option(
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {printable(message, keep_newlines=True)}", err=True)
     sys.exit(code)
+
+
+def _show_tracebacks() -> bool:
+    """BATCHGEN_TRACEBACK=1: a developer wants Python's traceback rather than one line."""
+    return bool(os.environ.get("BATCHGEN_TRACEBACK"))
+
+
+def _fail_for(exc: Exception) -> NoReturn:
+    """One line and an exit code for an error that reached the top (or the traceback, if asked)."""
+    if _show_tracebacks():
+        raise exc
+    if isinstance(exc, BatchgenError):
+        _fail(str(exc), _exit_code_for(exc))
+    # A bug: still one line, with the way to see more.
+    _fail(f"internal error: {type(exc).__name__}: {exc} (set BATCHGEN_TRACEBACK=1 for details)", EXIT_INTERNAL)
 
 
 def _exit_code_for(exc: BaseException) -> int:
@@ -75,28 +99,57 @@ def _run_async(coro: Any) -> Any:
         return asyncio.run(coro)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED)
-    except BatchgenError as exc:
-        if os.environ.get("BATCHGEN_TRACEBACK"):
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line
+        _fail_for(exc)
+
+
+class _Group(click.Group):
+    """The command group, with a last net: whatever escapes a command (a bug outside the event
+    loop, a file that cannot be opened) is one line and an exit code, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        _fail(str(exc), _exit_code_for(exc))
-    except Exception as exc:  # a bug: still one line, with the way to see more
-        if os.environ.get("BATCHGEN_TRACEBACK"):
-            raise
-        _fail(f"internal error: {type(exc).__name__}: {exc} (set BATCHGEN_TRACEBACK=1 for details)",
-              EXIT_INTERNAL)
+        except Exception as exc:  # noqa: BLE001 - every error becomes one line
+            _fail_for(exc)
+
+
+class _LogFormatter(logging.Formatter):
+    """Log records as single lines: text from outside (the API's messages) escaped, and an
+    exception as its type and message, its traceback only with BATCHGEN_TRACEBACK=1."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and record.exc_info[1] is not None and not _show_tracebacks():
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord({
+                **record.__dict__, "msg": "%s (%s: %s)", "exc_info": None, "exc_text": None,
+                "args": (record.getMessage(), type(exc).__name__, exc),
+            })
+        return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return printable(super().formatMessage(record))
+
+
+def _install_log_handler() -> None:
+    """Every command's log records (asyncio's and aiohttp's too) go through _LogFormatter."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     # Job events are printed by the CLI itself; the library logger is for -v.
     logging.getLogger("batchgen").setLevel(level if verbose else logging.WARNING)
+    # The only aiohttp server of a run is a --simulate run's own simulator, which complains
+    # about every connection a stopping run leaves: noise, but for -vv.
+    logging.getLogger("aiohttp.server").setLevel(logging.DEBUG if verbose > 1 else logging.CRITICAL)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchgen")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help=f"Settings file (default: {CONFIG_FILENAME} in the work directory, if there).")
@@ -109,6 +162,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
       batchgen run sample_manifests/quickstart.yaml --simulate
       batchgen status
     """
+    _install_log_handler()
     ctx.obj = {"config": config_path}
 
 
@@ -145,6 +199,9 @@ def _run_options(f: Any) -> Any:
                      help="Give up on a job not finished this long after submit: cancel it if still "
                           "queued, else mark it overdue and keep following it "
                           f"[default: {C.DEFAULT_JOB_TIMEOUT / 3600:g}h]."),
+        click.option("--outage-budget",
+                     help="Stop (exit 3) once the API has been unreachable this long "
+                          f"[default: {C.OUTAGE_BUDGET / 60:g}m]."),
         click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary."),
         click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
                      help="Also append every event to this file (plain or JSON lines)."),
@@ -163,7 +220,9 @@ def _run_options(f: Any) -> Any:
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
 @_run_options
 @click.option("--dry-run", is_flag=True, help="Show what would happen (see `batchgen plan`); submit nothing.")
-def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, **kw: Any) -> None:
+@max_expand_option
+def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, max_expand: int,
+        **kw: Any) -> None:
     """Validate MANIFEST, record its jobs, submit them, and download every output.
 
     Running it again picks up where the last run stopped: jobs already submitted are polled,
@@ -179,9 +238,10 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
     if dry_run:
         if manifest is None:
             raise click.UsageError("--dry-run needs a MANIFEST")
-        _show_plan(manifest, schema, batch, kw["workdir"], kw["simulate"], kw["api_url"], kw["concurrency"])
+        _show_plan(manifest, schema, batch, kw["workdir"], kw["simulate"], kw["api_url"], kw["concurrency"],
+                   max_expand)
         return
-    _execute_run(kw, manifest=manifest, schema=schema, batch=batch)
+    _execute_run(kw, manifest=manifest, schema=schema, batch=batch, max_expand=max_expand)
 
 
 @main.command()
@@ -219,7 +279,9 @@ def _apply_config(kw: dict[str, Any]) -> None:
     except BatchgenError as exc:
         _fail(str(exc), EXIT_USAGE)
     for key, value in settings.items():
-        if key in kw and ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
+        if key not in kw:  # a setting of the file alone (no option): taken as it is
+            kw[key] = value
+        elif ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, None):
             kw[key] = Path(value) if key == "log_file" else value
     if source is not None:
         log.info("settings from %s: %s", source, ", ".join(settings))
@@ -257,24 +319,35 @@ def _tune_gc() -> None:
 def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _apply_config(kw)
     _setup_logging(kw["verbose"], kw["quiet"])
-    max_runtime, job_timeout = kw["max_runtime"], kw["job_timeout"]
+    max_runtime, job_timeout, outage = kw["max_runtime"], kw["job_timeout"], kw["outage_budget"]
     settings = RunSettings(
         concurrency=kw["concurrency"], download_concurrency=kw["downloads"], rate=kw["rate"],
         max_jobs=kw["max_jobs"], max_cost=kw["max_cost"],
         deadline=time.time() + _duration(max_runtime, "--max-runtime") if max_runtime else None,
         job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else C.DEFAULT_JOB_TIMEOUT,
+        outage_budget=_duration(outage, "--outage-budget") if outage else C.OUTAGE_BUDGET,
+        output_hosts=kw.get("output_hosts", ()),
+        download_limits=DownloadLimits(
+            max_bytes=kw.get("max_output_size", C.MAX_OUTPUT_BYTES),
+            min_rate=kw.get("min_download_rate", C.MIN_DOWNLOAD_RATE),
+            rate_window=kw.get("download_rate_window", C.DOWNLOAD_RATE_WINDOW)),
     )
     opts = app.RunOptions(
         workdir=kw["workdir"], target=_target(kw["api_url"], kw["simulate"], kw["sim_faults"]),
         settings=settings, **opts_kw,
     )
-    view = _RunView(kw["quiet"], kw["verbose"], kw["log_format"], kw["log_file"])
+    log_file = _open_log_file(kw["log_file"]) if kw["log_file"] else None
+    view = _RunView(kw["quiet"], kw["verbose"], kw["log_format"], log_file)
     _tune_gc()
     outcome = _run_async(_run_with_signals(opts, view))
     summary = outcome.summary
     _print_run_summary(outcome)
     if summary.account_error:
         _fail(summary.account_error, EXIT_ACCOUNT)
+    if summary.stop_reason == "refused":
+        _fail(summary.stop_message or "the API refuses every job", EXIT_REFUSED)
+    if summary.stop_reason == "outage":
+        _fail(summary.stop_message or "the API is unreachable", EXIT_INTERRUPTED)
     if summary.stop_reason in ("interrupted", "deadline", "max_jobs", "budget", "error"):
         sys.exit(EXIT_INTERRUPTED)
     bad = sum(n for b in outcome.counts.values() for s, n in b.items()
@@ -285,6 +358,17 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     if unfinished:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_JOBS_FAILED if bad else EXIT_OK)
+
+
+def _open_log_file(path: Path) -> IO[str]:
+    """The --log-file, appended to; its folder is made if missing (``logs/batchgen.log``)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by _RunView
+    except FileExistsError as exc:  # mkdir met a file where a folder should be
+        _fail(f"cannot open the log file {path}: {exc.filename} is a file, not a folder", EXIT_USAGE)
+    except OSError as exc:
+        _fail(f"cannot open the log file {path}: {exc.strerror or exc}", EXIT_USAGE)
 
 
 async def _run_with_signals(opts: app.RunOptions, view: _RunView) -> app.RunOutcome:
@@ -321,8 +405,8 @@ async def _run_with_signals(opts: app.RunOptions, view: _RunView) -> app.RunOutc
 class _RunView:
     """Lines on stderr (and a log file), or a live panel on a terminal."""
 
-    def __init__(self, quiet: bool, verbose: int, log_format: str, log_file: Path | None):
-        self._file = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115
+    def __init__(self, quiet: bool, verbose: int, log_format: str, log_file: IO[str] | None):
+        self._file = log_file
         use_panel = not quiet and log_format == "text" and stderr_is_tty()
         self.panel = Panel() if use_panel else None
         verbosity = 0 if quiet else 1 + verbose
@@ -371,7 +455,7 @@ def _print_run_summary(outcome: app.RunOutcome) -> None:
     if outcome.overdue_kept:
         click.echo(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
                    "delivered and are billed (still followed); retry --force submits them anyway", err=True)
-    if s.stop_reason:
+    if s.stop_reason and not s.stop_message:  # a stop message says itself what to do
         click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)
 
 
@@ -405,7 +489,8 @@ def _duration(text: str, option: str) -> float:
               help="Model schema file to validate against.")
 @click.option("--simulate", is_flag=True,
               help="Validate for a --simulate run (local image files need no image_base_url).")
-def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
+@max_expand_option
+def validate(manifest: Path, schema: Path | None, simulate: bool, max_expand: int) -> None:
     """Check MANIFEST against the model's schema without submitting anything.
 
     Every problem is listed at once, each with its file, row or line, and field.
@@ -414,7 +499,7 @@ def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
     Example:
       batchgen validate sample_manifests/quickstart.yaml --simulate
     """
-    result = _run_async(app.validate(manifest, schema=schema, simulate=simulate))
+    result = _run_async(app.validate(manifest, schema=schema, simulate=simulate, max_expand=max_expand))
     if result.problems:
         _fail(str(ManifestError(result.problems)), EXIT_USAGE)
     dup = f" ({result.duplicates} duplicate(s) collapsed)" if result.duplicates else ""
@@ -430,8 +515,9 @@ def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
 @click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
               show_default=True, help="The concurrency the run would use (for the duration estimate).")
+@max_expand_option
 def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim_faults: tuple[str, ...],
-         schema: Path | None, batch: str | None, concurrency: int) -> None:
+         schema: Path | None, batch: str | None, concurrency: int, max_expand: int) -> None:
     """Show what `batchgen run MANIFEST` would do: jobs in the manifest, how many are new and how
     many already recorded, estimated cost and duration. Submits and records nothing.
 
@@ -439,12 +525,12 @@ def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim
     Example:
       batchgen plan sample_manifests/quickstart.yaml --simulate
     """
-    _show_plan(manifest, schema, batch, workdir, simulate, api_url, concurrency)
+    _show_plan(manifest, schema, batch, workdir, simulate, api_url, concurrency, max_expand)
 
 
 def _show_plan(manifest: Path, schema: Path | None, batch: str | None, workdir: Path, simulate: bool,
-               api_url: str | None, concurrency: int) -> None:
-    opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema,
+               api_url: str | None, concurrency: int, max_expand: int) -> None:
+    opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema, max_expand=max_expand,
                           target=app.Target(api_url=api_url, simulate=simulate))
     p = _run_async(app.plan(opts))
     dup = f", {p.duplicates} duplicate row(s) collapsed" if p.duplicates else ""
@@ -550,7 +636,7 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
         if b.failures:
             click.echo("  failures:")
             for st, err, n in b.failures:
-                click.echo(f"    {n:>5} {st}: {err or '(no message)'}")
+                click.echo(f"    {n:>5} {st}: {printable(err) if err else '(no message)'}")
         for step in b.next_steps:
             click.echo(f"  next: {step}")
 
@@ -648,7 +734,7 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
                f"cancelled at the provider, {report.not_cancellable} already running "
                "(still followed)")
     for err in report.errors:
-        click.echo(f"  could not cancel {err}", err=True)
+        click.echo(f"  could not cancel {printable(err)}", err=True)
     sys.exit(EXIT_JOBS_FAILED if report.errors else EXIT_OK)
 
 

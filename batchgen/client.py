@@ -236,6 +236,24 @@ def _label(what: str, path: str) -> str:
     return f"{what} {path.partition('?')[0]}"
 
 
+async def _read_answer(resp: aiohttp.ClientResponse, what: str, path: str) -> bytes:
+    """The body of an API answer, refused (not read whole) past MAX_API_ANSWER bytes: a broken or
+    hostile server could otherwise stream gigabytes into memory. For a submit that is a lost
+    answer (the job may exist), for other calls one more retry."""
+    length = resp.content_length
+    if length is not None and length > C.MAX_API_ANSWER:
+        raise APIResponseLostError(f"{_label(what, path)}: answer of {length:,} bytes is too large; not read")
+    if length is not None and "Content-Encoding" not in resp.headers:
+        return await resp.read()  # the usual case: a small, plain, announced body
+    body = bytearray()
+    async for chunk in resp.content.iter_any():  # decoded bytes, counted as they arrive
+        body += chunk
+        if len(body) > C.MAX_API_ANSWER:
+            raise APIResponseLostError(
+                f"{_label(what, path)}: answer larger than {C.MAX_API_ANSWER:,} bytes; not read")
+    return bytes(body)
+
+
 class RunComfyClient:
     """Calls the API at ``base_url`` with ``token``. Use as an async context manager, or pass a
     session you own (it will not be closed)."""
@@ -366,7 +384,7 @@ class RunComfyClient:
             async with session.request(
                 method, url, json=json_body, data=data, headers=headers, allow_redirects=False
             ) as resp:
-                raw = await resp.read()
+                raw = await _read_answer(resp, what, path)
         except aiohttp.ClientConnectorError as exc:
             # The TCP/TLS connection was never made: the server cannot have seen the request.
             raise APIConnectionError(

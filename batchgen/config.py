@@ -4,12 +4,14 @@ built-in defaults. The API token is never read from here: it stays in the enviro
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+from .constants import CONFIG_FILENAME
 from .errors import UsageError
 
-CONFIG_FILENAME = "batchgen.toml"
+__all__ = ["CONFIG_FILENAME", "SETTINGS", "load_config"]
 
 # Option name -> the type the file must give.
 SETTINGS: dict[str, type | tuple[type, ...]] = {
@@ -21,9 +23,19 @@ SETTINGS: dict[str, type | tuple[type, ...]] = {
     "max_cost": (int, float),
     "max_runtime": str,
     "job_timeout": str,
+    "outage_budget": str,
     "log_file": str,
     "log_format": str,
+    # Only in the file (downloads.py, outputhosts.py): hosts outputs may come from besides
+    # RunComfy's and the API's, the size cap of one output, and the least download rate.
+    "output_hosts": list,
+    "max_output_size": (int, str),
+    "min_download_rate": (int, float, str),
+    "download_rate_window": (int, float),
 }
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def load_config(path: Path | None, workdir: Path) -> tuple[dict[str, Any], Path | None]:
@@ -55,4 +67,37 @@ def load_config(path: Path | None, workdir: Path) -> tuple[dict[str, Any], Path 
         if isinstance(value, bool) or not isinstance(value, want):
             names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             raise UsageError(f"{path}: setting '{key}' must be {names}, got {value!r}")
+    _check_download_settings(settings, path)
     return settings, Path(path)
+
+
+def parse_size(value: int | float | str) -> int:
+    """A number of bytes, or text such as "2GiB", "500 MB", "10KB" (KB, MB, GB: powers of 1000;
+    KiB, MiB, GiB: of 1024). ValueError if it is neither."""
+    if isinstance(value, int | float):
+        return int(value)
+    m = _SIZE.fullmatch(value)
+    unit = (m.group(2) or "").lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"{value!r} is not a size (e.g. 2GiB, 500MB, 10000)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _check_download_settings(settings: dict[str, Any], path: Path) -> None:
+    """Bring the download settings to their plain form (sizes in bytes, hosts a tuple), or refuse."""
+    hosts = settings.get("output_hosts")
+    if hosts is not None:
+        if not all(isinstance(h, str) and h.strip() and "/" not in h for h in hosts):
+            raise UsageError(f"{path}: output_hosts must be a list of host names (e.g. "
+                             f"[\"cdn.example.com\", \"*.example.net\"]), got {hosts!r}")
+        settings["output_hosts"] = tuple(h.strip() for h in hosts)
+    for key in ("max_output_size", "min_download_rate"):
+        if key in settings:
+            try:
+                settings[key] = parse_size(settings[key])
+            except ValueError as exc:
+                raise UsageError(f"{path}: setting '{key}': {exc}") from None
+            if settings[key] <= 0 and key == "max_output_size":
+                raise UsageError(f"{path}: setting 'max_output_size' must be more than 0")
+    if settings.get("download_rate_window", 1) <= 0:
+        raise UsageError(f"{path}: setting 'download_rate_window' must be more than 0 seconds")

@@ -14,11 +14,18 @@ API_URL_ENV = "RUNCOMFY_API_URL"
 DEFAULT_WORKDIR = "jobs"
 STORE_FILENAME = "batchgen.sqlite3"
 LOCK_FILENAME = "batchgen.lock"
+CONFIG_FILENAME = "batchgen.toml"
 # --simulate runs keep their own store and outputs in this folder of the work directory, so that a
 # simulated result is never taken for a real one, nor written over one (ARCHITECTURE.md, "Realms").
 SIMULATED_DIR = "simulated"
-# What the in-process simulator remembers across runs (simulator/server.py), in that folder.
+# Where a --simulate run keeps its simulator's jobs (in that folder), so an interrupted run
+# resumes them.
 SIM_STATE_FILENAME = "simulator-state.jsonl"
+# Names batchgen keeps in the work directory beside the batches' folders (SQLite adds -wal, -shm
+# and -journal to the store's name; the simulated runs' folder): a batch may not be named as one.
+WORKDIR_FILES = (STORE_FILENAME, f"{STORE_FILENAME}-wal", f"{STORE_FILENAME}-shm",
+                 f"{STORE_FILENAME}-journal", LOCK_FILENAME, CONFIG_FILENAME, SIM_STATE_FILENAME,
+                 SIMULATED_DIR)
 # How often, at most, a run checks that its store file is still the one it opened (a stat): a
 # store deleted under a run is noticed within this long, at its next write. Every claim checks
 # too, so nothing is submitted into a store that is gone.
@@ -78,6 +85,17 @@ BACKOFF_CAP = 30.0
 # A Retry-After larger than this is treated as this: one bad header must not stall a nightly run.
 RETRY_AFTER_CAP = 120.0
 
+# How long the API may stay unreachable (connections refused, DNS failing) before a run gives up
+# (exit 3, "run again to go on"). Such a submit certainly sent nothing, so its job just waits,
+# its attempts untouched; ten minutes rides out a deploy or a network blip without leaving a
+# nightly run waiting all night on a dead host. --outage-budget overrides it.
+OUTAGE_BUDGET = 600.0
+# The same refusal (error code and message) on this many submits in a row, before any submit of
+# the run was accepted, is taken to be one every job will meet (a field the service now requires,
+# an image host it cannot reach): the run stops instead of spending every job's attempts on it.
+# Three: two could be two bad rows side by side.
+SAME_REFUSALS_TO_STOP = 3
+
 # HTTP timeouts (seconds). A submit that times out is an unknown outcome, so keep connect short
 # (a connect failure is safe to retry) and the total generous.
 CONNECT_TIMEOUT = 10.0
@@ -85,6 +103,24 @@ REQUEST_TIMEOUT = 60.0
 # Downloads: no total limit (videos can be large), but a stall of this long fails the attempt.
 DOWNLOAD_READ_TIMEOUT = 60.0
 DOWNLOAD_CHUNK = 1 << 16
+# The largest output batchgen accepts (max_output_size in batchgen.toml): a 10 s 2K video is tens
+# of MB, so 2 GiB leaves room for any real output while a server that declares or streams more
+# (or a gzip bomb) cannot fill the disk.
+MAX_OUTPUT_BYTES = 2 << 30
+# A download receiving less than MIN_DOWNLOAD_RATE bytes/s over DOWNLOAD_RATE_WINDOW seconds is
+# abandoned (its .part kept) and tried again later: a host trickling bytes would otherwise hold a
+# download slot for hours. 10 KB/s is far below any real CDN; 60 s rides out a pause.
+MIN_DOWNLOAD_RATE = 10_000
+DOWNLOAD_RATE_WINDOW = 60.0
+# Redirects followed for one output, each hop checked against the allowed hosts: CDNs use one or
+# two; more is a loop.
+MAX_OUTPUT_REDIRECTS = 5
+# Output hosts besides the API's own and those in output_hosts: RunComfy's storage hosts, the
+# only ones RunComfy's own CLI downloads from.
+OUTPUT_HOSTS = ("*.runcomfy.net", "*.runcomfy.com")
+# The largest API answer read: real ones are a few hundred bytes; a larger one is refused, not
+# read whole into memory.
+MAX_API_ANSWER = 4 << 20
 # Outputs up to this size are received in memory and written in one go on the event loop's
 # thread (about a millisecond at most); larger ones stream to their .part file.
 DOWNLOAD_IN_MEMORY = 1 << 20
@@ -96,6 +132,18 @@ FLUSH_EVERY = 5.0
 
 # Jobs inserted per transaction when a manifest is recorded.
 INSERT_CHUNK = 2000
+
+# Jobs one manifest may expand to (jobs x CSV rows x matrix combinations x repeat), counted before
+# anything is expanded. A million jobs is far beyond a night's work (and over $100,000 at a
+# Dreamina price), yet small enough to record in a few seconds; a typo such as `repeat: 1000000`
+# or a matrix of five 100-value lists is refused in milliseconds instead of filling memory for
+# minutes. `--max-expand N` raises it for a manifest that really means more.
+DEFAULT_MAX_EXPAND = 1_000_000
+# YAML aliases may make a manifest's values at most this many times as many nodes as the file
+# writes (and at least ALIAS_FREE_NODES in all): `<<: *defaults` in every job multiplies by a few,
+# a "billion laughs" by millions. Counted on the parsed nodes, before any value is built or walked.
+ALIAS_EXPANSION_RATIO = 10
+ALIAS_FREE_NODES = 100_000
 
 # Reading the API's answers (client.py). Anything beyond these is not believed: it is ignored, or
 # makes that one call fail, never the run.

@@ -12,34 +12,78 @@ place, not yet flushed to disk (``Downloaded.durable`` is False): the caller rec
 and hands it to durability.Flusher, which flushes files in batches (see durability for why a
 restart loses nothing). Larger outputs stream to their ``.part`` file and are fsynced before
 ``download`` returns; opening, fsync and rename happen in threads.
+
+Contained: only allowed hosts (outputhosts.py), each redirect hop checked; at most
+``DownloadLimits.max_bytes`` per output, declared or received; a host slower than the least rate
+is left for a later try; bodies asked for unencoded (one sent gzipped anyway is decoded here,
+within the cap); ``.part`` files never written through a symlink; file extensions from a list of
+media types, never whatever a URL ends with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import logging
 import os
 import re
+import stat
+import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
-from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
 from . import constants as C
 from . import crashpoints
 from .durability import fsync_dir, hash_file
 from .errors import DownloadError
+from .outputhosts import AddressRefused, OutputHosts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DEFAULT_EXT = {"video": ".mp4", "image": ".png"}
+# The extensions an output file may get: media a model returns. Any other ending of a URL (.sh,
+# .html, .part, ...) is ignored and the file is named by its kind: a name taken verbatim from an
+# API answer could drop a script, or a file posing as something else, into the batch's folder.
+_EXTENSIONS = frozenset({
+    ".mp4", ".webm", ".mov", ".m4v", ".mkv",
+    ".png", ".jpg", ".jpeg", ".webp", ".gif", ".avif",
+    ".wav", ".mp3", ".m4a", ".ogg", ".flac",
+})
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Outputs are asked for as they are: a gzipped body has a Content-Length of its own and could be
+# a bomb. One sent encoded anyway is decoded here (_decoder), within the size cap.
+_IDENTITY = {"Accept-Encoding": "identity"}
+# Content-Encoding -> zlib's wbits: gzip framing, or zlib framing (what "deflate" means in HTTP).
+_CODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@dataclass(frozen=True)
+class DownloadLimits:
+    """How large an output may be, and how slowly it may arrive (batchgen.toml: max_output_size,
+    min_download_rate, download_rate_window)."""
+
+    max_bytes: int = C.MAX_OUTPUT_BYTES
+    min_rate: float = C.MIN_DOWNLOAD_RATE  # bytes per second, over each window
+    rate_window: float = C.DOWNLOAD_RATE_WINDOW  # seconds
+
+    @functools.cached_property  # built once per settings: read on every download
+    def timeout(self) -> aiohttp.ClientTimeout:
+        # A host that sends nothing at all for a window is too slow as well.
+        return aiohttp.ClientTimeout(total=None, sock_connect=C.CONNECT_TIMEOUT,
+                                     sock_read=min(C.DOWNLOAD_READ_TIMEOUT, self.rate_window))
+
+
+_LIMITS = DownloadLimits()
 
 
 @dataclass(frozen=True)
@@ -53,9 +97,10 @@ class Downloaded:
 
 def output_name(key: str, idx: int, kind: str, url: str) -> str:
     """Stable file name of a job's output ``idx``: <key>.mp4, <key>-1.mp4, … (extension from
-    the URL). One flat folder per batch: a file per output and no folder per job, which also
-    halves the inodes a job costs the file system (on ext4 creating one is the dearest call
-    batchgen makes). Keys are hex, so "<key>-1" cannot be another job's name."""
+    the URL when it is one of _EXTENSIONS, else from the kind). One flat folder per batch: a file
+    per output and no folder per job, which also halves the inodes a job costs the file system
+    (on ext4 creating one is the dearest call batchgen makes). Keys are hex, so "<key>-1" cannot
+    be another job's name."""
     # The URL's path (no query, no fragment, no host), read by hand: urlsplit and a PurePosixPath
     # per output were a measurable share of a fast batch's time.
     path = url.partition("?")[0].partition("#")[0]
@@ -65,17 +110,20 @@ def output_name(key: str, idx: int, kind: str, url: str) -> str:
     while path.endswith(("/", "/.")):  # as a path: "a/b.mp4/" and "a/b.mp4/." name b.mp4
         path = path[:-1] if path.endswith("/") else path[:-2]
     suffix = os.path.splitext(path.rpartition("/")[2])[1].lower()
-    if not suffix or len(suffix) > 6 or not suffix[1:].isalnum():
+    if suffix not in _EXTENSIONS:
         suffix = _DEFAULT_EXT.get(kind, ".bin")
     return (key if idx == 0 else f"{key}-{idx}") + suffix
 
 
-def make_session(limit: int = C.DEFAULT_DOWNLOAD_CONCURRENCY) -> aiohttp.ClientSession:
-    """A session for output hosts: no Authorization header, ever (the token is for the API)."""
+def make_session(limit: int = C.DEFAULT_DOWNLOAD_CONCURRENCY,
+                 hosts: OutputHosts | None = None) -> aiohttp.ClientSession:
+    """A session for output hosts: no Authorization header, ever (the token is for the API).
+    With ``hosts``, it connects only to the addresses they allow (outputhosts.py). Bodies are
+    never decoded by aiohttp: download() asks for none and decodes a stray one within its cap."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max(limit, 1)),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=C.CONNECT_TIMEOUT,
-                                      sock_read=C.DOWNLOAD_READ_TIMEOUT),
+        connector=aiohttp.TCPConnector(limit=max(limit, 1),
+                                       resolver=hosts.resolver() if hosts is not None else None),
+        timeout=_LIMITS.timeout, auto_decompress=False,
     )
 
 
@@ -92,9 +140,11 @@ async def download(
     session: aiohttp.ClientSession, url: str, dest: str | os.PathLike[str], files: Executor | None = None,
     *, resume: bool = True,
     before_streaming: Callable[[], Awaitable[None]] | None = None,
+    hosts: OutputHosts | None = None, limits: DownloadLimits = _LIMITS,
 ) -> Downloaded:
-    """Fetch ``url`` into ``dest``. Raises DownloadError (``expired`` for 403/404/410) and leaves
-    any partial bytes in ``dest.part`` for the next try to resume.
+    """Fetch ``url`` into ``dest``. Raises DownloadError (``expired`` for 403/404/410,
+    ``permanent`` when no later try can succeed) and leaves any partial bytes in ``dest.part``
+    for the next try to resume.
 
     ``files``: the threads that open, fsync and rename (asyncio's default pool when None). Give
     it as many threads as downloads run at once: fsync waits on the disk, and the file system
@@ -104,28 +154,41 @@ async def download(
     (A job submitted again has its old partials removed: discard_partials.)
     ``before_streaming`` is awaited before a large output (not received in memory) starts to
     stream to disk: the runner records the job's result then, so that a long download never
-    runs with nothing recorded."""
+    runs with nothing recorded.
+    ``hosts``: where the URL and every redirect may lead (the runner always gives them; None:
+    anywhere, for tests and tools); give the same to make_session so addresses are checked too.
+    ``limits``: the size cap and the least rate."""
     loop = asyncio.get_running_loop()
 
     def in_thread(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
         return loop.run_in_executor(files, fn, *args)
 
-    if not url.startswith(("https://", "http://")):  # the common case, without parsing
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise DownloadError(f"refusing to download a {scheme or 'relative'} URL: {url}")
+    try:
+        target = URL(url)  # parsed once: aiohttp takes it as it is
+    except (ValueError, TypeError) as exc:
+        raise DownloadError(f"not a URL: {url!r}", permanent=True) from exc
+    if target.scheme not in ("https", "http"):
+        raise DownloadError(f"refusing to download a {target.scheme or 'relative'} URL: {url}", permanent=True)
     # Plain strings, not Paths: a fast batch downloads thousands of files a minute, and pathlib's
     # parsing was a measurable share of the work per file.
     dest = os.fspath(dest)
     folder = os.path.dirname(dest)
     part = dest + ".part"
     have = 0
+    leftover = False  # something under the .part name: removed once the file is in place
     if resume:
         try:
-            have = os.stat(part).st_size  # a lookup, not a write: cheap enough for the event loop
+            # A lookup, not a write: cheap enough for the event loop. lstat: only a plain file of
+            # our own is resumed; a symlink (or a hard link) under our name is replaced, never
+            # appended to (_create).
+            st = os.lstat(part)
+            leftover = True
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                have = st.st_size
         except OSError:
             pass
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    headers = {**_IDENTITY, "Range": f"bytes={have}-"} if have else _IDENTITY
+    max_bytes = limits.max_bytes
     # Bytes received but not yet in a file: a small output whole (written in one go at the end),
     # or a large one's first chunks while its .part file is being opened in a thread. Reading
     # never waits for the disk: a connection that breaks while we wait takes its buffered bytes.
@@ -134,7 +197,8 @@ async def download(
     opening: asyncio.Future[BinaryIO] | None = None
     discard = False  # the partial file cannot be trusted: remove it
     try:
-        async with session.get(url, headers=headers, allow_redirects=True) as resp:
+        resp = await _get(session, target, headers, hosts, limits)
+        async with resp:
             if resp.status in (403, 404, 410):
                 raise DownloadError(f"output URL answered HTTP {resp.status} (expired or gone)",
                                     status=resp.status, expired=True)
@@ -151,13 +215,39 @@ async def download(
                 discard = True
                 raise DownloadError("server answered a different range than asked; restarting")
             total = _expected_total(resp)
+            if total is not None and total > max_bytes:
+                discard = True
+                raise _too_large(max_bytes, f"it declares {total:,}")
+            decoder = _decoder(resp)
+            if decoder is not None:
+                # Encoded despite our asking: the declared length is the encoded one, and a
+                # range would be one of encoded bytes, so its partial bytes are never kept.
+                discard = True
+                if resp.status == 206:
+                    raise DownloadError("server answered a range of an encoded output; restarting")
             digest = None if resumed else hashlib.sha256()  # a resumed file is hashed at the end
             written = have if resumed else 0
-            if resumed or total is None or total > C.DOWNLOAD_IN_MEMORY:
+            received = 0  # bytes off the wire, this try
+            if resumed or total is None or total > C.DOWNLOAD_IN_MEMORY or decoder is not None:
                 if before_streaming is not None:
                     await before_streaming()
                 opening = asyncio.ensure_future(in_thread(_open_part, folder, part, resumed))
+            # The least rate, checked once per window at the chunk that closes it (a host that
+            # sends nothing at all is stopped by the read timeout of the same length).
+            window_end = loop.time() + limits.rate_window
+            window_from = 0
             async for chunk in resp.content.iter_chunked(C.DOWNLOAD_CHUNK):
+                received += len(chunk)
+                if decoder is not None:
+                    try:
+                        # At most one byte over the room left: enough to know it is too large,
+                        # so a bomb never expands in memory (or on disk) past the cap.
+                        chunk = decoder.decompress(chunk, max_bytes - written + 1)
+                    except zlib.error as exc:
+                        raise DownloadError(f"output's encoded body is damaged: {exc}") from exc
+                if written + len(chunk) > max_bytes:
+                    discard = True
+                    raise _too_large(max_bytes, "more arrived")
                 if fh is None and opening is not None and opening.done():
                     fh = opening.result()
                     fh.write(buf)
@@ -174,18 +264,26 @@ async def download(
                     if fh is not None:
                         fh.flush()  # half the bytes on disk when the test kills us here
                     crashpoints.reached("download_partial")
-        if total is not None and written != total:
-            raise DownloadError(f"download incomplete: {written} of {total} bytes")
+                if loop.time() >= window_end:
+                    _check_rate(received - window_from, limits)
+                    window_end = loop.time() + limits.rate_window
+                    window_from = received
+        if decoder is None:
+            if total is not None and written != total:
+                raise DownloadError(f"download incomplete: {written} of {total} bytes")
+        elif (total is not None and received != total) or not decoder.eof:
+            raise DownloadError(f"download incomplete: encoded body cut short at {received} bytes")
         if written == 0:
             discard = True
             raise DownloadError("output is empty (0 bytes)")
         # Complete. From here on the bytes are the final step's alone: the finally below must
         # not keep them as a partial file too, even if we are cancelled meanwhile.
         data, buf = buf, bytearray()
+        discard = False
         if opening is None:
             # Small: written and put in place here (cheaper than a thread hop); not flushed.
             _write_file(dest, part, data)
-            if have:  # a partial of an earlier try, which the server would not resume: obsolete
+            if leftover:  # a partial of an earlier try (empty, or not resumed): obsolete
                 _unlink(part)
             assert digest is not None  # a small output is never a resumed one
             return Downloaded(dest, written, digest.hexdigest(), False, durable=False)
@@ -197,6 +295,10 @@ async def download(
             sha256 = await in_thread(_finish, final_fh, part, dest, data, digest)
     except DownloadError:
         raise
+    except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, AddressRefused):
+            raise DownloadError(str(exc.os_error), permanent=True) from exc
+        raise DownloadError(f"download broke: {type(exc).__name__}: {exc}") from exc
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise DownloadError(f"download broke: {type(exc).__name__}: {exc}") from exc
     finally:
@@ -212,6 +314,63 @@ async def download(
         except OSError as exc:  # the next try starts over; the error that matters is raised
             log.warning("could not keep or clean up %s: %s", part, exc)
     return Downloaded(dest, written, sha256, resumed)
+
+
+async def _get(session: aiohttp.ClientSession, url: URL, headers: dict[str, str],
+               hosts: OutputHosts | None, limits: DownloadLimits) -> aiohttp.ClientResponse:
+    """The response to GET ``url``, after following its redirects by hand: each hop is checked
+    against ``hosts`` before anything is sent to it, and there are at most a few."""
+    timeout = limits.timeout
+    for _hop in range(C.MAX_OUTPUT_REDIRECTS + 1):
+        if hosts is not None:
+            refusal = await hosts.refusal(url)
+            if refusal is not None:
+                raise DownloadError(refusal, permanent=True)
+        resp = await session.get(url, headers=headers, allow_redirects=False, timeout=timeout)
+        if resp.status not in _REDIRECTS:
+            return resp
+        location = resp.headers.get("Location")
+        resp.release()
+        try:
+            url = resp.url.join(URL(location or ""))
+        except (ValueError, TypeError):
+            location = None
+        if not location:
+            raise DownloadError(f"output URL answered HTTP {resp.status} with no usable Location",
+                                status=resp.status)
+        if url.scheme not in ("https", "http"):
+            raise DownloadError(f"output URL redirects to a {url.scheme or 'relative'} URL; refused",
+                                permanent=True)
+    raise DownloadError(f"output URL redirects more than {C.MAX_OUTPUT_REDIRECTS} times")
+
+
+def _decoder(resp: aiohttp.ClientResponse) -> Any:
+    """A zlib decoder for a body sent with Content-Encoding, else None (the usual case)."""
+    coding = resp.headers.get("Content-Encoding")
+    if coding is None:
+        return None
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return None
+    wbits = _CODINGS.get(coding)
+    if wbits is None:
+        raise DownloadError(f"output sent with Content-Encoding '{coding}', which batchgen does not "
+                            "decode (it asks for none)", permanent=True)
+    return zlib.decompressobj(wbits)
+
+
+def _too_large(max_bytes: int, detail: str) -> DownloadError:
+    return DownloadError(f"output is over the size cap of {max_bytes:,} bytes ({detail}); refused "
+                         "(raise max_output_size in batchgen.toml if it is genuine)", permanent=True)
+
+
+def _check_rate(got: int, limits: DownloadLimits) -> None:
+    """A download that received less than the least rate over the window just closed is left
+    for a later try (its bytes are kept for a Range resume): a trickling host must not hold a
+    download slot for hours."""
+    if got < limits.min_rate * limits.rate_window:
+        raise DownloadError(f"download too slow: {got / limits.rate_window:,.0f} bytes/s over "
+                            f"{limits.rate_window:g} s (the least is {limits.min_rate:,.0f}); will try again")
 
 
 def discard_partials(folder: str | os.PathLike[str], key: str) -> None:
@@ -234,10 +393,25 @@ def _unlink(path: str) -> None:
         pass
 
 
+def _create(path: str, append: bool = False) -> BinaryIO:
+    """Open a file of ours for writing, never through a symlink or into another file: a link
+    planted under a .part name (by another user of a shared folder, or by a name an API answer
+    chose) would otherwise have us write wherever it points. A fresh file replaces whatever is
+    under its name (unlinking a symlink removes the link, not its target) and is created
+    exclusively; a resumed one is opened only if it is not a symlink (download checked that it
+    is a plain file with one link)."""
+    if append:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW)
+        return open(fd, "ab")
+    _unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+    return open(fd, "wb")
+
+
 def _open_part(folder: str, part: str, append: bool) -> BinaryIO:
     """Make the batch's folder and open its .part file: to append to (a resume) or afresh."""
     os.makedirs(folder or ".", exist_ok=True)
-    return open(part, "ab" if append else "wb")  # noqa: SIM115 - closed by _close_part
+    return _create(part, append)
 
 
 def _close_part(fh: BinaryIO, part: str, pending: bytearray, discard: bool) -> None:
@@ -259,7 +433,7 @@ def _close_part(fh: BinaryIO, part: str, pending: bytearray, discard: bool) -> N
 def _save_partial(folder: str, part: str, data: bytearray) -> None:
     """Keep the bytes of a broken small transfer in its .part file, for a Range resume."""
     os.makedirs(folder or ".", exist_ok=True)
-    with open(part, "wb") as fh:
+    with _create(part) as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -273,7 +447,7 @@ def _write_file(dest: str, part: str, data: bytearray) -> None:
     if _O_TMPFILE and folder not in _no_tmpfile and _write_unnamed(folder, dest, part, data):
         return
     try:
-        with _in_folder(folder, lambda: open(part, "wb")) as fh:
+        with _in_folder(folder, lambda: _create(part)) as fh:
             fh.write(data)
         os.replace(part, dest)
     except OSError:

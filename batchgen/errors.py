@@ -86,8 +86,8 @@ class APIStatusError(APIError):
         self.status = status
         self.error_code = error_code
         self.retry_after = retry_after
-        # True when the body was RunComfy's error envelope: the API itself answered, so for a
-        # submit the request was refused rather than lost somewhere on the way.
+        # True when the body was RunComfy's error envelope: the API itself answered. With a 4xx
+        # code the request was refused; with a 5xx one it failed, maybe after creating the job.
         self.envelope = envelope
 
 
@@ -118,7 +118,10 @@ class InvalidRequestError(APIStatusError):
 class DownloadError(BatchgenError):
     """An output file could not be downloaded intact."""
 
-    def __init__(self, message: str, *, status: int | None = None, expired: bool = False):
+    def __init__(self, message: str, *, status: int | None = None, expired: bool = False,
+                 permanent: bool = False):
         super().__init__(message)
         self.status = status
         self.expired = expired
+        # Trying again cannot help (a host not allowed, an output over the size cap): the job fails.
+        self.permanent = permanent

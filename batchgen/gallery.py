@@ -26,6 +26,7 @@ from .errors import UsageError
 from .manifest import IMAGE_ALIASES
 from .schema import find_schema
 from .store import Job, Output, Store
+from .text import printable
 
 GALLERY_FILENAME = "gallery.html"
 
@@ -100,7 +101,7 @@ def _images(job: Job, image_fields: set[str]) -> list[str]:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(printable(str(value), keep_newlines=True), quote=True)
 
 
 def _setting_value(value: Any) -> str:

@@ -29,6 +29,7 @@ import ipaddress
 import itertools
 import json
 import math
+import os
 import re
 import string
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ from urllib.parse import quote, urlsplit
 
 import yaml
 
-from .constants import DEFAULT_MODEL
+from .constants import ALIAS_EXPANSION_RATIO, ALIAS_FREE_NODES, DEFAULT_MAX_EXPAND, DEFAULT_MODEL, WORKDIR_FILES
 from .errors import ManifestError, Problem
 from .schema import ModelSchema, SchemaError, find_schema
 
@@ -50,6 +51,8 @@ IMAGE_ALIASES = ("image", "image_url", "image_urls", "images", "image_path")
 # Without a schema, fields whose names look like these may hold local image paths.
 _IMAGE_NAME = re.compile(r"(image|img)", re.IGNORECASE)
 _BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Names Windows keeps for devices, with any extension: a folder cannot have them.
+_DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 LIST_SEPARATOR = "|"  # several values in one CSV cell: "a.jpg|b.jpg"
 
@@ -107,6 +110,21 @@ _Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+def batch_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a batch, if it cannot. A batch's outputs go to the folder
+    ``<work directory>/<name>``, so the name must be a folder name on every system, and none of
+    the files batchgen keeps there (compared without case: macOS and Windows ignore it)."""
+    if not _BATCH_NAME.match(name) or name.endswith("."):
+        return (f"batch name '{name}' is not allowed; use letters, digits, '.', '_' and '-', starting with a "
+                "letter or digit and not ending with '.' (it becomes a folder name)")
+    if name.lower() in WORKDIR_FILES:
+        return (f"batch name '{name}' is reserved: batchgen keeps a file or folder of that name in the work directory; "
+                "choose another name")
+    if name.split(".")[0].upper() in _DEVICE_NAMES:
+        return f"batch name '{name}' is a device name on Windows and cannot be a folder there; choose another name"
+    return None
 
 
 def is_image_name(name: str) -> bool:
@@ -225,8 +243,10 @@ class Manifest:
     the expanded jobs; ``duplicates`` counts jobs it skipped because an earlier one had their key.
     """
 
-    def __init__(self, path: str | Path, *, batch: str | None = None, schema_path: str | Path | None = None):
+    def __init__(self, path: str | Path, *, batch: str | None = None, schema_path: str | Path | None = None,
+                 max_expand: int = DEFAULT_MAX_EXPAND):
         self.path = Path(path)
+        self.max_expand = max_expand
         self.file = self.path.name
         self.folder = self.path.resolve().parent
         self.name = ""
@@ -264,11 +284,11 @@ class Manifest:
             self._problem("", "", f"unsupported manifest type '{self.path.suffix}'; use .yaml, .yml or .csv")
             self._fatal = True
 
+        self._batch_given = batch is not None
         self.name = batch if batch is not None else given_name or self._name_from_file()
-        if not _BATCH_NAME.match(self.name):
-            self._problem(self._where("name") if batch is None else "", "name",
-                          f"batch name '{self.name}' is not allowed; use letters, digits, '.', '_' and '-', "
-                          "starting with a letter or digit (it becomes a folder name)")
+        why = batch_name_problem(self.name)
+        if why:
+            self._problem(self._where("name") if batch is None else "", "name", why)
         try:
             self.schema = find_schema(self.model_id, schema_file)
         except SchemaError as exc:
@@ -282,6 +302,8 @@ class Manifest:
                               f"the schema file is for model '{self.schema.model_id}' but the manifest's model "
                               f"is '{self.model_id}'; use the matching schema or set model: {self.schema.model_id}")
         self._image_fields = self.schema.image_fields() if self.schema else {}
+        if not self._fatal:
+            self._check_size()
 
     # ---- problems ------------------------------------------------------------------------------
 
@@ -324,6 +346,13 @@ class Manifest:
             loader = _Loader(text)  # checks for unprintable characters already
             try:
                 root = loader.get_single_node()
+                # Aliases are checked before any value is built: PyYAML shares an aliased value
+                # rather than copying it, but every later walk (checks, job keys) would not.
+                bomb = _alias_bomb(root) if root is not None and "&" in text and "*" in text else None
+                if bomb is not None:
+                    self._problem(*bomb)
+                    self._fatal = True
+                    return None, False, None
                 data = loader.construct_document(root) if root is not None else {}
             finally:
                 loader.dispose()
@@ -469,6 +498,50 @@ class Manifest:
                 loc = f"line {lines[k]}" if k in lines else where if where.startswith("line") else self._where(where)
                 self._problem(loc, k, why)
 
+    def check_workdir(self, workdir: Path) -> None:
+        """Refuse a batch name taken by a file of the work directory the batch would run in: its
+        outputs go to the folder ``workdir/<name>``."""
+        folder = Path(workdir) / self.name
+        if batch_name_problem(self.name) is None and os.path.lexists(folder) and not folder.is_dir():
+            self._problem("" if self._batch_given else self._where("name"), "name",
+                          f"batch name '{self.name}' is taken by the file {folder} in the work directory; "
+                          "choose another name")
+
+    def _check_size(self) -> None:
+        """Refuse a manifest that expands to more than ``max_expand`` jobs, counted before
+        anything is expanded: a matrix or a ``repeat`` multiplies, and a few lines can ask for
+        more jobs than memory or a lifetime holds."""
+        limit = self.max_expand
+        combos = math.prod(len(v) for v in self.matrix.values())
+        per_job = combos * self.repeat
+        parts = []
+        if self.matrix:
+            sizes = ", ".join(f"{k}: {len(v)}" for k, v in self.matrix.items())
+            parts.append(f"{combos:,} matrix combinations ({sizes})")
+        if self.repeat > 1:
+            parts.append(f"repeat {self.repeat:,}")
+        where = "matrix" if self.matrix else "repeat"
+        if per_job > limit:
+            how = " x ".join(parts) + " for each job"
+            self._problem(self._where(where), where, self._too_many(f"{per_job:,}", how))
+            self._fatal = True
+            return
+        listed, rows = len(self._jobs), 0
+        if self._rows is not None and (listed + _line_count(self._rows)) * per_job > limit:
+            rows = _row_count(self._rows)  # exactly, only when an upper bound says it may matter
+        jobs = listed + rows
+        if jobs * per_job > limit:
+            written = " + ".join([*([f"{listed:,} jobs"] if listed else []), *([f"{rows:,} CSV rows"] if rows else [])])
+            location = self._where(where if parts else "rows" if self._rows is not None else "jobs")
+            self._problem(location, where if parts else "", self._too_many(f"{jobs * per_job:,}",
+                                                                            " x ".join([written, *parts])))
+            self._fatal = True
+
+    def _too_many(self, count: str, how: str = "") -> str:
+        how = f" ({how})" if how else ""
+        return (f"the manifest expands to {count} jobs{how}, over the limit of {self.max_expand:,}; "
+                "if you mean it, raise the limit with --max-expand N")
+
     def use_schema(self, schema: ModelSchema | None) -> None:
         """Check against another schema (``validate --schema``) than the one the manifest found."""
         self.schema = schema
@@ -604,7 +677,14 @@ class Manifest:
         levels: Iterator[_Level] = iter(self._jobs)
         if self._rows is not None:
             levels = itertools.chain(levels, self._csv_levels())
+        per_level = len(combos or [None]) * self.repeat
+        made = 0
         for level in levels:
+            # A backstop: _check_size counted the jobs before, unless the CSV file grew since.
+            made += per_level
+            if made > self.max_expand:
+                self._add(Problem(level.file, level.location, "", self._too_many(f"more than {self.max_expand:,}")))
+                return
             own = self._normalize(level.values, level)
             for raw_combo, combo in combos or [({}, {})]:
                 for rep in range(self.repeat):
@@ -858,6 +938,76 @@ def _decoded_lines(fh: Any) -> Iterator[str]:
             raise _NotText(lineno, exc.reason) from None
 
 
+def _line_count(path: Path) -> int:
+    """An upper bound of a CSV file's data rows, fast (a quoted cell may span lines)."""
+    lines, last = 0, b"\n"
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                lines += block.count(b"\n")
+                last = block[-1:]
+    except OSError:
+        return 0  # reported when the rows are read
+    return max(0, lines + (last != b"\n") - 1)  # less the header
+
+
+def _row_count(path: Path) -> int:
+    """A CSV file's data rows, blank lines left out, read as iter_jobs reads them (without
+    casting or expanding anything). What cannot be read counts as the rows before it: the
+    reading itself reports it."""
+    rows = -1  # the header
+    try:
+        with open(path, "rb") as fh:
+            for row in csv.reader(_decoded_lines(fh)):
+                if rows < 0 or any(cell.strip() for cell in row):
+                    rows += 1
+    except (OSError, csv.Error, _NotText):
+        pass
+    return max(0, rows)
+
+
+def _alias_bomb(root: yaml.Node) -> tuple[str, str, str] | None:
+    """(location, field, message) when YAML aliases expand the document beyond what its
+    written size justifies (a "billion laughs": nine lines asking for 387 million values).
+
+    Counts each node's size with its aliases expanded, each distinct node once (sizes are
+    remembered), so it costs the nodes written, not the nodes meant. A node that contains itself
+    counts once here; building its value reports it."""
+    sizes: dict[int, int] = {}
+    nodes: dict[int, yaml.Node] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        kids = _children(node)
+        if children_done:
+            sizes[key] = 1 + sum(sizes.get(id(k), 1) for k in kids)
+            continue
+        if key in nodes:
+            continue
+        nodes[key] = node
+        stack.append((node, True))
+        stack.extend((k, False) for k in kids if id(k) not in nodes)
+    expanded = sizes[id(root)]
+    limit = max(ALIAS_FREE_NODES, ALIAS_EXPANSION_RATIO * len(nodes))
+    if expanded <= limit:
+        return None
+    # Point at the smallest value over the limit: where the aliases cross it.
+    size, node = min(((sizes[k], n) for k, n in nodes.items() if sizes[k] > limit), key=lambda sn: sn[0])
+    return (f"line {node.start_mark.line + 1}", "",
+            f"YAML aliases (*name) expand the file to {expanded:,} values from {len(nodes):,} written "
+            f"(this one alone to {size:,}); at most {limit:,} are allowed: write the values out, or use "
+            "defaults, matrix or repeat")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
 def _listify(value: Any, is_list: bool) -> Any:
     """A string for a list field becomes a list ('a.jpg|b.jpg' for several); a one-item list for a
     single-URL field becomes its item."""
@@ -868,10 +1018,11 @@ def _listify(value: Any, is_list: bool) -> Any:
     return value
 
 
-def load_manifest(path: str | Path, batch: str | None = None, schema_path: str | Path | None = None) -> Manifest:
+def load_manifest(path: str | Path, batch: str | None = None, schema_path: str | Path | None = None,
+                  max_expand: int = DEFAULT_MAX_EXPAND) -> Manifest:
     """Load a manifest (YAML or CSV by extension). What is wrong with it is in ``problems``, filled
     further by ``iter_jobs()``; validate.py reports them all together."""
     path = Path(path)
     if not path.exists():
         raise ManifestError([Problem(str(path), "", "", "file not found")])
-    return Manifest(path, batch=batch, schema_path=schema_path)
+    return Manifest(path, batch=batch, schema_path=schema_path, max_expand=max_expand)

@@ -16,9 +16,11 @@ from typing import IO, Any
 
 from . import store as S
 from .runner import Event
+from .text import printable
 
 # Which events a line is written for, by verbosity: quiet (-q), normal, verbose (-v).
-_NORMAL = {S.IN_QUEUE, S.SUCCEEDED, S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE, "stop", "cap"}
+_NORMAL = {S.IN_QUEUE, S.SUCCEEDED, S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE, "stop", "cap",
+           "outage"}
 _VERBOSE = _NORMAL | {S.IN_PROGRESS, S.DOWNLOADING, "retry", "note"}
 _QUIET = {"stop", S.UNKNOWN, S.OVERDUE}  # money that may be at stake
 
@@ -42,7 +44,8 @@ def event_record(event: Event) -> dict[str, Any]:
         if event.job.request_id:
             rec["request_id"] = event.job.request_id
     if event.message:
-        rec["message"] = event.message
+        # Often the API's own words (an error message): shown as text, never obeyed by a terminal.
+        rec["message"] = printable(event.message)
     return rec
 
 
@@ -54,11 +57,10 @@ def format_line(event: Event, fmt: str) -> str:
     if event.job is not None:
         text += f"{event.job.batch}/{event.job.key} {event.kind}"
         if event.message:
-            text += f": {event.message}"
+            text += f": {rec['message']}"
     else:
-        text += event.message or event.kind
-    # One event, one line: messages from the API may carry newlines.
-    return text.replace("\r", " ").replace("\n", " ")
+        text += rec.get("message") or event.kind
+    return text
 
 
 class LineLog:
@@ -103,7 +105,7 @@ class Panel:
         self.live.__exit__(None, None, None)
 
     def note(self, event: Event) -> None:
-        if event.kind in (S.FAILED, S.UNKNOWN, S.TIMED_OUT, S.OVERDUE, "stop", "cap"):
+        if event.kind in (S.FAILED, S.UNKNOWN, S.TIMED_OUT, S.OVERDUE, "stop", "cap", "outage"):
             self.recent = (self.recent + [format_line(event, "text")])[-5:]
 
     def update(self, counts: dict[str, dict[str, int]], cap: int, spent: float) -> None:

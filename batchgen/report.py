@@ -23,6 +23,7 @@ import pandas as pd
 from .app import find_batch
 from .errors import UsageError
 from .store import SIMULATOR_API, Job, Output, Store
+from .text import spreadsheet_cell
 
 # Several values in one cell (image lists, several outputs): a separator that never appears in
 # a URL or a hex digest, and reads well in a spreadsheet.
@@ -118,10 +119,10 @@ def write_report(df: pd.DataFrame, out: Path) -> None:
     out = Path(out)
     ext = out.suffix.lower()
     writers: dict[str, tuple[str | None, Callable[[pd.DataFrame, Path], None]]] = {
-        ".csv": (None, lambda d, p: d.to_csv(p, index=False)),
+        ".csv": (None, lambda d, p: _for_spreadsheets(d).to_csv(p, index=False)),
         ".json": (None, _write_json),
         ".parquet": ("pyarrow", lambda d, p: d.to_parquet(p, index=False)),
-        ".xlsx": ("openpyxl", lambda d, p: d.to_excel(p, index=False, sheet_name="jobs")),
+        ".xlsx": ("openpyxl", lambda d, p: _for_spreadsheets(d).to_excel(p, index=False, sheet_name="jobs")),
     }
     if ext not in writers:
         raise UsageError(f"cannot write a report as '{ext or out.name}'; use one of: {', '.join(FORMATS)}")
@@ -142,6 +143,18 @@ def write_report(df: pd.DataFrame, out: Path) -> None:
         raise UsageError(f"cannot write {out}: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _for_spreadsheets(df: pd.DataFrame) -> pd.DataFrame:
+    """CSV and Excel files are opened in spreadsheets, which run a cell starting with '=' (an
+    error message "=HYPERLINK(...)" from the API, a prompt) as a formula: text cells are made
+    plain text there (text.spreadsheet_cell). Numbers stay numbers. JSON and Parquet are read by
+    programs, which get the values as recorded."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object:
+            out[col] = out[col].map(spreadsheet_cell)
+    return out
 
 
 def _write_json(df: pd.DataFrame, path: Path) -> None:

@@ -39,12 +39,13 @@ from . import constants as C
 from . import crashpoints
 from . import store as S
 from .client import FINISHED_STATUSES, Result, RunComfyClient
-from .downloads import download, output_name
+from .downloads import DownloadLimits, download, output_name
 from .durability import BOOT_ID, Flusher, file_intact
 from .errors import (
     APIError,
     BatchgenError,
     DownloadError,
+    InsufficientBalanceError,
     MalformedAnswerError,
     NotFoundError,
     RateLimitError,
@@ -52,7 +53,8 @@ from .errors import (
     UsageError,
 )
 from .limits import AdaptiveCap, Slots, TokenBucket
-from .retry import Call, Decision, RetryPolicy, classify
+from .outputhosts import OutputHosts
+from .retry import Call, Decision, Outage, RefusalStreak, RetryPolicy, classify
 from .store import Job, Output, Store
 
 log = logging.getLogger(__name__)
@@ -80,18 +82,21 @@ class RunSettings:
     job_timeout: float | None = C.DEFAULT_JOB_TIMEOUT
     overdue_poll_interval: float = C.OVERDUE_POLL_INTERVAL
     not_found_grace: float = C.NOT_FOUND_GRACE  # seconds after submit a 404001 is not believed
+    outage_budget: float = C.OUTAGE_BUDGET  # seconds the API may stay unreachable before the run stops
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     first_poll_delay: float = C.FIRST_POLL_DELAY
     min_poll_interval: float = C.MIN_POLL_INTERVAL
     max_poll_interval: float = C.MAX_POLL_INTERVAL
     flush_every: float = C.FLUSH_EVERY  # seconds between flushes of small files (durability.py)
+    output_hosts: tuple[str, ...] = ()  # allowed besides RunComfy's and the API's (outputhosts.py)
+    download_limits: DownloadLimits = field(default_factory=DownloadLimits)
 
 
 @dataclass(frozen=True)
 class Event:
     """Something worth telling the user: a job changed state, or the run did something."""
 
-    kind: str  # a job state, or 'cap', 'stop', 'retry', 'note'
+    kind: str  # a job state, or 'cap', 'stop', 'retry', 'note', 'outage' (the API unreachable, or back)
     job: Job | None
     message: str = ""
 
@@ -100,8 +105,11 @@ class Event:
 class RunSummary:
     submitted: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # terminal state -> count, this run
-    stop_reason: str | None = None  # 'interrupted', 'deadline', 'max_jobs', 'balance', None
+    # 'interrupted', 'deadline', 'max_jobs', 'budget', 'balance', 'refused', 'outage', 'error', None
+    stop_reason: str | None = None
     account_error: str | None = None
+    # For a stop the user must act on ('refused', 'outage'): what happened and what to do, one line.
+    stop_message: str | None = None
     elapsed: float = 0.0
     api_calls: dict[str, int] = field(default_factory=dict)
     spent_usd: float = 0.0  # costs the API reported for jobs finished in this run
@@ -109,26 +117,40 @@ class RunSummary:
 
 class Budget:
     """Money committed by this run: costs reported for finished jobs, plus an estimate for each
-    job still at the provider. The estimate is the model's base price when known, else the
-    largest cost seen so far."""
+    job sent whose cost is not known: still out, or gone without reporting one (a submit whose
+    answer was lost, a job timed out). The estimate is the model's base price when known, else
+    the largest cost reported so far. With neither, nothing bounds what a job costs, so only one
+    job may be out at a time until one reports its cost (``waits_for_a_price``)."""
 
     def __init__(self, limit: float | None, estimate: float | None):
         self.limit = limit
         self.estimate = estimate
         self.spent = 0.0
         self._open: set[int] = set()
+        self._unreported = 0  # jobs that may have cost something and will never say what
 
     def started(self, job_id: int) -> None:
         self._open.add(job_id)
 
     def finished(self, job_id: int, cost: float | None) -> None:
+        """The job's cost is known (None: it certainly cost nothing, e.g. a refused submit)."""
         self._open.discard(job_id)
         if cost is not None:
             self.spent += cost
-            self.estimate = max(self.estimate or 0.0, cost)
+            if cost > 0:  # a failed job's 0 says nothing of the price of one that succeeds
+                self.estimate = max(self.estimate or 0.0, cost)
+
+    def left(self, job_id: int) -> None:
+        """The job is no longer followed and reported no cost (see the class docstring)."""
+        if job_id in self._open:
+            self._open.discard(job_id)
+            self._unreported += 1
 
     def committed(self) -> float:
-        return self.spent + len(self._open) * (self.estimate or 0.0)
+        return self.spent + (len(self._open) + self._unreported) * (self.estimate or 0.0)
+
+    def waits_for_a_price(self) -> bool:
+        return self.limit is not None and self.estimate is None and bool(self._open)
 
     def allows_another(self) -> bool:
         if self.limit is None:
@@ -268,7 +290,12 @@ class Runner:
         self.client.limiter = TokenBucket(self.s.rate) if self.s.rate > 0 else None
         self.planner = PollPlanner(self.s)
         self.budget = Budget(self.s.max_cost, price_estimate)
+        # Submit failures that are the run's rather than the job's: an API that cannot be
+        # reached, a refusal every job meets.
+        self._outage = Outage(self.s.outage_budget, self.s.policy)
+        self._streak: RefusalStreak[Job] = RefusalStreak()
         self._dl_session = download_session
+        self._output_hosts = OutputHosts(client.base_url, self.s.output_hosts)
         self._resolve = resolve_inputs or local_file_resolver(None)
         self._on_event = on_event
         self._dl_sem = asyncio.Semaphore(max(1, self.s.download_concurrency))
@@ -350,7 +377,7 @@ class Runner:
         if own_dl:
             from .downloads import make_session
 
-            self._dl_session = make_session(self.s.download_concurrency)
+            self._dl_session = make_session(self.s.download_concurrency, self._output_hosts)
         try:
             await self._resume()
             submit_loop = asyncio.create_task(self._submit_loop(), name="submit-loop")
@@ -557,8 +584,8 @@ class Runner:
             self._fatal = exc.__cause__ or exc
         elif self._fatal is None:
             # A bug or a store failure: stop the run rather than go on with a store we cannot trust.
-            # A store failure is said in one line (the run ends with it); a bug shows its traceback.
-            log.error("a runner task failed: %s", exc, exc_info=None if isinstance(exc, StoreError) else exc)
+            # The run raises it, and the CLI reports it in one line: here only for -vv.
+            log.debug("internal error in a runner task", exc_info=exc)
             self._fatal = exc
         self.stop("error")
 
@@ -592,14 +619,21 @@ class Runner:
             if self.s.max_jobs is not None and self._summary.submitted >= self.s.max_jobs:
                 self._end_submitting("max_jobs", f"--max-jobs {self.s.max_jobs} reached; no more submits")
                 break
-            if self.s.max_cost is not None:
-                if not self.budget.allows_another():
-                    self._end_submitting("budget", f"--max-cost {self.s.max_cost:g} USD reached "
-                                         f"(spent {self.budget.spent:.2f}, committed {self.budget.committed():.2f})")
+            if self.budget.waits_for_a_price():
+                self._wake.clear()
+                await self._nap(0.5)
+                continue
+            if not self.budget.allows_another():
+                self._end_submitting("budget", f"--max-cost {self.s.max_cost:g} USD reached "
+                                     f"(spent {self.budget.spent:.2f}, committed {self.budget.committed():.2f})")
+                break
+            if self._outage.active:
+                if self._outage.exhausted():
+                    self._give_up_on_outage()
                     break
-                if self.budget.estimate is None and self._remote:
-                    # No price known yet: one job at a time until the first cost comes back.
-                    await self._nap(0.5)
+                if self._outage.wait() > 0:
+                    self._wake.clear()
+                    await self._nap(min(self._outage.wait(), 1.0))
                     continue
             await self.slots.acquire()
             if self._stop_submitting is not None or self._closing:
@@ -609,7 +643,8 @@ class Runner:
             # turn made the database the bottleneck of a fast provider. A budget claims one at a
             # time so that each job is checked against it.
             want = 1
-            limit = 1 if self.s.max_cost is not None else _CLAIM_BATCH
+            # An outage: one job probes whether the API is back.
+            limit = 1 if self.s.max_cost is not None or self._outage.active else _CLAIM_BATCH
             if self.s.max_jobs is not None:
                 limit = min(limit, self.s.max_jobs - self._summary.submitted)
             while want < limit and self.slots.try_acquire():
@@ -640,6 +675,8 @@ class Runner:
                 self._wake.clear()
                 await self._nap(min(delay, 1.0))
                 continue
+            if self._outage.active:
+                self._outage.probing()
             for job in jobs:
                 self._summary.submitted += 1
                 self.budget.started(job.id)  # committed from the moment it may be sent
@@ -705,6 +742,8 @@ class Runner:
 
     async def _submitted(self, job: Job, request_id: str) -> None:
         now = time.time()
+        self._streak.accepted()
+        self._api_answered()
         # The request id is the only handle on a paid job: it is committed even if we are
         # cancelled right now (the next run then follows the job).
         await self.store.transition(
@@ -722,9 +761,26 @@ class Runner:
     async def _submit_failed(self, job: Job, exc: BaseException) -> None:
         decision = Decision.FAIL if isinstance(exc, UsageError) else classify(exc, Call.SUBMIT)
         code = getattr(exc, "error_code", None)
-        if decision is not Decision.UNKNOWN:
-            self.budget.finished(job.id, None)  # refused: nothing to pay (an unknown one may be)
+        if decision is Decision.UNKNOWN:
+            self.budget.left(job.id)  # it may exist, and be paid for
+        else:
+            self.budget.finished(job.id, None)  # refused, or never sent: nothing to pay
+        if decision is Decision.UNREACHABLE:
+            if not self._outage.active:
+                self._emit("outage", None, f"API unreachable ({exc}): submits wait for it, at most "
+                           f"--outage-budget {self.s.outage_budget:g}s")
+            self._outage.failed(str(exc))
+        elif isinstance(exc, APIError):
+            self._api_answered()  # even if only to refuse
         try:
+            if decision is Decision.UNREACHABLE:
+                await self._unclaim(job, exc, f"API unreachable, waiting for it: {exc}")
+                self._emit("retry", job, f"API unreachable ({exc}); waiting for it")
+                if self._outage.exhausted():
+                    self._give_up_on_outage()
+                return
+            if decision is Decision.FAIL and await self._refused_like_every_job(job, exc):
+                return
             if decision is Decision.RETRY:
                 if isinstance(exc, RateLimitError) and self.cap.on_throttle():
                     self._emit("cap", None, f"provider throttling; in-flight cap now {self.cap.value}")
@@ -748,16 +804,17 @@ class Runner:
                     finished_at=time.time(), detail="submit answer lost; not resubmitted",
                 )
             elif decision in (Decision.STOP_SUBMITTING, Decision.FATAL):
-                # Certainly refused: the job goes back as it was, the attempt does not count.
-                await self.store.transition(
-                    job, S.PENDING, expect=(S.SUBMITTING,), attempts=max(0, job.attempts - 1),
-                    error=str(exc), error_code=code, detail=f"refused: {exc}",
-                )
-                self._summary.submitted -= 1
-                self._summary.account_error = str(exc)
+                await self._unclaim(job, exc, f"refused: {exc}")
                 if decision is Decision.FATAL:
+                    self._summary.account_error = str(exc)
                     raise _Fatal(str(exc)) from exc
-                self._end_submitting("balance", f"{exc}; no more submits, finishing jobs in flight")
+                if isinstance(exc, InsufficientBalanceError):
+                    self._summary.account_error = str(exc)
+                    self._end_submitting("balance", f"{exc}; no more submits, finishing jobs in flight")
+                else:  # an unknown model: every job of it would be refused alike
+                    self._refused_everywhere(
+                        f"{exc}: no job of model '{job.model_id}' can be submitted; check the "
+                        "model id (and --api-url), then run again: the jobs are still pending")
                 return
             else:
                 await self.store.transition(
@@ -767,6 +824,59 @@ class Runner:
             self._finished(job, str(exc))
         finally:
             self.slots.release()
+
+    async def _unclaim(self, job: Job, exc: BaseException, detail: str, was: str = S.SUBMITTING) -> None:
+        """The job was certainly not created and the fault is not its own: back to pending as it
+        was, the attempt not counted."""
+        await self.store.transition(
+            job, S.PENDING, expect=(was,), attempts=max(0, job.attempts - 1), error=str(exc),
+            error_code=getattr(exc, "error_code", None), finished_at=None, detail=detail,
+        )
+        self._summary.submitted -= 1  # counts when it is created
+
+    async def _refused_like_every_job(self, job: Job, exc: BaseException) -> bool:
+        """Whether this refusal is one every job meets (retry.RefusalStreak). Then submitting
+        stops, and this job, with those of the streak failed meanwhile, goes back to pending for
+        a run after the fix. Nothing is awaited before the streak is updated: the jobs it
+        holds have their 'failed' write queued already, ahead of the one that undoes it."""
+        if self._streak.same(exc):
+            await self._unclaim(job, exc, f"refused like the jobs before it: {exc}")
+            return True
+        if not self._streak.refused(job.id, job, exc):
+            return False
+        self._refused_everywhere(
+            f"the API refused the first {len(self._streak.items)} submits the same way: {exc}; "
+            "fix that, then run again: the jobs are still pending")
+        for other in list(self._streak.items.values()):
+            if other is job:
+                await self._unclaim(job, exc, f"refused like the jobs before it: {exc}")
+                continue
+            await self._unclaim(other, exc, f"refused like the jobs after it: {exc}", was=S.FAILED)
+            left = self._summary.finished.pop(S.FAILED, 0) - 1
+            if left > 0:
+                self._summary.finished[S.FAILED] = left
+            self._emit(S.PENDING, other, "back to pending: every job is refused the same way")
+        return True
+
+    def _refused_everywhere(self, message: str) -> None:
+        """Stop submitting: ``message`` (what the API refuses, what to do) ends the run's output."""
+        if self._stop_submitting is None:
+            self._summary.stop_message = message
+        self._end_submitting("refused", "no more submits: the API refuses every job alike; "
+                             "finishing the jobs already submitted")
+
+    def _api_answered(self) -> None:
+        if self._outage.active:
+            self._emit("outage", None, f"API reachable again after {self._outage.lasted():.1f}s")
+            self._outage.ended()
+
+    def _give_up_on_outage(self) -> None:
+        if self._stop_submitting is None:
+            self._summary.stop_message = (
+                f"the API has been unreachable for {self._outage.lasted():.0f}s, longer than "
+                f"--outage-budget {self.s.outage_budget:g}s ({self._outage.last_error}); the jobs "
+                "not submitted are still pending: run again to go on")
+        self.stop("outage")
 
     # ---- polling -------------------------------------------------------------------------------
 
@@ -961,6 +1071,7 @@ class Runner:
     def _leave_provider(self, job: Job) -> None:
         self._remote.pop(job.id, None)
         self._overdue.discard(job.id)
+        self.budget.left(job.id)  # no-op once its result reported a cost
         self._stop_scouting(job)
         self._free_slot(job)
 
@@ -1123,12 +1234,13 @@ class Runner:
                             # result (then it is resumed, and removed once the file is whole).
                             resume=unrecorded is None or job.id in self._from_earlier_run,
                             before_streaming=record if unrecorded is not None else None,
+                            hosts=self._output_hosts, limits=self.s.download_limits,
                         )
                     except DownloadError as exc:
                         await record()
                         tries += 1
                         decision = classify(exc, Call.DOWNLOAD)
-                        if tries > self.s.policy.max_call_retries:
+                        if decision is Decision.FAIL or tries > self.s.policy.max_call_retries:
                             await self._output_lost(job, exc)
                             return
                         # An expired URL, or one failing again and again (a host that moved):

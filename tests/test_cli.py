@@ -4,6 +4,7 @@ status, plan, models, config files."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -170,3 +171,116 @@ def test_a_work_directory_without_leftovers_gets_a_new_store(samples):
     Path("jobs").mkdir()
     Path("jobs/batchgen.toml").write_text("concurrency = 6\n")
     assert cli("run", str(samples / "quickstart.yaml"), "--simulate").exit_code == 0
+
+
+# ---- hostile or mistaken input: limits, names, URLs, log files, crashes --------------------------
+
+
+def test_max_expand_refuses_a_manifest_bomb_and_can_be_raised(samples):
+    bomb = samples / "bomb.yaml"
+    bomb.write_text("jobs: [{prompt: p, image: images/street.jpg}]\nmatrix: {seed: [1, 2, 3]}\n"
+                    "repeat: 1000000000\n")
+    for command in (["validate", str(bomb)], ["plan", str(bomb)], ["run", str(bomb), "--simulate"]):
+        result = cli(*command)
+        assert result.exit_code == 2, result.output
+        assert ("bomb.yaml, line 2, field 'matrix': the manifest expands to 3,000,000,000 jobs" in result.output
+                and "--max-expand N" in result.output)
+    bomb.write_text("jobs: [{prompt: p, image: images/street.jpg}]\nmatrix: {seed: [1, 2, 3]}\n")
+    assert cli("validate", str(bomb), "--simulate", "--max-expand", "2").exit_code == 2
+    ok = cli("validate", str(bomb), "--simulate", "--max-expand", "3")
+    assert ok.exit_code == 0 and "3 job(s), all valid" in ok.output
+
+
+def test_batch_names_that_collide_with_the_work_directory(samples):
+    quick = str(samples / "quickstart.yaml")
+    result = cli("run", quick, "--simulate", "--batch", "batchgen.sqlite3")
+    assert result.exit_code == 2 and "batch name 'batchgen.sqlite3' is reserved" in result.output
+    (samples.parent / "jobs").mkdir()
+    (samples.parent / "jobs" / "README.md").write_text("my notes\n")
+    for command in ("run", "plan"):
+        result = cli(command, quick, "--simulate", "--batch", "README.md")
+        assert result.exit_code == 2 and "batch name 'README.md' is taken by the file" in result.output
+    assert (samples.parent / "jobs" / "README.md").read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("url", ["http://api.example.com/v1", "http://10.0.0.5:8787/v1", "ftp://example.com/v1"])
+def test_a_token_is_never_sent_in_clear_text(done, url):
+    cli("cancel", "quickstart")  # something left to do, and so to send the token for
+    env = {"RUNCOMFY_API_TOKEN": "secret-token"}
+    by_flag = cli("retry", "quickstart", "--api-url", url, env=env)
+    by_env = cli("run", env={**env, "RUNCOMFY_API_URL": url})
+    Path("jobs/batchgen.toml").write_text(f'api_url = "{url}"\n')
+    by_config = cli("run", "--batch", "quickstart", env=env)
+    for result in (by_flag, by_env, by_config):
+        assert result.exit_code == 2, result.output
+        assert f"error: API URL '{url}' is" in result.output and "secret-token" not in result.output
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8787/v1", "http://127.9.9.9/v1", "http://[::1]:8787/v1",
+                                 "http://localhost:8787/v1", "https://api.example.com/v1"])
+def test_plain_http_is_fine_on_this_machine(url):
+    from batchgen import app
+
+    assert app.resolve_api_url(app.Target(api_url=url + "/")) == url
+
+
+def test_log_file_in_a_missing_folder(samples):
+    (samples.parent / "jobs").mkdir()
+    (samples.parent / "jobs" / "batchgen.toml").write_text('log_file = "logs/batchgen.log"\n')  # as in the README
+    result = cli("run", str(samples / "plain.csv"), "--simulate")
+    assert result.exit_code == 0, result.output
+    assert "succeeded" in (samples.parent / "logs" / "batchgen.log").read_text()
+    (samples.parent / "blocked").write_text("a file, not a folder")
+    result = cli("run", str(samples / "plain.csv"), "--simulate", "--log-file", "blocked/run.log")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: cannot open the log file blocked/run.log: blocked is a file, not a folder"]
+
+
+CRASHING_RUN = """
+import sys
+from batchgen import runner
+from batchgen.cli import main
+
+def bug(self, *args, **kwargs):
+    raise RuntimeError("a bug in a runner task")
+
+runner.Runner._finished = bug  # the first job to finish crashes its task
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"]])
+def test_a_crashed_runner_task_is_one_error_line(samples, verbose):
+    import subprocess
+    import sys
+
+    def crash(**env):
+        return subprocess.run([sys.executable, "-c", CRASHING_RUN, "run", str(samples / "quickstart.yaml"),
+                               "--simulate", "-q", *verbose], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})
+
+    result = crash()
+    assert result.returncode == 70
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower() and "stopping" not in line]
+    assert errors == ["error: internal error: RuntimeError: a bug in a runner task "
+                      "(set BATCHGEN_TRACEBACK=1 for details)"], result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Traceback" in crash(BATCHGEN_TRACEBACK="1").stderr
+
+
+def test_a_bug_outside_the_event_loop_is_one_error_line(done, monkeypatch):
+    from batchgen import cli as cli_module
+
+    def bug(counts):
+        raise KeyError("a bug while printing")
+
+    monkeypatch.setattr(cli_module, "_ordered", bug)  # status prints its counts through it
+    result = cli("status")
+    assert result.exit_code == 70
+    assert result.output.splitlines()[-1:] == [
+        "error: internal error: KeyError: 'a bug while printing' (set BATCHGEN_TRACEBACK=1 for details)"]
+    assert "Traceback" not in result.output
+    monkeypatch.setenv("BATCHGEN_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        cli("status")

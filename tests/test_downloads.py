@@ -66,7 +66,7 @@ def test_output_names_are_stable():
     assert output_name("k", 0, "video", "https://cdn.example.com/") == "k.mp4"
     assert output_name("k", 0, "image", "https://h/x.v2/file?name=a.jpg#b.gif") == "k.png"
     assert output_name("k", 0, "image", "https://h/a/b.webp#frag") == "k.webp"
-    assert output_name("k", 0, "video", "https://h/a/b.mp4.part") == "k.part"
+    assert output_name("k", 0, "video", "https://h/a/b.mp4.part") == "k.mp4"  # .part: not a media type
     assert output_name("k", 0, "video", "https://h/a/.hidden") == "k.mp4"
     assert output_name("k", 0, "video", "https://h/a/b.") == "k.mp4"
     assert output_name("k", 0, "video", "https://h/a/b.toolong7") == "k.mp4"
@@ -74,6 +74,17 @@ def test_output_names_are_stable():
     assert output_name("k", 0, "image", "https://h/a/b.webp/") == "k.webp"  # as a path would read
     assert output_name("k", 0, "image", "https://h/a/b.webp/.") == "k.webp"
     assert output_name("k", 0, "video", "ftp://files.example.com") == "k.mp4"  # a host is no name
+
+
+@pytest.mark.parametrize("ending", [".sh", ".html", ".exe", ".py", ".desktop", ".svg", ".mp4.sh", ".part"])
+def test_an_output_extension_comes_from_the_media_list_never_from_the_url(ending):
+    assert output_name("k", 0, "video", f"https://h/out/evil{ending}?x=1") == "k.mp4"
+    assert output_name("k", 1, "image", f"https://h/out/evil{ending}") == "k-1.png"
+
+
+@pytest.mark.parametrize("ext", [".webm", ".mov", ".jpg", ".jpeg", ".gif", ".webp", ".wav", ".mp3"])
+def test_media_extensions_are_kept(ext):
+    assert output_name("k", 0, "video", f"https://h/out/clip{ext.upper()}") == f"k{ext}"
 
 
 def test_partials_of_one_job_are_discarded_and_nothing_else(tmp_path):
@@ -125,6 +136,37 @@ async def test_expired_urls_are_flagged(files, tmp_path, status):
 async def test_refuses_non_http_urls(files, tmp_path):
     with pytest.raises(DownloadError, match="refusing"):
         await download(files["session"], "file:///etc/passwd", tmp_path / "o")
+
+
+async def test_an_empty_partial_left_by_a_kill_is_removed_once_the_file_is_whole(files, tmp_path):
+    """A run killed while keeping a broken transfer's bytes can leave an empty .part: nothing to
+    resume, but not to be left behind either."""
+    (tmp_path / "output.mp4.part").write_bytes(b"")
+    got = await download(files["session"], files["url"], tmp_path / "output.mp4")
+    assert not got.resumed and files["hits"] == [None]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output.mp4"]
+
+
+@pytest.mark.parametrize("way", ["resumed", "fresh", "broken"])
+async def test_a_part_file_is_never_written_through_a_symlink(files, tmp_path, monkeypatch, way):
+    """A link planted under the .part name (a shared folder, a hostile name) must not make the
+    download write where it points: the link is replaced, never followed."""
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    dest = tmp_path / "output.mp4"
+    (tmp_path / "output.mp4.part").symlink_to(victim)
+    monkeypatch.setattr(D, "_O_TMPFILE", 0)  # small files through a named .part as well
+    if way == "broken":
+        files["cut_at"] = 100_000
+        with pytest.raises(DownloadError):
+            await download(files["session"], files["url"], dest, resume=False)
+        part = tmp_path / "output.mp4.part"
+        assert not part.is_symlink() and part.stat().st_size == 100_000
+    else:
+        got = await download(files["session"], files["url"], dest, resume=way == "resumed")
+        assert not got.resumed and not dest.is_symlink() and dest.read_bytes() == BODY
+        assert files["hits"] == [None]  # no range asked for on the strength of the link's target
+    assert victim.read_bytes() == b"precious"
 
 
 @pytest.mark.parametrize("size", ["small", "large"])

@@ -6,26 +6,37 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sqlite3
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiosqlite
 import pytest
+import yaml
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import image_manifest, loopback
-from test_runner import check_outputs_match, manifest, options, submissions_per_seed
+from conftest import SAMPLES, image_manifest, loopback
+from imagefactory import make_image
+from test_runner import check_outputs_match, manifest, options, outputs_by_job, settings, submissions_per_seed
 
 from batchgen import app
 from batchgen import constants as C
 from batchgen import store as S
-from batchgen.cli import main
+from batchgen.cli import EXIT_INTERRUPTED, EXIT_REFUSED, main
 from batchgen.client import RunComfyClient
-from batchgen.errors import MalformedAnswerError
+from batchgen.constants import DEFAULT_MODEL
+from batchgen.downloads import DownloadLimits, download, make_session
+from batchgen.errors import APIResponseLostError, DownloadError, MalformedAnswerError
 from batchgen.migrations import MIGRATIONS, migrate
-from batchgen.runner import RunSettings
+from batchgen.outputhosts import OutputHosts
+from batchgen.runner import Runner, RunSettings
+from batchgen.schema import find_schema
+from batchgen.simulator import FaultConfig, SimConfig, Simulator
 from batchgen.store import Store
+from batchgen.text import printable, spreadsheet_cell
 
 # --- polling and results ---
 # Jobs at the provider that do not end as the protocol says they should: past their timeout and
@@ -271,6 +282,522 @@ def test_the_cli_survives_absurd_numbers(samples):
     ], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert time.monotonic() - started < 60
+
+
+# --- hostile input and text ---
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """batchgen in its own process, as a user runs it: its logging set up as in real life."""
+    return subprocess.run([sys.executable, "-m", "batchgen.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items() if k != "BATCHGEN_TRACEBACK"})
+
+
+def _inert(text: str) -> bool:
+    """Nothing a terminal or a log tool would act on: no ESC, BEL, NUL, CSI (C1) or bidi control."""
+    return not any(ch in text for ch in "\x1b\x07\x00\x9b\u202e")
+
+
+def test_error_text_from_the_api_is_shown_never_obeyed(samples, tmp_path):
+    """Every failed job's error, and the error envelope of a submit, carry a spreadsheet formula,
+    colour, clear-screen, an OSC 8 link, a window title and a NUL (simulator fault hostile_text).
+    None of it reaches the terminal, the log file, status or the gallery as control characters."""
+    log = tmp_path / "logs" / "run.log"
+    run = _run_cli("run", str(samples / "quickstart.yaml"), "--simulate", "-v", "--log-file", str(log),
+                   "--sim-fault", "fail=1", "--sim-fault", "hostile_text=1", "--sim-fault", "script.submit=error200")
+    assert run.returncode == 1, run.stderr
+    for text in (run.stdout, run.stderr, log.read_text()):
+        assert _inert(text)
+    # Shown as text: escaped, each message on its one line.
+    assert "failed: =HYPERLINK(\"https://evil.example/x\",\"click\") \\x1b[31m\\x1b[2J\\x1b]8;;" in run.stderr
+    assert "\\x1b]0;pwned\\x07\\x00 Internal error, please try again" in run.stderr  # the envelope, in a retry
+
+    runner = CliRunner()
+    status = runner.invoke(main, ["status"], catch_exceptions=False)
+    assert status.exit_code == 0 and _inert(status.output)
+    assert "6 failed: =HYPERLINK" in status.output and "\\x1b[31m" in status.output
+    as_json = runner.invoke(main, ["status", "--json"], catch_exceptions=False).output
+    assert _inert(as_json) and json.loads(as_json)["batches"][0]["failures"][0]["error"].startswith("=HYPERLINK")
+
+    page = runner.invoke(main, ["gallery", "quickstart"], catch_exceptions=False)
+    html = (tmp_path / "jobs" / "quickstart" / "gallery.html").read_text()
+    assert page.exit_code == 0 and _inert(html)
+    assert "=HYPERLINK(&quot;https://evil.example/x&quot;,&quot;click&quot;) \\x1b[31m" in html
+
+
+async def test_account_error_text_is_shown_never_obeyed(samples, simulator):
+    """The last line of a run the API stopped with its own words (a refused token) is escaped too."""
+    sim = await simulator(token="the-right-one", faults=["hostile_text=1"])
+    manifest = samples / "real.yaml"
+    manifest.write_text(f"image_base_url: {sim.root_url}/inputs\njobs: [{{prompt: p, image: images/street.jpg}}]\n")
+    env = {**os.environ, "RUNCOMFY_API_TOKEN": "a-wrong-one", "RUNCOMFY_API_URL": sim.base_url}
+    env.pop("BATCHGEN_TRACEBACK", None)
+    result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "batchgen.cli", "run", str(manifest)],
+                                     capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 5, result.stderr
+    assert _inert(result.stderr) and "a-wrong-one" not in result.stderr
+    assert "error: submit /models/bytedance/dreamina-3-0/pro/image-to-video: =HYPERLINK(" in result.stderr
+    assert "\\x1b]0;pwned\\x07\\x00 Invalid or missing API token" in result.stderr
+
+
+def test_printable_escapes_controls_and_keeps_text():
+    assert printable("plain text, é, 日本") == "plain text, é, 日本"
+    assert printable("\x1b[2J\x1b]8;;http://x\x07ok\x00\x9b1m\u202eevil\tand\r\nmore") == (
+        "\\x1b[2J\\x1b]8;;http://x\\x07ok\\x00\\x9b1m\\u202eevil and  more")
+    assert printable("two\nlines\x1b", keep_newlines=True) == "two\nlines\\x1b"
+    assert [spreadsheet_cell(v) for v in ("=1", "+1", "-1", "-x", "@a", "\tb", "\rc", "ok", -1, 2.5, None)] == [
+        "'=1", "+1", "-1", "'-x", "'@a", "' b", "' c", "ok", -1, 2.5, None]
+
+
+# --- submit money ---
+
+
+async def _recorded(path, jobs: list[dict], model_id: str = DEFAULT_MODEL) -> None:
+    """A store holding batch 'b' with these jobs' inputs, recorded as a manifest would have been
+    (without the validation, which would refuse what these tests want the API to refuse)."""
+    async with await Store.open(path) as store:
+        await store.upsert_batch("b", model_id, None, {})
+        await store.add_rows("b", [(f"k{i}", i, model_id, f"row {i}", json.dumps(inputs), "{}")
+                                   for i, inputs in enumerate(jobs)])
+
+
+async def _run(path, base_url: str, **kw):
+    """One run of batch 'b' of the store at ``path``: (summary, counts, attempts by job key)."""
+    async with await Store.open(path) as store:
+        async with RunComfyClient(base_url, "t") as client:
+            summary = await Runner(store, client, path.parent, settings(**kw)).run(["b"])
+        attempts = {j.key: j.attempts for j in await store.jobs(["b"])}
+        return summary, (await store.counts(["b"]))["b"], attempts
+
+
+def _schema_for(tmp_path, model_id: str):
+    """A copy of the bundled schema under another model id: a model batchgen can validate for
+    and the simulator does not know (unless given the file)."""
+    data = json.loads(Path(find_schema(DEFAULT_MODEL).source).read_text())
+    data["model_id"] = model_id
+    path = tmp_path / f"{model_id.replace('/', '--')}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused) until a test starts
+    something there."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["500_created", "error200_created"])
+async def test_a_submit_answered_with_a_server_error_body_is_not_sent_again(simulator, tmp_path, fault):
+    # The provider created (and bills) the job, then failed to answer: a server error in
+    # RunComfy's own error body, with HTTP 500 or 200. It says nothing of whether the job exists.
+    sim = await simulator(duration=0, faults=[f"script.submit={fault}"])
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 3)))
+    assert len(sim.requests()["requests"]) == 3  # the job behind the error exists ...
+    assert submissions_per_seed(sim) == {0: 1, 1: 1, 2: 1}  # ... and was paid for once
+    assert out.counts == {"b": {"succeeded": 2, "unknown": 1}}
+
+
+@pytest.mark.parametrize("fault", ["model_info=404", "model_info=noprice"])
+async def test_max_cost_without_a_known_price_sends_one_job_until_a_cost_is_known(
+        simulator, tmp_path, fault):
+    sim = await simulator(duration=0.2, price_usd=0.10, faults=[fault])
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 8), max_cost=0.35))
+    sent = sorted(sim.requests()["requests"], key=lambda r: r["submitted_at"])
+    # Nothing bounded the first job's price: it went alone, the next one only after it finished
+    # (and its result reported the cost) ...
+    assert sent[1]["submitted_at"] >= sent[0]["finished_at"]
+    # ... and from then on the cap held: costs + 0.10 for each job out; a fourth would make 0.40.
+    assert len(sent) == 3 and out.summary.spent_usd == pytest.approx(0.30)
+    assert out.summary.stop_reason == "budget"
+    assert out.counts == {"b": {"succeeded": 3, "pending": 5}}
+
+
+async def test_an_unknown_model_stops_submitting_and_keeps_every_job_for_after_the_fix(simulator, tmp_path):
+    model = "acme/retired-model"
+    store = tmp_path / "s.sqlite3"
+    await _recorded(store, [{"prompt": f"p{i}", "image_urls": ["https://x.test/a.jpg"]}
+                            for i in range(6)], model)
+    sim = await simulator(duration=0)
+    summary, counts, attempts = await _run(store, sim.base_url, concurrency=2)
+    assert summary.stop_reason == "refused" and model in summary.stop_message
+    assert sim.calls["submit"] <= 2  # not one refusal per job
+    assert counts == {"pending": 6} and set(attempts.values()) == {0}
+    # Fixed (here: the service knows the model again): the same jobs go, each once.
+    fixed = await simulator(duration=0, extra_schemas=[_schema_for(tmp_path, model)],
+                            validate_inputs=False)
+    summary, counts, attempts = await _run(store, fixed.base_url, concurrency=2)
+    assert summary.stop_reason is None and counts == {"succeeded": 6}
+    assert set(attempts.values()) == {1} and fixed.calls["submit"] == 6
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_the_same_refusal_on_the_first_submits_stops_the_run(simulator, tmp_path, concurrency):
+    # Every job's image is on a host the service cannot fetch from: each submit is refused with
+    # the same code and message. Three in a row stop the run; no job has spent an attempt (with 4
+    # at once, the fourth is refused after the stop, and two had failed before it).
+    image = make_image(tmp_path / "in.jpg", 640, 480).read_bytes()
+    host_up = False
+
+    async def serve_image(request: web.Request) -> web.Response:
+        if not host_up:
+            raise web.HTTPNotFound()
+        return web.Response(body=image, content_type="image/jpeg")
+
+    image_host = web.Application()
+    image_host.router.add_get("/in.jpg", serve_image)
+    async with loopback(image_host) as root:
+        store = tmp_path / "s.sqlite3"
+        await _recorded(store, [{"prompt": f"p{i}", "image_urls": [f"{root}/in.jpg"]} for i in range(8)])
+        sim = await simulator(duration=0)
+        summary, counts, attempts = await _run(store, sim.base_url, concurrency=concurrency)
+        assert summary.stop_reason == "refused" and not summary.finished
+        assert "the first 3 submits" in summary.stop_message and "HTTP 404" in summary.stop_message
+        assert sim.calls["submit"] == max(3, concurrency) and sim.requests()["requests"] == []
+        assert counts == {"pending": 8} and set(attempts.values()) == {0}
+        host_up = True  # the fix; a new simulator, since this one remembers what it fetched
+        fixed = await simulator(duration=0)
+        summary, counts, attempts = await _run(store, fixed.base_url, concurrency=2)
+        assert counts == {"succeeded": 8} and set(attempts.values()) == {1}
+
+
+async def test_refusals_of_different_jobs_for_their_own_reasons_fail_only_them(simulator, tmp_path):
+    # Two refusals alike, then an accepted submit: the API takes this batch, so the refusals
+    # were the jobs' own and they fail as before (nothing stops).
+    sim = await simulator(duration=0)
+    store = tmp_path / "s.sqlite3"
+    good = {"prompt": "p", "image_urls": [sim.publish_file(make_image(tmp_path / "in.jpg", 640, 480))]}
+    bad = {**good, "frames": 99}
+    await _recorded(store, [bad, {**bad, "seed": 1}, good, {**bad, "seed": 2}, {**bad, "seed": 3}])
+    summary, counts, _ = await _run(store, sim.base_url, concurrency=1)
+    assert summary.stop_reason is None and counts == {"failed": 4, "succeeded": 1}
+
+
+def _cli_manifest(tmp_path, **extra) -> str:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "street.jpg").write_bytes((SAMPLES / "images" / "street.jpg").read_bytes())
+    path = folder / "m.yaml"
+    path.write_text(yaml.safe_dump({"name": "b", "jobs": [{"prompt": f"p{i}", "image": "street.jpg"}
+                                                          for i in range(4)], **extra}))
+    return str(path)
+
+
+def test_cli_an_unknown_model_exits_6_with_one_line_and_status_says_run_again(tmp_path):
+    schema = _schema_for(tmp_path, "acme/retired-model")
+    cli = CliRunner()
+    result = cli.invoke(main, ["run", _cli_manifest(tmp_path), "--schema", str(schema), "--simulate"])
+    assert result.exit_code == EXIT_REFUSED, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "acme/retired-model" in errors[0] and "still pending" in errors[0]
+    status = cli.invoke(main, ["status"]).output
+    assert "4 job(s) are not finished: batchgen run --batch b" in status
+
+
+async def test_an_api_outage_of_a_few_seconds_fails_no_job(tmp_path):
+    port = _closed_port()
+    store = tmp_path / "s.sqlite3"
+    await _recorded(store, [{"prompt": f"p{i}", "image_urls": ["https://x.test/a.jpg"]} for i in range(6)])
+    run = asyncio.ensure_future(_run(store, f"http://127.0.0.1:{port}/v1"))
+    await asyncio.sleep(1.5)  # every submit meanwhile is refused a connection
+    assert not run.done()
+    sim = Simulator(SimConfig(duration=0, validate_inputs=False, faults=FaultConfig()))
+    await sim.start(port=port)  # the API is back
+    try:
+        summary, counts, attempts = await asyncio.wait_for(run, 30)
+    finally:
+        await sim.stop()
+    assert counts == {"succeeded": 6} and set(attempts.values()) == {1}
+    assert summary.submitted == 6 and sim.calls["submit"] == 6
+
+
+async def test_an_outage_longer_than_its_budget_stops_the_run_with_every_job_pending(tmp_path):
+    store = tmp_path / "s.sqlite3"
+    await _recorded(store, [{"prompt": f"p{i}", "image_urls": ["https://x.test/a.jpg"]} for i in range(5)])
+    summary, counts, attempts = await asyncio.wait_for(
+        _run(store, f"http://127.0.0.1:{_closed_port()}/v1", outage_budget=0.5), 30)
+    assert summary.stop_reason == "outage" and "unreachable" in summary.stop_message
+    assert counts == {"pending": 5} and set(attempts.values()) == {0}
+    assert summary.submitted == 0
+
+
+def test_cli_an_outage_past_its_budget_exits_3_with_one_line(tmp_path):
+    path = _cli_manifest(tmp_path, image_base_url="https://cdn.example.com/in")
+    result = CliRunner().invoke(main, [
+        "run", path, "--api-url", f"http://127.0.0.1:{_closed_port()}/v1", "--outage-budget", "1s",
+    ], env={"RUNCOMFY_API_TOKEN": "t"})
+    assert result.exit_code == EXIT_INTERRUPTED, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unreachable" in errors[0] and "run again" in errors[0]
+
+
+# --- downloads ---------------------------------------------------------------------------------
+# Issue 14, "Downloads are contained": outputs only from allowed hosts (each redirect hop and the
+# address actually connected to checked), a size cap and a least rate, bodies asked for unencoded,
+# API answers read only up to a few MB, .part files never written through a symlink, extensions
+# from a list of media types.
+
+SMALL_CAP = DownloadLimits(max_bytes=1 << 20)
+
+
+async def _run(tmp_path, sim, n=4, **kw):
+    """Run ``n`` jobs against ``sim``; the outcome, each job with its outputs by key, the events."""
+    events = []
+    opts = options(tmp_path, sim, manifest(tmp_path, sim, n), **kw)
+    out = await app.run(opts, on_event=events.append)
+    return out, await outputs_by_job(tmp_path / "work"), events
+
+
+def _offhost_by_job(sim) -> dict[str, bool]:
+    return {rid: job.offhost for rid, job in sim.jobs.items()}
+
+
+async def test_an_output_on_a_host_not_allowed_fails_its_job_alone(simulator, tmp_path):
+    sim = await simulator(duration=0.05, faults=["offhost=0.5"], seed=3)
+    out, jobs, _ = await _run(tmp_path, sim, n=8)
+    offhost = _offhost_by_job(sim)
+    assert 0 < sum(offhost.values()) < len(offhost)  # the seed gives both kinds
+    for job, _outs in jobs.values():
+        if offhost[job.request_id]:
+            assert job.state == S.FAILED
+            assert "'localhost'" in job.error and "output_hosts in batchgen.toml" in job.error
+        else:
+            assert job.state == S.SUCCEEDED, job.error
+    # Refused before connecting: the simulator (which answers to 'localhost' too) served only the
+    # allowed ones, once each.
+    assert sim.calls["download"] == len(offhost) - sum(offhost.values())
+    await check_outputs_match(sim, tmp_path / "work")
+
+
+async def test_a_host_added_to_output_hosts_is_downloaded_from(simulator, tmp_path):
+    sim = await simulator(duration=0.05, faults=["offhost=1"])
+    out, _, _ = await _run(tmp_path, sim, n=3, output_hosts=("localhost",))
+    assert out.counts == {"b": {"succeeded": 3}}
+    await check_outputs_match(sim, tmp_path / "work")
+
+
+def test_output_hosts_from_batchgen_toml(samples):
+    from test_cli import cli
+
+    work = samples.parent / "jobs"
+    refused = cli("run", str(samples / "plain.csv"), "--simulate", "--sim-fault", "offhost=1")
+    assert refused.exit_code == 1 and "output_hosts in batchgen.toml" in refused.output
+    (work / "batchgen.toml").write_text('output_hosts = ["localhost"]\n')
+    allowed = cli("retry", "plain", "--simulate", "--sim-fault", "offhost=1")
+    assert allowed.exit_code == 0, allowed.output
+
+
+async def test_redirects_are_followed_only_to_allowed_hosts_and_only_a_few_times(simulator, tmp_path):
+    same = await simulator(duration=0.05, faults=["redirect=same"])
+    out, _, _ = await _run(tmp_path / "same", same, n=2)
+    assert out.counts == {"b": {"succeeded": 2}}
+    assert same.calls["download"] == 4  # each output: the redirect, then the file
+    assert same.output_auth_seen == 0  # the token never goes to an output host, nor on a redirect
+
+    away = await simulator(duration=0.05, faults=["redirect=localhost"])
+    out, jobs, _ = await _run(tmp_path / "away", away, n=2)
+    assert out.counts == {"b": {"failed": 2}}
+    assert all("'localhost' is not allowed" in job.error for job, _ in jobs.values())
+    assert away.calls["download"] == 2  # the redirect was not followed
+
+    loop = await simulator(duration=0.05, faults=["redirect=loop"])
+    out, jobs, _ = await _run(tmp_path / "loop", loop, n=1)
+    assert out.counts == {"b": {"failed": 1}}
+    assert all("redirects more than" in job.error for job, _ in jobs.values())
+
+
+@pytest.fixture
+async def plain_host():
+    """A loopback file host; ``hits`` counts the requests that reached it."""
+    state = {"hits": 0}
+
+    async def handler(request):
+        state["hits"] += 1
+        return web.Response(body=b"x" * 1000)
+
+    app_ = web.Application()
+    app_.router.add_get("/{name}", handler)
+    async with loopback(app_) as root:
+        state["port"] = int(root.rpartition(":")[2])
+        yield state
+
+
+class _Answers:
+    """What DNS would answer: nothing on this machine can make a name resolve to chosen addresses
+    (the one thing here that is not real)."""
+
+    def __init__(self, *addresses: str):
+        self.addresses = addresses
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        return [{"hostname": host, "host": a, "port": port, "family": family, "proto": 0, "flags": 0}
+                for a in self.addresses]
+
+    async def close(self):
+        pass
+
+
+async def test_private_addresses_are_refused_unless_the_api_is_on_one(plain_host, tmp_path):
+    port = plain_host["port"]
+    # An API on a public address (never contacted): names that lead to loopback are refused, by
+    # name (resolved at connect time) or as a literal address, even when the user allowed them.
+    public_api = OutputHosts("http://1.1.1.1/v1", ["localhost", "127.0.0.1"])
+    async with make_session(hosts=public_api) as session:
+        with pytest.raises(DownloadError, match="'localhost' resolves to 127.0.0.1") as info:
+            await download(session, f"http://localhost:{port}/a.png", tmp_path / "a.png", hosts=public_api)
+        assert info.value.permanent
+        with pytest.raises(DownloadError, match="'127.0.0.1' is a loopback"):
+            await download(session, f"http://127.0.0.1:{port}/a.png", tmp_path / "a.png", hosts=public_api)
+    assert plain_host["hits"] == 0
+    # The API itself on loopback (the simulator): loopback outputs are fine.
+    local_api = OutputHosts(f"http://127.0.0.1:{port + 1}/v1", ["localhost"])
+    async with make_session(hosts=local_api) as session:
+        got = await download(session, f"http://localhost:{port}/a.png", tmp_path / "a.png", hosts=local_api)
+    assert got.size == 1000 and plain_host["hits"] == 1
+
+
+async def test_the_address_checked_is_the_address_connected_to(plain_host, tmp_path):
+    """DNS rebinding: an allowed name whose DNS answers 127.0.0.1 when the connection is made is
+    refused by the session's resolver, whatever it answered earlier."""
+    hosts = OutputHosts("http://1.1.1.1/v1")
+    guarded = hosts.resolver(_Answers("127.0.0.1"))
+    with pytest.raises(OSError, match="loopback"):
+        await guarded.resolve("files.runcomfy.net", 80)
+    # Both kinds in one answer: only the public one may be connected to.
+    mixed = await hosts.resolver(_Answers("127.0.0.1", "104.18.0.1", "169.254.169.254")).resolve("a.runcomfy.com")
+    assert [r["host"] for r in mixed] == ["104.18.0.1"]
+    # End to end: the download never reaches the loopback host behind the allowed name.
+    import aiohttp
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=guarded), auto_decompress=False)
+    async with session:
+        with pytest.raises(DownloadError, match="resolves to 127.0.0.1") as info:
+            await download(session, f"http://files.runcomfy.net:{plain_host['port']}/a.png", tmp_path / "a.png",
+                           hosts=hosts)
+    assert info.value.permanent and plain_host["hits"] == 0
+
+
+async def test_the_default_hosts_are_runcomfys_and_the_apis():
+    from yarl import URL
+
+    hosts = OutputHosts("https://model-api.runcomfy.net/v1", ["cdn.example.com", "*.example.net"])
+    for url in ("https://files.runcomfy.net/x.mp4", "https://a.b.runcomfy.com/x", "https://model-api.runcomfy.net/o",
+                "https://cdn.example.com/x", "https://x.example.net/x", "https://FILES.RUNCOMFY.NET./x"):
+        assert await hosts.refusal(URL(url)) is None, url
+    for url, why in [("https://evil.example.org/x", "not allowed"), ("https://runcomfy.net.evil.org/x", "not allowed"),
+                     ("https://evilruncomfy.net/x", "not allowed"), ("http://files.runcomfy.net/x", "not https"),
+                     ("https://169.254.169.254/latest", "not allowed"), ("https://example.com/x", "not allowed")]:
+        assert why in (await hosts.refusal(URL(url)) or ""), url
+
+
+async def test_a_declared_size_over_the_cap_is_refused_before_reading(simulator, tmp_path):
+    sim = await simulator(duration=0.05, faults=["output_body=huge"])
+    started = time.monotonic()
+    out, jobs, _ = await _run(tmp_path, sim, n=2)
+    assert out.counts == {"b": {"failed": 2}}
+    assert all("over the size cap of 2,147,483,648 bytes (it declares 3,221,225,472)" in job.error
+               for job, _ in jobs.values())
+    assert sim.calls["download"] == 2 and time.monotonic() - started < 10  # one try each
+    assert not list((tmp_path / "work" / "b").glob("*"))
+
+
+@pytest.mark.parametrize("body", ["bomb", "endless"])
+async def test_bytes_received_over_the_cap_are_refused_and_nothing_is_kept(simulator, tmp_path, body):
+    sim = await simulator(duration=0.05, faults=[f"output_body={body}"])
+    out, jobs, _ = await asyncio.wait_for(_run(tmp_path, sim, n=1, download_limits=SMALL_CAP), 30)
+    assert out.counts == {"b": {"failed": 1}}
+    assert all("over the size cap of 1,048,576 bytes (more arrived)" in job.error for job, _ in jobs.values())
+    assert sim.calls["download"] == 1
+    assert not list((tmp_path / "work" / "b").glob("*"))  # neither a file nor a .part
+
+
+@pytest.mark.parametrize("body", ["gzip", "gzip_forced"])
+async def test_a_gzip_encoded_output_is_downloaded_whole(simulator, tmp_path, body):
+    sim = await simulator(duration=0.05, faults=[f"output_body={body}"])
+    out, _, _ = await _run(tmp_path, sim, n=2)
+    assert out.counts == {"b": {"succeeded": 2}}
+    await check_outputs_match(sim, tmp_path / "work")
+
+
+async def test_a_download_slower_than_the_least_rate_is_abandoned_and_tried_again(simulator, tmp_path):
+    sim = await simulator(duration=0.05, faults=["script.download=trickle"])
+    limits = DownloadLimits(min_rate=50_000, rate_window=0.3)
+    started = time.monotonic()
+    out, _, events = await _run(tmp_path, sim, n=1, download_limits=limits)
+    assert out.counts == {"b": {"succeeded": 1}}
+    assert any("download too slow" in e.message for e in events if e.kind == "retry")
+    assert sim.calls["download"] == 2 and time.monotonic() - started < 5
+    await check_outputs_match(sim, tmp_path / "work")
+
+
+@pytest.fixture
+async def api_answers():
+    """A loopback 'API' whose /status answers ``kind``: endless, declared huge, or a gzip bomb."""
+    state = {"kind": "endless"}
+
+    async def status(request):
+        kind = state["kind"]
+        if kind == "declared":
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = 100 << 20
+            await resp.prepare(request)
+            await resp.write(b'{"status": "in_queue", "pad": "')
+            return resp
+        if kind == "bomb":
+            from batchgen.simulator.server import _bomb
+
+            return web.Response(body=_bomb(), headers={"Content-Encoding": "gzip",
+                                                       "Content-Type": "application/json"})
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        try:
+            await resp.write(b'{"status": "in_queue", "pad": "')
+            while True:
+                await resp.write(b"x" * 65536)
+        except ConnectionError:
+            return resp
+
+    app_ = web.Application()
+    app_.router.add_get("/v1/requests/{rid}/status", status)
+    async with loopback(app_) as root:
+        state["url"] = root + "/v1"
+        yield state
+
+
+@pytest.mark.parametrize("kind", ["endless", "declared", "bomb"])
+async def test_an_api_answer_of_more_than_a_few_mb_is_refused_not_read_whole(api_answers, kind):
+    api_answers["kind"] = kind
+    async with RunComfyClient(api_answers["url"], "t") as client:
+        with pytest.raises(APIResponseLostError, match="too large|larger than"):
+            await asyncio.wait_for(client.status("r1"), 20)
+
+
+async def test_an_output_url_ending_in_sh_is_saved_as_media(simulator, tmp_path):
+    sim = await simulator(duration=0.05, faults=["output_ext=sh"])
+    out, jobs, _ = await _run(tmp_path, sim, n=2)
+    assert out.counts == {"b": {"succeeded": 2}}
+    names = sorted(p.name for p in (tmp_path / "work" / "b").iterdir())
+    assert names == sorted(f"{job.key}.mp4" for job, _ in jobs.values())
+    await check_outputs_match(sim, tmp_path / "work")
+
+
+def test_download_settings_in_batchgen_toml(tmp_path):
+    from batchgen.config import load_config, parse_size
+    from batchgen.errors import UsageError
+
+    assert parse_size("2GiB") == 2 << 30 and parse_size("500 MB") == 500_000_000 and parse_size(10) == 10
+    (tmp_path / "batchgen.toml").write_text(
+        'output_hosts = ["cdn.example.com", "*.example.net"]\nmax_output_size = "1MiB"\n'
+        'min_download_rate = "5KB"\ndownload_rate_window = 30\n')
+    settings, _ = load_config(None, tmp_path)
+    assert settings == {"output_hosts": ("cdn.example.com", "*.example.net"), "max_output_size": 1 << 20,
+                        "min_download_rate": 5000, "download_rate_window": 30}
+    for bad in ('output_hosts = "cdn.example.com"', 'output_hosts = ["https://cdn.example.com/"]',
+                'max_output_size = "lots"', "max_output_size = 0", "download_rate_window = 0"):
+        (tmp_path / "batchgen.toml").write_text(bad + "\n")
+        with pytest.raises(UsageError):
+            load_config(None, tmp_path)
 
 
 # --- store and work directory ---

@@ -584,3 +584,156 @@ def test_expands_100000_jobs_quickly(imgs):
     elapsed = time.perf_counter() - start
     assert count == 100_000 and m.problems == []
     assert elapsed < 10, f"{elapsed:.1f} s for 100,000 jobs"
+
+
+# ---- batch names and limits -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [
+    "batchgen.sqlite3", "batchgen.toml", "batchgen.lock", "Batchgen.SQLite3", "batchgen.sqlite3-wal",
+    "simulator-state.jsonl", "CON", "nul.txt", "com1", "night.",
+])
+def test_batch_names_that_cannot_be_a_folder_of_their_own_are_refused(imgs, name):
+    path = write(imgs / "m.yaml", f"""
+        name: "{name}"
+        jobs: [{{prompt: p, image: a.jpg}}]
+    """)
+    m = load_manifest(path)
+    assert [(p.location, p.field) for p in m.problems] == [("line 1", "name")], texts(m)
+    assert f"batch name '{name}'" in texts(m)[0]
+    other = load_manifest(write(imgs / "n.yaml", "jobs: [{prompt: p, image: a.jpg}]\n"), batch=name)
+    assert [p.field for p in other.problems] == ["name"]
+
+
+def test_a_batch_name_taken_by_a_file_of_the_work_directory(imgs):
+    (imgs / "work").mkdir()
+    (imgs / "work" / "notes.txt").write_text("mine")
+    (imgs / "work" / "night").mkdir()  # a batch's own folder is fine
+    for name, refused in (("night", False), ("notes.txt", True)):
+        m = load_manifest(write(imgs / "m.yaml", f"name: {name}\njobs: [{{prompt: p, image: a.jpg}}]\n"))
+        m.check_workdir(imgs / "work")
+        assert bool(m.problems) == refused, texts(m)
+    assert "m.yaml, line 1, field 'name': batch name 'notes.txt' is taken by the file" in texts(m)[0]
+
+
+def _bounded(fn):
+    """Run ``fn``; assert it took little time and memory (loosely: a shared, loaded machine)."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        result = fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 2
+    assert peak < 100 * 1024 * 1024
+    return result
+
+
+HUNDRED = ",".join(map(str, range(100)))
+THOUSAND_JOBS = ",".join(["{prompt: p, image: a.jpg}"] * 1001)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    # Four 100-value lists: 10^8 combinations, and a thousand copies of each.
+    ("""
+        jobs: [{prompt: p, image: a.jpg}]
+        matrix:
+          seed: &s [HUNDRED]
+          _a: *s
+          _b: *s
+          _c: *s
+        repeat: 1000
+     """.replace("HUNDRED", HUNDRED),
+     "m.yaml, line 2, field 'matrix': the manifest expands to 100,000,000,000 jobs (100,000,000 matrix "
+     "combinations (seed: 100, _a: 100, _b: 100, _c: 100) x repeat 1,000 for each job), over the limit of "
+     "1,000,000; if you mean it, raise the limit with --max-expand N"),
+    ("""
+        jobs: [{prompt: p, image: a.jpg}]
+        repeat: 1000000000000
+     """, "m.yaml, line 2, field 'repeat': the manifest expands to 1,000,000,000,000 jobs (repeat "),
+    # Neither alone is too much; together they are.
+    ("""
+        jobs: [JOBS]
+        matrix: {seed: [HUNDRED, HUNDRED, HUNDRED, HUNDRED, HUNDRED, HUNDRED, HUNDRED, HUNDRED, HUNDRED, HUNDRED]}
+     """.replace("JOBS", THOUSAND_JOBS).replace("HUNDRED", HUNDRED),
+     "m.yaml, line 2, field 'matrix': the manifest expands to 1,001,000 jobs (1,001 jobs x 1,000 matrix"),
+])
+def test_matrix_and_repeat_are_counted_before_anything_is_expanded(imgs, text, needle):
+    path = write(imgs / "m.yaml", text)
+    m, specs = _bounded(lambda: jobs_of(path))
+    assert specs == [] and len(m.problems) == 1 and texts(m)[0].startswith(needle), texts(m)
+
+
+def test_max_expand_moves_the_limit_and_counts_exactly(imgs):
+    path = write(imgs / "m.yaml", """
+        jobs: [{prompt: p, image: a.jpg}, {prompt: q, image: a.jpg}]
+        matrix: {seed: [1, 2, 3]}
+        repeat: 2
+    """)
+    assert len(jobs_of(path, max_expand=12)[1]) == 12
+    m, specs = jobs_of(path, max_expand=11)
+    assert specs == [] and "expands to 12 jobs (2 jobs x 3 matrix combinations (seed: 3) x repeat 2)" in texts(m)[0]
+
+
+def test_csv_rows_count_toward_the_limit(imgs):
+    # A quoted cell over two lines and blank lines: 30 rows in 61 lines, counted exactly.
+    rows = "".join(f'"a prompt\nof two lines {i}",a.jpg\n\n' for i in range(30))
+    (imgs / "rows.csv").write_text("prompt,image\n" + rows)
+    path = write(imgs / "m.yaml", "rows: rows.csv\nmatrix: {seed: [1, 2]}\n")
+    assert len(jobs_of(path, max_expand=60)[1]) == 60
+    m, specs = _bounded(lambda: jobs_of(path, max_expand=59))
+    assert specs == [] and texts(m) == [
+        "m.yaml, line 2, field 'matrix': the manifest expands to 60 jobs (30 CSV rows x 2 matrix combinations "
+        "(seed: 2)), over the limit of 59; if you mean it, raise the limit with --max-expand N"]
+    alone = jobs_of(imgs / "rows.csv", max_expand=29)[0]
+    assert texts(alone) == ["rows.csv: the manifest expands to 30 jobs (30 CSV rows), over the limit of 29; "
+                            "if you mean it, raise the limit with --max-expand N"]
+
+
+def test_rows_added_while_expanding_still_stop_at_the_limit(imgs):
+    (imgs / "rows.csv").write_text("prompt,image\np,a.jpg\n")
+    m = load_manifest(imgs / "rows.csv", max_expand=3)
+    (imgs / "rows.csv").write_text("prompt,image\n" + "".join(f"p{i},a.jpg\n" for i in range(10)))
+    assert len(list(m.iter_jobs())) == 3
+    assert texts(m) == ["rows.csv, row 5: the manifest expands to more than 3 jobs, over the limit of 3; "
+                        "if you mean it, raise the limit with --max-expand N"]
+
+
+BILLION_LAUGHS = """
+    defaults:
+      prompt: p
+      image: a.jpg
+      _a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]
+      _b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+      _c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+      _d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+      _e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+      _f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+      _g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+      _h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+      _i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+    jobs: [{}]
+"""
+
+
+def test_billion_laughs_are_refused_before_any_value_is_built(imgs):
+    path = write(imgs / "m.yaml", BILLION_LAUGHS)
+    assert path.stat().st_size < 1024
+    m, specs = _bounded(lambda: jobs_of(path))
+    assert specs == [] and texts(m) == [
+        "m.yaml, line 9: YAML aliases (*name) expand the file to 490,329,073 values from 37 written (this one "
+        "alone to 597,871); at most 100,000 are allowed: write the values out, or use defaults, matrix or repeat"]
+
+
+def test_ordinary_aliases_are_welcome(imgs):
+    # Each job merges eleven defaults in: the file means six times the values it writes.
+    notes = ", ".join(f"_n{i}: {i}" for i in range(10))
+    jobs = "".join(f"  - {{<<: *base, prompt: p{i}}}\n" for i in range(12_000))
+    path = imgs / "m.yaml"
+    path.write_text(f"defaults: &base {{image: a.jpg, {notes}}}\njobs:\n" + jobs)
+    m, specs = jobs_of(path)
+    assert m.problems == [] and len(specs) == 12_000 and specs[-1].meta["_n9"] == 9

@@ -147,3 +147,43 @@ async def test_unknown_format_batch_or_store_is_a_usage_error(mixed, tmp_path):
         await build_report(mixed, "nope")
     with pytest.raises(UsageError, match="no batchgen store"):
         await build_report(tmp_path / "elsewhere", "quickstart")
+
+
+@pytest.mark.parametrize("ext", [".csv", ".xlsx"])
+async def test_spreadsheets_get_text_where_a_cell_would_be_a_formula(samples, tmp_path, ext):
+    """An error message from the API (the simulator's hostile_text) and a prompt that start with
+    '=' are text to a spreadsheet; a seed of -1 stays the number -1, and "-5" written as text too."""
+    if importlib.util.find_spec("openpyxl") is None and ext == ".xlsx":
+        pytest.skip("openpyxl is not installed")
+    manifest = samples / "hostile.yaml"
+    manifest.write_text('jobs: [{prompt: "=1+2", image: images/street.jpg, seed: -1, _a: "-5", _b: "@SUM(A1)", '
+                        '_c: "+cmd|calc", _d: "\\ttab", _e: "-2.5e3"}]\n')
+    target = app.Target(simulate=True, sim_config=SimConfig(duration=0.05, faults=FaultConfig.parse(
+        ["fail=1", "hostile_text=1"])))
+    await app.run(app.RunOptions(workdir=tmp_path / "work", manifest=manifest, target=target, settings=settings()))
+    df = await build_report(tmp_path / "work", "hostile")
+    assert df["error"][0].startswith('=HYPERLINK("https://evil.example/x","click") \x1b[31m')  # as recorded
+    out = tmp_path / f"r{ext}"
+    write_report(df, out)
+    if ext == ".csv":
+        import csv
+
+        with out.open(newline="", encoding="utf-8") as fh:
+            (row,) = csv.DictReader(fh)
+    else:
+        import openpyxl
+
+        sheet = openpyxl.load_workbook(out)["jobs"]
+        header, values = (list(r) for r in sheet.iter_rows(values_only=True))
+        assert all(c.data_type != "f" for r in sheet.iter_rows() for c in r)  # no formula at all
+        row = dict(zip(header, values, strict=True))
+        assert row["input.seed"] == -1  # a number, not text
+    assert row["error"].startswith("'=HYPERLINK(\"https://evil.example/x\",\"click\") \\x1b[31m\\x1b[2J")
+    assert "\x1b" not in row["error"] and "\x00" not in row["error"] and "\x07" not in row["error"]
+    assert row["input.prompt"] == "'=1+2" and str(row["input.seed"]) == "-1"
+    assert (row["meta._a"], row["meta._b"], row["meta._c"], row["meta._d"]) == ("-5", "'@SUM(A1)", "'+cmd|calc",
+                                                                                 "' tab")
+    assert str(row["meta._e"]) == "-2.5e3"
+    write_report(df, tmp_path / "r.json")  # JSON is for programs: the values as recorded
+    (record,) = json.loads((tmp_path / "r.json").read_text())
+    assert record["error"] == df["error"][0] and record["input.prompt"] == "=1+2"

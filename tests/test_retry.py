@@ -20,7 +20,15 @@ from batchgen.errors import (
     ServerError,
 )
 from batchgen.limits import AdaptiveCap, Slots
-from batchgen.retry import Call, Decision, RetryPolicy, classify, parse_retry_after
+from batchgen.retry import (
+    Call,
+    Decision,
+    Outage,
+    RefusalStreak,
+    RetryPolicy,
+    classify,
+    parse_retry_after,
+)
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
 
@@ -31,24 +39,28 @@ def _status(cls, status, envelope=False, code=None):
 
 CASES = [
     # (exception, call, decision)
-    (APIConnectionError("refused"), Call.SUBMIT, Decision.RETRY),
+    (APIConnectionError("refused"), Call.SUBMIT, Decision.UNREACHABLE),
     (APIConnectionError("refused"), Call.POLL, Decision.RETRY),
     (APIResponseLostError("timeout"), Call.SUBMIT, Decision.UNKNOWN),
     (APIResponseLostError("reset"), Call.POLL, Decision.RETRY),
     (_status(RateLimitError, 429), Call.SUBMIT, Decision.RETRY),
     (_status(RateLimitError, 408), Call.POLL, Decision.RETRY),
     (_status(ServerError, 502), Call.SUBMIT, Decision.UNKNOWN),
-    (_status(ServerError, 500, envelope=True, code=500001), Call.SUBMIT, Decision.RETRY),
+    (_status(ServerError, 500, envelope=True, code=500001), Call.SUBMIT, Decision.UNKNOWN),
+    (_status(ServerError, 200, envelope=True, code=500001), Call.SUBMIT, Decision.UNKNOWN),
     (_status(ServerError, 503), Call.POLL, Decision.RETRY),
     (_status(AccountError, 400, True, 400004), Call.SUBMIT, Decision.FATAL),
     (_status(AccountError, 400, True, 400004), Call.POLL, Decision.FATAL),
     (_status(InsufficientBalanceError, 400, True, 400002), Call.SUBMIT, Decision.STOP_SUBMITTING),
     (_status(InvalidRequestError, 422, True, 422001), Call.SUBMIT, Decision.FAIL),
+    (_status(InvalidRequestError, 400, True, 400001), Call.SUBMIT, Decision.STOP_SUBMITTING),
+    (_status(InvalidRequestError, 400, True, 400001), Call.POLL, Decision.FAIL),
     (_status(NotFoundError, 404, True, 404001), Call.POLL, Decision.FAIL),
     (DownloadError("gone", status=404, expired=True), Call.DOWNLOAD, Decision.REFRESH),
     (DownloadError("forbidden", status=403), Call.DOWNLOAD, Decision.REFRESH),
     (DownloadError("truncated"), Call.DOWNLOAD, Decision.RETRY),
     (DownloadError("busy", status=503), Call.DOWNLOAD, Decision.RETRY),
+    (DownloadError("host not allowed", permanent=True), Call.DOWNLOAD, Decision.FAIL),
     (ValueError("a bug"), Call.POLL, Decision.FAIL),
 ]
 
@@ -128,6 +140,63 @@ def test_retry_after_wins_and_is_capped(retry_after, expected):
 def test_may_resubmit_counts_attempts():
     policy = RetryPolicy(max_submit_attempts=3)
     assert [policy.may_resubmit(n) for n in (1, 2, 3, 4)] == [True, True, False, False]
+
+
+def _refusal(code=422001, message="image_urls: cannot fetch", envelope=True):
+    return InvalidRequestError(f"submit: {message}", status=422, error_code=code, envelope=envelope)
+
+
+@pytest.mark.parametrize(
+    ("refusals", "stops_at"),
+    [
+        # (job id, refusal or "ok" for an accepted submit) ... -> index of the refusal that stops
+        ([(1, _refusal()), (2, _refusal()), (3, _refusal())], 2),
+        ([(1, _refusal()), (1, _refusal()), (2, _refusal())], None),  # one job twice is one job
+        ([(1, _refusal()), (2, _refusal(message="other")), (3, _refusal()), (4, _refusal())], None),
+        ([(1, _refusal()), (2, _refusal(code=422002)), (3, _refusal()), (4, _refusal()),
+          (5, _refusal())], 4),  # a different code starts a new streak
+        ([(1, _refusal()), (2, _refusal(envelope=False)), (3, _refusal()), (4, _refusal())], None),
+        ([(1, "ok"), (2, _refusal()), (3, _refusal()), (4, _refusal())], None),  # accepted: settled
+        ([(1, _refusal()), (2, _refusal()), (3, "ok"), (4, _refusal())], None),
+    ],
+)
+def test_refusal_streak(refusals, stops_at):
+    streak = RefusalStreak(needed=3)
+    stopped = None
+    for i, (job, what) in enumerate(refusals):
+        if what == "ok":
+            streak.accepted()
+        elif streak.refused(job, f"job {job}", what) and stopped is None:
+            stopped = i
+    assert stopped == stops_at
+    if stops_at is not None:
+        assert streak.same(_refusal()) and not streak.same(_refusal(message="other"))
+        assert len(streak.items) == 3
+        assert not streak.refused(9, "job 9", _refusal())  # found once; later ones are same()
+    else:
+        assert not streak.same(_refusal())
+
+
+def test_outage_waits_longer_as_it_lasts_and_ends_at_its_budget():
+    clock = FakeClock()
+    outage = Outage(budget=60.0, policy=RetryPolicy(base=0.5, cap=30.0), clock=clock)
+    assert not outage.active and not outage.exhausted() and outage.wait() == 0
+    outage.failed("refused")
+    assert outage.active and outage.wait() == 0.5  # a blip: the next probe soon
+    outage.probing()
+    assert outage.wait() == float("inf")  # one probe at a time
+    clock.t = 20.0
+    outage.failed("refused")
+    assert outage.wait() == 5.0 and outage.lasted() == 20.0  # a quarter of the outage so far
+    clock.t = 59.0
+    outage.failed("refused")
+    assert outage.wait() == 14.75 and not outage.exhausted()
+    clock.t = 200.0
+    outage.failed("refused")
+    assert outage.wait() == 30.0  # capped
+    assert outage.exhausted()
+    outage.ended()
+    assert not outage.active and not outage.exhausted() and outage.wait() == 0
 
 
 class FakeClock:

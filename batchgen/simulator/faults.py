@@ -9,20 +9,37 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
 ``error200=0.05``      5% answer HTTP 200 with an error envelope (error_code 500001)
 ``slow=0.1``           10% of calls wait ``slow_seconds`` (default 2) before answering
 ``drop=0.05``          5% of submits create the job, then drop the connection without answering
+``500_created=0.05``   5% of submits create the job, then answer 500 with an error envelope (500001)
+``error200_created=0.05``  5% of submits create the job, then answer HTTP 200 with error_code 500001
+``model_info=404``     model info answers 404 (``noprice``: without ``base_price_usd``), so a run
+                       learns the price only from its first result
 ``fail=0.1``           10% of jobs end ``failed``
 ``truncate=0.1``       10% of downloads send the full Content-Length, then stop half way
 ``expire=30``          output URLs stop working 30 s after /result handed them out
+``hostile_text=1``     every error message starts with a spreadsheet formula, terminal escapes
+                       (colour, clear screen, an OSC 8 link, a title) and a NUL (HOSTILE_TEXT)
 ``stuck=processing``    /status and /result answer this status word for every job, forever
 ``garble.cost=1e400``  every /status and /result answer carries this raw JSON text as the field's
                        value (``Infinity``, ``NaN``, ``18446744073709551616``, ``123``, ...)
+``offhost=0.5``        half the jobs' output URLs name another host (``offhost_host``, default
+                       ``localhost``: the simulator still serves them, under a name not allowed)
+``redirect=same``      every download first answers 302: ``same`` (to the same file, once),
+                       ``loop`` (to itself, forever), or a host name (the same file on that host)
+``output_ext=sh``      output URLs end in ``output.sh`` rather than ``.mp4``/``.png``
+``output_body=gzip``   every output's body is one of the bodies below (also script outcomes):
+                       ``gzip`` (gzipped when the request accepts gzip), ``gzip_forced`` (gzipped
+                       whatever was asked), ``bomb`` (64 MiB of zeros, gzipped, whatever was
+                       asked), ``huge`` (declares 3 GiB, sends the file, then closes),
+                       ``endless`` (no length, never ends), ``trickle`` (256 bytes every 0.1 s)
 ``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
                        ``script.status``, ``script.result``, ``script.cancel``, ``script.download``
 =====================  =======================================================================
 
-Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``, ``truncate``
-(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403), ``404``
-(RunComfy's 404001 "request not found", as a request id just handed out may get), ``badjson``
-(HTTP 200 with a body that is not JSON); ``slow`` applies to downloads too.
+Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``,
+``500_created`` and ``error200_created`` (submit), ``truncate`` (downloads), ``fail`` (submit: the
+job will fail), ``expire`` (download: answer 403), ``404`` (RunComfy's 404001 "request not found",
+as a request id just handed out may get), ``badjson`` (HTTP 200 with a body that is not JSON), and
+the bodies above (downloads); ``slow`` applies to downloads too.
 """
 
 from __future__ import annotations
@@ -32,12 +49,23 @@ import random
 from dataclasses import dataclass, field
 
 ENDPOINTS = ("submit", "status", "result", "cancel", "download")
-OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire", "404",
-            "badjson")
+BODIES = ("gzip", "gzip_forced", "bomb", "huge", "endless", "trickle")
+OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "500_created", "error200_created",
+            "truncate", "fail", "expire", "404", "badjson", *BODIES)
+# Submit outcomes that create the job and then answer anything but its request id.
+CREATED_THEN_LOST = ("drop", "500_created", "error200_created")
+MODEL_INFO = ("ok", "404", "noprice")
+
+# What hostile_text puts before every error message: text that would act if printed or opened
+# as it is (a formula for spreadsheets; CSI, OSC and NUL for terminals and log tools).
+HOSTILE_TEXT = ('=HYPERLINK("https://evil.example/x","click") \x1b[31m\x1b[2J\x1b]8;;https://evil.example\x07'
+                'link\x1b]8;;\x07\x1b]0;pwned\x07\x00 ')
 
 _RATE_KEYS = {
     "429": "rate_429", "5xx": "rate_5xx", "error200": "rate_error_200", "slow": "slow_rate",
-    "drop": "drop_after_submit", "fail": "fail_rate", "truncate": "truncate_rate",
+    "drop": "drop_after_submit", "500_created": "rate_500_created",
+    "error200_created": "rate_error_200_created", "fail": "fail_rate", "truncate": "truncate_rate",
+    "offhost": "offhost_rate",
 }
 
 
@@ -50,12 +78,21 @@ class FaultConfig:
     slow_rate: float = 0.0
     slow_seconds: float = 2.0
     drop_after_submit: float = 0.0
+    rate_500_created: float = 0.0
+    rate_error_200_created: float = 0.0
+    model_info: str = "ok"  # one of MODEL_INFO
     fail_rate: float = 0.0
     truncate_rate: float = 0.0
     expire_after: float | None = None
+    hostile_text: bool = False
     stuck_status: str | None = None  # the status word every /status and /result answer says
     # Field name -> raw JSON text put as that field's value in every /status and /result answer.
     garble: dict[str, str] = field(default_factory=dict)
+    offhost_rate: float = 0.0
+    offhost_host: str = "localhost"
+    redirect: str | None = None  # "same", "loop" or a host name
+    output_ext: str | None = None
+    output_body: str | None = None  # one of BODIES
     script: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
@@ -94,14 +131,29 @@ class FaultConfig:
                 cfg.slow_seconds = _number(spec, value)
             elif name == "expire":
                 cfg.expire_after = _number(spec, value)
+            elif name == "hostile_text":
+                cfg.hostile_text = _number(spec, value) != 0
+            elif name == "model_info":
+                if value not in MODEL_INFO:
+                    raise ValueError(f"fault '{spec}': one of {', '.join(MODEL_INFO)}")
+                cfg.model_info = value
+            elif name in ("offhost_host", "redirect", "output_ext"):
+                if not value.replace(".", "").replace("-", "").isalnum():
+                    raise ValueError(f"fault '{spec}': '{value}' must be a plain name")
+                setattr(cfg, name, value)
+            elif name == "output_body":
+                if value not in BODIES:
+                    raise ValueError(f"fault '{spec}': unknown body '{value}'; one of {', '.join(BODIES)}")
+                cfg.output_body = value
             elif name in _RATE_KEYS:
                 rate = _number(spec, value)
                 if not 0 <= rate <= 1:
                     raise ValueError(f"fault '{spec}': a rate must be between 0 and 1")
                 setattr(cfg, _RATE_KEYS[name], rate)
             else:
-                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "stuck",
-                                     "garble.FIELD", "script.ENDPOINT"])
+                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "hostile_text", "stuck",
+                                     "garble.FIELD", "model_info", "offhost_host", "redirect", "output_ext",
+                                     "output_body", "script.ENDPOINT"])
                 raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
         return cfg
 
@@ -128,18 +180,26 @@ class FaultPicker:
         c = self.config
         r = self.rng.random
         if endpoint == "download":
-            return "truncate" if c.truncate_rate and r() < c.truncate_rate else "ok"
+            if c.truncate_rate and r() < c.truncate_rate:
+                return "truncate"
+            return c.output_body or "ok"
         if c.rate_429 and r() < c.rate_429:
             return "429"
         if c.rate_5xx and r() < c.rate_5xx:
             return "5xx"
         if c.rate_error_200 and r() < c.rate_error_200:
             return "error200"
-        if endpoint == "submit" and c.drop_after_submit and r() < c.drop_after_submit:
-            return "drop"
+        if endpoint == "submit":
+            for outcome, rate in (("drop", c.drop_after_submit), ("500_created", c.rate_500_created),
+                                  ("error200_created", c.rate_error_200_created)):
+                if rate and r() < rate:
+                    return outcome
         if c.slow_rate and r() < c.slow_rate:
             return "slow"
         return "ok"
 
     def job_fails(self) -> bool:
         return bool(self.config.fail_rate) and self.rng.random() < self.config.fail_rate
+
+    def job_offhost(self) -> bool:
+        return bool(self.config.offhost_rate) and self.rng.random() < self.config.offhost_rate

@@ -9,6 +9,8 @@ looks at it, so 5,000 jobs cost no tasks and no timers. Output media are generat
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
 import hashlib
 import heapq
 import hmac
@@ -30,7 +32,7 @@ from aiohttp import web
 
 from ..images import ImageInfo, ImageProbeError, probe_bytes
 from ..schema import ModelSchema, find_schema
-from .faults import FaultConfig, FaultPicker
+from .faults import BODIES, HOSTILE_TEXT, FaultConfig, FaultPicker
 from .media import make_image, make_video
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class _Job:
     started_at: float | None = None
     finished_at: float | None = None
     cancelled_at: float | None = None
+    offhost: bool = False  # its output URL names another host (fault offhost)
 
     def status(self) -> str:
         if self.cancelled_at is not None:
@@ -147,6 +150,9 @@ class Simulator:
         self._session: aiohttp.ClientSession | None = None
         self.root_url = ""
         self.base_url = ""
+        self._port = 0
+        # Output downloads that carried an Authorization header: the token must never go there.
+        self.output_auth_seen = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -170,7 +176,7 @@ class Simulator:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         sock = site._server.sockets[0]  # type: ignore[union-attr]
-        actual = sock.getsockname()[1]
+        actual = self._port = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         self.root_url = f"http://{shown}:{actual}"
         self.base_url = self.root_url + "/v1"
@@ -221,9 +227,13 @@ class Simulator:
             "finished_at": job.finished_at, "cancelled_at": job.cancelled_at,
         }
 
-    @staticmethod
-    def _error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    def _error(self, status: int, code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+        message = self._text(message)
         return web.json_response({"error_code": code, "error_message": message}, status=status, headers=headers)
+
+    def _text(self, message: str) -> str:
+        """An error message as the API writes it, or as a hostile one would (fault hostile_text)."""
+        return HOSTILE_TEXT + message if self.config.faults.hostile_text else message
 
     def _auth(self, request: web.Request) -> str | web.Response:
         """The caller's identity (a hash of its token), or RunComfy's error: 400 + 400004."""
@@ -385,13 +395,14 @@ class Simulator:
         job = _Job(
             id=str(uuid.uuid4()), owner=owner, model_id=model_id, input=body, submitted_at=now,
             duration=max(0.0, duration), will_fail=outcome == "fail" or self.faults.job_fails(),
-            media_key=media_key,
+            media_key=media_key, offhost=self.faults.job_offhost(),
         )
         self.jobs[job.id] = job
         self._order.append(job.id)
         self._persist({"job": {
             "id": job.id, "owner": owner, "model_id": model_id, "input": body, "submitted_at": now,
             "duration": job.duration, "will_fail": job.will_fail, "media_key": media_key,
+            "offhost": job.offhost,
             "media": list(self._media_inputs[media_key]), "image_path": self._local_path(first_image),
         }})
         queue = self._queues.setdefault(owner, _Queue(self.config.concurrency))
@@ -403,6 +414,11 @@ class Simulator:
             if request.transport is not None:
                 request.transport.close()
             return web.Response(status=200)
+        if outcome in ("500_created", "error200_created"):
+            # The job exists (and would be billed), then something failed on the way out: the
+            # client gets a server error in RunComfy's own envelope, and no request id.
+            status = 500 if outcome == "500_created" else 200
+            return self._error(status, 500001, "Internal error, please try again")
         return web.json_response({"request_id": job.id, **self._urls(job.id)})
 
     def _local_path(self, url: str | None) -> str | None:
@@ -439,7 +455,8 @@ class Simulator:
                 j = rec["job"]
                 job = _Job(id=j["id"], owner=j["owner"], model_id=j["model_id"], input=j["input"],
                            submitted_at=j["submitted_at"], duration=j["duration"],
-                           will_fail=j["will_fail"], media_key=j["media_key"])
+                           will_fail=j["will_fail"], media_key=j["media_key"],
+                           offhost=j.get("offhost", False))
                 self.jobs[job.id] = job
                 self._order.append(job.id)
                 first, kind, frames = j["media"]
@@ -471,12 +488,14 @@ class Simulator:
         if isinstance(owner, web.Response):
             return owner
         model_id = unquote(request.match_info["model_id"])
-        if self._schema(model_id) is None:
+        shown = self.config.faults.model_info
+        if self._schema(model_id) is None or shown == "404":
             return self._error(404, 400001, f"Unknown model '{model_id}'")
-        return web.json_response({
-            "model_id": model_id, "base_price_usd": self.config.price_usd, "price_unit": "per request",
-            "pricing_note": "simulated price",
-        })
+        body: dict[str, Any] = {"model_id": model_id, "price_unit": "per request",
+                                "pricing_note": "simulated price"}
+        if shown != "noprice":
+            body["base_price_usd"] = self.config.price_usd
+        return web.json_response(body)
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
         self.calls["status"] += 1
@@ -516,7 +535,7 @@ class Simulator:
         if status == "completed":
             if job.will_fail:
                 body["status"] = "failed"
-                body["error"] = "Generation failed: the model could not produce a video for this input"
+                body["error"] = self._text("Generation failed: the model could not produce a video for this input")
             else:
                 body["status"] = "succeeded"
                 kind = self._media_inputs[job.media_key][1]
@@ -529,8 +548,10 @@ class Simulator:
         return self._answer(body)
 
     def _file_url(self, job: _Job, kind: str) -> str:
-        name = "output.mp4" if kind == "video" else "output.png"
-        url = f"{self.root_url}/_sim/files/{job.id}/0/{name}"
+        faults = self.config.faults
+        name = "output." + (faults.output_ext or ("mp4" if kind == "video" else "png"))
+        root = f"http://{faults.offhost_host}:{self._port}" if job.offhost else self.root_url
+        url = f"{root}/_sim/files/{job.id}/0/{name}"
         expire = self.config.faults.expire_after
         if expire is not None:
             exp = int((time.time() + expire) * 1000)  # milliseconds: sub-second expiries work
@@ -592,16 +613,22 @@ class Simulator:
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         self.calls["download"] += 1
+        if "Authorization" in request.headers:
+            self.output_auth_seen += 1
         job = self.jobs.get(request.match_info["rid"])
         if job is None or job.finished_at is None or job.will_fail:
             raise web.HTTPNotFound()
+        if self.config.faults.redirect and "hop" not in request.query:
+            return self._redirect(request)
         outcome = self.faults.pick("download")
         if outcome == "expire" or not self._signature_ok(job, request):
             return web.Response(status=403, text="URL expired")
         if outcome == "slow":  # a slow file host
             await asyncio.sleep(self.config.faults.slow_seconds)
         data = await self.media(job.media_key)
-        ctype = "video/mp4" if request.match_info["name"].endswith(".mp4") else "image/png"
+        ctype = "video/mp4" if self._media_inputs[job.media_key][1] == "video" else "image/png"
+        if outcome in BODIES:
+            return await self._odd_body(request, outcome, data, ctype)
         start = 0
         status = 200
         headers = {"Accept-Ranges": "bytes", "Content-Type": ctype}
@@ -633,6 +660,49 @@ class Simulator:
         await resp.write_eof()
         return resp
 
+    def _redirect(self, request: web.Request) -> web.Response:
+        """Fault redirect: to the same file once, to itself forever, or to another host."""
+        target = self.config.faults.redirect
+        hop = ("&" if request.query_string else "?") + "hop=1"
+        if target == "loop":
+            location = request.path_qs
+        elif target == "same":
+            location = request.path_qs + hop
+        else:
+            location = f"http://{target}:{self._port}{request.path_qs}{hop}"
+        return web.Response(status=302, headers={"Location": location})
+
+    async def _odd_body(self, request: web.Request, body: str, data: bytes, ctype: str) -> web.StreamResponse:
+        """The hostile output bodies of faults.BODIES."""
+        headers = {"Content-Type": ctype}
+        if body in ("gzip", "gzip_forced", "bomb"):
+            if body == "gzip" and "gzip" not in request.headers.get("Accept-Encoding", ""):
+                return web.Response(body=data, headers=headers)
+            headers["Content-Encoding"] = "gzip"
+            return web.Response(body=_bomb() if body == "bomb" else gzip.compress(data), headers=headers)
+        resp = web.StreamResponse(headers=headers)
+        if body != "endless":
+            resp.content_length = (3 << 30) if body == "huge" else len(data)
+        await resp.prepare(request)
+        try:
+            if body == "trickle":  # about 2.5 KB/s: far under any least rate
+                for i in range(0, len(data), 256):
+                    await resp.write(data[i:i + 256])
+                    await asyncio.sleep(0.1)
+                await resp.write_eof()
+                return resp
+            if body == "huge":
+                await resp.write(data)
+            else:  # endless
+                block = bytes(1 << 16)
+                while True:
+                    await resp.write(block)
+        except ConnectionError:
+            pass  # the client gave up, as it should
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+
     def _signature_ok(self, job: _Job, request: web.Request) -> bool:
         if self.config.faults.expire_after is None:
             return True
@@ -641,6 +711,12 @@ class Simulator:
             return False
         want = hmac.new(self._secret, f"{job.id}|{exp}".encode(), "sha256").hexdigest()[:16]
         return hmac.compare_digest(sig, want) and time.time() * 1000 < int(exp)
+
+
+@functools.cache
+def _bomb() -> bytes:
+    """64 MiB of zeros, gzipped to 64 KB: made once, 0.2 s."""
+    return gzip.compress(bytes(64 << 20), 9)
 
 
 def _iso(ts: float | None) -> str | None:
