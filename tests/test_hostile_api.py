@@ -303,13 +303,13 @@ def test_error_text_from_the_api_is_shown_never_obeyed(samples, tmp_path):
     None of it reaches the terminal, the log file, status or the gallery as control characters."""
     log = tmp_path / "logs" / "run.log"
     run = _run_cli("run", str(samples / "quickstart.yaml"), "--simulate", "-v", "--log-file", str(log),
-                   "--sim-fault", "fail=1", "--sim-fault", "hostile_text=1", "--sim-fault", "script.submit=error200")
+                   "--sim-fault", "fail=1", "--sim-fault", "hostile_text=1", "--sim-fault", "script.submit=429")
     assert run.returncode == 1, run.stderr
     for text in (run.stdout, run.stderr, log.read_text()):
         assert _inert(text)
     # Shown as text: escaped, each message on its one line.
     assert "failed: =HYPERLINK(\"https://evil.example/x\",\"click\") \\x1b[31m\\x1b[2J\\x1b]8;;" in run.stderr
-    assert "\\x1b]0;pwned\\x07\\x00 Internal error, please try again" in run.stderr  # the envelope, in a retry
+    assert "\\x1b]0;pwned\\x07\\x00 Too many requests, slow down" in run.stderr  # the envelope, in a retry
 
     runner = CliRunner()
     status = runner.invoke(main, ["status"], catch_exceptions=False)
@@ -540,7 +540,7 @@ def test_cli_an_outage_past_its_budget_exits_3_with_one_line(tmp_path):
 SMALL_CAP = DownloadLimits(max_bytes=1 << 20)
 
 
-async def _run(tmp_path, sim, n=4, **kw):
+async def _run_downloads(tmp_path, sim, n=4, **kw):
     """Run ``n`` jobs against ``sim``; the outcome, each job with its outputs by key, the events."""
     events = []
     opts = options(tmp_path, sim, manifest(tmp_path, sim, n), **kw)
@@ -554,7 +554,7 @@ def _offhost_by_job(sim) -> dict[str, bool]:
 
 async def test_an_output_on_a_host_not_allowed_fails_its_job_alone(simulator, tmp_path):
     sim = await simulator(duration=0.05, faults=["offhost=0.5"], seed=3)
-    out, jobs, _ = await _run(tmp_path, sim, n=8)
+    out, jobs, _ = await _run_downloads(tmp_path, sim, n=8)
     offhost = _offhost_by_job(sim)
     assert 0 < sum(offhost.values()) < len(offhost)  # the seed gives both kinds
     for job, _outs in jobs.values():
@@ -571,7 +571,7 @@ async def test_an_output_on_a_host_not_allowed_fails_its_job_alone(simulator, tm
 
 async def test_a_host_added_to_output_hosts_is_downloaded_from(simulator, tmp_path):
     sim = await simulator(duration=0.05, faults=["offhost=1"])
-    out, _, _ = await _run(tmp_path, sim, n=3, output_hosts=("localhost",))
+    out, _, _ = await _run_downloads(tmp_path, sim, n=3, output_hosts=("localhost",))
     assert out.counts == {"b": {"succeeded": 3}}
     await check_outputs_match(sim, tmp_path / "work")
 
@@ -589,19 +589,19 @@ def test_output_hosts_from_batchgen_toml(samples):
 
 async def test_redirects_are_followed_only_to_allowed_hosts_and_only_a_few_times(simulator, tmp_path):
     same = await simulator(duration=0.05, faults=["redirect=same"])
-    out, _, _ = await _run(tmp_path / "same", same, n=2)
+    out, _, _ = await _run_downloads(tmp_path / "same", same, n=2)
     assert out.counts == {"b": {"succeeded": 2}}
     assert same.calls["download"] == 4  # each output: the redirect, then the file
     assert same.output_auth_seen == 0  # the token never goes to an output host, nor on a redirect
 
     away = await simulator(duration=0.05, faults=["redirect=localhost"])
-    out, jobs, _ = await _run(tmp_path / "away", away, n=2)
+    out, jobs, _ = await _run_downloads(tmp_path / "away", away, n=2)
     assert out.counts == {"b": {"failed": 2}}
     assert all("'localhost' is not allowed" in job.error for job, _ in jobs.values())
     assert away.calls["download"] == 2  # the redirect was not followed
 
     loop = await simulator(duration=0.05, faults=["redirect=loop"])
-    out, jobs, _ = await _run(tmp_path / "loop", loop, n=1)
+    out, jobs, _ = await _run_downloads(tmp_path / "loop", loop, n=1)
     assert out.counts == {"b": {"failed": 1}}
     assert all("redirects more than" in job.error for job, _ in jobs.values())
 
@@ -693,7 +693,7 @@ async def test_the_default_hosts_are_runcomfys_and_the_apis():
 async def test_a_declared_size_over_the_cap_is_refused_before_reading(simulator, tmp_path):
     sim = await simulator(duration=0.05, faults=["output_body=huge"])
     started = time.monotonic()
-    out, jobs, _ = await _run(tmp_path, sim, n=2)
+    out, jobs, _ = await _run_downloads(tmp_path, sim, n=2)
     assert out.counts == {"b": {"failed": 2}}
     assert all("over the size cap of 2,147,483,648 bytes (it declares 3,221,225,472)" in job.error
                for job, _ in jobs.values())
@@ -704,7 +704,7 @@ async def test_a_declared_size_over_the_cap_is_refused_before_reading(simulator,
 @pytest.mark.parametrize("body", ["bomb", "endless"])
 async def test_bytes_received_over_the_cap_are_refused_and_nothing_is_kept(simulator, tmp_path, body):
     sim = await simulator(duration=0.05, faults=[f"output_body={body}"])
-    out, jobs, _ = await asyncio.wait_for(_run(tmp_path, sim, n=1, download_limits=SMALL_CAP), 30)
+    out, jobs, _ = await asyncio.wait_for(_run_downloads(tmp_path, sim, n=1, download_limits=SMALL_CAP), 30)
     assert out.counts == {"b": {"failed": 1}}
     assert all("over the size cap of 1,048,576 bytes (more arrived)" in job.error for job, _ in jobs.values())
     assert sim.calls["download"] == 1
@@ -714,7 +714,7 @@ async def test_bytes_received_over_the_cap_are_refused_and_nothing_is_kept(simul
 @pytest.mark.parametrize("body", ["gzip", "gzip_forced"])
 async def test_a_gzip_encoded_output_is_downloaded_whole(simulator, tmp_path, body):
     sim = await simulator(duration=0.05, faults=[f"output_body={body}"])
-    out, _, _ = await _run(tmp_path, sim, n=2)
+    out, _, _ = await _run_downloads(tmp_path, sim, n=2)
     assert out.counts == {"b": {"succeeded": 2}}
     await check_outputs_match(sim, tmp_path / "work")
 
@@ -723,7 +723,7 @@ async def test_a_download_slower_than_the_least_rate_is_abandoned_and_tried_agai
     sim = await simulator(duration=0.05, faults=["script.download=trickle"])
     limits = DownloadLimits(min_rate=50_000, rate_window=0.3)
     started = time.monotonic()
-    out, _, events = await _run(tmp_path, sim, n=1, download_limits=limits)
+    out, _, events = await _run_downloads(tmp_path, sim, n=1, download_limits=limits)
     assert out.counts == {"b": {"succeeded": 1}}
     assert any("download too slow" in e.message for e in events if e.kind == "retry")
     assert sim.calls["download"] == 2 and time.monotonic() - started < 5
@@ -774,7 +774,7 @@ async def test_an_api_answer_of_more_than_a_few_mb_is_refused_not_read_whole(api
 
 async def test_an_output_url_ending_in_sh_is_saved_as_media(simulator, tmp_path):
     sim = await simulator(duration=0.05, faults=["output_ext=sh"])
-    out, jobs, _ = await _run(tmp_path, sim, n=2)
+    out, jobs, _ = await _run_downloads(tmp_path, sim, n=2)
     assert out.counts == {"b": {"succeeded": 2}}
     names = sorted(p.name for p in (tmp_path / "work" / "b").iterdir())
     assert names == sorted(f"{job.key}.mp4" for job, _ in jobs.values())
