@@ -21,8 +21,8 @@ SAMPLES = REPO / "sample_manifests"
 def isolated(tmp_path, monkeypatch):
     """No test touches real state: cwd, token and API URL all point at nothing of the user's."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
-    monkeypatch.delenv("RUNCOMFY_API_URL", raising=False)
+    for name in ("RUNCOMFY_API_TOKEN", "RUNCOMFY_TOKEN", "RUNCOMFY_API_URL", "RUNCOMFY_BALANCE_URL"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("BATCHGEN_TRACEBACK", raising=False)
     return tmp_path
 

@@ -13,12 +13,14 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
 ``truncate=0.1``       10% of downloads send the full Content-Length, then stop half way
 ``expire=30``          output URLs stop working 30 s after /result handed them out
 ``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
-                       ``script.status``, ``script.result``, ``script.cancel``, ``script.download``
+                       ``script.status``, ``script.result``, ``script.cancel``, ``script.download``,
+                       ``script.catalog`` (``GET /models``) and ``script.balance``
 =====================  =======================================================================
 
 Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``, ``truncate``
-(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403); ``slow``
-applies to downloads too.
+(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403), ``malformed``
+(catalog: the page also holds entries of the wrong shape); ``slow`` applies to downloads too.
+The rates apply to the job calls only: the catalog and the balance fail only when scripted.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-ENDPOINTS = ("submit", "status", "result", "cancel", "download")
-OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire")
+ENDPOINTS = ("submit", "status", "result", "cancel", "download", "catalog", "balance")
+OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire", "malformed")
 
 _RATE_KEYS = {
     "429": "rate_429", "5xx": "rate_5xx", "error200": "rate_error_200", "slow": "slow_rate",
@@ -109,6 +111,8 @@ class FaultPicker:
             return steps.pop(0)
         c = self.config
         r = self.rng.random
+        if endpoint in ("catalog", "balance"):
+            return "ok"
         if endpoint == "download":
             return "truncate" if c.truncate_rate and r() < c.truncate_rate else "ok"
         if c.rate_429 and r() < c.rate_429:
