@@ -82,6 +82,15 @@ def token_source(target: Target) -> tuple[str, str]:
     return "", ""
 
 
+_TOLD_SOURCES: set[str] = set()  # said once per process: a command may open the API twice
+
+
+def _say_token_source(source: str) -> None:
+    if source not in _TOLD_SOURCES:
+        _TOLD_SOURCES.add(source)
+        log.info("API token from %s", source)
+
+
 def has_token(target: Target) -> bool:
     return bool(token_source(target)[0])
 
@@ -250,7 +259,7 @@ async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIter
     --simulate, else the configured API. ``publish`` serves local files (simulator only)."""
     if not target.simulate:
         token = resolve_token(target)
-        log.info("API token from %s", token_source(target)[1])
+        _say_token_source(token_source(target)[1])
         yield resolve_api_url(target), token, None
         return
     from .simulator import SimConfig, Simulator

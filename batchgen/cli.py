@@ -586,9 +586,10 @@ def _show_model(found: app.ModelLookup) -> None:
     sch = found.schema
     assert sch is not None
     origin = {"bundled": "bundled with batchgen",
-              "catalog": "RunComfy's catalog" + (f", fetched {found.catalog.fetched_text()}" if found.catalog else ""),
-              }.get(sch.origin, sch.source)
-    click.echo(f"{sch.model_id}  (output: {sch.output_kind}; schema from {origin})")
+              "catalog": "from RunComfy's catalog" + (
+                  f", fetched {found.catalog.fetched_text()}" if found.catalog else ""),
+              }.get(sch.origin, f"from {sch.source}")
+    click.echo(f"{sch.model_id}  (output: {sch.output_kind}; schema {origin})")
     if sch.base_price_usd is not None:
         per = "a second of the job's duration" if sch.price_unit == "second" else "a job"
         click.echo(f"  price: ${sch.base_price_usd:g} {per}")

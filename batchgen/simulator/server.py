@@ -495,14 +495,20 @@ class Simulator:
     def _without_schema(entry: dict[str, Any], include: bool) -> dict[str, Any]:
         return entry if include else {k: v for k, v in entry.items() if k != "input_schema"}
 
-    async def _catalog(self, request: web.Request) -> web.StreamResponse:
-        self.calls["catalog"] += 1
+    async def _admit(self, request: web.Request, endpoint: str) -> tuple[str, str] | web.StreamResponse:
+        """Count the call, check its token, apply its fault: (owner, outcome), or the answer to send."""
+        self.calls[endpoint] += 1
         owner = self._auth(request)
         if isinstance(owner, web.Response):
             return owner
-        outcome = await self._fault(request, "catalog")
-        if not isinstance(outcome, str):
-            return outcome
+        outcome = await self._fault(request, endpoint)
+        return (owner, outcome) if isinstance(outcome, str) else outcome
+
+    async def _catalog(self, request: web.Request) -> web.StreamResponse:
+        admitted = await self._admit(request, "catalog")
+        if not isinstance(admitted, tuple):
+            return admitted
+        outcome = admitted[1]
         q = request.query
         search, category = q.get("search", "").lower(), q.get("category", "")
         found = [e for e in self.catalog()
@@ -529,13 +535,10 @@ class Simulator:
     async def _balance(self, request: web.Request) -> web.StreamResponse:
         """RunComfy's wallet (on its main API host, served here at the same path): what is left of
         --balance after this token's jobs; an unlimited wallet says UNLIMITED_BALANCE."""
-        self.calls["balance"] += 1
-        owner = self._auth(request)
-        if isinstance(owner, web.Response):
-            return owner
-        outcome = await self._fault(request, "balance")
-        if not isinstance(outcome, str):
-            return outcome
+        admitted = await self._admit(request, "balance")
+        if not isinstance(admitted, tuple):
+            return admitted
+        owner = admitted[0]
         total = self.config.balance_usd
         left = UNLIMITED_BALANCE if total is None else max(0.0, total - self._spent.get(owner, 0.0))
         return web.json_response({"balance_usd": round(left, 6), "currency": "USD"})
