@@ -258,8 +258,16 @@ def suggestions(model_id: str, catalog: Catalog | None, n: int = 3) -> list[str]
     import difflib  # only when a model id needs correcting
 
     ids = {s.model_id for s in bundled_schemas()} | (set(catalog.entries) if catalog else set())
-    by_lower = {i.lower(): i for i in sorted(ids)}
-    return [by_lower[m] for m in difflib.get_close_matches(model_id.lower(), list(by_lower), n=n, cutoff=0.6)]
+    matcher = difflib.SequenceMatcher(b=model_id.lower())
+    scored = []
+    for candidate in sorted(ids):
+        matcher.set_seq1(candidate.lower())
+        scored.append((matcher.ratio(), candidate))
+    scored.sort(key=lambda item: -item[0])
+    # Ids share long tails ("/image-to-video"), so many are somewhat alike: offer only those about
+    # as close as the closest, not every model of the same kind.
+    best = scored[0][0] if scored else 0.0
+    return [c for score, c in scored[:n] if score >= max(0.6, best - 0.1)]
 
 
 def unknown_model_note(model_id: str, catalog: Catalog | None, note: str) -> str:

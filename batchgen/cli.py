@@ -618,8 +618,13 @@ def _field_facts(prop: dict[str, Any]) -> list[str]:
             facts.append(f"{text} {prop[word]}")
     if "maxLength" in prop:
         facts.append(f"at most {prop['maxLength']} characters")
-    if "minItems" in prop or "maxItems" in prop:
-        facts.append(f"{prop.get('minItems', 0)} to {prop.get('maxItems', 'any number of')} item(s)")
+    low, high = prop.get("minItems"), prop.get("maxItems")
+    if low is not None and low == high:
+        facts.append(f"exactly {low} item(s)")
+    elif low is not None and high is not None:
+        facts.append(f"{low} to {high} item(s)")
+    elif low is not None or high is not None:
+        facts.append(f"at least {low} item(s)" if low is not None else f"at most {high} item(s)")
     return facts
 
 
