@@ -171,7 +171,7 @@ async def find_model(model_id: str, target: Target, workdir: Path, refresh: bool
         if bundled is not None:
             return ModelLookup(model_id, bundled, catalog, note)
         entry = catalog.entries.get(model_id) if catalog is not None else None
-        if entry is None and client is not None and catalog is not None:
+        if entry is None and client is not None:  # newer than the cache, or the listing failed
             try:
                 entry = await catalog_mod.model_entry(client, model_id)
             except BatchgenError as exc:
@@ -196,8 +196,8 @@ async def prepare_manifest(path: Path, *, batch: str | None, schema: Path | None
     found = await find_model(manifest.model_id, target, workdir)
     if found.schema is not None:
         manifest.use_schema(found.schema)
-    if found.note:
-        log.warning("%s", found.note)
+        if found.note:  # a stale cache served; without a schema the manifest's problem says it
+            log.warning("%s", found.note)
     return manifest, found
 
 
