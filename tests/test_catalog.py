@@ -164,7 +164,9 @@ async def test_the_catalog_is_cached_for_a_day_and_serves_offline(api, images, c
     assert texts(await validate(images, manifest(WAN), target)) == []
     cache = json.loads((work / C.CATALOG_FILENAME).read_text())
     assert cache["api_url"] == sim.base_url and time.time() - cache["fetched_at"] < 60
-    assert {WAN, MULTI, DREAMINA} <= {m["model_id"] for m in cache["models"]}
+    models = {m["model_id"]: m for m in cache["models"]}
+    assert {WAN, MULTI, DREAMINA} <= set(models)
+    assert models[WAN]["input_schema"]["properties"]["guidance_scale"]["type"] == "float"  # as served
     assert sim.calls["catalog"] == 1
 
     assert texts(await validate(images, manifest(WAN), target)) == []

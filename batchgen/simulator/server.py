@@ -485,10 +485,10 @@ class Simulator:
             entries.setdefault(schema.model_id, {
                 "model_id": schema.model_id, "kind": "model", "display_name": schema.model_id,
                 "categories": [last] if "-to-" in last else [], "base_price_usd": self.config.price_usd,
-                "price_unit": "output", "pricing_note": "simulated price", "input_schema": schema.input_schema})
+                "price_unit": "output", "pricing_note": "simulated price", "input_schema": schema.data["input"]})
         for model_id, (schema, facts) in catalog_only_models().items():
             entries.setdefault(model_id, {"model_id": model_id, "kind": "model", **facts,
-                                          "input_schema": schema.input_schema})
+                                          "input_schema": schema.data["input"]})
         return sorted(entries.values(), key=lambda e: e["model_id"])
 
     @staticmethod
