@@ -216,7 +216,9 @@ class ModelSchema:
         # Checking field by field lets the answer for a value many jobs share (frames: 121, the
         # same image) be remembered; a whole-object check would redo it all for each of 100,000
         # jobs. Only for the plain shape RunComfy publishes; anything fancier is checked whole.
-        plain_shape = set(plain) <= _PLAIN_KEYWORDS and plain.get("additionalProperties") is False
+        # A "$ref" points into the whole input schema, so a schema with one is checked whole.
+        plain_shape = (set(plain) <= _PLAIN_KEYWORDS and plain.get("additionalProperties") is False
+                       and not _mentions(plain, "$ref"))
         field_schemas = plain.get("properties") or {}
         self._field_schemas: dict[str, Any] | None = field_schemas if plain_shape else None
         self._field_validators: dict[str, jsonschema.Draft202012Validator] = {}
@@ -353,8 +355,12 @@ class ModelSchema:
                  for name in self.required if name not in inputs]
         if self._field_schemas is None:
             if self._validator is None:
-                self._validator = _jsonschema().Draft202012Validator(self._plain)
-            found += [(self._error_order(err), self._explain(err)) for err in self._validator.iter_errors(inputs)]
+                self._validator = _validator(self._plain)
+            errors = _errors_of(self._validator, inputs)
+            if isinstance(errors, str):
+                found.append(((len(self._order), ""), ("", errors)))
+            else:
+                found += [(self._error_order(err), self._explain(err)) for err in errors]
         else:
             quick = self._quick
             for name, value in inputs.items():
@@ -403,10 +409,11 @@ class ModelSchema:
             validator = self._field_validators.get(name)
             if validator is None:
                 assert self._field_schemas is not None
-                validator = _jsonschema().Draft202012Validator(self._field_schemas[name])
+                validator = _validator(self._field_schemas[name])
                 self._field_validators[name] = validator
-            found = [(self._error_order(err, [name]), self._explain(err, [name]))
-                     for err in validator.iter_errors(value)]
+            errors = _errors_of(validator, value)
+            found = [((self._order.get(name, len(self._order)), name), (name, errors))] if isinstance(
+                errors, str) else [(self._error_order(err, [name]), self._explain(err, [name])) for err in errors]
             if key is not None:
                 if len(self._field_cache) >= _CACHE_LIMIT:
                     self._field_cache.clear()
@@ -501,6 +508,43 @@ def _standard_types(node: Any) -> Any:
         if isinstance(out.get(key), dict):
             out[key] = {k: _standard_types(v) for k, v in out[key].items()}
     return out
+
+
+def _validator(schema: Any) -> Any:
+    """A validator that never fetches anything: left to itself, jsonschema downloads a ``$ref``
+    to another document (with urllib, blocking the event loop), and a schema from the catalog
+    could name any address. Such a reference is unresolvable here (see _errors_of)."""
+    from referencing import Registry
+    from referencing.exceptions import NoSuchResource
+
+    def refuse(uri: str) -> Any:
+        raise NoSuchResource(ref=uri)
+
+    return _jsonschema().Draft202012Validator(schema, registry=Registry(retrieve=refuse))
+
+
+def _errors_of(validator: Any, value: Any) -> list[Any] | str:
+    """jsonschema's errors for ``value``, or why the schema cannot be applied at all (a ``$ref`` to
+    nothing or to another document, a reference loop): schemas from RunComfy's catalog are not
+    trusted, and such a one is a problem to report, never a crash in the middle of validation."""
+    from referencing.exceptions import Unresolvable  # installed with jsonschema; loaded with it
+
+    try:
+        return list(validator.iter_errors(value))
+    except RecursionError:
+        return "the model's schema cannot be applied: it refers to itself without end"
+    except Unresolvable as exc:
+        ref = getattr(exc, "ref", None)
+        return f"the model's schema cannot be applied: it refers to {ref or 'something'!r}, which it does not hold"
+
+
+def _mentions(node: Any, key: str) -> bool:
+    """Whether ``key`` is a key anywhere in ``node``."""
+    if isinstance(node, dict):
+        return key in node or any(_mentions(v, key) for v in node.values())
+    if isinstance(node, list):
+        return any(_mentions(v, key) for v in node)
+    return False
 
 
 def _jsonschema() -> Any:

@@ -3,6 +3,8 @@ crashes, never pays twice, never leaks the token. One section per area."""
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 from conftest import loopback, write_file
 from imagefactory import make_image
@@ -129,3 +131,30 @@ async def test_the_token_is_never_sent_to_a_balance_url_on_another_host(simulato
     assert seen == [] and info.balance_usd is None
     assert info.error == (f"balance URL {elsewhere} is neither the API's host nor a RunComfy host over https: "
                           "the token is not sent there")
+
+
+async def test_a_catalog_schema_referring_elsewhere_or_to_itself_is_a_problem_not_a_crash(tmp_path):
+    fetched: list[str] = []
+    spy = web.Application()
+
+    async def record(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.json_response({"type": "string"})
+
+    spy.router.add_get("/s.json", record)
+    async with loopback(spy) as elsewhere:
+        entry = {"model_id": "odd/refs/image-to-video", "input_schema": {"type": "object", "properties": {
+            "prompt": {"type": "string"}, "remote": {"$ref": f"{elsewhere}/s.json"},
+            "loop": {"$ref": "#/properties/loop"}, "nowhere": {"$ref": "#/$defs/nope"}}}}
+        body = f'{{"models": [{json.dumps(entry)}]}}'.encode()
+        async with loopback(hostile_catalog(lambda o, n: body)) as root:
+            target = app.Target(api_url=root + "/v1", token="t")
+            for field, value, said in (("remote", "1", f"refers to '{elsewhere}/s.json', which it does not hold"),
+                                       ("loop", "x", "refers to itself without end"),
+                                       ("nowhere", "x", "refers to '/$defs/nope', which it does not hold")):
+                write_file(tmp_path / "m.yaml",
+                           f"model: odd/refs/image-to-video\njobs: [{{prompt: p, {field}: {value}}}]\n")
+                opts = app.RunOptions(workdir=tmp_path / "work", manifest=tmp_path / "m.yaml", target=target)
+                problems = [str(p) for p in (await app.validate(opts)).problems]
+                assert problems == [f"m.yaml, line 2: the model's schema cannot be applied: it {said}"]
+    assert fetched == []  # a reference to another document is never fetched
