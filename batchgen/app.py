@@ -49,7 +49,8 @@ class RunOptions:
     workdir: Path = Path(C.DEFAULT_WORKDIR)
     manifest: Path | None = None  # None: resume every unfinished batch of the work directory
     batch: str | None = None  # the manifest's batch name override, or (no manifest) one batch to run
-    # `batchgen retry`: jobs in these states go back to pending before the run starts.
+    # `batchgen retry`: jobs in these states go back to pending before the run starts ('overdue'
+    # only with --force: the provider may still deliver them, and bills them).
     retry_states: tuple[str, ...] = ()
     schema: Path | None = None
     # A model with no schema anywhere (bundled, catalog, --schema) runs with its inputs unchecked
@@ -65,6 +66,8 @@ class RunOutcome:
     new_jobs: int
     summary: RunSummary
     counts: dict[str, dict[str, int]]
+    # A retry without --force: overdue jobs left as they are (still followed, not resubmitted).
+    overdue_kept: int = 0
 
 
 def store_path(workdir: Path) -> Path:
@@ -328,13 +331,16 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                 batches = [
                     b for b, per_state in counts.items()
                     if b in unflushed
-                    or any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.REMOTE_ACTIVE,
+                    or any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.FOLLOWED,
                                                          S.DOWNLOADING))
                 ]
+            overdue_kept = 0
             if opts.retry_states:
                 for job in await store.jobs(batches, opts.retry_states):
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
                     discard_partials(workdir / job.batch, job.key)
+                if S.OVERDUE not in opts.retry_states:
+                    overdue_kept = len(await store.jobs(batches, [S.OVERDUE]))
             async with api_endpoint(opts.target, workdir) as (base_url, token, publish):
                 async with RunComfyClient(base_url, token) as client:
                     price = None
@@ -359,7 +365,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
             counts = await store.counts(batches)
     finally:
         lock.release()
-    return RunOutcome(batches, new_jobs, summary, counts)
+    return RunOutcome(batches, new_jobs, summary, counts, overdue_kept)
 
 
 async def model_price(client: RunComfyClient, model_id: str,
@@ -460,7 +466,11 @@ def _next_steps(name: str, counts: dict[str, int]) -> list[str]:
     failed = counts.get(S.FAILED, 0) + counts.get(S.TIMED_OUT, 0)
     if failed:
         steps.append(f"{failed} job(s) failed or timed out: batchgen retry {name}")
-    unfinished = sum(counts.get(s, 0) for s in S.STATES if s not in S.TERMINAL)
+    if counts.get(S.OVERDUE):
+        steps.append(f"{counts[S.OVERDUE]} job(s) are overdue, still at the provider (billed, and may still "
+                     f"be delivered): batchgen run --batch {name} downloads them once they finish; "
+                     f"batchgen retry --force {name} submits them again (paying again)")
+    unfinished = sum(counts.get(s, 0) for s in S.STATES if s not in S.TERMINAL and s != S.OVERDUE)
     if unfinished:
         steps.append(f"{unfinished} job(s) are not finished: batchgen run --batch {name}")
     return steps
@@ -513,7 +523,7 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
                                        detail="cancelled by the user before submit",
                                        error="cancelled before submit")
                 report.not_submitted += 1
-            remote = await store.jobs([batch], S.REMOTE_ACTIVE)
+            remote = await store.jobs([batch], S.FOLLOWED)
             if not remote:
                 return report
             async with api_endpoint(target, Path(workdir)) as (base_url, token, _publish):
@@ -531,7 +541,9 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
                                                    finished_at=time.time())
                             report.cancelled += 1
                         else:
-                            now_state = answer.status if answer.status in S.REMOTE_ACTIVE else job.state
+                            # An overdue job stays overdue: it was given up on once already.
+                            now_state = (answer.status if answer.status in S.REMOTE_ACTIVE
+                                         and job.state != S.OVERDUE else job.state)
                             await store.transition(
                                 job, now_state, detail=f"cancel answered {answer.outcome or '?'}"
                             )

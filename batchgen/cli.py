@@ -36,7 +36,7 @@ from .runner import Event, RunSettings
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
 EXIT_OK = 0  # every job of the batch succeeded
-EXIT_JOBS_FAILED = 1  # the run finished, but some jobs failed, timed out, were cancelled or are unknown
+EXIT_JOBS_FAILED = 1  # the run finished, but some jobs failed, timed out, were cancelled, are unknown or overdue
 EXIT_USAGE = 2  # bad manifest, bad options, missing token: nothing was submitted
 EXIT_INTERRUPTED = 3  # Ctrl-C/SIGTERM, deadline or a budget stopped the run; run again to go on
 EXIT_LOCKED = 4  # another run holds the work directory
@@ -160,7 +160,9 @@ def _run_options(f: Any) -> Any:
         click.option("--max-runtime",
                      help="Stop submitting before, and stop at, this long from now (e.g. 90m, 6h)."),
         click.option("--job-timeout",
-                     help="Give up a job not finished this long after submit (e.g. 30m)."),
+                     help="Give up on a job not finished this long after submit: cancel it if still "
+                          "queued, else mark it overdue and keep following it "
+                          f"[default: {C.DEFAULT_JOB_TIMEOUT / 3600:g}h]."),
         click.option("--quiet", "-q", is_flag=True, help="Only errors and the final summary."),
         click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
                      help="Also append every event to this file (plain or JSON lines)."),
@@ -213,19 +215,25 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
 @click.option("--unknown", is_flag=True,
               help="Also resubmit jobs whose submit outcome is unknown (they may already be "
                    "running, and billed, at the provider).")
+@click.option("--force", is_flag=True,
+              help="Also resubmit overdue jobs (past the job timeout, not cancelled: they may still "
+                   "be delivered, and are billed).")
 @_run_options
-def retry(batch: str, unknown: bool, **kw: Any) -> None:
+def retry(batch: str, unknown: bool, force: bool, **kw: Any) -> None:
     """Put BATCH's failed and timed-out jobs back to pending and run them.
 
     Their history is kept. Jobs with an unknown submit outcome are left alone unless --unknown
-    is given: the API cannot tell whether they exist, so resubmitting may pay twice.
+    is given: the API cannot tell whether they exist, so resubmitting may pay twice. Overdue
+    jobs are left alone unless --force is given: they are still at the provider, which may
+    still deliver them (this run keeps following them).
 
     \b
     Examples:
       batchgen retry street-scenes
       batchgen retry street-scenes --unknown --simulate
+      batchgen retry street-scenes --force
     """
-    states = (S.FAILED, S.TIMED_OUT) + ((S.UNKNOWN,) if unknown else ())
+    states = (S.FAILED, S.TIMED_OUT) + ((S.UNKNOWN,) if unknown else ()) + ((S.OVERDUE,) if force else ())
     _execute_run(kw, batch=batch, retry_states=states)
 
 
@@ -281,7 +289,7 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
         concurrency=kw["concurrency"], download_concurrency=kw["downloads"], rate=kw["rate"],
         max_jobs=kw["max_jobs"], max_cost=kw["max_cost"],
         deadline=time.time() + _duration(max_runtime, "--max-runtime") if max_runtime else None,
-        job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else None,
+        job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else C.DEFAULT_JOB_TIMEOUT,
     )
     opts = app.RunOptions(
         workdir=kw["workdir"],
@@ -298,8 +306,10 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     if summary.stop_reason in ("interrupted", "deadline", "max_jobs", "budget", "error"):
         sys.exit(EXIT_INTERRUPTED)
     bad = sum(n for b in outcome.counts.values() for s, n in b.items()
-              if s in (S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT))
-    unfinished = sum(n for b in outcome.counts.values() for s, n in b.items() if s not in S.TERMINAL)
+              if s in (S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE))
+    # Overdue jobs are not "run again to go on": they wait for the provider (a later run follows them).
+    unfinished = sum(n for b in outcome.counts.values() for s, n in b.items()
+                     if s not in S.TERMINAL and s != S.OVERDUE)
     if unfinished:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_JOBS_FAILED if bad else EXIT_OK)
@@ -391,6 +401,9 @@ def _print_run_summary(outcome: app.RunOutcome) -> None:
     )
     for name, counts in outcome.counts.items():
         click.echo(f"  {name}: " + ", ".join(f"{n} {st}" for st, n in _ordered(counts)))
+    if outcome.overdue_kept:
+        click.echo(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
+                   "delivered and are billed (still followed); retry --force submits them anyway", err=True)
     if s.stop_reason:
         click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)
 

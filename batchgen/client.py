@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -28,6 +30,7 @@ from .errors import (
     APIStatusError,
     InsufficientBalanceError,
     InvalidRequestError,
+    MalformedAnswerError,
     NotFoundError,
     RateLimitError,
     ServerError,
@@ -74,8 +77,8 @@ class Result:
     outputs: list[tuple[str, str]]  # [(kind, url)], kind 'image' or 'video'
     error: str | None
     cost: float | None
-    created_at: str | None
-    finished_at: str | None
+    created_at: float | None  # the provider's clock, as epoch seconds; None when unreadable
+    finished_at: float | None
 
 
 @dataclass(frozen=True)
@@ -130,18 +133,74 @@ def model_path(model_id: str) -> str:
 
 
 def parse_outputs(output: Any) -> list[tuple[str, str]]:
-    """Every output URL of a result's ``output`` object, in a stable order."""
+    """Every output URL of a result's ``output`` object, in a stable order. Anything that is not
+    a plausible URL (not a string, empty, absurdly long) is ignored."""
     found: list[tuple[str, str]] = []
     if not isinstance(output, dict):
         return found
     for kind in OUTPUT_KINDS:
         value = output.get(kind)
         single = kind.rstrip("s")
-        if isinstance(value, str) and value:
-            found.append((single, value))
-        elif isinstance(value, list):
-            found.extend((single, v) for v in value if isinstance(v, str) and v)
+        for url in (value if isinstance(value, list) else [value]):
+            if isinstance(url, str) and 0 < len(url) <= C.MAX_OUTPUT_URL:
+                found.append((single, url))
     return found
+
+
+# ---- reading answers defensively ----------------------------------------------------------------
+# An answer is data from the network: every field may be missing, of another type, or absurd
+# (Infinity, NaN, 1e400, 2^64, megabytes of text). A field that is not essential is ignored when it
+# cannot be read; an essential one (a status word) makes the call fail with MalformedAnswerError,
+# which is retried like a lost answer. Nothing read here may crash the run or reach the store as a
+# value SQLite cannot hold (integers beyond 2^63).
+
+
+def _short(text: str) -> str:
+    """A text from an answer, cut to a length a log line or a store row can carry."""
+    return text if len(text) <= C.MAX_ANSWER_TEXT else text[:C.MAX_ANSWER_TEXT] + "…"
+
+
+def _count(value: Any) -> int | None:
+    """A small non-negative integer (a queue position), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if 0 <= value < 2**31 else None
+
+
+def _usd(value: Any) -> float | None:
+    """An amount of money (a cost, a price), or None when it is not a plausible one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        usd = float(value)  # an integer of 400 digits does not fit: OverflowError
+    except OverflowError:
+        return None
+    return usd if math.isfinite(usd) and 0 <= usd <= C.MAX_JOB_COST_USD else None
+
+
+def _when(value: Any) -> float | None:
+    """A timestamp of the provider's (ISO 8601 text, or epoch seconds), as epoch seconds."""
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            when = datetime.fromisoformat(value.strip().replace("Z", "+00:00")).timestamp()
+        except (ValueError, OverflowError, OSError):
+            return None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        when = float(value) if -1e300 < value < 1e300 else math.nan
+    else:
+        return None
+    return when if math.isfinite(when) and 0 < when < 2**34 else None  # 1970 to year 2514
+
+
+def _status_word(body: dict[str, Any], label: str) -> str:
+    """The status of a /status or /result answer: essential, so an answer without a readable one
+    is malformed (retried, and a job whose answers never have one is put aside)."""
+    status = body.get("status")
+    if not isinstance(status, str) or not status.strip():
+        raise MalformedAnswerError(f"{label}: answer without a status word ({_short(repr(status))})")
+    return normalize_status(_short(status))
 
 
 def _error_message(body: Any) -> str | None:
@@ -149,7 +208,7 @@ def _error_message(body: Any) -> str | None:
         for key in ("error_message", "message", "error", "detail"):
             value = body.get(key)
             if isinstance(value, str) and value:
-                return value
+                return _short(value)
             if isinstance(value, dict):
                 inner = _error_message(value)
                 if inner:
@@ -158,11 +217,16 @@ def _error_message(body: Any) -> str | None:
 
 
 def _error_code(body: Any) -> int | None:
+    """The envelope's code; -1 for one that is there but unreadable (text, Infinity, 2^64: it is
+    kept in the store, which holds no integer beyond 2^63)."""
     if isinstance(body, dict) and "error_code" in body:
-        try:
-            return int(body["error_code"])
-        except (TypeError, ValueError):
-            return -1
+        value = body["error_code"]
+        if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) < 10:
+            return int(value)
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 10**9 \
+                and float(value).is_integer():
+            return int(value)
+        return -1
     return None
 
 
@@ -276,56 +340,53 @@ class RunComfyClient:
         else:
             body = await self._call("submit", "POST", path, json_body=inputs)
         request_id = body.get("request_id") if isinstance(body, dict) else None
-        if not isinstance(request_id, str) or not request_id:
-            # A 200 without a request id: the job may exist, and we cannot find it. Unknown.
-            raise APIResponseLostError(f"submit to {model_id}: answer without a request_id")
+        if not isinstance(request_id, str) or not request_id or len(request_id) > C.MAX_REQUEST_ID:
+            # A 200 without a usable request id: the job may exist, and we cannot find it. Unknown.
+            raise MalformedAnswerError(f"submit to {model_id}: answer without a usable request_id")
         return Submitted(request_id, body.get("status_url"), body.get("result_url"),
                          body.get("cancel_url"))
 
     async def status(self, request_id: str, *, paced: bool = True) -> Status:
         """``paced=False``: the caller has already taken this call's token from the limiter."""
-        body = await self._call("status", "GET", f"/requests/{quote(request_id, safe='')}/status",
-                                paced=paced)
-        pos = body.get("queue_position")
-        return Status(
-            request_id=str(body.get("request_id") or request_id),
-            status=normalize_status(body.get("status")),
-            queue_position=int(pos) if isinstance(pos, int | float) else None,
-        )
+        path = f"/requests/{quote(request_id, safe='')}/status"
+        body = await self._call("status", "GET", path, paced=paced)
+        # The request id asked about, not the answer's: that one is only an echo, and may be anything.
+        return Status(request_id, _status_word(body, _label("status", path)),
+                      _count(body.get("queue_position")))
 
     async def result(self, request_id: str, include_cost: bool = True) -> Result:
         path = f"/requests/{quote(request_id, safe='')}/result"
         body = await self._call("result", "GET", path + "?include_cost=true" if include_cost else path)
-        cost = body.get("cost")
         error = body.get("error")
         if error is not None and not isinstance(error, str):
             error = _error_message({"error": error}) or json.dumps(error)
         return Result(
-            request_id=str(body.get("request_id") or request_id),
-            status=normalize_status(body.get("status")),
+            request_id=request_id,
+            status=_status_word(body, _label("result", path)),
             outputs=parse_outputs(body.get("output")),
-            error=error,
-            cost=float(cost) if isinstance(cost, int | float) else None,
-            created_at=body.get("created_at"),
-            finished_at=body.get("finished_at"),
+            error=_short(error) if error else None,
+            cost=_usd(body.get("cost")),
+            created_at=_when(body.get("created_at")),
+            finished_at=_when(body.get("finished_at")),
         )
 
     async def cancel(self, request_id: str) -> CancelOutcome:
         body = await self._call("cancel", "POST", f"/requests/{quote(request_id, safe='')}/cancel")
+        outcome, status = body.get("outcome"), body.get("status")
         return CancelOutcome(
-            request_id=str(body.get("request_id") or request_id),
-            status=normalize_status(body.get("status")),
-            outcome=str(body.get("outcome") or ""),
+            request_id=request_id,
+            status=normalize_status(_short(status)) if isinstance(status, str) else "",
+            outcome=_short(outcome) if isinstance(outcome, str) else "",
         )
 
     async def model_info(self, model_id: str) -> ModelInfo:
         body = await self._call("model", "GET", f"/models/{model_path(model_id)}")
-        price = body.get("base_price_usd")
+        unit, note = body.get("price_unit"), body.get("pricing_note")
         return ModelInfo(
-            model_id=str(body.get("model_id") or model_id),
-            base_price_usd=float(price) if isinstance(price, int | float) else None,
-            price_unit=body.get("price_unit"),
-            pricing_note=body.get("pricing_note"),
+            model_id=model_id,
+            base_price_usd=_usd(body.get("base_price_usd")),
+            price_unit=_short(unit) if isinstance(unit, str) else None,
+            pricing_note=_short(note) if isinstance(note, str) else None,
         )
 
     async def list_models(self, offset: int, limit: int) -> ModelPage:
@@ -401,7 +462,7 @@ class RunComfyClient:
         status = resp.status
         try:
             body = json.loads(raw) if raw else None  # blank: ValueError, None as well
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: '[[[[…' nested beyond Python's stack
             body = None
         if status >= 400 or _error_code(body) is not None:
             raise make_status_error(status, body, resp.headers.get("Retry-After"), _label(what, path))
@@ -409,5 +470,5 @@ class RunComfyClient:
             raise ServerError(f"{_label(what, path)}: unexpected redirect (HTTP {status}); not followed",
                               status=status)
         if not isinstance(body, dict):
-            raise APIResponseLostError(f"{_label(what, path)}: HTTP {status} with a body that is not JSON")
+            raise MalformedAnswerError(f"{_label(what, path)}: HTTP {status} with a body that is not a JSON object")
         return body

@@ -74,6 +74,18 @@ SUBMITS_FIRST_MAX = 0.25
 # millisecond of it is a millisecond a concurrency slot is held for nothing.
 POLL_MARGIN_MIN = 0.002
 MAX_POLL_INTERVAL = 30.0
+# A job not finished this long after its submit is given up on: cancelled if the provider still
+# can (then 'timed_out'), else 'overdue' and still followed. It bounds a job whose status never
+# becomes final or whose polls fail forever; --job-timeout changes it. Dreamina's jobs take
+# minutes, and a provider's queue on a bad night maybe an hour or two: six hours is far beyond.
+DEFAULT_JOB_TIMEOUT = 6 * 3600.0
+# How often a run still asks about an overdue job while it has other work (it no longer keeps the
+# run alive): a late job is downloaded by the run it finishes in, at one call a minute.
+OVERDUE_POLL_INTERVAL = 60.0
+# A request id handed out a moment ago may not be known yet to the server a poll reaches (nothing
+# promises the provider's servers agree at once): a 404001 this soon after its submit is asked
+# again, not believed. Two minutes: far beyond any replication lag, short against a job's minutes.
+NOT_FOUND_GRACE = 120.0
 
 # Backoff for retryable errors: base * 2^attempt, capped, with full jitter.
 BACKOFF_BASE = 0.5
@@ -99,3 +111,15 @@ FLUSH_EVERY = 5.0
 
 # Jobs inserted per transaction when a manifest is recorded.
 INSERT_CHUNK = 2000
+
+# Reading the API's answers (client.py). Anything beyond these is not believed: it is ignored, or
+# makes that one call fail, never the run.
+# RunComfy's request ids are UUIDs (36 characters); one longer than this is not a request id.
+MAX_REQUEST_ID = 256
+# Signed CDN links run to a kilobyte or two; a "URL" beyond this is not one.
+MAX_OUTPUT_URL = 16384
+# Messages and status words from answers are cut to this many characters (logs, store, status).
+MAX_ANSWER_TEXT = 2000
+# The most one job can plausibly cost (Dreamina: cents): a larger reported cost is ignored, as is
+# 1e400, rather than stopping a --max-cost run on garbage.
+MAX_JOB_COST_USD = 10_000.0

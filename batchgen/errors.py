@@ -66,6 +66,10 @@ class APIResponseLostError(APIError):
     """The request may have reached the server but no answer came back (timeout, reset, bad body)."""
 
 
+class MalformedAnswerError(APIResponseLostError):
+    """An answer came back but cannot be read (not JSON, a missing or absurd field): as good as lost."""
+
+
 class APIStatusError(APIError):
     """The server answered with an error: an HTTP error status, or an error envelope with HTTP 200."""
 

@@ -138,8 +138,24 @@ async def m004_unsynced_outputs(db: aiosqlite.Connection) -> None:
     )
 
 
+async def m005_overdue_jobs_are_followed(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # 'timed_out' used to mean "given up" whatever the provider said to the cancel that came
+        # with it, so a job it could not cancel kept running, was billed, and was never downloaded
+        # (and `retry` submitted it again). Such jobs are 'overdue' now: followed by the next run,
+        # left alone by `retry`. Only the cancel's answer, kept in the error text, tells them from
+        # the jobs really cancelled at the provider, which stay 'timed_out' (safe to retry). The
+        # state change writes a history row (m002's trigger) saying why.
+        """UPDATE jobs SET state = 'overdue', updated_at = (julianday('now') - 2440587.5) * 86400.0,
+               detail = 'timed out but not cancelled at the provider: followed again (migration 5)'
+           WHERE state = 'timed_out' AND request_id IS NOT NULL
+             AND COALESCE(error, '') NOT LIKE '%(cancel: cancelled)'""",
+    )
+
+
 MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger, m003_drop_unused_indexes,
-                               m004_unsynced_outputs]
+                               m004_unsynced_outputs, m005_overdue_jobs_are_followed]
 
 
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:

@@ -18,15 +18,16 @@ from . import store as S
 from .runner import Event
 
 # Which events a line is written for, by verbosity: quiet (-q), normal, verbose (-v).
-_NORMAL = {S.IN_QUEUE, S.SUCCEEDED, S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, "stop", "cap"}
+_NORMAL = {S.IN_QUEUE, S.SUCCEEDED, S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE, "stop", "cap"}
 _VERBOSE = _NORMAL | {S.IN_PROGRESS, S.DOWNLOADING, "retry", "note"}
-_QUIET = {"stop", S.UNKNOWN}
+_QUIET = {"stop", S.UNKNOWN, S.OVERDUE}  # money that may be at stake
 
 # The columns of the live panel, in job order.
 PANEL_STATES = [
     ("pending", (S.PENDING, S.SUBMITTING)),
     ("in queue", (S.IN_QUEUE,)),
     ("running", (S.IN_PROGRESS,)),
+    ("overdue", (S.OVERDUE,)),
     ("downloading", (S.DOWNLOADING,)),
     ("done", (S.SUCCEEDED,)),
     ("failed", (S.FAILED, S.TIMED_OUT, S.CANCELLED)),
@@ -102,7 +103,7 @@ class Panel:
         self.live.__exit__(None, None, None)
 
     def note(self, event: Event) -> None:
-        if event.kind in (S.FAILED, S.UNKNOWN, S.TIMED_OUT, "stop", "cap"):
+        if event.kind in (S.FAILED, S.UNKNOWN, S.TIMED_OUT, S.OVERDUE, "stop", "cap"):
             self.recent = (self.recent + [format_line(event, "text")])[-5:]
 
     def update(self, counts: dict[str, dict[str, int]], cap: int, spent: float) -> None:

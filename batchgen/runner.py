@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,15 @@ import aiohttp
 from . import constants as C
 from . import crashpoints
 from . import store as S
-from .client import Result, RunComfyClient
+from .client import FINISHED_STATUSES, Result, RunComfyClient
 from .downloads import download, output_name
 from .durability import BOOT_ID, Flusher, file_intact
 from .errors import (
     APIError,
     BatchgenError,
     DownloadError,
+    MalformedAnswerError,
+    NotFoundError,
     RateLimitError,
     StoreError,
     UsageError,
@@ -75,7 +76,10 @@ class RunSettings:
     max_jobs: int | None = None  # submissions this run may start
     max_cost: float | None = None  # USD this run may commit to (actual costs + estimates in flight)
     deadline: float | None = None  # wall-clock time.time() at which the run stops
-    job_timeout: float | None = None  # seconds from submit before a job is given up
+    # Seconds from submit before a job is given up on (cancelled, or else overdue); None: never.
+    job_timeout: float | None = C.DEFAULT_JOB_TIMEOUT
+    overdue_poll_interval: float = C.OVERDUE_POLL_INTERVAL
+    not_found_grace: float = C.NOT_FOUND_GRACE  # seconds after submit a 404001 is not believed
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     first_poll_delay: float = C.FIRST_POLL_DELAY
     min_poll_interval: float = C.MIN_POLL_INTERVAL
@@ -288,6 +292,11 @@ class Runner:
         # they are finished (which can be before their result is fetched and recorded).
         self._holding: set[int] = set()
         self._poll_failures: dict[int, int] = {}
+        # Answers that could not be read, in a row, by job: so many and the job is put aside.
+        self._unreadable: dict[int, int] = {}
+        # Jobs at the provider given up on but still followed ('overdue'): in _remote, polled at a
+        # slow pace, holding no slot, and not keeping the run alive (see _set_aside).
+        self._overdue: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._submits: set[asyncio.Task[Any]] = set()
         self._timers: set[asyncio.Task[Any]] = set()  # not work: they do not keep the run alive
@@ -383,7 +392,15 @@ class Runner:
         for job in await self.store.recover_interrupted(self._batches):
             self._finished(job, "submit interrupted by an earlier run; outcome unknown")
         now = time.time()
-        for job in await self.store.jobs(self._batches, S.REMOTE_ACTIVE):
+        for job in await self.store.jobs(self._batches, S.FOLLOWED):
+            if job.state == S.OVERDUE:
+                # Given up on by an earlier run, but it may still be delivered: asked at once (the
+                # run waits for that answer), then at the slow pace while the run has other work.
+                self._remote[job.id] = job
+                self._overdue.add(job.id)
+                self._from_earlier_run.add(job.id)
+                self._spawn(self._poll(job))
+                continue
             # Already at the provider: it holds one of the provider's slots until it finishes.
             self.slots.used += 1
             self._holding.add(job.id)
@@ -477,7 +494,9 @@ class Runner:
             self._wake.clear()
             if self._fatal is not None:
                 return
-            busy = bool(self._remote) or bool(self._tasks - self._timers) or not submit_loop.done()
+            # Overdue jobs are followed while there is other work, but not waited for.
+            busy = (len(self._remote) > len(self._overdue) or bool(self._tasks - self._timers)
+                    or not submit_loop.done())
             if self._exit_now:
                 # Prompt exit: only submits on the wire are awaited (their answers must be saved).
                 if not self._submits:
@@ -797,7 +816,8 @@ class Runner:
                 try:
                     result = await self.client.result(rid)
                 except APIError as exc:
-                    if classify(exc, Call.POLL) is not Decision.FAIL:
+                    # Nor does an answer that cannot be read: /status decides.
+                    if classify(exc, Call.POLL) is not Decision.FAIL and not isinstance(exc, MalformedAnswerError):
                         raise
                 crashpoints.reached("status_answered")
             if result is not None and result.status in _RESULT_FINISHED:
@@ -820,16 +840,20 @@ class Runner:
         except APIError as exc:
             await self._poll_failed(job, exc)
             return
-        self._poll_failures.pop(job.id, None)
+        self._answered(job)
         now = time.time()
+        if job.id in self._overdue:
+            # It stays overdue until it finishes (its state says it was given up on once).
+            self._schedule(job, now + self.s.overdue_poll_interval)
+            return
         if status_now == S.IN_PROGRESS and job.state != S.IN_PROGRESS:
             await self.store.transition(job, S.IN_PROGRESS, started_at=now, queue_position=None)
             self._emit(S.IN_PROGRESS, job)
         elif status_now == S.IN_QUEUE and position is not None and position != job.queue_position:
             await self.store.update_fields(job, queue_position=position)
         elapsed = now - (job.submitted_at or now)
-        if self.s.job_timeout is not None and elapsed > self.s.job_timeout:
-            await self._time_out(job)
+        if self._past_timeout(job, now):
+            await self._time_out(job, f"its last status was {status_now!r}")
             return
         self._schedule(job, now + self._poll_delay(job, elapsed))
 
@@ -848,11 +872,12 @@ class Runner:
 
     async def _on_result(self, job: Job, result: Result) -> None:
         now = time.time()
-        if result.status in (S.IN_QUEUE, S.IN_PROGRESS):
-            # /status said finished but /result is not there yet: ask again shortly.
-            self._schedule(job, now + self.s.min_poll_interval)
+        if result.status not in _RESULT_FINISHED:
+            # /status said finished but /result does not say so (not there yet, or a word we do
+            # not know): asked again, less and less often, until the job timeout.
+            await self._again_later(job, f"/status said finished, /result says {result.status!r}")
             return
-        self._poll_failures.pop(job.id, None)
+        self._answered(job)
         self._observe_duration(job, result, now)
         self.budget.finished(job.id, result.cost)
         self._summary.spent_usd = self.budget.spent
@@ -876,10 +901,8 @@ class Runner:
             state, error = S.FAILED, "the provider reported success but returned no output"
         elif result.status == "cancelled":
             state, error = S.CANCELLED, result.error or "cancelled at the provider"
-        elif result.status == "failed":
-            state, error = S.FAILED, result.error or "the provider reported the job failed"
         else:
-            state, error = S.FAILED, f"unexpected result status {result.status!r}"
+            state, error = S.FAILED, result.error or "the provider reported the job failed"
         await self.store.transition(job, state, error=error, cost=result.cost, finished_at=now)
         self._leave_provider(job)
         self._finished(job, error)
@@ -890,15 +913,17 @@ class Runner:
             # of how long a job takes; learned, an instant failure would set the expected
             # duration to 0 and every job out would be polled every 50 ms.
             return
-        # Prefer the provider's own timestamps: ours include polling lag.
+        # Prefer the provider's own timestamps: ours include polling lag. But the job ran within
+        # the time since we submitted it (a second's slack: timestamps may be whole seconds), so
+        # timestamps saying otherwise, or putting the finish first, are garbage.
+        ours = now - job.submitted_at if job.submitted_at else None
         seconds = None
-        try:
-            if result.created_at and result.finished_at:
-                seconds = (_parse_time(result.finished_at) - _parse_time(result.created_at))
-        except ValueError:
-            seconds = None
-        if seconds is None and job.submitted_at:
-            seconds = now - job.submitted_at
+        if result.created_at is not None and result.finished_at is not None:
+            seconds = result.finished_at - result.created_at
+            if not 0 <= seconds <= (math.inf if ours is None else ours + 1.0):
+                seconds = None
+        if seconds is None:
+            seconds = ours
         if seconds is not None:
             first = self.planner.expected is None
             self.planner.observe(seconds)
@@ -913,8 +938,8 @@ class Runner:
         now = time.time()
 
         def due(job: Job) -> float | None:
-            if job.id in self._poll_failures:
-                return None  # waiting out a backoff or a Retry-After on purpose
+            if job.id in self._poll_failures or job.id in self._overdue:
+                return None  # waiting out a backoff or a Retry-After on purpose, or overdue
             return now + self.planner.until_expected(max(0.0, now - (job.submitted_at or now)))
 
         self._bring_forward(due)
@@ -934,17 +959,21 @@ class Runner:
 
     def _leave_provider(self, job: Job) -> None:
         self._remote.pop(job.id, None)
+        self._overdue.discard(job.id)
+        self._stop_scouting(job)
+        self._free_slot(job)
+
+    def _stop_scouting(self, job: Job) -> None:
         if self._scouts.pop(job.id, None) is not None and self.planner.expected is None:
             # It left without teaching a duration (failed at once, timed out): another job takes
-            # its place, one not scouting yet nor waiting out a backoff or a Retry-After.
-            heir = next((j for j in self._remote.values()
-                         if j.id not in self._scouts and j.id not in self._poll_failures), None)
+            # its place, one not scouting yet nor waiting out a backoff or a Retry-After, nor overdue.
+            heir = next((j for j in self._remote.values() if j.id not in self._scouts
+                         and j.id not in self._poll_failures and j.id not in self._overdue), None)
             if heir is not None:
                 self._enlist_scout(heir)
                 now = time.time()
                 due = now + self._poll_delay(heir, now - (heir.submitted_at or now))
                 self._bring_forward(lambda j: due if j.id == heir.id else None)
-        self._free_slot(job)
 
     def _free_slot(self, job: Job) -> None:
         """The provider finished ``job``: its slot can take the next submit at once, before this
@@ -954,11 +983,21 @@ class Runner:
             self._holding.discard(job.id)
             self.slots.release()
 
+    def _answered(self, job: Job) -> None:
+        """The provider answered about ``job`` in a way we could read."""
+        self._poll_failures.pop(job.id, None)
+        self._unreadable.pop(job.id, None)
+
     async def _poll_failed(self, job: Job, exc: APIError) -> None:
         decision = classify(exc, Call.POLL)
         if decision is Decision.FATAL:
             self._summary.account_error = str(exc)
             raise _Fatal(str(exc)) from exc
+        if (decision is Decision.FAIL and isinstance(exc, NotFoundError) and job.submitted_at is not None
+                and time.time() - job.submitted_at < self.s.not_found_grace):
+            # A request id handed out a moment ago: the server asked may not know it yet. Ending a
+            # paid job on that would lose it; it is believed only after the grace period.
+            decision = Decision.RETRY
         if decision is Decision.FAIL:
             await self.store.transition(job, S.FAILED, error=str(exc),
                                         error_code=getattr(exc, "error_code", None),
@@ -967,29 +1006,72 @@ class Runner:
             self._finished(job, str(exc))
             return
         # Transient: poll again later; the job itself is fine at the provider.
-        n = self._poll_failures.get(job.id, 0) + 1
-        self._poll_failures[job.id] = n
         if isinstance(exc, RateLimitError) and self.cap.on_throttle():
             self._emit("cap", None, f"provider throttling; in-flight cap now {self.cap.value}")
-        delay = self.s.policy.delay(n, getattr(exc, "retry_after", None))
-        self._emit("retry", job, f"poll failed ({exc}); again in {delay:.1f}s")
-        self._schedule(job, time.time() + delay)
+        if isinstance(exc, MalformedAnswerError) and job.id not in self._overdue:
+            unreadable = self._unreadable[job.id] = self._unreadable.get(job.id, 0) + 1
+            if unreadable >= self.s.policy.max_call_retries:
+                # Not cancelled: the answer we cannot read may be its result.
+                await self._set_aside(job, f"{unreadable} answers in a row about it could not be read "
+                                      f"(last: {exc}); still followed: it may still be delivered, and is billed")
+                return
+        await self._again_later(job, f"poll failed ({exc})", getattr(exc, "retry_after", None))
 
-    async def _time_out(self, job: Job) -> None:
-        assert job.request_id is not None
-        rid = job.request_id
-        outcome = "not asked"
+    async def _again_later(self, job: Job, why: str, retry_after: float | None = None) -> None:
+        """Ask about ``job`` again after a growing delay (a poll failed, or /result is not final
+        yet), unless it is past its job timeout: then it is given up on (_time_out). An overdue
+        job is simply asked again at its slow pace."""
+        n = self._poll_failures[job.id] = self._poll_failures.get(job.id, 0) + 1
+        now = time.time()
+        delay = self.s.policy.delay(n, retry_after)
+        if job.id in self._overdue:
+            delay = max(delay, self.s.overdue_poll_interval)
+        elif self._past_timeout(job, now):
+            await self._time_out(job, why)
+            return
+        self._emit("retry", job, f"{why}; again in {delay:.1f}s")
+        self._schedule(job, now + delay)
+
+    def _past_timeout(self, job: Job, now: float) -> bool:
+        timeout = self.s.job_timeout
+        return (timeout is not None and job.id not in self._overdue
+                and now - (job.submitted_at or now) > timeout)
+
+    async def _time_out(self, job: Job, last: str) -> None:
+        """``job`` is past its job timeout. Still queued, the provider cancels it: 'timed_out',
+        nothing to pay, safe to retry. Otherwise it may still finish and be billed: 'overdue',
+        still followed (this run slowly, the next again), so that what it costs is downloaded
+        and `retry` does not pay for it twice."""
+        assert job.request_id is not None and self.s.job_timeout is not None
+        outcome, status = "not asked", ""
         try:
-            cancelled = await self.client.cancel(rid)
-            outcome = cancelled.outcome
+            answer = await self.client.cancel(job.request_id)
+            outcome, status = answer.outcome or "no outcome given", answer.status
         except APIError as exc:
             outcome = f"cancel failed: {exc}"
-        await self.store.transition(
-            job, S.TIMED_OUT, finished_at=time.time(),
-            error=f"no result within --job-timeout {self.s.job_timeout:g}s (cancel: {outcome})",
-        )
-        self._leave_provider(job)
-        self._finished(job, job.error or "")
+        why = f"not finished within the job timeout ({_span(self.s.job_timeout)}; {last})"
+        if outcome == "cancelled":
+            await self.store.transition(job, S.TIMED_OUT, finished_at=time.time(),
+                                        error=f"{why}; cancelled at the provider")
+            self._leave_provider(job)
+            self._finished(job, job.error or "")
+            return
+        await self._set_aside(job, f"{why}; not cancelled ({outcome}): still followed, it may still "
+                              "be delivered and is billed", soon=status in FINISHED_STATUSES)
+
+    async def _set_aside(self, job: Job, error: str, *, soon: bool = False) -> None:
+        """Give up waiting for ``job`` but keep following it: 'overdue'. It frees its slot and no
+        longer keeps the run alive; it is polled every overdue_poll_interval while the run has
+        other work (``soon``: once at once, it was just said to be finished), by every later run,
+        and downloaded by whichever sees it finished."""
+        await self.store.transition(job, S.OVERDUE, error=error)
+        self._overdue.add(job.id)
+        self._poll_failures.pop(job.id, None)
+        self._unreadable.pop(job.id, None)
+        self._stop_scouting(job)
+        self._free_slot(job)
+        self._emit(S.OVERDUE, job, error)
+        self._schedule(job, time.time() + (0.0 if soon else self.s.overdue_poll_interval))
 
     # ---- downloading ---------------------------------------------------------------------------
 
@@ -1111,5 +1193,9 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _parse_time(value: str) -> float:
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+def _span(seconds: float) -> str:
+    """A duration as the options take it: 6h, 30m, 45s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"

@@ -69,6 +69,10 @@ PENDING = "pending"
 SUBMITTING = "submitting"
 IN_QUEUE = "in_queue"
 IN_PROGRESS = "in_progress"
+# Past its job timeout (or its answers unreadable) and not cancelled: the provider may still
+# deliver it, and bill it, so it is still followed (slowly by this run, again by the next), and
+# `retry` leaves it alone unless --force.
+OVERDUE = "overdue"
 DOWNLOADING = "downloading"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
@@ -77,11 +81,13 @@ CANCELLED = "cancelled"
 TIMED_OUT = "timed_out"
 
 STATES = (
-    PENDING, SUBMITTING, IN_QUEUE, IN_PROGRESS, DOWNLOADING,
+    PENDING, SUBMITTING, IN_QUEUE, IN_PROGRESS, OVERDUE, DOWNLOADING,
     SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT,
 )
 # Jobs with a request id that the provider is still working on.
 REMOTE_ACTIVE = (IN_QUEUE, IN_PROGRESS)
+# Jobs with a request id whose result may still come: polled by every run.
+FOLLOWED = (*REMOTE_ACTIVE, OVERDUE)
 TERMINAL = (SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
 
 _JOB_COLUMNS = (
@@ -455,11 +461,11 @@ class Store:
         return out
 
     async def failure_groups(self, batch: str, limit: int = 10) -> list[tuple[str, str, int]]:
-        """(state, error, count) of a batch's unsuccessful jobs, most common first."""
+        """(state, error, count) of a batch's unsuccessful (or overdue) jobs, most common first."""
         async with self._db.execute(
             "SELECT state, COALESCE(error, ''), COUNT(*) FROM jobs WHERE batch = ? AND state IN "
-            "(?, ?, ?, ?) GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
-            (batch, FAILED, UNKNOWN, TIMED_OUT, CANCELLED, limit),
+            "(?, ?, ?, ?, ?) GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
+            (batch, FAILED, UNKNOWN, TIMED_OUT, CANCELLED, OVERDUE, limit),
         ) as cur:
             return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
 
@@ -577,12 +583,13 @@ class Store:
             return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
 
     async def requeue(self, job: Job, detail: str) -> None:
-        """Put a finished job back to pending for a user-requested retry. Its history stays; its
-        request id, outputs and error are cleared so the next submit starts afresh."""
+        """Put a finished (or overdue: `retry --force`) job back to pending for a user-requested
+        retry. Its history stays; its request id, outputs and error are cleared so the next submit
+        starts afresh."""
         async with self.atomic() as db:
             await db.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
             await self.transition(
-                job, PENDING, expect=TERMINAL, detail=detail, attempts=0, request_id=None,
+                job, PENDING, expect=(*TERMINAL, OVERDUE), detail=detail, attempts=0, request_id=None,
                 queue_position=None, error=None, error_code=None, cost=None, not_before=None,
                 submitted_at=None, started_at=None, finished_at=None,
             )
@@ -599,7 +606,7 @@ class Store:
         rows = [(job.id, idx, kind, url) for idx, (kind, url) in enumerate(outputs)]
         move = None
         now = time.time()
-        fields = {"cost": cost, "finished_at": finished_at}
+        fields = _result_fields(job, cost, finished_at)
         if job.state != DOWNLOADING:
             move = _transition_sql(job.id, DOWNLOADING, now, f"{len(outputs)} output(s)", fields, None)
 
@@ -624,15 +631,15 @@ class Store:
     ) -> None:
         """A succeeded result whose outputs are already whole in place (``outputs`` with path,
         size and sha256 set): the outputs, their files and the job's success in one write, where
-        record_result and output_downloaded would take two. The job must still be at the
-        provider's (in_queue or in_progress) in the store. ``unsynced_boot``: the files are not
+        record_result and output_downloaded would take two. The job must still be followed at the
+        provider's (in_queue, in_progress or overdue) in the store. ``unsynced_boot``: the files are not
         flushed yet (durability.py)."""
         now = time.time()
         rows = [(job.id, o.idx, o.kind, o.url, o.path, o.size, o.sha256, now, unsynced_boot)
                 for o in outputs]
-        fields = {"cost": cost, "finished_at": finished_at}
+        fields = _result_fields(job, cost, finished_at)
         move = _transition_sql(job.id, SUCCEEDED, now, f"{len(outputs)} output(s) downloaded", fields,
-                               REMOTE_ACTIVE)
+                               FOLLOWED)
 
         def apply(conn: sqlite3.Connection) -> None:
             for row in rows:
@@ -646,7 +653,7 @@ class Store:
                            unsynced_boot = excluded.unsynced_boot""",
                     row,
                 )
-            _apply_transition(conn, job.key, job.id, *move, REMOTE_ACTIVE)
+            _apply_transition(conn, job.key, job.id, *move, FOLLOWED)
 
         await self._write(apply)
         job.state, job.updated_at = SUCCEEDED, now
@@ -737,6 +744,15 @@ UNSYNCED_BATCHES_SQL = (
     "SELECT DISTINCT jobs.batch " + _UNSYNCED_FROM
     + "WHERE o.unsynced_boot IS NOT NULL ORDER BY jobs.batch"
 )
+
+
+def _result_fields(job: Job, cost: float | None, finished_at: float | None) -> dict[str, Any]:
+    """The fields a result sets. An overdue job that finally delivers loses the error that said
+    it was overdue."""
+    if job.state == OVERDUE:
+        job.error = None
+        return {"cost": cost, "finished_at": finished_at, "error": None}
+    return {"cost": cost, "finished_at": finished_at}
 
 
 def _live(group: list[_Queued]) -> list[_Queued]:

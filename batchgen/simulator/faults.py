@@ -12,24 +12,31 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
 ``fail=0.1``           10% of jobs end ``failed``
 ``truncate=0.1``       10% of downloads send the full Content-Length, then stop half way
 ``expire=30``          output URLs stop working 30 s after /result handed them out
+``stuck=processing``    /status and /result answer this status word for every job, forever
+``garble.cost=1e400``  every /status and /result answer carries this raw JSON text as the field's
+                       value (``Infinity``, ``NaN``, ``18446744073709551616``, ``123``, ...)
 ``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
                        ``script.status``, ``script.result``, ``script.cancel``, ``script.download``,
                        ``script.catalog`` (``GET /models``) and ``script.balance``
 =====================  =======================================================================
 
 Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``, ``truncate``
-(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403), ``malformed``
-(catalog: the page also holds entries of the wrong shape); ``slow`` applies to downloads too.
-The rates apply to the job calls only: the catalog and the balance fail only when scripted.
+(downloads), ``fail`` (submit: the job will fail), ``expire`` (download: answer 403), ``404``
+(RunComfy's 404001 "request not found", as a request id just handed out may get), ``badjson``
+(HTTP 200 with a body that is not JSON), ``malformed`` (catalog: the page also holds entries of
+the wrong shape); ``slow`` applies to downloads too. The rates apply to the job calls only: the
+catalog and the balance fail only when scripted.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 
 ENDPOINTS = ("submit", "status", "result", "cancel", "download", "catalog", "balance")
-OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire", "malformed")
+OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "truncate", "fail", "expire", "404",
+            "badjson", "malformed")
 
 _RATE_KEYS = {
     "429": "rate_429", "5xx": "rate_5xx", "error200": "rate_error_200", "slow": "slow_rate",
@@ -49,6 +56,9 @@ class FaultConfig:
     fail_rate: float = 0.0
     truncate_rate: float = 0.0
     expire_after: float | None = None
+    stuck_status: str | None = None  # the status word every /status and /result answer says
+    # Field name -> raw JSON text put as that field's value in every /status and /result answer.
+    garble: dict[str, str] = field(default_factory=dict)
     script: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
@@ -68,6 +78,14 @@ class FaultConfig:
                 if bad:
                     raise ValueError(f"fault '{spec}': unknown outcome {bad[0]!r}; one of {', '.join(OUTCOMES)}")
                 cfg.script[endpoint] = steps
+            elif name.startswith("garble."):
+                try:
+                    json.loads(value)  # Python's reading: Infinity, NaN, 1e400 and huge ints pass
+                except ValueError:
+                    raise ValueError(f"fault '{spec}': '{value}' is not JSON text") from None
+                cfg.garble[name.removeprefix("garble.")] = value
+            elif name == "stuck":
+                cfg.stuck_status = value
             elif name == "retry_after":
                 if value.lower() == "none":
                     cfg.retry_after = None
@@ -85,7 +103,8 @@ class FaultConfig:
                     raise ValueError(f"fault '{spec}': a rate must be between 0 and 1")
                 setattr(cfg, _RATE_KEYS[name], rate)
             else:
-                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "script.ENDPOINT"])
+                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "stuck",
+                                     "garble.FIELD", "script.ENDPOINT"])
                 raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
         return cfg
 

@@ -281,7 +281,29 @@ class Simulator:
                                 content_type="text/html")
         if outcome == "error200":
             return self._error(200, 500001, "Internal error, please try again")
+        if outcome == "404":
+            return self._error(404, 404001, "Request not found, deleted or expired")
+        if outcome == "badjson":
+            return web.Response(status=200, text='{"request_id": "', content_type="application/json")
         return outcome
+
+    def _answer(self, body: dict[str, Any]) -> web.Response:
+        """A /status or /result answer, with the faults that change what it says: a status word
+        that never becomes final (``stuck``), fields set to raw JSON text (``garble.FIELD``)."""
+        faults = self.config.faults
+        if faults.stuck_status is not None:
+            body["status"] = faults.stuck_status
+            body.pop("output", None)
+        if not faults.garble:
+            return web.json_response(body)
+        marks = {}
+        for name, raw in faults.garble.items():
+            mark = f"@@garble-{uuid.uuid4().hex}@@"
+            body[name], marks[json.dumps(mark)] = mark, raw
+        text = json.dumps(body)
+        for mark, raw in marks.items():  # raw text: json.dumps cannot write 1e400 or Infinity as given
+            text = text.replace(mark, raw)
+        return web.Response(text=text, content_type="application/json")
 
     def _owned(self, request: web.Request, owner: str) -> _Job | web.Response:
         job = self.jobs.get(request.match_info["rid"])
@@ -572,7 +594,7 @@ class Simulator:
             body["queue_position"] = queue.position(job)
         urls = self._urls(job.id)
         body["status_url"], body["result_url"] = urls["status_url"], urls["result_url"]
-        return web.json_response(body)
+        return self._answer(body)
 
     async def _result(self, request: web.Request) -> web.StreamResponse:
         self.calls["result"] += 1
@@ -602,7 +624,7 @@ class Simulator:
         if request.query.get("include_cost") == "true":
             body["model_id"] = job.model_id
             body["cost"] = self._price(job.model_id, job.input) if status == "completed" and not job.will_fail else 0.0
-        return web.json_response(body)
+        return self._answer(body)
 
     def _file_url(self, job: _Job, kind: str) -> str:
         name = "output.mp4" if kind == "video" else "output.png"
