@@ -318,6 +318,10 @@ class Manifest:
     def _problem(self, location: str, field_name: str, message: str, file: str | None = None) -> None:
         self._load_problems.append(Problem(file or self.file, location, field_name, message))
 
+    def location_of(self, key: str) -> str:
+        """Where a top-level key of a YAML manifest is ("line 3"), "" if not written there."""
+        return self._where(key)
+
     def _where(self, key: str) -> str:
         return f"line {self._lines[key]}" if key in self._lines else ""
 

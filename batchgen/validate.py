@@ -35,7 +35,7 @@ class ValidationResult:
     jobs: int  # jobs in the expanded manifest, duplicates not counted
     problems: list[Problem]  # empty: the manifest may be run
     duplicates: int  # jobs skipped because an earlier one had the same key
-    schema: ModelSchema | None  # None: an unknown model, inputs passed through unchecked
+    schema: ModelSchema | None  # None: no schema (--no-schema), inputs passed through unchecked
 
 
 def image_refs(schema: ModelSchema | None, inputs: dict[str, Any]) -> list[tuple[str, str]]:
@@ -62,6 +62,8 @@ async def validate_manifest(
     session: aiohttp.ClientSession | None = None,
     prober: ImageProber | None = None,
     collect: Callable[[JobSpec], None] | None = None,
+    no_schema: bool = False,
+    model_problem: str | None = None,
 ) -> ValidationResult:
     """Check every job of ``manifest``; never raises for bad input.
 
@@ -70,7 +72,9 @@ async def validate_manifest(
     them itself); against the real API they need the manifest's ``image_base_url``. ``session``
     (without credentials) or ``prober`` are used for remote images; otherwise one is made here.
     ``collect`` sees every job as it is expanded, so a caller can record them afterwards without
-    expanding the manifest twice.
+    expanding the manifest twice. A model without a schema is a problem (``model_problem`` says
+    where batchgen looked and what it may have meant), unless ``no_schema``: then only its
+    images are probed.
     """
     extra: list[Problem] = []
     if schema_path is not None:
@@ -80,6 +84,10 @@ async def validate_manifest(
             problems = [*manifest.problems, Problem(str(schema_path), "", "", str(exc))]
             return ValidationResult(0, problems, 0, None)
     schema = manifest.schema
+    if schema is None and not no_schema and not any(p.field in ("schema", "model") for p in manifest.problems):
+        extra.append(Problem(manifest.file, manifest.location_of("model"), "model", model_problem or (
+            f"unknown model '{manifest.model_id}': batchgen has no schema for it (--schema FILE checks against "
+            "a schema file; --no-schema runs it unchecked)")))
     # Rules the schema has but batchgen cannot apply: said once, on the schema, not on every job.
     schema_rules = set(schema.rule_problems) if schema else set()
     if schema is not None:

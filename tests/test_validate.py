@@ -215,7 +215,7 @@ async def test_remote_images_probed_once_each(tmp_path, host):
     assert by_row["row 4"] == [f"{host.url}/gone.jpg: image URL answered HTTP 404"]
 
 
-async def test_unknown_model_still_probes_images(tmp_path, host):
+async def test_a_model_without_schema_is_refused_unless_no_schema_and_still_probes_images(tmp_path, host):
     host.files["a.jpg"] = image_bytes(640, 480)
     path = write(tmp_path / "m.yaml", f"""
         model: someone/new-model
@@ -223,10 +223,13 @@ async def test_unknown_model_still_probes_images(tmp_path, host):
           - {{prompt: p, start_image_url: "{host.url}/a.jpg", size: huge}}
           - {{prompt: q, start_image_url: "{host.url}/missing.jpg"}}
     """)
-    result = await check(path, allow_local_files=False)
+    missing = f"m.yaml, line 4, field 'start_image_url': {host.url}/missing.jpg: image URL answered HTTP 404"
+    refused = await check(path, allow_local_files=False)
+    assert texts(refused)[0].startswith("m.yaml, line 1, field 'model': unknown model 'someone/new-model'")
+    assert texts(refused)[1:] == [missing]
+    result = await check(path, allow_local_files=False, no_schema=True)
     assert result.schema is None and result.jobs == 2
-    assert texts(result) == [f"m.yaml, line 4, field 'start_image_url': {host.url}/missing.jpg: "
-                             "image URL answered HTTP 404"]
+    assert texts(result) == [missing]
 
 
 # ---- schemas ----------------------------------------------------------------------------------------

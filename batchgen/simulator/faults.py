@@ -32,14 +32,17 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
                        asked), ``huge`` (declares 3 GiB, sends the file, then closes),
                        ``endless`` (no length, never ends), ``trickle`` (256 bytes every 0.1 s)
 ``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
-                       ``script.status``, ``script.result``, ``script.cancel``, ``script.download``
+                       ``script.status``, ``script.result``, ``script.cancel``, ``script.download``,
+                       ``script.catalog`` (``GET /models``) and ``script.balance``
 =====================  =======================================================================
 
 Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``,
 ``500_created`` and ``error200_created`` (submit), ``truncate`` (downloads), ``fail`` (submit: the
 job will fail), ``expire`` (download: answer 403), ``404`` (RunComfy's 404001 "request not found",
-as a request id just handed out may get), ``badjson`` (HTTP 200 with a body that is not JSON), and
-the bodies above (downloads); ``slow`` applies to downloads too.
+as a request id just handed out may get), ``badjson`` (HTTP 200 with a body that is not JSON),
+``malformed`` (catalog: the page also holds entries of the wrong shape), and the bodies above
+(downloads); ``slow`` applies to downloads too. The rates apply to the job calls only: the
+catalog and the balance fail only when scripted.
 """
 
 from __future__ import annotations
@@ -48,10 +51,10 @@ import json
 import random
 from dataclasses import dataclass, field
 
-ENDPOINTS = ("submit", "status", "result", "cancel", "download")
+ENDPOINTS = ("submit", "status", "result", "cancel", "download", "catalog", "balance")
 BODIES = ("gzip", "gzip_forced", "bomb", "huge", "endless", "trickle")
 OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "500_created", "error200_created",
-            "truncate", "fail", "expire", "404", "badjson", *BODIES)
+            "truncate", "fail", "expire", "404", "badjson", "malformed", *BODIES)
 # Submit outcomes that create the job and then answer anything but its request id.
 CREATED_THEN_LOST = ("drop", "500_created", "error200_created")
 MODEL_INFO = ("ok", "404", "noprice")
@@ -179,6 +182,8 @@ class FaultPicker:
             return steps.pop(0)
         c = self.config
         r = self.rng.random
+        if endpoint in ("catalog", "balance"):
+            return "ok"
         if endpoint == "download":
             if c.truncate_rate and r() < c.truncate_rate:
                 return "truncate"
