@@ -320,7 +320,7 @@ def test_error_text_from_the_api_is_shown_never_obeyed(samples, tmp_path):
     assert _inert(as_json) and json.loads(as_json)["batches"][0]["failures"][0]["error"].startswith("=HYPERLINK")
 
     page = runner.invoke(main, ["gallery", "quickstart"], catch_exceptions=False)
-    html = (tmp_path / "jobs" / "quickstart" / "gallery.html").read_text()
+    html = (tmp_path / "jobs" / "simulated" / "quickstart" / "gallery.html").read_text()
     assert page.exit_code == 0 and _inert(html)
     assert "=HYPERLINK(&quot;https://evil.example/x&quot;,&quot;click&quot;) \\x1b[31m" in html
 
