@@ -181,3 +181,9 @@ async def test_simulated_jobs_of_an_older_batchgen_in_the_apis_store_are_run_aga
     assert done.counts == {"old": {"succeeded": 2}}
     assert not (work / "simulator-state.jsonl").exists()
     assert (await app.run(opts)).summary.submitted == 0
+
+
+def test_no_batch_can_take_the_simulated_runs_folder():
+    from batchgen.manifest import batch_name_problem
+
+    assert "reserved" in batch_name_problem("simulated") and "reserved" in batch_name_problem("Simulated")
