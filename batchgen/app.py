@@ -22,7 +22,7 @@ from .downloads import discard_partials
 from .errors import BatchgenError, ManifestError, UsageError
 from .lock import WorkdirLock
 from .manifest import load_manifest
-from .runner import EventSink, Runner, RunSettings, RunSummary, local_file_resolver
+from .runner import EventSink, Runner, RunSettings, RunSummary
 from .schema import find_schema
 from .store import Store
 from .validate import ValidationResult, validate_manifest
@@ -80,12 +80,11 @@ def resolve_api_url(target: Target) -> str:
 
 
 async def validate(
-    manifest_path: Path, *, schema: Path | None = None, simulate: bool = False,
-    batch: str | None = None,
+    manifest_path: Path, *, schema: Path | None = None, batch: str | None = None,
 ) -> ValidationResult:
     """Expand and check a manifest; never submits anything."""
     manifest = load_manifest(manifest_path, batch=batch, schema_path=schema)
-    return await validate_manifest(manifest, allow_local_files=simulate)
+    return await validate_manifest(manifest)
 
 
 @asynccontextmanager
@@ -127,8 +126,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
         # One expansion serves both: jobs are kept as compact rows while they are checked, and
         # recorded only if the whole manifest passed.
         rows: list[tuple[Any, ...]] = []
-        result = await validate_manifest(manifest, allow_local_files=opts.target.simulate,
-                                         collect=lambda spec: rows.append(Store.job_row(spec)))
+        result = await validate_manifest(manifest, collect=lambda spec: rows.append(Store.job_row(spec)))
         if result.problems:
             raise ManifestError(result.problems)
     if not opts.target.simulate:
@@ -171,7 +169,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                         price = await price_estimate(client, store, batches)
                     runner = Runner(
                         store, client, workdir, opts.settings,
-                        resolve_inputs=local_file_resolver(publish), on_event=on_event,
+                        on_event=on_event,
                         price_estimate=price,
                     )
                     if on_runner is not None:
@@ -362,7 +360,7 @@ async def plan(opts: RunOptions) -> PlanReport:
     """What `run` would do with this manifest, without submitting or recording anything."""
     assert opts.manifest is not None
     manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema)
-    result = await validate_manifest(manifest, allow_local_files=opts.target.simulate)
+    result = await validate_manifest(manifest)
     if result.problems:
         raise ManifestError(result.problems)
     recorded: dict[str, int] = {}

@@ -391,7 +391,7 @@ def _duration(text: str, option: str) -> float:
 @click.option("--schema", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Model schema file to validate against.")
 @click.option("--simulate", is_flag=True,
-              help="Validate for a --simulate run (local image files need no image_base_url).")
+              help="Accepted for symmetry with run: validation is the same for both.")
 def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
     """Check MANIFEST against the model's schema without submitting anything.
 
@@ -401,7 +401,7 @@ def validate(manifest: Path, schema: Path | None, simulate: bool) -> None:
     Example:
       batchgen validate sample_manifests/quickstart.yaml --simulate
     """
-    result = _run_async(app.validate(manifest, schema=schema, simulate=simulate))
+    result = _run_async(app.validate(manifest, schema=schema))
     if result.problems:
         _fail(str(ManifestError(result.problems)), EXIT_USAGE)
     dup = f" ({result.duplicates} duplicate(s) collapsed)" if result.duplicates else ""

@@ -31,6 +31,7 @@ from .errors import (
     RateLimitError,
     ServerError,
 )
+from .inline import InlineBody, InputFileError
 from .limits import TokenBucket
 from .retry import parse_retry_after
 
@@ -225,11 +226,14 @@ class RunComfyClient:
 
     # ---- endpoints -----------------------------------------------------------------------------
 
-    async def submit(self, model_id: str, inputs: dict[str, Any] | str) -> Submitted:
-        """``inputs``: a dict, or the same already encoded as JSON text."""
+    async def submit(self, model_id: str, inputs: dict[str, Any] | str | InlineBody) -> Submitted:
+        """``inputs``: a dict, the same already encoded as JSON text, or a body that streams local
+        files in as data: URIs (inline.py)."""
         path = f"/models/{model_path(model_id)}"
         if isinstance(inputs, str):
             body = await self._call("submit", "POST", path, json_text=inputs)
+        elif isinstance(inputs, InlineBody):
+            body = await self._call("submit", "POST", path, payload=inputs)
         else:
             body = await self._call("submit", "POST", path, json_body=inputs)
         request_id = body.get("request_id") if isinstance(body, dict) else None
@@ -289,18 +293,21 @@ class RunComfyClient:
 
     async def _call(
         self, what: str, method: str, path: str, *, json_body: Any = None, json_text: str | None = None,
-        paced: bool = True,
+        payload: InlineBody | None = None, paced: bool = True,
     ) -> dict[str, Any]:
         """``path``: already escaped, with its query string if any. The body, if any: a value to
-        send as JSON (``json_body``), or JSON text (``json_text``)."""
+        send as JSON (``json_body``), JSON text (``json_text``), or a streamed ``payload``."""
         session = self._ensure_session()
         if paced and self.limiter is not None:
             await self.limiter.take()
         self.calls[what] += 1
         url = URL(self.base_url + path, encoded=True)
-        data, headers = None, self._headers
+        headers = self._headers
+        data: bytes | InlineBody | None = None
         if json_text is not None:
             data, headers = json_text.encode(), self._json_headers
+        elif payload is not None:
+            data, headers = payload, self._json_headers
         try:
             async with session.request(
                 method, url, json=json_body, data=data, headers=headers, allow_redirects=False
@@ -316,6 +323,10 @@ class RunComfyClient:
             raise APIResponseLostError(
                 f"{_label(what, path)}: no answer within {self._timeout.total:g} s") from exc
         except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, InputFileError):
+                # A local file was not what was validated: the body stopped short of its end, so
+                # the server never had a whole request to act on.
+                raise exc.__cause__ from None
             # Reset, disconnect, malformed response: the server may well have acted on it.
             raise APIResponseLostError(
                 f"{_label(what, path)}: connection lost: {type(exc).__name__}: {exc}") from exc

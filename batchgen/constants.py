@@ -75,3 +75,12 @@ FLUSH_EVERY = 5.0
 
 # Jobs inserted per transaction when a manifest is recorded.
 INSERT_CHUNK = 2000
+
+# Local input files go inline as base64 data: URIs (inline.py). RunComfy's own client refuses a
+# request body over 64 MiB (its MAX_REQUEST_BYTES); validation refuses such a job before spending,
+# and the simulator answers 413 past it, as a server with that limit would.
+MAX_REQUEST_BYTES = 64 << 20
+# A file is read and base64-encoded this much at a time while its request streams out: a multiple
+# of 3 (no padding inside the base64), and about 1 MiB of base64 per chunk, so 50 submits in
+# flight hold ~100 MiB of chunks at most, not 50 whole files.
+INLINE_CHUNK = 3 << 18

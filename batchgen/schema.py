@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import BatchgenError
 from .images import ImageInfo
+from .inline import shown
 
 if TYPE_CHECKING:
     import jsonschema
@@ -357,7 +358,7 @@ class ModelSchema:
                 info = images.get(ref) if isinstance(ref, str) else None
                 if info is None:
                     continue
-                failures = [f"{ref}: {info}"] if isinstance(info, str) else self._rule_failures(name, info)
+                failures = [f"{shown(ref)}: {info}"] if isinstance(info, str) else self._rule_failures(name, info)
                 if failures:
                     label = f"{name}[{i}]" if is_list else name
                     found += [((self._order[name], label), (label, message)) for message in failures]

@@ -17,8 +17,10 @@ from typing import Any
 
 import aiohttp
 
+from . import constants as C
 from .errors import Problem
 from .images import ImageInfo, ImageProber
+from .inline import FileRef, request_size, shown, too_large
 from .manifest import JobSpec, Manifest, is_image_name
 from .schema import ModelSchema, SchemaError, find_schema
 
@@ -58,7 +60,6 @@ async def validate_manifest(
     manifest: Manifest,
     *,
     schema_path: str | Path | None = None,
-    allow_local_files: bool,
     session: aiohttp.ClientSession | None = None,
     prober: ImageProber | None = None,
     collect: Callable[[JobSpec], None] | None = None,
@@ -66,11 +67,12 @@ async def validate_manifest(
     """Check every job of ``manifest``; never raises for bad input.
 
     ``schema_path`` checks against that schema file instead of the one the manifest found.
-    ``allow_local_files``: local images may be sent as ``file://`` (a --simulate run publishes
-    them itself); against the real API they need the manifest's ``image_base_url``. ``session``
-    (without credentials) or ``prober`` are used for remote images; otherwise one is made here.
-    ``collect`` sees every job as it is expanded, so a caller can record them afterwards without
-    expanding the manifest twice.
+    Local files are sent inline (inline.py): they are checked on disk, and each job's request
+    must stay within RunComfy's 64 MiB with them. A local file published under the manifest's
+    ``image_base_url`` is checked on disk and at its URL, which must serve the same image.
+    ``session`` (without credentials) or ``prober`` are used for remote images; otherwise one is
+    made here. ``collect`` sees every job as it is expanded, so a caller can record them
+    afterwards without expanding the manifest twice.
     """
     extra: list[Problem] = []
     if schema_path is not None:
@@ -92,7 +94,6 @@ async def validate_manifest(
     seen: set[Problem] = set()
     jobs = 0
     window: list[tuple[JobSpec, list[tuple[str, str]]]] = []
-    refused_local: set[str] = set()
 
     def add(p: Problem) -> None:
         if p not in seen:  # matrix and repeat copies of a job share its source and its problems
@@ -102,8 +103,13 @@ async def validate_manifest(
     async def check_window() -> None:
         refs = list({ref for _, named in window for _, ref in named})
         disk = {ref: spec.local_files.get(ref, ref) for spec, named in window for _, ref in named}
-        infos = await asyncio.gather(*(prober.probe(disk[r]) for r in refs))
-        probed: dict[str, ImageInfo | str] = dict(zip(refs, infos, strict=True))
+        # A published local file: its URL is probed too, and must serve the same image.
+        published = [r for r in refs if disk[r] != r and not r.startswith("file://")]
+        infos = await asyncio.gather(*(prober.probe(disk[r]) for r in refs),
+                                     *(prober.probe(r) for r in published))
+        probed: dict[str, ImageInfo | str] = dict(zip(refs, infos, strict=False))
+        for ref, remote in zip(published, infos[len(refs):], strict=True):
+            probed[ref] = _same_image(disk[ref], probed[ref], remote)
         for spec, named in window:
             file, _, location = spec.source.partition(", ")
             images = {ref: probed[ref] for _, ref in named}
@@ -115,7 +121,12 @@ async def validate_manifest(
                 for field_name, ref in named:
                     info = images[ref]
                     if isinstance(info, str):
-                        add(Problem(file, location, field_name, f"{ref}: {info}"))
+                        add(Problem(file, location, field_name, f"{shown(ref)}: {info}"))
+            for field_name, ref in named:
+                file_ref = FileRef.parse(ref)
+                if file_ref is not None and file_ref.mime is None and not isinstance(images[ref], str):
+                    add(Problem(file, location, field_name,
+                                f"{file_ref.path}: its content is of no type batchgen can send inline"))
         window.clear()
 
     try:
@@ -128,14 +139,12 @@ async def validate_manifest(
             for field_name, ref in image_refs(schema, spec.inputs):
                 if ref in manifest.bad_refs:
                     continue  # the manifest said what is wrong with it
-                if ref.startswith("file://") and not allow_local_files and ref not in refused_local:
-                    refused_local.add(ref)  # once per file, at the first job that uses it
-                    add(Problem(file, location, field_name,
-                                f"local file {spec.local_files.get(ref, ref)} needs image_base_url in the manifest "
-                                "(the https:// address where the same files are published) to run against the "
-                                "real API; or use --simulate"))
-                if ref in spec.local_files or ref.startswith(("http://", "https://")):
+                if ref in spec.local_files or ref.startswith(("http://", "https://", "data:")):
                     named.append((field_name, ref))
+            if spec.local_files:
+                size = request_size(spec.inputs, spec.inputs_json)
+                if size > C.MAX_REQUEST_BYTES:
+                    add(Problem(file, location, "", too_large(size)))
             window.append((spec, named))
             if len(window) >= WINDOW:
                 await check_window()
@@ -145,6 +154,24 @@ async def validate_manifest(
             await prober.close()
     problems = extra + _in_order(manifest, found)
     return ValidationResult(jobs, problems, manifest.duplicates, schema)
+
+
+def _same_image(path: str, local: ImageInfo | str, remote: ImageInfo | str) -> ImageInfo | str:
+    """What to check a published local file by: its local facts if the copy at its URL is the
+    same image, else what is wrong (a wrong image_base_url serves nothing, or something else).
+    Messages go after the URL ("https://...: not the same image as ...")."""
+    if isinstance(local, str):
+        return local
+    if isinstance(remote, str):
+        return f"published copy of {path}: {remote}; is image_base_url right?"
+    if remote != local:
+        return (f"not the same image as {path} (published: {_facts(remote)}; local: {_facts(local)}); "
+                "is image_base_url right?")
+    return local
+
+
+def _facts(info: ImageInfo) -> str:
+    return f"{info.format.upper()} {info.width}x{info.height}, {info.size:,} bytes"
 
 
 _NUMBER = re.compile(r"\d+")

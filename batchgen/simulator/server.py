@@ -28,7 +28,9 @@ from urllib.parse import quote, unquote
 import aiohttp
 from aiohttp import web
 
-from ..images import ImageInfo, ImageProbeError, probe_bytes
+from ..constants import MAX_REQUEST_BYTES
+from ..images import ImageInfo, ImageProbeError, probe_bytes, read_data_uri
+from ..inline import describe_data_uri
 from ..schema import ModelSchema, find_schema
 from .faults import FaultConfig, FaultPicker
 from .media import make_image, make_video
@@ -151,7 +153,9 @@ class Simulator:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=8 << 20)
+        # RunComfy's own client sends at most 64 MiB (local files inline as base64); past that
+        # aiohttp answers 413, which _submit words as an error envelope.
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         r = app.router
         r.add_post("/v1/models/{model_id:.+}", self._submit)
         r.add_get("/v1/models/{model_id:.+}", self._model_info)
@@ -270,6 +274,13 @@ class Simulator:
     # ---- input images --------------------------------------------------------------------------
 
     async def _image(self, url: str) -> tuple[bytes, ImageInfo] | str:
+        if url.startswith("data:"):
+            # Decoded per submit, never kept: each submit carries its file again, and keeping them
+            # would hold every distinct input of a long run in memory.
+            try:
+                return await asyncio.to_thread(read_data_uri, url)
+            except ImageProbeError as exc:
+                return str(exc)
         cached = self._images.get(url)
         if cached is not None:
             return cached
@@ -321,6 +332,8 @@ class Simulator:
             return self._error(400, 400001, f"Unknown model '{model_id}' (InvalidResourceIdentifier)")
         try:
             body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(413, 413001, f"Request body too large: at most {MAX_REQUEST_BYTES:,} bytes")
         except (ValueError, UnicodeDecodeError):
             return self._error(*INVALID_INPUT, "Request body must be a JSON object")
         if not isinstance(body, dict):
@@ -336,11 +349,13 @@ class Simulator:
                         got = await self._image(ref)
                         images[ref] = got if isinstance(got, str) else got[1]
                         if not isinstance(got, str) and image_bytes is None:
-                            image_bytes, first_image = got[0], ref
+                            image_bytes, first_image = got[0], _identity(ref, got[0])
             problems = schema.check(body, images)
             if problems:
                 text = "; ".join(f"{f}: {m}" for f, m in problems)
                 return self._error(*INVALID_INPUT, f"Invalid input: {text}")
+        # Like the service, which stores inline files as hosted inputs: the job keeps no payload.
+        body = {k: _without_payload(v) for k, v in body.items()}
         price = self.config.price_usd
         if self.config.balance_usd is not None:
             spent = self._spent.get(owner, 0.0)
@@ -553,6 +568,8 @@ class Simulator:
                 n = 24 if frames <= 121 else 48
                 maker = (lambda: make_video(image, n)) if kind == "video" else (lambda: make_image(image))
                 self._media[media_key] = await asyncio.to_thread(maker)
+                # Made: the input is no longer needed (it may be a 4 MB inline file).
+                self._media_image_bytes.pop(media_key, None)
             return self._media[media_key]
 
     def output_bytes(self, request_id: str) -> bytes | None:
@@ -611,6 +628,17 @@ class Simulator:
             return False
         want = hmac.new(self._secret, f"{job.id}|{exp}".encode(), "sha256").hexdigest()[:16]
         return hmac.compare_digest(sig, want) and time.time() * 1000 < int(exp)
+
+
+def _identity(ref: str, data: bytes) -> str:
+    """What names an input image in a media key: its URL, or an inline file's content hash."""
+    return f"data:sha256:{hashlib.sha256(data).hexdigest()}" if ref.startswith("data:") else ref
+
+
+def _without_payload(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_without_payload(v) for v in value]
+    return describe_data_uri(value) if isinstance(value, str) and value.startswith("data:") else value
 
 
 def _iso(ts: float | None) -> str | None:
