@@ -63,3 +63,14 @@ async def loopback(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+def local_ref(path: Path) -> str:
+    """What a manifest records for a local file: its file:// URI with its sha256, size and type."""
+    import hashlib
+
+    from batchgen.inline import FileRef, sniff_mime
+
+    path = Path(path).resolve()
+    data = path.read_bytes()
+    return FileRef(str(path), hashlib.sha256(data).hexdigest(), len(data), sniff_mime(data[:64])).uri()
