@@ -239,3 +239,32 @@ async def test_the_body_is_the_json_of_the_inputs_with_data_uris(tmp_path):
     uri = data_uri((tmp_path / "a.jpg").read_bytes(), "image/jpeg")
     assert b"".join(wire.chunks) == canonical_json({**inputs, "image_urls": [uri, uri]}).encode()
     assert body.size == len(b"".join(wire.chunks))
+
+
+# ---- the README's standalone simulator -----------------------------------------------------------
+
+
+def test_readme_standalone_simulator_runs_the_sample_with_its_local_images(samples, tmp_path):
+    """As README's `batchgen simulate` section says: a simulator of its own, then `batchgen run` of
+    the sample manifest with --api-url, local images and no image_base_url."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sim = subprocess.Popen([sys.executable, "-m", "batchgen.cli", "simulate", "--port", str(port),
+                            "--duration", "0.2"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert sim.stderr is not None and "listening" in sim.stderr.readline()
+        env = {**os.environ, "RUNCOMFY_API_TOKEN": "anything"}
+        run = subprocess.run([sys.executable, "-m", "batchgen.cli", "run", str(samples / "quickstart.yaml"),
+                              "--api-url", f"http://127.0.0.1:{port}/v1", "-q"],
+                             env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "quickstart: 6 succeeded" in run.stdout
+        assert "image_base_url" not in yaml.safe_load((samples / "quickstart.yaml").read_text())
+    finally:
+        sim.terminate()
+        sim.communicate(timeout=10)
