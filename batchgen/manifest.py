@@ -283,6 +283,7 @@ class Manifest:
                               f"the schema file is for model '{self.schema.model_id}' but the manifest's model "
                               f"is '{self.model_id}'; use the matching schema or set model: {self.schema.model_id}")
         self._image_fields = self.schema.image_fields() if self.schema else {}
+        self._other_media = self.schema.other_media_fields() if self.schema else {}
 
     # ---- problems ------------------------------------------------------------------------------
 
@@ -474,6 +475,7 @@ class Manifest:
         """Check against another schema (``validate --schema``) than the one the manifest found."""
         self.schema = schema
         self._image_fields = schema.image_fields() if schema else {}
+        self._other_media = schema.other_media_fields() if schema else {}
 
     # ---- CSV rows ------------------------------------------------------------------------------
 
@@ -750,8 +752,8 @@ class Manifest:
         behind them and the inputs as the key sees them (a local file by its content)."""
         local_files: dict[str, str] = {}
         key_inputs = inputs
-        fields = self._image_fields if self.schema is not None else {
-            k: isinstance(v, list) for k, v in inputs.items() if is_image_name(k)}
+        fields = [*self._image_fields, *self._other_media] if self.schema is not None else [
+            k for k in inputs if is_image_name(k)]
         for fname in fields:
             value = inputs.get(fname)
             if value is None:

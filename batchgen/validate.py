@@ -20,7 +20,7 @@ import aiohttp
 from . import constants as C
 from .errors import Problem
 from .images import ImageInfo, ImageProber
-from .inline import FileRef, request_size, shown, too_large
+from .inline import FileRef, decode_data_uri, request_size, shown, sniff_mime, too_large
 from .manifest import JobSpec, Manifest, is_image_name
 from .schema import ModelSchema, SchemaError, find_schema
 
@@ -94,6 +94,7 @@ async def validate_manifest(
     seen: set[Problem] = set()
     jobs = 0
     window: list[tuple[JobSpec, list[tuple[str, str]]]] = []
+    seen_media: dict[tuple[str, str], ImageInfo | str | None] = {}  # video and audio files, once each
 
     def add(p: Problem) -> None:
         if p not in seen:  # matrix and repeat copies of a job share its source and its problems
@@ -141,6 +142,17 @@ async def validate_manifest(
                     continue  # the manifest said what is wrong with it
                 if ref in spec.local_files or ref.startswith(("http://", "https://", "data:")):
                     named.append((field_name, ref))
+            if schema is not None:
+                for field_name, ref, kind in other_media_refs(schema, spec.inputs):
+                    if ref in manifest.bad_refs:
+                        continue
+                    if (ref, kind) not in seen_media:
+                        seen_media[ref, kind] = media_facts(ref, kind)
+                    facts = seen_media[ref, kind]
+                    problems = [facts] if isinstance(facts, str) else (
+                        schema.file_rule_failures(field_name, facts) if facts else [])
+                    for message in problems:
+                        add(Problem(file, location, field_name, f"{shown(ref)}: {message}"))
             if spec.local_files:
                 size = request_size(spec.inputs, spec.inputs_json)
                 if size > C.MAX_REQUEST_BYTES:
@@ -154,6 +166,42 @@ async def validate_manifest(
             await prober.close()
     problems = extra + _in_order(manifest, found)
     return ValidationResult(jobs, problems, manifest.duplicates, schema)
+
+
+def other_media_refs(schema: ModelSchema, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(field, reference, "video" or "audio") of every video and audio file in a job's inputs."""
+    refs = []
+    for name, kind in schema.other_media_fields().items():
+        value = inputs.get(name)
+        refs += [(name, v, kind) for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    return refs
+
+
+def media_facts(ref: str, kind: str) -> ImageInfo | str | None:
+    """A video or audio file's type (as the format) and size, or what is wrong with it; None for
+    a URL (the service fetches it; nothing here reads a whole video to check it)."""
+    file_ref = FileRef.parse(ref)
+    if file_ref is not None:
+        mime, size = file_ref.mime, file_ref.size
+    elif ref.startswith("data:"):
+        try:
+            declared, data = decode_data_uri(ref)
+        except ValueError as exc:
+            return str(exc)
+        mime, size = sniff_mime(data[:64]), len(data)
+        if mime is not None and declared != mime:
+            return f"the data: URI says {declared} but its content is {mime}"
+    else:
+        return None
+    if mime is None:
+        return f"not {_a(kind)} file batchgen recognises from its content"
+    if not mime.startswith(f"{kind}/"):
+        return f"its content is {mime}, not {_a(kind)} file"
+    return ImageInfo(mime.partition("/")[2], 0, 0, size)
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _same_image(path: str, local: ImageInfo | str, remote: ImageInfo | str) -> ImageInfo | str:

@@ -268,3 +268,59 @@ def test_readme_standalone_simulator_runs_the_sample_with_its_local_images(sampl
     finally:
         sim.terminate()
         sim.communicate(timeout=10)
+
+
+# ---- video and audio inputs ----------------------------------------------------------------------
+
+
+def media_schema(tmp_path):
+    """A model that takes a video (MP4 under 1 MB) and a list of audio files."""
+    path = tmp_path / "v2v.json"
+    path.write_text(json.dumps({"model_id": "test/video-to-video", "input": {
+        "type": "object", "required": ["prompt", "video_url"], "properties": {
+            "prompt": {"type": "string"},
+            "video_url": {"type": "string", "format": "video_uri", "validations": [
+                {"validation_rule": "file_type_in", "validation_value": ["mp4"], "validation_error": "MP4 only."},
+                {"validation_rule": "file_size_mb<", "validation_value": 1, "validation_error": "Under 1 MB."}]},
+            "audio_urls": {"type": "array", "items": {"type": "string", "format": "audio_uri"}}}},
+        "output": {"type": "object", "properties": {"video": {"type": "string"}}}}))
+    return path
+
+
+def wav_bytes(nbytes: int = 4000) -> bytes:
+    return b"RIFF" + (nbytes - 8).to_bytes(4, "little") + b"WAVEfmt " + bytes(nbytes - 16)
+
+
+async def test_video_and_audio_files_go_inline_and_are_checked_by_type_and_size(tmp_path, simulator):
+    schema = media_schema(tmp_path)
+    (tmp_path / "clip.mp4").write_bytes(make_video(None, 4))
+    (tmp_path / "big.mp4").write_bytes(make_video(None, 4) + bytes(1_000_000))
+    (tmp_path / "voice.wav").write_bytes(wav_bytes())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"schema": str(schema), "jobs": [
+        {"prompt": "a", "video_url": "voice.wav"}, {"prompt": "b", "video_url": "big.mp4"},
+        {"prompt": "c", "video_url": "clip.mp4", "audio_urls": ["clip.mp4"]}]}))
+    problems = [(p.location, p.message) for p in (await validate_manifest(load_manifest(bad))).problems]
+    wav, big, clip = ((tmp_path / n).resolve().as_uri() for n in ("voice.wav", "big.mp4", "clip.mp4"))
+    assert problems == [
+        ("line 2", f"{wav}: its content is audio/wav, not a video file"),
+        ("line 4", f"{big}: file is {(tmp_path / 'big.mp4').stat().st_size:,} bytes; Under 1 MB (allowed: less "
+                   "than 1,000,000 bytes; 1 MB = 1,000,000 bytes)"),
+        ("line 6", f"{clip}: its content is video/mp4, not an audio file"),
+    ]
+
+    sim = await simulator(extra_schemas=[schema])
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"name": "v2v", "schema": str(schema), "jobs": [
+        {"prompt": "a", "video_url": "clip.mp4", "audio_urls": ["voice.wav"]}]}))
+    out = await app.run(run_options(tmp_path, sim, good))
+    assert out.summary.finished == {S.SUCCEEDED: 1}
+    (sent,) = sim.requests()["requests"]
+    assert sent["input"]["video_url"].startswith("data:video/mp4;base64,… (")
+    assert sent["input"]["audio_urls"][0] == "data:audio/wav;base64,… (4 KB)"
+    async with RunComfyClient(sim.base_url, "t") as client:
+        for declared, why in (("audio/wav", "its content is audio/wav, not a video file"),
+                              ("video/mp4", "the data: URI says video/mp4 but its content is audio/wav")):
+            with pytest.raises(InvalidRequestError, match=why):
+                await client.submit("test/video-to-video",
+                                    {"prompt": "p", "video_url": data_uri(wav_bytes(), declared)})

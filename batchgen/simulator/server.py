@@ -32,6 +32,7 @@ from ..constants import MAX_REQUEST_BYTES
 from ..images import ImageInfo, ImageProbeError, probe_bytes, read_data_uri
 from ..inline import describe_data_uri
 from ..schema import ModelSchema, find_schema
+from ..validate import media_facts
 from .faults import FaultConfig, FaultPicker
 from .media import make_image, make_video
 
@@ -351,6 +352,14 @@ class Simulator:
                         if not isinstance(got, str) and image_bytes is None:
                             image_bytes, first_image = got[0], _identity(ref, got[0])
             problems = schema.check(body, images)
+            for name, kind in schema.other_media_fields().items():
+                value = body.get(name)
+                for ref in (value if isinstance(value, list) else [value]):
+                    if isinstance(ref, str) and ref.startswith("data:"):
+                        facts = await asyncio.to_thread(media_facts, ref, kind)
+                        assert facts is not None  # None only for a URL
+                        found = [facts] if isinstance(facts, str) else schema.file_rule_failures(name, facts)
+                        problems += [(name, f"{describe_data_uri(ref)}: {m}") for m in found]
             if problems:
                 text = "; ".join(f"{f}: {m}" for f, m in problems)
                 return self._error(*INVALID_INPUT, f"Invalid input: {text}")
