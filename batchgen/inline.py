@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,9 @@ class FileRef:
     size: int
     mime: str | None  # None: the content is of no type batchgen knows (validation refuses it)
 
+    @functools.cached_property
     def uri(self) -> str:
+        """The reference as recorded: ``file:///a.jpg#sha256=<hex>&size=<bytes>&type=image/jpeg``."""
         fragment = f"sha256={self.sha256}&size={self.size}"
         if self.mime:
             fragment += f"&type={quote(self.mime, safe='/')}"
@@ -137,6 +140,10 @@ class FileRef:
         by a batchgen older than inline files)."""
         if not ref.startswith("file://") or "#" not in ref:
             return None
+        return _parse_ref(ref)
+
+    @classmethod
+    def _parse(cls, ref: str) -> FileRef | None:
         parts = urlsplit(ref)
         facts = {k: v[0] for k, v in parse_qs(parts.fragment).items()}
         if "sha256" not in facts or not facts.get("size", "").isdigit():
@@ -148,6 +155,11 @@ class FileRef:
 
     def data_uri_length(self) -> int:
         return len(self.data_uri_prefix()) + 4 * ((self.size + 2) // 3)
+
+
+@functools.lru_cache(maxsize=4096)  # thousands of jobs name the same few files
+def _parse_ref(ref: str) -> FileRef | None:
+    return FileRef._parse(ref)
 
 
 def local_files(inputs: dict[str, Any]) -> list[FileRef]:
@@ -193,19 +205,15 @@ def _pieces(inputs: dict[str, Any]) -> tuple[list[bytes], list[FileRef]]:
     return pieces, order
 
 
-def request_size(inputs: dict[str, Any], inputs_json: str | None = None) -> int:
-    """Bytes of the submit body for ``inputs`` once every file reference is a data: URI.
-    ``inputs_json``: the same inputs as canonical JSON, if already made (a job's recorded text)."""
-    if inputs_json is None:
-        from .manifest import canonical_json
-
-        inputs_json = canonical_json(inputs)
+def request_size(inputs_json: str, refs: Iterable[str]) -> int:
+    """Bytes of the submit body for inputs recorded as ``inputs_json`` (canonical JSON) once each
+    file reference among ``refs`` is a data: URI. Counted in the text: a reference stands in it
+    as a whole JSON string, which a quote inside a prompt (always escaped) cannot imitate."""
     size = len(inputs_json.encode())
-    for value in inputs.values():
-        for v in value if isinstance(value, list) else (value,):
-            ref = FileRef.parse(v) if isinstance(v, str) else None
-            if ref is not None:  # the reference's text gives way to the data: URI
-                size += ref.data_uri_length() - len(v)
+    for ref in refs:
+        file_ref = FileRef.parse(ref)
+        if file_ref is not None:
+            size += inputs_json.count(f'"{ref}"') * (file_ref.data_uri_length() - len(ref))
     return size
 
 
@@ -339,6 +347,6 @@ async def prepare_body(inputs: dict[str, Any], checks: FileChecks) -> InlineBody
     """``inline_body`` once every file it sends has been checked against what was validated."""
     body = inline_body(inputs)
     if body is not None:
-        for ref in {r.uri(): r for r in body.files}.values():
+        for ref in {r.uri: r for r in body.files}.values():
             await checks.verify(ref)
     return body

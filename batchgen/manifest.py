@@ -785,7 +785,7 @@ class Manifest:
                     continue
                 if url.startswith("file://"):
                     # Sent inline at submit time; recorded with what it was when validated.
-                    url = FileRef(str(path), facts.sha256, facts.size, facts.mime).uri()
+                    url = facts.uri
                 sent.append(url)
                 local_files[url] = str(path)
                 keyed.append(f"sha256:{facts.sha256}")

@@ -21,7 +21,7 @@ from . import constants as C
 from .errors import Problem
 from .images import ImageInfo, ImageProber
 from .inline import FileRef, decode_data_uri, request_size, shown, sniff_mime, too_large
-from .manifest import JobSpec, Manifest, is_image_name
+from .manifest import JobSpec, Manifest, canonical_json, is_image_name
 from .schema import ModelSchema, SchemaError, find_schema
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ async def validate_manifest(
     seen: set[Problem] = set()
     jobs = 0
     window: list[tuple[JobSpec, list[tuple[str, str]]]] = []
-    seen_media: dict[tuple[str, str], ImageInfo | str | None] = {}  # video and audio files, once each
+    seen_media: dict[tuple[str, str], ImageInfo | str | None] = {}
+    other_media = schema.other_media_fields() if schema is not None else {}  # video and audio files, once each
 
     def add(p: Problem) -> None:
         if p not in seen:  # matrix and repeat copies of a job share its source and its problems
@@ -142,8 +143,9 @@ async def validate_manifest(
                     continue  # the manifest said what is wrong with it
                 if ref in spec.local_files or ref.startswith(("http://", "https://", "data:")):
                     named.append((field_name, ref))
-            if schema is not None:
-                for field_name, ref, kind in other_media_refs(schema, spec.inputs):
+            if other_media:
+                assert schema is not None
+                for field_name, ref, kind in other_media_refs(other_media, spec.inputs):
                     if ref in manifest.bad_refs:
                         continue
                     if (ref, kind) not in seen_media:
@@ -154,7 +156,7 @@ async def validate_manifest(
                     for message in problems:
                         add(Problem(file, location, field_name, f"{shown(ref)}: {message}"))
             if spec.local_files:
-                size = request_size(spec.inputs, spec.inputs_json)
+                size = request_size(spec.inputs_json or canonical_json(spec.inputs), spec.local_files)
                 if size > C.MAX_REQUEST_BYTES:
                     add(Problem(file, location, "", too_large(size)))
             window.append((spec, named))
@@ -168,10 +170,11 @@ async def validate_manifest(
     return ValidationResult(jobs, problems, manifest.duplicates, schema)
 
 
-def other_media_refs(schema: ModelSchema, inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(field, reference, "video" or "audio") of every video and audio file in a job's inputs."""
+def other_media_refs(fields: dict[str, str], inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(field, reference, "video" or "audio") of every video and audio file in a job's inputs;
+    ``fields``: the schema's ``other_media_fields()``."""
     refs = []
-    for name, kind in schema.other_media_fields().items():
+    for name, kind in fields.items():
         value = inputs.get(name)
         refs += [(name, v, kind) for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
     return refs

@@ -73,4 +73,4 @@ def local_ref(path: Path) -> str:
 
     path = Path(path).resolve()
     data = path.read_bytes()
-    return FileRef(str(path), hashlib.sha256(data).hexdigest(), len(data), sniff_mime(data[:64])).uri()
+    return FileRef(str(path), hashlib.sha256(data).hexdigest(), len(data), sniff_mime(data[:64])).uri

@@ -154,7 +154,8 @@ async def test_the_request_cap_on_both_sides_of_64_mib(tmp_path, simulator):
         specs = []
         result = await validate_manifest(load_manifest(path), collect=specs.append)
         spec = specs[0]
-        assert request_size(spec.inputs) == body_size_by_hand(prompt, data) == MAX_REQUEST_BYTES + extra
+        size = request_size(spec.inputs_json, spec.local_files)
+        assert size == body_size_by_hand(prompt, data) == MAX_REQUEST_BYTES + extra
         if valid:
             assert result.problems == []
             body = inline_body(spec.inputs)
@@ -226,7 +227,7 @@ async def test_the_body_is_the_json_of_the_inputs_with_data_uris(tmp_path):
     make_image(tmp_path / "a.jpg", 640, 480)
     inputs = {"prompt": 'quote " and \\ and é', "image_urls": [local_ref(tmp_path / "a.jpg")] * 2, "seed": 1}
     body = inline_body(inputs)
-    assert body is not None and body.size == request_size(inputs)
+    assert body is not None and body.size == request_size(canonical_json(inputs), [local_ref(tmp_path / "a.jpg")])
 
     class Wire:  # what aiohttp's writer is handed
         chunks: list[bytes] = []
