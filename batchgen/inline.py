@@ -114,6 +114,16 @@ def decode_data_uri(uri: str) -> tuple[str, bytes]:
         raise ValueError(f"the data: URI's base64 is not valid: {exc}") from None
 
 
+def read_data_uri(uri: str) -> tuple[str | None, bytes]:
+    """(MIME type from the content, decoded bytes) of a ``data:`` URI; ValueError says what is
+    wrong, including a declared type the content contradicts."""
+    declared, data = decode_data_uri(uri)
+    actual = sniff_mime(data[:64])
+    if actual is not None and declared and declared.replace("/jpg", "/jpeg") != actual:
+        raise ValueError(f"the data: URI says {declared} but its content is {actual}")
+    return actual, data
+
+
 # ---- file references ---------------------------------------------------------------------------
 
 
@@ -169,11 +179,12 @@ def local_files(inputs: dict[str, Any]) -> list[FileRef]:
         for v in value if isinstance(value, list) else (value,):
             if isinstance(v, str) and v.startswith("file://"):
                 ref = FileRef.parse(v)
-                if ref is None:
+                if ref is None and not any(c.isspace() for c in v):  # text that starts so is no file
                     raise InputFileError(
                         f"input {v} was recorded by an older batchgen without its checksum, so it cannot be "
                         "sent inline safely; run the manifest again under a new batch name (--batch)")
-                found.append(ref)
+                if ref is not None:
+                    found.append(ref)
     return found
 
 
@@ -280,6 +291,8 @@ class InlineBody(Payload):
     the write stops before the body's end (aiohttp then drops the connection), so the service
     never has a complete request to act on.
     """
+
+    _autoclose = True  # it holds no file open between writes
 
     def __init__(self, pieces: list[bytes], files: list[FileRef]):
         super().__init__(None, content_type="application/json")

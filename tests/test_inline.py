@@ -325,3 +325,10 @@ async def test_video_and_audio_files_go_inline_and_are_checked_by_type_and_size(
             with pytest.raises(InvalidRequestError, match=why):
                 await client.submit("test/video-to-video",
                                     {"prompt": "p", "video_url": data_uri(wav_bytes(), declared)})
+
+
+async def test_a_bare_file_uri_from_an_older_batchgen_is_never_sent_unchecked():
+    with pytest.raises(InputFileError, match="recorded by an older batchgen without its checksum"):
+        await prepare_body({"prompt": "p", "image_urls": ["file:///old/a.jpg"]}, FileChecks())
+    # Text that merely starts like one is text.
+    assert await prepare_body({"prompt": "file:// links are not followed", "seed": 1}, FileChecks()) is None

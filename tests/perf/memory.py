@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,27 +40,24 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(work: Path, images: list[str], concurrency: int, label: str) -> float:
     import yaml
 
-    port = free_port()
-    sim = subprocess.Popen([*batchgen_cmd("simulate", "--port", str(port), "--duration", "1",
+    sim = subprocess.Popen([*batchgen_cmd("simulate", "--port", "0", "--duration", "1",
                                           "--concurrency", str(concurrency))],
                            env=bench_env(), stderr=subprocess.PIPE, text=True)
     try:
-        assert sim.stderr is not None and "listening" in sim.stderr.readline()
+        assert sim.stderr is not None
+        line = sim.stderr.readline()
+        if "listening on" not in line:
+            raise SystemExit(f"the simulator did not start: {line}{sim.stderr.read()}")
+        api_url = line.split("listening on ", 1)[1].split()[0]
         manifest = work / f"{label}.yaml"
         manifest.write_text(yaml.safe_dump({
             "name": label, "model": MODEL,
             "jobs": [{"prompt": f"memory job {i}", "image": img, "seed": i} for i, img in enumerate(images)],
         }))
-        use = run_measured([*batchgen_cmd("run", str(manifest), "--api-url", f"http://127.0.0.1:{port}/v1",
+        use = run_measured([*batchgen_cmd("run", str(manifest), "--api-url", api_url,
                                           "--workdir", str(work / f"jobs-{label}"), "--concurrency",
                                           str(concurrency), "--rate", "0", "-q")], env=bench_env())
         if use.rc != 0:
