@@ -88,11 +88,11 @@ async def validate(
 
 
 @asynccontextmanager
-async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIterator[tuple[str, str, Any]]:
-    """(base_url, token, publish) for the run: a simulator started on a free loopback port under
-    --simulate, else the configured API. ``publish`` serves local files (simulator only)."""
+async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIterator[tuple[str, str]]:
+    """(base_url, token) for the run: a simulator started on a free loopback port under
+    --simulate, else the configured API. Local files reach both the same way: inline."""
     if not target.simulate:
-        yield resolve_api_url(target), resolve_token(target), None
+        yield resolve_api_url(target), resolve_token(target)
         return
     from .simulator import SimConfig, Simulator
 
@@ -107,7 +107,7 @@ async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIter
     sim = Simulator(config)
     await sim.start()
     try:
-        yield sim.base_url, config.token, sim.publish_file
+        yield sim.base_url, config.token
     finally:
         await sim.stop()
 
@@ -162,7 +162,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                 for job in await store.jobs(batches, opts.retry_states):
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
                     discard_partials(workdir / job.batch, job.key)
-            async with api_endpoint(opts.target, workdir) as (base_url, token, publish):
+            async with api_endpoint(opts.target, workdir) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     price = None
                     if opts.settings.max_cost is not None:
@@ -306,7 +306,7 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
             remote = await store.jobs([batch], S.REMOTE_ACTIVE)
             if not remote:
                 return report
-            async with api_endpoint(target, Path(workdir)) as (base_url, token, _publish):
+            async with api_endpoint(target, Path(workdir)) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     for job in remote:
                         assert job.request_id is not None
@@ -381,7 +381,7 @@ async def plan(opts: RunOptions) -> PlanReport:
     price = manifest.schema.base_price_usd if manifest.schema else None
     if price is None and (opts.target.simulate or opts.target.token or os.environ.get(C.TOKEN_ENV)):
         try:
-            async with api_endpoint(opts.target) as (base_url, token, _publish):
+            async with api_endpoint(opts.target) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     price = (await client.model_info(manifest.model_id)).base_price_usd
         except BatchgenError as exc:

@@ -196,7 +196,8 @@ class Simulator:
         await self.stop()
 
     def publish_file(self, path: str | Path) -> str:
-        """Serve a local file (a manifest's image under --simulate); only such files are served."""
+        """Serve a local file at a URL of the simulator's own (tests and the benchmark give inputs
+        as URLs this way); only such files are served."""
         path = Path(path).resolve()
         fid = hashlib.sha256(str(path).encode()).hexdigest()[:16]
         if fid not in self._published:
@@ -645,6 +646,8 @@ def _identity(ref: str, data: bytes) -> str:
 
 
 def _without_payload(value: Any) -> Any:
+    """A job's input as kept (in memory and in the state file): data: URIs shown, not held. So a
+    simulator restarted before an inline input's output was made serves a plain output for it."""
     if isinstance(value, list):
         return [_without_payload(v) for v in value]
     return describe_data_uri(value) if isinstance(value, str) and value.startswith("data:") else value
