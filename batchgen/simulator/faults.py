@@ -12,6 +12,8 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
 ``fail=0.1``           10% of jobs end ``failed``
 ``truncate=0.1``       10% of downloads send the full Content-Length, then stop half way
 ``expire=30``          output URLs stop working 30 s after /result handed them out
+``max_body=1000000``   submit bodies over 1,000,000 bytes answer 413 (a service whose limit is
+                       below the 64 MiB that RunComfy's own client allows)
 ``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
                        ``script.status``, ``script.result``, ``script.cancel``, ``script.download``
 =====================  =======================================================================
@@ -47,6 +49,7 @@ class FaultConfig:
     fail_rate: float = 0.0
     truncate_rate: float = 0.0
     expire_after: float | None = None
+    max_body: int | None = None  # bytes; None: MAX_REQUEST_BYTES
     script: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
@@ -77,13 +80,16 @@ class FaultConfig:
                 cfg.slow_seconds = _number(spec, value)
             elif name == "expire":
                 cfg.expire_after = _number(spec, value)
+            elif name == "max_body":
+                cfg.max_body = int(_number(spec, value))
             elif name in _RATE_KEYS:
                 rate = _number(spec, value)
                 if not 0 <= rate <= 1:
                     raise ValueError(f"fault '{spec}': a rate must be between 0 and 1")
                 setattr(cfg, _RATE_KEYS[name], rate)
             else:
-                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "script.ENDPOINT"])
+                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "max_body",
+                                     "script.ENDPOINT"])
                 raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
         return cfg
 

@@ -146,6 +146,7 @@ class Simulator:
         self._media_image_bytes: dict[str, bytes] = {}
         self._media_locks: dict[str, asyncio.Lock] = {}
         self._secret = uuid.uuid4().bytes
+        self._max_body = self.config.faults.max_body or MAX_REQUEST_BYTES
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.root_url = ""
@@ -155,8 +156,8 @@ class Simulator:
 
     def app(self) -> web.Application:
         # RunComfy's own client sends at most 64 MiB (local files inline as base64); past that
-        # aiohttp answers 413, which _submit words as an error envelope.
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        # (or the max_body fault) aiohttp refuses the body, which _submit answers with a 413.
+        app = web.Application(client_max_size=self._max_body)
         r = app.router
         r.add_post("/v1/models/{model_id:.+}", self._submit)
         r.add_get("/v1/models/{model_id:.+}", self._model_info)
@@ -335,7 +336,7 @@ class Simulator:
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
-            return self._error(413, 413001, f"Request body too large: at most {MAX_REQUEST_BYTES:,} bytes")
+            return self._error(413, 413001, f"Request body too large: at most {self._max_body:,} bytes")
         except (ValueError, UnicodeDecodeError):
             return self._error(*INVALID_INPUT, "Request body must be a JSON object")
         if not isinstance(body, dict):
