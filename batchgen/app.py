@@ -25,7 +25,7 @@ from .downloads import discard_partials
 from .errors import BatchgenError, ManifestError, UsageError
 from .lock import WorkdirLock
 from .manifest import Manifest, is_loopback_host, load_manifest
-from .runner import EventSink, Runner, RunSettings, RunSummary, local_file_resolver
+from .runner import EventSink, Runner, RunSettings, RunSummary
 from .schema import ModelSchema, SchemaError, find_schema, job_price
 from .store import SIMULATOR_API, Store
 from .text import printable
@@ -171,7 +171,7 @@ async def catalog_client(target: Target) -> AsyncIterator[tuple[RunComfyClient |
     if not target.simulate and not has_token(target):
         yield None, resolve_api_url(target), True
         return
-    async with api_endpoint(target) as (base_url, token, _publish):
+    async with api_endpoint(target) as (base_url, token):
         async with RunComfyClient(base_url, token) as client:
             yield client, base_url, not target.simulate
 
@@ -232,7 +232,7 @@ async def check_manifest(opts: RunOptions, **kw: Any) -> tuple[Manifest, Validat
                                              target=opts.target, workdir=Path(opts.workdir),
                                              max_expand=opts.max_expand)
     result = await validate_manifest(
-        manifest, allow_local_files=opts.target.simulate, no_schema=opts.no_schema,
+        manifest, no_schema=opts.no_schema,
         model_problem=found.problem() if found is not None and found.schema is None else None, **kw)
     return manifest, result
 
@@ -279,13 +279,13 @@ async def account_balance(client: RunComfyClient, target: Target) -> BalanceInfo
 
 
 @asynccontextmanager
-async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIterator[tuple[str, str, Any]]:
-    """(base_url, token, publish) for the run: a simulator started on a free loopback port under
-    --simulate, else the configured API. ``publish`` serves local files (simulator only)."""
+async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIterator[tuple[str, str]]:
+    """(base_url, token) for the run: a simulator started on a free loopback port under
+    --simulate, else the configured API. Local files reach both the same way: inline."""
     if not target.simulate:
         token = resolve_token(target)
         _say_token_source(token_source(target)[1])
-        yield resolve_api_url(target), token, None
+        yield resolve_api_url(target), token
         return
     from .simulator import SimConfig, Simulator
 
@@ -300,7 +300,7 @@ async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIter
     sim = Simulator(config)
     await sim.start()
     try:
-        yield sim.base_url, config.token, sim.publish_file
+        yield sim.base_url, config.token
     finally:
         await sim.stop()
 
@@ -372,7 +372,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     discard_partials(folder / job.batch, job.key)
                 if S.OVERDUE not in opts.retry_states:
                     overdue_kept = len(await store.jobs(batches, [S.OVERDUE]))
-            async with api_endpoint(opts.target, workdir) as (base_url, token, publish):
+            async with api_endpoint(opts.target, workdir) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     price = None
                     # The account preflight: a real account only (the in-process simulator has
@@ -387,7 +387,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                                 on_notice(warning, True)
                     runner = Runner(
                         store, client, folder, opts.settings,
-                        resolve_inputs=local_file_resolver(publish), on_event=on_event,
+                        on_event=on_event,
                         price_estimate=price,
                     )
                     if on_runner is not None:
@@ -630,7 +630,7 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
             remote = await store.jobs([batch], S.FOLLOWED)
             if not remote:
                 return report
-            async with api_endpoint(target, Path(workdir)) as (base_url, token, _publish):
+            async with api_endpoint(target, Path(workdir)) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     for job in remote:
                         assert job.request_id is not None
@@ -697,7 +697,7 @@ async def plan(opts: RunOptions) -> PlanReport:
     balance = None
     if opts.target.simulate or has_token(opts.target):
         try:
-            async with api_endpoint(opts.target) as (base_url, token, _publish):
+            async with api_endpoint(opts.target) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     if price is None:
                         price, unit = await model_price(client, manifest.model_id, schema)

@@ -35,6 +35,7 @@ from .errors import (
     RateLimitError,
     ServerError,
 )
+from .inline import InlineBody, InputFileError
 from .limits import TokenBucket
 from .retry import parse_retry_after
 
@@ -338,11 +339,14 @@ class RunComfyClient:
 
     # ---- endpoints -----------------------------------------------------------------------------
 
-    async def submit(self, model_id: str, inputs: dict[str, Any] | str) -> Submitted:
-        """``inputs``: a dict, or the same already encoded as JSON text."""
+    async def submit(self, model_id: str, inputs: dict[str, Any] | str | InlineBody) -> Submitted:
+        """``inputs``: a dict, the same already encoded as JSON text, or a body that streams local
+        files in as data: URIs (inline.py)."""
         path = f"/models/{model_path(model_id)}"
         if isinstance(inputs, str):
             body = await self._call("submit", "POST", path, json_text=inputs)
+        elif isinstance(inputs, InlineBody):
+            body = await self._call("submit", "POST", path, payload=inputs)
         else:
             body = await self._call("submit", "POST", path, json_body=inputs)
         request_id = body.get("request_id") if isinstance(body, dict) else None
@@ -430,12 +434,13 @@ class RunComfyClient:
 
     async def _call(
         self, what: str, method: str, path: str, *, json_body: Any = None, json_text: str | None = None,
-        paced: bool = True, url: URL | None = None, max_bytes: int = C.MAX_API_ANSWER,
+        payload: InlineBody | None = None, paced: bool = True, url: URL | None = None,
+        max_bytes: int = C.MAX_API_ANSWER,
     ) -> dict[str, Any]:
         """``path``: already escaped, with its query string if any. The body, if any: a value to
-        send as JSON (``json_body``), or JSON text (``json_text``). ``url``: an absolute URL
-        instead of base + path (the balance, on RunComfy's other host). ``max_bytes``: refuse a
-        longer answer unread (catalog pages may be larger than job answers)."""
+        send as JSON (``json_body``), JSON text (``json_text``), or a streamed ``payload``.
+        ``url``: an absolute URL instead of base + path (the balance, on RunComfy's other host).
+        ``max_bytes``: refuse a longer answer unread (catalog pages may be larger than job answers)."""
         session = self._ensure_session()
         if paced and self.limiter is not None:
             await self.limiter.take()
@@ -444,9 +449,12 @@ class RunComfyClient:
             url = URL(self.base_url + path, encoded=True)
         else:
             path = url.path
-        data, headers = None, self._headers
+        headers = self._headers
+        data: bytes | InlineBody | None = None
         if json_text is not None:
             data, headers = json_text.encode(), self._json_headers
+        elif payload is not None:
+            data, headers = payload, self._json_headers
         try:
             async with session.request(
                 method, url, json=json_body, data=data, headers=headers, allow_redirects=False
@@ -462,6 +470,10 @@ class RunComfyClient:
             raise APIResponseLostError(
                 f"{_label(what, path)}: no answer within {self._timeout.total:g} s") from exc
         except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, InputFileError):
+                # A local file was not what was validated: the body stopped short of its end, so
+                # the server never had a whole request to act on.
+                raise exc.__cause__ from None
             # Reset, disconnect, malformed response: the server may well have acted on it.
             raise APIResponseLostError(
                 f"{_label(what, path)}: connection lost: {type(exc).__name__}: {exc}") from exc

@@ -180,3 +180,11 @@ MAX_ANSWER_TEXT = 2000
 # The most one job can plausibly cost (Dreamina: cents): a larger reported cost is ignored, as is
 # 1e400, rather than stopping a --max-cost run on garbage.
 MAX_JOB_COST_USD = 10_000.0
+# Local input files go inline as base64 data: URIs (inline.py). RunComfy's own client refuses a
+# request body over 64 MiB (its MAX_REQUEST_BYTES); validation refuses such a job before spending,
+# and the simulator answers 413 past it, as a server with that limit would.
+MAX_REQUEST_BYTES = 64 << 20
+# A file is read and base64-encoded this much at a time while its request streams out: a multiple
+# of 3 (no padding inside the base64), and about 1 MiB of base64 per chunk, so 50 submits in
+# flight hold ~100 MiB of chunks at most, not 50 whole files.
+INLINE_CHUNK = 3 << 18

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import BatchgenError
 from .images import ImageInfo
+from .inline import shown
 
 if TYPE_CHECKING:
     import jsonschema
@@ -40,6 +41,10 @@ MODELS_DIR = Path(__file__).parent / "models"
 BYTES_PER_MB = 1_000_000
 
 IMAGE_FORMATS = ("image_uri", "image_uris")
+# Fields that take other files: checked by their type and size (their content is not parsed).
+OTHER_MEDIA = {"video_uri": "video", "video_uris": "video", "audio_uri": "audio", "audio_uris": "audio"}
+# The rules that need only a file's type and size, so apply to any media file.
+FILE_SUBJECTS = ("file_size_mb", "file_type")
 
 SUBJECTS = ("file_size_mb", "width_pixels", "height_pixels", "width/height", "file_type")
 OPERATORS = ("<=", ">=", "==", "<", ">", "_in")  # two-character ones first, for the parser
@@ -102,10 +107,11 @@ class Rule:
 
     def explain(self, info: ImageInfo) -> str:
         """Why ``info`` fails this rule: what the image is, the schema's message, what is allowed."""
+        what = "image" if info.width else "file"  # a video or audio file: no dimensions read
         if self.subject == "file_type":
-            actual = f"image is {info.format.upper()}"
+            actual = f"{what} is {info.format.upper()}"
         elif self.subject == "file_size_mb":
-            actual = f"image is {info.size:,} bytes"
+            actual = f"{what} is {info.size:,} bytes"
         elif self.subject == "width/height":
             ratio = f"{float(info.width / info.height):.4g}" if info.height else "undefined"
             actual = f"image is {info.width}x{info.height} (width/height {ratio})"
@@ -245,6 +251,7 @@ class ModelSchema:
         self._rule_cache: dict[tuple[str, ImageInfo], list[str]] = {}
         self._order = {name: i for i, name in enumerate(self.properties)}
         self._image_fields = self._find_image_fields()
+        self._other_media = self._find_other_media()
 
         # `validations` may sit on the field or on its items (a list of URLs): both apply to each image.
         self.rules: dict[str, list[Rule]] = {}
@@ -261,9 +268,10 @@ class ModelSchema:
                     self.rule_problems.append((name, f"schema {self._label()}: {exc}; update batchgen or "
                                                      "remove the rule from the schema"))
             if name in self.rules and name not in self._image_fields:
-                # Only images are probed; a rule on another kind of file (video, audio) cannot be
-                # checked here, and the service will apply it anyway.
-                log.info("%s: rules on field %s are not checked (not an image field)", self._label(), name)
+                # Only images are probed; of a rule on another kind of file (video, audio), only
+                # its type and size are checked here, and the service applies the rest anyway.
+                log.info("%s: rules on field %s other than type and size are not checked (not an image field)",
+                         self._label(), name)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelSchema:
@@ -294,6 +302,25 @@ class ModelSchema:
             elif fmt == "image_uri":
                 found[name] = False
         return found
+
+    def _find_other_media(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for name, prop in self.properties.items():
+            items = prop.get("items") if isinstance(prop.get("items"), dict) else {}
+            kind = OTHER_MEDIA.get(prop.get("format")) or OTHER_MEDIA.get(items.get("format"))
+            if kind is not None and name not in self._image_fields:
+                found[name] = kind
+        return found
+
+    def other_media_fields(self) -> dict[str, str]:
+        """Fields that hold video or audio files: name -> "video" or "audio"."""
+        return dict(self._other_media)
+
+    def file_rule_failures(self, name: str, info: ImageInfo) -> list[str]:
+        """Messages of the type and size rules of field ``name`` that a file fails (``info``'s
+        format: the file's MIME subtype, its dimensions unknown)."""
+        return [rule.explain(info) for rule in self.rules.get(name, ())
+                if rule.subject in FILE_SUBJECTS and not rule.passes(info)]
 
     def image_fields(self) -> dict[str, bool]:
         """Fields that hold image URLs: name -> True when the field is a list of them."""
@@ -379,7 +406,7 @@ class ModelSchema:
                 info = images.get(ref) if isinstance(ref, str) else None
                 if info is None:
                     continue
-                failures = [f"{ref}: {info}"] if isinstance(info, str) else self._rule_failures(name, info)
+                failures = [f"{shown(ref)}: {info}"] if isinstance(info, str) else self._rule_failures(name, info)
                 if failures:
                     label = f"{name}[{i}]" if is_list else name
                     found += [((self._order[name], label), (label, message)) for message in failures]

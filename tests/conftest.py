@@ -84,3 +84,12 @@ def write_file(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text).lstrip("\n"))
     return path
+def local_ref(path: Path) -> str:
+    """What a manifest records for a local file: its file:// URI with its sha256, size and type."""
+    import hashlib
+
+    from batchgen.inline import FileRef, sniff_mime
+
+    path = Path(path).resolve()
+    data = path.read_bytes()
+    return FileRef(str(path), hashlib.sha256(data).hexdigest(), len(data), sniff_mime(data[:64])).uri

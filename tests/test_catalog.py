@@ -59,7 +59,7 @@ async def validate(tmp_path, text: str, target: app.Target, **kw):
 
 def manifest(model: str, *jobs: str) -> str:
     lines = "".join(f"  - {{{job}}}\n" for job in jobs or ("prompt: p, image: a.jpg",))
-    return f"model: {model}\nimage_base_url: https://cdn.example.com\njobs:\n{lines}"
+    return f"model: {model}\njobs:\n{lines}"
 
 
 # ---- unknown models -----------------------------------------------------------------------------
@@ -113,9 +113,9 @@ async def test_a_catalog_only_model_is_checked_by_its_own_rules(api, images):
     ), target)
     assert wan.schema.origin == "catalog" and wan.schema.price_unit == "second"
     assert texts(wan) == [
-        "m.yaml, line 6, field 'guidance_scale': must be of type number (a number), got \"high\"",
-        "m.yaml, line 6, field 'seed': is -1; must be at least 0",
-        "m.yaml, line 7, field 'guidance_scale': is 10.5; must be at most 10",
+        "m.yaml, line 5, field 'guidance_scale': must be of type number (a number), got \"high\"",
+        "m.yaml, line 5, field 'seed': is -1; must be at least 0",
+        "m.yaml, line 6, field 'guidance_scale': is 10.5; must be at most 10",
     ]
     make_image(images / "big.jpg", 640, 480, nbytes=5_000_000)
     multi = await validate(images, manifest(
@@ -126,9 +126,9 @@ async def test_a_catalog_only_model_is_checked_by_its_own_rules(api, images):
         "prompt: heavy, image_urls: [a.jpg, big.jpg]",
     ), target)
     assert texts(multi) == [
-        "m.yaml, line 5, field 'image_urls': has 4 item(s); at most 3 allowed",
-        "m.yaml, line 6, field 'image_urls': has 0 item(s); at least 1 required",
-        "m.yaml, line 7, field 'image_urls[1]': image is 5,000,000 bytes; Each image must be smaller than 5 MB "
+        "m.yaml, line 4, field 'image_urls': has 4 item(s); at most 3 allowed",
+        "m.yaml, line 5, field 'image_urls': has 0 item(s); at least 1 required",
+        "m.yaml, line 6, field 'image_urls[1]': image is 5,000,000 bytes; Each image must be smaller than 5 MB "
         "(allowed: less than 5,000,000 bytes; 1 MB = 1,000,000 bytes)",
     ]
     assert sim.calls["catalog"] == 1  # the second manifest used the cache

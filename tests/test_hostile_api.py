@@ -329,7 +329,7 @@ async def test_account_error_text_is_shown_never_obeyed(samples, simulator):
     """The last line of a run the API stopped with its own words (a refused token) is escaped too."""
     sim = await simulator(token="the-right-one", faults=["hostile_text=1"])
     manifest = samples / "real.yaml"
-    manifest.write_text(f"image_base_url: {sim.root_url}/inputs\njobs: [{{prompt: p, image: images/street.jpg}}]\n")
+    manifest.write_text("jobs: [{prompt: p, image: images/street.jpg}]\n")  # the image goes inline
     env = {**os.environ, "RUNCOMFY_API_TOKEN": "a-wrong-one", "RUNCOMFY_API_URL": sim.base_url}
     env.pop("BATCHGEN_TRACEBACK", None)
     result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "batchgen.cli", "run", str(manifest)],
@@ -523,7 +523,7 @@ async def test_an_outage_longer_than_its_budget_stops_the_run_with_every_job_pen
 
 
 def test_cli_an_outage_past_its_budget_exits_3_with_one_line(tmp_path):
-    path = _cli_manifest(tmp_path, image_base_url="https://cdn.example.com/in")
+    path = _cli_manifest(tmp_path)  # its image goes inline
     result = CliRunner().invoke(main, [
         "run", path, "--api-url", f"http://127.0.0.1:{_closed_port()}/v1", "--outage-budget", "1s",
     ], env={"RUNCOMFY_API_TOKEN": "t"})
@@ -807,7 +807,7 @@ WAN = "sim/wan-like/image-to-video"
 
 def catalog_manifest(folder, model: str):
     make_image(folder / "a.jpg", 640, 480)
-    return write_file(folder / "m.yaml", f"model: {model}\nimage_base_url: https://cdn.example.com\n"
+    return write_file(folder / "m.yaml", f"model: {model}\n"
                                          "jobs: [{prompt: p, image: a.jpg}]\n")
 
 
@@ -945,6 +945,27 @@ async def test_a_catalog_schema_referring_elsewhere_or_to_itself_is_a_problem_no
                 problems = [str(p) for p in (await app.validate(opts)).problems]
                 assert problems == [f"m.yaml, line 2: the model's schema cannot be applied: it {said}"]
     assert fetched == []  # a reference to another document is never fetched
+
+
+# --- inline files ---------------------------------------------------------------------------------
+
+
+async def test_a_service_with_a_lower_body_limit_fails_the_job_without_an_unknown(tmp_path, simulator):
+    """A 413 is a refusal: the job fails once, it is neither unknown nor submitted again."""
+    sim = await simulator(faults=["max_body=100000"], duration=0.05)
+    make_image(tmp_path / "big.jpg", 640, 480, nbytes=200_000)
+    make_image(tmp_path / "small.jpg", 640, 480)
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"name": "lim", "jobs": [{"prompt": "big", "image": "big.jpg"},
+                                                            {"prompt": "small", "image": "small.jpg"}]}))
+    out = await app.run(app.RunOptions(workdir=tmp_path / "work", manifest=path,
+                                       target=app.Target(api_url=sim.base_url, token="t"), settings=settings()))
+    assert out.summary.finished == {S.FAILED: 1, S.SUCCEEDED: 1}
+    assert sim.calls["submit"] == 2
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        (failed,) = await store.jobs(["lim"], [S.FAILED])
+    assert failed.inputs["prompt"] == "big" and failed.attempts == 1
+    assert "Request body too large: at most 100,000 bytes (error_code 413001)" in (failed.error or "")
 
 
 # --- store and work directory ---

@@ -31,6 +31,8 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
                        whatever was asked), ``bomb`` (64 MiB of zeros, gzipped, whatever was
                        asked), ``huge`` (declares 3 GiB, sends the file, then closes),
                        ``endless`` (no length, never ends), ``trickle`` (256 bytes every 0.1 s)
+``max_body=1000000``   submit bodies over 1,000,000 bytes answer 413 (a service whose limit is
+                       below the 64 MiB that RunComfy's own client allows)
 ``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
                        ``script.status``, ``script.result``, ``script.cancel``, ``script.download``,
                        ``script.catalog`` (``GET /models``) and ``script.balance``
@@ -96,6 +98,7 @@ class FaultConfig:
     redirect: str | None = None  # "same", "loop" or a host name
     output_ext: str | None = None
     output_body: str | None = None  # one of BODIES
+    max_body: int | None = None  # bytes; None: MAX_REQUEST_BYTES
     script: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
@@ -148,6 +151,8 @@ class FaultConfig:
                 if value not in BODIES:
                     raise ValueError(f"fault '{spec}': unknown body '{value}'; one of {', '.join(BODIES)}")
                 cfg.output_body = value
+            elif name == "max_body":
+                cfg.max_body = int(_number(spec, value))
             elif name in _RATE_KEYS:
                 rate = _number(spec, value)
                 if not 0 <= rate <= 1:
@@ -156,7 +161,7 @@ class FaultConfig:
             else:
                 allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "hostile_text", "stuck",
                                      "garble.FIELD", "model_info", "offhost_host", "redirect", "output_ext",
-                                     "output_body", "script.ENDPOINT"])
+                                     "output_body", "max_body", "script.ENDPOINT"])
                 raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
         return cfg
 

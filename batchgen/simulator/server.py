@@ -31,8 +31,11 @@ from urllib.parse import quote, unquote
 import aiohttp
 from aiohttp import web
 
-from ..images import ImageInfo, ImageProbeError, probe_bytes
+from ..constants import MAX_REQUEST_BYTES
+from ..images import ImageInfo, ImageProbeError, probe_bytes, read_data_uri
+from ..inline import describe_data_uri
 from ..schema import ModelSchema, bundled_schemas, find_schema, job_price
+from ..validate import media_facts
 from .faults import BODIES, HOSTILE_TEXT, FaultConfig, FaultPicker
 from .media import make_image, make_video
 
@@ -171,6 +174,7 @@ class Simulator:
         self._media_image_bytes: dict[str, bytes] = {}
         self._media_locks: dict[str, asyncio.Lock] = {}
         self._secret = uuid.uuid4().bytes
+        self._max_body = self.config.faults.max_body or MAX_REQUEST_BYTES
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.root_url = ""
@@ -182,7 +186,9 @@ class Simulator:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=8 << 20)
+        # RunComfy's own client sends at most 64 MiB (local files inline as base64); past that
+        # (or the max_body fault) aiohttp refuses the body, which _submit answers with a 413.
+        app = web.Application(client_max_size=self._max_body)
         r = app.router
         r.add_post("/v1/models/{model_id:.+}", self._submit)
         r.add_get("/v1/models", self._catalog)
@@ -225,7 +231,8 @@ class Simulator:
         await self.stop()
 
     def publish_file(self, path: str | Path) -> str:
-        """Serve a local file (a manifest's image under --simulate); only such files are served."""
+        """Serve a local file at a URL of the simulator's own (tests and the benchmark give inputs
+        as URLs this way); only such files are served."""
         path = Path(path).resolve()
         fid = hashlib.sha256(str(path).encode()).hexdigest()[:16]
         if fid not in self._published:
@@ -330,6 +337,13 @@ class Simulator:
     # ---- input images --------------------------------------------------------------------------
 
     async def _image(self, url: str) -> tuple[bytes, ImageInfo] | str:
+        if url.startswith("data:"):
+            # Decoded per submit, never kept: each submit carries its file again, and keeping them
+            # would hold every distinct input of a long run in memory.
+            try:
+                return await asyncio.to_thread(read_data_uri, url)
+            except ImageProbeError as exc:
+                return str(exc)
         cached = self._images.get(url)
         if cached is not None:
             return cached
@@ -381,6 +395,8 @@ class Simulator:
             return self._error(400, 400001, f"Unknown model '{model_id}' (InvalidResourceIdentifier)")
         try:
             body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(413, 413001, f"Request body too large: at most {self._max_body:,} bytes")
         except (ValueError, UnicodeDecodeError):
             return self._error(*INVALID_INPUT, "Request body must be a JSON object")
         if not isinstance(body, dict):
@@ -396,11 +412,21 @@ class Simulator:
                         got = await self._image(ref)
                         images[ref] = got if isinstance(got, str) else got[1]
                         if not isinstance(got, str) and image_bytes is None:
-                            image_bytes, first_image = got[0], ref
+                            image_bytes, first_image = got[0], _identity(ref, got[0])
             problems = schema.check(body, images)
+            for name, kind in schema.other_media_fields().items():
+                value = body.get(name)
+                for ref in (value if isinstance(value, list) else [value]):
+                    if isinstance(ref, str) and ref.startswith("data:"):
+                        facts = await asyncio.to_thread(media_facts, ref, kind)
+                        assert facts is not None  # None only for a URL
+                        found = [facts] if isinstance(facts, str) else schema.file_rule_failures(name, facts)
+                        problems += [(name, f"{describe_data_uri(ref)}: {m}") for m in found]
             if problems:
                 text = "; ".join(f"{f}: {m}" for f, m in problems)
                 return self._error(*INVALID_INPUT, f"Invalid input: {text}")
+        # Like the service, which stores inline files as hosted inputs: the job keeps no payload.
+        body = {k: _without_payload(v) for k, v in body.items()}
         price = self._price(model_id, body)
         if self.config.balance_usd is not None:
             spent = self._spent.get(owner, 0.0)
@@ -712,6 +738,8 @@ class Simulator:
                 n = 24 if frames <= 121 else 48
                 maker = (lambda: make_video(image, n)) if kind == "video" else (lambda: make_image(image))
                 self._media[media_key] = await asyncio.to_thread(maker)
+                # Made: the input is no longer needed (it may be a 4 MB inline file).
+                self._media_image_bytes.pop(media_key, None)
             return self._media[media_key]
 
     def output_bytes(self, request_id: str) -> bytes | None:
@@ -825,6 +853,19 @@ class Simulator:
 def _bomb() -> bytes:
     """64 MiB of zeros, gzipped to 64 KB: made once, 0.2 s."""
     return gzip.compress(bytes(64 << 20), 9)
+
+
+def _identity(ref: str, data: bytes) -> str:
+    """What names an input image in a media key: its URL, or an inline file's content hash."""
+    return f"data:sha256:{hashlib.sha256(data).hexdigest()}" if ref.startswith("data:") else ref
+
+
+def _without_payload(value: Any) -> Any:
+    """A job's input as kept (in memory and in the state file): data: URIs shown, not held. So a
+    simulator restarted before an inline input's output was made serves a plain output for it."""
+    if isinstance(value, list):
+        return [_without_payload(v) for v in value]
+    return describe_data_uri(value) if isinstance(value, str) and value.startswith("data:") else value
 
 
 def _iso(ts: float | None) -> str | None:
