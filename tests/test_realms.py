@@ -13,8 +13,6 @@ import time
 
 import aiohttp
 import pytest
-from aiohttp import web
-from conftest import loopback
 from imagefactory import make_image
 
 from batchgen import app
@@ -46,33 +44,28 @@ def fingerprint(folder):
 
 async def test_the_quick_start_then_the_api_submits_everything_and_simulate_never_touches_real_outputs(
         samples, simulator):
-    # The quick start's images, published where both simulators can fetch them (the manifest's
-    # own way for an API that cannot read local files: image_base_url).
-    files = web.Application()
-    files.router.add_static("/", samples)
-    async with loopback(files) as images_url:
-        manifest = samples / "quickstart.yaml"
-        manifest.write_text(manifest.read_text() + f"image_base_url: {images_url}\n")
-        api = await simulator(token=TOKEN, duration=0.2)  # a simulator started apart, as the API
+    # The quick start exactly as the README has it: its local images go inline to the API.
+    manifest = samples / "quickstart.yaml"
+    api = await simulator(token=TOKEN, duration=0.2)  # a simulator started apart, as the API
 
-        code, out = await batchgen("run", str(manifest), "--simulate", "-c", "6")
-        assert code == 0 and "6 new job(s) recorded, 6 submitted" in out, out
+    code, out = await batchgen("run", str(manifest), "--simulate", "-c", "6")
+    assert code == 0 and "6 new job(s) recorded, 6 submitted" in out, out
 
-        code, out = await batchgen("run", str(manifest), "--api-url", api.base_url, "-c", "6", token=True)
-        assert code == 0, out
-        assert "6 new job(s) recorded, 6 submitted" in out and "quickstart: 6 succeeded" in out
-        assert api.calls["submit"] == 6
-        real = fingerprint(samples.parent / "jobs" / "quickstart")
-        assert len(real) == 6
-        served = {hashlib.sha256(api.output_bytes(r["request_id"])).hexdigest()
-                  for r in api.requests()["requests"]}
-        assert {f[3] for f in real} <= served
+    code, out = await batchgen("run", str(manifest), "--api-url", api.base_url, "-c", "6", token=True)
+    assert code == 0, out
+    assert "6 new job(s) recorded, 6 submitted" in out and "quickstart: 6 succeeded" in out
+    assert api.calls["submit"] == 6
+    real = fingerprint(samples.parent / "jobs" / "quickstart")
+    assert len(real) == 6
+    served = {hashlib.sha256(api.output_bytes(r["request_id"])).hexdigest()
+              for r in api.requests()["requests"]}
+    assert {f[3] for f in real} <= served
 
-        code, out = await batchgen("run", str(manifest), "--simulate", "-c", "6")
-        assert code == 0 and "0 submitted" in out, out
-        assert fingerprint(samples.parent / "jobs" / "quickstart") == real
-        code, out = await batchgen("run", str(manifest), "--api-url", api.base_url, token=True)
-        assert code == 0 and "0 submitted" in out and api.calls["submit"] == 6, out
+    code, out = await batchgen("run", str(manifest), "--simulate", "-c", "6")
+    assert code == 0 and "0 submitted" in out, out
+    assert fingerprint(samples.parent / "jobs" / "quickstart") == real
+    code, out = await batchgen("run", str(manifest), "--api-url", api.base_url, token=True)
+    assert code == 0 and "0 submitted" in out and api.calls["submit"] == 6, out
 
     # status, report and gallery say which results are simulated.
     code, out = await batchgen("status")
