@@ -27,9 +27,11 @@ from .lock import WorkdirLock
 from .manifest import Manifest, is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary
 from .schema import ModelSchema, SchemaError, find_schema, job_price
-from .store import Store
+from .store import SIMULATOR_API, Store
 from .text import printable
 from .validate import ValidationResult, validate_manifest
+from .workdir import check_store, create_store, existing_store, legacy_simulated, realm
+from .workdir import store_path as realm_store
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,9 @@ class RunOutcome:
     overdue_kept: int = 0
 
 
-def store_path(workdir: Path) -> Path:
-    return Path(workdir) / C.STORE_FILENAME
+def store_path(workdir: Path, simulated: bool = False) -> Path:
+    """The store of runs against an API (or, ``simulated``, of --simulate runs) in ``workdir``."""
+    return realm_store(realm(workdir, simulated))
 
 
 def token_source(target: Target) -> tuple[str, str]:
@@ -121,6 +124,11 @@ def resolve_api_url(target: Target) -> str:
         raise UsageError(f"API URL '{printable(url)}' is plain http:// to a host that is not this machine: the API "
                          "token would cross the network readable by anyone on the way; use https://")
     return url
+
+
+def api_identity(target: Target) -> str:
+    """What a job records as the API it ran against (Job.api)."""
+    return SIMULATOR_API if target.simulate else resolve_api_url(target)
 
 
 def resolve_balance_url(target: Target, api_url: str) -> str:
@@ -288,7 +296,7 @@ async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIter
         # state kept in the work directory, so an interrupted --simulate run resumes its jobs.
         config.token = "batchgen-simulator"
     if workdir is not None and config.state_file is None:
-        config.state_file = Path(workdir) / C.SIM_STATE_FILENAME
+        config.state_file = realm(workdir, True) / C.SIM_STATE_FILENAME
     sim = Simulator(config)
     await sim.start()
     try:
@@ -319,14 +327,21 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
         if manifest.schema is None and on_notice is not None:
             on_notice(f"{manifest.name}: model {manifest.model_id} has no schema: its inputs are NOT "
                       "checked (--no-schema)", True)
-    if not opts.target.simulate:
+    simulated = opts.target.simulate
+    if not simulated:
         resolve_api_url(opts.target)  # fail before taking the lock or touching the store
         resolve_token(opts.target)
+    api = api_identity(opts.target)
+    folder = realm(workdir, simulated)  # simulated results live apart: workdir.py
+    check_store(workdir, simulated)  # a lost store is never silently replaced
 
-    lock = WorkdirLock(workdir / C.LOCK_FILENAME)
+    lock = WorkdirLock(folder / C.LOCK_FILENAME)
     lock.acquire("run")
     try:
-        async with await Store.open(store_path(workdir)) as store:
+        create_store(realm_store(folder))
+        async with await Store.open(realm_store(folder), api=api) as store:
+            if not simulated:
+                await _forget_legacy_simulated(store, workdir)
             if manifest is not None:
                 await store.upsert_batch(
                     manifest.name, manifest.model_id, str(Path(opts.manifest).resolve()),
@@ -336,7 +351,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                 rows.clear()
                 batches = [manifest.name]
             elif opts.batch is not None:
-                await _require_batches(store, [opts.batch], workdir)
+                await _require_batches(store, [opts.batch], folder)
                 batches = [opts.batch]
             else:
                 counts = await store.counts()
@@ -349,11 +364,12 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     or any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.FOLLOWED,
                                                          S.DOWNLOADING))
                 ]
+            await _require_own_api(store, batches, api)
             overdue_kept = 0
             if opts.retry_states:
                 for job in await store.jobs(batches, opts.retry_states):
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
-                    discard_partials(workdir / job.batch, job.key)
+                    discard_partials(folder / job.batch, job.key)
                 if S.OVERDUE not in opts.retry_states:
                     overdue_kept = len(await store.jobs(batches, [S.OVERDUE]))
             async with api_endpoint(opts.target, workdir) as (base_url, token):
@@ -370,7 +386,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                             if warning:
                                 on_notice(warning, True)
                     runner = Runner(
-                        store, client, workdir, opts.settings,
+                        store, client, folder, opts.settings,
                         on_event=on_event,
                         price_estimate=price,
                     )
@@ -434,6 +450,37 @@ async def pending_cost(client: RunComfyClient, store: Store, batches: list[str],
     return total, most
 
 
+async def _forget_legacy_simulated(store: Store, workdir: Path) -> None:
+    """A work directory of a batchgen that kept --simulate results in the API's store: the jobs
+    the simulator ran there are put back to pending, so that the API runs them (their
+    placeholder files are replaced as the API's results arrive). Once: the simulator's old state
+    file is then renamed."""
+    legacy = legacy_simulated(workdir)
+    if legacy is None:
+        return
+    path, ids = legacy
+    for job in await store.jobs():
+        if job.request_id in ids and job.api is None:
+            await store.requeue(job, "ran on the built-in simulator before batchgen kept simulated "
+                                     "results apart: to be run against the API", expect=S.STATES)
+            discard_partials(Path(workdir) / job.batch, job.key)
+    path.rename(path.with_name(path.name + ".forgotten"))
+
+
+async def _require_own_api(store: Store, batches: list[str], api: str) -> None:
+    """A run follows, and counts as done, only jobs submitted to its own API: a request id means
+    nothing to another one. A batch with jobs of another API is refused, not mixed."""
+    for batch, per_api in (await store.apis(batches)).items():
+        other = {a: n for a, n in per_api.items() if a != api}
+        if other:
+            (first, n), *_ = sorted(other.items())
+            raise UsageError(
+                f"batch '{batch}': {n} job(s) were submitted to {first}, and this run is against "
+                f"{api}; a batch follows one API. Run it against {first} (--api-url {first}), "
+                "or give the other API its own --workdir (or --batch name)"
+            )
+
+
 @dataclass
 class BatchStatus:
     name: str
@@ -444,6 +491,10 @@ class BatchStatus:
     median_run_s: float | None = None
     spent_usd: float = 0.0
     next_steps: list[str] = field(default_factory=list)
+    # Run with --simulate: every result is the built-in simulator's placeholder, not the API's.
+    simulated: bool = False
+    apis: list[str] = field(default_factory=list)  # the APIs its jobs were submitted to
+    folder: Path | None = None  # where its outputs are
 
     @property
     def total(self) -> int:
@@ -451,7 +502,9 @@ class BatchStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "model": self.model_id, "total": self.total, "states": self.counts,
+            "name": self.name, "model": self.model_id, "simulated": self.simulated,
+            "apis": self.apis, "outputs": str(self.folder) if self.folder else None,
+            "total": self.total, "states": self.counts,
             "failures": [{"state": st, "error": err, "count": n} for st, err, n in self.failures],
             "median_queue_s": self.median_queue_s, "median_run_s": self.median_run_s,
             "spent_usd": round(self.spent_usd, 4), "next_steps": self.next_steps,
@@ -466,51 +519,86 @@ async def _require_batches(store: Store, batches: list[str], workdir: Path) -> N
             raise UsageError(f"no batch named '{b}' in {workdir}; known: {known_names}")
 
 
-def _existing_store(workdir: Path) -> Path:
-    path = store_path(workdir)
-    if not path.exists():
-        raise UsageError(f"no batchgen store in {workdir} (run a manifest first, or pass --workdir)")
+def _existing_store(workdir: Path, simulated: bool) -> Path:
+    path = existing_store(workdir, simulated)
+    if path is None:
+        what = "no store of --simulate runs" if simulated else "no batchgen store"
+        raise UsageError(f"{what} in {workdir} (run a manifest first, or pass --workdir)")
     return path
 
 
-def _next_steps(name: str, counts: dict[str, int]) -> list[str]:
+def _stores(workdir: Path) -> list[tuple[Path, bool]]:
+    """(store, simulated) of each realm of ``workdir`` that has one: runs against an API first."""
+    found = [(p, sim) for sim in (False, True) if (p := existing_store(workdir, sim)) is not None]
+    if not found:
+        raise UsageError(f"no batchgen store in {workdir} (run a manifest first, or pass --workdir)")
+    return found
+
+
+async def find_batch(workdir: Path, batch: str, simulated: bool | None = None) -> tuple[Path, bool]:
+    """(store, simulated) of ``batch``: with ``simulated`` None, the results of runs against an
+    API if it has any, else those of --simulate runs."""
+    known: list[str] = []
+    stores = _stores(workdir) if simulated is None else [(_existing_store(workdir, simulated), simulated)]
+    for path, sim in stores:
+        async with await Store.open(path) as store:
+            names = [b.name for b in await store.batches()]
+        if batch in names:
+            return path, sim
+        known += [f"{n} (simulated)" if sim else n for n in names]
+    raise UsageError(f"no batch named '{batch}' in {workdir}; known: {', '.join(known) or 'none'}")
+
+
+def _next_steps(name: str, counts: dict[str, int], simulated: bool) -> list[str]:
     steps = []
+    again = " --simulate" if simulated else ""
     if counts.get(S.UNKNOWN):
         steps.append(f"{counts[S.UNKNOWN]} job(s) have an unknown submit outcome (they may exist, and be "
-                     f"billed, at the provider): batchgen retry --unknown {name}")
+                     f"billed, at the provider): batchgen retry --unknown {name}{again}")
     failed = counts.get(S.FAILED, 0) + counts.get(S.TIMED_OUT, 0)
     if failed:
-        steps.append(f"{failed} job(s) failed or timed out: batchgen retry {name}")
+        steps.append(f"{failed} job(s) failed or timed out: batchgen retry {name}{again}")
     if counts.get(S.OVERDUE):
         steps.append(f"{counts[S.OVERDUE]} job(s) are overdue, still at the provider (billed, and may still "
-                     f"be delivered): batchgen run --batch {name} downloads them once they finish; "
-                     f"batchgen retry --force {name} submits them again (paying again)")
+                     f"be delivered): batchgen run --batch {name}{again} downloads them once they finish; "
+                     f"batchgen retry --force {name}{again} submits them again (paying again)")
     unfinished = sum(counts.get(s, 0) for s in S.STATES if s not in S.TERMINAL and s != S.OVERDUE)
     if unfinished:
-        steps.append(f"{unfinished} job(s) are not finished: batchgen run --batch {name}")
+        steps.append(f"{unfinished} job(s) are not finished: batchgen run --batch {name}{again}")
     return steps
 
 
 async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchStatus]:
+    """Each batch of ``workdir``: those of runs against an API, then those of --simulate runs
+    (a batch run both ways appears twice)."""
     import statistics  # here: 3 ms of imports that `batchgen run` would pay at every start
 
-    async with await Store.open(_existing_store(workdir)) as store:
-        known = await store.batches()
-        await _require_batches(store, batches or [], workdir)
-        counts = await store.counts(batches)
-        out = []
-        for b in known:
-            if batches is not None and b.name not in batches:
-                continue
-            c = counts.get(b.name, {})
-            waits, runs, cost = await store.timings(b.name)
-            out.append(BatchStatus(
-                b.name, b.model_id, c, failures=await store.failure_groups(b.name),
-                median_queue_s=statistics.median(waits) if waits else None,
-                median_run_s=statistics.median(runs) if runs else None,
-                spent_usd=cost, next_steps=_next_steps(b.name, c),
-            ))
-        return out
+    out: list[BatchStatus] = []
+    seen: set[str] = set()
+    for path, simulated in _stores(workdir):
+        async with await Store.open(path) as store:
+            known = await store.batches()
+            seen.update(b.name for b in known)
+            counts = await store.counts(batches)
+            apis = await store.apis(batches)
+            for b in known:
+                if batches is not None and b.name not in batches:
+                    continue
+                c = counts.get(b.name, {})
+                waits, runs, cost = await store.timings(b.name)
+                out.append(BatchStatus(
+                    b.name, b.model_id, c, failures=await store.failure_groups(b.name),
+                    median_queue_s=statistics.median(waits) if waits else None,
+                    median_run_s=statistics.median(runs) if runs else None,
+                    spent_usd=cost, next_steps=_next_steps(b.name, c, simulated),
+                    simulated=simulated, apis=sorted(apis.get(b.name, {})),
+                    folder=path.parent / b.name,
+                ))
+    missing = [b for b in batches or [] if b not in seen]
+    if missing:
+        raise UsageError(f"no batch named '{missing[0]}' in {workdir}; known: "
+                         f"{', '.join(sorted(seen)) or 'none'}")
+    return out
 
 
 @dataclass
@@ -526,12 +614,13 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
     Jobs the provider will not cancel (already running) keep being followed, so what they cost is
     still downloaded."""
     report = CancelReport()
-    path = _existing_store(workdir)
-    lock = WorkdirLock(Path(workdir) / C.LOCK_FILENAME)
+    path = _existing_store(workdir, target.simulate)
+    lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
     lock.acquire("cancel")
     try:
-        async with await Store.open(path) as store:
+        async with await Store.open(path, api=api_identity(target)) as store:
             await _require_batches(store, [batch], workdir)
+            await _require_own_api(store, [batch], api_identity(target))
             await store.recover_interrupted([batch])
             for job in await store.jobs([batch], [S.PENDING]):
                 await store.transition(job, S.CANCELLED, expect=(S.PENDING,),
@@ -618,7 +707,7 @@ async def plan(opts: RunOptions) -> PlanReport:
             log.info("no price for %s: %s", manifest.model_id, exc)
     recorded: dict[str, int] = {}
     median_run = None
-    path = store_path(opts.workdir)
+    path = existing_store(opts.workdir, opts.target.simulate)
     keys: list[str] = []
     costs: dict[str, float | None] = {}  # per job, only when the price depends on the job
     for spec in manifest.iter_jobs():
@@ -626,7 +715,7 @@ async def plan(opts: RunOptions) -> PlanReport:
         if unit == "second":
             costs[spec.key] = job_price(price, unit, spec.inputs)
     waiting: set[str] = set()  # recorded, still pending: the run would submit them
-    if path.exists():
+    if path is not None:
         async with await Store.open(path) as store:
             existing = await store.existing_keys(manifest.name, keys)
             if existing:

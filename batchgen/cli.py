@@ -735,7 +735,10 @@ def _field_facts(prop: dict[str, Any]) -> list[str]:
 @workdir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
-    """Show, per batch, how many jobs are in each state.
+    """Show, per batch, how many jobs are in each state, and the API its results are from.
+
+    Batches run with --simulate are listed after the others and marked simulated: their outputs
+    are the built-in simulator's placeholders, kept apart in WORKDIR/simulated/.
 
     \b
     Examples:
@@ -750,7 +753,13 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
         click.echo(f"no batches in {workdir}")
         return
     for b in result:
-        click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs, ${b.spent_usd:.2f} spent)")
+        if b.simulated:
+            click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs, simulated: nothing spent)")
+            click.echo(f"  simulated: placeholder outputs of the built-in simulator, in {b.folder}")
+        else:
+            click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs, ${b.spent_usd:.2f} spent)")
+            if b.apis:
+                click.echo(f"  api: {', '.join(b.apis)}")
         for st, n in _ordered(b.counts):
             click.echo(f"  {st:<12} {n:>6}")
         if b.median_queue_s is not None or b.median_run_s is not None:
@@ -776,9 +785,12 @@ def _secs(value: float | None) -> str:
               help="File to write; its extension picks the format: .csv, .json, .parquet (needs pyarrow) "
                    "or .xlsx (needs openpyxl).")
 @workdir_option
-def report(batch: str, out: Path, workdir: Path) -> None:
+@click.option("--simulated/--api", "simulated", default=None,
+              help="The batch's --simulate results, or its results from the API (default: from the "
+                   "API if it has any, else the simulated ones).")
+def report(batch: str, out: Path, workdir: Path, simulated: bool | None) -> None:
     """Write one row per job of BATCH: inputs, notes, state, timings, output files with their
-    sha256, cost and error.
+    sha256, cost and error, and whether it is simulated (with the API each job ran against).
 
     Output paths in the report are absolute. Lists (several images, several outputs) are joined
     with " | ".
@@ -789,16 +801,17 @@ def report(batch: str, out: Path, workdir: Path) -> None:
       batchgen report quickstart -o quickstart.json
       batchgen report nightly -o ~/reports/nightly.xlsx --workdir /data/batchgen
     """
-    df = _run_async(_write_report(workdir, batch, out))
+    df = _run_async(_write_report(workdir, batch, out, simulated))
     counts = df["state"].value_counts()
     states = ", ".join(f"{n} {st}" for st, n in _ordered(counts.to_dict()))
-    click.echo(f"{out}: {len(df)} job(s) of {batch} ({states or 'no jobs'})")
+    sim = ", simulated" if len(df) and bool(df["simulated"].iloc[0]) else ""
+    click.echo(f"{out}: {len(df)} job(s) of {batch}{sim} ({states or 'no jobs'})")
 
 
-async def _write_report(workdir: Path, batch: str, out: Path) -> Any:
+async def _write_report(workdir: Path, batch: str, out: Path, simulated: bool | None) -> Any:
     from .report import build_report, write_report  # pandas is slow to import: only here
 
-    df = await build_report(workdir, batch)
+    df = await build_report(workdir, batch, simulated)
     write_report(df, out)
     return df
 
@@ -807,9 +820,13 @@ async def _write_report(workdir: Path, batch: str, out: Path) -> Any:
 @click.argument("batch")
 @workdir_option
 @click.option("--open", "open_page", is_flag=True, help="Open the page in the default browser.")
-def gallery(batch: str, workdir: Path, open_page: bool) -> None:
+@click.option("--simulated/--api", "simulated", default=None,
+              help="The batch's --simulate results (page in WORKDIR/simulated/BATCH/), or its results "
+                   "from the API (default: from the API if it has any, else the simulated ones).")
+def gallery(batch: str, workdir: Path, open_page: bool, simulated: bool | None) -> None:
     """Write a self-contained HTML page of BATCH to WORKDIR/BATCH/gallery.html: every job's
-    input image, prompt and settings with its video or its error, filterable by state.
+    input image, prompt and settings with its video or its error, filterable by state. A
+    simulated batch's page is WORKDIR/simulated/BATCH/gallery.html and says it is simulated.
 
     The page fetches nothing from the network; it links the videos by relative paths, so it
     keeps working when the work directory is moved or copied as a whole.
@@ -821,7 +838,7 @@ def gallery(batch: str, workdir: Path, open_page: bool) -> None:
     """
     from .gallery import build_gallery
 
-    page = _run_async(build_gallery(workdir, batch))
+    page = _run_async(build_gallery(workdir, batch, simulated))
     click.echo(f"{page}")
     if open_page:
         click.launch(page.as_uri())

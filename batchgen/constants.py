@@ -39,12 +39,21 @@ DEFAULT_WORKDIR = "jobs"
 STORE_FILENAME = "batchgen.sqlite3"
 LOCK_FILENAME = "batchgen.lock"
 CONFIG_FILENAME = "batchgen.toml"
-# Where a --simulate run keeps its simulator's jobs, so an interrupted run resumes them.
+# --simulate runs keep their own store and outputs in this folder of the work directory, so that a
+# simulated result is never taken for a real one, nor written over one (ARCHITECTURE.md, "Realms").
+SIMULATED_DIR = "simulated"
+# Where a --simulate run keeps its simulator's jobs (in that folder), so an interrupted run
+# resumes them.
 SIM_STATE_FILENAME = "simulator-state.jsonl"
-# Files batchgen keeps in the work directory beside the batches' folders (SQLite adds -wal,
-# -shm and -journal to the store's name): a batch may not be named as one of them.
+# Names batchgen keeps in the work directory beside the batches' folders (SQLite adds -wal, -shm
+# and -journal to the store's name; the simulated runs' folder): a batch may not be named as one.
 WORKDIR_FILES = (STORE_FILENAME, f"{STORE_FILENAME}-wal", f"{STORE_FILENAME}-shm",
-                 f"{STORE_FILENAME}-journal", LOCK_FILENAME, CONFIG_FILENAME, SIM_STATE_FILENAME)
+                 f"{STORE_FILENAME}-journal", LOCK_FILENAME, CONFIG_FILENAME, SIM_STATE_FILENAME,
+                 SIMULATED_DIR)
+# How often, at most, a run checks that its store file is still the one it opened (a stat): a
+# store deleted under a run is noticed within this long, at its next write. Every claim checks
+# too, so nothing is submitted into a store that is gone.
+STORE_CHECK_EVERY = 0.5
 
 # Jobs in flight at the provider. RunComfy does not document an account limit; a handful is polite
 # and the adaptive cap (retry.py) finds the real one when 429s say so.

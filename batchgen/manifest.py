@@ -121,7 +121,7 @@ def batch_name_problem(name: str) -> str | None:
         return (f"batch name '{name}' is not allowed; use letters, digits, '.', '_' and '-', starting with a "
                 "letter or digit and not ending with '.' (it becomes a folder name)")
     if name.lower() in WORKDIR_FILES:
-        return (f"batch name '{name}' is reserved: batchgen keeps a file of that name in the work directory; "
+        return (f"batch name '{name}' is reserved: batchgen keeps a file or folder of that name in the work directory; "
                 "choose another name")
     if name.split(".")[0].upper() in _DEVICE_NAMES:
         return f"batch name '{name}' is a device name on Windows and cannot be a folder there; choose another name"

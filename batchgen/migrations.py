@@ -154,8 +154,21 @@ async def m005_overdue_jobs_are_followed(db: aiosqlite.Connection) -> None:
     )
 
 
+async def m006_job_api(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # The API a job was submitted to: "simulator" (the built-in one, --simulate) or the API's
+        # base URL. Written with the claim, before the submit, so a job's request id and result
+        # always come with the API they belong to; a request id means nothing to another API.
+        # NULL: not submitted yet, or submitted before batchgen kept track (migration 6).
+        # Simulated and real jobs live in separate stores (ARCHITECTURE.md, "Realms"): within one
+        # store the column lets a run refuse to follow, or count as done, another API's jobs.
+        "ALTER TABLE jobs ADD COLUMN api TEXT",
+    )
+
+
 MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger, m003_drop_unused_indexes,
-                               m004_unsynced_outputs, m005_overdue_jobs_are_followed]
+                               m004_unsynced_outputs, m005_overdue_jobs_are_followed, m006_job_api]
 
 
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:

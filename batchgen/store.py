@@ -22,6 +22,12 @@ writes). Reads, and the multi-statement transactions of atomic(), stay on aiosql
 group commit never runs while one of those is open. A group that finds the write lock held by
 another process waits for it with asyncio.sleep, never in SQLite's busy handler, which would freeze
 the loop.
+
+The file itself: a store deleted (or replaced, or truncated) under a running process goes on
+working on the open, unlinked file, and everything recorded from then on is lost with it. So the
+store checks that its path still names the file it opened before every claim (a claim is the
+step before money is spent) and, at most every STORE_CHECK_EVERY seconds, before a group commit;
+once it is gone every write fails, and the run stops.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -40,7 +47,7 @@ from typing import Any
 
 import aiosqlite
 
-from .constants import INSERT_CHUNK
+from .constants import INSERT_CHUNK, STORE_CHECK_EVERY
 from .errors import StoreError
 from .manifest import canonical_json
 from .migrations import migrate
@@ -93,12 +100,12 @@ TERMINAL = (SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
 _JOB_COLUMNS = (
     "id, batch, key, seq, model_id, source, inputs_json, meta_json, state, attempts, request_id, "
     "queue_position, error, error_code, cost, not_before, created_at, updated_at, submitted_at, "
-    "started_at, finished_at"
+    "started_at, finished_at, api"
 )
 # Columns a transition may set besides state.
 _SETTABLE = {
     "attempts", "request_id", "queue_position", "error", "error_code", "cost", "not_before",
-    "submitted_at", "started_at", "finished_at",
+    "submitted_at", "started_at", "finished_at", "api",
 }
 
 
@@ -130,12 +137,14 @@ class Job:
     # ``inputs`` as recorded: JSON text, which a submit sends as it is (None: not read from the
     # store, as in a job built by hand).
     inputs_json: str | None = None
+    # The API it was submitted to: SIMULATOR_API or a base URL (None: not yet, or not recorded).
+    api: str | None = None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Job:
-        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest) = row
+        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest, api) = row
         return cls(id_, batch, key, seq, model_id, source, json.loads(inputs_json),
-                   json.loads(meta_json), *rest, inputs_json=inputs_json)
+                   json.loads(meta_json), *rest, inputs_json=inputs_json, api=api)
 
 
 @dataclass
@@ -161,13 +170,22 @@ class Batch:
     updated_at: float
 
 
+# Job.api of a job run on the built-in simulator (--simulate); real APIs are named by base URL.
+SIMULATOR_API = "simulator"
+
+
 class Store:
     """The batchgen store on one SQLite file. Open with ``await Store.open(path)``."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, writer: sqlite3.Connection):
+    def __init__(self, db: aiosqlite.Connection, path: Path, writer: sqlite3.Connection,
+                 api: str | None = None):
         self._db = db
         self._w = writer  # the loop thread's connection for group commits
         self.path = path
+        # The API this store's claims are for: written on every job it claims (Job.api).
+        self.api = api
+        self._identity = _file_identity(path)  # the file opened (device, inode)
+        self._checked_at = time.monotonic()
         self._writes_since_checkpoint = 0
         self._checkpoint: asyncio.Task[None] | None = None
         self._tx_lock = asyncio.Lock()
@@ -178,7 +196,9 @@ class Store:
         self._last_group = 0  # how many writes it had
 
     @classmethod
-    async def open(cls, path: str | Path) -> Store:
+    async def open(cls, path: str | Path, *, api: str | None = None) -> Store:
+        """Open (and migrate) the store at ``path``, creating it if missing. ``api``: the API the
+        jobs this store claims are submitted to (see Job.api)."""
         path = Path(path)
         pending = None
         try:
@@ -209,7 +229,23 @@ class Store:
         except (aiosqlite.Error, sqlite3.Error) as exc:
             await db.close()
             raise StoreError(f"cannot use the store {path}: {exc}") from exc
-        return cls(db, path, writer)
+        return cls(db, path, writer, api)
+
+    def check_file(self) -> None:
+        """Raise StoreError unless the store's path still names the file this store opened, with
+        something in it (see the module docstring)."""
+        self._checked_at = time.monotonic()
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == self._identity and st.st_size > 0:
+            return
+        raise StoreError(
+            f"the store {self.path} was deleted, replaced or emptied while this run was using it: "
+            "nothing could be recorded any more, so the run stopped (jobs it submitted may still "
+            "run, and be billed, at the provider; their request ids were in that store)"
+        )
 
     async def close(self) -> None:
         # Writes already asked for are not lost, even if the committer was cancelled meanwhile.
@@ -303,6 +339,8 @@ class Store:
                         # Synchronous, on this thread: nothing else runs meanwhile, so no write can
                         # slip in between, and a cancellation cannot land halfway through.
                         try:
+                            if time.monotonic() - self._checked_at >= STORE_CHECK_EVERY:
+                                self.check_file()
                             results = _apply_group(self._w, [fn for fn, _, _ in group])
                         except Exception as exc:  # noqa: BLE001 - the file itself is unusable
                             err = exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc}")
@@ -482,6 +520,19 @@ class Store:
         runs = [r[1] for r in rows if r[1] is not None]
         return waits, runs, float(cost)
 
+    async def apis(self, batches: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+        """{batch: {api: jobs}}: the APIs the batches' jobs were submitted to (Job.api; jobs
+        never submitted, or submitted before batchgen kept track, are not counted)."""
+        where, args = _filters(batches, None)
+        rows = await self._db.execute_fetchall(
+            f"SELECT batch, api, COUNT(*) FROM jobs {where} AND api IS NOT NULL GROUP BY batch, api",
+            args,
+        )
+        out: dict[str, dict[str, int]] = {}
+        for batch, api, n in rows:
+            out.setdefault(batch, {})[api] = n
+        return out
+
     async def existing_keys(self, batch: str, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for i in range(0, len(keys), 500):
@@ -519,13 +570,19 @@ class Store:
         """Like claim_pending for up to ``limit`` jobs at once, in manifest order. One statement
         (UPDATE … RETURNING): atomic, and one round trip however many slots just came free."""
         where, args = _filters(batches, [PENDING])
+        # The API is part of the intent: whatever the submit leads to belongs to that API.
         sql = f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
-                      detail = 'attempt ' || (attempts + 1)
+                      detail = 'attempt ' || (attempts + 1), api = COALESCE(?, api)
                   WHERE id IN (SELECT id FROM jobs {where}
                                AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?)
                   RETURNING {_JOB_COLUMNS}"""
-        params = (now, *args, now, max(1, limit))
-        rows = await self._write(lambda conn: conn.execute(sql, params).fetchall())
+        params = (now, self.api, *args, now, max(1, limit))
+
+        def claim(conn: sqlite3.Connection) -> list[Any]:
+            self.check_file()  # never claim (then pay for) a job into a store that is gone
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._write(claim)
         # RETURNING gives no order: put them back in manifest order.
         return sorted((Job.from_row(r) for r in rows), key=lambda j: j.seq)
 
@@ -582,16 +639,16 @@ class Store:
         ) as cur:
             return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
 
-    async def requeue(self, job: Job, detail: str) -> None:
-        """Put a finished (or overdue: `retry --force`) job back to pending for a user-requested
-        retry. Its history stays; its request id, outputs and error are cleared so the next submit
-        starts afresh."""
+    async def requeue(self, job: Job, detail: str, *, expect: Sequence[str] = (*TERMINAL, OVERDUE)) -> None:
+        """Put a finished (or overdue: `retry --force`) job, one in ``expect``, back to pending for
+        a user-requested retry. Its history stays; its request id, API, outputs and error are
+        cleared so the next submit starts afresh."""
         async with self.atomic() as db:
             await db.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
             await self.transition(
-                job, PENDING, expect=(*TERMINAL, OVERDUE), detail=detail, attempts=0, request_id=None,
+                job, PENDING, expect=expect, detail=detail, attempts=0, request_id=None,
                 queue_position=None, error=None, error_code=None, cost=None, not_before=None,
-                submitted_at=None, started_at=None, finished_at=None,
+                submitted_at=None, started_at=None, finished_at=None, api=None,
             )
 
     # ---- outputs -------------------------------------------------------------------------------
@@ -744,6 +801,11 @@ UNSYNCED_BATCHES_SQL = (
     "SELECT DISTINCT jobs.batch " + _UNSYNCED_FROM
     + "WHERE o.unsynced_boot IS NOT NULL ORDER BY jobs.batch"
 )
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _result_fields(job: Job, cost: float | None, finished_at: float | None) -> dict[str, Any]:
