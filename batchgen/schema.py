@@ -42,7 +42,7 @@ BYTES_PER_MB = 1_000_000
 
 IMAGE_FORMATS = ("image_uri", "image_uris")
 # Fields that take other files: checked by their type and size (their content is not parsed).
-# Keyed by object: looked up with whatever a (untrusted) schema has as a field's format.
+# Keyed by object: looked up with whatever an (untrusted) schema has as a field's format.
 OTHER_MEDIA: dict[object, str] = {
     "video_uri": "video", "video_uris": "video", "audio_uri": "audio", "audio_uris": "audio"}
 # The rules that need only a file's type and size, so apply to any media file.
@@ -638,7 +638,7 @@ def quick_test(schema: Any) -> Callable[[Any], bool] | None:
             if type(bound) not in (int, float):
                 return None
 
-            # A def, not a lambda: mypy cannot type a lambda with defaults (the same function).
+            # A def, not a lambda with defaults (which mypy cannot type): the same function at run time.
             def within(v: Any, b: Any = bound, op: Callable[[Any, Any], bool] = op) -> bool:
                 return _bound_ok(v, b, op)
             tests.append(within)
