@@ -122,7 +122,7 @@ async def browse(rep: Report, page_path: Path, profile: Path) -> None:
             # round trips of the protocol.
             ms = await page.evaluate(f"new Promise(done => {{ const t = performance.now(); {script};"
                                      " requestAnimationFrame(() => setTimeout(() => done(performance.now() - t)));"
-                                     " }})")
+                                     " })")
             rep.target(f"{label}, ms", ms, 200, ".0f")
         assert page.errors() == [], page.errors()
 
