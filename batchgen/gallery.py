@@ -73,9 +73,9 @@ async def build_gallery(workdir: Path, batch: str, simulated: bool | None = None
                     records = [_record(job, outs, image_fields, root, page.parent, thumbs, simulated)
                                for job, outs in part]
                     # JSON text in a string, parsed by JSON.parse: faster for the browser than
-                    # the same data as a JavaScript literal. ASCII only, so no line separator
-                    # or "</script>" can end anything early.
-                    text = json.dumps(records, ensure_ascii=True, separators=(",", ":"))
+                    # the same data as a JavaScript literal. ASCII only and "<" escaped, so no
+                    # line separator or "</script>" could end anything early, even inlined.
+                    text = json.dumps(records, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
                     fh.write(f"window.{DATA_GLOBAL}.push(JSON.parse({json.dumps(text)}));\n")
         tmp_page.write_text(_page(batch, info.model_id, counts, simulated), encoding="utf-8")
         tmp_data.replace(data)
@@ -117,9 +117,16 @@ def _images(job: Job, image_fields: set[str]) -> list[str]:
         for v in values:
             if not isinstance(v, str):
                 continue
-            if name in image_fields or PurePosixPath(urlsplit(v).path).suffix.lower() in _IMAGE_EXTENSIONS:
+            if name in image_fields or _image_suffix(v):
                 found.append(v)
     return found
+
+
+def _image_suffix(value: str) -> bool:
+    """Whether ``value`` (a URL or a path) names an image file by its extension: string work
+    only, since every prompt of 100,000 jobs passes here."""
+    path = value.split("#", 1)[0].split("?", 1)[0]
+    return os.path.splitext(path)[1].lower() in _IMAGE_EXTENSIONS
 
 
 # ---- the data ------------------------------------------------------------------------------------
@@ -157,6 +164,11 @@ def _output(out: Output, root: Path, base: Path) -> list[Any]:
         return [None, False, out.idx]
     suffix = PurePosixPath(out.path).suffix.lower()
     image = out.kind == "image" or (out.kind != "video" and suffix in _IMAGE_EXTENSIONS)
+    # Outputs are in the page's folder (root/batch/...): their URL is the rest of their recorded
+    # path, without a relpath per output; anything else gets one.
+    prefix = base.name + "/"
+    if base.parent == root and out.path.startswith(prefix) and ".." not in out.path:
+        return [quote(out.path[len(prefix):]), image, out.idx]
     return [_relative_url(os.path.join(root, out.path), base), image, out.idx]
 
 

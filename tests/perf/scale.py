@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench import ROOT, Report, batchgen_cmd, bench_env, run_measured, section  # noqa: E402
+from bigbatch import grow_batch  # noqa: E402
 
 
 def grow(work: Path, n: int) -> Path:
@@ -34,28 +34,7 @@ def grow(work: Path, n: int) -> Path:
     if use.rc != 0:
         raise SystemExit(f"batchgen run failed ({use.rc}):\n{use.output}")
     db = work / "simulated" / "batchgen.sqlite3"
-    conn = sqlite3.connect(db)
-    with conn:
-        conn.execute("""
-            WITH RECURSIVE n(i) AS (SELECT 6 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
-            INSERT INTO jobs (batch, key, seq, model_id, source, inputs_json, meta_json, state, attempts,
-                              request_id, error, error_code, cost, created_at, updated_at, submitted_at,
-                              started_at, finished_at, api)
-            SELECT t.batch, printf('%016x', i), i, t.model_id, t.source,
-                   json_set(t.inputs_json, '$.prompt', 'scene ' || i || ' ' || json_extract(t.inputs_json, '$.prompt')),
-                   t.meta_json, CASE WHEN i % 10 = 0 THEN 'failed' ELSE 'succeeded' END, 1, 'req-' || i,
-                   CASE WHEN i % 10 = 0 THEN 'Generation failed (simulated)' END,
-                   CASE WHEN i % 10 = 0 THEN 500 END, t.cost, t.created_at, t.updated_at, t.submitted_at,
-                   t.started_at, t.finished_at, t.api
-            FROM n JOIN jobs t ON t.id = 1 + i % 6
-        """, (n - 1,))
-        conn.execute("""
-            INSERT INTO outputs (job_id, idx, kind, url, path, size, sha256, downloaded_at)
-            SELECT j.id, o.idx, o.kind, o.url, o.path, o.size, o.sha256, o.downloaded_at
-            FROM jobs j JOIN outputs o ON o.job_id = 1 + j.seq % 6
-            WHERE j.seq >= 6 AND j.state = 'succeeded'
-        """)
-    conn.close()
+    grow_batch(db, n)
     return db
 
 
