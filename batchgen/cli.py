@@ -832,12 +832,15 @@ async def _write_report(workdir: Path, batch: str, out: Path | None, fmt: str | 
               help="The batch's --simulate results (page in WORKDIR/simulated/BATCH/), or its results "
                    "from the API (default: from the API if it has any, else the simulated ones).")
 def gallery(batch: str, workdir: Path, open_page: bool, simulated: bool | None) -> None:
-    """Write a self-contained HTML page of BATCH to WORKDIR/BATCH/gallery.html: every job's
-    input image, prompt and settings with its video or its error, filterable by state. A
-    simulated batch's page is WORKDIR/simulated/BATCH/gallery.html and says it is simulated.
+    """Write an HTML page of BATCH to WORKDIR/BATCH/gallery.html, its jobs in gallery-data.js
+    beside it: every job's input image, prompt and settings with its video or its error, with
+    search, state filters and sorting; only the cards in view are drawn, so 100,000 jobs open
+    in a second. A simulated batch's page is WORKDIR/simulated/BATCH/gallery.html and says it
+    is simulated.
 
-    The page fetches nothing from the network; it links the videos by relative paths, so it
-    keeps working when the work directory is moved or copied as a whole.
+    The page fetches nothing from the network; it links the videos, and small copies of the
+    input images (WORKDIR/BATCH/thumbs/), by relative paths, so it keeps working when the work
+    directory is moved or copied as a whole.
 
     \b
     Examples:

@@ -402,3 +402,25 @@ async def test_ten_thousand_jobs_draw_only_the_cards_in_view_and_survive_a_move(
         await page.wait_for(f"document.querySelector('.card[data-key=\"{last}\"]') !== null", "the last card")
         assert 0 < await page.evaluate(CARDS) <= 60
         assert page.errors() == []
+
+
+def test_thumbnails_from_files_and_data_uris_are_made_once_by_digest(tmp_path):
+    """A local file reference and a data: URI of the same image make one small JPEG named by the
+    image's sha256; the data: URI's payload never becomes the thumbnail's URL."""
+    import hashlib
+
+    from batchgen.inline import FileRef
+    from batchgen.thumbs import Thumbnails
+
+    src = make_image(tmp_path / "big.png", 1600, 1200)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    ref = FileRef(str(src), digest, src.stat().st_size, "image/png").uri
+    data_uri = "data:image/png;base64," + base64.b64encode(src.read_bytes()).decode()
+    thumbs = Thumbnails(tmp_path / "page")
+    assert thumbs.url(ref) == thumbs.url(data_uri) == f"thumbs/{digest}.jpg"
+    made = tmp_path / "page" / "thumbs" / f"{digest}.jpg"
+    with Image.open(made) as img:
+        assert img.format == "JPEG" and img.size == (320, 240)
+    assert made.stat().st_size < 30_000
+    assert thumbs.url("data:image/png;base64,bm90IGFuIGltYWdl") is None  # not an image: no thumbnail
+    assert thumbs.url("https://example.com/a.jpg") is None
