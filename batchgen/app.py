@@ -22,7 +22,7 @@ from . import store as S
 from .catalog import Catalog
 from .client import RunComfyClient
 from .downloads import discard_partials
-from .errors import BatchgenError, ManifestError, UsageError
+from .errors import BatchgenError, LockedError, ManifestError, UsageError
 from .lock import WorkdirLock
 from .manifest import Manifest, is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary
@@ -367,6 +367,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
             await _require_own_api(store, batches, api)
             overdue_kept = 0
             if opts.retry_states:
+                await store.clear_cancel(batches)  # a retry resumes a cancelled batch
                 for job in await store.jobs(batches, opts.retry_states):
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
                     discard_partials(folder / job.batch, job.key)
@@ -607,6 +608,9 @@ class CancelReport:
     cancelled: int = 0  # queued jobs the provider cancelled
     not_cancellable: int = 0  # already running or done: still followed by the next run
     errors: list[str] = field(default_factory=list)
+    # A run held the work directory: the request is in the store, and that run (this pid)
+    # cancels the batch's queued jobs at the provider (Runner._cancel_watch).
+    handed_to: int | str | None = None
 
 
 async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
@@ -616,7 +620,15 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
     report = CancelReport()
     path = _existing_store(workdir, target.simulate)
     lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
-    lock.acquire("cancel")
+    try:
+        lock.acquire("cancel")
+    except LockedError as exc:
+        # A run holds the work directory: the cancel goes through the store, which it reads.
+        async with await Store.open(path) as store:
+            await _require_batches(store, [batch], workdir)
+            report.not_submitted = await store.request_cancel(batch)
+        report.handed_to = exc.pid or "?"
+        return report
     try:
         async with await Store.open(path, api=api_identity(target)) as store:
             await _require_batches(store, [batch], workdir)

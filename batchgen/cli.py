@@ -277,8 +277,10 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
 @click.option("--force", is_flag=True,
               help="Also resubmit overdue jobs (past the job timeout, not cancelled: they may still "
                    "be delivered, and are billed).")
+@click.option("--cancelled", is_flag=True,
+              help="Also resume cancelled jobs (a `batchgen cancel`): submit them again.")
 @_run_options
-def retry(batch: str, unknown: bool, force: bool, **kw: Any) -> None:
+def retry(batch: str, unknown: bool, force: bool, cancelled: bool, **kw: Any) -> None:
     """Put BATCH's failed and timed-out jobs back to pending and run them.
 
     Their history is kept. Jobs with an unknown submit outcome are left alone unless --unknown
@@ -291,8 +293,10 @@ def retry(batch: str, unknown: bool, force: bool, **kw: Any) -> None:
       batchgen retry street-scenes
       batchgen retry street-scenes --unknown --simulate
       batchgen retry street-scenes --force
+      batchgen retry street-scenes --cancelled
     """
-    states = (S.FAILED, S.TIMED_OUT) + ((S.UNKNOWN,) if unknown else ()) + ((S.OVERDUE,) if force else ())
+    states = ((S.FAILED, S.TIMED_OUT) + ((S.UNKNOWN,) if unknown else ()) + ((S.OVERDUE,) if force else ())
+              + ((S.CANCELLED,) if cancelled else ()))
     _execute_run(kw, batch=batch, retry_states=states)
 
 
@@ -861,6 +865,12 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
       batchgen cancel street-scenes
     """
     report = _run_async(app.cancel(workdir, batch, _target(api_url, simulate, sim_faults)))
+    if report.handed_to is not None:
+        click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled; the batchgen run "
+                   f"holding the work directory (pid {report.handed_to}) cancels its queued jobs "
+                   f"at the provider within {C.CANCEL_CHECK_EVERY * 2:g} s (jobs already running "
+                   "are still followed)")
+        return
     click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled, {report.cancelled} "
                f"cancelled at the provider, {report.not_cancellable} already running "
                "(still followed)")

@@ -100,12 +100,12 @@ TERMINAL = (SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
 _JOB_COLUMNS = (
     "id, batch, key, seq, model_id, source, inputs_json, meta_json, state, attempts, request_id, "
     "queue_position, error, error_code, cost, not_before, created_at, updated_at, submitted_at, "
-    "started_at, finished_at, api"
+    "started_at, finished_at, api, attempts_before"
 )
 # Columns a transition may set besides state.
 _SETTABLE = {
     "attempts", "request_id", "queue_position", "error", "error_code", "cost", "not_before",
-    "submitted_at", "started_at", "finished_at", "api",
+    "submitted_at", "started_at", "finished_at", "api", "attempts_before",
 }
 
 
@@ -139,12 +139,21 @@ class Job:
     inputs_json: str | None = None
     # The API it was submitted to: SIMULATOR_API or a base URL (None: not yet, or not recorded).
     api: str | None = None
+    # The attempts it had before its latest `retry` (the automatic retries of a round count
+    # ``attempts - attempts_before``; ``attempts`` goes on from one round to the next).
+    attempts_before: int = 0
+
+    @property
+    def round_attempts(self) -> int:
+        """Attempts since the latest `retry` (or since it was recorded)."""
+        return self.attempts - self.attempts_before
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Job:
-        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest, api) = row
+        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest, api, before) = row
         return cls(id_, batch, key, seq, model_id, source, json.loads(inputs_json),
-                   json.loads(meta_json), *rest, inputs_json=inputs_json, api=api)
+                   json.loads(meta_json), *rest, inputs_json=inputs_json, api=api,
+                   attempts_before=before)
 
 
 @dataclass
@@ -158,6 +167,21 @@ class Output:
     path: str | None
     size: int | None
     sha256: str | None
+
+
+@dataclass
+class Attempt:
+    """One earlier attempt of a job, put aside by a `retry`."""
+
+    attempt: int
+    request_id: str | None
+    api: str | None
+    state: str
+    error: str | None
+    error_code: int | None
+    cost: float | None
+    submitted_at: float | None
+    finished_at: float | None
 
 
 @dataclass
@@ -571,9 +595,11 @@ class Store:
         (UPDATE … RETURNING): atomic, and one round trip however many slots just came free."""
         where, args = _filters(batches, [PENDING])
         # The API is part of the intent: whatever the submit leads to belongs to that API.
+        # A batch whose cancel was requested is never claimed from: the request and the claim
+        # are both writes, so SQLite orders them, and no job is sent after its cancel.
         sql = f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
                       detail = 'attempt ' || (attempts + 1), api = COALESCE(?, api)
-                  WHERE id IN (SELECT id FROM jobs {where}
+                  WHERE id IN (SELECT id FROM jobs {where} AND {_NOT_CANCELLED}
                                AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?)
                   RETURNING {_JOB_COLUMNS}"""
         params = (now, self.api, *args, now, max(1, limit))
@@ -590,7 +616,8 @@ class Store:
         """When the earliest pending job may be tried (0 for now), or None if none is pending."""
         where, args = _filters(batches, [PENDING])
         async with self._db.execute(
-            f"SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs {where}", args
+            f"SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs {where} AND {_NOT_CANCELLED}",
+            args
         ) as cur:
             n, earliest = await cur.fetchone()  # type: ignore[misc]
         return None if n == 0 else float(earliest)
@@ -641,15 +668,74 @@ class Store:
 
     async def requeue(self, job: Job, detail: str, *, expect: Sequence[str] = (*TERMINAL, OVERDUE)) -> None:
         """Put a finished (or overdue: `retry --force`) job, one in ``expect``, back to pending for
-        a user-requested retry. Its history stays; its request id, API, outputs and error are
-        cleared so the next submit starts afresh."""
+        a user-requested retry. Its history stays: the attempt it ended with is kept in
+        ``job_attempts`` (attempts()) and its attempt count goes on; its request id, API, outputs
+        and error are cleared so the next submit starts afresh."""
         async with self.atomic() as db:
+            if job.attempts > 0 or job.request_id is not None:
+                await db.execute(
+                    """INSERT INTO job_attempts (job_id, attempt, request_id, api, state, error,
+                           error_code, cost, submitted_at, finished_at, retried_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (job.id, job.attempts, job.request_id, job.api, job.state, job.error,
+                     job.error_code, job.cost, job.submitted_at, job.finished_at, time.time()),
+                )
             await db.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
             await self.transition(
-                job, PENDING, expect=expect, detail=detail, attempts=0, request_id=None,
-                queue_position=None, error=None, error_code=None, cost=None, not_before=None,
-                submitted_at=None, started_at=None, finished_at=None, api=None,
+                job, PENDING, expect=expect, detail=detail, attempts_before=job.attempts,
+                request_id=None, queue_position=None, error=None, error_code=None, cost=None,
+                not_before=None, submitted_at=None, started_at=None, finished_at=None, api=None,
             )
+
+    async def attempts(self, job_ids: Sequence[int]) -> dict[int, list[Attempt]]:
+        """{job id: its earlier attempts, oldest first} (those a `retry` put aside)."""
+        out: dict[int, list[Attempt]] = {}
+        for i in range(0, len(job_ids), 500):
+            part = list(job_ids[i:i + 500])
+            rows = await self._db.execute_fetchall(
+                "SELECT job_id, attempt, request_id, api, state, error, error_code, cost, "
+                f"submitted_at, finished_at FROM job_attempts WHERE job_id IN ({', '.join('?' * len(part))}) "
+                "ORDER BY job_id, rowid", part)
+            for job_id, *rest in rows:
+                out.setdefault(job_id, []).append(Attempt(*rest))
+        return out
+
+    # ---- cancel requests (from another process, while a run holds the work directory) ------------
+
+    async def request_cancel(self, batch: str) -> int:
+        """Record that ``batch`` is cancelled, and cancel its pending jobs, in one transaction:
+        from then on no run claims a job of it (claim_many), and a run following its jobs
+        cancels them at the provider (cancel_requests). Returns the pending jobs cancelled."""
+        now = time.time()
+        async with self.atomic() as db:
+            await db.execute("UPDATE batches SET cancel_requested_at = ? WHERE name = ?", (now, batch))
+        return await self.cancel_pending([batch])
+
+    async def cancel_pending(self, batches: Sequence[str]) -> int:
+        """Pending jobs of ``batches`` become cancelled (never submitted); returns how many."""
+        where, args = _filters(batches, [PENDING])
+        now = time.time()
+        async with self.atomic() as db:
+            cur = await db.execute(
+                f"UPDATE jobs SET state = 'cancelled', updated_at = ?, error = 'cancelled before submit', "
+                f"detail = 'cancelled by the user before submit', finished_at = NULL {where}",
+                (now, *args))
+            return cur.rowcount
+
+    async def cancel_requests(self, batches: Sequence[str] | None = None) -> dict[str, float]:
+        """{batch: when its cancel was requested} of ``batches`` (None: all) with one waiting."""
+        where, args = _filters(batches, None)
+        rows = await self._db.execute_fetchall(
+            f"SELECT name, cancel_requested_at FROM batches {where.replace('batch IN', 'name IN')} "
+            "AND cancel_requested_at IS NOT NULL", args)
+        return {name: at for name, at in rows}
+
+    async def clear_cancel(self, batches: Sequence[str]) -> None:
+        """The cancel requests of ``batches`` are carried out (or withdrawn by a `retry`)."""
+        where, args = _filters(batches, None)
+        async with self.atomic() as db:
+            await db.execute(f"UPDATE batches SET cancel_requested_at = NULL "
+                             f"{where.replace('batch IN', 'name IN')}", args)
 
     # ---- outputs -------------------------------------------------------------------------------
 
@@ -801,6 +887,10 @@ UNSYNCED_BATCHES_SQL = (
     "SELECT DISTINCT jobs.batch " + _UNSYNCED_FROM
     + "WHERE o.unsynced_boot IS NOT NULL ORDER BY jobs.batch"
 )
+
+
+# Jobs of batches whose cancel was requested are never claimed (see claim_many).
+_NOT_CANCELLED = ("batch NOT IN (SELECT name FROM batches WHERE cancel_requested_at IS NOT NULL)")
 
 
 def _file_identity(path: Path) -> tuple[int, int]:
