@@ -707,20 +707,25 @@ class Store:
         from then on no run claims a job of it (claim_many), and a run following its jobs
         cancels them at the provider (cancel_requests). Returns the pending jobs cancelled."""
         now = time.time()
-        async with self.atomic() as db:
-            await db.execute("UPDATE batches SET cancel_requested_at = ? WHERE name = ?", (now, batch))
-        return await self.cancel_pending([batch])
+        cancel = self._cancel_pending_sql([batch])
+
+        def apply(conn: sqlite3.Connection) -> int:
+            conn.execute("UPDATE batches SET cancel_requested_at = ? WHERE name = ?", (now, batch))
+            return cancel(conn)
+
+        return int(await self._write(apply))
 
     async def cancel_pending(self, batches: Sequence[str]) -> int:
-        """Pending jobs of ``batches`` become cancelled (never submitted); returns how many."""
+        """Pending jobs of ``batches`` become cancelled (never submitted); returns how many. A group
+        write (not atomic()): the runner calls it from a task that may be cancelled."""
+        return int(await self._write(self._cancel_pending_sql(batches)))
+
+    @staticmethod
+    def _cancel_pending_sql(batches: Sequence[str]) -> Callable[[sqlite3.Connection], int]:
         where, args = _filters(batches, [PENDING])
-        now = time.time()
-        async with self.atomic() as db:
-            cur = await db.execute(
-                f"UPDATE jobs SET state = 'cancelled', updated_at = ?, error = 'cancelled before submit', "
-                f"detail = 'cancelled by the user before submit', finished_at = NULL {where}",
-                (now, *args))
-            return cur.rowcount
+        sql = (f"UPDATE jobs SET state = 'cancelled', updated_at = ?, error = 'cancelled before submit', "
+               f"detail = 'cancelled by the user before submit' {where}")
+        return lambda conn: conn.execute(sql, (time.time(), *args)).rowcount
 
     async def cancel_requests(self, batches: Sequence[str] | None = None) -> dict[str, float]:
         """{batch: when its cancel was requested} of ``batches`` (None: all) with one waiting."""
@@ -733,9 +738,8 @@ class Store:
     async def clear_cancel(self, batches: Sequence[str]) -> None:
         """The cancel requests of ``batches`` are carried out (or withdrawn by a `retry`)."""
         where, args = _filters(batches, None)
-        async with self.atomic() as db:
-            await db.execute(f"UPDATE batches SET cancel_requested_at = NULL "
-                             f"{where.replace('batch IN', 'name IN')}", args)
+        sql = f"UPDATE batches SET cancel_requested_at = NULL {where.replace('batch IN', 'name IN')}"
+        await self._write(lambda conn: conn.execute(sql, args))
 
     # ---- outputs -------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from conftest import image_manifest
 
 from batchgen import app
 from batchgen import store as S
+from batchgen.retry import RetryPolicy
 from batchgen.store import Store
 
 
@@ -89,3 +90,52 @@ async def test_a_cancelled_batch_is_resumed_by_retry_cancelled(tmp_path, simulat
     _, err = await asyncio.wait_for(retry.communicate(), 60)
     assert retry.returncode == 0, err.decode()
     assert len(sim.requests()["requests"]) == 4
+
+
+# --- retry keeps history ---
+
+
+async def test_retry_goes_on_counting_and_the_report_lists_every_attempt(tmp_path, simulator):
+    from batchgen.report import build_report
+
+    # The first two submits make jobs that fail at the provider; the third is fine.
+    sim = await simulator(duration=0.05, faults=["script.submit=fail,fail"])
+    manifest = image_manifest(tmp_path, sim, "night", 1)
+    work = tmp_path / "work"
+    target = app.Target(api_url=sim.base_url, token="t")
+    await app.run(app.RunOptions(workdir=work, manifest=manifest, target=target))
+    for _ in range(2):
+        await app.run(app.RunOptions(workdir=work, batch="night", target=target,
+                                     retry_states=(S.FAILED, S.TIMED_OUT)))
+    async with await Store.open(app.store_path(work)) as store:
+        (job,) = await store.jobs(["night"])
+        earlier = (await store.attempts([job.id]))[job.id]
+    assert job.state == S.SUCCEEDED and job.attempts == 3
+    assert [(a.attempt, a.state) for a in earlier] == [(1, S.FAILED), (2, S.FAILED)]
+    rids = [r["request_id"] for r in sim.requests()["requests"]]
+    assert [a.request_id for a in earlier] + [job.request_id] == rids
+    assert all(a.error for a in earlier)
+    (history,) = (await build_report(work, "night"))["history"]
+    assert history.count("attempt ") == 3
+    assert f"attempt 1: {rids[0]}, failed: " in history
+    assert history.endswith(f"attempt 3: {rids[2]}, succeeded")
+
+
+async def test_a_retried_job_gets_its_automatic_retries_again(tmp_path, simulator):
+    # The automatic retries of a refused submit count the attempts of this round only: a job
+    # retried by the user after using them all is not failed at its first 429.
+    sim = await simulator(duration=0.05, faults=["script.submit=fail,429,429"])
+    manifest = image_manifest(tmp_path, sim, "night", 1)
+    work = tmp_path / "work"
+    target = app.Target(api_url=sim.base_url, token="t")
+    settings = app.RunSettings(policy=RetryPolicy(max_submit_attempts=2, base=0.01))
+    await app.run(app.RunOptions(workdir=work, manifest=manifest, target=target, settings=settings))
+    out = await app.run(app.RunOptions(workdir=work, batch="night", target=target, settings=settings,
+                                       retry_states=(S.FAILED,)))
+    assert out.counts["night"] == {S.FAILED: 1}  # 429 twice: this round's two attempts spent
+    out = await app.run(app.RunOptions(workdir=work, batch="night", target=target, settings=settings,
+                                       retry_states=(S.FAILED,)))
+    assert out.counts["night"] == {S.SUCCEEDED: 1}
+    async with await Store.open(app.store_path(work)) as store:
+        (job,) = await store.jobs(["night"])
+    assert job.attempts == 4
