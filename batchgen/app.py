@@ -563,6 +563,9 @@ def _next_steps(name: str, counts: dict[str, int], simulated: bool) -> list[str]
         steps.append(f"{counts[S.OVERDUE]} job(s) are overdue, still at the provider (billed, and may still "
                      f"be delivered): batchgen run --batch {name}{again} downloads them once they finish; "
                      f"batchgen retry --force {name}{again} submits them again (paying again)")
+    if counts.get(S.CANCELLED):
+        steps.append(f"{counts[S.CANCELLED]} job(s) were cancelled: batchgen retry --cancelled "
+                     f"{name}{again} submits them again")
     unfinished = sum(counts.get(s, 0) for s in S.STATES if s not in S.TERMINAL and s != S.OVERDUE)
     if unfinished:
         steps.append(f"{unfinished} job(s) are not finished: batchgen run --batch {name}{again}")

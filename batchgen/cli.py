@@ -491,7 +491,10 @@ def _print_run_summary(outcome: app.RunOutcome) -> None:
     if outcome.overdue_kept:
         click.echo(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
                    "delivered and are billed (still followed); retry --force submits them anyway", err=True)
-    if s.stop_reason and not s.stop_message:  # a stop message says itself what to do
+    if s.stop_reason == "cancelled":
+        click.echo("stopped: cancelled by `batchgen cancel`; `batchgen retry BATCH --cancelled` "
+                   "resumes it", err=True)
+    elif s.stop_reason and not s.stop_message:  # a stop message says itself what to do
         click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)
 
 
