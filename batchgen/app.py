@@ -347,14 +347,24 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     manifest.name, manifest.model_id, str(Path(opts.manifest).resolve()),
                     {"image_base_url": manifest.image_base_url},
                 )
+                keys = [row[0] for row in rows]
                 new_jobs = await store.add_rows(manifest.name, rows)
                 rows.clear()
+                # The manifest says what the batch is: jobs recorded by an earlier version of it
+                # are retired (never submitted or retried; followed if at the provider).
+                retired, back = await store.retire_missing(manifest.name, keys)
+                if (retired or back) and on_notice is not None:
+                    on_notice(f"{manifest.name}: " + ", ".join(
+                        part for part in (
+                            f"{retired} job(s) no longer in the manifest retired" if retired else "",
+                            f"{back} retired job(s) back in the manifest" if back else "") if part),
+                        False)
                 batches = [manifest.name]
             elif opts.batch is not None:
                 await _require_batches(store, [opts.batch], folder)
                 batches = [opts.batch]
             else:
-                counts = await store.counts()
+                counts = await store.counts(retired=None)  # a retired job may still be followed
                 # Unfinished batches, and finished ones with files not yet known to be on disk:
                 # after a restart of the machine, the run checks those and fetches what it lost.
                 unflushed = set(await store.unsynced_batches())
@@ -368,11 +378,11 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
             overdue_kept = 0
             if opts.retry_states:
                 await store.clear_cancel(batches)  # a retry resumes a cancelled batch
-                for job in await store.jobs(batches, opts.retry_states):
+                for job in await store.jobs(batches, opts.retry_states, current=True):
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
                     discard_partials(folder / job.batch, job.key)
                 if S.OVERDUE not in opts.retry_states:
-                    overdue_kept = len(await store.jobs(batches, [S.OVERDUE]))
+                    overdue_kept = len(await store.jobs(batches, [S.OVERDUE], current=True))
             async with api_endpoint(opts.target, workdir) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     price = None
@@ -496,6 +506,8 @@ class BatchStatus:
     simulated: bool = False
     apis: list[str] = field(default_factory=list)  # the APIs its jobs were submitted to
     folder: Path | None = None  # where its outputs are
+    # Jobs no longer in the manifest, by state: outside ``counts``, its advice and exit codes.
+    retired: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -505,7 +517,7 @@ class BatchStatus:
         return {
             "name": self.name, "model": self.model_id, "simulated": self.simulated,
             "apis": self.apis, "outputs": str(self.folder) if self.folder else None,
-            "total": self.total, "states": self.counts,
+            "total": self.total, "states": self.counts, "retired": self.retired,
             "failures": [{"state": st, "error": err, "count": n} for st, err, n in self.failures],
             "median_queue_s": self.median_queue_s, "median_run_s": self.median_run_s,
             "spent_usd": round(self.spent_usd, 4), "next_steps": self.next_steps,
@@ -584,6 +596,7 @@ async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchS
             known = await store.batches()
             seen.update(b.name for b in known)
             counts = await store.counts(batches)
+            retired = await store.counts(batches, retired=True)
             apis = await store.apis(batches)
             for b in known:
                 if batches is not None and b.name not in batches:
@@ -596,7 +609,7 @@ async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchS
                     median_run_s=statistics.median(runs) if runs else None,
                     spent_usd=cost, next_steps=_next_steps(b.name, c, simulated),
                     simulated=simulated, apis=sorted(apis.get(b.name, {})),
-                    folder=path.parent / b.name,
+                    folder=path.parent / b.name, retired=retired.get(b.name, {}),
                 ))
     missing = [b for b in batches or [] if b not in seen]
     if missing:

@@ -741,8 +741,13 @@ def _field_facts(prop: dict[str, Any]) -> list[str]:
 @click.argument("batches", nargs=-1)
 @workdir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
+@click.option("--all", "show_all", is_flag=True,
+              help="Also list retired jobs (no longer in the manifest) by state.")
+def status(batches: tuple[str, ...], workdir: Path, as_json: bool, show_all: bool) -> None:
     """Show, per batch, how many jobs are in each state, and the API its results are from.
+
+    Jobs an earlier version of the manifest had, and the manifest run since has not, are
+    retired: left out of the counts and the advice (their number is said; --all lists them).
 
     Batches run with --simulate are listed after the others and marked simulated: their outputs
     are the built-in simulator's placeholders, kept apart in WORKDIR/simulated/.
@@ -751,6 +756,7 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
     Examples:
       batchgen status
       batchgen status quickstart --json
+      batchgen status quickstart --all
     """
     result = _run_async(app.status(workdir, list(batches) or None))
     if as_json:
@@ -769,6 +775,12 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
                 click.echo(f"  api: {', '.join(b.apis)}")
         for st, n in _ordered(b.counts):
             click.echo(f"  {st:<12} {n:>6}")
+        if b.retired and show_all:
+            click.echo("  retired (no longer in the manifest):")
+            for st, n in _ordered(b.retired):
+                click.echo(f"    {st:<10} {n:>6}")
+        elif b.retired:
+            click.echo(f"  retired      {sum(b.retired.values()):>6}  (no longer in the manifest; --all lists them)")
         if b.median_queue_s is not None or b.median_run_s is not None:
             click.echo(f"  median queue wait {_secs(b.median_queue_s)}, median run time {_secs(b.median_run_s)}")
         if b.failures:

@@ -167,7 +167,7 @@ async def m006_job_api(db: aiosqlite.Connection) -> None:
     )
 
 
-async def m007_cancel_requests_and_attempts(db: aiosqlite.Connection) -> None:
+async def m007_cancel_requests_attempts_retired(db: aiosqlite.Connection) -> None:
     await _run(
         db,
         # `batchgen cancel` while a run holds the work directory: it records the request here
@@ -194,12 +194,17 @@ async def m007_cancel_requests_and_attempts(db: aiosqlite.Connection) -> None:
             retried_at REAL NOT NULL
         )""",
         "CREATE INDEX job_attempts_job ON job_attempts (job_id)",
+        # A job whose spec left the manifest (run again without it): retired, when. Not a state:
+        # a retired job at the provider is still followed and downloaded (it is paid for); it is
+        # never submitted or retried, and counts, exit codes and advice leave it out. NULL: the
+        # manifest still has it.
+        "ALTER TABLE jobs ADD COLUMN retired_at REAL",
     )
 
 
 MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger, m003_drop_unused_indexes,
                                m004_unsynced_outputs, m005_overdue_jobs_are_followed, m006_job_api,
-                               m007_cancel_requests_and_attempts]
+                               m007_cancel_requests_attempts_retired]
 
 
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:

@@ -34,7 +34,7 @@ HEAD_COLUMNS = ("batch", "key", "seq", "source", "model")
 TAIL_COLUMNS = (
     "simulated", "api", "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
     "queue_wait_s", "run_s", "outputs", "output_paths", "output_sha256", "output_bytes", "cost",
-    "error", "error_code", "history",
+    "error", "error_code", "history", "retired",
 )
 
 # The extensions write_report understands, in the order error messages list them.
@@ -88,6 +88,8 @@ def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False,
         "error": job.error,
         "error_code": job.error_code,
         "history": _history(job, earlier or []),
+        # No longer in the manifest: kept for the record, outside the batch's counts.
+        "retired": job.retired_at is not None,
     })
     return row
 

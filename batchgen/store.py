@@ -100,7 +100,7 @@ TERMINAL = (SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
 _JOB_COLUMNS = (
     "id, batch, key, seq, model_id, source, inputs_json, meta_json, state, attempts, request_id, "
     "queue_position, error, error_code, cost, not_before, created_at, updated_at, submitted_at, "
-    "started_at, finished_at, api, attempts_before"
+    "started_at, finished_at, api, attempts_before, retired_at"
 )
 # Columns a transition may set besides state.
 _SETTABLE = {
@@ -142,6 +142,8 @@ class Job:
     # The attempts it had before its latest `retry` (the automatic retries of a round count
     # ``attempts - attempts_before``; ``attempts`` goes on from one round to the next).
     attempts_before: int = 0
+    # When its spec left the manifest (None: still in it). See m007.
+    retired_at: float | None = None
 
     @property
     def round_attempts(self) -> int:
@@ -150,10 +152,11 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Job:
-        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest, api, before) = row
+        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest, api, before,
+         retired_at) = row
         return cls(id_, batch, key, seq, model_id, source, json.loads(inputs_json),
                    json.loads(meta_json), *rest, inputs_json=inputs_json, api=api,
-                   attempts_before=before)
+                   attempts_before=before, retired_at=retired_at)
 
 
 @dataclass
@@ -493,6 +496,28 @@ class Store:
         await flush()
         return added
 
+    async def retire_missing(self, batch: str, keys: Iterable[str]) -> tuple[int, int]:
+        """The manifest of ``batch`` now has exactly ``keys``: its other jobs are retired, and
+        retired ones whose key is back are current again. Returns (retired now, brought back)."""
+        now = time.time()
+        async with self.atomic() as db:
+            await db.execute("CREATE TEMP TABLE IF NOT EXISTS manifest_keys (key TEXT PRIMARY KEY)")
+            await db.execute("DELETE FROM manifest_keys")
+            await db.executemany("INSERT OR IGNORE INTO manifest_keys (key) VALUES (?)",
+                                 ((k,) for k in keys))
+            cur = await db.execute(
+                "UPDATE jobs SET retired_at = ?1, updated_at = ?1, detail = 'retired: no longer in the manifest' "
+                "WHERE batch = ?2 AND retired_at IS NULL AND key NOT IN (SELECT key FROM manifest_keys)",
+                (now, batch))
+            retired = cur.rowcount
+            cur = await db.execute(
+                "UPDATE jobs SET retired_at = NULL, updated_at = ?, detail = 'back in the manifest' "
+                "WHERE batch = ? AND retired_at IS NOT NULL AND key IN (SELECT key FROM manifest_keys)",
+                (now, batch))
+            back = cur.rowcount
+            await db.execute("DELETE FROM manifest_keys")
+        return retired, back
+
     # ---- reading jobs --------------------------------------------------------------------------
 
     async def job(self, job_id: int) -> Job:
@@ -503,17 +528,25 @@ class Store:
         return Job.from_row(row)
 
     async def jobs(
-        self, batches: Sequence[str] | None = None, states: Sequence[str] | None = None
+        self, batches: Sequence[str] | None = None, states: Sequence[str] | None = None, *,
+        current: bool = False,
     ) -> list[Job]:
+        """Jobs of ``batches`` in ``states`` (None: all), retired ones too unless ``current``."""
         where, args = _filters(batches, states)
+        if current:
+            where += " AND retired_at IS NULL"
         async with self._db.execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY batch, seq", args
         ) as cur:
             return [Job.from_row(r) for r in await cur.fetchall()]
 
-    async def counts(self, batches: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
-        """{batch: {state: count}} over the given batches (all when None)."""
+    async def counts(self, batches: Sequence[str] | None = None, *,
+                     retired: bool | None = False) -> dict[str, dict[str, int]]:
+        """{batch: {state: count}} over the given batches (all when None): of the jobs still in
+        their manifest (``retired`` False), of the retired ones (True), or of all (None)."""
         where, args = _filters(batches, None)
+        if retired is not None:
+            where += " AND retired_at IS " + ("NOT NULL" if retired else "NULL")
         async with self._db.execute(
             f"SELECT batch, state, COUNT(*) FROM jobs {where} GROUP BY batch, state", args
         ) as cur:
@@ -526,7 +559,7 @@ class Store:
         """(state, error, count) of a batch's unsuccessful (or overdue) jobs, most common first."""
         async with self._db.execute(
             "SELECT state, COALESCE(error, ''), COUNT(*) FROM jobs WHERE batch = ? AND state IN "
-            "(?, ?, ?, ?, ?) GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
+            "(?, ?, ?, ?, ?) AND retired_at IS NULL GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
             (batch, FAILED, UNKNOWN, TIMED_OUT, CANCELLED, OVERDUE, limit),
         ) as cur:
             return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
@@ -599,7 +632,7 @@ class Store:
         # are both writes, so SQLite orders them, and no job is sent after its cancel.
         sql = f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
                       detail = 'attempt ' || (attempts + 1), api = COALESCE(?, api)
-                  WHERE id IN (SELECT id FROM jobs {where} AND {_NOT_CANCELLED}
+                  WHERE id IN (SELECT id FROM jobs {where} AND {_NOT_CANCELLED} AND retired_at IS NULL
                                AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?)
                   RETURNING {_JOB_COLUMNS}"""
         params = (now, self.api, *args, now, max(1, limit))
@@ -616,7 +649,8 @@ class Store:
         """When the earliest pending job may be tried (0 for now), or None if none is pending."""
         where, args = _filters(batches, [PENDING])
         async with self._db.execute(
-            f"SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs {where} AND {_NOT_CANCELLED}",
+            f"SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs {where} AND {_NOT_CANCELLED} "
+            "AND retired_at IS NULL",
             args
         ) as cur:
             n, earliest = await cur.fetchone()  # type: ignore[misc]

@@ -8,6 +8,7 @@ import asyncio
 import os
 import sys
 import time
+from pathlib import Path
 
 from conftest import image_manifest
 
@@ -139,3 +140,70 @@ async def test_a_retried_job_gets_its_automatic_retries_again(tmp_path, simulato
     async with await Store.open(app.store_path(work)) as store:
         (job,) = await store.jobs(["night"])
     assert job.attempts == 4
+
+
+# --- retired jobs ---
+
+
+def _manifest(path, seeds: list[int]):
+    """A manifest of one job per seed on the quick start's street image."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "name": "night", "model": "bytedance/dreamina-3-0/pro/image-to-video",
+        "defaults": {"image": "images/street.jpg", "prompt": "a street"},
+        "jobs": [{"seed": s} for s in seeds],
+    }))
+    return path
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from batchgen.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_a_job_left_out_of_the_manifest_is_retired(samples):
+    manifest = _manifest(samples / "night.yaml", [1, 2, 3])
+    first = _cli("run", str(manifest), "--simulate", "-c", "1", "--sim-fault", "script.submit=ok,fail")
+    assert first.exit_code == 1 and "1 failed" in first.output
+    _manifest(manifest, [1, 3, 4])  # the failed one (seed 2) is dropped, seed 4 added
+    again = _cli("run", str(manifest), "--simulate")
+    # The failed job is neither submitted again nor counted: the batch is what the manifest says.
+    assert again.exit_code == 0, again.output
+    assert "1 job(s) no longer in the manifest retired" in again.output
+    assert "1 submitted" in again.output and "night: 3 succeeded" in again.output
+    status = _cli("status", "night").output
+    assert "succeeded         3" in status and "failed" not in status and "next:" not in status
+    assert "retired           1  (no longer in the manifest; --all lists them)" in status
+    assert "retired (no longer in the manifest):\n    failed          1" in _cli("status", "--all").output
+    retry = _cli("retry", "night", "--simulate")
+    assert retry.exit_code == 0 and "0 submitted" in retry.output
+    report = _cli("report", "night", "-o", "night.csv")
+    assert report.exit_code == 0
+    import pandas as pd
+
+    df = pd.read_csv("night.csv")
+    assert sorted(zip(df["input.seed"], df["retired"], strict=True)) == [
+        (1, False), (2, True), (3, False), (4, False)]
+    # Put back, it is part of the batch again (and retry would take it).
+    _manifest(manifest, [1, 2, 3, 4])
+    back = _cli("run", str(manifest), "--simulate")
+    assert "1 retired job(s) back in the manifest" in back.output and back.exit_code == 1
+
+
+def test_a_retired_job_at_the_provider_is_still_followed_and_downloaded(samples):
+    manifest = _manifest(samples / "night.yaml", [1, 2])
+    first = _cli("run", str(manifest), "--simulate", "--max-runtime", "1s")
+    assert first.exit_code == 3, first.output  # stopped with both jobs at the provider
+    _manifest(manifest, [1])
+    again = _cli("run", str(manifest), "--simulate")
+    assert again.exit_code == 0, again.output
+    import sqlite3
+
+    with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
+        rows = db.execute("SELECT state, retired_at IS NOT NULL FROM jobs ORDER BY seq").fetchall()
+    assert rows == [("succeeded", 0), ("succeeded", 1)]  # paid for, so downloaded
+    assert len(list(Path("jobs/simulated/night").glob("*.mp4"))) == 2
