@@ -374,7 +374,8 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     or any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.FOLLOWED,
                                                          S.DOWNLOADING))
                 ]
-            await _require_own_api(store, batches, api)
+            # Jobs about to go back to pending (a retry) may go to another API than their first.
+            await _require_own_api(store, batches, api, ignore=opts.retry_states)
             overdue_kept = 0
             if opts.retry_states:
                 await store.clear_cancel(batches)  # a retry resumes a cancelled batch
@@ -478,10 +479,15 @@ async def _forget_legacy_simulated(store: Store, workdir: Path) -> None:
     path.rename(path.with_name(path.name + ".forgotten"))
 
 
-async def _require_own_api(store: Store, batches: list[str], api: str) -> None:
+async def _require_own_api(store: Store, batches: list[str], api: str,
+                           ignore: tuple[str, ...] = ()) -> None:
     """A run follows, and counts as done, only jobs submitted to its own API: a request id means
-    nothing to another one. A batch with jobs of another API is refused, not mixed."""
-    for batch, per_api in (await store.apis(batches)).items():
+    nothing to another one. A batch with jobs of another API is refused, not mixed. Jobs with
+    nothing left at their API do not count (pending: a refused submit records its API; failed,
+    cancelled, timed out: ended without a result), nor jobs in ``ignore`` (being retried): their
+    next submit, if any, goes to this run's API."""
+    done_with = (S.PENDING, S.FAILED, S.CANCELLED, S.TIMED_OUT, *ignore)
+    for batch, per_api in (await store.apis(batches, exclude=done_with)).items():
         other = {a: n for a, n in per_api.items() if a != api}
         if other:
             (first, n), *_ = sorted(other.items())

@@ -96,6 +96,9 @@ REMOTE_ACTIVE = (IN_QUEUE, IN_PROGRESS)
 # Jobs with a request id whose result may still come: polled by every run.
 FOLLOWED = (*REMOTE_ACTIVE, OVERDUE)
 TERMINAL = (SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
+# Jobs whose recorded inputs a rerun of the manifest refreshes: not at the provider, not done;
+# their next submit (pending) or retry sends them.
+REFRESHABLE = (PENDING, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
 
 _JOB_COLUMNS = (
     "id, batch, key, seq, model_id, source, inputs_json, meta_json, state, attempts, request_id, "
@@ -469,10 +472,18 @@ class Store:
 
     async def add_rows(self, batch: str, rows: Iterable[tuple[Any, ...]]) -> int:
         """Record job rows (see job_row) in chunks, one transaction each; return how many were new.
-        INSERT OR IGNORE on (batch, key): re-recording a grown manifest adds only its new jobs."""
+        INSERT OR IGNORE on (batch, key): re-recording a grown manifest adds only its new jobs.
+        A job already recorded that is not at the provider nor done (REFRESHABLE) takes the
+        inputs the manifest now gives: the same key is the same generation (a local file is
+        keyed by its content), but how it is sent (image_base_url, or inline) may have been
+        fixed since, and its next submit or retry sends what the manifest says now."""
         added = 0
         now = time.time()
         chunk: list[tuple[Any, ...]] = []
+        # A batch recorded for the first time has nothing to refresh: its rows skip that pass.
+        rows_before = await self._db.execute_fetchall("SELECT 1 FROM jobs WHERE batch = ? LIMIT 1", (batch,))
+        refresh_sql = (f"UPDATE jobs SET inputs_json = ?3 WHERE batch = ?1 AND key = ?2 AND inputs_json != ?3 "
+                       f"AND state IN ({', '.join(repr(s) for s in REFRESHABLE)})")
 
         async def flush() -> None:
             nonlocal added
@@ -487,6 +498,8 @@ class Store:
                     chunk,
                 )
                 added += db.total_changes - before
+                if rows_before:
+                    await db.executemany(refresh_sql, ((r[0], r[1], r[5]) for r in chunk))
             chunk.clear()
 
         for row in rows:
@@ -577,10 +590,15 @@ class Store:
         runs = [r[1] for r in rows if r[1] is not None]
         return waits, runs, float(cost)
 
-    async def apis(self, batches: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+    async def apis(self, batches: Sequence[str] | None = None,
+                   exclude: Sequence[str] = ()) -> dict[str, dict[str, int]]:
         """{batch: {api: jobs}}: the APIs the batches' jobs were submitted to (Job.api; jobs
-        never submitted, or submitted before batchgen kept track, are not counted)."""
+        never submitted, or submitted before batchgen kept track, are not counted, nor jobs in
+        the states ``exclude``)."""
         where, args = _filters(batches, None)
+        if exclude:
+            where += f" AND state NOT IN ({', '.join('?' * len(exclude))})"
+            args.extend(exclude)
         rows = await self._db.execute_fetchall(
             f"SELECT batch, api, COUNT(*) FROM jobs {where} AND api IS NOT NULL GROUP BY batch, api",
             args,

@@ -207,3 +207,39 @@ def test_a_retired_job_at_the_provider_is_still_followed_and_downloaded(samples)
         rows = db.execute("SELECT state, retired_at IS NOT NULL FROM jobs ORDER BY seq").fetchall()
     assert rows == [("succeeded", 0), ("succeeded", 1)]  # paid for, so downloaded
     assert len(list(Path("jobs/simulated/night").glob("*.mp4"))) == 2
+
+
+# --- settings that do not change what a job generates ---
+
+
+async def test_a_fixed_manifest_is_what_a_retry_sends(tmp_path, simulator):
+    """Night one publishes the image through image_base_url, and the job fails; the manifest then
+    sends it inline. Same job (its key is the file's content), and the retry sends it inline,
+    to the API given now."""
+    from imagefactory import make_image
+
+    first, second = await simulator(faults=["script.submit=fail"]), await simulator()
+    url = first.publish_file(make_image(tmp_path / "in.jpg", 640, 480))
+    base = url.rsplit("/", 1)[0]
+    manifest = tmp_path / "m.yaml"
+
+    def write(extra: str) -> None:
+        manifest.write_text(f"name: night\n{extra}jobs:\n  - prompt: p\n    image: in.jpg\n    seed: 1\n")
+
+    write(f"image_base_url: {base}\n")
+    work = tmp_path / "work"
+    out = await app.run(app.RunOptions(workdir=work, manifest=manifest,
+                                       target=app.Target(api_url=first.base_url, token="t")))
+    assert out.counts["night"] == {S.FAILED: 1}
+    (sent,) = first.requests()["requests"]
+    assert sent["input"]["image_urls"] == [url]
+    write("")  # fixed: the file goes inline
+    target = app.Target(api_url=second.base_url, token="t")
+    again = await app.run(app.RunOptions(workdir=work, manifest=manifest, target=target))
+    assert again.new_jobs == 0 and again.counts["night"] == {S.FAILED: 1}  # the same job
+    done = await app.run(app.RunOptions(workdir=work, batch="night", target=target,
+                                        retry_states=(S.FAILED, S.TIMED_OUT)))
+    assert done.counts["night"] == {S.SUCCEEDED: 1}
+    (resent,) = second.requests()["requests"]
+    assert resent["input"]["image_urls"][0].startswith("data:image/jpeg;base64,")
+

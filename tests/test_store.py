@@ -585,3 +585,14 @@ def test_a_new_store_file_is_never_left_empty(tmp_path):
     before = path.read_bytes()
     create_store(path)  # there already: left alone
     assert path.read_bytes() == before
+
+
+async def test_a_job_done_or_at_the_provider_keeps_the_inputs_it_was_sent_with(store):
+    await store.upsert_batch("b", "m", None, {})
+    await store.add_rows("b", [("k1", 0, "m", "", '{"image":"old"}', "{}"),
+                               ("k2", 1, "m", "", '{"image":"old"}', "{}")])
+    (done, waiting) = await store.jobs(["b"])
+    await store.transition(done, S.SUCCEEDED)
+    assert await store.add_rows("b", [("k1", 0, "m", "", '{"image":"new"}', "{}"),
+                                      ("k2", 1, "m", "", '{"image":"new"}', "{}")]) == 0
+    assert [j.inputs for j in await store.jobs(["b"])] == [{"image": "old"}, {"image": "new"}]
