@@ -405,7 +405,11 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     if on_runner is not None:
                         on_runner(runner)
                     summary = await runner.run(batches)
-            counts = await store.counts(batches)
+            # `batchgen run` alone answers for the whole work directory, as a run of each manifest
+            # answers for its batch: a batch with nothing left to run still counts (its failed
+            # jobs make the exit code 1 either way).
+            whole = manifest is None and opts.batch is None
+            counts = await store.counts(None if whole else batches)
     finally:
         lock.release()
     return RunOutcome(batches, new_jobs, summary, counts, overdue_kept)

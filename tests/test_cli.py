@@ -280,3 +280,15 @@ def test_a_bug_outside_the_event_loop_is_one_error_line(done, monkeypatch):
     monkeypatch.setenv("BATCHGEN_TRACEBACK", "1")
     with pytest.raises(KeyError):
         cli("status")
+
+
+def test_a_run_with_and_without_its_manifest_agree_on_the_exit_code(samples):
+    manifest = str(samples / "quickstart.yaml")
+    assert cli("run", manifest, "--simulate").exit_code == 0
+    import sqlite3
+
+    with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
+        db.execute("UPDATE jobs SET state='timed_out', error='not finished in time' WHERE rowid = 1")
+    with_manifest, alone = cli("run", manifest, "--simulate"), cli("run", "--simulate")
+    assert with_manifest.exit_code == alone.exit_code == 1, alone.output
+    assert "quickstart: 5 succeeded, 1 timed_out" in alone.output
