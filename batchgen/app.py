@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -572,31 +573,61 @@ async def find_batch(workdir: Path, batch: str, simulated: bool | None = None) -
     raise UsageError(f"no batch named '{batch}' in {workdir}; known: {', '.join(known) or 'none'}")
 
 
-def _next_steps(name: str, counts: dict[str, int], simulated: bool) -> list[str]:
+@dataclass(frozen=True)
+class Again:
+    """What a command pasted from a `next:` line needs of the options the user gave: the work
+    directory, the simulator or the API, the settings file."""
+
+    workdir: Path | None = None  # None: the default one
+    simulate: bool = False
+    api_url: str | None = None  # None: the default (or RUNCOMFY_API_URL)
+    config: Path | None = None  # batchgen --config FILE
+
+    def command(self, words: str) -> str:
+        """``batchgen WORDS`` with these options, quoted for a shell."""
+        head = "batchgen" + (f" --config {shlex.quote(str(self.config))}" if self.config else "")
+        tail = (f" --workdir {shlex.quote(str(self.workdir))}" if self.workdir is not None else "") + (
+            " --simulate" if self.simulate else "") + (
+            f" --api-url {shlex.quote(self.api_url)}" if self.api_url and not self.simulate else "")
+        return f"{head} {words}{tail}"
+
+    def for_batch(self, simulated: bool, apis: list[str]) -> Again:
+        """These options for a batch run with --simulate or not, against ``apis``: a batch of one
+        API other than the default is continued there."""
+        api = self.api_url
+        if api is None and len(apis) == 1 and apis[0] not in (SIMULATOR_API, C.DEFAULT_API_URL):
+            api = apis[0]
+        return replace(self, simulate=simulated, api_url=api)
+
+
+def next_steps(name: str, counts: dict[str, int], again: Again) -> list[str]:
+    """What to do about a batch's jobs, each with a command to paste as it is."""
     steps = []
-    again = " --simulate" if simulated else ""
+    n = shlex.quote(name)
     if counts.get(S.UNKNOWN):
         steps.append(f"{counts[S.UNKNOWN]} job(s) have an unknown submit outcome (they may exist, and be "
-                     f"billed, at the provider): batchgen retry --unknown {name}{again}")
+                     f"billed, at the provider): {again.command(f'retry --unknown {n}')}")
     failed = counts.get(S.FAILED, 0) + counts.get(S.TIMED_OUT, 0)
     if failed:
-        steps.append(f"{failed} job(s) failed or timed out: batchgen retry {name}{again}")
+        steps.append(f"{failed} job(s) failed or timed out: {again.command(f'retry {n}')}")
     if counts.get(S.OVERDUE):
         steps.append(f"{counts[S.OVERDUE]} job(s) are overdue, still at the provider (billed, and may still "
-                     f"be delivered): batchgen run --batch {name}{again} downloads them once they finish; "
-                     f"batchgen retry --force {name}{again} submits them again (paying again)")
+                     f"be delivered): {again.command(f'run --batch {n}')} downloads them once they finish; "
+                     f"{again.command(f'retry --force {n}')} submits them again (paying again)")
     if counts.get(S.CANCELLED):
-        steps.append(f"{counts[S.CANCELLED]} job(s) were cancelled: batchgen retry --cancelled "
-                     f"{name}{again} submits them again")
+        steps.append(f"{counts[S.CANCELLED]} job(s) were cancelled: {again.command(f'retry --cancelled {n}')} "
+                     "submits them again")
     unfinished = sum(counts.get(s, 0) for s in S.STATES if s not in S.TERMINAL and s != S.OVERDUE)
     if unfinished:
-        steps.append(f"{unfinished} job(s) are not finished: batchgen run --batch {name}{again}")
+        steps.append(f"{unfinished} job(s) are not finished: {again.command(f'run --batch {n}')}")
     return steps
 
 
-async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchStatus]:
+async def status(workdir: Path, batches: list[str] | None = None, again: Again | None = None) -> list[BatchStatus]:
     """Each batch of ``workdir``: those of runs against an API, then those of --simulate runs
-    (a batch run both ways appears twice)."""
+    (a batch run both ways appears twice). ``again``: the options the user gave, for the
+    commands of the next steps."""
+    again = again or Again()
     import statistics  # here: 3 ms of imports that `batchgen run` would pay at every start
 
     out: list[BatchStatus] = []
@@ -617,7 +648,8 @@ async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchS
                     b.name, b.model_id, c, failures=await store.failure_groups(b.name),
                     median_queue_s=statistics.median(waits) if waits else None,
                     median_run_s=statistics.median(runs) if runs else None,
-                    spent_usd=cost, next_steps=_next_steps(b.name, c, simulated),
+                    spent_usd=cost,
+                    next_steps=next_steps(b.name, c, again.for_batch(simulated, sorted(apis.get(b.name, {})))),
                     simulated=simulated, apis=sorted(apis.get(b.name, {})),
                     folder=path.parent / b.name, retired=retired.get(b.name, {}),
                 ))

@@ -372,7 +372,7 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _tune_gc()
     outcome = _run_async(_run_with_signals(opts, view))
     summary = outcome.summary
-    _print_run_summary(outcome)
+    _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]))
     if summary.account_error:
         _fail(summary.account_error, EXIT_ACCOUNT)
     if summary.stop_reason == "refused":
@@ -479,7 +479,15 @@ class _RunView:
             self._file.close()
 
 
-def _print_run_summary(outcome: app.RunOutcome) -> None:
+def _again(workdir: Path, simulate: bool = False, api_url: str | None = None) -> app.Again:
+    """The options the user gave that a pasted `next:` command needs."""
+    ctx = click.get_current_context()
+    given = ctx.get_parameter_source("workdir") not in (ParameterSource.DEFAULT, None)
+    return app.Again(workdir=workdir if given else None, simulate=simulate, api_url=api_url,
+                     config=(ctx.obj or {}).get("config"))
+
+
+def _print_run_summary(outcome: app.RunOutcome, again: app.Again) -> None:
     s = outcome.summary
     finished = ", ".join(f"{n} {state}" for state, n in sorted(s.finished.items())) or "nothing"
     click.echo(
@@ -488,12 +496,13 @@ def _print_run_summary(outcome: app.RunOutcome) -> None:
     )
     for name, counts in outcome.counts.items():
         click.echo(f"  {name}: " + ", ".join(f"{n} {st}" for st, n in _ordered(counts)))
+        for step in app.next_steps(name, counts, again):
+            click.echo(f"  next: {step}")
     if outcome.overdue_kept:
         click.echo(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
                    "delivered and are billed (still followed); retry --force submits them anyway", err=True)
     if s.stop_reason == "cancelled":
-        click.echo("stopped: cancelled by `batchgen cancel`; `batchgen retry BATCH --cancelled` "
-                   "resumes it", err=True)
+        click.echo("stopped: cancelled by `batchgen cancel`", err=True)
     elif s.stop_reason and not s.stop_message:  # a stop message says itself what to do
         click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)
 
@@ -758,7 +767,7 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool, show_all: boo
       batchgen status quickstart --json
       batchgen status quickstart --all
     """
-    result = _run_async(app.status(workdir, list(batches) or None))
+    result = _run_async(app.status(workdir, list(batches) or None, _again(workdir)))
     if as_json:
         click.echo(json.dumps({"batches": [b.as_dict() for b in result]}, indent=2))
         return
