@@ -6,11 +6,12 @@ Tests call the same functions directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -812,3 +813,76 @@ async def plan(opts: RunOptions) -> PlanReport:
         report.unpriced = len(each) - len(known)
         report.cost_usd = sum(known) if known or not each else None
     return report
+
+
+# ---- forget ------------------------------------------------------------------------------------
+
+# States whose jobs `forget` removes: nothing of theirs is at the provider. A retired job goes
+# too, whatever its state, once it is not followed any more.
+FORGETTABLE = (S.PENDING, S.FAILED, S.CANCELLED, S.UNKNOWN, S.TIMED_OUT)
+RETIRED = "retired"  # `forget --state retired`: the jobs no longer in the manifest
+_AT_PROVIDER = (S.SUBMITTING, *S.FOLLOWED, S.DOWNLOADING)
+
+
+@dataclass
+class ForgetPlan:
+    """The jobs `forget` removes (or removed), and where their files are."""
+
+    batch: str
+    simulated: bool
+    folder: Path
+    jobs: list[S.Job]
+    forgotten: int = 0
+    files_deleted: int = 0
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for job in self.jobs:
+            what = f"{RETIRED} {job.state}" if job.retired_at is not None else job.state
+            out[what] = out.get(what, 0) + 1
+        return out
+
+
+def _forgettable(job: S.Job) -> bool:
+    return job.state in FORGETTABLE or (job.retired_at is not None and job.state not in _AT_PROVIDER)
+
+
+async def forget(workdir: Path, batch: str, *, states: tuple[str, ...] = (), keys: tuple[str, ...] = (),
+                 simulated: bool | None = None, delete_files: bool = False,
+                 confirm: Callable[[ForgetPlan], bool] = lambda plan: True) -> ForgetPlan:
+    """Remove the records of ``batch``'s jobs that are not at the provider (in ``states``, with
+    ``keys``; all of them when neither is given), once ``confirm(plan)`` agrees. Their files stay
+    unless ``delete_files``. A key that names no such job is refused before anything is done."""
+    path, simulated = await find_batch(Path(workdir), batch, simulated)
+    lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
+    lock.acquire("forget")
+    try:
+        async with await Store.open(path) as store:
+            jobs = await store.jobs([batch])
+            by_key = {j.key: j for j in jobs}
+            for key in keys:
+                job = by_key.get(key)
+                if job is None:
+                    raise UsageError(f"batch '{batch}' has no job with key '{printable(key)}'")
+                if not _forgettable(job):
+                    raise UsageError(f"job {key} is {job.state}: "
+                                     + ("at the provider (it is paid for): not forgotten"
+                                        if job.state in _AT_PROVIDER else "done: not forgotten"))
+            chosen = [j for j in jobs if _forgettable(j)
+                      and (not states or j.state in states or (RETIRED in states and j.retired_at is not None))
+                      and (not keys or j.key in keys)]
+            plan = ForgetPlan(batch, simulated, path.parent / batch, chosen)
+            if not chosen or not confirm(plan):
+                return plan
+            files = [path.parent / o.path for j in chosen for o in await store.outputs(j.id) if o.path]
+            plan.forgotten = await store.forget(chosen)
+        if delete_files:
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    plan.files_deleted += 1
+            for job in chosen:
+                discard_partials(plan.folder, job.key)
+    finally:
+        lock.release()
+    return plan

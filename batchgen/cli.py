@@ -903,6 +903,53 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
     sys.exit(EXIT_JOBS_FAILED if report.errors else EXIT_OK)
 
 
+# ---- forget ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("batch")
+@click.option("--state", "states", multiple=True, type=click.Choice([*app.FORGETTABLE, app.RETIRED]),
+              help="Only jobs in this state (repeatable; 'retired': those no longer in the manifest).")
+@click.option("--key", "keys", multiple=True, help="Only the job with this key (repeatable).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--delete-files", is_flag=True, help="Also delete their output files (kept by default).")
+@workdir_option
+@click.option("--simulated/--api", "simulated", default=None,
+              help="The batch's --simulate records, or those of the API (default: the API's if it "
+                   "has any, else the simulated ones).")
+def forget(batch: str, states: tuple[str, ...], keys: tuple[str, ...], yes: bool, delete_files: bool,
+           workdir: Path, simulated: bool | None) -> None:
+    """Remove BATCH's job records that are not at the provider: pending, failed, cancelled,
+    timed out, unknown, and retired jobs (no longer in the manifest). Jobs at the provider and
+    succeeded jobs are never forgotten. Their files stay unless --delete-files. A manifest run
+    again records a forgotten job anew (and submits it).
+
+    \b
+    Examples:
+      batchgen forget street-scenes --state retired
+      batchgen forget street-scenes --key 35964620b34140af --yes
+    """
+
+    def confirm(plan: app.ForgetPlan) -> bool:
+        what = ", ".join(f"{n} {st}" for st, n in sorted(plan.counts().items()))
+        click.echo(f"{batch}: forget {len(plan.jobs)} job(s) ({what})"
+                   + ("; their files are deleted" if delete_files else f"; their files stay in {plan.folder}"))
+        if any(j.state == S.UNKNOWN for j in plan.jobs):
+            click.echo("warning: a job of unknown outcome may exist, and be billed, at the provider: its "
+                       "record is the only trace of it", err=True)
+        return yes or click.confirm("Forget them?", default=False)
+
+    plan = _run_async(app.forget(workdir, batch, states=states, keys=keys, simulated=simulated,
+                                 delete_files=delete_files, confirm=confirm))
+    if not plan.jobs:
+        click.echo(f"{batch}: no job to forget")
+    elif not plan.forgotten:
+        click.echo("nothing forgotten")
+    else:
+        click.echo(f"{batch}: {plan.forgotten} job(s) forgotten"
+                   + (f", {plan.files_deleted} file(s) deleted" if delete_files else ""))
+
+
 # ---- simulate ----------------------------------------------------------------------------------
 
 

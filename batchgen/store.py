@@ -752,6 +752,22 @@ class Store:
                 out.setdefault(job_id, []).append(Attempt(*rest))
         return out
 
+    async def forget(self, jobs: Sequence[Job]) -> int:
+        """Remove the records of ``jobs`` (their history, outputs and earlier attempts with
+        them), and of their batch once it has no job left; the caller checked that none is at the
+        provider. Returns how many jobs were removed."""
+        ids = [(j.id,) for j in jobs]
+        batches = sorted({j.batch for j in jobs})
+        async with self.atomic() as db:
+            for table in ("job_events", "outputs", "job_attempts"):
+                await db.executemany(f"DELETE FROM {table} WHERE job_id = ?", ids)
+            before = db.total_changes
+            await db.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            removed = db.total_changes - before
+            await db.executemany("DELETE FROM batches WHERE name = ? AND NOT EXISTS "
+                                 "(SELECT 1 FROM jobs WHERE batch = batches.name)", [(b,) for b in batches])
+        return removed
+
     # ---- cancel requests (from another process, while a run holds the work directory) ------------
 
     async def request_cancel(self, batch: str) -> int:

@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from click.testing import CliRunner
 from conftest import image_manifest
 
 from batchgen import app
 from batchgen import store as S
+from batchgen.cli import main
 from batchgen.retry import RetryPolicy
 from batchgen.store import Store
 
@@ -158,10 +160,6 @@ def _manifest(path, seeds: list[int]):
 
 
 def _cli(*args: str):
-    from click.testing import CliRunner
-
-    from batchgen.cli import main
-
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
@@ -243,3 +241,40 @@ async def test_a_fixed_manifest_is_what_a_retry_sends(tmp_path, simulator):
     (resent,) = second.requests()["requests"]
     assert resent["input"]["image_urls"][0].startswith("data:image/jpeg;base64,")
 
+
+
+# --- forget ---
+
+
+def test_forget_removes_records_not_at_the_provider(samples):
+    manifest = _manifest(samples / "night.yaml", [1, 2, 3])
+    assert _cli("run", str(manifest), "--simulate", "-c", "1",
+                "--sim-fault", "script.submit=ok,fail").exit_code == 1
+    _manifest(manifest, [2, 3])  # seed 1 (succeeded) retired
+    assert _cli("run", str(manifest), "--simulate").exit_code == 1  # seed 2 still failed
+    import sqlite3
+
+    def rows():
+        with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
+            return db.execute("SELECT key, state, retired_at IS NOT NULL FROM jobs ORDER BY seq").fetchall()
+
+    (retired, failed, done) = rows()
+    files = sorted(p.name for p in Path("jobs/simulated/night").glob("*.mp4"))
+    assert files == sorted([f"{retired[0]}.mp4", f"{done[0]}.mp4"])
+    # A job that is done is not forgotten by key; nothing is removed then.
+    refused = _cli("forget", "night", "--key", done[0], "--yes")
+    assert refused.exit_code == 2 and "done: not forgotten" in refused.output
+    # Without --yes it asks; declined, nothing changes.
+    asked = CliRunner().invoke(main, ["forget", "night"], input="n\n")
+    assert "forget 2 job(s) (1 failed, 1 retired succeeded)" in asked.output and "Forget them?" in asked.output
+    assert len(rows()) == 3
+    out = _cli("forget", "night", "--state", "retired", "--yes")
+    assert out.exit_code == 0 and "1 job(s) forgotten" in out.output
+    assert rows() == [failed, done] and Path(f"jobs/simulated/night/{retired[0]}.mp4").exists()
+    out = _cli("forget", "night", "--state", "failed", "--yes", "--delete-files")
+    assert out.exit_code == 0 and rows() == [done]
+    status = _cli("status", "night").output
+    assert "failed" not in status and "retired" not in status and "succeeded         1" in status
+    # A forgotten job still in the manifest is recorded anew by the next run, and submitted.
+    again = _cli("run", str(manifest), "--simulate")
+    assert again.exit_code == 0 and "1 new job(s) recorded, 1 submitted" in again.output
