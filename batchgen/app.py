@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from . import catalog as catalog_mod
 from . import constants as C
+from . import reuse
 from . import store as S
 from .catalog import Catalog
 from .client import RunComfyClient
@@ -64,6 +65,9 @@ class RunOptions:
     no_schema: bool = False
     target: Target = field(default_factory=Target)
     settings: RunSettings = field(default_factory=RunSettings)
+    # Jobs identical to ones already succeeded in another batch (explicit seed) take their
+    # outputs (linked) instead of being paid for again (reuse.py).
+    reuse: bool = False
 
 
 @dataclass
@@ -361,6 +365,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                             f"{retired} job(s) no longer in the manifest retired" if retired else "",
                             f"{back} retired job(s) back in the manifest" if back else "") if part),
                         False)
+                await _reuse(store, folder, manifest.name, opts.reuse, on_notice)
                 batches = [manifest.name]
             elif opts.batch is not None:
                 await _require_batches(store, [opts.batch], folder)
@@ -466,6 +471,31 @@ async def pending_cost(client: RunComfyClient, store: Store, batches: list[str],
             if total is not None:
                 total += each * pending
     return total, most
+
+
+async def _reuse(store: Store, folder: Path, batch: str, link: bool, on_notice: Any) -> None:
+    """Pending jobs of ``batch`` identical to jobs succeeded in other batches: linked (``link``),
+    or said (--reuse would)."""
+    if len(await store.batches()) < 2:
+        return  # no other batch: nothing to look up
+    matches = await reuse.find(store, batch, await store.jobs([batch], [S.PENDING], current=True))
+    say = on_notice or (lambda text, warning: log.info("%s", text))
+    if matches.random_seed:
+        say(f"{batch}: {matches.random_seed} job(s) repeat earlier requests with a random seed "
+            f"({reuse.RANDOM_SEED}, or none): each is a new generation, submitted", False)
+    if not matches.reusable:
+        return
+    if not link:
+        say(f"{batch}: {len(matches.reusable)} job(s) are identical to jobs already succeeded in other "
+            "batches (same model, inputs and seed): --reuse links their outputs instead of paying again",
+            False)
+        return
+    linked = 0
+    for job in await store.jobs([batch], [S.PENDING], current=True):
+        source = matches.reusable.get(job.id)
+        if source is not None and await reuse.link(store, folder, job, source):
+            linked += 1
+    say(f"{batch}: {linked} job(s) reused from other batches (their outputs linked, nothing paid)", False)
 
 
 async def _forget_legacy_simulated(store: Store, workdir: Path) -> None:
@@ -742,6 +772,8 @@ class PlanReport:
     cost_usd: float | None = None  # the jobs to submit, those with a known price
     unpriced: int = 0  # jobs to submit whose cost cannot be estimated (a per-second job without duration)
     schema_origin: str = ""  # "bundled", "catalog", "file", or "" (none: --no-schema)
+    reusable: int = 0  # jobs to submit identical to ones succeeded in other batches (run --reuse)
+    random_seed: int = 0  # jobs to submit repeating earlier requests with a random seed
     balance: BalanceInfo | None = None  # with a token, not under --simulate
 
     @property
@@ -781,8 +813,11 @@ async def plan(opts: RunOptions) -> PlanReport:
     path = existing_store(opts.workdir, opts.target.simulate)
     keys: list[str] = []
     costs: dict[str, float | None] = {}  # per job, only when the price depends on the job
+    seeded: set[str] = set()  # keys of jobs with an explicit seed (reuse.explicit_seed)
     for spec in manifest.iter_jobs():
         keys.append(spec.key)
+        if reuse.explicit_seed(spec.inputs):
+            seeded.add(spec.key)
         if unit == "second":
             costs[spec.key] = job_price(price, unit, spec.inputs)
     waiting: set[str] = set()  # recorded, still pending: the run would submit them
@@ -797,15 +832,21 @@ async def plan(opts: RunOptions) -> PlanReport:
                             waiting.add(job.key)
             else:
                 existing = set()
+            to_submit = [k for k in keys if k not in existing or k in waiting]
+            elsewhere = await store.succeeded_elsewhere(manifest.name, to_submit)
+            reusable = sum(1 for k in elsewhere if k in seeded)
+            random_seed = len(elsewhere) - reusable
             _, runs, _ = await store.timings(manifest.name)
             import statistics  # see status()
 
             median_run = statistics.median(runs) if runs else None
     else:
         existing = set()
+        reusable = random_seed = 0
     report = PlanReport(manifest.name, manifest.model_id, len(keys), manifest.duplicates,
                         len(keys) - sum(recorded.values()), recorded, price, median_run, price_unit=unit,
-                        schema_origin=schema.origin if schema else "", balance=balance)
+                        schema_origin=schema.origin if schema else "", balance=balance,
+                        reusable=reusable, random_seed=random_seed)
     if price is not None:
         submit = [k for k in keys if k not in existing or k in waiting]
         each = [costs.get(k) for k in submit] if unit == "second" else [job_price(price, unit, {})] * len(submit)

@@ -241,8 +241,12 @@ def _run_options(f: Any) -> Any:
 @no_schema_option
 @click.option("--dry-run", is_flag=True, help="Show what would happen (see `batchgen plan`); submit nothing.")
 @max_expand_option
+@click.option("--reuse", is_flag=True,
+              help="Jobs identical to ones already succeeded in another batch of the work directory "
+                   "(same model, inputs and an explicit seed) take their outputs (linked) instead of "
+                   "being paid for again.")
 def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, no_schema: bool,
-        max_expand: int,
+        max_expand: int, reuse: bool,
         **kw: Any) -> None:
     """Validate MANIFEST, record its jobs, submit them, and download every output.
 
@@ -266,7 +270,8 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
                               target=_target(kw["api_url"], kw["simulate"], (), kw["balance_url"]))
         _show_plan(opts, kw["concurrency"])
         return
-    _execute_run(kw, manifest=manifest, schema=schema, batch=batch, no_schema=no_schema, max_expand=max_expand)
+    _execute_run(kw, manifest=manifest, schema=schema, batch=batch, no_schema=no_schema, max_expand=max_expand,
+                 reuse=reuse)
 
 
 @main.command()
@@ -608,6 +613,12 @@ def _show_plan(opts: app.RunOptions, concurrency: int) -> None:
     for st, n in _ordered(p.recorded):
         click.echo(f"  already recorded, {st}: {n}")
     click.echo(f"  would submit: {p.to_submit}")
+    if p.reusable:
+        click.echo(f"  identical to jobs already succeeded in other batches: {p.reusable} (run --reuse "
+                   "links their outputs instead of paying again)")
+    if p.random_seed:
+        click.echo(f"  repeating earlier requests with a random seed: {p.random_seed} (new generations, "
+                   "paid for)")
     cost = p.estimated_cost
     if cost is None:
         text = ("unknown (no price from the schema or the API)" if p.price_usd is None

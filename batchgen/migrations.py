@@ -199,6 +199,9 @@ async def m007_cancel_requests_attempts_retired(db: aiosqlite.Connection) -> Non
         # never submitted or retried, and counts, exit codes and advice leave it out. NULL: the
         # manifest still has it.
         "ALTER TABLE jobs ADD COLUMN retired_at REAL",
+        # Jobs by key across batches: the same request already succeeded in another batch
+        # (reuse.py). A key never changes, so the index costs only the insert of a job.
+        "CREATE INDEX jobs_key ON jobs (key)",
     )
 
 

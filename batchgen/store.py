@@ -752,6 +752,32 @@ class Store:
                 out.setdefault(job_id, []).append(Attempt(*rest))
         return out
 
+    async def succeeded_elsewhere(self, batch: str, keys: Sequence[str]) -> dict[str, Job]:
+        """{key: a succeeded job with that key in another batch than ``batch``} (the latest)."""
+        found: dict[str, Job] = {}
+        for i in range(0, len(keys), 500):
+            part = list(keys[i:i + 500])
+            rows = await self._db.execute_fetchall(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE key IN ({', '.join('?' * len(part))}) "
+                "AND batch != ? AND state = 'succeeded' ORDER BY finished_at", (*part, batch))
+            found.update((job.key, job) for job in map(Job.from_row, rows))
+        return found
+
+    async def record_reused(self, job: Job, source: Job, outputs: Sequence[Output]) -> None:
+        """Pending ``job`` takes ``source``'s result: its outputs (files already in place) and
+        its success, in one transaction. Nothing was paid for it (cost 0)."""
+        now = time.time()
+        async with self.atomic() as db:
+            await db.executemany(
+                "INSERT INTO outputs (job_id, idx, kind, url, path, size, sha256, downloaded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(job.id, o.idx, o.kind, o.url, o.path, o.size, o.sha256, now) for o in outputs])
+            await self.transition(
+                job, SUCCEEDED, expect=(PENDING,), detail=f"reused: the result of job {source.key} of "
+                f"batch {source.batch} (request {source.request_id})", cost=0.0, api=source.api,
+                submitted_at=source.submitted_at, started_at=source.started_at,
+                finished_at=source.finished_at)
+
     async def forget(self, jobs: Sequence[Job]) -> int:
         """Remove the records of ``jobs`` (their history, outputs and earlier attempts with
         them), and of their batch once it has no job left; the caller checked that none is at the

@@ -278,3 +278,55 @@ def test_forget_removes_records_not_at_the_provider(samples):
     # A forgotten job still in the manifest is recorded anew by the next run, and submitted.
     again = _cli("run", str(manifest), "--simulate")
     assert again.exit_code == 0 and "1 new job(s) recorded, 1 submitted" in again.output
+
+
+# --- --reuse ---
+
+
+def test_a_renamed_batch_reuses_what_was_already_paid_for(samples):
+    manifest = _manifest(samples / "night.yaml", [1, 2, 3])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    # The same manifest under a new name, with one job of random seed and one new job.
+    import yaml
+
+    data = yaml.safe_load(manifest.read_text())
+    data["name"] = "night-copy"
+    data["jobs"] += [{"seed": 4}]
+    copy = samples / "night-copy.yaml"
+    copy.write_text(yaml.safe_dump(data))
+    plan = _cli("plan", str(copy), "--simulate")
+    assert "identical to jobs already succeeded in other batches: 3 (run --reuse" in plan.output
+    told = _cli("run", str(copy), "--simulate", "--dry-run")
+    assert told.exit_code == 0
+    run = _cli("run", str(copy), "--simulate", "--reuse")
+    assert run.exit_code == 0, run.output
+    assert "3 job(s) reused from other batches" in run.output and "1 submitted" in run.output
+    import sqlite3
+
+    with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
+        pairs = db.execute(
+            "SELECT c.path, o.path FROM jobs jc JOIN outputs c ON c.job_id = jc.id "
+            "LEFT JOIN jobs j ON j.key = jc.key AND j.batch = 'night' LEFT JOIN outputs o ON o.job_id = j.id "
+            "WHERE jc.batch = 'night-copy' ORDER BY jc.seq").fetchall()
+        costs = db.execute("SELECT cost FROM jobs WHERE batch = 'night-copy' ORDER BY seq").fetchall()
+    # The three already paid for: the same files, linked (no second copy on disk); the new one its own.
+    assert [orig is not None for _, orig in pairs] == [True, True, True, False]
+    for path, orig in pairs[:3]:
+        assert os.path.samefile(f"jobs/simulated/{path}", f"jobs/simulated/{orig}")
+    assert [c for (c,) in costs][:3] == [0.0, 0.0, 0.0]
+
+
+def test_random_seed_jobs_are_new_generations(samples):
+    manifest = _manifest(samples / "night.yaml", [-1, 7])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    import yaml
+
+    data = yaml.safe_load(manifest.read_text())
+    data["name"] = "again"
+    copy = samples / "again.yaml"
+    copy.write_text(yaml.safe_dump(data))
+    plan = _cli("plan", str(copy), "--simulate").output
+    assert "succeeded in other batches: 1 (run --reuse" in plan
+    assert "repeating earlier requests with a random seed: 1 (new generations, paid for)" in plan
+    run = _cli("run", str(copy), "--simulate", "--reuse")
+    assert run.exit_code == 0 and "1 job(s) reused" in run.output and "1 submitted" in run.output
