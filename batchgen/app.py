@@ -349,6 +349,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
             if not simulated:
                 await _forget_legacy_simulated(store, workdir)
             if manifest is not None:
+                assert opts.manifest is not None  # the manifest was read from it
                 await store.upsert_batch(
                     manifest.name, manifest.model_id, str(Path(opts.manifest).resolve()),
                     {"image_base_url": manifest.image_base_url},

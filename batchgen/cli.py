@@ -592,7 +592,7 @@ def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim
     Example:
       batchgen plan sample_manifests/quickstart.yaml --simulate
     """
-    kw = {"workdir": workdir, "api_url": api_url, "balance_url": balance_url}
+    kw: dict[str, Any] = {"workdir": workdir, "api_url": api_url, "balance_url": balance_url}
     _apply_config(kw)
     _setup_logging(verbose, False)
     opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema, no_schema=no_schema,
@@ -704,8 +704,8 @@ def _list_models(catalog: Any, note: str, search: str | None, category: str | No
     width = max(len(m) for m in rows)
     cat_width = max(len(r[0]) for r in rows.values())
     for model_id in sorted(rows):
-        cats, price, tag = rows[model_id]
-        click.echo(f"{model_id:<{width}}  {cats:<{cat_width}}  {price}{'  [' + tag + ']' if tag else ''}".rstrip())
+        kinds, price, tag = rows[model_id]
+        click.echo(f"{model_id:<{width}}  {kinds:<{cat_width}}  {price}{'  [' + tag + ']' if tag else ''}".rstrip())
 
 
 def _show_model(found: app.ModelLookup) -> None:

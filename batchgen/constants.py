@@ -183,6 +183,7 @@ MAX_ANSWER_TEXT = 2000
 # The most one job can plausibly cost (Dreamina: cents): a larger reported cost is ignored, as is
 # 1e400, rather than stopping a --max-cost run on garbage.
 MAX_JOB_COST_USD = 10_000.0
+
 # Local input files go inline as base64 data: URIs (inline.py). RunComfy's own client refuses a
 # request body over 64 MiB (its MAX_REQUEST_BYTES); validation refuses such a job before spending,
 # and the simulator answers 413 past it, as a server with that limit would.

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 
 
 class AdaptiveCap:
@@ -18,7 +19,7 @@ class AdaptiveCap:
     """
 
     def __init__(self, maximum: int, minimum: int = 1, cooldown: float = 2.0,
-                 clock: type[time.monotonic] | None = None):  # type: ignore[valid-type]
+                 clock: Callable[[], float] | None = None):
         self.maximum = max(1, maximum)
         self.minimum = max(1, min(minimum, self.maximum))
         self._value = float(self.maximum)

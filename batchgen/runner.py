@@ -542,7 +542,7 @@ class Runner:
     ) -> None:
         self._track(asyncio.create_task(coro), submit=submit, timer=timer)
 
-    def _track(self, task: asyncio.Future[Any], *, submit: bool = False, timer: bool = False) -> None:
+    def _track(self, task: asyncio.Task[Any], *, submit: bool = False, timer: bool = False) -> None:
         self._tasks.add(task)
         if submit:
             self._submits.add(task)
@@ -695,7 +695,7 @@ class Runner:
             # The claim commits 'submitting' (the intent). Run it as a tracked task so that a
             # cancel landing right after its commit cannot lose the jobs: _drain puts claimed but
             # never-sent jobs back to pending.
-            claim = asyncio.ensure_future(self._claim(want))
+            claim = asyncio.create_task(self._claim(want))
             self._track(claim, submit=True)
             self._claiming = True
             try:

@@ -41,7 +41,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,7 @@ class Job:
     submitted_at: float | None
     started_at: float | None
     finished_at: float | None
+    _: KW_ONLY  # from_row fills the fields above from one *row, these two by name
     # ``inputs`` as recorded: JSON text, which a submit sends as it is (None: not read from the
     # store, as in a job built by hand).
     inputs_json: str | None = None
@@ -327,7 +328,7 @@ class Store:
         """Run ``fn(connection, *args)`` in the connection's own thread: a whole operation of
         several statements costs one round trip. aiosqlite has no public call for this; its
         ``_execute`` (the primitive every public method uses) is the one private name used here."""
-        return await self._db._execute(fn, self._db._conn, *args)
+        return await self._db._execute(fn, self._db._conn, *args)  # type: ignore[no-untyped-call]  # private, unannotated
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any], shield: str | None = None) -> Any:
         """Run ``fn(connection)`` in a group commit (see the module docstring) and return its result
@@ -396,6 +397,7 @@ class Store:
             self._last_commit, self._last_group = time.monotonic(), len(group)
             if not group:
                 continue
+            assert results is not None  # the loop above ends with results, or with no group left
             for (_, fut, what), (ok, value) in zip(group, results, strict=True):
                 if fut.done():
                     # Its caller was cancelled meanwhile (the run is being torn down): the write
@@ -575,7 +577,7 @@ class Store:
             "(?, ?, ?, ?, ?) AND retired_at IS NULL GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
             (batch, FAILED, UNKNOWN, TIMED_OUT, CANCELLED, OVERDUE, limit),
         ) as cur:
-            return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+            return [tuple(r) for r in await cur.fetchall()]
 
     async def timings(self, batch: str) -> tuple[list[float], list[float], float]:
         """Queue waits and run times (seconds) of a batch's started jobs, and its total cost."""
@@ -716,7 +718,7 @@ class Store:
             "SELECT at, from_state, to_state, detail FROM job_events WHERE job_id = ? ORDER BY id",
             (job_id,),
         ) as cur:
-            return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+            return [tuple(r) for r in await cur.fetchall()]
 
     async def requeue(self, job: Job, detail: str, *, expect: Sequence[str] = (*TERMINAL, OVERDUE)) -> None:
         """Put a finished (or overdue: `retry --force`) job, one in ``expect``, back to pending for
@@ -1014,7 +1016,8 @@ def _live(group: list[_Queued]) -> list[_Queued]:
 def _filters(
     batches: Sequence[str] | None, states: Sequence[str] | None
 ) -> tuple[str, list[Any]]:
-    clauses, args = [], []
+    clauses: list[str] = []
+    args: list[Any] = []
     if batches is not None:
         clauses.append(f"batch IN ({', '.join('?' * len(batches))})" if batches else "0")
         args.extend(batches)

@@ -438,7 +438,7 @@ class Simulator:
         duration = self.config.duration
         if jitter:
             duration *= 1 + jitter * (2 * self._rng.random() - 1)
-        frames = body.get("frames") if isinstance(body.get("frames"), int) else 121
+        frames = body["frames"] if isinstance(body.get("frames"), int) else 121
         media_key = hashlib.sha256(
             f"{model_id}|{first_image}|{frames}|{schema.output_kind}".encode()
         ).hexdigest()[:20]
