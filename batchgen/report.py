@@ -22,7 +22,7 @@ import pandas as pd
 
 from .app import find_batch
 from .errors import UsageError
-from .store import SIMULATOR_API, Job, Output, Store
+from .store import SIMULATOR_API, Attempt, Job, Output, Store
 from .text import spreadsheet_cell
 
 # Several values in one cell (image lists, several outputs): a separator that never appears in
@@ -34,7 +34,7 @@ HEAD_COLUMNS = ("batch", "key", "seq", "source", "model")
 TAIL_COLUMNS = (
     "simulated", "api", "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
     "queue_wait_s", "run_s", "outputs", "output_paths", "output_sha256", "output_bytes", "cost",
-    "error", "error_code",
+    "error", "error_code", "history", "retired",
 )
 
 # The extensions write_report understands, in the order error messages list them.
@@ -52,12 +52,14 @@ async def build_report(workdir: Path, batch: str, simulated: bool | None = None)
         # One query per job: fine for thousands of jobs; a store method returning a batch's
         # outputs at once would be the step up if reports of 100,000 jobs become common.
         outputs = {job.id: await store.outputs(job.id) for job in jobs}
+        earlier = await store.attempts([job.id for job in jobs])
     root = path.parent.resolve()  # outputs' recorded paths are relative to their store's folder
-    rows = [_row(job, outputs[job.id], root, simulated) for job in jobs]
+    rows = [_row(job, outputs[job.id], root, simulated, earlier.get(job.id, [])) for job in jobs]
     return _frame(rows)
 
 
-def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False) -> dict[str, Any]:
+def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False,
+         earlier: list[Attempt] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"batch": job.batch, "key": job.key, "seq": job.seq, "source": job.source,
                            "model": job.model_id}
     for name, value in sorted(job.inputs.items()):
@@ -85,8 +87,23 @@ def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False) -
         "cost": job.cost,
         "error": job.error,
         "error_code": job.error_code,
+        "history": _history(job, earlier or []),
+        # No longer in the manifest: kept for the record, outside the batch's counts.
+        "retired": job.retired_at is not None,
     })
     return row
+
+
+def _history(job: Job, earlier: list[Attempt]) -> str | None:
+    """Every attempt of a job that was retried, oldest first: "attempt N: request, state: error"
+    joined with JOIN (None: one round only, whose attempt the other columns describe)."""
+    if not earlier:
+        return None
+    rounds = [(a.attempt, a.request_id, a.state, a.error) for a in earlier]
+    if job.attempts > job.attempts_before or job.request_id:
+        rounds.append((job.attempts, job.request_id, job.state, job.error))
+    return JOIN.join(f"attempt {n}: {rid or 'no request id'}, {state}" + (f": {err}" if err else "")
+                     for n, rid, state, err in rounds)
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
