@@ -901,10 +901,12 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
     """
     report = _run_async(app.cancel(workdir, batch, _target(api_url, simulate, sim_faults)))
     if report.handed_to is not None:
+        # The holding run follows only its own batches: if it is not running this one, the queued
+        # jobs are cancelled at the provider by this batch's next run, which sees the request.
         click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled; the batchgen run "
                    f"holding the work directory (pid {report.handed_to}) cancels its queued jobs "
-                   f"at the provider within {C.CANCEL_CHECK_EVERY * 2:g} s (jobs already running "
-                   "are still followed)")
+                   f"at the provider within {C.CANCEL_CHECK_EVERY * 2:g} s if it is running this batch, "
+                   "else the batch's next run does (jobs already running are still followed)")
         return
     click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled, {report.cancelled} "
                f"cancelled at the provider, {report.not_cancellable} already running "
