@@ -6,23 +6,26 @@ Tests call the same functions directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shlex
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import catalog as catalog_mod
 from . import constants as C
+from . import reuse
 from . import store as S
 from .catalog import Catalog
 from .client import RunComfyClient
 from .downloads import discard_partials
-from .errors import BatchgenError, ManifestError, UsageError
+from .errors import BatchgenError, LockedError, ManifestError, UsageError
 from .lock import WorkdirLock
 from .manifest import Manifest, is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary
@@ -62,6 +65,9 @@ class RunOptions:
     no_schema: bool = False
     target: Target = field(default_factory=Target)
     settings: RunSettings = field(default_factory=RunSettings)
+    # Jobs identical to ones already succeeded in another batch (explicit seed) take their
+    # outputs (linked) instead of being paid for again (reuse.py).
+    reuse: bool = False
 
 
 @dataclass
@@ -348,14 +354,25 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     manifest.name, manifest.model_id, str(Path(opts.manifest).resolve()),
                     {"image_base_url": manifest.image_base_url},
                 )
+                keys = [row[0] for row in rows]
                 new_jobs = await store.add_rows(manifest.name, rows)
                 rows.clear()
+                # The manifest says what the batch is: jobs recorded by an earlier version of it
+                # are retired (never submitted or retried; followed if at the provider).
+                retired, back = await store.retire_missing(manifest.name, keys)
+                if (retired or back) and on_notice is not None:
+                    on_notice(f"{manifest.name}: " + ", ".join(
+                        part for part in (
+                            f"{retired} job(s) no longer in the manifest retired" if retired else "",
+                            f"{back} retired job(s) back in the manifest" if back else "") if part),
+                        False)
+                await _reuse(store, folder, manifest.name, opts.reuse, on_notice)
                 batches = [manifest.name]
             elif opts.batch is not None:
                 await _require_batches(store, [opts.batch], folder)
                 batches = [opts.batch]
             else:
-                counts = await store.counts()
+                counts = await store.counts(retired=None)  # a retired job may still be followed
                 # Unfinished batches, and finished ones with files not yet known to be on disk:
                 # after a restart of the machine, the run checks those and fetches what it lost.
                 unflushed = set(await store.unsynced_batches())
@@ -365,14 +382,16 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     or any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.FOLLOWED,
                                                          S.DOWNLOADING))
                 ]
-            await _require_own_api(store, batches, api)
+            # Jobs about to go back to pending (a retry) may go to another API than their first.
+            await _require_own_api(store, batches, api, ignore=opts.retry_states)
             overdue_kept = 0
             if opts.retry_states:
-                for job in await store.jobs(batches, opts.retry_states):
+                await store.clear_cancel(batches)  # a retry resumes a cancelled batch
+                for job in await store.jobs(batches, opts.retry_states, current=True):
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
                     discard_partials(folder / job.batch, job.key)
                 if S.OVERDUE not in opts.retry_states:
-                    overdue_kept = len(await store.jobs(batches, [S.OVERDUE]))
+                    overdue_kept = len(await store.jobs(batches, [S.OVERDUE], current=True))
             async with api_endpoint(opts.target, workdir) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     price = None
@@ -394,7 +413,11 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     if on_runner is not None:
                         on_runner(runner)
                     summary = await runner.run(batches)
-            counts = await store.counts(batches)
+            # `batchgen run` alone answers for the whole work directory, as a run of each manifest
+            # answers for its batch: a batch with nothing left to run still counts (its failed
+            # jobs make the exit code 1 either way).
+            whole = manifest is None and opts.batch is None
+            counts = await store.counts(None if whole else batches)
     finally:
         lock.release()
     return RunOutcome(batches, new_jobs, summary, counts, overdue_kept)
@@ -451,6 +474,31 @@ async def pending_cost(client: RunComfyClient, store: Store, batches: list[str],
     return total, most
 
 
+async def _reuse(store: Store, folder: Path, batch: str, link: bool, on_notice: Any) -> None:
+    """Pending jobs of ``batch`` identical to jobs succeeded in other batches: linked (``link``),
+    or said (--reuse would)."""
+    if len(await store.batches()) < 2:
+        return  # no other batch: nothing to look up
+    matches = await reuse.find(store, batch, await store.jobs([batch], [S.PENDING], current=True))
+    say = on_notice or (lambda text, warning: log.info("%s", text))
+    if matches.random_seed:
+        say(f"{batch}: {matches.random_seed} job(s) repeat earlier requests with a random seed "
+            f"({reuse.RANDOM_SEED}, or none): each is a new generation, submitted", False)
+    if not matches.reusable:
+        return
+    if not link:
+        say(f"{batch}: {len(matches.reusable)} job(s) are identical to jobs already succeeded in other "
+            "batches (same model, inputs and seed): --reuse links their outputs instead of paying again",
+            False)
+        return
+    linked = 0
+    for job in await store.jobs([batch], [S.PENDING], current=True):
+        source = matches.reusable.get(job.id)
+        if source is not None and await reuse.link(store, folder, job, source):
+            linked += 1
+    say(f"{batch}: {linked} job(s) reused from other batches (their outputs linked, nothing paid)", False)
+
+
 async def _forget_legacy_simulated(store: Store, workdir: Path) -> None:
     """A work directory of a batchgen that kept --simulate results in the API's store: the jobs
     the simulator ran there are put back to pending, so that the API runs them (their
@@ -468,10 +516,15 @@ async def _forget_legacy_simulated(store: Store, workdir: Path) -> None:
     path.rename(path.with_name(path.name + ".forgotten"))
 
 
-async def _require_own_api(store: Store, batches: list[str], api: str) -> None:
+async def _require_own_api(store: Store, batches: list[str], api: str,
+                           ignore: tuple[str, ...] = ()) -> None:
     """A run follows, and counts as done, only jobs submitted to its own API: a request id means
-    nothing to another one. A batch with jobs of another API is refused, not mixed."""
-    for batch, per_api in (await store.apis(batches)).items():
+    nothing to another one. A batch with jobs of another API is refused, not mixed. Jobs with
+    nothing left at their API do not count (pending: a refused submit records its API; failed,
+    cancelled, timed out: ended without a result), nor jobs in ``ignore`` (being retried): their
+    next submit, if any, goes to this run's API."""
+    done_with = (S.PENDING, S.FAILED, S.CANCELLED, S.TIMED_OUT, *ignore)
+    for batch, per_api in (await store.apis(batches, exclude=done_with)).items():
         other = {a: n for a, n in per_api.items() if a != api}
         if other:
             (first, n), *_ = sorted(other.items())
@@ -496,6 +549,8 @@ class BatchStatus:
     simulated: bool = False
     apis: list[str] = field(default_factory=list)  # the APIs its jobs were submitted to
     folder: Path | None = None  # where its outputs are
+    # Jobs no longer in the manifest, by state: outside ``counts``, its advice and exit codes.
+    retired: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -505,7 +560,7 @@ class BatchStatus:
         return {
             "name": self.name, "model": self.model_id, "simulated": self.simulated,
             "apis": self.apis, "outputs": str(self.folder) if self.folder else None,
-            "total": self.total, "states": self.counts,
+            "total": self.total, "states": self.counts, "retired": self.retired,
             "failures": [{"state": st, "error": err, "count": n} for st, err, n in self.failures],
             "median_queue_s": self.median_queue_s, "median_run_s": self.median_run_s,
             "spent_usd": round(self.spent_usd, 4), "next_steps": self.next_steps,
@@ -550,28 +605,61 @@ async def find_batch(workdir: Path, batch: str, simulated: bool | None = None) -
     raise UsageError(f"no batch named '{batch}' in {workdir}; known: {', '.join(known) or 'none'}")
 
 
-def _next_steps(name: str, counts: dict[str, int], simulated: bool) -> list[str]:
+@dataclass(frozen=True)
+class Again:
+    """What a command pasted from a `next:` line needs of the options the user gave: the work
+    directory, the simulator or the API, the settings file."""
+
+    workdir: Path | None = None  # None: the default one
+    simulate: bool = False
+    api_url: str | None = None  # None: the default (or RUNCOMFY_API_URL)
+    config: Path | None = None  # batchgen --config FILE
+
+    def command(self, words: str) -> str:
+        """``batchgen WORDS`` with these options, quoted for a shell."""
+        head = "batchgen" + (f" --config {shlex.quote(str(self.config))}" if self.config else "")
+        tail = (f" --workdir {shlex.quote(str(self.workdir))}" if self.workdir is not None else "") + (
+            " --simulate" if self.simulate else "") + (
+            f" --api-url {shlex.quote(self.api_url)}" if self.api_url and not self.simulate else "")
+        return f"{head} {words}{tail}"
+
+    def for_batch(self, simulated: bool, apis: list[str]) -> Again:
+        """These options for a batch run with --simulate or not, against ``apis``: a batch of one
+        API other than the default is continued there."""
+        api = self.api_url
+        if api is None and len(apis) == 1 and apis[0] not in (SIMULATOR_API, C.DEFAULT_API_URL):
+            api = apis[0]
+        return replace(self, simulate=simulated, api_url=api)
+
+
+def next_steps(name: str, counts: dict[str, int], again: Again) -> list[str]:
+    """What to do about a batch's jobs, each with a command to paste as it is."""
     steps = []
-    again = " --simulate" if simulated else ""
+    n = shlex.quote(name)
     if counts.get(S.UNKNOWN):
         steps.append(f"{counts[S.UNKNOWN]} job(s) have an unknown submit outcome (they may exist, and be "
-                     f"billed, at the provider): batchgen retry --unknown {name}{again}")
+                     f"billed, at the provider): {again.command(f'retry --unknown {n}')}")
     failed = counts.get(S.FAILED, 0) + counts.get(S.TIMED_OUT, 0)
     if failed:
-        steps.append(f"{failed} job(s) failed or timed out: batchgen retry {name}{again}")
+        steps.append(f"{failed} job(s) failed or timed out: {again.command(f'retry {n}')}")
     if counts.get(S.OVERDUE):
         steps.append(f"{counts[S.OVERDUE]} job(s) are overdue, still at the provider (billed, and may still "
-                     f"be delivered): batchgen run --batch {name}{again} downloads them once they finish; "
-                     f"batchgen retry --force {name}{again} submits them again (paying again)")
+                     f"be delivered): {again.command(f'run --batch {n}')} downloads them once they finish; "
+                     f"{again.command(f'retry --force {n}')} submits them again (paying again)")
+    if counts.get(S.CANCELLED):
+        steps.append(f"{counts[S.CANCELLED]} job(s) were cancelled: {again.command(f'retry --cancelled {n}')} "
+                     "submits them again")
     unfinished = sum(counts.get(s, 0) for s in S.STATES if s not in S.TERMINAL and s != S.OVERDUE)
     if unfinished:
-        steps.append(f"{unfinished} job(s) are not finished: batchgen run --batch {name}{again}")
+        steps.append(f"{unfinished} job(s) are not finished: {again.command(f'run --batch {n}')}")
     return steps
 
 
-async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchStatus]:
+async def status(workdir: Path, batches: list[str] | None = None, again: Again | None = None) -> list[BatchStatus]:
     """Each batch of ``workdir``: those of runs against an API, then those of --simulate runs
-    (a batch run both ways appears twice)."""
+    (a batch run both ways appears twice). ``again``: the options the user gave, for the
+    commands of the next steps."""
+    again = again or Again()
     import statistics  # here: 3 ms of imports that `batchgen run` would pay at every start
 
     out: list[BatchStatus] = []
@@ -581,6 +669,7 @@ async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchS
             known = await store.batches()
             seen.update(b.name for b in known)
             counts = await store.counts(batches)
+            retired = await store.counts(batches, retired=True)
             apis = await store.apis(batches)
             for b in known:
                 if batches is not None and b.name not in batches:
@@ -591,9 +680,10 @@ async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchS
                     b.name, b.model_id, c, failures=await store.failure_groups(b.name),
                     median_queue_s=statistics.median(waits) if waits else None,
                     median_run_s=statistics.median(runs) if runs else None,
-                    spent_usd=cost, next_steps=_next_steps(b.name, c, simulated),
+                    spent_usd=cost,
+                    next_steps=next_steps(b.name, c, again.for_batch(simulated, sorted(apis.get(b.name, {})))),
                     simulated=simulated, apis=sorted(apis.get(b.name, {})),
-                    folder=path.parent / b.name,
+                    folder=path.parent / b.name, retired=retired.get(b.name, {}),
                 ))
     missing = [b for b in batches or [] if b not in seen]
     if missing:
@@ -608,6 +698,9 @@ class CancelReport:
     cancelled: int = 0  # queued jobs the provider cancelled
     not_cancellable: int = 0  # already running or done: still followed by the next run
     errors: list[str] = field(default_factory=list)
+    # A run held the work directory: the request is in the store, and that run (this pid)
+    # cancels the batch's queued jobs at the provider (Runner._cancel_watch).
+    handed_to: int | str | None = None
 
 
 async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
@@ -617,7 +710,15 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
     report = CancelReport()
     path = _existing_store(workdir, target.simulate)
     lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
-    lock.acquire("cancel")
+    try:
+        lock.acquire("cancel")
+    except LockedError as exc:
+        # A run holds the work directory: the cancel goes through the store, which it reads.
+        async with await Store.open(path) as store:
+            await _require_batches(store, [batch], workdir)
+            report.not_submitted = await store.request_cancel(batch)
+        report.handed_to = exc.pid or "?"
+        return report
     try:
         async with await Store.open(path, api=api_identity(target)) as store:
             await _require_batches(store, [batch], workdir)
@@ -672,6 +773,8 @@ class PlanReport:
     cost_usd: float | None = None  # the jobs to submit, those with a known price
     unpriced: int = 0  # jobs to submit whose cost cannot be estimated (a per-second job without duration)
     schema_origin: str = ""  # "bundled", "catalog", "file", or "" (none: --no-schema)
+    reusable: int = 0  # jobs to submit identical to ones succeeded in other batches (run --reuse)
+    random_seed: int = 0  # jobs to submit repeating earlier requests with a random seed
     balance: BalanceInfo | None = None  # with a token, not under --simulate
 
     @property
@@ -711,8 +814,11 @@ async def plan(opts: RunOptions) -> PlanReport:
     path = existing_store(opts.workdir, opts.target.simulate)
     keys: list[str] = []
     costs: dict[str, float | None] = {}  # per job, only when the price depends on the job
+    seeded: set[str] = set()  # keys of jobs with an explicit seed (reuse.explicit_seed)
     for spec in manifest.iter_jobs():
         keys.append(spec.key)
+        if reuse.explicit_seed(spec.inputs):
+            seeded.add(spec.key)
         if unit == "second":
             costs[spec.key] = job_price(price, unit, spec.inputs)
     waiting: set[str] = set()  # recorded, still pending: the run would submit them
@@ -727,15 +833,21 @@ async def plan(opts: RunOptions) -> PlanReport:
                             waiting.add(job.key)
             else:
                 existing = set()
+            to_submit = [k for k in keys if k not in existing or k in waiting]
+            elsewhere = await store.succeeded_elsewhere(manifest.name, to_submit)
+            reusable = sum(1 for k in elsewhere if k in seeded)
+            random_seed = len(elsewhere) - reusable
             _, runs, _ = await store.timings(manifest.name)
             import statistics  # see status()
 
             median_run = statistics.median(runs) if runs else None
     else:
         existing = set()
+        reusable = random_seed = 0
     report = PlanReport(manifest.name, manifest.model_id, len(keys), manifest.duplicates,
                         len(keys) - sum(recorded.values()), recorded, price, median_run, price_unit=unit,
-                        schema_origin=schema.origin if schema else "", balance=balance)
+                        schema_origin=schema.origin if schema else "", balance=balance,
+                        reusable=reusable, random_seed=random_seed)
     if price is not None:
         submit = [k for k in keys if k not in existing or k in waiting]
         each = [costs.get(k) for k in submit] if unit == "second" else [job_price(price, unit, {})] * len(submit)
@@ -743,3 +855,76 @@ async def plan(opts: RunOptions) -> PlanReport:
         report.unpriced = len(each) - len(known)
         report.cost_usd = sum(known) if known or not each else None
     return report
+
+
+# ---- forget ------------------------------------------------------------------------------------
+
+# States whose jobs `forget` removes: nothing of theirs is at the provider. A retired job goes
+# too, whatever its state, once it is not followed any more.
+FORGETTABLE = (S.PENDING, S.FAILED, S.CANCELLED, S.UNKNOWN, S.TIMED_OUT)
+RETIRED = "retired"  # `forget --state retired`: the jobs no longer in the manifest
+_AT_PROVIDER = (S.SUBMITTING, *S.FOLLOWED, S.DOWNLOADING)
+
+
+@dataclass
+class ForgetPlan:
+    """The jobs `forget` removes (or removed), and where their files are."""
+
+    batch: str
+    simulated: bool
+    folder: Path
+    jobs: list[S.Job]
+    forgotten: int = 0
+    files_deleted: int = 0
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for job in self.jobs:
+            what = f"{RETIRED} {job.state}" if job.retired_at is not None else job.state
+            out[what] = out.get(what, 0) + 1
+        return out
+
+
+def _forgettable(job: S.Job) -> bool:
+    return job.state in FORGETTABLE or (job.retired_at is not None and job.state not in _AT_PROVIDER)
+
+
+async def forget(workdir: Path, batch: str, *, states: tuple[str, ...] = (), keys: tuple[str, ...] = (),
+                 simulated: bool | None = None, delete_files: bool = False,
+                 confirm: Callable[[ForgetPlan], bool] = lambda plan: True) -> ForgetPlan:
+    """Remove the records of ``batch``'s jobs that are not at the provider (in ``states``, with
+    ``keys``; all of them when neither is given), once ``confirm(plan)`` agrees. Their files stay
+    unless ``delete_files``. A key that names no such job is refused before anything is done."""
+    path, simulated = await find_batch(Path(workdir), batch, simulated)
+    lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
+    lock.acquire("forget")
+    try:
+        async with await Store.open(path) as store:
+            jobs = await store.jobs([batch])
+            by_key = {j.key: j for j in jobs}
+            for key in keys:
+                job = by_key.get(key)
+                if job is None:
+                    raise UsageError(f"batch '{batch}' has no job with key '{printable(key)}'")
+                if not _forgettable(job):
+                    raise UsageError(f"job {key} is {job.state}: "
+                                     + ("at the provider (it is paid for): not forgotten"
+                                        if job.state in _AT_PROVIDER else "done: not forgotten"))
+            chosen = [j for j in jobs if _forgettable(j)
+                      and (not states or j.state in states or (RETIRED in states and j.retired_at is not None))
+                      and (not keys or j.key in keys)]
+            plan = ForgetPlan(batch, simulated, path.parent / batch, chosen)
+            if not chosen or not confirm(plan):
+                return plan
+            files = [path.parent / o.path for j in chosen for o in await store.outputs(j.id) if o.path]
+            plan.forgotten = await store.forget(chosen)
+        if delete_files:
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    plan.files_deleted += 1
+            for job in chosen:
+                discard_partials(plan.folder, job.key)
+    finally:
+        lock.release()
+    return plan

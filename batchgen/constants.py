@@ -98,6 +98,9 @@ DEFAULT_JOB_TIMEOUT = 6 * 3600.0
 # How often a run still asks about an overdue job while it has other work (it no longer keeps the
 # run alive): a late job is downloaded by the run it finishes in, at one call a minute.
 OVERDUE_POLL_INTERVAL = 60.0
+# How often a run reads the store for a `batchgen cancel` given while it runs (seconds): one
+# indexed read of the small batches table, and the cancel is carried out within two seconds.
+CANCEL_CHECK_EVERY = 1.0
 # A request id handed out a moment ago may not be known yet to the server a poll reaches (nothing
 # promises the provider's servers agree at once): a 404001 this soon after its submit is asked
 # again, not believed. Two minutes: far beyond any replication lag, short against a job's minutes.

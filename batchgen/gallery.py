@@ -63,7 +63,8 @@ async def build_gallery(workdir: Path, batch: str, simulated: bool | None = None
         async with await Store.open(path) as store:
             info = await store.batch(batch)
             assert info is not None  # find_batch found it
-            counts = (await store.counts([batch])).get(batch, {})
+            # Of every job the page shows, retired ones (no longer in the manifest) included.
+            counts = (await store.counts([batch], retired=None)).get(batch, {})
             schema = find_schema(info.model_id)
             image_fields = set(schema.image_fields()) if schema else set(IMAGE_ALIASES)
             thumbs = Thumbnails(page.parent)

@@ -29,7 +29,7 @@ import pandas as pd
 from . import constants as C
 from .app import find_batch
 from .errors import UsageError
-from .store import SIMULATOR_API, Job, Output, Store
+from .store import SIMULATOR_API, Attempt, Job, Output, Store
 from .text import spreadsheet_cell
 
 T = TypeVar("T")
@@ -43,7 +43,7 @@ HEAD_COLUMNS = ("batch", "key", "seq", "source", "model")
 TAIL_COLUMNS = (
     "simulated", "api", "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
     "queue_wait_s", "run_s", "outputs", "output_paths", "output_sha256", "output_bytes", "cost",
-    "error", "error_code",
+    "error", "error_code", "history", "retired",
 )
 
 # The extensions write_report understands, in the order error messages list them.
@@ -90,10 +90,12 @@ async def report_chunks(workdir: Path, batch: str, simulated: bool | None = None
 # schema, so only the inputs and notes need a look at the jobs.
 _FIXED_KINDS: dict[str, set[type]] = {
     **{c: {str} for c in ("batch", "key", "source", "model", "api", "request_id", "state", "created_at",
-                          "submitted_at", "started_at", "finished_at", "output_paths", "output_sha256", "error")},
+                          "submitted_at", "started_at", "finished_at", "output_paths", "output_sha256", "error",
+                          "history")},
     **{c: {int} for c in ("seq", "attempts", "outputs", "output_bytes", "error_code")},
     **{c: {float} for c in ("queue_wait_s", "run_s", "cost")},
     "simulated": {bool},
+    "retired": {bool},
 }
 # SQLite's json_each types, as the Python values json.loads makes of them.
 _JSON_KINDS: dict[str, type] = {"integer": int, "real": float, "text": str, "true": bool, "false": bool}
@@ -102,7 +104,8 @@ _JSON_KINDS: dict[str, type] = {"integer": int, "real": float, "text": str, "tru
 async def _rows(store: Store, batch: str, root: Path, simulated: bool,
                 chunk: int) -> AsyncIterator[list[dict[str, Any]]]:
     async for part in prefetched(store.iter_jobs_with_outputs(batch, chunk)):
-        yield [_row(job, outputs, root, simulated) for job, outputs in part]
+        earlier = await store.attempts([job.id for job, _ in part])
+        yield [_row(job, outputs, root, simulated, earlier.get(job.id, [])) for job, outputs in part]
 
 
 async def prefetched(source: AsyncIterator[T]) -> AsyncIterator[T]:
@@ -130,7 +133,8 @@ async def build_report(workdir: Path, batch: str, simulated: bool | None = None)
     return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
 
-def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False) -> dict[str, Any]:
+def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False,
+         earlier: list[Attempt] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"batch": job.batch, "key": job.key, "seq": job.seq, "source": job.source,
                            "model": job.model_id}
     for name, value in sorted(job.inputs.items()):
@@ -159,8 +163,23 @@ def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False) -
         "cost": job.cost,
         "error": job.error,
         "error_code": job.error_code,
+        "history": _history(job, earlier or []),
+        # No longer in the manifest: kept for the record, outside the batch's counts.
+        "retired": job.retired_at is not None,
     })
     return row
+
+
+def _history(job: Job, earlier: list[Attempt]) -> str | None:
+    """Every attempt of a job that was retried, oldest first: "attempt N: request, state: error"
+    joined with JOIN (None: one round only, whose attempt the other columns describe)."""
+    if not earlier:
+        return None
+    rounds = [(a.attempt, a.request_id, a.state, a.error) for a in earlier]
+    if job.attempts > job.attempts_before or job.request_id:
+        rounds.append((job.attempts, job.request_id, job.state, job.error))
+    return JOIN.join(f"attempt {n}: {rid or 'no request id'}, {state}" + (f": {err}" if err else "")
+                     for n, rid, state, err in rounds)
 
 
 def _columns(kinds: dict[str, set[type]]) -> list[str]:

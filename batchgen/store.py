@@ -96,16 +96,19 @@ REMOTE_ACTIVE = (IN_QUEUE, IN_PROGRESS)
 # Jobs with a request id whose result may still come: polled by every run.
 FOLLOWED = (*REMOTE_ACTIVE, OVERDUE)
 TERMINAL = (SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
+# Jobs whose recorded inputs a rerun of the manifest refreshes: not at the provider, not done;
+# their next submit (pending) or retry sends them.
+REFRESHABLE = (PENDING, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
 
 _JOB_COLUMNS = (
     "id, batch, key, seq, model_id, source, inputs_json, meta_json, state, attempts, request_id, "
     "queue_position, error, error_code, cost, not_before, created_at, updated_at, submitted_at, "
-    "started_at, finished_at, api"
+    "started_at, finished_at, api, attempts_before, retired_at"
 )
 # Columns a transition may set besides state.
 _SETTABLE = {
     "attempts", "request_id", "queue_position", "error", "error_code", "cost", "not_before",
-    "submitted_at", "started_at", "finished_at", "api",
+    "submitted_at", "started_at", "finished_at", "api", "attempts_before",
 }
 
 
@@ -140,12 +143,24 @@ class Job:
     inputs_json: str | None = None
     # The API it was submitted to: SIMULATOR_API or a base URL (None: not yet, or not recorded).
     api: str | None = None
+    # The attempts it had before its latest `retry` (the automatic retries of a round count
+    # ``attempts - attempts_before``; ``attempts`` goes on from one round to the next).
+    attempts_before: int = 0
+    # When its spec left the manifest (None: still in it). See m007.
+    retired_at: float | None = None
+
+    @property
+    def round_attempts(self) -> int:
+        """Attempts since the latest `retry` (or since it was recorded)."""
+        return self.attempts - self.attempts_before
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Job:
-        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest, api) = row
+        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest, api, before,
+         retired_at) = row
         return cls(id_, batch, key, seq, model_id, source, json.loads(inputs_json),
-                   json.loads(meta_json), *rest, inputs_json=inputs_json, api=api)
+                   json.loads(meta_json), *rest, inputs_json=inputs_json, api=api,
+                   attempts_before=before, retired_at=retired_at)
 
 
 @dataclass
@@ -159,6 +174,21 @@ class Output:
     path: str | None
     size: int | None
     sha256: str | None
+
+
+@dataclass
+class Attempt:
+    """One earlier attempt of a job, put aside by a `retry`."""
+
+    attempt: int
+    request_id: str | None
+    api: str | None
+    state: str
+    error: str | None
+    error_code: int | None
+    cost: float | None
+    submitted_at: float | None
+    finished_at: float | None
 
 
 @dataclass
@@ -444,10 +474,18 @@ class Store:
 
     async def add_rows(self, batch: str, rows: Iterable[tuple[Any, ...]]) -> int:
         """Record job rows (see job_row) in chunks, one transaction each; return how many were new.
-        INSERT OR IGNORE on (batch, key): re-recording a grown manifest adds only its new jobs."""
+        INSERT OR IGNORE on (batch, key): re-recording a grown manifest adds only its new jobs.
+        A job already recorded that is not at the provider nor done (REFRESHABLE) takes the
+        inputs the manifest now gives: the same key is the same generation (a local file is
+        keyed by its content), but how it is sent (image_base_url, or inline) may have been
+        fixed since, and its next submit or retry sends what the manifest says now."""
         added = 0
         now = time.time()
         chunk: list[tuple[Any, ...]] = []
+        # A batch recorded for the first time has nothing to refresh: its rows skip that pass.
+        rows_before = await self._db.execute_fetchall("SELECT 1 FROM jobs WHERE batch = ? LIMIT 1", (batch,))
+        refresh_sql = (f"UPDATE jobs SET inputs_json = ?3 WHERE batch = ?1 AND key = ?2 AND inputs_json != ?3 "
+                       f"AND state IN ({', '.join(repr(s) for s in REFRESHABLE)})")
 
         async def flush() -> None:
             nonlocal added
@@ -462,6 +500,8 @@ class Store:
                     chunk,
                 )
                 added += db.total_changes - before
+                if rows_before:
+                    await db.executemany(refresh_sql, ((r[0], r[1], r[5]) for r in chunk))
             chunk.clear()
 
         for row in rows:
@@ -470,6 +510,28 @@ class Store:
                 await flush()
         await flush()
         return added
+
+    async def retire_missing(self, batch: str, keys: Iterable[str]) -> tuple[int, int]:
+        """The manifest of ``batch`` now has exactly ``keys``: its other jobs are retired, and
+        retired ones whose key is back are current again. Returns (retired now, brought back)."""
+        now = time.time()
+        async with self.atomic() as db:
+            await db.execute("CREATE TEMP TABLE IF NOT EXISTS manifest_keys (key TEXT PRIMARY KEY)")
+            await db.execute("DELETE FROM manifest_keys")
+            await db.executemany("INSERT OR IGNORE INTO manifest_keys (key) VALUES (?)",
+                                 ((k,) for k in keys))
+            cur = await db.execute(
+                "UPDATE jobs SET retired_at = ?1, updated_at = ?1, detail = 'retired: no longer in the manifest' "
+                "WHERE batch = ?2 AND retired_at IS NULL AND key NOT IN (SELECT key FROM manifest_keys)",
+                (now, batch))
+            retired = cur.rowcount
+            cur = await db.execute(
+                "UPDATE jobs SET retired_at = NULL, updated_at = ?, detail = 'back in the manifest' "
+                "WHERE batch = ? AND retired_at IS NOT NULL AND key IN (SELECT key FROM manifest_keys)",
+                (now, batch))
+            back = cur.rowcount
+            await db.execute("DELETE FROM manifest_keys")
+        return retired, back
 
     # ---- reading jobs --------------------------------------------------------------------------
 
@@ -481,9 +543,13 @@ class Store:
         return Job.from_row(row)
 
     async def jobs(
-        self, batches: Sequence[str] | None = None, states: Sequence[str] | None = None
+        self, batches: Sequence[str] | None = None, states: Sequence[str] | None = None, *,
+        current: bool = False,
     ) -> list[Job]:
+        """Jobs of ``batches`` in ``states`` (None: all), retired ones too unless ``current``."""
         where, args = _filters(batches, states)
+        if current:
+            where += " AND retired_at IS NULL"
         async with self._db.execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY batch, seq", args
         ) as cur:
@@ -526,9 +592,13 @@ class Store:
         async with self._db.execute("SELECT DISTINCT meta_json FROM jobs WHERE batch = ?", (batch,)) as cur:
             return [json.loads(r[0]) for r in await cur.fetchall()]
 
-    async def counts(self, batches: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
-        """{batch: {state: count}} over the given batches (all when None)."""
+    async def counts(self, batches: Sequence[str] | None = None, *,
+                     retired: bool | None = False) -> dict[str, dict[str, int]]:
+        """{batch: {state: count}} over the given batches (all when None): of the jobs still in
+        their manifest (``retired`` False), of the retired ones (True), or of all (None)."""
         where, args = _filters(batches, None)
+        if retired is not None:
+            where += " AND retired_at IS " + ("NOT NULL" if retired else "NULL")
         async with self._db.execute(
             f"SELECT batch, state, COUNT(*) FROM jobs {where} GROUP BY batch, state", args
         ) as cur:
@@ -541,7 +611,7 @@ class Store:
         """(state, error, count) of a batch's unsuccessful (or overdue) jobs, most common first."""
         async with self._db.execute(
             "SELECT state, COALESCE(error, ''), COUNT(*) FROM jobs WHERE batch = ? AND state IN "
-            "(?, ?, ?, ?, ?) GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
+            "(?, ?, ?, ?, ?) AND retired_at IS NULL GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
             (batch, FAILED, UNKNOWN, TIMED_OUT, CANCELLED, OVERDUE, limit),
         ) as cur:
             return [tuple(r) for r in await cur.fetchall()]
@@ -559,10 +629,15 @@ class Store:
         runs = [r[1] for r in rows if r[1] is not None]
         return waits, runs, float(cost)
 
-    async def apis(self, batches: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+    async def apis(self, batches: Sequence[str] | None = None,
+                   exclude: Sequence[str] = ()) -> dict[str, dict[str, int]]:
         """{batch: {api: jobs}}: the APIs the batches' jobs were submitted to (Job.api; jobs
-        never submitted, or submitted before batchgen kept track, are not counted)."""
+        never submitted, or submitted before batchgen kept track, are not counted, nor jobs in
+        the states ``exclude``)."""
         where, args = _filters(batches, None)
+        if exclude:
+            where += f" AND state NOT IN ({', '.join('?' * len(exclude))})"
+            args.extend(exclude)
         rows = await self._db.execute_fetchall(
             f"SELECT batch, api, COUNT(*) FROM jobs {where} AND api IS NOT NULL GROUP BY batch, api",
             args,
@@ -610,9 +685,11 @@ class Store:
         (UPDATE … RETURNING): atomic, and one round trip however many slots just came free."""
         where, args = _filters(batches, [PENDING])
         # The API is part of the intent: whatever the submit leads to belongs to that API.
+        # A batch whose cancel was requested is never claimed from: the request and the claim
+        # are both writes, so SQLite orders them, and no job is sent after its cancel.
         sql = f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
                       detail = 'attempt ' || (attempts + 1), api = COALESCE(?, api)
-                  WHERE id IN (SELECT id FROM jobs {where}
+                  WHERE id IN (SELECT id FROM jobs {where} AND {_NOT_CANCELLED} AND retired_at IS NULL
                                AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?)
                   RETURNING {_JOB_COLUMNS}"""
         params = (now, self.api, *args, now, max(1, limit))
@@ -629,7 +706,9 @@ class Store:
         """When the earliest pending job may be tried (0 for now), or None if none is pending."""
         where, args = _filters(batches, [PENDING])
         async with self._db.execute(
-            f"SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs {where}", args
+            f"SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs {where} AND {_NOT_CANCELLED} "
+            "AND retired_at IS NULL",
+            args
         ) as cur:
             n, earliest = await cur.fetchone()  # type: ignore[misc]
         return None if n == 0 else float(earliest)
@@ -680,15 +759,120 @@ class Store:
 
     async def requeue(self, job: Job, detail: str, *, expect: Sequence[str] = (*TERMINAL, OVERDUE)) -> None:
         """Put a finished (or overdue: `retry --force`) job, one in ``expect``, back to pending for
-        a user-requested retry. Its history stays; its request id, API, outputs and error are
-        cleared so the next submit starts afresh."""
+        a user-requested retry. Its history stays: the attempt it ended with is kept in
+        ``job_attempts`` (attempts()) and its attempt count goes on; its request id, API, outputs
+        and error are cleared so the next submit starts afresh."""
         async with self.atomic() as db:
+            if job.attempts > 0 or job.request_id is not None:
+                await db.execute(
+                    """INSERT INTO job_attempts (job_id, attempt, request_id, api, state, error,
+                           error_code, cost, submitted_at, finished_at, retried_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (job.id, job.attempts, job.request_id, job.api, job.state, job.error,
+                     job.error_code, job.cost, job.submitted_at, job.finished_at, time.time()),
+                )
             await db.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
             await self.transition(
-                job, PENDING, expect=expect, detail=detail, attempts=0, request_id=None,
-                queue_position=None, error=None, error_code=None, cost=None, not_before=None,
-                submitted_at=None, started_at=None, finished_at=None, api=None,
+                job, PENDING, expect=expect, detail=detail, attempts_before=job.attempts,
+                request_id=None, queue_position=None, error=None, error_code=None, cost=None,
+                not_before=None, submitted_at=None, started_at=None, finished_at=None, api=None,
             )
+
+    async def attempts(self, job_ids: Sequence[int]) -> dict[int, list[Attempt]]:
+        """{job id: its earlier attempts, oldest first} (those a `retry` put aside)."""
+        out: dict[int, list[Attempt]] = {}
+        for i in range(0, len(job_ids), 500):
+            part = list(job_ids[i:i + 500])
+            rows = await self._db.execute_fetchall(
+                "SELECT job_id, attempt, request_id, api, state, error, error_code, cost, "
+                f"submitted_at, finished_at FROM job_attempts WHERE job_id IN ({', '.join('?' * len(part))}) "
+                "ORDER BY job_id, rowid", part)
+            for job_id, *rest in rows:
+                out.setdefault(job_id, []).append(Attempt(*rest))
+        return out
+
+    async def succeeded_elsewhere(self, batch: str, keys: Sequence[str]) -> dict[str, Job]:
+        """{key: a succeeded job with that key in another batch than ``batch``} (the latest)."""
+        found: dict[str, Job] = {}
+        for i in range(0, len(keys), 500):
+            part = list(keys[i:i + 500])
+            rows = await self._db.execute_fetchall(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE key IN ({', '.join('?' * len(part))}) "
+                "AND batch != ? AND state = 'succeeded' ORDER BY finished_at", (*part, batch))
+            found.update((job.key, job) for job in map(Job.from_row, rows))
+        return found
+
+    async def record_reused(self, job: Job, source: Job, outputs: Sequence[Output]) -> None:
+        """Pending ``job`` takes ``source``'s result: its outputs (files already in place) and
+        its success, in one transaction. Nothing was paid for it (cost 0)."""
+        now = time.time()
+        async with self.atomic() as db:
+            await db.executemany(
+                "INSERT INTO outputs (job_id, idx, kind, url, path, size, sha256, downloaded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(job.id, o.idx, o.kind, o.url, o.path, o.size, o.sha256, now) for o in outputs])
+            await self.transition(
+                job, SUCCEEDED, expect=(PENDING,), detail=f"reused: the result of job {source.key} of "
+                f"batch {source.batch} (request {source.request_id})", cost=0.0, api=source.api,
+                submitted_at=source.submitted_at, started_at=source.started_at,
+                finished_at=source.finished_at)
+
+    async def forget(self, jobs: Sequence[Job]) -> int:
+        """Remove the records of ``jobs`` (their history, outputs and earlier attempts with
+        them), and of their batch once it has no job left; the caller checked that none is at the
+        provider. Returns how many jobs were removed."""
+        ids = [(j.id,) for j in jobs]
+        batches = sorted({j.batch for j in jobs})
+        async with self.atomic() as db:
+            for table in ("job_events", "outputs", "job_attempts"):
+                await db.executemany(f"DELETE FROM {table} WHERE job_id = ?", ids)
+            before = db.total_changes
+            await db.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            removed = db.total_changes - before
+            await db.executemany("DELETE FROM batches WHERE name = ? AND NOT EXISTS "
+                                 "(SELECT 1 FROM jobs WHERE batch = batches.name)", [(b,) for b in batches])
+        return removed
+
+    # ---- cancel requests (from another process, while a run holds the work directory) ------------
+
+    async def request_cancel(self, batch: str) -> int:
+        """Record that ``batch`` is cancelled, and cancel its pending jobs, in one transaction:
+        from then on no run claims a job of it (claim_many), and a run following its jobs
+        cancels them at the provider (cancel_requests). Returns the pending jobs cancelled."""
+        now = time.time()
+        cancel = self._cancel_pending_sql([batch])
+
+        def apply(conn: sqlite3.Connection) -> int:
+            conn.execute("UPDATE batches SET cancel_requested_at = ? WHERE name = ?", (now, batch))
+            return cancel(conn)
+
+        return int(await self._write(apply))
+
+    async def cancel_pending(self, batches: Sequence[str]) -> int:
+        """Pending jobs of ``batches`` become cancelled (never submitted); returns how many. A group
+        write (not atomic()): the runner calls it from a task that may be cancelled."""
+        return int(await self._write(self._cancel_pending_sql(batches)))
+
+    @staticmethod
+    def _cancel_pending_sql(batches: Sequence[str]) -> Callable[[sqlite3.Connection], int]:
+        where, args = _filters(batches, [PENDING])
+        sql = (f"UPDATE jobs SET state = 'cancelled', updated_at = ?, error = 'cancelled before submit', "
+               f"detail = 'cancelled by the user before submit' {where}")
+        return lambda conn: conn.execute(sql, (time.time(), *args)).rowcount
+
+    async def cancel_requests(self, batches: Sequence[str] | None = None) -> dict[str, float]:
+        """{batch: when its cancel was requested} of ``batches`` (None: all) with one waiting."""
+        where, args = _filters(batches, None)
+        rows = await self._db.execute_fetchall(
+            f"SELECT name, cancel_requested_at FROM batches {where.replace('batch IN', 'name IN')} "
+            "AND cancel_requested_at IS NOT NULL", args)
+        return {name: at for name, at in rows}
+
+    async def clear_cancel(self, batches: Sequence[str]) -> None:
+        """The cancel requests of ``batches`` are carried out (or withdrawn by a `retry`)."""
+        where, args = _filters(batches, None)
+        sql = f"UPDATE batches SET cancel_requested_at = NULL {where.replace('batch IN', 'name IN')}"
+        await self._write(lambda conn: conn.execute(sql, args))
 
     # ---- outputs -------------------------------------------------------------------------------
 
@@ -840,6 +1024,10 @@ UNSYNCED_BATCHES_SQL = (
     "SELECT DISTINCT jobs.batch " + _UNSYNCED_FROM
     + "WHERE o.unsynced_boot IS NOT NULL ORDER BY jobs.batch"
 )
+
+
+# Jobs of batches whose cancel was requested are never claimed (see claim_many).
+_NOT_CANCELLED = ("batch NOT IN (SELECT name FROM batches WHERE cancel_requested_at IS NOT NULL)")
 
 
 def _file_identity(path: Path) -> tuple[int, int]:

@@ -280,3 +280,47 @@ def test_a_bug_outside_the_event_loop_is_one_error_line(done, monkeypatch):
     monkeypatch.setenv("BATCHGEN_TRACEBACK", "1")
     with pytest.raises(KeyError):
         cli("status")
+
+
+def test_a_run_with_and_without_its_manifest_agree_on_the_exit_code(samples):
+    manifest = str(samples / "quickstart.yaml")
+    assert cli("run", manifest, "--simulate").exit_code == 0
+    import sqlite3
+
+    with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
+        db.execute("UPDATE jobs SET state='timed_out', error='not finished in time' WHERE rowid = 1")
+    with_manifest, alone = cli("run", manifest, "--simulate"), cli("run", "--simulate")
+    assert with_manifest.exit_code == alone.exit_code == 1, alone.output
+    assert "quickstart: 5 succeeded, 1 timed_out" in alone.output
+
+
+def test_next_lines_paste_as_they_are(samples, tmp_path):
+    import shlex
+
+    config = tmp_path / "my settings.toml"
+    config.write_text("concurrency = 2\n")
+    work = tmp_path / "other work"
+    run = cli("--config", str(config), "run", str(samples / "quickstart.yaml"), "--simulate",
+              "--workdir", str(work), "--sim-fault", "script.submit=fail")
+    assert run.exit_code == 1
+    (line,) = [ln for ln in run.output.splitlines() if "next:" in ln]
+    command = line.split(": ", 2)[2]
+    assert command == (f"batchgen --config {shlex.quote(str(config))} retry quickstart "
+                       f"--workdir {shlex.quote(str(work))} --simulate")
+    status = cli("--config", str(config), "status", "--workdir", str(work)).output
+    assert f"next: 1 job(s) failed or timed out: {command}" in status
+    pasted = cli(*shlex.split(command)[1:])
+    assert pasted.exit_code == 0 and "quickstart: 6 succeeded" in pasted.output
+
+
+async def test_next_lines_carry_the_api_the_batch_ran_against(tmp_path, simulator):
+    from conftest import image_manifest
+
+    from batchgen import app
+
+    sim = await simulator(faults=["script.submit=fail"])
+    manifest = image_manifest(tmp_path, sim, "night", 1)
+    await app.run(app.RunOptions(workdir=tmp_path / "jobs", manifest=manifest,
+                                 target=app.Target(api_url=sim.base_url, token="t")))
+    (night,) = await app.status(tmp_path / "jobs")
+    assert night.next_steps == [f"1 job(s) failed or timed out: batchgen retry night --api-url {sim.base_url}"]

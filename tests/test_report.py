@@ -30,7 +30,7 @@ COLUMNS = [
     "meta._tags", "meta._take", "meta.matrix.frames",
     "simulated", "api", "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
     "queue_wait_s", "run_s", "outputs", "output_paths", "output_sha256", "output_bytes", "cost", "error",
-    "error_code",
+    "error_code", "history", "retired",
 ]
 
 

@@ -79,10 +79,14 @@ async def test_the_runners_queries_search_an_index(tmp_path):
     with sqlite3.connect(path) as db:
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'"
                                             " AND name NOT LIKE 'sqlite_autoindex%'")}
-        assert indexes == {"jobs_batch_state_seq"}
+        # jobs_key: reuse's lookup across batches (a key never changes: no upkeep but the insert)
+        assert indexes == {"jobs_batch_state_seq", "jobs_key"}
         for sql in (
             "SELECT id FROM jobs WHERE batch IN (?) AND state IN (?) AND (not_before IS NULL OR not_before <= ?) "
             "ORDER BY seq LIMIT ?",  # claim_many
+            "SELECT id FROM jobs WHERE batch IN (?) AND state IN (?) AND batch NOT IN (SELECT name FROM batches "
+            "WHERE cancel_requested_at IS NOT NULL) AND retired_at IS NULL "
+            "AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?",  # claim_many as it is
             "SELECT id FROM jobs WHERE batch IN (?, ?) AND state IN (?, ?) ORDER BY batch, seq",  # jobs()
             "SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs WHERE batch IN (?) AND state IN (?)",
         ):
@@ -585,3 +589,14 @@ def test_a_new_store_file_is_never_left_empty(tmp_path):
     before = path.read_bytes()
     create_store(path)  # there already: left alone
     assert path.read_bytes() == before
+
+
+async def test_a_job_done_or_at_the_provider_keeps_the_inputs_it_was_sent_with(store):
+    await store.upsert_batch("b", "m", None, {})
+    await store.add_rows("b", [("k1", 0, "m", "", '{"image":"old"}', "{}"),
+                               ("k2", 1, "m", "", '{"image":"old"}', "{}")])
+    (done, waiting) = await store.jobs(["b"])
+    await store.transition(done, S.SUCCEEDED)
+    assert await store.add_rows("b", [("k1", 0, "m", "", '{"image":"new"}', "{}"),
+                                      ("k2", 1, "m", "", '{"image":"new"}', "{}")]) == 0
+    assert [j.inputs for j in await store.jobs(["b"])] == [{"image": "old"}, {"image": "new"}]
