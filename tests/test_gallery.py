@@ -331,6 +331,7 @@ async def test_gallery_in_headless_chromium(samples, tmp_path):
         # The manifest's HTML is shown as text, never run.
         assert await page.evaluate("window.pwned === undefined")
         assert await page.evaluate("document.querySelector('.card .prompt').textContent") == NASTY
+        assert await page.evaluate("document.querySelectorAll('.card .badge.sim').length") == 6
 
         png = tmp_path / "gallery.png"
         shot = await page.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
