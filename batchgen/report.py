@@ -291,7 +291,7 @@ class Sink:
             writer = csv.writer(self.fh, lineterminator="\n")
             if first:
                 writer.writerow(df.columns)
-            writer.writerows(zip(*_plain_columns(_for_spreadsheets(df)), strict=True))
+            writer.writerows(zip(*_plain_columns(df, spreadsheet=True), strict=True))
         elif self.ext in (".json", ".jsonl"):
             assert self.fh is not None
             columns = list(df.columns)
@@ -382,11 +382,15 @@ def _for_spreadsheets(df: pd.DataFrame) -> pd.DataFrame:
     out = df.copy()
     for col in out.columns:
         if out[col].dtype == object and col not in _SAFE_COLUMNS:
-            # The usual cell (printable, no formula start) is kept without a call: 100,000 jobs
-            # have a million text cells.
-            out[col] = pd.Series([v if v.__class__ is not str or (v.isprintable() and not v.startswith(FORMULA_START))
-                                  else spreadsheet_cell(v) for v in out[col].tolist()], index=out.index, dtype=object)
+            out[col] = pd.Series(_spreadsheet_cells(out[col].tolist()), index=out.index, dtype=object)
     return out
+
+
+def _spreadsheet_cells(values: list[Any]) -> list[Any]:
+    # The usual cell (printable, no formula start) is kept without a call: 100,000 jobs have a
+    # million text cells.
+    return [v if v.__class__ is not str or (v.isprintable() and not v.startswith(FORMULA_START))
+            else spreadsheet_cell(v) for v in values]
 
 
 # Text that batchgen itself writes, never a formula: hex keys and digests, states, ISO times.
@@ -394,16 +398,23 @@ _SAFE_COLUMNS = frozenset({"key", "state", "created_at", "submitted_at", "starte
                            "output_sha256"})
 
 
-def _plain_columns(df: pd.DataFrame) -> list[list[Any]]:
+def _plain_columns(df: pd.DataFrame, spreadsheet: bool = False) -> list[list[Any]]:
     """Each column as plain Python values, every missing one None: what json.dumps writes as
-    recorded (DataFrame.to_json would write "file:\\/\\/\\/..." and 42.0 for nullable integers).
+    recorded (DataFrame.to_json would write "file:\\/\\/\\/..." and 42.0 for nullable integers);
+    with ``spreadsheet``, text made safe for one (_for_spreadsheets, without copying the frame).
     Column by column: a cell at a time through pandas costs seconds for 100,000 jobs."""
     columns = []
     for col in df.columns:
         series = df[col]
+        values = series.tolist()  # Python ints, floats and bools, never numpy scalars
+        if series.dtype == object:
+            # Objects are text or None here (_frame), never NaN: no mask to compute.
+            if spreadsheet and col not in _SAFE_COLUMNS:
+                values = _spreadsheet_cells(values)
+            columns.append(values)
+            continue
         missing = series.isna().tolist()
-        # tolist() gives Python ints, floats and bools, never numpy scalars.
-        columns.append([None if m else v for v, m in zip(series.tolist(), missing, strict=True)])
+        columns.append([None if m else v for v, m in zip(values, missing, strict=True)])
     return columns
 
 
