@@ -602,8 +602,10 @@ async def test_eight_scouts_with_distinct_phases_and_a_heir_takes_the_free_slot(
                 runner._schedule(job, now + 5.0)
             assert sorted(runner._scouts.values()) == list(range(C.SCOUTS))
             assert set(runner._scouts) == {j.id for j in jobs[:C.SCOUTS]}
-            # a non-scout's first poll is the planner's; a scout's is its own moment
-            assert runner._poll_delay(jobs[-1], 0.0) == 5.0
+            # a non-scout waits for what the scouts teach (asked only at max_poll_interval, then
+            # at twice its time out); a scout's first poll is its own moment
+            assert runner._poll_delay(jobs[-1], 0.0) == runner.s.max_poll_interval
+            assert runner._poll_delay(jobs[-1], 100.0) == 100.0
             assert runner._poll_delay(jobs[3], 0.0) < 0.02
             # scout 3 leaves without teaching a duration: the oldest non-scout inherits slot 3
             runner._leave_provider(jobs[3])
