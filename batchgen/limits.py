@@ -147,7 +147,11 @@ class AdaptiveCap:
         seen running, which may be below the limit, so it only ever raises it). Fixed: None."""
         if not self.auto:
             return None
-        if self.limit is not None or self._last_decrease > float("-inf"):
+        if self.limit is not None:
+            # The limit plus its headroom, not the cap of the moment: in a steady run it goes a
+            # job or two above that whenever the queue ran dry, and comes back at the next wait.
+            return min(self.value, self.limit + headroom(self.limit)), True
+        if self._last_decrease > float("-inf"):
             return self.value, True
         return (self.proven, False) if self.proven else None
 
