@@ -297,6 +297,7 @@ class Runner:
         # Testers (AdaptiveCap.wants_tester) asked about soon after their submit: job id -> the
         # cap it was submitted under. At most one at a time.
         self._testers: dict[int, int] = {}
+        self._last_tester = 0.0  # when the last one was sent (time.time())
         # Every API call of the run takes a token first (the client does it in one place); no
         # bucket at all when there is no limit.
         self.client.limiter = TokenBucket(self.s.rate) if self.s.rate > 0 else None
@@ -809,9 +810,11 @@ class Runner:
         self._emit(S.IN_QUEUE, job, f"submitted as {request_id}")
         self._enlist_scout(job)
         delay = self._poll_delay(job, 0.0)
-        if not self._testers and self.cap.wants_tester(len(self._holding)):
+        if (not self._testers and self.cap.wants_tester(len(self._holding))
+                and (self.cap.growing or now - self._last_tester >= C.AUTO_STEADY_TEST_EVERY)):
             # It filled the cap: whether it runs at once says whether all of the cap runs.
             self._testers[job.id] = self.cap.value
+            self._last_tester = now
             delay = min(delay, C.AUTO_PROBE_DELAY)
         self._schedule(job, now + delay)
 
