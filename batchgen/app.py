@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import catalog as catalog_mod
 from . import constants as C
 from . import store as S
+from .catalog import Catalog
 from .client import RunComfyClient
 from .downloads import discard_partials
 from .errors import BatchgenError, ManifestError, UsageError
 from .lock import WorkdirLock
-from .manifest import is_loopback_host, load_manifest
-from .runner import EventSink, Runner, RunSettings, RunSummary, local_file_resolver
-from .schema import find_schema
+from .manifest import Manifest, is_loopback_host, load_manifest
+from .runner import EventSink, Runner, RunSettings, RunSummary
+from .schema import ModelSchema, SchemaError, find_schema, job_price
 from .store import Store
 from .text import printable
 from .validate import ValidationResult, validate_manifest
@@ -37,9 +39,10 @@ class Target:
     """Where API calls go: the real API, or a simulator started for this run."""
 
     api_url: str | None = None
-    token: str | None = None  # None: read RUNCOMFY_API_TOKEN
+    token: str | None = None  # None: read RUNCOMFY_API_TOKEN, else RUNCOMFY_TOKEN
     simulate: bool = False
     sim_config: Any = None  # simulator.SimConfig when simulate
+    balance_url: str | None = None  # None: RUNCOMFY_BALANCE_URL, else derived (resolve_balance_url)
 
 
 @dataclass
@@ -52,6 +55,9 @@ class RunOptions:
     retry_states: tuple[str, ...] = ()
     schema: Path | None = None
     max_expand: int = C.DEFAULT_MAX_EXPAND  # most jobs the manifest may expand to
+    # A model with no schema anywhere (bundled, catalog, --schema) runs with its inputs unchecked
+    # instead of being refused. A model that has a schema is still checked against it.
+    no_schema: bool = False
     target: Target = field(default_factory=Target)
     settings: RunSettings = field(default_factory=RunSettings)
 
@@ -70,13 +76,36 @@ def store_path(workdir: Path) -> Path:
     return Path(workdir) / C.STORE_FILENAME
 
 
+def token_source(target: Target) -> tuple[str, str]:
+    """(token, where it came from) — the name of the variable, never the value; ("", "") if none."""
+    if target.token is not None:
+        return target.token.strip(), "the caller"
+    for name in (C.TOKEN_ENV, C.TOKEN_ENV_FALLBACK):
+        token = os.environ.get(name, "").strip()
+        if token:
+            return token, name
+    return "", ""
+
+
+_TOLD_SOURCES: set[str] = set()  # said once per process: a command may open the API twice
+
+
+def _say_token_source(source: str) -> None:
+    if source not in _TOLD_SOURCES:
+        _TOLD_SOURCES.add(source)
+        log.info("API token from %s", source)
+
+
+def has_token(target: Target) -> bool:
+    return bool(token_source(target)[0])
+
+
 def resolve_token(target: Target) -> str:
-    token = target.token if target.token is not None else os.environ.get(C.TOKEN_ENV, "")
-    token = token.strip()
+    token, _ = token_source(target)
     if not token:
         raise UsageError(
-            f"no API token: set {C.TOKEN_ENV} in the environment (or use --simulate to run "
-            "against the built-in simulator)"
+            f"no API token: set {C.TOKEN_ENV} (or {C.TOKEN_ENV_FALLBACK}) in the environment (or use "
+            "--simulate to run against the built-in simulator)"
         )
     return token
 
@@ -94,21 +123,161 @@ def resolve_api_url(target: Target) -> str:
     return url
 
 
-async def validate(
-    manifest_path: Path, *, schema: Path | None = None, simulate: bool = False,
-    batch: str | None = None, max_expand: int = C.DEFAULT_MAX_EXPAND,
-) -> ValidationResult:
-    """Expand and check a manifest; never submits anything."""
-    manifest = load_manifest(manifest_path, batch=batch, schema_path=schema, max_expand=max_expand)
-    return await validate_manifest(manifest, allow_local_files=simulate)
+def resolve_balance_url(target: Target, api_url: str) -> str:
+    """The balance endpoint: given (option, config, RUNCOMFY_BALANCE_URL), else, for an API on a
+    loopback address (a standalone simulator), the same origin at RunComfy's path, else RunComfy's."""
+    given = target.balance_url or os.environ.get(C.BALANCE_URL_ENV)
+    if given:
+        return given
+    parts = urlsplit(api_url)
+    if is_loopback_host(parts.hostname):
+        return f"{parts.scheme}://{parts.netloc}{C.BALANCE_PATH}"
+    return C.DEFAULT_BALANCE_URL
+
+
+# ---- model schemas: bundled, else RunComfy's catalog ----------------------------------------------
+
+
+@dataclass
+class ModelLookup:
+    """Where a model's schema was found, if anywhere, and what the user should be told."""
+
+    model_id: str
+    schema: ModelSchema | None
+    catalog: Catalog | None = None
+    note: str = ""  # why the catalog is stale or missing
+    error: str = ""  # the catalog's schema for it exists but cannot be used
+
+    def problem(self) -> str:
+        """The manifest problem when no schema was found."""
+        if self.error:
+            return f"model '{self.model_id}': {self.error}"
+        return f"unknown model '{self.model_id}'" + catalog_mod.unknown_model_note(
+            self.model_id, self.catalog, self.note)
 
 
 @asynccontextmanager
-async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIterator[tuple[str, str, Any]]:
-    """(base_url, token, publish) for the run: a simulator started on a free loopback port under
-    --simulate, else the configured API. ``publish`` serves local files (simulator only)."""
+async def catalog_client(target: Target) -> AsyncIterator[tuple[RunComfyClient | None, str, bool]]:
+    """(client or None without a token, API URL, whether to cache): the catalog is read from the
+    API the run would use. The in-process simulator's catalog is not cached."""
+    if not target.simulate and not has_token(target):
+        yield None, resolve_api_url(target), True
+        return
+    async with api_endpoint(target) as (base_url, token):
+        async with RunComfyClient(base_url, token) as client:
+            yield client, base_url, not target.simulate
+
+
+async def open_catalog(target: Target, workdir: Path, refresh: bool = False) -> tuple[Catalog | None, str]:
+    """The catalog (cached, or fetched when stale or on ``refresh``) and a note if it is not fresh."""
+    async with catalog_client(target) as (client, api_url, cache):
+        return await catalog_mod.current(client, workdir if cache else None, api_url, refresh)
+
+
+async def find_model(model_id: str, target: Target, workdir: Path, refresh: bool = False) -> ModelLookup:
+    """The model's schema: bundled (no network), else from RunComfy's catalog (cached for a day),
+    else from the model's own catalog entry (a model newer than the cache)."""
+    bundled = find_schema(model_id)
+    if bundled is not None and not refresh:
+        return ModelLookup(model_id, bundled)
+    async with catalog_client(target) as (client, api_url, cache):
+        catalog, note = await catalog_mod.current(client, workdir if cache else None, api_url, refresh)
+        if bundled is not None:
+            return ModelLookup(model_id, bundled, catalog, note)
+        entry = catalog.entries.get(model_id) if catalog is not None else None
+        if entry is None and client is not None:  # newer than the cache, or the listing failed
+            try:
+                entry = await catalog_mod.model_entry(client, model_id)
+            except BatchgenError as exc:
+                log.info("no catalog entry of its own for %s: %s", model_id, exc)
+    if entry is None:
+        return ModelLookup(model_id, None, catalog, note)
+    try:
+        return ModelLookup(model_id, entry.schema(), catalog, note)
+    except SchemaError as exc:
+        return ModelLookup(model_id, None, catalog, note, error=f"RunComfy's catalog schema cannot be used: {exc}")
+
+
+async def prepare_manifest(path: Path, *, batch: str | None, schema: Path | None, target: Target,
+                           workdir: Path, max_expand: int = C.DEFAULT_MAX_EXPAND,
+                           ) -> tuple[Manifest, ModelLookup | None]:
+    """Load a manifest and give it its model's schema: a schema file or a bundled one as loaded,
+    else the catalog's. The lookup is returned when the catalog was asked (for its problem and
+    notes), None when the manifest had its schema without it."""
+    manifest = load_manifest(path, batch=batch, schema_path=schema, max_expand=max_expand)
+    manifest.check_workdir(workdir)
+    if manifest.schema is not None or schema is not None or any(
+            p.field in ("schema", "model") for p in manifest.problems):
+        return manifest, None
+    found = await find_model(manifest.model_id, target, workdir)
+    if found.schema is not None:
+        manifest.use_schema(found.schema)
+        if found.note:  # a stale cache served; without a schema the manifest's problem says it
+            log.warning("%s", found.note)
+    return manifest, found
+
+
+async def check_manifest(opts: RunOptions, **kw: Any) -> tuple[Manifest, ValidationResult]:
+    """``prepare_manifest`` then ``validate_manifest`` (``kw`` goes to the latter)."""
+    assert opts.manifest is not None
+    manifest, found = await prepare_manifest(opts.manifest, batch=opts.batch, schema=opts.schema,
+                                             target=opts.target, workdir=Path(opts.workdir),
+                                             max_expand=opts.max_expand)
+    result = await validate_manifest(
+        manifest, no_schema=opts.no_schema,
+        model_problem=found.problem() if found is not None and found.schema is None else None, **kw)
+    return manifest, result
+
+
+async def validate(opts: RunOptions) -> ValidationResult:
+    """Expand and check a manifest; never submits anything. Needs the network only for a model
+    batchgen does not bundle whose catalog entry is not cached."""
+    return (await check_manifest(opts))[1]
+
+
+# ---- the account -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BalanceInfo:
+    """The account's balance, or why it is unknown."""
+
+    balance_usd: float | None
+    currency: str = "USD"
+    error: str | None = None
+
+    def describe(self, cost: float | None) -> tuple[str, str | None]:
+        """(the balance line, a warning or None) beside an estimated cost."""
+        if self.balance_usd is None:
+            return "balance: unknown", f"could not read the account's balance: {self.error}"
+        line = f"balance: ${self.balance_usd:,.2f} {self.currency}"
+        if cost is None:
+            return line, None
+        if cost > self.balance_usd + 1e-9:
+            return line, (f"the balance (${self.balance_usd:,.2f}) cannot cover the estimated cost "
+                          f"(${cost:,.2f}): jobs beyond it will be refused")
+        return line + f", covers the estimated ${cost:,.2f}", None
+
+
+async def account_balance(client: RunComfyClient, target: Target) -> BalanceInfo:
+    """The balance from RunComfy's wallet endpoint; a failure is a BalanceInfo with its error
+    (a warning for the user), never an exception: the run does not depend on it."""
+    url = resolve_balance_url(target, client.base_url)
+    try:
+        answer = await client.balance(url)
+    except BatchgenError as exc:
+        return BalanceInfo(None, error=str(exc))
+    return BalanceInfo(answer.balance_usd, answer.currency)
+
+
+@asynccontextmanager
+async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIterator[tuple[str, str]]:
+    """(base_url, token) for the run: a simulator started on a free loopback port under
+    --simulate, else the configured API. Local files reach both the same way: inline."""
     if not target.simulate:
-        yield resolve_api_url(target), resolve_token(target), None
+        token = resolve_token(target)
+        _say_token_source(token_source(target)[1])
+        yield resolve_api_url(target), token
         return
     from .simulator import SimConfig, Simulator
 
@@ -123,31 +292,33 @@ async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIter
     sim = Simulator(config)
     await sim.start()
     try:
-        yield sim.base_url, config.token, sim.publish_file
+        yield sim.base_url, config.token
     finally:
         await sim.stop()
 
 
 async def run(opts: RunOptions, on_event: EventSink | None = None,
-              on_runner: Any = None) -> RunOutcome:
+              on_runner: Any = None, on_notice: Any = None) -> RunOutcome:
     """Validate (if a manifest is given), record, and run jobs to completion or a stop.
 
     ``on_runner(runner)`` is called once the runner exists, so the CLI can wire signals to it.
+    ``on_notice(text, warning)`` shows what the user should know before jobs go (the balance).
     """
     workdir = Path(opts.workdir)
     new_jobs = 0
     manifest = None
+    schemas: dict[str, ModelSchema | None] = {}
     if opts.manifest is not None:
-        manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema,
-                                 max_expand=opts.max_expand)
-        manifest.check_workdir(workdir)
         # One expansion serves both: jobs are kept as compact rows while they are checked, and
         # recorded only if the whole manifest passed.
         rows: list[tuple[Any, ...]] = []
-        result = await validate_manifest(manifest, allow_local_files=opts.target.simulate,
-                                         collect=lambda spec: rows.append(Store.job_row(spec)))
+        manifest, result = await check_manifest(opts, collect=lambda spec: rows.append(Store.job_row(spec)))
         if result.problems:
             raise ManifestError(result.problems)
+        schemas[manifest.name] = manifest.schema
+        if manifest.schema is None and on_notice is not None:
+            on_notice(f"{manifest.name}: model {manifest.model_id} has no schema: its inputs are NOT "
+                      "checked (--no-schema)", True)
     if not opts.target.simulate:
         resolve_api_url(opts.target)  # fail before taking the lock or touching the store
         resolve_token(opts.target)
@@ -185,14 +356,22 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     discard_partials(workdir / job.batch, job.key)
                 if S.OVERDUE not in opts.retry_states:
                     overdue_kept = len(await store.jobs(batches, [S.OVERDUE]))
-            async with api_endpoint(opts.target, workdir) as (base_url, token, publish):
+            async with api_endpoint(opts.target, workdir) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     price = None
-                    if opts.settings.max_cost is not None:
-                        price = await price_estimate(client, store, batches)
+                    # The account preflight: a real account only (the in-process simulator has
+                    # none), and only a warning: the API itself refuses what the wallet cannot pay.
+                    preflight = not opts.target.simulate and on_notice is not None
+                    if opts.settings.max_cost is not None or preflight:
+                        cost, price = await pending_cost(client, store, batches, schemas)
+                        if preflight:
+                            line, warning = (await account_balance(client, opts.target)).describe(cost)
+                            on_notice(line + ("" if cost is not None else " (estimated cost unknown)"), False)
+                            if warning:
+                                on_notice(warning, True)
                     runner = Runner(
                         store, client, workdir, opts.settings,
-                        resolve_inputs=local_file_resolver(publish), on_event=on_event,
+                        on_event=on_event,
                         price_estimate=price,
                         # A --simulate run's simulator listens on a new port each time: one API.
                         api_key="simulator" if opts.target.simulate else None,
@@ -206,26 +385,55 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
     return RunOutcome(batches, new_jobs, summary, counts, overdue_kept)
 
 
-async def price_estimate(client: RunComfyClient, store: Store, batches: list[str]) -> float | None:
-    """A job's likely price for budgeting: the API's model info (seen in RunComfy's own nodes),
-    else the bundled schema's, else None (the runner then learns it from the first result)."""
-    prices = []
+async def model_price(client: RunComfyClient, model_id: str,
+                      schema: ModelSchema | None) -> tuple[float | None, str | None]:
+    """(price, price_unit) of a model: the API's model info (seen in RunComfy's own nodes), else
+    the schema's (bundled, or the catalog's), else (None, None)."""
+    try:
+        info = await client.model_info(model_id)
+        if info.base_price_usd is not None:
+            return info.base_price_usd, info.price_unit
+    except BatchgenError as exc:
+        log.info("no price from the API for %s: %s", model_id, exc)
+    schema = schema if schema is not None else find_schema(model_id)
+    if schema is not None and schema.base_price_usd is not None:
+        return schema.base_price_usd, schema.price_unit
+    return None, None
+
+
+async def pending_cost(client: RunComfyClient, store: Store, batches: list[str],
+                       schemas: dict[str, ModelSchema | None]) -> tuple[float | None, float | None]:
+    """(what the batches' pending jobs will likely cost, or None if any price is unknown; the
+    likeliest price of one job for budgeting, or None, then the runner learns it from the first
+    result). A per-second price is applied to each job's own duration."""
+    total: float | None = 0.0
+    most: float | None = None
+    counts = await store.counts(batches)
     for b in batches:
         batch = await store.batch(b)
         if batch is None:
             continue
-        try:
-            info = await client.model_info(batch.model_id)
-            price = info.base_price_usd
-        except BatchgenError as exc:
-            log.info("no price from the API for %s: %s", batch.model_id, exc)
-            price = None
+        price, unit = await model_price(client, batch.model_id, schemas.get(b))
+        pending = counts.get(b, {}).get(S.PENDING, 0)
         if price is None:
-            schema = find_schema(batch.model_id)
-            price = schema.base_price_usd if schema else None
-        if price is not None:
-            prices.append(price)
-    return max(prices) if prices else None
+            total = None if pending else total
+            continue
+        if unit == "second":
+            for job in await store.jobs([b], [S.PENDING, *S.REMOTE_ACTIVE]):
+                each = job_price(price, unit, job.inputs)
+                if each is not None:
+                    most = max(most or 0.0, each)
+                if job.state == S.PENDING and total is not None:
+                    total = None if each is None else total + each
+        else:
+            each = job_price(price, unit, {})
+            if each is None:
+                total = None if pending else total
+                continue
+            most = max(most or 0.0, each)
+            if total is not None:
+                total += each * pending
+    return total, most
 
 
 @dataclass
@@ -335,7 +543,7 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
             remote = await store.jobs([batch], S.FOLLOWED)
             if not remote:
                 return report
-            async with api_endpoint(target, Path(workdir)) as (base_url, token, _publish):
+            async with api_endpoint(target, Path(workdir)) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     for job in remote:
                         assert job.request_id is not None
@@ -370,12 +578,17 @@ class PlanReport:
     duplicates: int
     new: int
     recorded: dict[str, int]  # jobs of the manifest already in the store, by state
-    price_usd: float | None  # per job, when known
+    price_usd: float | None  # per job, or per second with price_unit "second", when known
     median_run_s: float | None  # from earlier runs of this batch
+    price_unit: str | None = None
+    cost_usd: float | None = None  # the jobs to submit, those with a known price
+    unpriced: int = 0  # jobs to submit whose cost cannot be estimated (a per-second job without duration)
+    schema_origin: str = ""  # "bundled", "catalog", "file", or "" (none: --no-schema)
+    balance: BalanceInfo | None = None  # with a token, not under --simulate
 
     @property
     def estimated_cost(self) -> float | None:
-        return None if self.price_usd is None else self.price_usd * self.to_submit
+        return self.cost_usd
 
     @property
     def to_submit(self) -> int:
@@ -389,17 +602,32 @@ class PlanReport:
 
 async def plan(opts: RunOptions) -> PlanReport:
     """What `run` would do with this manifest, without submitting or recording anything."""
-    assert opts.manifest is not None
-    manifest = load_manifest(opts.manifest, batch=opts.batch, schema_path=opts.schema,
-                                 max_expand=opts.max_expand)
-    manifest.check_workdir(opts.workdir)
-    result = await validate_manifest(manifest, allow_local_files=opts.target.simulate)
+    manifest, result = await check_manifest(opts)
     if result.problems:
         raise ManifestError(result.problems)
+    schema = manifest.schema
+    price, unit = (schema.base_price_usd, schema.price_unit) if schema else (None, None)
+    balance = None
+    if opts.target.simulate or has_token(opts.target):
+        try:
+            async with api_endpoint(opts.target) as (base_url, token):
+                async with RunComfyClient(base_url, token) as client:
+                    if price is None:
+                        price, unit = await model_price(client, manifest.model_id, schema)
+                    if not opts.target.simulate:
+                        balance = await account_balance(client, opts.target)
+        except BatchgenError as exc:
+            log.info("no price for %s: %s", manifest.model_id, exc)
     recorded: dict[str, int] = {}
     median_run = None
     path = store_path(opts.workdir)
-    keys = [spec.key for spec in manifest.iter_jobs()]
+    keys: list[str] = []
+    costs: dict[str, float | None] = {}  # per job, only when the price depends on the job
+    for spec in manifest.iter_jobs():
+        keys.append(spec.key)
+        if unit == "second":
+            costs[spec.key] = job_price(price, unit, spec.inputs)
+    waiting: set[str] = set()  # recorded, still pending: the run would submit them
     if path.exists():
         async with await Store.open(path) as store:
             existing = await store.existing_keys(manifest.name, keys)
@@ -407,17 +635,23 @@ async def plan(opts: RunOptions) -> PlanReport:
                 for job in await store.jobs([manifest.name]):
                     if job.key in existing:
                         recorded[job.state] = recorded.get(job.state, 0) + 1
+                        if job.state == S.PENDING:
+                            waiting.add(job.key)
+            else:
+                existing = set()
             _, runs, _ = await store.timings(manifest.name)
             import statistics  # see status()
 
             median_run = statistics.median(runs) if runs else None
-    price = manifest.schema.base_price_usd if manifest.schema else None
-    if price is None and (opts.target.simulate or opts.target.token or os.environ.get(C.TOKEN_ENV)):
-        try:
-            async with api_endpoint(opts.target) as (base_url, token, _publish):
-                async with RunComfyClient(base_url, token) as client:
-                    price = (await client.model_info(manifest.model_id)).base_price_usd
-        except BatchgenError as exc:
-            log.info("no price for %s: %s", manifest.model_id, exc)
-    return PlanReport(manifest.name, manifest.model_id, len(keys), manifest.duplicates,
-                      len(keys) - sum(recorded.values()), recorded, price, median_run)
+    else:
+        existing = set()
+    report = PlanReport(manifest.name, manifest.model_id, len(keys), manifest.duplicates,
+                        len(keys) - sum(recorded.values()), recorded, price, median_run, price_unit=unit,
+                        schema_origin=schema.origin if schema else "", balance=balance)
+    if price is not None:
+        submit = [k for k in keys if k not in existing or k in waiting]
+        each = [costs.get(k) for k in submit] if unit == "second" else [job_price(price, unit, {})] * len(submit)
+        known = [c for c in each if c is not None]
+        report.unpriced = len(each) - len(known)
+        report.cost_usd = sum(known) if known or not each else None
+    return report

@@ -169,14 +169,32 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 # ---- run ---------------------------------------------------------------------------------------
 
 
-def _target_options(f: Any) -> Any:
-    f = click.option("--sim-fault", "sim_faults", multiple=True, metavar="SPEC",
-                     help="With --simulate: inject a simulator fault, e.g. fail=0.3 (see batchgen simulate).")(f)
+def _api_options(f: Any) -> Any:
+    """Where the API is: what every command that may call it takes, the catalog included."""
     f = click.option("--api-url", envvar=C.API_URL_ENV,
                      help=f"API base URL [env {C.API_URL_ENV}].")(f)
     f = click.option("--simulate", is_flag=True,
                      help="Use a built-in simulator on a free loopback port (no account, no network).")(f)
     return f
+
+
+def _target_options(f: Any) -> Any:
+    f = click.option("--sim-fault", "sim_faults", multiple=True, metavar="SPEC",
+                     help="With --simulate: inject a simulator fault, e.g. fail=0.3 (see batchgen simulate).")(f)
+    return _api_options(f)
+
+
+balance_url_option = click.option(
+    "--balance-url", envvar=C.BALANCE_URL_ENV,
+    help=f"The account balance endpoint [env {C.BALANCE_URL_ENV}; default {C.DEFAULT_BALANCE_URL}, or the "
+         "same origin as a loopback --api-url]. The token is sent there only if it is the API's host or "
+         "a RunComfy host.")
+
+
+no_schema_option = click.option(
+    "--no-schema", is_flag=True,
+    help="Run a model that has no schema at all (not bundled, not in RunComfy's catalog) with its "
+         "inputs unchecked, instead of refusing it.")
 
 
 def _run_options(f: Any) -> Any:
@@ -209,6 +227,7 @@ def _run_options(f: Any) -> Any:
         click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
                      show_default=True, help="json: one JSON object per line, for log collectors."),
         click.option("--verbose", "-v", count=True, help="More detail (-vv for debug)."),
+        balance_url_option,
     ]):
         f = opt(f)
     return _target_options(f)
@@ -220,9 +239,11 @@ def _run_options(f: Any) -> Any:
               help="Model schema file to validate against (for models batchgen does not bundle).")
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
 @_run_options
+@no_schema_option
 @click.option("--dry-run", is_flag=True, help="Show what would happen (see `batchgen plan`); submit nothing.")
 @max_expand_option
-def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, max_expand: int,
+def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, no_schema: bool,
+        max_expand: int,
         **kw: Any) -> None:
     """Validate MANIFEST, record its jobs, submit them, and download every output.
 
@@ -239,11 +260,15 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
     if dry_run:
         if manifest is None:
             raise click.UsageError("--dry-run needs a MANIFEST")
+        _apply_config(kw)
+        _setup_logging(kw["verbose"], kw["quiet"])
+        opts = app.RunOptions(workdir=kw["workdir"], manifest=manifest, batch=batch, schema=schema,
+                              no_schema=no_schema, max_expand=max_expand,
+                              target=_target(kw["api_url"], kw["simulate"], (), kw["balance_url"]))
         auto, concurrency = _concurrency(kw["concurrency"])
-        _show_plan(manifest, schema, batch, kw["workdir"], kw["simulate"], kw["api_url"],
-                   C.DEFAULT_CONCURRENCY if auto else concurrency, max_expand)
+        _show_plan(opts, C.DEFAULT_CONCURRENCY if auto else concurrency)
         return
-    _execute_run(kw, manifest=manifest, schema=schema, batch=batch, max_expand=max_expand)
+    _execute_run(kw, manifest=manifest, schema=schema, batch=batch, no_schema=no_schema, max_expand=max_expand)
 
 
 @main.command()
@@ -289,7 +314,8 @@ def _apply_config(kw: dict[str, Any]) -> None:
         log.info("settings from %s: %s", source, ", ".join(settings))
 
 
-def _target(api_url: str | None, simulate: bool, sim_faults: tuple[str, ...]) -> app.Target:
+def _target(api_url: str | None, simulate: bool, sim_faults: tuple[str, ...],
+            balance_url: str | None = None) -> app.Target:
     if sim_faults and not simulate:
         raise click.UsageError("--sim-fault goes with --simulate")
     sim_config = None
@@ -300,7 +326,7 @@ def _target(api_url: str | None, simulate: bool, sim_faults: tuple[str, ...]) ->
             sim_config = SimConfig(faults=FaultConfig.parse(list(sim_faults)))
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--sim-fault") from None
-    return app.Target(api_url=api_url, simulate=simulate, sim_config=sim_config)
+    return app.Target(api_url=api_url, simulate=simulate, sim_config=sim_config, balance_url=balance_url)
 
 
 def _tune_gc() -> None:
@@ -336,7 +362,8 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
             rate_window=kw.get("download_rate_window", C.DOWNLOAD_RATE_WINDOW)),
     )
     opts = app.RunOptions(
-        workdir=kw["workdir"], target=_target(kw["api_url"], kw["simulate"], kw["sim_faults"]),
+        workdir=kw["workdir"],
+        target=_target(kw["api_url"], kw["simulate"], kw["sim_faults"], kw["balance_url"]),
         settings=settings, **opts_kw,
     )
     log_file = _open_log_file(kw["log_file"]) if kw["log_file"] else None
@@ -399,10 +426,15 @@ async def _run_with_signals(opts: app.RunOptions, view: _RunView) -> app.RunOutc
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         with view:
-            return await app.run(opts, on_event=view.on_event, on_runner=on_runner)
+            return await app.run(opts, on_event=view.on_event, on_runner=on_runner, on_notice=_notice)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def _notice(text: str, warning: bool) -> None:
+    """What a run says before its jobs go (the balance): on stderr, with the run's other lines."""
+    click.echo(f"{'warning: ' if warning else ''}{printable(text)}", err=True)
 
 
 class _RunView:
@@ -505,61 +537,95 @@ def _duration(text: str, option: str) -> float:
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--schema", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Model schema file to validate against.")
-@click.option("--simulate", is_flag=True,
-              help="Validate for a --simulate run (local image files need no image_base_url).")
+@workdir_option
+@_api_options
+@no_schema_option
 @max_expand_option
-def validate(manifest: Path, schema: Path | None, simulate: bool, max_expand: int) -> None:
+@click.option("--verbose", "-v", count=True, help="More detail (-vv for debug).")
+def validate(manifest: Path, schema: Path | None, workdir: Path, api_url: str | None, simulate: bool,
+             no_schema: bool, max_expand: int, verbose: int) -> None:
     """Check MANIFEST against the model's schema without submitting anything.
 
-    Every problem is listed at once, each with its file, row or line, and field.
+    Every problem is listed at once, each with its file, row or line, and field. A model batchgen
+    does not bundle is looked up in RunComfy's catalog (cached in the work directory for a day).
+    With --simulate, local image files need no image_base_url.
 
     \b
     Example:
       batchgen validate sample_manifests/quickstart.yaml --simulate
     """
-    result = _run_async(app.validate(manifest, schema=schema, simulate=simulate, max_expand=max_expand))
+    _setup_logging(verbose, False)
+    opts = app.RunOptions(workdir=workdir, manifest=manifest, schema=schema, no_schema=no_schema,
+                          max_expand=max_expand, target=_target(api_url, simulate, ()))
+    result = _run_async(app.validate(opts))
     if result.problems:
         _fail(str(ManifestError(result.problems)), EXIT_USAGE)
     dup = f" ({result.duplicates} duplicate(s) collapsed)" if result.duplicates else ""
-    click.echo(f"{manifest}: {result.jobs} job(s), all valid{dup}")
+    unchecked = " (no schema for the model: inputs NOT checked, --no-schema)" if result.schema is None else ""
+    click.echo(f"{manifest}: {result.jobs} job(s), all valid{dup}{unchecked}")
 
 
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @workdir_option
 @_target_options
+@balance_url_option
 @click.option("--schema", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Model schema file to validate against.")
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
 @click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
               show_default=True, help="The concurrency the run would use (for the duration estimate).")
+@no_schema_option
 @max_expand_option
+@click.option("--verbose", "-v", count=True, help="More detail (-vv for debug).")
 def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim_faults: tuple[str, ...],
-         schema: Path | None, batch: str | None, concurrency: int, max_expand: int) -> None:
+         balance_url: str | None, schema: Path | None, batch: str | None, concurrency: int, no_schema: bool,
+         max_expand: int, verbose: int) -> None:
     """Show what `batchgen run MANIFEST` would do: jobs in the manifest, how many are new and how
-    many already recorded, estimated cost and duration. Submits and records nothing.
+    many already recorded, estimated cost and duration, and (with an API token) the account's
+    balance beside the cost. Submits and records nothing.
 
     \b
     Example:
       batchgen plan sample_manifests/quickstart.yaml --simulate
     """
-    _show_plan(manifest, schema, batch, workdir, simulate, api_url, concurrency, max_expand)
+    kw = {"workdir": workdir, "api_url": api_url, "balance_url": balance_url}
+    _apply_config(kw)
+    _setup_logging(verbose, False)
+    opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema, no_schema=no_schema,
+                          max_expand=max_expand,
+                          target=_target(kw["api_url"], simulate, sim_faults, kw["balance_url"]))
+    _show_plan(opts, concurrency)
 
 
-def _show_plan(manifest: Path, schema: Path | None, batch: str | None, workdir: Path, simulate: bool,
-               api_url: str | None, concurrency: int, max_expand: int) -> None:
-    opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema, max_expand=max_expand,
-                          target=app.Target(api_url=api_url, simulate=simulate))
+def _show_plan(opts: app.RunOptions, concurrency: int) -> None:
     p = _run_async(app.plan(opts))
     dup = f", {p.duplicates} duplicate row(s) collapsed" if p.duplicates else ""
     click.echo(f"{p.batch} ({p.model_id}): {p.jobs} job(s) in the manifest{dup}")
+    if not p.schema_origin:
+        click.echo("  schema: none: inputs are NOT checked (--no-schema)")
+    elif p.schema_origin == "catalog":
+        click.echo("  schema: from RunComfy's catalog")
     click.echo(f"  new: {p.new}")
     for st, n in _ordered(p.recorded):
         click.echo(f"  already recorded, {st}: {n}")
     click.echo(f"  would submit: {p.to_submit}")
     cost = p.estimated_cost
-    click.echo("  estimated cost: " + (f"${cost:.2f} (${p.price_usd:.2f} a job)" if cost is not None
-                                       else "unknown (no price from the schema or the API)"))
+    if cost is None:
+        text = ("unknown (no price from the schema or the API)" if p.price_usd is None
+                else f"unknown (price ${p.price_usd:g} per {p.price_unit}, which batchgen cannot apply)")
+    elif p.price_unit == "second":
+        text = f"${cost:.2f} (${p.price_usd:g} a second x each job's duration)"
+        if p.unpriced:
+            text += f"; {p.unpriced} job(s) without a duration not counted"
+    else:
+        text = f"${cost:.2f} (${p.price_usd:.2f} a job)"
+    click.echo(f"  estimated cost: {text}")
+    if p.balance is not None:
+        line, warning = p.balance.describe(cost)
+        click.echo(f"  {line}")
+        if warning:
+            click.echo(f"warning: {printable(warning)}", err=True)
     duration = p.estimated_duration(concurrency)
     if not p.to_submit:
         text = "nothing to submit"
@@ -572,46 +638,111 @@ def _show_plan(manifest: Path, schema: Path | None, batch: str | None, workdir: 
 
 @main.command()
 @click.argument("model", required=False)
-def models(model: str | None) -> None:
-    """List the bundled model schemas and what each needs, or show one MODEL in full.
+@click.option("--search", metavar="TEXT", help="Only models whose id or name contains TEXT.")
+@click.option("--category", help="Only models of this category, e.g. image-to-video.")
+@click.option("--refresh", is_flag=True, help="Fetch RunComfy's catalog now, even if the cached one is fresh.")
+@workdir_option
+@_api_options
+@click.option("--verbose", "-v", count=True, help="More detail (-vv for debug).")
+def models(model: str | None, search: str | None, category: str | None, refresh: bool, workdir: Path,
+           api_url: str | None, simulate: bool, verbose: int) -> None:
+    """List the models RunComfy's catalog offers (id, categories, price) and the bundled ones,
+    or show one MODEL's fields and rules, from whichever source it came.
 
-    Any other model id can be used too: give its schema with --schema to have it validated.
+    The catalog is cached in the work directory and fetched again when a day old; without an
+    API token, the cache (or only the bundled models) is shown.
 
     \b
     Examples:
-      batchgen models
+      batchgen models --category image-to-video
+      batchgen models --search kling --refresh
       batchgen models bytedance/dreamina-3-0/pro/image-to-video
     """
+    _setup_logging(verbose, False)
+    target = _target(api_url, simulate, ())
+    if model is not None:
+        found = _run_async(app.find_model(model, target, workdir, refresh))
+        if found.schema is None:
+            _fail(found.problem(), EXIT_USAGE)
+        _show_model(found)
+        return
+    catalog, note = _run_async(app.open_catalog(target, workdir, refresh))
+    _list_models(catalog, note, search, category, None if simulate else workdir / C.CATALOG_FILENAME)
+
+
+def _list_models(catalog: Any, note: str, search: str | None, category: str | None, cache: Path | None) -> None:
     from .schema import bundled_schemas
 
-    schemas = bundled_schemas()
-    if model is not None:
-        chosen = [s for s in schemas if s.model_id == model]
-        if not chosen:
-            _fail(f"no bundled schema for '{model}'; bundled: {', '.join(s.model_id for s in schemas)}",
-                  EXIT_USAGE)
-        sch = chosen[0]
-        click.echo(f"{sch.model_id}  (output: {sch.output_kind})")
-        for name, prop in sch.properties.items():
-            req = "required" if name in sch.required else f"default {json.dumps(prop['default'])}" \
-                if "default" in prop and name not in sch.required else "optional"
-            facts = [prop.get("type", "")]
-            if "enum" in prop:
-                facts.append("one of " + ", ".join(json.dumps(v) for v in prop["enum"]))
-            if "maxLength" in prop:
-                facts.append(f"at most {prop['maxLength']} characters")
-            rules = list(dict.fromkeys(v.get("validation_error", "") for v in prop.get("validations", [])))
-            click.echo(f"  {name:<16} {req:<12} {'; '.join(f for f in facts if f)}")
-            for r in rules:
-                click.echo(f"  {'':<16} {'':<12} {r}")
-        note = (sch.data.get("x-batchgen") or {}).get("note")
-        if note:
-            click.echo(f"  note: {note}")
+    rows: dict[str, list[str]] = {}
+    if catalog is not None:
+        where = f"; cached in {cache}" if cache is not None else ""
+        click.echo(f"RunComfy catalog, fetched {catalog.fetched_text()} ({len(catalog.entries)} models{where})")
+        for e in catalog.find(search, category):
+            rows[e.model_id] = [", ".join(e.categories) or "-", e.price_text(), ""]
+    if note:
+        click.echo(f"note: {note}", err=True)
+    for sch in bundled_schemas():
+        last = sch.model_id.rsplit("/", 1)[-1]
+        cats = [last] if "-to-" in last else []
+        needle = (search or "").lower()
+        if (needle and needle not in sch.model_id.lower()) or (category and category not in cats):
+            continue
+        row = rows.setdefault(sch.model_id, [", ".join(cats) or "-", "-", ""])
+        row[2] = "bundled"
+    if not rows:
+        click.echo("no model matches")
         return
-    for sch in schemas:
-        images = ", ".join(f"{k}{' (list)' if v else ''}" for k, v in sch.image_fields().items())
-        click.echo(f"{sch.model_id}")
-        click.echo(f"  needs: {', '.join(sch.required)}; image field: {images}; output: {sch.output_kind}")
+    width = max(len(m) for m in rows)
+    cat_width = max(len(r[0]) for r in rows.values())
+    for model_id in sorted(rows):
+        cats, price, tag = rows[model_id]
+        click.echo(f"{model_id:<{width}}  {cats:<{cat_width}}  {price}{'  [' + tag + ']' if tag else ''}".rstrip())
+
+
+def _show_model(found: app.ModelLookup) -> None:
+    sch = found.schema
+    assert sch is not None
+    origin = {"bundled": "bundled with batchgen",
+              "catalog": "from RunComfy's catalog" + (
+                  f", fetched {found.catalog.fetched_text()}" if found.catalog else ""),
+              }.get(sch.origin, f"from {sch.source}")
+    click.echo(f"{sch.model_id}  (output: {sch.output_kind}; schema {origin})")
+    if sch.base_price_usd is not None:
+        per = "a second of the job's duration" if sch.price_unit == "second" else "a job"
+        click.echo(f"  price: ${sch.base_price_usd:g} {per}")
+    for name, prop in sch.properties.items():
+        req = "required" if name in sch.required else f"default {json.dumps(prop['default'])}" \
+            if "default" in prop else "optional"
+        click.echo(f"  {name:<16} {req:<12} {'; '.join(_field_facts(prop))}")
+        for rule in sch.rules.get(name, ()):
+            said = rule.message.strip().rstrip(".")
+            click.echo(f"  {'':<16} {'':<12} {said + ' ' if said else ''}(allowed: {rule.allowed()})")
+    note = (sch.data.get("x-batchgen") or {}).get("note")
+    if note:
+        click.echo(f"  note: {note}")
+
+
+def _field_facts(prop: dict[str, Any]) -> list[str]:
+    """A field's JSON Schema constraints in a few words each."""
+    facts = [str(prop["type"])] if "type" in prop else []
+    if isinstance(prop.get("format"), str) and prop["format"].endswith(("_uri", "_uris")):
+        facts.append(prop["format"])
+    if "enum" in prop:
+        facts.append("one of " + ", ".join(json.dumps(v) for v in prop["enum"]))
+    for word, text in (("minimum", "at least"), ("exclusiveMinimum", "more than"), ("maximum", "at most"),
+                       ("exclusiveMaximum", "less than")):
+        if word in prop:
+            facts.append(f"{text} {prop[word]}")
+    if "maxLength" in prop:
+        facts.append(f"at most {prop['maxLength']} characters")
+    low, high = prop.get("minItems"), prop.get("maxItems")
+    if low is not None and low == high:
+        facts.append(f"exactly {low} item(s)")
+    elif low is not None and high is not None:
+        facts.append(f"{low} to {high} item(s)")
+    elif low is not None or high is not None:
+        facts.append(f"at least {low} item(s)" if low is not None else f"at most {high} item(s)")
+    return facts
 
 
 # ---- status ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from yarl import URL
@@ -25,6 +25,7 @@ from . import constants as C
 from .errors import (
     AccountError,
     APIConnectionError,
+    APIError,
     APIResponseLostError,
     APIStatusError,
     InsufficientBalanceError,
@@ -34,6 +35,7 @@ from .errors import (
     RateLimitError,
     ServerError,
 )
+from .inline import InlineBody, InputFileError
 from .limits import TokenBucket
 from .retry import parse_retry_after
 
@@ -93,6 +95,36 @@ class ModelInfo:
     base_price_usd: float | None
     price_unit: str | None
     pricing_note: str | None
+
+
+@dataclass(frozen=True)
+class ModelPage:
+    """One page of the catalog, as answered: entries are checked by catalog.py, not here."""
+
+    models: list[Any]
+    total: int | None
+
+
+@dataclass(frozen=True)
+class Balance:
+    balance_usd: float
+    currency: str
+
+
+# Hosts of RunComfy's own services: the one wallet behind every product answers here.
+RUNCOMFY_DOMAINS = ("runcomfy.net", "runcomfy.com")
+
+
+def token_may_go_to(url: str, api_url: str) -> bool:
+    """Whether the API token may be sent to ``url`` (the balance endpoint): only to the API's own
+    host, or over https to a RunComfy host. Anywhere else it could be stolen."""
+    target, api = urlsplit(url), urlsplit(api_url)
+    host = (target.hostname or "").lower()
+    if not host:
+        return False
+    if host == (api.hostname or "").lower() and target.scheme == api.scheme:
+        return True
+    return target.scheme == "https" and any(host == d or host.endswith("." + d) for d in RUNCOMFY_DOMAINS)
 
 
 @functools.lru_cache(maxsize=64)  # one model per batch, asked once per submit
@@ -236,21 +268,20 @@ def _label(what: str, path: str) -> str:
     return f"{what} {path.partition('?')[0]}"
 
 
-async def _read_answer(resp: aiohttp.ClientResponse, what: str, path: str) -> bytes:
-    """The body of an API answer, refused (not read whole) past MAX_API_ANSWER bytes: a broken or
-    hostile server could otherwise stream gigabytes into memory. For a submit that is a lost
-    answer (the job may exist), for other calls one more retry."""
+async def _read_answer(resp: aiohttp.ClientResponse, what: str, max_bytes: int = C.MAX_API_ANSWER) -> bytes:
+    """The body of an API answer, refused (not read whole) past ``max_bytes``: a broken or hostile
+    server could otherwise stream gigabytes into memory. For a submit that is a lost answer (the
+    job may exist), for other calls one more retry."""
     length = resp.content_length
-    if length is not None and length > C.MAX_API_ANSWER:
-        raise APIResponseLostError(f"{_label(what, path)}: answer of {length:,} bytes is too large; not read")
+    if length is not None and length > max_bytes:
+        raise APIResponseLostError(f"{what}: answer of {length:,} bytes, more than the {max_bytes:,} allowed")
     if length is not None and "Content-Encoding" not in resp.headers:
         return await resp.read()  # the usual case: a small, plain, announced body
     body = bytearray()
     async for chunk in resp.content.iter_any():  # decoded bytes, counted as they arrive
         body += chunk
-        if len(body) > C.MAX_API_ANSWER:
-            raise APIResponseLostError(
-                f"{_label(what, path)}: answer larger than {C.MAX_API_ANSWER:,} bytes; not read")
+        if len(body) > max_bytes:
+            raise APIResponseLostError(f"{what}: answer longer than the {max_bytes:,} bytes allowed")
     return bytes(body)
 
 
@@ -280,7 +311,8 @@ class RunComfyClient:
         self._limit = limit
         # Paces every call (the run's --rate); None: no limit. Set by the runner.
         self.limiter = limiter
-        self.calls: dict[str, int] = {"submit": 0, "status": 0, "result": 0, "cancel": 0, "model": 0}
+        self.calls: dict[str, int] = {"submit": 0, "status": 0, "result": 0, "cancel": 0, "model": 0,
+                                      "catalog": 0, "balance": 0}
 
     def __repr__(self) -> str:  # never show the token
         return f"RunComfyClient({self.base_url!r})"
@@ -307,11 +339,14 @@ class RunComfyClient:
 
     # ---- endpoints -----------------------------------------------------------------------------
 
-    async def submit(self, model_id: str, inputs: dict[str, Any] | str) -> Submitted:
-        """``inputs``: a dict, or the same already encoded as JSON text."""
+    async def submit(self, model_id: str, inputs: dict[str, Any] | str | InlineBody) -> Submitted:
+        """``inputs``: a dict, the same already encoded as JSON text, or a body that streams local
+        files in as data: URIs (inline.py)."""
         path = f"/models/{model_path(model_id)}"
         if isinstance(inputs, str):
             body = await self._call("submit", "POST", path, json_text=inputs)
+        elif isinstance(inputs, InlineBody):
+            body = await self._call("submit", "POST", path, payload=inputs)
         else:
             body = await self._call("submit", "POST", path, json_body=inputs)
         request_id = body.get("request_id") if isinstance(body, dict) else None
@@ -364,27 +399,67 @@ class RunComfyClient:
             pricing_note=_short(note) if isinstance(note, str) else None,
         )
 
+    async def list_models(self, offset: int, limit: int) -> ModelPage:
+        """One page of RunComfy's catalog, every entry with its input schema."""
+        body = await self._call("catalog", "GET", f"/models?include_schema=true&limit={limit}&offset={offset}",
+                                max_bytes=C.CATALOG_MAX_PAGE_BYTES)
+        models, total = body.get("models"), body.get("total")
+        return ModelPage(models if isinstance(models, list) else [],
+                         total if isinstance(total, int) and not isinstance(total, bool) else None)
+
+    async def model_entry(self, model_id: str) -> dict[str, Any]:
+        """One model's catalog entry with its input schema, as answered (checked by catalog.py)."""
+        return await self._call("catalog", "GET", f"/models/{model_path(model_id)}?include_schema=true",
+                                max_bytes=C.CATALOG_MAX_PAGE_BYTES)
+
+    async def balance(self, url: str) -> Balance:
+        """The account's balance from ``url`` (RunComfy's wallet, a host apart from the API's).
+        Raises APIError, without calling, for a host the token must not go to."""
+        if not token_may_go_to(url, self.base_url):
+            raise APIError(f"balance URL {url} is neither the API's host nor a RunComfy host over https: "
+                           "the token is not sent there")
+        body = await self._call("balance", "GET", "", url=URL(url), max_bytes=C.BALANCE_MAX_BYTES)
+        value = body.get("balance_usd")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                value = None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise APIError("balance: the answer has no balance_usd number")
+        currency = body.get("currency")
+        return Balance(float(value), currency if isinstance(currency, str) and currency else "USD")
+
     # ---- transport -----------------------------------------------------------------------------
 
     async def _call(
         self, what: str, method: str, path: str, *, json_body: Any = None, json_text: str | None = None,
-        paced: bool = True,
+        payload: InlineBody | None = None, paced: bool = True, url: URL | None = None,
+        max_bytes: int = C.MAX_API_ANSWER,
     ) -> dict[str, Any]:
         """``path``: already escaped, with its query string if any. The body, if any: a value to
-        send as JSON (``json_body``), or JSON text (``json_text``)."""
+        send as JSON (``json_body``), JSON text (``json_text``), or a streamed ``payload``.
+        ``url``: an absolute URL instead of base + path (the balance, on RunComfy's other host).
+        ``max_bytes``: refuse a longer answer unread (catalog pages may be larger than job answers)."""
         session = self._ensure_session()
         if paced and self.limiter is not None:
             await self.limiter.take()
         self.calls[what] += 1
-        url = URL(self.base_url + path, encoded=True)
-        data, headers = None, self._headers
+        if url is None:
+            url = URL(self.base_url + path, encoded=True)
+        else:
+            path = url.path
+        headers = self._headers
+        data: bytes | InlineBody | None = None
         if json_text is not None:
             data, headers = json_text.encode(), self._json_headers
+        elif payload is not None:
+            data, headers = payload, self._json_headers
         try:
             async with session.request(
                 method, url, json=json_body, data=data, headers=headers, allow_redirects=False
             ) as resp:
-                raw = await _read_answer(resp, what, path)
+                raw = await _read_answer(resp, what, max_bytes)
         except aiohttp.ClientConnectorError as exc:
             # The TCP/TLS connection was never made: the server cannot have seen the request.
             raise APIConnectionError(
@@ -395,6 +470,10 @@ class RunComfyClient:
             raise APIResponseLostError(
                 f"{_label(what, path)}: no answer within {self._timeout.total:g} s") from exc
         except aiohttp.ClientError as exc:
+            if isinstance(exc.__cause__, InputFileError):
+                # A local file was not what was validated: the body stopped short of its end, so
+                # the server never had a whole request to act on.
+                raise exc.__cause__ from None
             # Reset, disconnect, malformed response: the server may well have acted on it.
             raise APIResponseLostError(
                 f"{_label(what, path)}: connection lost: {type(exc).__name__}: {exc}") from exc

@@ -16,6 +16,7 @@ __all__ = ["CONFIG_FILENAME", "SETTINGS", "load_config"]
 # Option name -> the type the file must give.
 SETTINGS: dict[str, type | tuple[type, ...]] = {
     "api_url": str,
+    "balance_url": str,
     "concurrency": (int, str),  # a number, "auto" or "auto:N"
     "downloads": int,
     "rate": (int, float),
@@ -58,7 +59,7 @@ def load_config(path: Path | None, workdir: Path) -> tuple[dict[str, Any], Path 
     settings = dict(data.pop("run", {})) if isinstance(data.get("run"), dict) else {}
     settings.update(data)
     for key, value in settings.items():
-        if key in ("token", "api_token", "RUNCOMFY_API_TOKEN"):
+        if key in ("token", "api_token", "RUNCOMFY_API_TOKEN", "RUNCOMFY_TOKEN"):
             raise UsageError(f"{path}: '{key}' does not belong in a file; set RUNCOMFY_API_TOKEN in the "
                              "environment instead")
         if key not in SETTINGS:

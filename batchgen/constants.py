@@ -8,7 +8,31 @@ DEFAULT_MODEL = "bytedance/dreamina-3-0/pro/image-to-video"
 # RunComfy's public endpoint; --api-url or RUNCOMFY_API_URL override it.
 DEFAULT_API_URL = "https://model-api.runcomfy.net/v1"
 TOKEN_ENV = "RUNCOMFY_API_TOKEN"
+# Read when TOKEN_ENV is not set: the name RunComfy's own CLI uses, so one export serves both.
+TOKEN_ENV_FALLBACK = "RUNCOMFY_TOKEN"
 API_URL_ENV = "RUNCOMFY_API_URL"
+
+# The account's wallet: on RunComfy's main API host, not the Model API's. --balance-url,
+# balance_url in batchgen.toml or RUNCOMFY_BALANCE_URL override it. When the API URL is a
+# loopback address (a standalone simulator) and none is given, the balance is asked at the same
+# origin and this path, where the simulator serves it.
+DEFAULT_BALANCE_URL = "https://api.runcomfy.net/prod/v2/balance"
+BALANCE_URL_ENV = "RUNCOMFY_BALANCE_URL"
+BALANCE_PATH = "/prod/v2/balance"
+# A balance answer is a few dozen bytes; anything longer is not one.
+BALANCE_MAX_BYTES = 64 << 10
+
+# RunComfy's model catalog, cached in the work directory. A day: models and prices change rarely,
+# and a nightly cron run then refreshes it once a night. `batchgen models --refresh` forces it.
+CATALOG_FILENAME = "catalog.json"
+CATALOG_MAX_AGE = 24 * 3600
+# Entries per catalog page: the most the API takes (limit=1..500), so a catalog of a few hundred
+# models is one call.
+CATALOG_PAGE_SIZE = 500
+# Catalog answers are untrusted: a page (500 entries with their schemas, a few KB each) larger
+# than this is refused, and at most this many pages are read (100,000 models: far beyond today's).
+CATALOG_MAX_PAGE_BYTES = 32 << 20
+CATALOG_MAX_PAGES = 200
 
 # The default work directory, relative to where batchgen is started.
 DEFAULT_WORKDIR = "jobs"
@@ -182,3 +206,11 @@ MAX_ANSWER_TEXT = 2000
 # The most one job can plausibly cost (Dreamina: cents): a larger reported cost is ignored, as is
 # 1e400, rather than stopping a --max-cost run on garbage.
 MAX_JOB_COST_USD = 10_000.0
+# Local input files go inline as base64 data: URIs (inline.py). RunComfy's own client refuses a
+# request body over 64 MiB (its MAX_REQUEST_BYTES); validation refuses such a job before spending,
+# and the simulator answers 413 past it, as a server with that limit would.
+MAX_REQUEST_BYTES = 64 << 20
+# A file is read and base64-encoded this much at a time while its request streams out: a multiple
+# of 3 (no padding inside the base64), and about 1 MiB of base64 per chunk, so 50 submits in
+# flight hold ~100 MiB of chunks at most, not 50 whole files.
+INLINE_CHUNK = 3 << 18

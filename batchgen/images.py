@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 from PIL import Image
 
+from . import inline
 from .errors import BatchgenError
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,20 @@ def probe_file(path: str | Path) -> ImageInfo:
     except OSError as exc:
         raise ImageProbeError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return ImageInfo(fmt, width, height, size)
+
+
+def read_data_uri(uri: str) -> tuple[bytes, ImageInfo]:
+    """The bytes and facts of an image written inline as a ``data:`` URI (its type from its
+    content, which must agree with the type the URI declares)."""
+    try:
+        _, data = inline.read_data_uri(uri)
+    except ValueError as exc:
+        raise ImageProbeError(str(exc)) from None
+    return data, probe_bytes(data, len(data))
+
+
+def probe_data_uri(uri: str) -> ImageInfo:
+    return read_data_uri(uri)[1]
 
 
 def _total_size(resp: aiohttp.ClientResponse) -> int | None:
@@ -244,7 +259,8 @@ class ImageProber:
         return self._session
 
     async def probe(self, ref: str) -> ImageInfo | str:
-        """ImageInfo, or what is wrong as a string. ``ref``: an http(s) URL, a file:// URI or a path."""
+        """ImageInfo, or what is wrong as a string. ``ref``: an http(s) URL, a data: URI, a file://
+        URI or a path."""
         task = self._probes.get(ref)
         if task is None or task.cancelled():
             task = self._probes[ref] = asyncio.ensure_future(self._probe(ref))
@@ -256,6 +272,8 @@ class ImageProber:
             if ref.startswith(("http://", "https://")):
                 async with self._url_slots:
                     return await probe_url(self._get_session(), ref)
+            if ref.startswith("data:"):
+                return await asyncio.to_thread(probe_data_uri, ref)
             return await asyncio.to_thread(probe_file, _local_path(ref))
         except ImageProbeError as exc:
             return str(exc)

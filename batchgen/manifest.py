@@ -43,6 +43,7 @@ import yaml
 
 from .constants import ALIAS_EXPANSION_RATIO, ALIAS_FREE_NODES, DEFAULT_MAX_EXPAND, DEFAULT_MODEL, WORKDIR_FILES
 from .errors import ManifestError, Problem
+from .inline import FileRef, sniff_mime
 from .schema import ModelSchema, SchemaError, find_schema
 
 TOP_KEYS = ("name", "model", "schema", "image_base_url", "defaults", "jobs", "rows", "matrix", "repeat")
@@ -268,7 +269,7 @@ class Manifest:
         self._jobs: list[_Level] = []
         self._rows: Path | None = None
         self._rows_name = ""
-        self._hashes: dict[Path, str] = {}
+        self._hashes: dict[Path, FileRef] = {}
         self._resolved: dict[tuple[str, Path], tuple[str, Path | None] | str | None] = {}
         given_name: str | None = None
         model_given = False
@@ -302,6 +303,7 @@ class Manifest:
                               f"the schema file is for model '{self.schema.model_id}' but the manifest's model "
                               f"is '{self.model_id}'; use the matching schema or set model: {self.schema.model_id}")
         self._image_fields = self.schema.image_fields() if self.schema else {}
+        self._other_media = self.schema.other_media_fields() if self.schema else {}
         if not self._fatal:
             self._check_size()
 
@@ -317,6 +319,10 @@ class Manifest:
 
     def _problem(self, location: str, field_name: str, message: str, file: str | None = None) -> None:
         self._load_problems.append(Problem(file or self.file, location, field_name, message))
+
+    def location_of(self, key: str) -> str:
+        """Where a top-level key of a YAML manifest is ("line 3"), "" if not written there."""
+        return self._where(key)
 
     def _where(self, key: str) -> str:
         return f"line {self._lines[key]}" if key in self._lines else ""
@@ -546,6 +552,7 @@ class Manifest:
         """Check against another schema (``validate --schema``) than the one the manifest found."""
         self.schema = schema
         self._image_fields = schema.image_fields() if schema else {}
+        self._other_media = schema.other_media_fields() if schema else {}
 
     # ---- CSV rows ------------------------------------------------------------------------------
 
@@ -829,8 +836,8 @@ class Manifest:
         behind them and the inputs as the key sees them (a local file by its content)."""
         local_files: dict[str, str] = {}
         key_inputs = inputs
-        fields = self._image_fields if self.schema is not None else {
-            k: isinstance(v, list) for k, v in inputs.items() if is_image_name(k)}
+        fields = [*self._image_fields, *self._other_media] if self.schema is not None else [
+            k for k in inputs if is_image_name(k)]
         for fname in fields:
             value = inputs.get(fname)
             if value is None:
@@ -849,17 +856,23 @@ class Manifest:
                     keyed.append(ref)
                     continue
                 url, path = res
-                sent.append(url)
                 if path is None:
+                    sent.append(url)
                     keyed.append(url)
                     continue
-                digest = self._file_hash(path)
-                if digest is None:
-                    self._at(level, fname, f"cannot read local image {ref}")
+                facts = self._file_facts(path)
+                if facts is None:
+                    self._at(level, fname, f"cannot read local file {ref}")
                     self.bad_refs.add(url)
-                else:
-                    local_files[url] = str(path)
-                keyed.append(f"sha256:{digest}")
+                    sent.append(url)
+                    keyed.append("sha256:None")
+                    continue
+                if url.startswith("file://"):
+                    # Sent inline at submit time; recorded with what it was when validated.
+                    url = facts.uri
+                sent.append(url)
+                local_files[url] = str(path)
+                keyed.append(f"sha256:{facts.sha256}")
             inputs[fname] = sent if isinstance(value, list) else sent[0]
             if keyed != sent or key_inputs is not inputs:  # a local file: keyed by its content
                 if key_inputs is inputs:
@@ -877,6 +890,8 @@ class Manifest:
         return self._resolved[cache_key]
 
     def _resolve_uncached(self, ref: str, folder: Path) -> tuple[str, Path | None] | str | None:
+        if ref.startswith("data:"):
+            return ref, None  # the file itself, written inline: validation decodes its header
         parts = urlsplit(ref)
         if parts.scheme in ("http", "https"):
             if not parts.netloc:
@@ -904,19 +919,25 @@ class Manifest:
             return self.image_base_url + "/" + "/".join(quote(p) for p in rel.parts), path
         return path.as_uri(), path
 
-    def _file_hash(self, path: Path) -> str | None:
-        """sha256 of a local image (its identity in the job key), once per file; None if unreadable."""
-        digest = self._hashes.get(path)
-        if digest is None:
+    def _file_facts(self, path: Path) -> FileRef | None:
+        """sha256 (a local file's identity in the job key), size and type of a local file, once
+        per file; None if it cannot be read."""
+        facts = self._hashes.get(path)
+        if facts is None:
             h = hashlib.sha256()
+            size = 0
             try:
                 with open(path, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
+                    head = fh.read(1 << 20)
+                    block = head
+                    while block:
                         h.update(block)
+                        size += len(block)
+                        block = fh.read(1 << 20)
             except OSError:
                 return None
-            digest = self._hashes[path] = h.hexdigest()
-        return digest
+            facts = self._hashes[path] = FileRef(str(path), h.hexdigest(), size, sniff_mime(head[:64]))
+        return facts
 
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".avif"}

@@ -52,6 +52,7 @@ from .errors import (
     StoreError,
     UsageError,
 )
+from .inline import FileChecks, prepare_body
 from .limits import AdaptiveCap, Slots, TokenBucket
 from .outputhosts import OutputHosts
 from .retry import Call, Decision, Outage, RefusalStreak, RetryPolicy, classify
@@ -66,7 +67,6 @@ _RESULT_FINISHED = ("succeeded", "failed", "cancelled")
 # Most jobs claimed in one store round trip (bounded so one claim never holds the database long).
 _CLAIM_BATCH = 64
 
-InputResolver = Callable[[dict[str, Any]], dict[str, Any]]
 EventSink = Callable[["Event"], None]
 
 
@@ -238,32 +238,6 @@ class PollPlanner:
         return min(self.s.max_poll_interval, max(0.0, self.expected - elapsed) + margin)
 
 
-def local_file_resolver(publish: Callable[[str], str] | None) -> InputResolver:
-    """Turn ``file://`` inputs (local images of the manifest) into URLs the service can fetch.
-
-    Under --simulate ``publish`` is the simulator's; against the real API there is none, and
-    validation has already refused local files without an image_base_url.
-    """
-
-    def convert(value: Any) -> Any:
-        if isinstance(value, str) and value.startswith("file://"):
-            if publish is None:
-                raise UsageError(
-                    f"input {value} is a local file; set image_base_url in the manifest or use --simulate"
-                )
-            from urllib.parse import unquote, urlsplit
-
-            return publish(unquote(urlsplit(value).path))
-        if isinstance(value, list):
-            return [convert(v) for v in value]
-        return value
-
-    def resolve(inputs: dict[str, Any]) -> dict[str, Any]:
-        return {k: convert(v) for k, v in inputs.items()}
-
-    return resolve
-
-
 class _Fatal(Exception):
     """Internal: an account error that ends the run."""
 
@@ -279,7 +253,6 @@ class Runner:
         settings: RunSettings | None = None,
         *,
         download_session: aiohttp.ClientSession | None = None,
-        resolve_inputs: InputResolver | None = None,
         on_event: EventSink | None = None,
         price_estimate: float | None = None,
         api_key: str | None = None,
@@ -309,7 +282,8 @@ class Runner:
         self._streak: RefusalStreak[Job] = RefusalStreak()
         self._dl_session = download_session
         self._output_hosts = OutputHosts(client.base_url, self.s.output_hosts)
-        self._resolve = resolve_inputs or local_file_resolver(None)
+        # Local files are sent inline; each is checked against what was validated (inline.py).
+        self._file_checks = FileChecks()
         self._on_event = on_event
         self._dl_sem = asyncio.Semaphore(max(1, self.s.download_concurrency))
         # Threads for downloads' blocking file calls (open, fsync, rename): one per download (up
@@ -781,11 +755,12 @@ class Runner:
         self._let_downloads_go_if_sent()
         try:
             if job.inputs_json is not None and "file://" not in job.inputs_json:
-                # Nothing to resolve: the recorded JSON text is the body (no decode, copy and
-                # encode of the inputs per submit).
+                # No local file: the recorded JSON text is the body (no decode, copy and encode of
+                # the inputs per submit).
                 sub = await self.client.submit(job.model_id, job.inputs_json)
             else:
-                sub = await self.client.submit(job.model_id, self._resolve(job.inputs))
+                body = await prepare_body(job.inputs, self._file_checks)
+                sub = await self.client.submit(job.model_id, job.inputs if body is None else body)
         except (APIError, UsageError) as exc:
             await asyncio.shield(self._submit_failed(job, exc))
             return

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import BatchgenError
 from .images import ImageInfo
+from .inline import shown
 
 if TYPE_CHECKING:
     import jsonschema
@@ -40,6 +41,10 @@ MODELS_DIR = Path(__file__).parent / "models"
 BYTES_PER_MB = 1_000_000
 
 IMAGE_FORMATS = ("image_uri", "image_uris")
+# Fields that take other files: checked by their type and size (their content is not parsed).
+OTHER_MEDIA = {"video_uri": "video", "video_uris": "video", "audio_uri": "audio", "audio_uris": "audio"}
+# The rules that need only a file's type and size, so apply to any media file.
+FILE_SUBJECTS = ("file_size_mb", "file_type")
 
 SUBJECTS = ("file_size_mb", "width_pixels", "height_pixels", "width/height", "file_type")
 OPERATORS = ("<=", ">=", "==", "<", ">", "_in")  # two-character ones first, for the parser
@@ -102,10 +107,11 @@ class Rule:
 
     def explain(self, info: ImageInfo) -> str:
         """Why ``info`` fails this rule: what the image is, the schema's message, what is allowed."""
+        what = "image" if info.width else "file"  # a video or audio file: no dimensions read
         if self.subject == "file_type":
-            actual = f"image is {info.format.upper()}"
+            actual = f"{what} is {info.format.upper()}"
         elif self.subject == "file_size_mb":
-            actual = f"image is {info.size:,} bytes"
+            actual = f"{what} is {info.size:,} bytes"
         elif self.subject == "width/height":
             ratio = f"{float(info.width / info.height):.4g}" if info.height else "undefined"
             actual = f"image is {info.width}x{info.height} (width/height {ratio})"
@@ -174,7 +180,9 @@ class ModelSchema:
         self.data = data
         self.source = source
         self.model_id: str = str(data.get("model_id") or "")
-        self.input_schema: dict[str, Any] = data["input"]
+        # RunComfy's catalog writes "float" where JSON Schema says "number": read as the standard
+        # name everywhere (checks, CSV casting, descriptions), so jsonschema accepts the schema.
+        self.input_schema: dict[str, Any] = _standard_types(data["input"])
         props = self.input_schema.get("properties") or {}
         if not isinstance(props, dict) or not all(isinstance(p, dict) for p in props.values()):
             raise SchemaError(f"{source or 'schema'}: input 'properties' must map field names to schemas")
@@ -187,7 +195,17 @@ class ModelSchema:
         if not isinstance(extra, dict):
             extra = {}
         price = extra.get("base_price_usd")
-        self.base_price_usd: float | None = float(price) if isinstance(price, int | float) else None
+        self.base_price_usd: float | None = (
+            float(price) if isinstance(price, int | float) and not isinstance(price, bool) else None)
+        # "output": the price is per job; "second": per second of the job's `duration` (job_price).
+        unit = extra.get("price_unit")
+        self.price_unit: str = unit if isinstance(unit, str) and unit else "output"
+        # Where the schema came from, for `batchgen models ID`: "bundled", "catalog", a file.
+        origin = extra.get("origin")
+        if not isinstance(origin, str) or not origin:
+            bundled = bool(source) and Path(source).resolve().parent == MODELS_DIR.resolve()
+            origin = "bundled" if bundled else "file"
+        self.origin: str = origin
         kind = extra.get("output_kind")
         self.output_kind: str = kind if kind in ("video", "image") else _guess_output_kind(self.model_id, data)
 
@@ -204,7 +222,9 @@ class ModelSchema:
         # Checking field by field lets the answer for a value many jobs share (frames: 121, the
         # same image) be remembered; a whole-object check would redo it all for each of 100,000
         # jobs. Only for the plain shape RunComfy publishes; anything fancier is checked whole.
-        plain_shape = set(plain) <= _PLAIN_KEYWORDS and plain.get("additionalProperties") is False
+        # A "$ref" points into the whole input schema, so a schema with one is checked whole.
+        plain_shape = (set(plain) <= _PLAIN_KEYWORDS and plain.get("additionalProperties") is False
+                       and not _mentions(plain, "$ref"))
         field_schemas = plain.get("properties") or {}
         self._field_schemas: dict[str, Any] | None = field_schemas if plain_shape else None
         self._field_validators: dict[str, jsonschema.Draft202012Validator] = {}
@@ -231,6 +251,7 @@ class ModelSchema:
         self._rule_cache: dict[tuple[str, ImageInfo], list[str]] = {}
         self._order = {name: i for i, name in enumerate(self.properties)}
         self._image_fields = self._find_image_fields()
+        self._other_media = self._find_other_media()
 
         # `validations` may sit on the field or on its items (a list of URLs): both apply to each image.
         self.rules: dict[str, list[Rule]] = {}
@@ -247,9 +268,10 @@ class ModelSchema:
                     self.rule_problems.append((name, f"schema {self._label()}: {exc}; update batchgen or "
                                                      "remove the rule from the schema"))
             if name in self.rules and name not in self._image_fields:
-                # Only images are probed; a rule on another kind of file (video, audio) cannot be
-                # checked here, and the service will apply it anyway.
-                log.info("%s: rules on field %s are not checked (not an image field)", self._label(), name)
+                # Only images are probed; of a rule on another kind of file (video, audio), only
+                # its type and size are checked here, and the service applies the rest anyway.
+                log.info("%s: rules on field %s other than type and size are not checked (not an image field)",
+                         self._label(), name)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelSchema:
@@ -280,6 +302,25 @@ class ModelSchema:
             elif fmt == "image_uri":
                 found[name] = False
         return found
+
+    def _find_other_media(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for name, prop in self.properties.items():
+            items = prop.get("items") if isinstance(prop.get("items"), dict) else {}
+            kind = OTHER_MEDIA.get(prop.get("format")) or OTHER_MEDIA.get(items.get("format"))
+            if kind is not None and name not in self._image_fields:
+                found[name] = kind
+        return found
+
+    def other_media_fields(self) -> dict[str, str]:
+        """Fields that hold video or audio files: name -> "video" or "audio"."""
+        return dict(self._other_media)
+
+    def file_rule_failures(self, name: str, info: ImageInfo) -> list[str]:
+        """Messages of the type and size rules of field ``name`` that a file fails (``info``'s
+        format: the file's MIME subtype, its dimensions unknown)."""
+        return [rule.explain(info) for rule in self.rules.get(name, ())
+                if rule.subject in FILE_SUBJECTS and not rule.passes(info)]
 
     def image_fields(self) -> dict[str, bool]:
         """Fields that hold image URLs: name -> True when the field is a list of them."""
@@ -315,6 +356,10 @@ class ModelSchema:
         desc = str(prop.get("description") or "").strip()
         return f"{words} ({desc.rstrip('.')})" if desc else words
 
+    def job_price(self, inputs: dict[str, Any]) -> float | None:
+        """What one job with these inputs is likely to cost, None when unknown."""
+        return job_price(self.base_price_usd, self.price_unit, inputs)
+
     def apply_defaults(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults of optional fields only. Required fields' defaults are RunComfy's
         playground examples (a sample prompt and image), never something to send."""
@@ -337,8 +382,12 @@ class ModelSchema:
                  for name in self.required if name not in inputs]
         if self._field_schemas is None:
             if self._validator is None:
-                self._validator = _jsonschema().Draft202012Validator(self._plain)
-            found += [(self._error_order(err), self._explain(err)) for err in self._validator.iter_errors(inputs)]
+                self._validator = _validator(self._plain)
+            errors = _errors_of(self._validator, inputs)
+            if isinstance(errors, str):
+                found.append(((len(self._order), ""), ("", errors)))
+            else:
+                found += [(self._error_order(err), self._explain(err)) for err in errors]
         else:
             quick = self._quick
             for name, value in inputs.items():
@@ -357,7 +406,7 @@ class ModelSchema:
                 info = images.get(ref) if isinstance(ref, str) else None
                 if info is None:
                     continue
-                failures = [f"{ref}: {info}"] if isinstance(info, str) else self._rule_failures(name, info)
+                failures = [f"{shown(ref)}: {info}"] if isinstance(info, str) else self._rule_failures(name, info)
                 if failures:
                     label = f"{name}[{i}]" if is_list else name
                     found += [((self._order[name], label), (label, message)) for message in failures]
@@ -387,10 +436,11 @@ class ModelSchema:
             validator = self._field_validators.get(name)
             if validator is None:
                 assert self._field_schemas is not None
-                validator = _jsonschema().Draft202012Validator(self._field_schemas[name])
+                validator = _validator(self._field_schemas[name])
                 self._field_validators[name] = validator
-            found = [(self._error_order(err, [name]), self._explain(err, [name]))
-                     for err in validator.iter_errors(value)]
+            errors = _errors_of(validator, value)
+            found = [((self._order.get(name, len(self._order)), name), (name, errors))] if isinstance(
+                errors, str) else [(self._error_order(err, [name]), self._explain(err, [name])) for err in errors]
             if key is not None:
                 if len(self._field_cache) >= _CACHE_LIMIT:
                     self._field_cache.clear()
@@ -431,6 +481,97 @@ class ModelSchema:
             missing = [r for r in want if isinstance(got, dict) and r not in got]
             return field, f"needs {', '.join(missing)}"
         return field, err.message
+
+
+def job_price(price: float | None, unit: str | None, inputs: dict[str, Any]) -> float | None:
+    """A job's likely cost from its model's price: per job (price_unit "output", or none given),
+    or per second (price_unit "second") times the job's ``duration`` field, in seconds, as the
+    catalog's per-second models take it (a number, or a numeric string such as "5"). None when
+    the price is unknown, the unit is one batchgen does not know, or a per-second job has no
+    usable duration: an estimate must not be made up."""
+    if price is None:
+        return None
+    if unit in (None, "", "output", "request", "per request"):
+        return price
+    if unit != "second":
+        return None
+    duration = inputs.get("duration")
+    if isinstance(duration, str):
+        try:
+            duration = float(duration.strip().removesuffix("s"))
+        except ValueError:
+            return None
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or not 0 <= duration < float("inf"):
+        return None
+    return price * duration
+
+
+# Non-standard type names seen in RunComfy's catalog, and the JSON Schema type each means.
+_TYPE_ALIASES = {"float": "number", "int": "integer", "double": "number"}
+# Keywords whose value is a schema, a list of schemas, or a mapping of names to schemas.
+_SUBSCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+
+
+def _standard_types(node: Any) -> Any:
+    """``node`` with every aliased ``type`` name replaced by its JSON Schema name. Walks schema
+    keywords only, so a default or an enum value that happens to say "float" is left alone."""
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    t = out.get("type")
+    if isinstance(t, str):
+        out["type"] = _TYPE_ALIASES.get(t, t)
+    elif isinstance(t, list):
+        out["type"] = [_TYPE_ALIASES.get(x, x) if isinstance(x, str) else x for x in t]
+    for key in _SUBSCHEMA:
+        if key in out:
+            out[key] = _standard_types(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_standard_types(v) for v in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: _standard_types(v) for k, v in out[key].items()}
+    return out
+
+
+def _validator(schema: Any) -> Any:
+    """A validator that never fetches anything: left to itself, jsonschema downloads a ``$ref``
+    to another document (with urllib, blocking the event loop), and a schema from the catalog
+    could name any address. Such a reference is unresolvable here (see _errors_of)."""
+    from referencing import Registry
+    from referencing.exceptions import NoSuchResource
+
+    def refuse(uri: str) -> Any:
+        raise NoSuchResource(ref=uri)
+
+    return _jsonschema().Draft202012Validator(schema, registry=Registry(retrieve=refuse))
+
+
+def _errors_of(validator: Any, value: Any) -> list[Any] | str:
+    """jsonschema's errors for ``value``, or why the schema cannot be applied at all (a ``$ref`` to
+    nothing or to another document, a reference loop): schemas from RunComfy's catalog are not
+    trusted, and such a one is a problem to report, never a crash in the middle of validation."""
+    from referencing.exceptions import Unresolvable  # installed with jsonschema; loaded with it
+
+    try:
+        return list(validator.iter_errors(value))
+    except RecursionError:
+        return "the model's schema cannot be applied: it refers to itself without end"
+    except Unresolvable as exc:
+        ref = getattr(exc, "ref", None)
+        return f"the model's schema cannot be applied: it refers to {ref or 'something'!r}, which it does not hold"
+
+
+def _mentions(node: Any, key: str) -> bool:
+    """Whether ``key`` is a key anywhere in ``node``."""
+    if isinstance(node, dict):
+        return key in node or any(_mentions(v, key) for v in node.values())
+    if isinstance(node, list):
+        return any(_mentions(v, key) for v in node)
+    return False
 
 
 def _jsonschema() -> Any:
@@ -593,8 +734,8 @@ def _load_cached(path: str) -> ModelSchema:
 
 def find_schema(model_id: str, extra_path: str | Path | None = None) -> ModelSchema | None:
     """The schema for ``model_id``: ``extra_path`` (a ``--schema FILE``) if given, else the
-    bundled file, else None (an unknown model: its inputs pass unchecked, apart from image
-    probing). Raises SchemaError for a file that cannot be used."""
+    bundled file, else None (not bundled: the caller looks in RunComfy's catalog, catalog.py).
+    Raises SchemaError for a file that cannot be used."""
     if extra_path is not None:
         return _load_cached(str(Path(extra_path).resolve()))
     path = MODELS_DIR / model_filename(model_id)

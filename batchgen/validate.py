@@ -17,9 +17,11 @@ from typing import Any
 
 import aiohttp
 
+from . import constants as C
 from .errors import Problem
 from .images import ImageInfo, ImageProber
-from .manifest import JobSpec, Manifest, is_image_name
+from .inline import FileRef, read_data_uri, request_size, shown, too_large
+from .manifest import JobSpec, Manifest, canonical_json, is_image_name
 from .schema import ModelSchema, SchemaError, find_schema
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ class ValidationResult:
     jobs: int  # jobs in the expanded manifest, duplicates not counted
     problems: list[Problem]  # empty: the manifest may be run
     duplicates: int  # jobs skipped because an earlier one had the same key
-    schema: ModelSchema | None  # None: an unknown model, inputs passed through unchecked
+    schema: ModelSchema | None  # None: no schema (--no-schema), inputs passed through unchecked
 
 
 def image_refs(schema: ModelSchema | None, inputs: dict[str, Any]) -> list[tuple[str, str]]:
@@ -58,19 +60,23 @@ async def validate_manifest(
     manifest: Manifest,
     *,
     schema_path: str | Path | None = None,
-    allow_local_files: bool,
     session: aiohttp.ClientSession | None = None,
     prober: ImageProber | None = None,
     collect: Callable[[JobSpec], None] | None = None,
+    no_schema: bool = False,
+    model_problem: str | None = None,
 ) -> ValidationResult:
     """Check every job of ``manifest``; never raises for bad input.
 
     ``schema_path`` checks against that schema file instead of the one the manifest found.
-    ``allow_local_files``: local images may be sent as ``file://`` (a --simulate run publishes
-    them itself); against the real API they need the manifest's ``image_base_url``. ``session``
-    (without credentials) or ``prober`` are used for remote images; otherwise one is made here.
-    ``collect`` sees every job as it is expanded, so a caller can record them afterwards without
-    expanding the manifest twice.
+    Local files are sent inline (inline.py): they are checked on disk, and each job's request
+    must stay within RunComfy's 64 MiB with them. A local file published under the manifest's
+    ``image_base_url`` is checked on disk and at its URL, which must serve the same image.
+    ``session`` (without credentials) or ``prober`` are used for remote images; otherwise one is
+    made here. ``collect`` sees every job as it is expanded, so a caller can record them
+    afterwards without expanding the manifest twice. A model without a schema is a problem
+    (``model_problem`` says where batchgen looked and what it may have meant), unless
+    ``no_schema``: then only its images are probed.
     """
     extra: list[Problem] = []
     if schema_path is not None:
@@ -80,6 +86,10 @@ async def validate_manifest(
             problems = [*manifest.problems, Problem(str(schema_path), "", "", str(exc))]
             return ValidationResult(0, problems, 0, None)
     schema = manifest.schema
+    if schema is None and not no_schema and not any(p.field in ("schema", "model") for p in manifest.problems):
+        extra.append(Problem(manifest.file, manifest.location_of("model"), "model", model_problem or (
+            f"unknown model '{manifest.model_id}': batchgen has no schema for it (--schema FILE checks against "
+            "a schema file; --no-schema runs it unchecked)")))
     # Rules the schema has but batchgen cannot apply: said once, on the schema, not on every job.
     schema_rules = set(schema.rule_problems) if schema else set()
     if schema is not None:
@@ -92,7 +102,8 @@ async def validate_manifest(
     seen: set[Problem] = set()
     jobs = 0
     window: list[tuple[JobSpec, list[tuple[str, str]]]] = []
-    refused_local: set[str] = set()
+    other_media = schema.other_media_fields() if schema is not None else {}
+    seen_media: dict[tuple[str, str], ImageInfo | str | None] = {}  # video and audio files, once each
 
     def add(p: Problem) -> None:
         if p not in seen:  # matrix and repeat copies of a job share its source and its problems
@@ -102,8 +113,13 @@ async def validate_manifest(
     async def check_window() -> None:
         refs = list({ref for _, named in window for _, ref in named})
         disk = {ref: spec.local_files.get(ref, ref) for spec, named in window for _, ref in named}
-        infos = await asyncio.gather(*(prober.probe(disk[r]) for r in refs))
-        probed: dict[str, ImageInfo | str] = dict(zip(refs, infos, strict=True))
+        # A published local file: its URL is probed too, and must serve the same image.
+        published = [r for r in refs if disk[r] != r and not r.startswith("file://")]
+        infos = await asyncio.gather(*(prober.probe(disk[r]) for r in refs),
+                                     *(prober.probe(r) for r in published))
+        probed: dict[str, ImageInfo | str] = dict(zip(refs, infos, strict=False))
+        for ref, remote in zip(published, infos[len(refs):], strict=True):
+            probed[ref] = _same_image(disk[ref], probed[ref], remote)
         for spec, named in window:
             file, _, location = spec.source.partition(", ")
             images = {ref: probed[ref] for _, ref in named}
@@ -115,7 +131,12 @@ async def validate_manifest(
                 for field_name, ref in named:
                     info = images[ref]
                     if isinstance(info, str):
-                        add(Problem(file, location, field_name, f"{ref}: {info}"))
+                        add(Problem(file, location, field_name, f"{shown(ref)}: {info}"))
+            for field_name, ref in named:
+                file_ref = FileRef.parse(ref)
+                if file_ref is not None and file_ref.mime is None and not isinstance(images[ref], str):
+                    add(Problem(file, location, field_name,
+                                f"{file_ref.path}: its content is of no type batchgen can send inline"))
         window.clear()
 
     try:
@@ -128,14 +149,24 @@ async def validate_manifest(
             for field_name, ref in image_refs(schema, spec.inputs):
                 if ref in manifest.bad_refs:
                     continue  # the manifest said what is wrong with it
-                if ref.startswith("file://") and not allow_local_files and ref not in refused_local:
-                    refused_local.add(ref)  # once per file, at the first job that uses it
-                    add(Problem(file, location, field_name,
-                                f"local file {spec.local_files.get(ref, ref)} needs image_base_url in the manifest "
-                                "(the https:// address where the same files are published) to run against the "
-                                "real API; or use --simulate"))
-                if ref in spec.local_files or ref.startswith(("http://", "https://")):
+                if ref in spec.local_files or ref.startswith(("http://", "https://", "data:")):
                     named.append((field_name, ref))
+            if other_media:
+                assert schema is not None
+                for field_name, ref, kind in other_media_refs(other_media, spec.inputs):
+                    if ref in manifest.bad_refs:
+                        continue
+                    if (ref, kind) not in seen_media:
+                        seen_media[ref, kind] = media_facts(ref, kind)
+                    facts = seen_media[ref, kind]
+                    problems = [facts] if isinstance(facts, str) else (
+                        schema.file_rule_failures(field_name, facts) if facts else [])
+                    for message in problems:
+                        add(Problem(file, location, field_name, f"{shown(ref)}: {message}"))
+            if spec.local_files:
+                size = request_size(spec.inputs_json or canonical_json(spec.inputs), spec.local_files)
+                if size > C.MAX_REQUEST_BYTES:
+                    add(Problem(file, location, "", too_large(size)))
             window.append((spec, named))
             if len(window) >= WINDOW:
                 await check_window()
@@ -145,6 +176,59 @@ async def validate_manifest(
             await prober.close()
     problems = extra + _in_order(manifest, found)
     return ValidationResult(jobs, problems, manifest.duplicates, schema)
+
+
+def other_media_refs(fields: dict[str, str], inputs: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(field, reference, "video" or "audio") of every video and audio file in a job's inputs;
+    ``fields``: the schema's ``other_media_fields()``."""
+    refs = []
+    for name, kind in fields.items():
+        value = inputs.get(name)
+        refs += [(name, v, kind) for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    return refs
+
+
+def media_facts(ref: str, kind: str) -> ImageInfo | str | None:
+    """A video or audio file's type (as the format) and size, or what is wrong with it; None for
+    a URL (the service fetches it; nothing here reads a whole video to check it)."""
+    file_ref = FileRef.parse(ref)
+    if file_ref is not None:
+        mime, size = file_ref.mime, file_ref.size
+    elif ref.startswith("data:"):
+        try:
+            mime, data = read_data_uri(ref)
+        except ValueError as exc:
+            return str(exc)
+        size = len(data)
+    else:
+        return None
+    if mime is None:
+        return f"not {_a(kind)} file batchgen recognises from its content"
+    if not mime.startswith(f"{kind}/"):
+        return f"its content is {mime}, not {_a(kind)} file"
+    return ImageInfo(mime.partition("/")[2], 0, 0, size)
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+def _same_image(path: str, local: ImageInfo | str, remote: ImageInfo | str) -> ImageInfo | str:
+    """What to check a published local file by: its local facts if the copy at its URL is the
+    same image, else what is wrong (a wrong image_base_url serves nothing, or something else).
+    Messages go after the URL ("https://...: not the same image as ...")."""
+    if isinstance(local, str):
+        return local
+    if isinstance(remote, str):
+        return f"published copy of {path}: {remote}; is image_base_url right?"
+    if remote != local:
+        return (f"not the same image as {path} (published: {_facts(remote)}; local: {_facts(local)}); "
+                "is image_base_url right?")
+    return local
+
+
+def _facts(info: ImageInfo) -> str:
+    return f"{info.format.upper()} {info.width}x{info.height}, {info.size:,} bytes"
 
 
 _NUMBER = re.compile(r"\d+")

@@ -4,6 +4,7 @@ environment, and can start real simulators on free loopback ports."""
 from __future__ import annotations
 
 import shutil
+import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,8 +22,8 @@ SAMPLES = REPO / "sample_manifests"
 def isolated(tmp_path, monkeypatch):
     """No test touches real state: cwd, token and API URL all point at nothing of the user's."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RUNCOMFY_API_TOKEN", raising=False)
-    monkeypatch.delenv("RUNCOMFY_API_URL", raising=False)
+    for name in ("RUNCOMFY_API_TOKEN", "RUNCOMFY_TOKEN", "RUNCOMFY_API_URL", "RUNCOMFY_BALANCE_URL"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("BATCHGEN_TRACEBACK", raising=False)
     return tmp_path
 
@@ -63,3 +64,19 @@ async def loopback(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+def write_file(path: Path, text: str) -> Path:
+    """Write ``text`` (dedented) to ``path``, making its folder; returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+def local_ref(path: Path) -> str:
+    """What a manifest records for a local file: its file:// URI with its sha256, size and type."""
+    import hashlib
+
+    from batchgen.inline import FileRef, sniff_mime
+
+    path = Path(path).resolve()
+    data = path.read_bytes()
+    return FileRef(str(path), hashlib.sha256(data).hexdigest(), len(data), sniff_mime(data[:64])).uri

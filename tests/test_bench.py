@@ -20,3 +20,11 @@ def test_benchmark_runs_every_section_and_prints_every_target():
     # 9 in sections 1-4; 4 per account (L = 2, 4 in --quick) in section 5; 1 in section 6
     assert out.count("(target ") == 9 + 2 * 4 + 1, out
     assert "Traceback" not in out
+
+
+def test_memory_benchmark_runs():
+    script = Path(__file__).parent / "perf" / "memory.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode in (0, 1), out
+    assert "peak RSS with 10 local images inline" in out and "Traceback" not in out

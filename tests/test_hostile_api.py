@@ -17,11 +17,11 @@ import pytest
 import yaml
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import SAMPLES, loopback
+from conftest import SAMPLES, loopback, write_file
 from imagefactory import make_image
 from test_runner import check_outputs_match, manifest, options, outputs_by_job, settings, submissions_per_seed
 
-from batchgen import app
+from batchgen import app, catalog
 from batchgen import constants as C
 from batchgen import store as S
 from batchgen.cli import EXIT_INTERRUPTED, EXIT_REFUSED, main
@@ -303,13 +303,13 @@ def test_error_text_from_the_api_is_shown_never_obeyed(samples, tmp_path):
     None of it reaches the terminal, the log file, status or the gallery as control characters."""
     log = tmp_path / "logs" / "run.log"
     run = _run_cli("run", str(samples / "quickstart.yaml"), "--simulate", "-v", "--log-file", str(log),
-                   "--sim-fault", "fail=1", "--sim-fault", "hostile_text=1", "--sim-fault", "script.submit=error200")
+                   "--sim-fault", "fail=1", "--sim-fault", "hostile_text=1", "--sim-fault", "script.submit=429")
     assert run.returncode == 1, run.stderr
     for text in (run.stdout, run.stderr, log.read_text()):
         assert _inert(text)
     # Shown as text: escaped, each message on its one line.
     assert "failed: =HYPERLINK(\"https://evil.example/x\",\"click\") \\x1b[31m\\x1b[2J\\x1b]8;;" in run.stderr
-    assert "\\x1b]0;pwned\\x07\\x00 Internal error, please try again" in run.stderr  # the envelope, in a retry
+    assert "\\x1b]0;pwned\\x07\\x00 Too many requests, slow down" in run.stderr  # the envelope, in a retry
 
     runner = CliRunner()
     status = runner.invoke(main, ["status"], catch_exceptions=False)
@@ -328,7 +328,7 @@ async def test_account_error_text_is_shown_never_obeyed(samples, simulator):
     """The last line of a run the API stopped with its own words (a refused token) is escaped too."""
     sim = await simulator(token="the-right-one", faults=["hostile_text=1"])
     manifest = samples / "real.yaml"
-    manifest.write_text(f"image_base_url: {sim.root_url}/inputs\njobs: [{{prompt: p, image: images/street.jpg}}]\n")
+    manifest.write_text("jobs: [{prompt: p, image: images/street.jpg}]\n")  # the image goes inline
     env = {**os.environ, "RUNCOMFY_API_TOKEN": "a-wrong-one", "RUNCOMFY_API_URL": sim.base_url}
     env.pop("BATCHGEN_TRACEBACK", None)
     result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "batchgen.cli", "run", str(manifest)],
@@ -522,7 +522,7 @@ async def test_an_outage_longer_than_its_budget_stops_the_run_with_every_job_pen
 
 
 def test_cli_an_outage_past_its_budget_exits_3_with_one_line(tmp_path):
-    path = _cli_manifest(tmp_path, image_base_url="https://cdn.example.com/in")
+    path = _cli_manifest(tmp_path)  # its image goes inline
     result = CliRunner().invoke(main, [
         "run", path, "--api-url", f"http://127.0.0.1:{_closed_port()}/v1", "--outage-budget", "1s",
     ], env={"RUNCOMFY_API_TOKEN": "t"})
@@ -540,7 +540,7 @@ def test_cli_an_outage_past_its_budget_exits_3_with_one_line(tmp_path):
 SMALL_CAP = DownloadLimits(max_bytes=1 << 20)
 
 
-async def _run(tmp_path, sim, n=4, **kw):
+async def _run_downloads(tmp_path, sim, n=4, **kw):
     """Run ``n`` jobs against ``sim``; the outcome, each job with its outputs by key, the events."""
     events = []
     opts = options(tmp_path, sim, manifest(tmp_path, sim, n), **kw)
@@ -554,7 +554,7 @@ def _offhost_by_job(sim) -> dict[str, bool]:
 
 async def test_an_output_on_a_host_not_allowed_fails_its_job_alone(simulator, tmp_path):
     sim = await simulator(duration=0.05, faults=["offhost=0.5"], seed=3)
-    out, jobs, _ = await _run(tmp_path, sim, n=8)
+    out, jobs, _ = await _run_downloads(tmp_path, sim, n=8)
     offhost = _offhost_by_job(sim)
     assert 0 < sum(offhost.values()) < len(offhost)  # the seed gives both kinds
     for job, _outs in jobs.values():
@@ -571,7 +571,7 @@ async def test_an_output_on_a_host_not_allowed_fails_its_job_alone(simulator, tm
 
 async def test_a_host_added_to_output_hosts_is_downloaded_from(simulator, tmp_path):
     sim = await simulator(duration=0.05, faults=["offhost=1"])
-    out, _, _ = await _run(tmp_path, sim, n=3, output_hosts=("localhost",))
+    out, _, _ = await _run_downloads(tmp_path, sim, n=3, output_hosts=("localhost",))
     assert out.counts == {"b": {"succeeded": 3}}
     await check_outputs_match(sim, tmp_path / "work")
 
@@ -589,19 +589,19 @@ def test_output_hosts_from_batchgen_toml(samples):
 
 async def test_redirects_are_followed_only_to_allowed_hosts_and_only_a_few_times(simulator, tmp_path):
     same = await simulator(duration=0.05, faults=["redirect=same"])
-    out, _, _ = await _run(tmp_path / "same", same, n=2)
+    out, _, _ = await _run_downloads(tmp_path / "same", same, n=2)
     assert out.counts == {"b": {"succeeded": 2}}
     assert same.calls["download"] == 4  # each output: the redirect, then the file
     assert same.output_auth_seen == 0  # the token never goes to an output host, nor on a redirect
 
     away = await simulator(duration=0.05, faults=["redirect=localhost"])
-    out, jobs, _ = await _run(tmp_path / "away", away, n=2)
+    out, jobs, _ = await _run_downloads(tmp_path / "away", away, n=2)
     assert out.counts == {"b": {"failed": 2}}
     assert all("'localhost' is not allowed" in job.error for job, _ in jobs.values())
     assert away.calls["download"] == 2  # the redirect was not followed
 
     loop = await simulator(duration=0.05, faults=["redirect=loop"])
-    out, jobs, _ = await _run(tmp_path / "loop", loop, n=1)
+    out, jobs, _ = await _run_downloads(tmp_path / "loop", loop, n=1)
     assert out.counts == {"b": {"failed": 1}}
     assert all("redirects more than" in job.error for job, _ in jobs.values())
 
@@ -693,7 +693,7 @@ async def test_the_default_hosts_are_runcomfys_and_the_apis():
 async def test_a_declared_size_over_the_cap_is_refused_before_reading(simulator, tmp_path):
     sim = await simulator(duration=0.05, faults=["output_body=huge"])
     started = time.monotonic()
-    out, jobs, _ = await _run(tmp_path, sim, n=2)
+    out, jobs, _ = await _run_downloads(tmp_path, sim, n=2)
     assert out.counts == {"b": {"failed": 2}}
     assert all("over the size cap of 2,147,483,648 bytes (it declares 3,221,225,472)" in job.error
                for job, _ in jobs.values())
@@ -704,7 +704,7 @@ async def test_a_declared_size_over_the_cap_is_refused_before_reading(simulator,
 @pytest.mark.parametrize("body", ["bomb", "endless"])
 async def test_bytes_received_over_the_cap_are_refused_and_nothing_is_kept(simulator, tmp_path, body):
     sim = await simulator(duration=0.05, faults=[f"output_body={body}"])
-    out, jobs, _ = await asyncio.wait_for(_run(tmp_path, sim, n=1, download_limits=SMALL_CAP), 30)
+    out, jobs, _ = await asyncio.wait_for(_run_downloads(tmp_path, sim, n=1, download_limits=SMALL_CAP), 30)
     assert out.counts == {"b": {"failed": 1}}
     assert all("over the size cap of 1,048,576 bytes (more arrived)" in job.error for job, _ in jobs.values())
     assert sim.calls["download"] == 1
@@ -714,7 +714,7 @@ async def test_bytes_received_over_the_cap_are_refused_and_nothing_is_kept(simul
 @pytest.mark.parametrize("body", ["gzip", "gzip_forced"])
 async def test_a_gzip_encoded_output_is_downloaded_whole(simulator, tmp_path, body):
     sim = await simulator(duration=0.05, faults=[f"output_body={body}"])
-    out, _, _ = await _run(tmp_path, sim, n=2)
+    out, _, _ = await _run_downloads(tmp_path, sim, n=2)
     assert out.counts == {"b": {"succeeded": 2}}
     await check_outputs_match(sim, tmp_path / "work")
 
@@ -723,7 +723,7 @@ async def test_a_download_slower_than_the_least_rate_is_abandoned_and_tried_agai
     sim = await simulator(duration=0.05, faults=["script.download=trickle"])
     limits = DownloadLimits(min_rate=50_000, rate_window=0.3)
     started = time.monotonic()
-    out, _, events = await _run(tmp_path, sim, n=1, download_limits=limits)
+    out, _, events = await _run_downloads(tmp_path, sim, n=1, download_limits=limits)
     assert out.counts == {"b": {"succeeded": 1}}
     assert any("download too slow" in e.message for e in events if e.kind == "retry")
     assert sim.calls["download"] == 2 and time.monotonic() - started < 5
@@ -768,13 +768,13 @@ async def api_answers():
 async def test_an_api_answer_of_more_than_a_few_mb_is_refused_not_read_whole(api_answers, kind):
     api_answers["kind"] = kind
     async with RunComfyClient(api_answers["url"], "t") as client:
-        with pytest.raises(APIResponseLostError, match="too large|larger than"):
+        with pytest.raises(APIResponseLostError, match="more than the|longer than the"):
             await asyncio.wait_for(client.status("r1"), 20)
 
 
 async def test_an_output_url_ending_in_sh_is_saved_as_media(simulator, tmp_path):
     sim = await simulator(duration=0.05, faults=["output_ext=sh"])
-    out, jobs, _ = await _run(tmp_path, sim, n=2)
+    out, jobs, _ = await _run_downloads(tmp_path, sim, n=2)
     assert out.counts == {"b": {"succeeded": 2}}
     names = sorted(p.name for p in (tmp_path / "work" / "b").iterdir())
     assert names == sorted(f"{job.key}.mp4" for job, _ in jobs.values())
@@ -797,3 +797,171 @@ def test_download_settings_in_batchgen_toml(tmp_path):
         (tmp_path / "batchgen.toml").write_text(bad + "\n")
         with pytest.raises(UsageError):
             load_config(None, tmp_path)
+
+
+# --- catalog and balance ---------------------------------------------------------------------------
+
+WAN = "sim/wan-like/image-to-video"
+
+
+def catalog_manifest(folder, model: str):
+    make_image(folder / "a.jpg", 640, 480)
+    return write_file(folder / "m.yaml", f"model: {model}\n"
+                                         "jobs: [{prompt: p, image: a.jpg}]\n")
+
+
+async def check_catalog_model(folder, model: str, target: app.Target) -> list[str]:
+    opts = app.RunOptions(workdir=folder / "work", manifest=catalog_manifest(folder, model), target=target)
+    return [str(p) for p in (await app.validate(opts)).problems]
+
+
+async def test_malformed_catalog_entries_are_skipped_and_a_broken_schema_is_a_problem(simulator, tmp_path):
+    sim = await simulator(faults=["script.catalog=malformed"])
+    target = app.Target(api_url=sim.base_url, token="t")
+    found, note = await app.open_catalog(target, tmp_path / "work")
+    # Not mappings, ids that are not text, a schema that is not an object: skipped, the rest kept.
+    assert note == "" and found.skipped == 5
+    assert {WAN, "broken/schema/image-to-video"} <= set(found.entries)
+    assert catalog.load_cache(tmp_path / "work", sim.base_url).skipped == 0  # only what parsed is cached
+    (problem,) = await check_catalog_model(tmp_path, "broken/schema/image-to-video", target)
+    assert problem == ("m.yaml, line 1, field 'model': model 'broken/schema/image-to-video': RunComfy's catalog "
+                       "schema cannot be used: catalog:broken/schema/image-to-video: input 'properties' must map "
+                       "field names to schemas")
+    assert await check_catalog_model(tmp_path, WAN, target) == []
+
+
+async def test_an_oversized_catalog_answer_is_refused(simulator, tmp_path, monkeypatch):
+    sim = await simulator()
+    monkeypatch.setattr(C, "CATALOG_MAX_PAGE_BYTES", 1000)
+    (problem,) = await check_catalog_model(tmp_path, WAN, app.Target(api_url=sim.base_url, token="t"))
+    assert "RunComfy's catalog could not be fetched: catalog: answer of " in problem
+    assert "bytes, more than the 1,000 allowed" in problem
+
+
+def hostile_catalog(page, balance: bytes = b'{"balance_usd": 1}') -> web.Application:
+    """A catalog served as ``page(offset, limit)`` says (a body, streamed without a length), and
+    a balance answering ``balance``."""
+    api = web.Application()
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(page(int(request.query["offset"]), int(request.query["limit"])))
+        await resp.write_eof()
+        return resp
+
+    async def wallet(request: web.Request) -> web.Response:
+        return web.Response(body=balance, content_type="application/json")
+
+    api.router.add_get("/v1/models", models)
+    api.router.add_get("/prod/v2/balance", wallet)
+    return api
+
+
+async def test_a_streamed_oversized_page_and_endless_pages_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "CATALOG_PAGE_SIZE", 2)
+    monkeypatch.setattr(C, "CATALOG_MAX_PAGES", 5)
+
+    def endless(offset: int, limit: int) -> bytes:  # always a full page, never a total
+        ids = ", ".join(f'{{"model_id": "m/{offset + i}"}}' for i in range(limit))
+        return f'{{"models": [{ids}]}}'.encode()
+
+    async with loopback(hostile_catalog(endless)) as root, RunComfyClient(root + "/v1", "t") as client:
+        found = await catalog.fetch(client)
+        assert len(found.entries) == 10 and client.calls["catalog"] == 5
+    monkeypatch.setattr(C, "CATALOG_MAX_PAGE_BYTES", 100)
+    async with loopback(hostile_catalog(lambda o, n: b" " * 1000)) as root:
+        got, note = await app.open_catalog(app.Target(api_url=root + "/v1", token="t"), tmp_path)
+    assert got is None and note.endswith("catalog: answer longer than the 100 bytes allowed")
+
+
+async def test_a_catalog_of_the_wrong_shape_is_an_empty_catalog_not_a_crash(tmp_path):
+    for body in (b'{"models": "all of them", "total": "many"}', b'{"models": [null, [], {"model_id": ""}]}'):
+        async with loopback(hostile_catalog(lambda o, n, b=body: b)) as root:
+            got, note = await app.open_catalog(app.Target(api_url=root + "/v1", token="t"), tmp_path / "w")
+        assert note == "" and got.entries == {}
+    async with loopback(hostile_catalog(lambda o, n: b"<html>maintenance</html>")) as root:
+        got, note = await app.open_catalog(app.Target(api_url=root + "/v1", token="t"), tmp_path / "x")
+    assert got is None and "HTTP 200 with a body that is not a JSON object" in note
+
+
+async def test_a_balance_answer_that_is_no_number_is_a_warning(tmp_path):
+    for body, error in ((b'{"currency": "USD"}', "balance: the answer has no balance_usd number"),
+                        (b'{"balance_usd": NaN}', "balance: the answer has no balance_usd number"),
+                        (b'{"balance_usd": true}', "balance: the answer has no balance_usd number"),
+                        (b"x" * 100_000, "balance: answer of 100,000 bytes, more than the 65,536 allowed")):
+        async with loopback(hostile_catalog(lambda o, n: b"", balance=body)) as root:
+            async with RunComfyClient(root + "/v1", "t") as client:
+                info = await app.account_balance(client, app.Target())
+        assert info.balance_usd is None and info.error == error
+    async with loopback(hostile_catalog(lambda o, n: b"", balance=b'{"balance_usd": "12.5"}')) as root:
+        async with RunComfyClient(root + "/v1", "t") as client:
+            assert (await app.account_balance(client, app.Target())).balance_usd == 12.5
+
+
+async def test_the_token_is_never_sent_to_a_balance_url_on_another_host(simulator):
+    sim = await simulator()
+    seen: list[str] = []
+    spy = web.Application()
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({"balance_usd": 1})
+
+    spy.router.add_get("/b", record)
+    async with loopback(spy) as root:
+        elsewhere = root.replace("127.0.0.1", "localhost") + "/b"  # another host name than the API's
+        async with RunComfyClient(sim.base_url, "t") as client:
+            info = await app.account_balance(client, app.Target(balance_url=elsewhere))
+    assert seen == [] and info.balance_usd is None
+    assert info.error == (f"balance URL {elsewhere} is neither the API's host nor a RunComfy host over https: "
+                          "the token is not sent there")
+
+
+async def test_a_catalog_schema_referring_elsewhere_or_to_itself_is_a_problem_not_a_crash(tmp_path):
+    fetched: list[str] = []
+    spy = web.Application()
+
+    async def record(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.json_response({"type": "string"})
+
+    spy.router.add_get("/s.json", record)
+    async with loopback(spy) as elsewhere:
+        entry = {"model_id": "odd/refs/image-to-video", "input_schema": {"type": "object", "properties": {
+            "prompt": {"type": "string"}, "remote": {"$ref": f"{elsewhere}/s.json"},
+            "loop": {"$ref": "#/properties/loop"}, "nowhere": {"$ref": "#/$defs/nope"}}}}
+        body = f'{{"models": [{json.dumps(entry)}]}}'.encode()
+        async with loopback(hostile_catalog(lambda o, n: body)) as root:
+            target = app.Target(api_url=root + "/v1", token="t")
+            for field, value, said in (("remote", "1", f"refers to '{elsewhere}/s.json', which it does not hold"),
+                                       ("loop", "x", "refers to itself without end"),
+                                       ("nowhere", "x", "refers to '/$defs/nope', which it does not hold")):
+                write_file(tmp_path / "m.yaml",
+                           f"model: odd/refs/image-to-video\njobs: [{{prompt: p, {field}: {value}}}]\n")
+                opts = app.RunOptions(workdir=tmp_path / "work", manifest=tmp_path / "m.yaml", target=target)
+                problems = [str(p) for p in (await app.validate(opts)).problems]
+                assert problems == [f"m.yaml, line 2: the model's schema cannot be applied: it {said}"]
+    assert fetched == []  # a reference to another document is never fetched
+
+
+# --- inline files ---------------------------------------------------------------------------------
+
+
+async def test_a_service_with_a_lower_body_limit_fails_the_job_without_an_unknown(tmp_path, simulator):
+    """A 413 is a refusal: the job fails once, it is neither unknown nor submitted again."""
+    sim = await simulator(faults=["max_body=100000"], duration=0.05)
+    make_image(tmp_path / "big.jpg", 640, 480, nbytes=200_000)
+    make_image(tmp_path / "small.jpg", 640, 480)
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"name": "lim", "jobs": [{"prompt": "big", "image": "big.jpg"},
+                                                            {"prompt": "small", "image": "small.jpg"}]}))
+    out = await app.run(app.RunOptions(workdir=tmp_path / "work", manifest=path,
+                                       target=app.Target(api_url=sim.base_url, token="t"), settings=settings()))
+    assert out.summary.finished == {S.FAILED: 1, S.SUCCEEDED: 1}
+    assert sim.calls["submit"] == 2
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        (failed,) = await store.jobs(["lim"], [S.FAILED])
+    assert failed.inputs["prompt"] == "big" and failed.attempts == 1
+    assert "Request body too large: at most 100,000 bytes (error_code 413001)" in (failed.error or "")

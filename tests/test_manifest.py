@@ -7,6 +7,7 @@ import json
 import textwrap
 
 import pytest
+from conftest import local_ref
 from imagefactory import make_image
 
 from batchgen.constants import DEFAULT_MODEL
@@ -54,7 +55,7 @@ def test_defaults_jobs_matrix_repeat(imgs):
     first = specs[0]
     assert isinstance(first, JobSpec) and first.batch == "m" and first.model_id == DEFAULT_MODEL
     assert first.inputs == {"prompt": "one", "seed": 5, "frames": 121,
-                            "image_urls": [(imgs / "a.jpg").resolve().as_uri()]}
+                            "image_urls": [local_ref(imgs / "a.jpg")]}
     assert [s.inputs["frames"] for s in specs[:4]] == [121, 121, 241, 241]
     assert specs[4].inputs["seed"] == 9
     assert first.source == "m.yaml, line 3" and specs[4].source == "m.yaml, line 4"
@@ -145,7 +146,7 @@ def test_csv_casts_numbers_booleans_and_lists(tmp_path):
 def test_list_field_takes_several_urls_separated_by_bars(imgs):
     path = write(imgs / "m.csv", "prompt,image_urls\np,a.jpg|b.png\n")
     _, (spec,) = jobs_of(path)
-    assert [u.rsplit("/", 1)[1] for u in spec.inputs["image_urls"]] == ["a.jpg", "b.png"]
+    assert [u.partition("#")[0].rsplit("/", 1)[1] for u in spec.inputs["image_urls"]] == ["a.jpg", "b.png"]
 
 
 def test_alias_onto_a_single_url_field(imgs):
@@ -155,7 +156,7 @@ def test_alias_onto_a_single_url_field(imgs):
     """)
     m, specs = jobs_of(path)
     assert m.problems == []
-    assert [s.inputs["image_url"].rsplit("/", 1)[1] for s in specs] == ["a.jpg", "b.png"]
+    assert [s.inputs["image_url"].partition("#")[0].rsplit("/", 1)[1] for s in specs] == ["a.jpg", "b.png"]
     assert specs[0].inputs["duration"] == 5
 
 
@@ -172,7 +173,7 @@ def test_a_job_image_overrides_a_default_image(imgs):
     """)
     m, specs = jobs_of(path)
     assert m.problems == []
-    assert [s.inputs["image_urls"][0].rsplit("/", 1)[1] for s in specs] == ["a.jpg", "b.png"]
+    assert [s.inputs["image_urls"][0].partition("#")[0].rsplit("/", 1)[1] for s in specs] == ["a.jpg", "b.png"]
 
 
 
@@ -184,7 +185,7 @@ def test_a_matrix_of_images_is_normalized_like_a_job(imgs):
     """)
     m, specs = jobs_of(path)
     assert m.problems == []
-    assert [(s.inputs["image_urls"][0].rsplit("/", 1)[1], s.inputs["seed"]) for s in specs] == [
+    assert [(s.inputs["image_urls"][0].partition("#")[0].rsplit("/", 1)[1], s.inputs["seed"]) for s in specs] == [
         ("a.jpg", 1), ("a.jpg", 2), ("b.png", 1), ("b.png", 2)]
     assert specs[0].meta["matrix"] == {"image": "a.jpg", "seed": 1}  # as written, for reports
 
@@ -208,7 +209,7 @@ def test_rows_images_are_relative_to_their_csv(tmp_path):
     path = write(tmp_path / "m.yaml", "rows: data/rows.csv\n")
     m, (spec,) = jobs_of(path)
     assert m.problems == [] and spec.source == "data/rows.csv, row 2"
-    assert spec.inputs["image_urls"] == [(tmp_path / "data" / "pics" / "c.jpg").resolve().as_uri()]
+    assert spec.inputs["image_urls"] == [local_ref(tmp_path / "data" / "pics" / "c.jpg")]
 
 
 # ---- templates ----------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ def test_absolute_paths_and_file_uris(imgs, tmp_path):
     """)
     m, specs = jobs_of(path)
     assert m.problems == []
-    assert [s.inputs["image_urls"][0] for s in specs] == [(imgs / "a.jpg").as_uri(), (imgs / "b.png").as_uri()]
+    assert [s.inputs["image_urls"][0] for s in specs] == [local_ref(imgs / "a.jpg"), local_ref(imgs / "b.png")]
 
 
 def test_is_loopback_host():
@@ -524,7 +525,7 @@ def test_unknown_model_passes_inputs_through(imgs):
     m, (spec,) = jobs_of(path)
     assert m.schema is None and m.problems == []
     assert spec.inputs == {"prompt": "p 3", "n": 3, "size": "1024x768",
-                           "start_image": (imgs / "a.jpg").resolve().as_uri()}
+                           "start_image": local_ref(imgs / "a.jpg")}
     assert spec.model_id == "someone/new-model v2"
 
 

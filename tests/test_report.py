@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import local_ref
 from test_runner import settings
 
 from batchgen import app
@@ -65,7 +66,7 @@ async def test_one_row_per_job_with_inputs_notes_timings_and_outputs(mixed, samp
     assert list(df["input.prompt"]) == prompts
     assert list(df["input.frames"]) == [121, 241] * 3 == list(df["meta.matrix.frames"])
     assert set(df["input.seed"]) == {42}
-    assert df["input.image_urls"][0] == (samples / "images" / "street.jpg").resolve().as_uri()
+    assert df["input.image_urls"][0] == local_ref(samples / "images" / "street.jpg")
     # Lists are joined; a note that is a number here and text there becomes text throughout.
     assert df["meta._tags"][0] == "dusk | street" and pd.isna(df["meta._tags"][2])
     assert list(df["meta._take"][:4]) == ["2", "2", "final", "final"]  # 2 frames each

@@ -404,3 +404,70 @@ def test_a_run_of_valid_jobs_never_imports_jsonschema(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["6", "[]", "False"]
+
+
+# ---- what catalog schemas use that the Dreamina page does not -------------------------------------
+
+
+def catalog_schema(properties: dict, **extra) -> ModelSchema:
+    return ModelSchema({"model_id": "acme/x/image-to-video", "input": {"type": "object", "properties": properties},
+                        "x-batchgen": extra})
+
+
+def test_the_non_standard_float_type_means_number():
+    schema = catalog_schema({"cfg": {"type": "float", "minimum": 1, "maximum": 10},
+                             "weights": {"type": "array", "items": {"type": "float"}},
+                             "mode": {"type": "string", "enum": ["float", "int"], "default": "float"}})
+    assert schema.field_type("cfg") == "number" and schema.item_type("weights") == "number"  # CSV cells cast so
+    assert schema.check({"cfg": 2.5, "weights": [0.5, 1], "mode": "float"}, {}) == []
+    assert schema.check({"cfg": 3}, {}) == []  # a whole number is a number
+    assert schema.check({"cfg": "high"}, {}) == [("cfg", 'must be of type number (a number), got "high"')]
+    assert schema.check({"cfg": True}, {}) == [("cfg", "must be of type number (a number), got true")]
+    assert schema.check({"cfg": 10.5}, {}) == [("cfg", "is 10.5; must be at most 10")]
+    assert schema.check({"weights": ["a"]}, {}) == [("weights[0]", 'must be of type number (a number), got "a"')]
+    assert schema.properties["mode"]["enum"] == ["float", "int"]  # values are not types: left alone
+
+
+def test_a_seed_with_minimum_zero_refuses_minus_one():
+    schema = catalog_schema({"seed": {"type": "integer", "minimum": 0, "default": 0}})
+    assert schema.check({"seed": 0}, {}) == []
+    assert schema.check({"seed": -1}, {}) == [("seed", "is -1; must be at least 0")]
+
+
+def test_min_and_max_items_on_a_media_list():
+    schema = catalog_schema({"refs": {"type": "array", "format": "image_uris", "minItems": 1, "maxItems": 3,
+                                      "items": {"type": "string", "format": "image_uri"}}})
+    assert schema.image_fields() == {"refs": True}
+    assert schema.describe("refs") == "a list of 1 to 3 image URL(s)"
+    assert schema.check({"refs": ["https://x/a.jpg"] * 3}, {}) == []
+    assert schema.check({"refs": ["https://x/a.jpg"] * 4}, {}) == [("refs", "has 4 item(s); at most 3 allowed")]
+    assert schema.check({"refs": []}, {}) == [("refs", "has 0 item(s); at least 1 required")]
+
+
+def test_a_file_size_rule_on_the_items_of_a_media_list_applies_to_each_image():
+    schema = catalog_schema({"refs": {"type": "array", "format": "image_uris", "items": {
+        "type": "string", "format": "image_uri", "validations": [
+            {"validation_rule": "file_size_mb<", "validation_value": 5, "validation_error": "Under 5 MB."}]}}})
+    small, big = ImageInfo("jpeg", 640, 480, 4_999_999), ImageInfo("png", 640, 480, 5_000_000)
+    assert schema.check({"refs": ["a", "b"]}, {"a": small, "b": big}) == [
+        ("refs[1]", "image is 5,000,000 bytes; Under 5 MB (allowed: less than 5,000,000 bytes; "
+                    "1 MB = 1,000,000 bytes)")]
+
+
+@pytest.mark.parametrize(("unit", "inputs", "price"), [
+    ("second", {"duration": 10}, 0.5),
+    ("second", {"duration": "5"}, 0.25),  # duration enums are often strings
+    ("second", {"duration": 2.5}, 0.125),
+    ("second", {}, None),  # no duration: no guess
+    ("second", {"duration": "long"}, None),
+    ("second", {"duration": True}, None),
+    ("output", {"duration": 10}, 0.05),
+    (None, {}, 0.05),
+    ("token", {}, None),  # a unit batchgen does not know: no estimate rather than a wrong one
+])
+def test_price_per_second_times_the_duration_field(unit, inputs, price):
+    schema = catalog_schema({"duration": {"type": ["integer", "string", "number", "boolean"]}},
+                            base_price_usd=0.05, price_unit=unit)
+    assert schema.price_unit == (unit or "output")
+    got = schema.job_price(inputs)
+    assert got == (pytest.approx(price) if price is not None else None)

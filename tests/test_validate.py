@@ -3,6 +3,7 @@ every problem at once, each distinct image probed once, and every sample manifes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 
@@ -22,8 +23,8 @@ def write(path, text):
     return path
 
 
-async def check(path, allow_local_files=True, **kw) -> ValidationResult:
-    return await validate_manifest(load_manifest(path), allow_local_files=allow_local_files, **kw)
+async def check(path, **kw) -> ValidationResult:
+    return await validate_manifest(load_manifest(path), **kw)
 
 
 def texts(result):
@@ -94,36 +95,51 @@ async def test_street_scenes_uses_rows_and_a_prompt_template(samples):
 # ---- local files and the real API ---------------------------------------------------------------
 
 
-async def test_local_files_need_image_base_url_for_the_real_api(tmp_path):
-    make_image(tmp_path / "a.jpg", 640, 480)
+async def test_local_files_need_no_image_base_url(tmp_path):
+    """They go inline as data: URIs; the store keeps the file's path and what it was."""
+    image = make_image(tmp_path / "a.jpg", 640, 480)
     path = write(tmp_path / "m.yaml", """
         jobs:
           - {prompt: one, image: a.jpg}
           - {prompt: two, image: a.jpg}
     """)
-    assert (await check(path, allow_local_files=True)).problems == []
-    result = await check(path, allow_local_files=False)
-    assert texts(result) == [
-        f"m.yaml, line 2, field 'image_urls': local file {(tmp_path / 'a.jpg').resolve()} needs image_base_url in "
-        "the manifest (the https:// address where the same files are published) to run against the real API; "
-        "or use --simulate"]  # once per file, not per job
-    published = write(tmp_path / "p.yaml", """
-        image_base_url: https://cdn.example.com/inputs
-        jobs: [{prompt: one, image: a.jpg}]
-    """)
-    # Checked from the disk file, so no request goes to the (made-up) CDN.
-    assert (await check(published, allow_local_files=False)).problems == []
+    seen = []
+    assert (await check(path, collect=seen.append)).problems == []
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    size = image.stat().st_size
+    assert seen[0].inputs["image_urls"] == [f"{image.resolve().as_uri()}#sha256={digest}&size={size}&type=image/jpeg"]
 
 
-async def test_published_local_files_are_checked_from_disk(tmp_path):
+async def test_published_local_files_are_checked_on_disk_and_at_their_url(tmp_path, host):
     make_image(tmp_path / "small.jpg", 320, 480)
-    path = write(tmp_path / "p.yaml", """
-        image_base_url: https://cdn.example.com/inputs
-        jobs: [{prompt: one, image: small.jpg}]
+    make_image(tmp_path / "ok.jpg", 640, 480)
+    host.files["small.jpg"] = (tmp_path / "small.jpg").read_bytes()
+    host.files["ok.jpg"] = (tmp_path / "ok.jpg").read_bytes()
+    path = write(tmp_path / "p.yaml", f"""
+        image_base_url: {host.url}
+        jobs: [{{prompt: one, image: small.jpg}}, {{prompt: two, image: ok.jpg}}]
     """)
-    (problem,) = (await check(path, allow_local_files=False)).problems
+    (problem,) = (await check(path)).problems
     assert (problem.location, problem.field) == ("line 2", "image_urls[0]")
     assert problem.message.startswith("image is 320x480; The shortest side must be at least 320 pixels")
+    assert host.gets == {"small.jpg": 1, "ok.jpg": 1}
+
+
+async def test_a_wrong_image_base_url_is_caught(tmp_path, host):
+    make_image(tmp_path / "a.jpg", 640, 480)
+    make_image(tmp_path / "b.jpg", 800, 600)
+    host.files["b.jpg"] = image_bytes(640, 480)  # another image under the same name
+    for base, message in [
+        (f"{host.url}/wrong", f"{host.url}/wrong/a.jpg: published copy of {(tmp_path / 'a.jpg').resolve()}: "
+                              "image URL answered HTTP 404; is image_base_url right?"),
+        (host.url, f"{host.url}/b.jpg: not the same image as {(tmp_path / 'b.jpg').resolve()} (published: "
+                   f"JPEG 640x480, {len(host.files['b.jpg']):,} bytes; local: JPEG 800x600, "
+                   f"{(tmp_path / 'b.jpg').stat().st_size:,} bytes); is image_base_url right?"),
+    ]:
+        image = "a.jpg" if "wrong" in base else "b.jpg"
+        path = write(tmp_path / "p.yaml", f"image_base_url: {base}\njobs: [{{prompt: one, image: {image}}}]\n")
+        (problem,) = (await check(path)).problems
+        assert (problem.field, problem.message) == ("image_urls[0]", message)
 
 
 # ---- every Dreamina rule through a manifest ---------------------------------------------------------
@@ -204,7 +220,7 @@ async def test_remote_images_probed_once_each(tmp_path, host):
     write(tmp_path / "rows.csv", rows)
     path = write(tmp_path / "m.yaml", "rows: rows.csv\nmatrix: {frames: [121, 241]}\n")
     async with ImageProber(concurrency=2) as prober:
-        result = await validate_manifest(load_manifest(path), allow_local_files=False, prober=prober)
+        result = await validate_manifest(load_manifest(path), prober=prober)
     assert host.gets == {"good.jpg": 1, "small.jpg": 1, "gone.jpg": 1}
     assert result.jobs == 60
     by_row = {}
@@ -215,7 +231,7 @@ async def test_remote_images_probed_once_each(tmp_path, host):
     assert by_row["row 4"] == [f"{host.url}/gone.jpg: image URL answered HTTP 404"]
 
 
-async def test_unknown_model_still_probes_images(tmp_path, host):
+async def test_a_model_without_schema_is_refused_unless_no_schema_and_still_probes_images(tmp_path, host):
     host.files["a.jpg"] = image_bytes(640, 480)
     path = write(tmp_path / "m.yaml", f"""
         model: someone/new-model
@@ -223,10 +239,13 @@ async def test_unknown_model_still_probes_images(tmp_path, host):
           - {{prompt: p, start_image_url: "{host.url}/a.jpg", size: huge}}
           - {{prompt: q, start_image_url: "{host.url}/missing.jpg"}}
     """)
-    result = await check(path, allow_local_files=False)
+    missing = f"m.yaml, line 4, field 'start_image_url': {host.url}/missing.jpg: image URL answered HTTP 404"
+    refused = await check(path)
+    assert texts(refused)[0].startswith("m.yaml, line 1, field 'model': unknown model 'someone/new-model'")
+    assert texts(refused)[1:] == [missing]
+    result = await check(path, no_schema=True)
     assert result.schema is None and result.jobs == 2
-    assert texts(result) == [f"m.yaml, line 4, field 'start_image_url': {host.url}/missing.jpg: "
-                             "image URL answered HTTP 404"]
+    assert texts(result) == [missing]
 
 
 # ---- schemas ----------------------------------------------------------------------------------------
@@ -240,7 +259,7 @@ async def test_schema_path_and_unknown_rules_reported_once(tmp_path):
             {"validation_rule": "dpi>=", "validation_value": 72, "validation_error": "72 dpi"},
             {"validation_rule": "width_pixels<=", "validation_value": 600, "validation_error": "Too wide."}]}}}}))
     path = write(tmp_path / "m.yaml", "model: acme/i2v\njobs: [{img: a.jpg}, {img: a.jpg, _n: 2}]\nrepeat: 3\n")
-    result = await validate_manifest(load_manifest(path), schema_path=schema, allow_local_files=True)
+    result = await validate_manifest(load_manifest(path), schema_path=schema)
     assert result.schema.model_id == "acme/i2v" and result.jobs == 3 and result.duplicates == 3
     assert texts(result) == [
         "acme.json, field 'img': schema acme/i2v: rule 'dpi>=' is not understood by batchgen (known subjects: "
@@ -254,7 +273,7 @@ async def test_a_bad_schema_path_is_a_problem_not_a_crash(tmp_path):
     make_image(tmp_path / "a.jpg", 640, 480)
     (tmp_path / "bad.json").write_text("[]")
     path = write(tmp_path / "m.yaml", "jobs: [{prompt: p, image: a.jpg}]\n")
-    result = await validate_manifest(load_manifest(path), schema_path=tmp_path / "bad.json", allow_local_files=True)
+    result = await validate_manifest(load_manifest(path), schema_path=tmp_path / "bad.json")
     assert result.jobs == 0 and "no 'input' object" in texts(result)[0]
 
 
@@ -287,5 +306,5 @@ async def test_collect_sees_every_job_once(tmp_path):
     path = write(tmp_path / "m.yaml", "jobs: [{prompt: p, image: a.jpg}, {prompt: p, image: a.jpg}]\n"
                                       "matrix: {seed: [1, 2]}\n")
     seen = []
-    result = await validate_manifest(load_manifest(path), allow_local_files=True, collect=seen.append)
+    result = await validate_manifest(load_manifest(path), collect=seen.append)
     assert [s.inputs["seed"] for s in seen] == [1, 2] and result.jobs == 2 and result.duplicates == 2

@@ -31,15 +31,20 @@ Spec strings (``batchgen simulate --fault SPEC``, repeatable):
                        whatever was asked), ``bomb`` (64 MiB of zeros, gzipped, whatever was
                        asked), ``huge`` (declares 3 GiB, sends the file, then closes),
                        ``endless`` (no length, never ends), ``trickle`` (256 bytes every 0.1 s)
+``max_body=1000000``   submit bodies over 1,000,000 bytes answer 413 (a service whose limit is
+                       below the 64 MiB that RunComfy's own client allows)
 ``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
-                       ``script.status``, ``script.result``, ``script.cancel``, ``script.download``
+                       ``script.status``, ``script.result``, ``script.cancel``, ``script.download``,
+                       ``script.catalog`` (``GET /models``) and ``script.balance``
 =====================  =======================================================================
 
 Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``,
 ``500_created`` and ``error200_created`` (submit), ``truncate`` (downloads), ``fail`` (submit: the
 job will fail), ``expire`` (download: answer 403), ``404`` (RunComfy's 404001 "request not found",
-as a request id just handed out may get), ``badjson`` (HTTP 200 with a body that is not JSON), and
-the bodies above (downloads); ``slow`` applies to downloads too.
+as a request id just handed out may get), ``badjson`` (HTTP 200 with a body that is not JSON),
+``malformed`` (catalog: the page also holds entries of the wrong shape), and the bodies above
+(downloads); ``slow`` applies to downloads too. The rates apply to the job calls only: the
+catalog and the balance fail only when scripted.
 """
 
 from __future__ import annotations
@@ -48,10 +53,10 @@ import json
 import random
 from dataclasses import dataclass, field
 
-ENDPOINTS = ("submit", "status", "result", "cancel", "download")
+ENDPOINTS = ("submit", "status", "result", "cancel", "download", "catalog", "balance")
 BODIES = ("gzip", "gzip_forced", "bomb", "huge", "endless", "trickle")
 OUTCOMES = ("ok", "429", "5xx", "error200", "slow", "drop", "500_created", "error200_created",
-            "truncate", "fail", "expire", "404", "badjson", *BODIES)
+            "truncate", "fail", "expire", "404", "badjson", "malformed", *BODIES)
 # Submit outcomes that create the job and then answer anything but its request id.
 CREATED_THEN_LOST = ("drop", "500_created", "error200_created")
 MODEL_INFO = ("ok", "404", "noprice")
@@ -93,6 +98,7 @@ class FaultConfig:
     redirect: str | None = None  # "same", "loop" or a host name
     output_ext: str | None = None
     output_body: str | None = None  # one of BODIES
+    max_body: int | None = None  # bytes; None: MAX_REQUEST_BYTES
     script: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
@@ -145,6 +151,8 @@ class FaultConfig:
                 if value not in BODIES:
                     raise ValueError(f"fault '{spec}': unknown body '{value}'; one of {', '.join(BODIES)}")
                 cfg.output_body = value
+            elif name == "max_body":
+                cfg.max_body = int(_number(spec, value))
             elif name in _RATE_KEYS:
                 rate = _number(spec, value)
                 if not 0 <= rate <= 1:
@@ -153,7 +161,7 @@ class FaultConfig:
             else:
                 allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "hostile_text", "stuck",
                                      "garble.FIELD", "model_info", "offhost_host", "redirect", "output_ext",
-                                     "output_body", "script.ENDPOINT"])
+                                     "output_body", "max_body", "script.ENDPOINT"])
                 raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
         return cfg
 
@@ -179,6 +187,8 @@ class FaultPicker:
             return steps.pop(0)
         c = self.config
         r = self.rng.random
+        if endpoint in ("catalog", "balance"):
+            return "ok"
         if endpoint == "download":
             if c.truncate_rate and r() < c.truncate_rate:
                 return "truncate"

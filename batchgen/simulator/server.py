@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -30,8 +31,11 @@ from urllib.parse import quote, unquote
 import aiohttp
 from aiohttp import web
 
-from ..images import ImageInfo, ImageProbeError, probe_bytes
-from ..schema import ModelSchema, find_schema
+from ..constants import MAX_REQUEST_BYTES
+from ..images import ImageInfo, ImageProbeError, probe_bytes, read_data_uri
+from ..inline import describe_data_uri
+from ..schema import ModelSchema, bundled_schemas, find_schema, job_price
+from ..validate import media_facts
 from .faults import BODIES, HOSTILE_TEXT, FaultConfig, FaultPicker
 from .media import make_image, make_video
 
@@ -40,6 +44,29 @@ log = logging.getLogger(__name__)
 # Undocumented by RunComfy: how it answers invalid input (400 or 422, which code). We answer 422
 # with 422001; the client treats any 4xx with an error envelope as "refused, will not heal".
 INVALID_INPUT = (422, 422001)
+
+# Models the simulator's catalog offers that batchgen does not bundle (so the path from catalog to
+# validated run is tested end to end), each with its catalog facts under "catalog".
+CATALOG_DIR = Path(__file__).parent / "catalog"
+# What GET /prod/v2/balance reports for an unlimited wallet (no --balance).
+UNLIMITED_BALANCE = 1_000_000.0
+# Entries the malformed fault adds to a catalog page: not mappings, ids of the wrong type, a
+# schema that is not an object, and one whose schema is an object but not a usable one.
+MALFORMED_ENTRIES: list[Any] = [
+    42, "text", {"display_name": "no id"}, {"model_id": 7}, {"model_id": "bad/schema", "input_schema": "nope"},
+    {"model_id": "broken/schema/image-to-video", "categories": ["image-to-video"], "base_price_usd": 0.1,
+     "input_schema": {"type": "object", "properties": {"prompt": 5}}},
+]
+
+
+@cache
+def catalog_only_models() -> dict[str, tuple[ModelSchema, dict[str, Any]]]:
+    """model id -> (schema, catalog facts) of the simulator's extra models."""
+    out: dict[str, tuple[ModelSchema, dict[str, Any]]] = {}
+    for path in sorted(CATALOG_DIR.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        out[data["model_id"]] = (ModelSchema(data, str(path)), data.get("catalog") or {})
+    return out
 
 
 @dataclass
@@ -143,7 +170,8 @@ class Simulator:
         self.jobs: dict[str, _Job] = {}
         self._order: list[str] = []
         self._queues: dict[str, _Queue] = {}
-        self.calls = {"submit": 0, "status": 0, "result": 0, "cancel": 0, "download": 0, "model": 0}
+        self.calls = {"submit": 0, "status": 0, "result": 0, "cancel": 0, "download": 0, "model": 0,
+                      "catalog": 0, "balance": 0}
         self._spent: dict[str, float] = {}
         self._published: dict[str, Path] = {}
         self._images: dict[str, tuple[bytes, ImageInfo] | str] = {}
@@ -153,6 +181,7 @@ class Simulator:
         self._media_image_bytes: dict[str, bytes] = {}
         self._media_locks: dict[str, asyncio.Lock] = {}
         self._secret = uuid.uuid4().bytes
+        self._max_body = self.config.faults.max_body or MAX_REQUEST_BYTES
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.root_url = ""
@@ -168,10 +197,15 @@ class Simulator:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=8 << 20)
+        # RunComfy's own client sends at most 64 MiB (local files inline as base64); past that
+        # (or the max_body fault) aiohttp refuses the body, which _submit answers with a 413.
+        app = web.Application(client_max_size=self._max_body)
         r = app.router
         r.add_post("/v1/models/{model_id:.+}", self._submit)
+        r.add_get("/v1/models", self._catalog)
+        r.add_get("/v1/models/categories", self._categories)  # before the model route, which would take it
         r.add_get("/v1/models/{model_id:.+}", self._model_info)
+        r.add_get("/prod/v2/balance", self._balance)
         r.add_get("/v1/requests/{rid}/status", self._status)
         r.add_get("/v1/requests/{rid}/result", self._result)
         r.add_post("/v1/requests/{rid}/cancel", self._cancel)
@@ -208,7 +242,8 @@ class Simulator:
         await self.stop()
 
     def publish_file(self, path: str | Path) -> str:
-        """Serve a local file (a manifest's image under --simulate); only such files are served."""
+        """Serve a local file at a URL of the simulator's own (tests and the benchmark give inputs
+        as URLs this way); only such files are served."""
         path = Path(path).resolve()
         fid = hashlib.sha256(str(path).encode()).hexdigest()[:16]
         if fid not in self._published:
@@ -314,6 +349,13 @@ class Simulator:
     # ---- input images --------------------------------------------------------------------------
 
     async def _image(self, url: str) -> tuple[bytes, ImageInfo] | str:
+        if url.startswith("data:"):
+            # Decoded per submit, never kept: each submit carries its file again, and keeping them
+            # would hold every distinct input of a long run in memory.
+            try:
+                return await asyncio.to_thread(read_data_uri, url)
+            except ImageProbeError as exc:
+                return str(exc)
         cached = self._images.get(url)
         if cached is not None:
             return cached
@@ -365,6 +407,8 @@ class Simulator:
             return self._error(400, 400001, f"Unknown model '{model_id}' (InvalidResourceIdentifier)")
         try:
             body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            return self._error(413, 413001, f"Request body too large: at most {self._max_body:,} bytes")
         except (ValueError, UnicodeDecodeError):
             return self._error(*INVALID_INPUT, "Request body must be a JSON object")
         if not isinstance(body, dict):
@@ -380,11 +424,21 @@ class Simulator:
                         got = await self._image(ref)
                         images[ref] = got if isinstance(got, str) else got[1]
                         if not isinstance(got, str) and image_bytes is None:
-                            image_bytes, first_image = got[0], ref
+                            image_bytes, first_image = got[0], _identity(ref, got[0])
             problems = schema.check(body, images)
+            for name, kind in schema.other_media_fields().items():
+                value = body.get(name)
+                for ref in (value if isinstance(value, list) else [value]):
+                    if isinstance(ref, str) and ref.startswith("data:"):
+                        facts = await asyncio.to_thread(media_facts, ref, kind)
+                        assert facts is not None  # None only for a URL
+                        found = [facts] if isinstance(facts, str) else schema.file_rule_failures(name, facts)
+                        problems += [(name, f"{describe_data_uri(ref)}: {m}") for m in found]
             if problems:
                 text = "; ".join(f"{f}: {m}" for f, m in problems)
                 return self._error(*INVALID_INPUT, f"Invalid input: {text}")
+        # Like the service, which stores inline files as hosted inputs: the job keeps no payload.
+        body = {k: _without_payload(v) for k, v in body.items()}
         queue = self._queues.setdefault(owner, _Queue(self.config.concurrency))
         queue.advance(time.time(), self.jobs)
         max_queued = self.config.max_queued
@@ -393,7 +447,7 @@ class Simulator:
             # Certainly refused: nothing created, nothing billed.
             self.refused_queue_full += 1
             return self._error(429, 429001, f"Too many queued requests (at most {max_queued}), slow down")
-        price = self.config.price_usd
+        price = self._price(model_id, body)
         if self.config.balance_usd is not None:
             spent = self._spent.get(owner, 0.0)
             if spent + price > self.config.balance_usd + 1e-9:
@@ -492,7 +546,87 @@ class Simulator:
             s = find_schema(model_id, path)
             if s is not None and s.model_id == model_id:
                 return s
-        return find_schema(model_id)
+        found = find_schema(model_id)
+        if found is None and model_id in catalog_only_models():
+            found = catalog_only_models()[model_id][0]
+        return found
+
+    def _price(self, model_id: str, inputs: dict[str, Any]) -> float:
+        """What a job costs: --price for a bundled model; an extra model's own catalog price (per
+        second of its duration when priced so)."""
+        extra = catalog_only_models().get(model_id)
+        if extra is None:
+            return self.config.price_usd
+        facts = extra[1]
+        price = job_price(facts.get("base_price_usd"), facts.get("price_unit"), inputs)
+        return price if price is not None else self.config.price_usd
+
+    def catalog(self) -> list[dict[str, Any]]:
+        """Every model's catalog entry with its input schema, as GET /models?include_schema=true."""
+        schemas = [ModelSchema.load(p) for p in self.config.extra_schemas] + bundled_schemas()
+        entries: dict[str, dict[str, Any]] = {}
+        for schema in schemas:
+            last = schema.model_id.rsplit("/", 1)[-1]
+            entries.setdefault(schema.model_id, {
+                "model_id": schema.model_id, "kind": "model", "display_name": schema.model_id,
+                "categories": [last] if "-to-" in last else [], "base_price_usd": self.config.price_usd,
+                "price_unit": "output", "pricing_note": "simulated price", "input_schema": schema.data["input"]})
+        for model_id, (schema, facts) in catalog_only_models().items():
+            entries.setdefault(model_id, {"model_id": model_id, "kind": "model", **facts,
+                                          "input_schema": schema.data["input"]})
+        return sorted(entries.values(), key=lambda e: e["model_id"])
+
+    @staticmethod
+    def _without_schema(entry: dict[str, Any], include: bool) -> dict[str, Any]:
+        return entry if include else {k: v for k, v in entry.items() if k != "input_schema"}
+
+    async def _admit(self, request: web.Request, endpoint: str) -> tuple[str, str] | web.StreamResponse:
+        """Count the call, check its token, apply its fault: (owner, outcome), or the answer to send."""
+        self.calls[endpoint] += 1
+        owner = self._auth(request)
+        if isinstance(owner, web.Response):
+            return owner
+        outcome = await self._fault(request, endpoint)
+        return (owner, outcome) if isinstance(outcome, str) else outcome
+
+    async def _catalog(self, request: web.Request) -> web.StreamResponse:
+        admitted = await self._admit(request, "catalog")
+        if not isinstance(admitted, tuple):
+            return admitted
+        outcome = admitted[1]
+        q = request.query
+        search, category = q.get("search", "").lower(), q.get("category", "")
+        found = [e for e in self.catalog()
+                 if (not search or search in e["model_id"].lower() or search in e["display_name"].lower())
+                 and (not category or category in e["categories"])]
+        try:
+            limit = min(500, max(1, int(q.get("limit", "50"))))
+            offset = max(0, int(q.get("offset", "0")))
+        except ValueError:
+            return self._error(*INVALID_INPUT, "limit and offset must be whole numbers")
+        include = q.get("include_schema") == "true"
+        page: list[Any] = [self._without_schema(e, include) for e in found[offset:offset + limit]]
+        if outcome == "malformed":
+            page += MALFORMED_ENTRIES
+        return web.json_response({"models": page, "total": len(found)})
+
+    async def _categories(self, request: web.Request) -> web.StreamResponse:
+        owner = self._auth(request)
+        if isinstance(owner, web.Response):
+            return owner
+        names = sorted({c for e in self.catalog() for c in e["categories"]})
+        return web.json_response({"categories": names})
+
+    async def _balance(self, request: web.Request) -> web.StreamResponse:
+        """RunComfy's wallet (on its main API host, served here at the same path): what is left of
+        --balance after this token's jobs; an unlimited wallet says UNLIMITED_BALANCE."""
+        admitted = await self._admit(request, "balance")
+        if not isinstance(admitted, tuple):
+            return admitted
+        owner = admitted[0]
+        total = self.config.balance_usd
+        left = UNLIMITED_BALANCE if total is None else max(0.0, total - self._spent.get(owner, 0.0))
+        return web.json_response({"balance_usd": round(left, 6), "currency": "USD"})
 
     async def _model_info(self, request: web.Request) -> web.StreamResponse:
         self.calls["model"] += 1
@@ -501,12 +635,12 @@ class Simulator:
             return owner
         model_id = unquote(request.match_info["model_id"])
         shown = self.config.faults.model_info
-        if self._schema(model_id) is None or shown == "404":
+        entry = next((e for e in self.catalog() if e["model_id"] == model_id), None)
+        if entry is None or shown == "404":
             return self._error(404, 400001, f"Unknown model '{model_id}'")
-        body: dict[str, Any] = {"model_id": model_id, "price_unit": "per request",
-                                "pricing_note": "simulated price"}
-        if shown != "noprice":
-            body["base_price_usd"] = self.config.price_usd
+        body = self._without_schema(entry, request.query.get("include_schema") == "true")
+        if shown == "noprice":
+            body = {k: v for k, v in body.items() if k != "base_price_usd"}
         return web.json_response(body)
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
@@ -556,7 +690,7 @@ class Simulator:
             body["status"] = status
         if request.query.get("include_cost") == "true":
             body["model_id"] = job.model_id
-            body["cost"] = self.config.price_usd if status == "completed" and not job.will_fail else 0.0
+            body["cost"] = self._price(job.model_id, job.input) if status == "completed" and not job.will_fail else 0.0
         return self._answer(body)
 
     def _file_url(self, job: _Job, kind: str) -> str:
@@ -616,6 +750,8 @@ class Simulator:
                 n = 24 if frames <= 121 else 48
                 maker = (lambda: make_video(image, n)) if kind == "video" else (lambda: make_image(image))
                 self._media[media_key] = await asyncio.to_thread(maker)
+                # Made: the input is no longer needed (it may be a 4 MB inline file).
+                self._media_image_bytes.pop(media_key, None)
             return self._media[media_key]
 
     def output_bytes(self, request_id: str) -> bytes | None:
@@ -729,6 +865,19 @@ class Simulator:
 def _bomb() -> bytes:
     """64 MiB of zeros, gzipped to 64 KB: made once, 0.2 s."""
     return gzip.compress(bytes(64 << 20), 9)
+
+
+def _identity(ref: str, data: bytes) -> str:
+    """What names an input image in a media key: its URL, or an inline file's content hash."""
+    return f"data:sha256:{hashlib.sha256(data).hexdigest()}" if ref.startswith("data:") else ref
+
+
+def _without_payload(value: Any) -> Any:
+    """A job's input as kept (in memory and in the state file): data: URIs shown, not held. So a
+    simulator restarted before an inline input's output was made serves a plain output for it."""
+    if isinstance(value, list):
+        return [_without_payload(v) for v in value]
+    return describe_data_uri(value) if isinstance(value, str) and value.startswith("data:") else value
 
 
 def _iso(ts: float | None) -> str | None:
