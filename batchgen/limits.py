@@ -118,17 +118,21 @@ class AdaptiveCap:
             return None
         grown = math.ceil(before * C.AUTO_SLOW_START) if self.growing else before + 1
         self._value = float(min(self.maximum, max(before + 1, grown)))
+        if self.limit is not None:  # the whole cap ran: the account's limit is at least that
+            self.limit = max(self.limit, before)
         return self._move(before, "jobs start at once")
 
     def on_wait(self, position: int | None, in_flight: int) -> Move | None:
         """Auto: a tester was waiting in the provider's queue at ``position`` (1: next to start;
-        None: not said, so at least itself), with ``in_flight`` jobs out. The account runs the
-        others: its limit. The cap comes down to that plus the headroom; it is never raised here."""
+        None: not said, so at least itself), with ``in_flight`` jobs out. The provider is full,
+        so it runs the others: its limit. Others at most: some of ours may have finished without
+        our knowing yet, so each such reading is an upper bound, and the least since the cap last
+        grew is kept. The cap comes down to it plus the headroom; it is never raised here."""
         if not self.auto:
             return None
         waiting = max(1, position or 1)
-        limit = max(self.minimum, in_flight - waiting)
-        self.limit = limit
+        seen = max(self.minimum, in_flight - waiting)
+        limit = self.limit = seen if self.limit is None else min(self.limit, seen)
         self.growing = False
         before = self.value
         target = min(self.maximum, max(self.minimum, limit + headroom(limit)))

@@ -46,6 +46,13 @@ AUTO_CASES = [
     # a tester waiting at position 2 with 18 out: the account runs 16; cap 16 + 2 (an eighth)
     (18, 256, [("wait", 2, 18)], 18, ["cap held at 18: 2 jobs waiting at the provider"]),
     (27, 256, [("wait", 11, 27)], 18, ["cap 27 -> 18: 11 jobs waiting at the provider"]),
+    # each wait reading is an upper bound on the limit (jobs may have finished unseen): the least
+    # counts, until a cap wholly running proves more
+    (18, 256, [("wait", 2, 18), ("wait", 2, 20)], 18, ["cap held at 18: 2 jobs waiting at the provider"]),
+    (20, 256, [("wait", 2, 20), ("wait", 6, 20)], 16, ["cap held at 20: 2 jobs waiting at the provider",
+                                                       "cap 20 -> 16: 6 jobs waiting at the provider"]),
+    (20, 256, [("wait", 6, 20), ("wait", 2, 20)], 16, ["cap 20 -> 16: 6 jobs waiting at the provider",
+                                                       "cap held at 16: 2 jobs waiting at the provider"]),
     # said once while it holds, not at every tester
     (18, 256, [("wait", 2, 18), ("wait", 2, 18), ("wait", 1, 18)], 18,
      ["cap held at 18: 2 jobs waiting at the provider"]),
