@@ -31,7 +31,7 @@ class Move:
 def headroom(limit: int) -> int:
     """Jobs kept waiting at the provider beyond its ``limit``: enough that a slot it frees starts
     the next job at once (we notice a finish only at our next poll), few enough that its queue
-    stays short. An eighth of the limit, at least one."""
+    stays short. A quarter of the limit (AUTO_HEADROOM_DIVISOR), at least one."""
     return max(1, -(-limit // C.AUTO_HEADROOM_DIVISOR))
 
 

@@ -43,16 +43,16 @@ AUTO_CASES = [
     # the ceiling (auto:N) is never passed
     (8, 10, [("start", 8, 8)], 10, ["cap 8 -> 10: jobs start at once"]),
     (10, 10, [("start", 10, 10)], 10, []),
-    # a tester waiting at position 2 with 18 out: the account runs 16; cap 16 + 2 (an eighth)
+    # a tester waiting at position 2 with 18 out: the account runs 16; up to 16 + 4 (a quarter)
     (18, 256, [("wait", 2, 18)], 18, ["cap held at 18: 2 jobs waiting at the provider"]),
-    (27, 256, [("wait", 11, 27)], 18, ["cap 27 -> 18: 11 jobs waiting at the provider"]),
+    (27, 256, [("wait", 11, 27)], 20, ["cap 27 -> 20: 11 jobs waiting at the provider"]),
     # each wait reading is an upper bound on the limit (jobs may have finished unseen): the least
     # counts, until a cap wholly running proves more
     (18, 256, [("wait", 2, 18), ("wait", 2, 20)], 18, ["cap held at 18: 2 jobs waiting at the provider"]),
-    (20, 256, [("wait", 2, 20), ("wait", 6, 20)], 16, ["cap held at 20: 2 jobs waiting at the provider",
-                                                       "cap 20 -> 16: 6 jobs waiting at the provider"]),
-    (20, 256, [("wait", 6, 20), ("wait", 2, 20)], 16, ["cap 20 -> 16: 6 jobs waiting at the provider",
-                                                       "cap held at 16: 2 jobs waiting at the provider"]),
+    (20, 256, [("wait", 2, 20), ("wait", 6, 20)], 18, ["cap held at 20: 2 jobs waiting at the provider",
+                                                       "cap 20 -> 18: 6 jobs waiting at the provider"]),
+    (20, 256, [("wait", 6, 20), ("wait", 2, 20)], 18, ["cap 20 -> 18: 6 jobs waiting at the provider",
+                                                       "cap held at 18: 2 jobs waiting at the provider"]),
     # said once while it holds, not at every tester
     (18, 256, [("wait", 2, 18), ("wait", 2, 18), ("wait", 1, 18)], 18,
      ["cap held at 18: 2 jobs waiting at the provider"]),
@@ -102,8 +102,8 @@ def test_fixed_cap(events, final):
     assert not cap.wants_tester(100) and cap.learned() is None
 
 
-@pytest.mark.parametrize(("limit", "room"), [(1, 1), (2, 1), (8, 1), (9, 2), (16, 2), (64, 8)])
-def test_headroom_is_an_eighth_of_the_limit_at_least_one(limit, room):
+@pytest.mark.parametrize(("limit", "room"), [(1, 1), (2, 1), (4, 1), (5, 2), (16, 4), (64, 16)])
+def test_headroom_is_a_quarter_of_the_limit_at_least_one(limit, room):
     assert headroom(limit) == room
 
 
