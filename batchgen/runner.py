@@ -226,7 +226,17 @@ class PollPlanner:
             # that the expected duration is 0 (the "late" interval below is for a job that
             # was asked about and had not finished).
             return self.until_expected(elapsed)
-        return min(hi, max(0.05, expected * 0.05))
+        # Late: every twentieth of the expected time, or half the lateness once that is more. A
+        # job far past the usual time most likely waited in the provider's queue first (it
+        # then runs a whole job's time from some moment we cannot see): asking it every
+        # twentieth would cost twenty calls per job's time of waiting.
+        return min(hi, max(0.05, expected * 0.05, (elapsed - expected) / 2))
+
+    @property
+    def shortest(self) -> float | None:
+        """The shortest time a job took, of those observed: the least a job still waiting in
+        the provider's queue has yet to take."""
+        return self._sorted[0] if self._sorted else None
 
     def until_expected(self, elapsed: float) -> float:
         """Delay until a hair after the expected finish of a job out for ``elapsed`` seconds (0
@@ -1026,7 +1036,11 @@ class Runner:
         if self._past_timeout(job, now):
             await self._time_out(job, f"its last status was {status_now!r}")
             return
-        self._schedule(job, now + self._poll_delay(job, elapsed))
+        delay = self._poll_delay(job, elapsed)
+        if status_now == S.IN_QUEUE and self.planner.shortest:
+            # Still waiting: it has a whole run ahead of it, at least the shortest seen.
+            delay = max(delay, min(self.planner.shortest, self.s.max_poll_interval))
+        self._schedule(job, now + delay)
 
     def _enlist_scout(self, job: Job) -> None:
         """Make ``job`` a scout if no duration is known yet and a scout's slot is free."""
