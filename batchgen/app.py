@@ -6,30 +6,35 @@ Tests call the same functions directly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shlex
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from . import catalog as catalog_mod
 from . import constants as C
+from . import reuse
 from . import store as S
 from .catalog import Catalog
 from .client import RunComfyClient
 from .downloads import discard_partials
-from .errors import BatchgenError, ManifestError, UsageError
+from .errors import BatchgenError, LockedError, ManifestError, UsageError
 from .lock import WorkdirLock
 from .manifest import Manifest, is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary
 from .schema import ModelSchema, SchemaError, find_schema, job_price
-from .store import Store
+from .store import SIMULATOR_API, Store
 from .text import printable
 from .validate import ValidationResult, validate_manifest
+from .workdir import check_store, create_store, existing_store, legacy_simulated, realm
+from .workdir import store_path as realm_store
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,9 @@ class RunOptions:
     no_schema: bool = False
     target: Target = field(default_factory=Target)
     settings: RunSettings = field(default_factory=RunSettings)
+    # Jobs identical to ones already succeeded in another batch (explicit seed) take their
+    # outputs (linked) instead of being paid for again (reuse.py).
+    reuse: bool = False
 
 
 @dataclass
@@ -72,8 +80,9 @@ class RunOutcome:
     overdue_kept: int = 0
 
 
-def store_path(workdir: Path) -> Path:
-    return Path(workdir) / C.STORE_FILENAME
+def store_path(workdir: Path, simulated: bool = False) -> Path:
+    """The store of runs against an API (or, ``simulated``, of --simulate runs) in ``workdir``."""
+    return realm_store(realm(workdir, simulated))
 
 
 def token_source(target: Target) -> tuple[str, str]:
@@ -121,6 +130,11 @@ def resolve_api_url(target: Target) -> str:
         raise UsageError(f"API URL '{printable(url)}' is plain http:// to a host that is not this machine: the API "
                          "token would cross the network readable by anyone on the way; use https://")
     return url
+
+
+def api_identity(target: Target) -> str:
+    """What a job records as the API it ran against (Job.api)."""
+    return SIMULATOR_API if target.simulate else resolve_api_url(target)
 
 
 def resolve_balance_url(target: Target, api_url: str) -> str:
@@ -288,7 +302,7 @@ async def api_endpoint(target: Target, workdir: Path | None = None) -> AsyncIter
         # state kept in the work directory, so an interrupted --simulate run resumes its jobs.
         config.token = "batchgen-simulator"
     if workdir is not None and config.state_file is None:
-        config.state_file = Path(workdir) / C.SIM_STATE_FILENAME
+        config.state_file = realm(workdir, True) / C.SIM_STATE_FILENAME
     sim = Simulator(config)
     await sim.start()
     try:
@@ -319,27 +333,46 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
         if manifest.schema is None and on_notice is not None:
             on_notice(f"{manifest.name}: model {manifest.model_id} has no schema: its inputs are NOT "
                       "checked (--no-schema)", True)
-    if not opts.target.simulate:
+    simulated = opts.target.simulate
+    if not simulated:
         resolve_api_url(opts.target)  # fail before taking the lock or touching the store
         resolve_token(opts.target)
+    api = api_identity(opts.target)
+    folder = realm(workdir, simulated)  # simulated results live apart: workdir.py
+    check_store(workdir, simulated)  # a lost store is never silently replaced
 
-    lock = WorkdirLock(workdir / C.LOCK_FILENAME)
+    lock = WorkdirLock(folder / C.LOCK_FILENAME)
     lock.acquire("run")
     try:
-        async with await Store.open(store_path(workdir)) as store:
+        create_store(realm_store(folder))
+        async with await Store.open(realm_store(folder), api=api) as store:
+            if not simulated:
+                await _forget_legacy_simulated(store, workdir)
             if manifest is not None:
+                assert opts.manifest is not None  # the manifest was read from it
                 await store.upsert_batch(
                     manifest.name, manifest.model_id, str(Path(opts.manifest).resolve()),
                     {"image_base_url": manifest.image_base_url},
                 )
+                keys = [row[0] for row in rows]
                 new_jobs = await store.add_rows(manifest.name, rows)
                 rows.clear()
+                # The manifest says what the batch is: jobs recorded by an earlier version of it
+                # are retired (never submitted or retried; followed if at the provider).
+                retired, back = await store.retire_missing(manifest.name, keys)
+                if (retired or back) and on_notice is not None:
+                    on_notice(f"{manifest.name}: " + ", ".join(
+                        part for part in (
+                            f"{retired} job(s) no longer in the manifest retired" if retired else "",
+                            f"{back} retired job(s) back in the manifest" if back else "") if part),
+                        False)
+                await _reuse(store, folder, manifest.name, opts.reuse, on_notice)
                 batches = [manifest.name]
             elif opts.batch is not None:
-                await _require_batches(store, [opts.batch], workdir)
+                await _require_batches(store, [opts.batch], folder)
                 batches = [opts.batch]
             else:
-                counts = await store.counts()
+                counts = await store.counts(retired=None)  # a retired job may still be followed
                 # Unfinished batches, and finished ones with files not yet known to be on disk:
                 # after a restart of the machine, the run checks those and fetches what it lost.
                 unflushed = set(await store.unsynced_batches())
@@ -349,13 +382,16 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     or any(per_state.get(s, 0) for s in (S.PENDING, S.SUBMITTING, *S.FOLLOWED,
                                                          S.DOWNLOADING))
                 ]
+            # Jobs about to go back to pending (a retry) may go to another API than their first.
+            await _require_own_api(store, batches, api, ignore=opts.retry_states)
             overdue_kept = 0
             if opts.retry_states:
-                for job in await store.jobs(batches, opts.retry_states):
+                await store.clear_cancel(batches)  # a retry resumes a cancelled batch
+                for job in await store.jobs(batches, opts.retry_states, current=True):
                     await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
-                    discard_partials(workdir / job.batch, job.key)
+                    discard_partials(folder / job.batch, job.key)
                 if S.OVERDUE not in opts.retry_states:
-                    overdue_kept = len(await store.jobs(batches, [S.OVERDUE]))
+                    overdue_kept = len(await store.jobs(batches, [S.OVERDUE], current=True))
             async with api_endpoint(opts.target, workdir) as (base_url, token):
                 async with RunComfyClient(base_url, token) as client:
                     price = None
@@ -370,7 +406,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                             if warning:
                                 on_notice(warning, True)
                     runner = Runner(
-                        store, client, workdir, opts.settings,
+                        store, client, folder, opts.settings,
                         on_event=on_event,
                         price_estimate=price,
                         # A --simulate run's simulator listens on a new port each time: one API.
@@ -379,7 +415,11 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     if on_runner is not None:
                         on_runner(runner)
                     summary = await runner.run(batches)
-            counts = await store.counts(batches)
+            # `batchgen run` alone answers for the whole work directory, as a run of each manifest
+            # answers for its batch: a batch with nothing left to run still counts (its failed
+            # jobs make the exit code 1 either way).
+            whole = manifest is None and opts.batch is None
+            counts = await store.counts(None if whole else batches)
     finally:
         lock.release()
     return RunOutcome(batches, new_jobs, summary, counts, overdue_kept)
@@ -436,6 +476,67 @@ async def pending_cost(client: RunComfyClient, store: Store, batches: list[str],
     return total, most
 
 
+async def _reuse(store: Store, folder: Path, batch: str, link: bool, on_notice: Any) -> None:
+    """Pending jobs of ``batch`` identical to jobs succeeded in other batches: linked (``link``),
+    or said (--reuse would)."""
+    if len(await store.batches()) < 2:
+        return  # no other batch: nothing to look up
+    matches = await reuse.find(store, batch, await store.jobs([batch], [S.PENDING], current=True))
+    say = on_notice or (lambda text, warning: log.info("%s", text))
+    if matches.random_seed:
+        say(f"{batch}: {matches.random_seed} job(s) repeat earlier requests with a random seed "
+            f"({reuse.RANDOM_SEED}, or none): each is a new generation, submitted", False)
+    if not matches.reusable:
+        return
+    if not link:
+        say(f"{batch}: {len(matches.reusable)} job(s) are identical to jobs already succeeded in other "
+            "batches (same model, inputs and seed): --reuse links their outputs instead of paying again",
+            False)
+        return
+    linked = 0
+    for job in await store.jobs([batch], [S.PENDING], current=True):
+        source = matches.reusable.get(job.id)
+        if source is not None and await reuse.link(store, folder, job, source):
+            linked += 1
+    say(f"{batch}: {linked} job(s) reused from other batches (their outputs linked, nothing paid)", False)
+
+
+async def _forget_legacy_simulated(store: Store, workdir: Path) -> None:
+    """A work directory of a batchgen that kept --simulate results in the API's store: the jobs
+    the simulator ran there are put back to pending, so that the API runs them (their
+    placeholder files are replaced as the API's results arrive). Once: the simulator's old state
+    file is then renamed."""
+    legacy = legacy_simulated(workdir)
+    if legacy is None:
+        return
+    path, ids = legacy
+    for job in await store.jobs():
+        if job.request_id in ids and job.api is None:
+            await store.requeue(job, "ran on the built-in simulator before batchgen kept simulated "
+                                     "results apart: to be run against the API", expect=S.STATES)
+            discard_partials(Path(workdir) / job.batch, job.key)
+    path.rename(path.with_name(path.name + ".forgotten"))
+
+
+async def _require_own_api(store: Store, batches: list[str], api: str,
+                           ignore: tuple[str, ...] = ()) -> None:
+    """A run follows, and counts as done, only jobs submitted to its own API: a request id means
+    nothing to another one. A batch with jobs of another API is refused, not mixed. Jobs with
+    nothing left at their API do not count (pending: a refused submit records its API; failed,
+    cancelled, timed out: ended without a result), nor jobs in ``ignore`` (being retried): their
+    next submit, if any, goes to this run's API."""
+    done_with = (S.PENDING, S.FAILED, S.CANCELLED, S.TIMED_OUT, *ignore)
+    for batch, per_api in (await store.apis(batches, exclude=done_with)).items():
+        other = {a: n for a, n in per_api.items() if a != api}
+        if other:
+            (first, n), *_ = sorted(other.items())
+            raise UsageError(
+                f"batch '{batch}': {n} job(s) were submitted to {first}, and this run is against "
+                f"{api}; a batch follows one API. Run it against {first} (--api-url {first}), "
+                "or give the other API its own --workdir (or --batch name)"
+            )
+
+
 @dataclass
 class BatchStatus:
     name: str
@@ -446,6 +547,12 @@ class BatchStatus:
     median_run_s: float | None = None
     spent_usd: float = 0.0
     next_steps: list[str] = field(default_factory=list)
+    # Run with --simulate: every result is the built-in simulator's placeholder, not the API's.
+    simulated: bool = False
+    apis: list[str] = field(default_factory=list)  # the APIs its jobs were submitted to
+    folder: Path | None = None  # where its outputs are
+    # Jobs no longer in the manifest, by state: outside ``counts``, its advice and exit codes.
+    retired: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -453,7 +560,9 @@ class BatchStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "name": self.name, "model": self.model_id, "total": self.total, "states": self.counts,
+            "name": self.name, "model": self.model_id, "simulated": self.simulated,
+            "apis": self.apis, "outputs": str(self.folder) if self.folder else None,
+            "total": self.total, "states": self.counts, "retired": self.retired,
             "failures": [{"state": st, "error": err, "count": n} for st, err, n in self.failures],
             "median_queue_s": self.median_queue_s, "median_run_s": self.median_run_s,
             "spent_usd": round(self.spent_usd, 4), "next_steps": self.next_steps,
@@ -468,51 +577,121 @@ async def _require_batches(store: Store, batches: list[str], workdir: Path) -> N
             raise UsageError(f"no batch named '{b}' in {workdir}; known: {known_names}")
 
 
-def _existing_store(workdir: Path) -> Path:
-    path = store_path(workdir)
-    if not path.exists():
-        raise UsageError(f"no batchgen store in {workdir} (run a manifest first, or pass --workdir)")
+def _existing_store(workdir: Path, simulated: bool) -> Path:
+    path = existing_store(workdir, simulated)
+    if path is None:
+        what = "no store of --simulate runs" if simulated else "no batchgen store"
+        raise UsageError(f"{what} in {workdir} (run a manifest first, or pass --workdir)")
     return path
 
 
-def _next_steps(name: str, counts: dict[str, int]) -> list[str]:
+def _stores(workdir: Path) -> list[tuple[Path, bool]]:
+    """(store, simulated) of each realm of ``workdir`` that has one: runs against an API first."""
+    found = [(p, sim) for sim in (False, True) if (p := existing_store(workdir, sim)) is not None]
+    if not found:
+        raise UsageError(f"no batchgen store in {workdir} (run a manifest first, or pass --workdir)")
+    return found
+
+
+async def find_batch(workdir: Path, batch: str, simulated: bool | None = None) -> tuple[Path, bool]:
+    """(store, simulated) of ``batch``: with ``simulated`` None, the results of runs against an
+    API if it has any, else those of --simulate runs."""
+    known: list[str] = []
+    stores = _stores(workdir) if simulated is None else [(_existing_store(workdir, simulated), simulated)]
+    for path, sim in stores:
+        async with await Store.open(path) as store:
+            names = [b.name for b in await store.batches()]
+        if batch in names:
+            return path, sim
+        known += [f"{n} (simulated)" if sim else n for n in names]
+    raise UsageError(f"no batch named '{batch}' in {workdir}; known: {', '.join(known) or 'none'}")
+
+
+@dataclass(frozen=True)
+class Again:
+    """What a command pasted from a `next:` line needs of the options the user gave: the work
+    directory, the simulator or the API, the settings file."""
+
+    workdir: Path | None = None  # None: the default one
+    simulate: bool = False
+    api_url: str | None = None  # None: the default (or RUNCOMFY_API_URL)
+    config: Path | None = None  # batchgen --config FILE
+
+    def command(self, words: str) -> str:
+        """``batchgen WORDS`` with these options, quoted for a shell."""
+        head = "batchgen" + (f" --config {shlex.quote(str(self.config))}" if self.config else "")
+        tail = (f" --workdir {shlex.quote(str(self.workdir))}" if self.workdir is not None else "") + (
+            " --simulate" if self.simulate else "") + (
+            f" --api-url {shlex.quote(self.api_url)}" if self.api_url and not self.simulate else "")
+        return f"{head} {words}{tail}"
+
+    def for_batch(self, simulated: bool, apis: list[str]) -> Again:
+        """These options for a batch run with --simulate or not, against ``apis``: a batch of one
+        API other than the default is continued there."""
+        api = self.api_url
+        if api is None and len(apis) == 1 and apis[0] not in (SIMULATOR_API, C.DEFAULT_API_URL):
+            api = apis[0]
+        return replace(self, simulate=simulated, api_url=api)
+
+
+def next_steps(name: str, counts: dict[str, int], again: Again) -> list[str]:
+    """What to do about a batch's jobs, each with a command to paste as it is."""
     steps = []
+    n = shlex.quote(name)
     if counts.get(S.UNKNOWN):
         steps.append(f"{counts[S.UNKNOWN]} job(s) have an unknown submit outcome (they may exist, and be "
-                     f"billed, at the provider): batchgen retry --unknown {name}")
+                     f"billed, at the provider): {again.command(f'retry --unknown {n}')}")
     failed = counts.get(S.FAILED, 0) + counts.get(S.TIMED_OUT, 0)
     if failed:
-        steps.append(f"{failed} job(s) failed or timed out: batchgen retry {name}")
+        steps.append(f"{failed} job(s) failed or timed out: {again.command(f'retry {n}')}")
     if counts.get(S.OVERDUE):
         steps.append(f"{counts[S.OVERDUE]} job(s) are overdue, still at the provider (billed, and may still "
-                     f"be delivered): batchgen run --batch {name} downloads them once they finish; "
-                     f"batchgen retry --force {name} submits them again (paying again)")
+                     f"be delivered): {again.command(f'run --batch {n}')} downloads them once they finish; "
+                     f"{again.command(f'retry --force {n}')} submits them again (paying again)")
+    if counts.get(S.CANCELLED):
+        steps.append(f"{counts[S.CANCELLED]} job(s) were cancelled: {again.command(f'retry --cancelled {n}')} "
+                     "submits them again")
     unfinished = sum(counts.get(s, 0) for s in S.STATES if s not in S.TERMINAL and s != S.OVERDUE)
     if unfinished:
-        steps.append(f"{unfinished} job(s) are not finished: batchgen run --batch {name}")
+        steps.append(f"{unfinished} job(s) are not finished: {again.command(f'run --batch {n}')}")
     return steps
 
 
-async def status(workdir: Path, batches: list[str] | None = None) -> list[BatchStatus]:
+async def status(workdir: Path, batches: list[str] | None = None, again: Again | None = None) -> list[BatchStatus]:
+    """Each batch of ``workdir``: those of runs against an API, then those of --simulate runs
+    (a batch run both ways appears twice). ``again``: the options the user gave, for the
+    commands of the next steps."""
+    again = again or Again()
     import statistics  # here: 3 ms of imports that `batchgen run` would pay at every start
 
-    async with await Store.open(_existing_store(workdir)) as store:
-        known = await store.batches()
-        await _require_batches(store, batches or [], workdir)
-        counts = await store.counts(batches)
-        out = []
-        for b in known:
-            if batches is not None and b.name not in batches:
-                continue
-            c = counts.get(b.name, {})
-            waits, runs, cost = await store.timings(b.name)
-            out.append(BatchStatus(
-                b.name, b.model_id, c, failures=await store.failure_groups(b.name),
-                median_queue_s=statistics.median(waits) if waits else None,
-                median_run_s=statistics.median(runs) if runs else None,
-                spent_usd=cost, next_steps=_next_steps(b.name, c),
-            ))
-        return out
+    out: list[BatchStatus] = []
+    seen: set[str] = set()
+    for path, simulated in _stores(workdir):
+        async with await Store.open(path) as store:
+            known = await store.batches()
+            seen.update(b.name for b in known)
+            counts = await store.counts(batches)
+            retired = await store.counts(batches, retired=True)
+            apis = await store.apis(batches)
+            for b in known:
+                if batches is not None and b.name not in batches:
+                    continue
+                c = counts.get(b.name, {})
+                waits, runs, cost = await store.timings(b.name)
+                out.append(BatchStatus(
+                    b.name, b.model_id, c, failures=await store.failure_groups(b.name),
+                    median_queue_s=statistics.median(waits) if waits else None,
+                    median_run_s=statistics.median(runs) if runs else None,
+                    spent_usd=cost,
+                    next_steps=next_steps(b.name, c, again.for_batch(simulated, sorted(apis.get(b.name, {})))),
+                    simulated=simulated, apis=sorted(apis.get(b.name, {})),
+                    folder=path.parent / b.name, retired=retired.get(b.name, {}),
+                ))
+    missing = [b for b in batches or [] if b not in seen]
+    if missing:
+        raise UsageError(f"no batch named '{missing[0]}' in {workdir}; known: "
+                         f"{', '.join(sorted(seen)) or 'none'}")
+    return out
 
 
 @dataclass
@@ -521,6 +700,9 @@ class CancelReport:
     cancelled: int = 0  # queued jobs the provider cancelled
     not_cancellable: int = 0  # already running or done: still followed by the next run
     errors: list[str] = field(default_factory=list)
+    # A run held the work directory: the request is in the store, and that run (this pid)
+    # cancels the batch's queued jobs at the provider (Runner._cancel_watch).
+    handed_to: int | str | None = None
 
 
 async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
@@ -528,12 +710,21 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
     Jobs the provider will not cancel (already running) keep being followed, so what they cost is
     still downloaded."""
     report = CancelReport()
-    path = _existing_store(workdir)
-    lock = WorkdirLock(Path(workdir) / C.LOCK_FILENAME)
-    lock.acquire("cancel")
+    path = _existing_store(workdir, target.simulate)
+    lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
     try:
+        lock.acquire("cancel")
+    except LockedError as exc:
+        # A run holds the work directory: the cancel goes through the store, which it reads.
         async with await Store.open(path) as store:
             await _require_batches(store, [batch], workdir)
+            report.not_submitted = await store.request_cancel(batch)
+        report.handed_to = exc.pid or "?"
+        return report
+    try:
+        async with await Store.open(path, api=api_identity(target)) as store:
+            await _require_batches(store, [batch], workdir)
+            await _require_own_api(store, [batch], api_identity(target))
             await store.recover_interrupted([batch])
             for job in await store.jobs([batch], [S.PENDING]):
                 await store.transition(job, S.CANCELLED, expect=(S.PENDING,),
@@ -584,6 +775,8 @@ class PlanReport:
     cost_usd: float | None = None  # the jobs to submit, those with a known price
     unpriced: int = 0  # jobs to submit whose cost cannot be estimated (a per-second job without duration)
     schema_origin: str = ""  # "bundled", "catalog", "file", or "" (none: --no-schema)
+    reusable: int = 0  # jobs to submit identical to ones succeeded in other batches (run --reuse)
+    random_seed: int = 0  # jobs to submit repeating earlier requests with a random seed
     balance: BalanceInfo | None = None  # with a token, not under --simulate
 
     @property
@@ -620,15 +813,18 @@ async def plan(opts: RunOptions) -> PlanReport:
             log.info("no price for %s: %s", manifest.model_id, exc)
     recorded: dict[str, int] = {}
     median_run = None
-    path = store_path(opts.workdir)
+    path = existing_store(opts.workdir, opts.target.simulate)
     keys: list[str] = []
     costs: dict[str, float | None] = {}  # per job, only when the price depends on the job
+    seeded: set[str] = set()  # keys of jobs with an explicit seed (reuse.explicit_seed)
     for spec in manifest.iter_jobs():
         keys.append(spec.key)
+        if reuse.explicit_seed(spec.inputs):
+            seeded.add(spec.key)
         if unit == "second":
             costs[spec.key] = job_price(price, unit, spec.inputs)
     waiting: set[str] = set()  # recorded, still pending: the run would submit them
-    if path.exists():
+    if path is not None:
         async with await Store.open(path) as store:
             existing = await store.existing_keys(manifest.name, keys)
             if existing:
@@ -639,15 +835,21 @@ async def plan(opts: RunOptions) -> PlanReport:
                             waiting.add(job.key)
             else:
                 existing = set()
+            to_submit = [k for k in keys if k not in existing or k in waiting]
+            elsewhere = await store.succeeded_elsewhere(manifest.name, to_submit)
+            reusable = sum(1 for k in elsewhere if k in seeded)
+            random_seed = len(elsewhere) - reusable
             _, runs, _ = await store.timings(manifest.name)
             import statistics  # see status()
 
             median_run = statistics.median(runs) if runs else None
     else:
         existing = set()
+        reusable = random_seed = 0
     report = PlanReport(manifest.name, manifest.model_id, len(keys), manifest.duplicates,
                         len(keys) - sum(recorded.values()), recorded, price, median_run, price_unit=unit,
-                        schema_origin=schema.origin if schema else "", balance=balance)
+                        schema_origin=schema.origin if schema else "", balance=balance,
+                        reusable=reusable, random_seed=random_seed)
     if price is not None:
         submit = [k for k in keys if k not in existing or k in waiting]
         each = [costs.get(k) for k in submit] if unit == "second" else [job_price(price, unit, {})] * len(submit)
@@ -655,3 +857,76 @@ async def plan(opts: RunOptions) -> PlanReport:
         report.unpriced = len(each) - len(known)
         report.cost_usd = sum(known) if known or not each else None
     return report
+
+
+# ---- forget ------------------------------------------------------------------------------------
+
+# States whose jobs `forget` removes: nothing of theirs is at the provider. A retired job goes
+# too, whatever its state, once it is not followed any more.
+FORGETTABLE = (S.PENDING, S.FAILED, S.CANCELLED, S.UNKNOWN, S.TIMED_OUT)
+RETIRED = "retired"  # `forget --state retired`: the jobs no longer in the manifest
+_AT_PROVIDER = (S.SUBMITTING, *S.FOLLOWED, S.DOWNLOADING)
+
+
+@dataclass
+class ForgetPlan:
+    """The jobs `forget` removes (or removed), and where their files are."""
+
+    batch: str
+    simulated: bool
+    folder: Path
+    jobs: list[S.Job]
+    forgotten: int = 0
+    files_deleted: int = 0
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for job in self.jobs:
+            what = f"{RETIRED} {job.state}" if job.retired_at is not None else job.state
+            out[what] = out.get(what, 0) + 1
+        return out
+
+
+def _forgettable(job: S.Job) -> bool:
+    return job.state in FORGETTABLE or (job.retired_at is not None and job.state not in _AT_PROVIDER)
+
+
+async def forget(workdir: Path, batch: str, *, states: tuple[str, ...] = (), keys: tuple[str, ...] = (),
+                 simulated: bool | None = None, delete_files: bool = False,
+                 confirm: Callable[[ForgetPlan], bool] = lambda plan: True) -> ForgetPlan:
+    """Remove the records of ``batch``'s jobs that are not at the provider (in ``states``, with
+    ``keys``; all of them when neither is given), once ``confirm(plan)`` agrees. Their files stay
+    unless ``delete_files``. A key that names no such job is refused before anything is done."""
+    path, simulated = await find_batch(Path(workdir), batch, simulated)
+    lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
+    lock.acquire("forget")
+    try:
+        async with await Store.open(path) as store:
+            jobs = await store.jobs([batch])
+            by_key = {j.key: j for j in jobs}
+            for key in keys:
+                job = by_key.get(key)
+                if job is None:
+                    raise UsageError(f"batch '{batch}' has no job with key '{printable(key)}'")
+                if not _forgettable(job):
+                    raise UsageError(f"job {key} is {job.state}: "
+                                     + ("at the provider (it is paid for): not forgotten"
+                                        if job.state in _AT_PROVIDER else "done: not forgotten"))
+            chosen = [j for j in jobs if _forgettable(j)
+                      and (not states or j.state in states or (RETIRED in states and j.retired_at is not None))
+                      and (not keys or j.key in keys)]
+            plan = ForgetPlan(batch, simulated, path.parent / batch, chosen)
+            if not chosen or not confirm(plan):
+                return plan
+            files = [path.parent / o.path for j in chosen for o in await store.outputs(j.id) if o.path]
+            plan.forgotten = await store.forget(chosen)
+        if delete_files:
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    plan.files_deleted += 1
+            for job in chosen:
+                discard_partials(plan.folder, job.key)
+    finally:
+        lock.release()
+    return plan

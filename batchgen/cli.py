@@ -242,8 +242,12 @@ def _run_options(f: Any) -> Any:
 @no_schema_option
 @click.option("--dry-run", is_flag=True, help="Show what would happen (see `batchgen plan`); submit nothing.")
 @max_expand_option
+@click.option("--reuse", is_flag=True,
+              help="Jobs identical to ones already succeeded in another batch of the work directory "
+                   "(same model, inputs and an explicit seed) take their outputs (linked) instead of "
+                   "being paid for again.")
 def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, no_schema: bool,
-        max_expand: int,
+        max_expand: int, reuse: bool,
         **kw: Any) -> None:
     """Validate MANIFEST, record its jobs, submit them, and download every output.
 
@@ -268,7 +272,8 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
         auto, concurrency = _concurrency(kw["concurrency"])
         _show_plan(opts, C.DEFAULT_CONCURRENCY if auto else concurrency)
         return
-    _execute_run(kw, manifest=manifest, schema=schema, batch=batch, no_schema=no_schema, max_expand=max_expand)
+    _execute_run(kw, manifest=manifest, schema=schema, batch=batch, no_schema=no_schema, max_expand=max_expand,
+                 reuse=reuse)
 
 
 @main.command()
@@ -279,8 +284,10 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
 @click.option("--force", is_flag=True,
               help="Also resubmit overdue jobs (past the job timeout, not cancelled: they may still "
                    "be delivered, and are billed).")
+@click.option("--cancelled", is_flag=True,
+              help="Also resume cancelled jobs (a `batchgen cancel`): submit them again.")
 @_run_options
-def retry(batch: str, unknown: bool, force: bool, **kw: Any) -> None:
+def retry(batch: str, unknown: bool, force: bool, cancelled: bool, **kw: Any) -> None:
     """Put BATCH's failed and timed-out jobs back to pending and run them.
 
     Their history is kept. Jobs with an unknown submit outcome are left alone unless --unknown
@@ -293,8 +300,10 @@ def retry(batch: str, unknown: bool, force: bool, **kw: Any) -> None:
       batchgen retry street-scenes
       batchgen retry street-scenes --unknown --simulate
       batchgen retry street-scenes --force
+      batchgen retry street-scenes --cancelled
     """
-    states = (S.FAILED, S.TIMED_OUT) + ((S.UNKNOWN,) if unknown else ()) + ((S.OVERDUE,) if force else ())
+    states = ((S.FAILED, S.TIMED_OUT) + ((S.UNKNOWN,) if unknown else ()) + ((S.OVERDUE,) if force else ())
+              + ((S.CANCELLED,) if cancelled else ()))
     _execute_run(kw, batch=batch, retry_states=states)
 
 
@@ -371,7 +380,7 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _tune_gc()
     outcome = _run_async(_run_with_signals(opts, view))
     summary = outcome.summary
-    _print_run_summary(outcome)
+    _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]))
     if summary.account_error:
         _fail(summary.account_error, EXIT_ACCOUNT)
     if summary.stop_reason == "refused":
@@ -478,7 +487,15 @@ class _RunView:
             self._file.close()
 
 
-def _print_run_summary(outcome: app.RunOutcome) -> None:
+def _again(workdir: Path, simulate: bool = False, api_url: str | None = None) -> app.Again:
+    """The options the user gave that a pasted `next:` command needs."""
+    ctx = click.get_current_context()
+    given = ctx.get_parameter_source("workdir") not in (ParameterSource.DEFAULT, None)
+    return app.Again(workdir=workdir if given else None, simulate=simulate, api_url=api_url,
+                     config=(ctx.obj or {}).get("config"))
+
+
+def _print_run_summary(outcome: app.RunOutcome, again: app.Again) -> None:
     s = outcome.summary
     finished = ", ".join(f"{n} {state}" for state, n in sorted(s.finished.items())) or "nothing"
     click.echo(
@@ -487,10 +504,14 @@ def _print_run_summary(outcome: app.RunOutcome) -> None:
     )
     for name, counts in outcome.counts.items():
         click.echo(f"  {name}: " + ", ".join(f"{n} {st}" for st, n in _ordered(counts)))
+        for step in app.next_steps(name, counts, again):
+            click.echo(f"  next: {step}")
     if outcome.overdue_kept:
         click.echo(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
                    "delivered and are billed (still followed); retry --force submits them anyway", err=True)
-    if s.stop_reason and not s.stop_message:  # a stop message says itself what to do
+    if s.stop_reason == "cancelled":
+        click.echo("stopped: cancelled by `batchgen cancel`", err=True)
+    elif s.stop_reason and not s.stop_message:  # a stop message says itself what to do
         click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)
 
 
@@ -589,7 +610,7 @@ def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim
     Example:
       batchgen plan sample_manifests/quickstart.yaml --simulate
     """
-    kw = {"workdir": workdir, "api_url": api_url, "balance_url": balance_url}
+    kw: dict[str, Any] = {"workdir": workdir, "api_url": api_url, "balance_url": balance_url}
     _apply_config(kw)
     _setup_logging(verbose, False)
     opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema, no_schema=no_schema,
@@ -610,6 +631,12 @@ def _show_plan(opts: app.RunOptions, concurrency: int) -> None:
     for st, n in _ordered(p.recorded):
         click.echo(f"  already recorded, {st}: {n}")
     click.echo(f"  would submit: {p.to_submit}")
+    if p.reusable:
+        click.echo(f"  identical to jobs already succeeded in other batches: {p.reusable} (run --reuse "
+                   "links their outputs instead of paying again)")
+    if p.random_seed:
+        click.echo(f"  repeating earlier requests with a random seed: {p.random_seed} (new generations, "
+                   "paid for)")
     cost = p.estimated_cost
     if cost is None:
         text = ("unknown (no price from the schema or the API)" if p.price_usd is None
@@ -695,8 +722,8 @@ def _list_models(catalog: Any, note: str, search: str | None, category: str | No
     width = max(len(m) for m in rows)
     cat_width = max(len(r[0]) for r in rows.values())
     for model_id in sorted(rows):
-        cats, price, tag = rows[model_id]
-        click.echo(f"{model_id:<{width}}  {cats:<{cat_width}}  {price}{'  [' + tag + ']' if tag else ''}".rstrip())
+        kinds, price, tag = rows[model_id]
+        click.echo(f"{model_id:<{width}}  {kinds:<{cat_width}}  {price}{'  [' + tag + ']' if tag else ''}".rstrip())
 
 
 def _show_model(found: app.ModelLookup) -> None:
@@ -752,15 +779,24 @@ def _field_facts(prop: dict[str, Any]) -> list[str]:
 @click.argument("batches", nargs=-1)
 @workdir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
-    """Show, per batch, how many jobs are in each state.
+@click.option("--all", "show_all", is_flag=True,
+              help="Also list retired jobs (no longer in the manifest) by state.")
+def status(batches: tuple[str, ...], workdir: Path, as_json: bool, show_all: bool) -> None:
+    """Show, per batch, how many jobs are in each state, and the API its results are from.
+
+    Jobs an earlier version of the manifest had, and the manifest run since has not, are
+    retired: left out of the counts and the advice (their number is said; --all lists them).
+
+    Batches run with --simulate are listed after the others and marked simulated: their outputs
+    are the built-in simulator's placeholders, kept apart in WORKDIR/simulated/.
 
     \b
     Examples:
       batchgen status
       batchgen status quickstart --json
+      batchgen status quickstart --all
     """
-    result = _run_async(app.status(workdir, list(batches) or None))
+    result = _run_async(app.status(workdir, list(batches) or None, _again(workdir)))
     if as_json:
         click.echo(json.dumps({"batches": [b.as_dict() for b in result]}, indent=2))
         return
@@ -768,9 +804,21 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool) -> None:
         click.echo(f"no batches in {workdir}")
         return
     for b in result:
-        click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs, ${b.spent_usd:.2f} spent)")
+        if b.simulated:
+            click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs, simulated: nothing spent)")
+            click.echo(f"  simulated: placeholder outputs of the built-in simulator, in {b.folder}")
+        else:
+            click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs, ${b.spent_usd:.2f} spent)")
+            if b.apis:
+                click.echo(f"  api: {', '.join(b.apis)}")
         for st, n in _ordered(b.counts):
             click.echo(f"  {st:<12} {n:>6}")
+        if b.retired and show_all:
+            click.echo("  retired (no longer in the manifest):")
+            for st, n in _ordered(b.retired):
+                click.echo(f"    {st:<10} {n:>6}")
+        elif b.retired:
+            click.echo(f"  retired      {sum(b.retired.values()):>6}  (no longer in the manifest; --all lists them)")
         if b.median_queue_s is not None or b.median_run_s is not None:
             click.echo(f"  median queue wait {_secs(b.median_queue_s)}, median run time {_secs(b.median_run_s)}")
         if b.failures:
@@ -794,9 +842,12 @@ def _secs(value: float | None) -> str:
               help="File to write; its extension picks the format: .csv, .json, .parquet (needs pyarrow) "
                    "or .xlsx (needs openpyxl).")
 @workdir_option
-def report(batch: str, out: Path, workdir: Path) -> None:
+@click.option("--simulated/--api", "simulated", default=None,
+              help="The batch's --simulate results, or its results from the API (default: from the "
+                   "API if it has any, else the simulated ones).")
+def report(batch: str, out: Path, workdir: Path, simulated: bool | None) -> None:
     """Write one row per job of BATCH: inputs, notes, state, timings, output files with their
-    sha256, cost and error.
+    sha256, cost and error, and whether it is simulated (with the API each job ran against).
 
     Output paths in the report are absolute. Lists (several images, several outputs) are joined
     with " | ".
@@ -807,16 +858,17 @@ def report(batch: str, out: Path, workdir: Path) -> None:
       batchgen report quickstart -o quickstart.json
       batchgen report nightly -o ~/reports/nightly.xlsx --workdir /data/batchgen
     """
-    df = _run_async(_write_report(workdir, batch, out))
+    df = _run_async(_write_report(workdir, batch, out, simulated))
     counts = df["state"].value_counts()
     states = ", ".join(f"{n} {st}" for st, n in _ordered(counts.to_dict()))
-    click.echo(f"{out}: {len(df)} job(s) of {batch} ({states or 'no jobs'})")
+    sim = ", simulated" if len(df) and bool(df["simulated"].iloc[0]) else ""
+    click.echo(f"{out}: {len(df)} job(s) of {batch}{sim} ({states or 'no jobs'})")
 
 
-async def _write_report(workdir: Path, batch: str, out: Path) -> Any:
+async def _write_report(workdir: Path, batch: str, out: Path, simulated: bool | None) -> Any:
     from .report import build_report, write_report  # pandas is slow to import: only here
 
-    df = await build_report(workdir, batch)
+    df = await build_report(workdir, batch, simulated)
     write_report(df, out)
     return df
 
@@ -825,9 +877,13 @@ async def _write_report(workdir: Path, batch: str, out: Path) -> Any:
 @click.argument("batch")
 @workdir_option
 @click.option("--open", "open_page", is_flag=True, help="Open the page in the default browser.")
-def gallery(batch: str, workdir: Path, open_page: bool) -> None:
+@click.option("--simulated/--api", "simulated", default=None,
+              help="The batch's --simulate results (page in WORKDIR/simulated/BATCH/), or its results "
+                   "from the API (default: from the API if it has any, else the simulated ones).")
+def gallery(batch: str, workdir: Path, open_page: bool, simulated: bool | None) -> None:
     """Write a self-contained HTML page of BATCH to WORKDIR/BATCH/gallery.html: every job's
-    input image, prompt and settings with its video or its error, filterable by state.
+    input image, prompt and settings with its video or its error, filterable by state. A
+    simulated batch's page is WORKDIR/simulated/BATCH/gallery.html and says it is simulated.
 
     The page fetches nothing from the network; it links the videos by relative paths, so it
     keeps working when the work directory is moved or copied as a whole.
@@ -839,7 +895,7 @@ def gallery(batch: str, workdir: Path, open_page: bool) -> None:
     """
     from .gallery import build_gallery
 
-    page = _run_async(build_gallery(workdir, batch))
+    page = _run_async(build_gallery(workdir, batch, simulated))
     click.echo(f"{page}")
     if open_page:
         click.launch(page.as_uri())
@@ -862,12 +918,67 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
       batchgen cancel street-scenes
     """
     report = _run_async(app.cancel(workdir, batch, _target(api_url, simulate, sim_faults)))
+    if report.handed_to is not None:
+        # The holding run follows only its own batches: if it is not running this one, the queued
+        # jobs are cancelled at the provider by this batch's next run, which sees the request.
+        click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled; the batchgen run "
+                   f"holding the work directory (pid {report.handed_to}) cancels its queued jobs "
+                   f"at the provider within {C.CANCEL_CHECK_EVERY * 2:g} s if it is running this batch, "
+                   "else the batch's next run does (jobs already running are still followed)")
+        return
     click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled, {report.cancelled} "
                f"cancelled at the provider, {report.not_cancellable} already running "
                "(still followed)")
     for err in report.errors:
         click.echo(f"  could not cancel {printable(err)}", err=True)
     sys.exit(EXIT_JOBS_FAILED if report.errors else EXIT_OK)
+
+
+# ---- forget ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("batch")
+@click.option("--state", "states", multiple=True, type=click.Choice([*app.FORGETTABLE, app.RETIRED]),
+              help="Only jobs in this state (repeatable; 'retired': those no longer in the manifest).")
+@click.option("--key", "keys", multiple=True, help="Only the job with this key (repeatable).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--delete-files", is_flag=True, help="Also delete their output files (kept by default).")
+@workdir_option
+@click.option("--simulated/--api", "simulated", default=None,
+              help="The batch's --simulate records, or those of the API (default: the API's if it "
+                   "has any, else the simulated ones).")
+def forget(batch: str, states: tuple[str, ...], keys: tuple[str, ...], yes: bool, delete_files: bool,
+           workdir: Path, simulated: bool | None) -> None:
+    """Remove BATCH's job records that are not at the provider: pending, failed, cancelled,
+    timed out, unknown, and retired jobs (no longer in the manifest). Jobs at the provider and
+    succeeded jobs are never forgotten. Their files stay unless --delete-files. A manifest run
+    again records a forgotten job anew (and submits it).
+
+    \b
+    Examples:
+      batchgen forget street-scenes --state retired
+      batchgen forget street-scenes --key 35964620b34140af --yes
+    """
+
+    def confirm(plan: app.ForgetPlan) -> bool:
+        what = ", ".join(f"{n} {st}" for st, n in sorted(plan.counts().items()))
+        click.echo(f"{batch}: forget {len(plan.jobs)} job(s) ({what})"
+                   + ("; their files are deleted" if delete_files else f"; their files stay in {plan.folder}"))
+        if any(j.state == S.UNKNOWN for j in plan.jobs):
+            click.echo("warning: a job of unknown outcome may exist, and be billed, at the provider: its "
+                       "record is the only trace of it", err=True)
+        return yes or click.confirm("Forget them?", default=False)
+
+    plan = _run_async(app.forget(workdir, batch, states=states, keys=keys, simulated=simulated,
+                                 delete_files=delete_files, confirm=confirm))
+    if not plan.jobs:
+        click.echo(f"{batch}: no job to forget")
+    elif not plan.forgotten:
+        click.echo("nothing forgotten")
+    else:
+        click.echo(f"{batch}: {plan.forgotten} job(s) forgotten"
+                   + (f", {plan.files_deleted} file(s) deleted" if delete_files else ""))
 
 
 # ---- simulate ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -231,6 +231,15 @@ def _error_code(body: Any) -> int | None:
     return None
 
 
+class _StatusFields(TypedDict):
+    """The keyword arguments every APIStatusError subclass takes."""
+
+    status: int
+    error_code: int | None
+    envelope: bool
+    retry_after: float | None
+
+
 def make_status_error(
     status: int, body: Any, retry_after: str | None, what: str
 ) -> APIStatusError:
@@ -245,8 +254,8 @@ def make_status_error(
     text = f"{what}: {message}" + (f" (error_code {code})" if code not in (None, -1) else "")
     if status < 400 and not envelope:
         status = 500
-    kwargs = dict(status=status, error_code=code, envelope=envelope,
-                  retry_after=parse_retry_after(retry_after))
+    kwargs: _StatusFields = dict(status=status, error_code=code, envelope=envelope,
+                                 retry_after=parse_retry_after(retry_after))
     family = code // 1000 if code and code > 0 else status
     if code == 400004 or (not envelope and status in (401, 403)):
         return AccountError(text, **kwargs)

@@ -39,12 +39,21 @@ DEFAULT_WORKDIR = "jobs"
 STORE_FILENAME = "batchgen.sqlite3"
 LOCK_FILENAME = "batchgen.lock"
 CONFIG_FILENAME = "batchgen.toml"
-# Where a --simulate run keeps its simulator's jobs, so an interrupted run resumes them.
+# --simulate runs keep their own store and outputs in this folder of the work directory, so that a
+# simulated result is never taken for a real one, nor written over one (ARCHITECTURE.md, "Realms").
+SIMULATED_DIR = "simulated"
+# Where a --simulate run keeps its simulator's jobs (in that folder), so an interrupted run
+# resumes them.
 SIM_STATE_FILENAME = "simulator-state.jsonl"
-# Files batchgen keeps in the work directory beside the batches' folders (SQLite adds -wal,
-# -shm and -journal to the store's name): a batch may not be named as one of them.
+# Names batchgen keeps in the work directory beside the batches' folders (SQLite adds -wal, -shm
+# and -journal to the store's name; the simulated runs' folder): a batch may not be named as one.
 WORKDIR_FILES = (STORE_FILENAME, f"{STORE_FILENAME}-wal", f"{STORE_FILENAME}-shm",
-                 f"{STORE_FILENAME}-journal", LOCK_FILENAME, CONFIG_FILENAME, SIM_STATE_FILENAME)
+                 f"{STORE_FILENAME}-journal", LOCK_FILENAME, CONFIG_FILENAME, SIM_STATE_FILENAME,
+                 SIMULATED_DIR)
+# How often, at most, a run checks that its store file is still the one it opened (a stat): a
+# store deleted under a run is noticed within this long, at its next write. Every claim checks
+# too, so nothing is submitted into a store that is gone.
+STORE_CHECK_EVERY = 0.5
 
 # Jobs in flight at the provider with a fixed --concurrency and no number given (`plan`'s estimate,
 # RunSettings' default): a handful is polite. A run's own default is `auto` (below).
@@ -126,6 +135,9 @@ DEFAULT_JOB_TIMEOUT = 6 * 3600.0
 # How often a run still asks about an overdue job while it has other work (it no longer keeps the
 # run alive): a late job is downloaded by the run it finishes in, at one call a minute.
 OVERDUE_POLL_INTERVAL = 60.0
+# How often a run reads the store for a `batchgen cancel` given while it runs (seconds): one
+# indexed read of the small batches table, and the cancel is carried out within two seconds.
+CANCEL_CHECK_EVERY = 1.0
 # A request id handed out a moment ago may not be known yet to the server a poll reaches (nothing
 # promises the provider's servers agree at once): a 404001 this soon after its submit is asked
 # again, not believed. Two minutes: far beyond any replication lag, short against a job's minutes.
@@ -208,6 +220,7 @@ MAX_ANSWER_TEXT = 2000
 # The most one job can plausibly cost (Dreamina: cents): a larger reported cost is ignored, as is
 # 1e400, rather than stopping a --max-cost run on garbage.
 MAX_JOB_COST_USD = 10_000.0
+
 # Local input files go inline as base64 data: URIs (inline.py). RunComfy's own client refuses a
 # request body over 64 MiB (its MAX_REQUEST_BYTES); validation refuses such a job before spending,
 # and the simulator answers 413 past it, as a server with that limit would.

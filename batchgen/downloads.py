@@ -510,7 +510,7 @@ def _write_unnamed(folder: str, dest: str, part: str, data: bytearray) -> bool:
     return True
 
 
-def _finish(fh: BinaryIO, part: str, dest: str, pending: bytearray, digest: Any) -> str:
+def _finish(fh: BinaryIO, part: str, dest: str, pending: bytearray, digest: hashlib._Hash | None) -> str:
     """The sha256 of a complete .part file, after making it durable under its final name."""
     _close_part(fh, part, pending, discard=False)
     if digest is None:

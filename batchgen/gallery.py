@@ -1,7 +1,8 @@
 """One batch as a single HTML page to look at: every job's input image, prompt, settings and
 either its output video or its error, with client-side filters by state.
 
-The page is one self-contained file, ``<workdir>/<batch>/gallery.html``: CSS and JS inline, no
+The page is one self-contained file, ``<workdir>/<batch>/gallery.html`` (for a --simulate
+batch ``<workdir>/simulated/<batch>/gallery.html``, the page saying so on top and on each card): CSS and JS inline, no
 fonts or scripts from anywhere, and a Content-Security-Policy that forbids any request from
 script, so opening it never phones home. Media are linked, never embedded: outputs by a path
 relative to the page (the page beside the batch's outputs keeps working when the work
@@ -20,7 +21,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from . import store as S
-from .app import store_path
+from .app import find_batch
 from .errors import UsageError
 from .manifest import IMAGE_ALIASES
 from .schema import find_schema
@@ -34,26 +35,23 @@ _FIRST_SETTINGS = ("seed", "frames", "duration", "resolution", "aspect_ratio", "
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".avif"}
 
 
-async def build_gallery(workdir: Path, batch: str) -> Path:
-    """Write ``<workdir>/<batch>/gallery.html`` for ``batch`` and return its path."""
+async def build_gallery(workdir: Path, batch: str, simulated: bool | None = None) -> Path:
+    """Write the page of ``batch`` beside its outputs and return its path. ``simulated``: the
+    batch's --simulate results (True) or its results from an API (False); None: those from an
+    API if it has any (app.find_batch)."""
     workdir = Path(workdir)
-    path = store_path(workdir)
-    if not path.exists():
-        raise UsageError(f"no batchgen store in {workdir} (run a manifest first, or pass --workdir)")
+    path, simulated = await find_batch(workdir, batch, simulated)
     async with await Store.open(path) as store:
-        known = await store.batches()
-        info = next((b for b in known if b.name == batch), None)
-        if info is None:
-            names = ", ".join(b.name for b in known) or "none"
-            raise UsageError(f"no batch named '{batch}' in {workdir}; known: {names}")
+        info = await store.batch(batch)
+        assert info is not None  # find_batch found it
         jobs = await store.jobs([batch])
         outputs = {job.id: await store.outputs(job.id) for job in jobs}
     schema = find_schema(info.model_id)
     image_fields = set(schema.image_fields()) if schema else set(IMAGE_ALIASES)
-    root = workdir.resolve()
+    root = path.parent.resolve()  # outputs' recorded paths are relative to their store's folder
     page = root / batch / GALLERY_FILENAME
-    cards = [_card(job, outputs[job.id], image_fields, root, page.parent) for job in jobs]
-    document = _page(batch, info.model_id, jobs, cards)
+    cards = [_card(job, outputs[job.id], image_fields, root, page.parent, simulated) for job in jobs]
+    document = _page(batch, info.model_id, jobs, cards, simulated)
     page.parent.mkdir(parents=True, exist_ok=True)
     tmp = page.with_name(f".{page.name}.tmp")
     try:
@@ -136,7 +134,8 @@ def _output_html(out: Output, root: Path, base: Path) -> str:
     return f'<video class="output" controls muted loop playsinline preload="metadata" src="{src}"></video>'
 
 
-def _card(job: Job, outputs: list[Output], image_fields: set[str], root: Path, base: Path) -> str:
+def _card(job: Job, outputs: list[Output], image_fields: set[str], root: Path, base: Path,
+          simulated: bool = False) -> str:
     images = [u for u in (_input_image_url(v, base) for v in _images(job, image_fields)) if u]
     parts = [f'<article class="card" data-state="{_e(job.state)}" data-key="{_e(job.key)}">']
     # The media area: the output when there is one, else the input image under the outcome.
@@ -148,7 +147,8 @@ def _card(job: Job, outputs: list[Output], image_fields: set[str], root: Path, b
     else:
         parts.append(f'<div class="media no-output"><span class="veil">{_e(job.state)}</span></div>')
     parts.append('<div class="body">')
-    parts.append(f'<div class="head"><span class="badge state-{_e(job.state)}">{_e(job.state)}</span>'
+    sim = '<span class="badge sim">simulated</span>' if simulated else ""
+    parts.append(f'<div class="head"><span class="badge state-{_e(job.state)}">{_e(job.state)}</span>{sim}'
                  f'<span class="seq">#{job.seq + 1}</span><code class="key">{_e(job.key)}</code></div>')
     if images:
         thumbs = "".join(f'<a href="{_e(u)}"><img src="{_e(u)}" alt="input image" loading="lazy" '
@@ -168,7 +168,9 @@ def _card(job: Job, outputs: list[Output], image_fields: set[str], root: Path, b
     if job.started_at and job.finished_at:
         facts.append(f"ran {job.finished_at - job.started_at:.1f} s")
     if job.cost:
-        facts.append(f"${job.cost:.2f}")
+        facts.append(f"${job.cost:.2f}" + (" (simulated)" if simulated else ""))
+    if job.api and not simulated:
+        facts.append(job.api)
     facts.append(job.source)
     parts.append(f'<p class="facts">{_e(" · ".join(facts))}</p>')
     parts.append("</div></article>")
@@ -183,7 +185,7 @@ def _ordered_counts(jobs: Iterable[Job]) -> list[tuple[str, int]]:
     return known + sorted((s, n) for s, n in counts.items() if s not in S.STATES)
 
 
-def _page(batch: str, model_id: str, jobs: list[Job], cards: list[str]) -> str:
+def _page(batch: str, model_id: str, jobs: list[Job], cards: list[str], simulated: bool = False) -> str:
     counts = _ordered_counts(jobs)
     per_state = dict(counts)
     summary = " ".join(f'<span class="badge state-{_e(s)}">{_e(s)} {n}</span>' for s, n in counts)
@@ -194,9 +196,12 @@ def _page(batch: str, model_id: str, jobs: list[Job], cards: list[str]) -> str:
         f'<button type="button" data-filter="{_e(s)}" aria-pressed="{"true" if s == "all" else "false"}"'
         f'{" disabled" if n == 0 else ""}>{_e(s)} <span class="n">{n}</span></button>' for s, n in filters)
     body = "\n".join(cards) if cards else '<p class="empty">This batch has no jobs.</p>'
+    notice = ('<p class="simulated">Simulated: every output on this page is a placeholder made by '
+              "batchgen's built-in simulator (--simulate), not a result of the API.</p>" if simulated else "")
     return _TEMPLATE.format(
-        title=_e(f"{batch} · batchgen gallery"), batch=_e(batch), model=_e(model_id), total=len(jobs),
-        summary=summary, buttons=buttons, cards=body, css=_CSS, js=_JS,
+        title=_e(f"{batch}{' (simulated)' if simulated else ''} · batchgen gallery"), batch=_e(batch),
+        model=_e(model_id), total=len(jobs), summary=summary, buttons=buttons, cards=body, css=_CSS,
+        js=_JS, notice=notice,
     )
 
 
@@ -219,6 +224,7 @@ _TEMPLATE = """<!doctype html>
 <header>
   <h1>{batch}</h1>
   <p class="model">{model} · {total} jobs</p>
+  {notice}
   <p class="summary">{summary}</p>
   <nav class="filters" aria-label="Show jobs by state">{buttons}
     <input type="search" id="search" placeholder="Search prompts…" aria-label="Search prompts">
@@ -290,6 +296,9 @@ main { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr
 .error { margin: 0; padding: 6px 8px; border-radius: 6px; background: #fde2e1; color: var(--bad); font-size: 13px; }
 .facts { margin: auto 0 0; color: var(--muted); font-size: 12px; }
 .empty { padding: 24px; color: var(--muted); text-align: center; }
+.simulated { margin: 0 0 10px; padding: 6px 10px; border-radius: 6px; background: #fff1d6; color: var(--warn);
+  font-weight: 600; }
+.badge.sim { background: #fff1d6; color: var(--warn); }
 """
 
 # Filtering is client-side so the page works from file:// with no server. Videos play while the

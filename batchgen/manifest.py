@@ -32,7 +32,7 @@ import math
 import os
 import re
 import string
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -85,7 +85,7 @@ class _Level:
     csv: bool = False
 
 
-def _close_matches(word: str, candidates: list[str], n: int) -> list[str]:
+def _close_matches(word: str, candidates: Sequence[str], n: int) -> list[str]:
     """difflib's suggestions, imported only when a manifest has a key to correct."""
     import difflib
 
@@ -121,7 +121,7 @@ def batch_name_problem(name: str) -> str | None:
         return (f"batch name '{name}' is not allowed; use letters, digits, '.', '_' and '-', starting with a "
                 "letter or digit and not ending with '.' (it becomes a folder name)")
     if name.lower() in WORKDIR_FILES:
-        return (f"batch name '{name}' is reserved: batchgen keeps a file of that name in the work directory; "
+        return (f"batch name '{name}' is reserved: batchgen keeps a file or folder of that name in the work directory; "
                 "choose another name")
     if name.split(".")[0].upper() in _DEVICE_NAMES:
         return f"batch name '{name}' is a device name on Windows and cannot be a folder there; choose another name"
@@ -684,7 +684,7 @@ class Manifest:
         levels: Iterator[_Level] = iter(self._jobs)
         if self._rows is not None:
             levels = itertools.chain(levels, self._csv_levels())
-        per_level = len(combos or [None]) * self.repeat
+        per_level = (len(combos) or 1) * self.repeat
         made = 0
         for level in levels:
             # A backstop: _check_size counted the jobs before, unless the CSV file grew since.

@@ -154,7 +154,58 @@ async def m005_overdue_jobs_are_followed(db: aiosqlite.Connection) -> None:
     )
 
 
-async def m006_learned_caps(db: aiosqlite.Connection) -> None:
+async def m006_job_api(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # The API a job was submitted to: "simulator" (the built-in one, --simulate) or the API's
+        # base URL. Written with the claim, before the submit, so a job's request id and result
+        # always come with the API they belong to; a request id means nothing to another API.
+        # NULL: not submitted yet, or submitted before batchgen kept track (migration 6).
+        # Simulated and real jobs live in separate stores (ARCHITECTURE.md, "Realms"): within one
+        # store the column lets a run refuse to follow, or count as done, another API's jobs.
+        "ALTER TABLE jobs ADD COLUMN api TEXT",
+    )
+
+
+async def m007_cancel_requests_attempts_retired(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # `batchgen cancel` while a run holds the work directory: it records the request here
+        # (no lock needed: one write through SQLite's own locking), claims never take a job of
+        # a batch with a request, and the running process cancels its queued jobs at the
+        # provider. NULL: no cancel waiting for a run to carry it out.
+        "ALTER TABLE batches ADD COLUMN cancel_requested_at REAL",
+        # The attempts a job had before its latest `retry`: the automatic retry policy counts
+        # only this round's (attempts - attempts_before), while `attempts` goes on counting.
+        "ALTER TABLE jobs ADD COLUMN attempts_before INTEGER NOT NULL DEFAULT 0",
+        # One row per finished attempt that a `retry` put aside: what it was sent as, where it
+        # went and how it ended, so the report lists every attempt, not only the last.
+        """CREATE TABLE job_attempts (
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            attempt INTEGER NOT NULL,
+            request_id TEXT,
+            api TEXT,
+            state TEXT NOT NULL,
+            error TEXT,
+            error_code INTEGER,
+            cost REAL,
+            submitted_at REAL,
+            finished_at REAL,
+            retried_at REAL NOT NULL
+        )""",
+        "CREATE INDEX job_attempts_job ON job_attempts (job_id)",
+        # A job whose spec left the manifest (run again without it): retired, when. Not a state:
+        # a retired job at the provider is still followed and downloaded (it is paid for); it is
+        # never submitted or retried, and counts, exit codes and advice leave it out. NULL: the
+        # manifest still has it.
+        "ALTER TABLE jobs ADD COLUMN retired_at REAL",
+        # Jobs by key across batches: the same request already succeeded in another batch
+        # (reuse.py). A key never changes, so the index costs only the insert of a job.
+        "CREATE INDEX jobs_key ON jobs (key)",
+    )
+
+
+async def m008_learned_caps(db: aiosqlite.Connection) -> None:
     await _run(
         db,
         # The in-flight cap `--concurrency auto` found for a model at an API (limits.AdaptiveCap),
@@ -172,7 +223,8 @@ async def m006_learned_caps(db: aiosqlite.Connection) -> None:
 
 
 MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger, m003_drop_unused_indexes,
-                               m004_unsynced_outputs, m005_overdue_jobs_are_followed, m006_learned_caps]
+                               m004_unsynced_outputs, m005_overdue_jobs_are_followed, m006_job_api,
+                               m007_cancel_requests_attempts_retired, m008_learned_caps]
 
 
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:

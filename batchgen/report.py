@@ -20,9 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from .app import store_path
+from .app import find_batch
 from .errors import UsageError
-from .store import Job, Output, Store
+from .store import SIMULATOR_API, Attempt, Job, Output, Store
 from .text import spreadsheet_cell
 
 # Several values in one cell (image lists, several outputs): a separator that never appears in
@@ -32,35 +32,34 @@ JOIN = " | "
 # The fixed columns, before and after the input.* and meta.* ones.
 HEAD_COLUMNS = ("batch", "key", "seq", "source", "model")
 TAIL_COLUMNS = (
-    "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
+    "simulated", "api", "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
     "queue_wait_s", "run_s", "outputs", "output_paths", "output_sha256", "output_bytes", "cost",
-    "error", "error_code",
+    "error", "error_code", "history", "retired",
 )
 
 # The extensions write_report understands, in the order error messages list them.
 FORMATS = (".csv", ".json", ".parquet", ".xlsx")
 
 
-async def build_report(workdir: Path, batch: str) -> pd.DataFrame:
-    """The report of ``batch`` in ``workdir``: one row per job, in manifest order."""
+async def build_report(workdir: Path, batch: str, simulated: bool | None = None) -> pd.DataFrame:
+    """The report of ``batch`` in ``workdir``: one row per job, in manifest order. ``simulated``:
+    the batch's --simulate results, or its results from an API (None: those from an API if it
+    has any; app.find_batch)."""
     workdir = Path(workdir)
-    path = store_path(workdir)
-    if not path.exists():
-        raise UsageError(f"no batchgen store in {workdir} (run a manifest first, or pass --workdir)")
+    path, simulated = await find_batch(workdir, batch, simulated)
     async with await Store.open(path) as store:
-        known = [b.name for b in await store.batches()]
-        if batch not in known:
-            raise UsageError(f"no batch named '{batch}' in {workdir}; known: {', '.join(known) or 'none'}")
         jobs = await store.jobs([batch])
         # One query per job: fine for thousands of jobs; a store method returning a batch's
         # outputs at once would be the step up if reports of 100,000 jobs become common.
         outputs = {job.id: await store.outputs(job.id) for job in jobs}
-    root = workdir.resolve()
-    rows = [_row(job, outputs[job.id], root) for job in jobs]
+        earlier = await store.attempts([job.id for job in jobs])
+    root = path.parent.resolve()  # outputs' recorded paths are relative to their store's folder
+    rows = [_row(job, outputs[job.id], root, simulated, earlier.get(job.id, [])) for job in jobs]
     return _frame(rows)
 
 
-def _row(job: Job, outputs: list[Output], root: Path) -> dict[str, Any]:
+def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False,
+         earlier: list[Attempt] | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"batch": job.batch, "key": job.key, "seq": job.seq, "source": job.source,
                            "model": job.model_id}
     for name, value in sorted(job.inputs.items()):
@@ -69,6 +68,9 @@ def _row(job: Job, outputs: list[Output], root: Path) -> dict[str, Any]:
         row[f"meta.{name}"] = _cell(value)
     done = [o for o in outputs if o.path is not None]
     row.update({
+        # Every job of a --simulate run is the simulator's, submitted or not.
+        "simulated": simulated,
+        "api": SIMULATOR_API if simulated else job.api,
         "request_id": job.request_id,
         "state": job.state,
         "attempts": job.attempts,
@@ -85,8 +87,23 @@ def _row(job: Job, outputs: list[Output], root: Path) -> dict[str, Any]:
         "cost": job.cost,
         "error": job.error,
         "error_code": job.error_code,
+        "history": _history(job, earlier or []),
+        # No longer in the manifest: kept for the record, outside the batch's counts.
+        "retired": job.retired_at is not None,
     })
     return row
+
+
+def _history(job: Job, earlier: list[Attempt]) -> str | None:
+    """Every attempt of a job that was retried, oldest first: "attempt N: request, state: error"
+    joined with JOIN (None: one round only, whose attempt the other columns describe)."""
+    if not earlier:
+        return None
+    rounds = [(a.attempt, a.request_id, a.state, a.error) for a in earlier]
+    if job.attempts > job.attempts_before or job.request_id:
+        rounds.append((job.attempts, job.request_id, job.state, job.error))
+    return JOIN.join(f"attempt {n}: {rid or 'no request id'}, {state}" + (f": {err}" if err else "")
+                     for n, rid, state, err in rounds)
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

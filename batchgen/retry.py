@@ -129,7 +129,7 @@ class RetryPolicy:
     def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Delay before retry number ``attempt`` (1 for the first retry). Half fixed, half random
         ("equal jitter"): spreads a crowd of retries without ever retrying at once."""
-        ceiling = min(self.cap, self.base * (2 ** max(0, attempt - 1)))
+        ceiling = min(self.cap, self.base * (2.0 ** max(0, attempt - 1)))
         return ceiling / 2 + rand() * ceiling / 2
 
     def delay(

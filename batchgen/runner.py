@@ -344,6 +344,10 @@ class Runner:
         self._fatal: BaseException | None = None
         self._summary = RunSummary()
         self._batches: list[str] = []
+        # Batches a `batchgen cancel` asked to stop (read from the store: _cancel_watch), and
+        # the jobs at the provider already asked to cancel (once each; then followed as usual).
+        self._cancel_batches: set[str] = set()
+        self._cancel_asked: set[int] = set()
 
     @property
     def batches(self) -> list[str]:
@@ -387,6 +391,7 @@ class Runner:
             poll_loop = asyncio.create_task(self._poll_loop(), name="poll-loop")
             if self.s.deadline is not None:
                 self._spawn(self._deadline_watch(self.s.deadline), timer=True)
+            self._spawn(self._cancel_watch(), timer=True)
             try:
                 await self._wait_until_done(submit_loop)
             finally:
@@ -400,6 +405,7 @@ class Runner:
                 await self._drain(poll_loop, submit_loop)
             if self._fatal is not None:
                 raise self._fatal
+            await self._cancel_done()
             await self._remember_cap(models)
         finally:
             try:
@@ -599,7 +605,7 @@ class Runner:
     ) -> None:
         self._track(asyncio.create_task(coro), submit=submit, timer=timer)
 
-    def _track(self, task: asyncio.Future[Any], *, submit: bool = False, timer: bool = False) -> None:
+    def _track(self, task: asyncio.Task[Any], *, submit: bool = False, timer: bool = False) -> None:
         self._tasks.add(task)
         if submit:
             self._submits.add(task)
@@ -639,6 +645,69 @@ class Runner:
         self._emit(job.state, job, message)
 
     # ---- submitting ----------------------------------------------------------------------------
+
+    async def _cancel_watch(self) -> None:
+        """Carry out a `batchgen cancel` given while this run holds the work directory: it is
+        recorded in the store (Store.request_cancel), where claims already skip the batch; here
+        jobs put back to pending meanwhile are cancelled too, and each job of the batch at the
+        provider is asked to cancel at its next poll, brought forward to now."""
+        while not self._closing:
+            wanted = await self.store.cancel_requests(self._batches)
+            if wanted:
+                new = set(wanted) - self._cancel_batches
+                self._cancel_batches |= new
+                for job in await self._cancel_pending(list(wanted)):
+                    self._finished(job, "cancelled by the user before submit")
+                if new:
+                    self._emit("stop", None, f"cancel requested for {', '.join(sorted(new))}: no more "
+                               "submits there; its queued jobs are cancelled at the provider")
+                    # _schedule makes their next poll due now (the cancel)
+                    self._bring_forward(lambda j: 0.0 if j.batch in self._cancel_batches else None)
+                    if self._cancel_batches >= set(self._batches):
+                        self._end_submitting("cancelled", "every batch of this run was cancelled")
+            await asyncio.sleep(C.CANCEL_CHECK_EVERY)
+
+    async def _cancel_pending(self, batches: list[str]) -> list[Job]:
+        """Jobs of cancelled ``batches`` that are pending (put back by a refused submit after the
+        cancel): cancelled, never submitted."""
+        jobs = await self.store.jobs(batches, [S.PENDING])
+        if jobs:
+            await self.store.cancel_pending(batches)
+            for job in jobs:
+                job.state = S.CANCELLED
+        return jobs
+
+    async def _cancel_done(self) -> None:
+        """At the end of the run: the cancel requests carried out are cleared, so that the next
+        run of those batches (a `retry --cancelled`, a grown manifest) submits again. A request
+        whose batch still has a job at the provider not yet asked (the run was stopped first)
+        stays, for the next run."""
+        if not self._cancel_batches:
+            return
+        await self._cancel_pending(sorted(self._cancel_batches))
+        left = {j.batch for j in self._remote.values() if j.id not in self._cancel_asked}
+        done = sorted(self._cancel_batches - left)
+        if done:
+            await self.store.clear_cancel(done)
+
+    async def _cancel_at_provider(self, job: Job) -> None:
+        """Ask the provider to cancel ``job`` (its batch was cancelled). Cancelled: it leaves
+        the run; otherwise (already running, an error) it is followed to its end as usual."""
+        assert job.request_id is not None
+        self._cancel_asked.add(job.id)
+        try:
+            answer = await self.client.cancel(job.request_id)
+            outcome = answer.outcome or "no outcome given"
+        except APIError as exc:
+            outcome = f"cancel failed: {exc}"
+        if outcome == "cancelled":
+            await self.store.transition(job, S.CANCELLED, detail="cancelled by the user",
+                                        error="cancelled by the user", finished_at=time.time())
+            self._leave_provider(job)
+            self._finished(job, "cancelled at the provider")
+            return
+        self._emit("note", job, f"not cancelled ({outcome}): still followed")
+        self._schedule(job, time.time())
 
     async def _deadline_watch(self, deadline: float) -> None:
         await asyncio.sleep(max(0.0, deadline - time.time()))
@@ -689,7 +758,7 @@ class Runner:
             # The claim commits 'submitting' (the intent). Run it as a tracked task so that a
             # cancel landing right after its commit cannot lose the jobs: _drain puts claimed but
             # never-sent jobs back to pending.
-            claim = asyncio.ensure_future(self._claim(want))
+            claim = asyncio.create_task(self._claim(want))
             self._track(claim, submit=True)
             self._claiming = True
             try:
@@ -850,8 +919,8 @@ class Runner:
             if decision is Decision.RETRY:
                 if isinstance(exc, RateLimitError):
                     self._throttled()
-                if self.s.policy.may_resubmit(job.attempts):
-                    delay = self.s.policy.delay(job.attempts, getattr(exc, "retry_after", None))
+                if self.s.policy.may_resubmit(job.round_attempts):
+                    delay = self.s.policy.delay(job.round_attempts, getattr(exc, "retry_after", None))
                     await self.store.transition(
                         job, S.PENDING, expect=(S.SUBMITTING,), not_before=time.time() + delay,
                         error=str(exc), error_code=code,
@@ -861,7 +930,7 @@ class Runner:
                     self._summary.submitted -= 1  # certainly not created: counts when it is
                     return
                 await self.store.transition(
-                    job, S.FAILED, expect=(S.SUBMITTING,), error=f"{exc} (after {job.attempts} attempts)",
+                    job, S.FAILED, expect=(S.SUBMITTING,), error=f"{exc} (after {job.round_attempts} attempts)",
                     error_code=code, finished_at=time.time(),
                 )
             elif decision is Decision.UNKNOWN:
@@ -947,6 +1016,8 @@ class Runner:
     # ---- polling -------------------------------------------------------------------------------
 
     def _schedule(self, job: Job, due: float) -> None:
+        if self._cancel_batches and job.batch in self._cancel_batches and job.id not in self._cancel_asked:
+            due = 0.0  # its batch was cancelled: asked at once (_poll)
         heapq.heappush(self._heap, (due, next(self._tiebreak), job.id))
         self._wake.set()
 
@@ -971,6 +1042,11 @@ class Runner:
 
     async def _poll(self, job: Job) -> None:
         assert job.request_id is not None
+        if job.batch in self._cancel_batches and job.id not in self._cancel_asked:
+            # Here rather than in a task of its own: one poll of a job at a time, so no answer
+            # about it is recorded over its cancel.
+            await self._cancel_at_provider(job)
+            return
         rid = job.request_id
         expected = self.planner.expected
         elapsed = time.time() - (job.submitted_at or time.time())

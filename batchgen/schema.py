@@ -17,12 +17,12 @@ import logging
 import numbers
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import BatchgenError
 from .images import ImageInfo
@@ -42,7 +42,9 @@ BYTES_PER_MB = 1_000_000
 
 IMAGE_FORMATS = ("image_uri", "image_uris")
 # Fields that take other files: checked by their type and size (their content is not parsed).
-OTHER_MEDIA = {"video_uri": "video", "video_uris": "video", "audio_uri": "audio", "audio_uris": "audio"}
+# Keyed by object: looked up with whatever an (untrusted) schema has as a field's format.
+OTHER_MEDIA: dict[object, str] = {
+    "video_uri": "video", "video_uris": "video", "audio_uri": "audio", "audio_uris": "audio"}
 # The rules that need only a file's type and size, so apply to any media file.
 FILE_SUBJECTS = ("file_size_mb", "file_type")
 
@@ -454,7 +456,8 @@ class ModelSchema:
 
     def _explain(self, err: jsonschema.ValidationError, prefix: list[Any] | None = None) -> tuple[str, str]:
         field = _path_label([*(prefix or []), *err.absolute_path])
-        v, want, got = err.validator, err.validator_value, err.instance
+        # Unset only on an error made by hand: every error iter_errors yields has both.
+        v, want, got = err.validator, cast(Any, err.validator_value), cast(Any, err.instance)
         if v == "additionalProperties" and isinstance(got, dict) and not err.absolute_path:
             extra = sorted(k for k in got if k not in self.properties)
             return (", ".join(extra) or field), f"unknown field; allowed: {', '.join(self.properties)}"
@@ -544,10 +547,13 @@ def _validator(schema: Any) -> Any:
     from referencing import Registry
     from referencing.exceptions import NoSuchResource
 
+    # referencing's attrs classes declare their fields through a decorator mypy does not read
+    # (a home-made __dataclass_transform__), so mypy sees no constructor arguments at all.
     def refuse(uri: str) -> Any:
-        raise NoSuchResource(ref=uri)
+        raise NoSuchResource(ref=uri)  # type: ignore[call-arg]
 
-    return _jsonschema().Draft202012Validator(schema, registry=Registry(retrieve=refuse))
+    return _jsonschema().Draft202012Validator(
+        schema, registry=Registry(retrieve=refuse))  # type: ignore[call-arg]
 
 
 def _errors_of(validator: Any, value: Any) -> list[Any] | str:
@@ -596,10 +602,11 @@ _TYPE_TESTS: dict[str, Callable[[Any], bool]] = {
     "object": lambda v: type(v) is dict,
     "null": lambda v: v is None,
 }
-_BOUNDS = {"minimum": operator.ge, "maximum": operator.le,
-           "exclusiveMinimum": operator.gt, "exclusiveMaximum": operator.lt}
-_LENGTHS = {"minLength": (str, operator.ge), "maxLength": (str, operator.le),
-            "minItems": (list, operator.ge), "maxItems": (list, operator.le)}
+_BOUNDS: dict[str, Callable[[Any, Any], bool]] = {
+    "minimum": operator.ge, "maximum": operator.le, "exclusiveMinimum": operator.gt, "exclusiveMaximum": operator.lt}
+_LENGTHS: dict[str, tuple[type[Sized], Callable[[int, int], bool]]] = {
+    "minLength": (str, operator.ge), "maxLength": (str, operator.le),
+    "minItems": (list, operator.ge), "maxItems": (list, operator.le)}
 # Keywords that constrain nothing (no format checker is used: formats are annotations here).
 _ANNOTATIONS = {"title", "description", "examples", "default", "format", "$comment", "deprecated",
                 "readOnly", "writeOnly"}
@@ -630,13 +637,20 @@ def quick_test(schema: Any) -> Callable[[Any], bool] | None:
             bound = schema[word]
             if type(bound) not in (int, float):
                 return None
-            tests.append(lambda v, b=bound, op=op: _bound_ok(v, b, op))
+
+            # A def, not a lambda with defaults (which mypy cannot type): the same function at run time.
+            def within(v: Any, b: Any = bound, op: Callable[[Any, Any], bool] = op) -> bool:
+                return _bound_ok(v, b, op)
+            tests.append(within)
     for word, (kind, op) in _LENGTHS.items():
         if word in schema:
             size = schema[word]
             if type(size) is not int or size < 0:
                 return None
-            tests.append(lambda v, n=size, kind=kind, op=op: not isinstance(v, kind) or op(len(v), n))
+
+            def sized(v: Any, n: int = size, kind: type[Sized] = kind, op: Callable[[int, int], bool] = op) -> bool:
+                return not isinstance(v, kind) or op(len(v), n)
+            tests.append(sized)
     if "items" in schema:
         item_test = quick_test(schema["items"])
         if item_test is None:

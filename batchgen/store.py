@@ -22,6 +22,12 @@ writes). Reads, and the multi-statement transactions of atomic(), stay on aiosql
 group commit never runs while one of those is open. A group that finds the write lock held by
 another process waits for it with asyncio.sleep, never in SQLite's busy handler, which would freeze
 the loop.
+
+The file itself: a store deleted (or replaced, or truncated) under a running process goes on
+working on the open, unlinked file, and everything recorded from then on is lost with it. So the
+store checks that its path still names the file it opened before every claim (a claim is the
+step before money is spent) and, at most every STORE_CHECK_EVERY seconds, before a group commit;
+once it is gone every write fails, and the run stops.
 """
 
 from __future__ import annotations
@@ -30,17 +36,18 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from .constants import INSERT_CHUNK
+from .constants import INSERT_CHUNK, STORE_CHECK_EVERY
 from .errors import StoreError
 from .manifest import canonical_json
 from .migrations import migrate
@@ -89,16 +96,19 @@ REMOTE_ACTIVE = (IN_QUEUE, IN_PROGRESS)
 # Jobs with a request id whose result may still come: polled by every run.
 FOLLOWED = (*REMOTE_ACTIVE, OVERDUE)
 TERMINAL = (SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
+# Jobs whose recorded inputs a rerun of the manifest refreshes: not at the provider, not done;
+# their next submit (pending) or retry sends them.
+REFRESHABLE = (PENDING, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
 
 _JOB_COLUMNS = (
     "id, batch, key, seq, model_id, source, inputs_json, meta_json, state, attempts, request_id, "
     "queue_position, error, error_code, cost, not_before, created_at, updated_at, submitted_at, "
-    "started_at, finished_at"
+    "started_at, finished_at, api, attempts_before, retired_at"
 )
 # Columns a transition may set besides state.
 _SETTABLE = {
     "attempts", "request_id", "queue_position", "error", "error_code", "cost", "not_before",
-    "submitted_at", "started_at", "finished_at",
+    "submitted_at", "started_at", "finished_at", "api", "attempts_before",
 }
 
 
@@ -127,15 +137,30 @@ class Job:
     submitted_at: float | None
     started_at: float | None
     finished_at: float | None
+    _: KW_ONLY  # from_row fills the fields above from one *row, these two by name
     # ``inputs`` as recorded: JSON text, which a submit sends as it is (None: not read from the
     # store, as in a job built by hand).
     inputs_json: str | None = None
+    # The API it was submitted to: SIMULATOR_API or a base URL (None: not yet, or not recorded).
+    api: str | None = None
+    # The attempts it had before its latest `retry` (the automatic retries of a round count
+    # ``attempts - attempts_before``; ``attempts`` goes on from one round to the next).
+    attempts_before: int = 0
+    # When its spec left the manifest (None: still in it). See m007.
+    retired_at: float | None = None
+
+    @property
+    def round_attempts(self) -> int:
+        """Attempts since the latest `retry` (or since it was recorded)."""
+        return self.attempts - self.attempts_before
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Job:
-        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest) = row
+        (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest, api, before,
+         retired_at) = row
         return cls(id_, batch, key, seq, model_id, source, json.loads(inputs_json),
-                   json.loads(meta_json), *rest, inputs_json=inputs_json)
+                   json.loads(meta_json), *rest, inputs_json=inputs_json, api=api,
+                   attempts_before=before, retired_at=retired_at)
 
 
 @dataclass
@@ -152,6 +177,21 @@ class Output:
 
 
 @dataclass
+class Attempt:
+    """One earlier attempt of a job, put aside by a `retry`."""
+
+    attempt: int
+    request_id: str | None
+    api: str | None
+    state: str
+    error: str | None
+    error_code: int | None
+    cost: float | None
+    submitted_at: float | None
+    finished_at: float | None
+
+
+@dataclass
 class Batch:
     name: str
     model_id: str
@@ -161,13 +201,22 @@ class Batch:
     updated_at: float
 
 
+# Job.api of a job run on the built-in simulator (--simulate); real APIs are named by base URL.
+SIMULATOR_API = "simulator"
+
+
 class Store:
     """The batchgen store on one SQLite file. Open with ``await Store.open(path)``."""
 
-    def __init__(self, db: aiosqlite.Connection, path: Path, writer: sqlite3.Connection):
+    def __init__(self, db: aiosqlite.Connection, path: Path, writer: sqlite3.Connection,
+                 api: str | None = None):
         self._db = db
         self._w = writer  # the loop thread's connection for group commits
         self.path = path
+        # The API this store's claims are for: written on every job it claims (Job.api).
+        self.api = api
+        self._identity = _file_identity(path)  # the file opened (device, inode)
+        self._checked_at = time.monotonic()
         self._writes_since_checkpoint = 0
         self._checkpoint: asyncio.Task[None] | None = None
         self._tx_lock = asyncio.Lock()
@@ -178,7 +227,9 @@ class Store:
         self._last_group = 0  # how many writes it had
 
     @classmethod
-    async def open(cls, path: str | Path) -> Store:
+    async def open(cls, path: str | Path, *, api: str | None = None) -> Store:
+        """Open (and migrate) the store at ``path``, creating it if missing. ``api``: the API the
+        jobs this store claims are submitted to (see Job.api)."""
         path = Path(path)
         pending = None
         try:
@@ -209,7 +260,23 @@ class Store:
         except (aiosqlite.Error, sqlite3.Error) as exc:
             await db.close()
             raise StoreError(f"cannot use the store {path}: {exc}") from exc
-        return cls(db, path, writer)
+        return cls(db, path, writer, api)
+
+    def check_file(self) -> None:
+        """Raise StoreError unless the store's path still names the file this store opened, with
+        something in it (see the module docstring)."""
+        self._checked_at = time.monotonic()
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == self._identity and st.st_size > 0:
+            return
+        raise StoreError(
+            f"the store {self.path} was deleted, replaced or emptied while this run was using it: "
+            "nothing could be recorded any more, so the run stopped (jobs it submitted may still "
+            "run, and be billed, at the provider; their request ids were in that store)"
+        )
 
     async def close(self) -> None:
         # Writes already asked for are not lost, even if the committer was cancelled meanwhile.
@@ -261,7 +328,7 @@ class Store:
         """Run ``fn(connection, *args)`` in the connection's own thread: a whole operation of
         several statements costs one round trip. aiosqlite has no public call for this; its
         ``_execute`` (the primitive every public method uses) is the one private name used here."""
-        return await self._db._execute(fn, self._db._conn, *args)
+        return await self._db._execute(fn, self._db._conn, *args)  # type: ignore[no-untyped-call]  # private, unannotated
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any], shield: str | None = None) -> Any:
         """Run ``fn(connection)`` in a group commit (see the module docstring) and return its result
@@ -303,6 +370,8 @@ class Store:
                         # Synchronous, on this thread: nothing else runs meanwhile, so no write can
                         # slip in between, and a cancellation cannot land halfway through.
                         try:
+                            if time.monotonic() - self._checked_at >= STORE_CHECK_EVERY:
+                                self.check_file()
                             results = _apply_group(self._w, [fn for fn, _, _ in group])
                         except Exception as exc:  # noqa: BLE001 - the file itself is unusable
                             err = exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc}")
@@ -328,6 +397,7 @@ class Store:
             self._last_commit, self._last_group = time.monotonic(), len(group)
             if not group:
                 continue
+            assert results is not None  # the loop above ends with results, or with no group left
             for (_, fut, what), (ok, value) in zip(group, results, strict=True):
                 if fut.done():
                     # Its caller was cancelled meanwhile (the run is being torn down): the write
@@ -448,10 +518,18 @@ class Store:
 
     async def add_rows(self, batch: str, rows: Iterable[tuple[Any, ...]]) -> int:
         """Record job rows (see job_row) in chunks, one transaction each; return how many were new.
-        INSERT OR IGNORE on (batch, key): re-recording a grown manifest adds only its new jobs."""
+        INSERT OR IGNORE on (batch, key): re-recording a grown manifest adds only its new jobs.
+        A job already recorded that is not at the provider nor done (REFRESHABLE) takes the
+        inputs the manifest now gives: the same key is the same generation (a local file is
+        keyed by its content), but how it is sent (image_base_url, or inline) may have been
+        fixed since, and its next submit or retry sends what the manifest says now."""
         added = 0
         now = time.time()
         chunk: list[tuple[Any, ...]] = []
+        # A batch recorded for the first time has nothing to refresh: its rows skip that pass.
+        rows_before = await self._db.execute_fetchall("SELECT 1 FROM jobs WHERE batch = ? LIMIT 1", (batch,))
+        refresh_sql = (f"UPDATE jobs SET inputs_json = ?3 WHERE batch = ?1 AND key = ?2 AND inputs_json != ?3 "
+                       f"AND state IN ({', '.join(repr(s) for s in REFRESHABLE)})")
 
         async def flush() -> None:
             nonlocal added
@@ -466,6 +544,8 @@ class Store:
                     chunk,
                 )
                 added += db.total_changes - before
+                if rows_before:
+                    await db.executemany(refresh_sql, ((r[0], r[1], r[5]) for r in chunk))
             chunk.clear()
 
         for row in rows:
@@ -474,6 +554,28 @@ class Store:
                 await flush()
         await flush()
         return added
+
+    async def retire_missing(self, batch: str, keys: Iterable[str]) -> tuple[int, int]:
+        """The manifest of ``batch`` now has exactly ``keys``: its other jobs are retired, and
+        retired ones whose key is back are current again. Returns (retired now, brought back)."""
+        now = time.time()
+        async with self.atomic() as db:
+            await db.execute("CREATE TEMP TABLE IF NOT EXISTS manifest_keys (key TEXT PRIMARY KEY)")
+            await db.execute("DELETE FROM manifest_keys")
+            await db.executemany("INSERT OR IGNORE INTO manifest_keys (key) VALUES (?)",
+                                 ((k,) for k in keys))
+            cur = await db.execute(
+                "UPDATE jobs SET retired_at = ?1, updated_at = ?1, detail = 'retired: no longer in the manifest' "
+                "WHERE batch = ?2 AND retired_at IS NULL AND key NOT IN (SELECT key FROM manifest_keys)",
+                (now, batch))
+            retired = cur.rowcount
+            cur = await db.execute(
+                "UPDATE jobs SET retired_at = NULL, updated_at = ?, detail = 'back in the manifest' "
+                "WHERE batch = ? AND retired_at IS NOT NULL AND key IN (SELECT key FROM manifest_keys)",
+                (now, batch))
+            back = cur.rowcount
+            await db.execute("DELETE FROM manifest_keys")
+        return retired, back
 
     # ---- reading jobs --------------------------------------------------------------------------
 
@@ -485,17 +587,25 @@ class Store:
         return Job.from_row(row)
 
     async def jobs(
-        self, batches: Sequence[str] | None = None, states: Sequence[str] | None = None
+        self, batches: Sequence[str] | None = None, states: Sequence[str] | None = None, *,
+        current: bool = False,
     ) -> list[Job]:
+        """Jobs of ``batches`` in ``states`` (None: all), retired ones too unless ``current``."""
         where, args = _filters(batches, states)
+        if current:
+            where += " AND retired_at IS NULL"
         async with self._db.execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY batch, seq", args
         ) as cur:
             return [Job.from_row(r) for r in await cur.fetchall()]
 
-    async def counts(self, batches: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
-        """{batch: {state: count}} over the given batches (all when None)."""
+    async def counts(self, batches: Sequence[str] | None = None, *,
+                     retired: bool | None = False) -> dict[str, dict[str, int]]:
+        """{batch: {state: count}} over the given batches (all when None): of the jobs still in
+        their manifest (``retired`` False), of the retired ones (True), or of all (None)."""
         where, args = _filters(batches, None)
+        if retired is not None:
+            where += " AND retired_at IS " + ("NOT NULL" if retired else "NULL")
         async with self._db.execute(
             f"SELECT batch, state, COUNT(*) FROM jobs {where} GROUP BY batch, state", args
         ) as cur:
@@ -508,10 +618,10 @@ class Store:
         """(state, error, count) of a batch's unsuccessful (or overdue) jobs, most common first."""
         async with self._db.execute(
             "SELECT state, COALESCE(error, ''), COUNT(*) FROM jobs WHERE batch = ? AND state IN "
-            "(?, ?, ?, ?, ?) GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
+            "(?, ?, ?, ?, ?) AND retired_at IS NULL GROUP BY state, error ORDER BY COUNT(*) DESC LIMIT ?",
             (batch, FAILED, UNKNOWN, TIMED_OUT, CANCELLED, OVERDUE, limit),
         ) as cur:
-            return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+            return [tuple(r) for r in await cur.fetchall()]
 
     async def timings(self, batch: str) -> tuple[list[float], list[float], float]:
         """Queue waits and run times (seconds) of a batch's started jobs, and its total cost."""
@@ -525,6 +635,24 @@ class Store:
         waits = [r[0] for r in rows if r[0] is not None]
         runs = [r[1] for r in rows if r[1] is not None]
         return waits, runs, float(cost)
+
+    async def apis(self, batches: Sequence[str] | None = None,
+                   exclude: Sequence[str] = ()) -> dict[str, dict[str, int]]:
+        """{batch: {api: jobs}}: the APIs the batches' jobs were submitted to (Job.api; jobs
+        never submitted, or submitted before batchgen kept track, are not counted, nor jobs in
+        the states ``exclude``)."""
+        where, args = _filters(batches, None)
+        if exclude:
+            where += f" AND state NOT IN ({', '.join('?' * len(exclude))})"
+            args.extend(exclude)
+        rows = await self._db.execute_fetchall(
+            f"SELECT batch, api, COUNT(*) FROM jobs {where} AND api IS NOT NULL GROUP BY batch, api",
+            args,
+        )
+        out: dict[str, dict[str, int]] = {}
+        for batch, api, n in rows:
+            out.setdefault(batch, {})[api] = n
+        return out
 
     async def existing_keys(self, batch: str, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -563,13 +691,21 @@ class Store:
         """Like claim_pending for up to ``limit`` jobs at once, in manifest order. One statement
         (UPDATE … RETURNING): atomic, and one round trip however many slots just came free."""
         where, args = _filters(batches, [PENDING])
+        # The API is part of the intent: whatever the submit leads to belongs to that API.
+        # A batch whose cancel was requested is never claimed from: the request and the claim
+        # are both writes, so SQLite orders them, and no job is sent after its cancel.
         sql = f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
-                      detail = 'attempt ' || (attempts + 1)
-                  WHERE id IN (SELECT id FROM jobs {where}
+                      detail = 'attempt ' || (attempts + 1), api = COALESCE(?, api)
+                  WHERE id IN (SELECT id FROM jobs {where} AND {_NOT_CANCELLED} AND retired_at IS NULL
                                AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?)
                   RETURNING {_JOB_COLUMNS}"""
-        params = (now, *args, now, max(1, limit))
-        rows = await self._write(lambda conn: conn.execute(sql, params).fetchall())
+        params = (now, self.api, *args, now, max(1, limit))
+
+        def claim(conn: sqlite3.Connection) -> list[Any]:
+            self.check_file()  # never claim (then pay for) a job into a store that is gone
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._write(claim)
         # RETURNING gives no order: put them back in manifest order.
         return sorted((Job.from_row(r) for r in rows), key=lambda j: j.seq)
 
@@ -577,7 +713,9 @@ class Store:
         """When the earliest pending job may be tried (0 for now), or None if none is pending."""
         where, args = _filters(batches, [PENDING])
         async with self._db.execute(
-            f"SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs {where}", args
+            f"SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs {where} AND {_NOT_CANCELLED} "
+            "AND retired_at IS NULL",
+            args
         ) as cur:
             n, earliest = await cur.fetchone()  # type: ignore[misc]
         return None if n == 0 else float(earliest)
@@ -624,19 +762,124 @@ class Store:
             "SELECT at, from_state, to_state, detail FROM job_events WHERE job_id = ? ORDER BY id",
             (job_id,),
         ) as cur:
-            return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+            return [tuple(r) for r in await cur.fetchall()]
 
-    async def requeue(self, job: Job, detail: str) -> None:
-        """Put a finished (or overdue: `retry --force`) job back to pending for a user-requested
-        retry. Its history stays; its request id, outputs and error are cleared so the next submit
-        starts afresh."""
+    async def requeue(self, job: Job, detail: str, *, expect: Sequence[str] = (*TERMINAL, OVERDUE)) -> None:
+        """Put a finished (or overdue: `retry --force`) job, one in ``expect``, back to pending for
+        a user-requested retry. Its history stays: the attempt it ended with is kept in
+        ``job_attempts`` (attempts()) and its attempt count goes on; its request id, API, outputs
+        and error are cleared so the next submit starts afresh."""
         async with self.atomic() as db:
+            if job.attempts > 0 or job.request_id is not None:
+                await db.execute(
+                    """INSERT INTO job_attempts (job_id, attempt, request_id, api, state, error,
+                           error_code, cost, submitted_at, finished_at, retried_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (job.id, job.attempts, job.request_id, job.api, job.state, job.error,
+                     job.error_code, job.cost, job.submitted_at, job.finished_at, time.time()),
+                )
             await db.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
             await self.transition(
-                job, PENDING, expect=(*TERMINAL, OVERDUE), detail=detail, attempts=0, request_id=None,
-                queue_position=None, error=None, error_code=None, cost=None, not_before=None,
-                submitted_at=None, started_at=None, finished_at=None,
+                job, PENDING, expect=expect, detail=detail, attempts_before=job.attempts,
+                request_id=None, queue_position=None, error=None, error_code=None, cost=None,
+                not_before=None, submitted_at=None, started_at=None, finished_at=None, api=None,
             )
+
+    async def attempts(self, job_ids: Sequence[int]) -> dict[int, list[Attempt]]:
+        """{job id: its earlier attempts, oldest first} (those a `retry` put aside)."""
+        out: dict[int, list[Attempt]] = {}
+        for i in range(0, len(job_ids), 500):
+            part = list(job_ids[i:i + 500])
+            rows = await self._db.execute_fetchall(
+                "SELECT job_id, attempt, request_id, api, state, error, error_code, cost, "
+                f"submitted_at, finished_at FROM job_attempts WHERE job_id IN ({', '.join('?' * len(part))}) "
+                "ORDER BY job_id, rowid", part)
+            for job_id, *rest in rows:
+                out.setdefault(job_id, []).append(Attempt(*rest))
+        return out
+
+    async def succeeded_elsewhere(self, batch: str, keys: Sequence[str]) -> dict[str, Job]:
+        """{key: a succeeded job with that key in another batch than ``batch``} (the latest)."""
+        found: dict[str, Job] = {}
+        for i in range(0, len(keys), 500):
+            part = list(keys[i:i + 500])
+            rows = await self._db.execute_fetchall(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE key IN ({', '.join('?' * len(part))}) "
+                "AND batch != ? AND state = 'succeeded' ORDER BY finished_at", (*part, batch))
+            found.update((job.key, job) for job in map(Job.from_row, rows))
+        return found
+
+    async def record_reused(self, job: Job, source: Job, outputs: Sequence[Output]) -> None:
+        """Pending ``job`` takes ``source``'s result: its outputs (files already in place) and
+        its success, in one transaction. Nothing was paid for it (cost 0)."""
+        now = time.time()
+        async with self.atomic() as db:
+            await db.executemany(
+                "INSERT INTO outputs (job_id, idx, kind, url, path, size, sha256, downloaded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(job.id, o.idx, o.kind, o.url, o.path, o.size, o.sha256, now) for o in outputs])
+            await self.transition(
+                job, SUCCEEDED, expect=(PENDING,), detail=f"reused: the result of job {source.key} of "
+                f"batch {source.batch} (request {source.request_id})", cost=0.0, api=source.api,
+                submitted_at=source.submitted_at, started_at=source.started_at,
+                finished_at=source.finished_at)
+
+    async def forget(self, jobs: Sequence[Job]) -> int:
+        """Remove the records of ``jobs`` (their history, outputs and earlier attempts with
+        them), and of their batch once it has no job left; the caller checked that none is at the
+        provider. Returns how many jobs were removed."""
+        ids = [(j.id,) for j in jobs]
+        batches = sorted({j.batch for j in jobs})
+        async with self.atomic() as db:
+            for table in ("job_events", "outputs", "job_attempts"):
+                await db.executemany(f"DELETE FROM {table} WHERE job_id = ?", ids)
+            before = db.total_changes
+            await db.executemany("DELETE FROM jobs WHERE id = ?", ids)
+            removed = db.total_changes - before
+            await db.executemany("DELETE FROM batches WHERE name = ? AND NOT EXISTS "
+                                 "(SELECT 1 FROM jobs WHERE batch = batches.name)", [(b,) for b in batches])
+        return removed
+
+    # ---- cancel requests (from another process, while a run holds the work directory) ------------
+
+    async def request_cancel(self, batch: str) -> int:
+        """Record that ``batch`` is cancelled, and cancel its pending jobs, in one transaction:
+        from then on no run claims a job of it (claim_many), and a run following its jobs
+        cancels them at the provider (cancel_requests). Returns the pending jobs cancelled."""
+        now = time.time()
+        cancel = self._cancel_pending_sql([batch])
+
+        def apply(conn: sqlite3.Connection) -> int:
+            conn.execute("UPDATE batches SET cancel_requested_at = ? WHERE name = ?", (now, batch))
+            return cancel(conn)
+
+        return int(await self._write(apply))
+
+    async def cancel_pending(self, batches: Sequence[str]) -> int:
+        """Pending jobs of ``batches`` become cancelled (never submitted); returns how many. A group
+        write (not atomic()): the runner calls it from a task that may be cancelled."""
+        return int(await self._write(self._cancel_pending_sql(batches)))
+
+    @staticmethod
+    def _cancel_pending_sql(batches: Sequence[str]) -> Callable[[sqlite3.Connection], int]:
+        where, args = _filters(batches, [PENDING])
+        sql = (f"UPDATE jobs SET state = 'cancelled', updated_at = ?, error = 'cancelled before submit', "
+               f"detail = 'cancelled by the user before submit' {where}")
+        return lambda conn: conn.execute(sql, (time.time(), *args)).rowcount
+
+    async def cancel_requests(self, batches: Sequence[str] | None = None) -> dict[str, float]:
+        """{batch: when its cancel was requested} of ``batches`` (None: all) with one waiting."""
+        where, args = _filters(batches, None)
+        rows = await self._db.execute_fetchall(
+            f"SELECT name, cancel_requested_at FROM batches {where.replace('batch IN', 'name IN')} "
+            "AND cancel_requested_at IS NOT NULL", args)
+        return {name: at for name, at in rows}
+
+    async def clear_cancel(self, batches: Sequence[str]) -> None:
+        """The cancel requests of ``batches`` are carried out (or withdrawn by a `retry`)."""
+        where, args = _filters(batches, None)
+        sql = f"UPDATE batches SET cancel_requested_at = NULL {where.replace('batch IN', 'name IN')}"
+        await self._write(lambda conn: conn.execute(sql, args))
 
     # ---- outputs -------------------------------------------------------------------------------
 
@@ -790,6 +1033,15 @@ UNSYNCED_BATCHES_SQL = (
 )
 
 
+# Jobs of batches whose cancel was requested are never claimed (see claim_many).
+_NOT_CANCELLED = ("batch NOT IN (SELECT name FROM batches WHERE cancel_requested_at IS NOT NULL)")
+
+
+def _file_identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _result_fields(job: Job, cost: float | None, finished_at: float | None) -> dict[str, Any]:
     """The fields a result sets. An overdue job that finally delivers loses the error that said
     it was overdue."""
@@ -808,7 +1060,8 @@ def _live(group: list[_Queued]) -> list[_Queued]:
 def _filters(
     batches: Sequence[str] | None, states: Sequence[str] | None
 ) -> tuple[str, list[Any]]:
-    clauses, args = [], []
+    clauses: list[str] = []
+    args: list[Any] = []
     if batches is not None:
         clauses.append(f"batch IN ({', '.join('?' * len(batches))})" if batches else "0")
         args.extend(batches)

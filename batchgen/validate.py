@@ -159,9 +159,9 @@ async def validate_manifest(
                     if (ref, kind) not in seen_media:
                         seen_media[ref, kind] = media_facts(ref, kind)
                     facts = seen_media[ref, kind]
-                    problems = [facts] if isinstance(facts, str) else (
+                    messages = [facts] if isinstance(facts, str) else (
                         schema.file_rule_failures(field_name, facts) if facts else [])
-                    for message in problems:
+                    for message in messages:
                         add(Problem(file, location, field_name, f"{shown(ref)}: {message}"))
             if spec.local_files:
                 size = request_size(spec.inputs_json or canonical_json(spec.inputs), spec.local_files)

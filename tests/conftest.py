@@ -10,7 +10,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 from aiohttp import web
+from imagefactory import make_image
 
 from batchgen.simulator import FaultConfig, SimConfig, Simulator
 
@@ -51,6 +53,17 @@ def samples(tmp_path) -> Path:
     dest = tmp_path / "samples"
     shutil.copytree(SAMPLES, dest)
     return dest
+
+
+def image_manifest(tmp_path: Path, sim: Simulator, name: str, n: int) -> Path:
+    """A manifest of ``n`` jobs on one image that ``sim`` serves, for runs against it as an API."""
+    url = sim.publish_file(make_image(tmp_path / "in.jpg", 640, 480))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "defaults": {"image": url},
+        "jobs": [{"prompt": f"job {i}", "seed": i} for i in range(n)],
+    }))
+    return path
 
 
 @asynccontextmanager

@@ -52,7 +52,7 @@ def test_status_suggests_what_to_do_next(samples):
     cli("run", str(samples / "quickstart.yaml"), "--simulate")
     import sqlite3
 
-    with sqlite3.connect("jobs/batchgen.sqlite3") as db:
+    with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
         db.execute("UPDATE jobs SET state='unknown', error='lost' WHERE rowid IN (1, 2)")
         db.execute("UPDATE jobs SET state='failed', error='Generation failed' WHERE rowid = 3")
     out = cli("status").output
@@ -127,19 +127,46 @@ def test_other_models_run_end_to_end(tmp_path, model, field):
 
 
 def test_cancel_unknown_batch_is_a_usage_error(done):
-    result = cli("cancel", "nope")
+    result = cli("cancel", "nope", "--simulate")
     assert result.exit_code == 2 and "known: quickstart" in result.output
 
 
 def test_report_and_gallery_commands(done, tmp_path):
     out = tmp_path / "r.csv"
     result = cli("report", "quickstart", "-o", str(out))
-    assert result.exit_code == 0 and "6 job(s) of quickstart (6 succeeded)" in result.output
+    assert result.exit_code == 0 and "6 job(s) of quickstart, simulated (6 succeeded)" in result.output
     assert out.read_text().count("\n") == 7
     bad = cli("report", "quickstart", "-o", str(tmp_path / "r.txt"))
     assert bad.exit_code == 2 and ".csv, .json" in bad.output
     page = cli("gallery", "quickstart")
     assert page.exit_code == 0 and page.output.strip().endswith("quickstart/gallery.html")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_lost_store_is_refused_not_silently_recreated(done, samples, damage):
+    store = Path("jobs/simulated/batchgen.sqlite3")
+    if damage == "truncate":
+        store.write_bytes(b"")
+    else:
+        store.unlink()
+    again = cli("run", str(samples / "quickstart.yaml"), "--simulate")
+    assert again.exit_code == 70
+    said = again.output.replace("\n", " ")
+    assert ("is empty (0 bytes)" if damage == "truncate" else "is missing") in said
+    assert "quickstart/" in said and "batchgen.lock" in said  # what says earlier runs were here
+    assert "start over on purpose: rm -r jobs/simulated" in said
+    # Nothing was made of it: no new store, nothing submitted.
+    assert (store.stat().st_size == 0) if damage == "truncate" else not store.exists()
+    assert "submitted" not in said
+    # Reading commands do not give it a new schema either.
+    assert cli("status").exit_code == 70
+    assert (store.stat().st_size == 0) if damage == "truncate" else not store.exists()
+
+
+def test_a_work_directory_without_leftovers_gets_a_new_store(samples):
+    Path("jobs").mkdir()
+    Path("jobs/batchgen.toml").write_text("concurrency = 6\n")
+    assert cli("run", str(samples / "quickstart.yaml"), "--simulate").exit_code == 0
 
 
 # ---- hostile or mistaken input: limits, names, URLs, log files, crashes --------------------------
@@ -253,6 +280,50 @@ def test_a_bug_outside_the_event_loop_is_one_error_line(done, monkeypatch):
     monkeypatch.setenv("BATCHGEN_TRACEBACK", "1")
     with pytest.raises(KeyError):
         cli("status")
+
+
+def test_a_run_with_and_without_its_manifest_agree_on_the_exit_code(samples):
+    manifest = str(samples / "quickstart.yaml")
+    assert cli("run", manifest, "--simulate").exit_code == 0
+    import sqlite3
+
+    with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
+        db.execute("UPDATE jobs SET state='timed_out', error='not finished in time' WHERE rowid = 1")
+    with_manifest, alone = cli("run", manifest, "--simulate"), cli("run", "--simulate")
+    assert with_manifest.exit_code == alone.exit_code == 1, alone.output
+    assert "quickstart: 5 succeeded, 1 timed_out" in alone.output
+
+
+def test_next_lines_paste_as_they_are(samples, tmp_path):
+    import shlex
+
+    config = tmp_path / "my settings.toml"
+    config.write_text("concurrency = 2\n")
+    work = tmp_path / "other work"
+    run = cli("--config", str(config), "run", str(samples / "quickstart.yaml"), "--simulate",
+              "--workdir", str(work), "--sim-fault", "script.submit=fail")
+    assert run.exit_code == 1
+    (line,) = [ln for ln in run.output.splitlines() if "next:" in ln]
+    command = line.split(": ", 2)[2]
+    assert command == (f"batchgen --config {shlex.quote(str(config))} retry quickstart "
+                       f"--workdir {shlex.quote(str(work))} --simulate")
+    status = cli("--config", str(config), "status", "--workdir", str(work)).output
+    assert f"next: 1 job(s) failed or timed out: {command}" in status
+    pasted = cli(*shlex.split(command)[1:])
+    assert pasted.exit_code == 0 and "quickstart: 6 succeeded" in pasted.output
+
+
+async def test_next_lines_carry_the_api_the_batch_ran_against(tmp_path, simulator):
+    from conftest import image_manifest
+
+    from batchgen import app
+
+    sim = await simulator(faults=["script.submit=fail"])
+    manifest = image_manifest(tmp_path, sim, "night", 1)
+    await app.run(app.RunOptions(workdir=tmp_path / "jobs", manifest=manifest,
+                                 target=app.Target(api_url=sim.base_url, token="t")))
+    (night,) = await app.status(tmp_path / "jobs")
+    assert night.next_steps == [f"1 job(s) failed or timed out: batchgen retry night --api-url {sim.base_url}"]
 
 
 # --- --concurrency auto ---------------------------------------------------------------------------

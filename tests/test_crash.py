@@ -11,8 +11,7 @@ import signal
 import sys
 
 import pytest
-import yaml
-from imagefactory import make_image
+from conftest import image_manifest
 
 from batchgen import crashpoints
 from batchgen import store as S
@@ -31,13 +30,7 @@ async def start_run(tmp_path, sim, manifest, crash: str | None = None, *extra: s
 
 
 def write_manifest(tmp_path, sim):
-    url = sim.publish_file(make_image(tmp_path / "in.jpg", 640, 480))
-    path = tmp_path / "crash.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "crash", "defaults": {"image": url},
-        "jobs": [{"prompt": f"job {i}", "seed": i} for i in range(N)],
-    }))
-    return path
+    return image_manifest(tmp_path, sim, "crash", N)
 
 
 async def finish(tmp_path, sim, manifest):

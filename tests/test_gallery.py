@@ -58,7 +58,7 @@ async def test_page_has_a_card_per_job_with_escaped_text_and_relative_links(samp
     # The first two submits fail: a failed and a succeeded card on the same page.
     work = await simulated_batch(samples, tmp_path / "work", ["script.submit=fail,fail"])
     page = await build_gallery(work, "quickstart")
-    assert page == (tmp_path / "work" / "quickstart" / "gallery.html").resolve()
+    assert page == (tmp_path / "work" / "simulated" / "quickstart" / "gallery.html").resolve()
     text = page.read_text()
     states = re.findall(r'<article class="card" data-state="([a-z_]+)"', text)
     assert sorted(states) == ["failed"] * 2 + ["succeeded"] * 4

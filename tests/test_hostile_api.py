@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import pytest
 import yaml
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import SAMPLES, loopback, write_file
+from conftest import SAMPLES, image_manifest, loopback, write_file
 from imagefactory import make_image
 from test_runner import check_outputs_match, manifest, options, outputs_by_job, settings, submissions_per_seed
 
@@ -319,7 +320,7 @@ def test_error_text_from_the_api_is_shown_never_obeyed(samples, tmp_path):
     assert _inert(as_json) and json.loads(as_json)["batches"][0]["failures"][0]["error"].startswith("=HYPERLINK")
 
     page = runner.invoke(main, ["gallery", "quickstart"], catch_exceptions=False)
-    html = (tmp_path / "jobs" / "quickstart" / "gallery.html").read_text()
+    html = (tmp_path / "jobs" / "simulated" / "quickstart" / "gallery.html").read_text()
     assert page.exit_code == 0 and _inert(html)
     assert "=HYPERLINK(&quot;https://evil.example/x&quot;,&quot;click&quot;) \\x1b[31m" in html
 
@@ -965,3 +966,67 @@ async def test_a_service_with_a_lower_body_limit_fails_the_job_without_an_unknow
         (failed,) = await store.jobs(["lim"], [S.FAILED])
     assert failed.inputs["prompt"] == "big" and failed.attempts == 1
     assert "Request body too large: at most 100,000 bytes (error_code 413001)" in (failed.error or "")
+
+
+# --- store and work directory ---
+#
+# A real `batchgen run` subprocess against a real simulator on loopback, while the test deletes
+# a file of its work directory under it.
+
+
+async def _start_run(tmp_path, sim, manifest):
+    env = {**os.environ, "RUNCOMFY_API_TOKEN": "t"}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchgen.cli", "run", str(manifest), "--api-url", sim.base_url,
+        "--workdir", str(tmp_path / "work"), "--concurrency", "3", "-q",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _remove_under_a_run(tmp_path, sim, name):
+    """Start a run of 3 jobs; once all are submitted, delete ``name`` from its work directory.
+    Returns the run (still going) and its manifest."""
+    manifest = image_manifest(tmp_path, sim, "tamper", 3)
+    proc = await _start_run(tmp_path, sim, manifest)
+    store = tmp_path / "work" / "batchgen.sqlite3"
+    for _ in range(1200):  # up to 30 s: a loaded machine starts Python slowly
+        await asyncio.sleep(0.025)
+        try:
+            with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+                if db.execute("SELECT COUNT(*) FROM jobs WHERE request_id IS NOT NULL").fetchone()[0] == 3:
+                    break
+        except sqlite3.Error:
+            continue
+    else:
+        raise AssertionError("the run never submitted its jobs")
+    (tmp_path / "work" / name).unlink()
+    return proc, manifest
+
+
+async def _ends(proc) -> tuple[int, str]:
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, err.decode()
+
+
+async def test_a_store_deleted_under_a_run_stops_it_with_exit_70_and_is_not_recreated(tmp_path, simulator):
+    sim = await simulator(duration=2.0)
+    proc, manifest = await _remove_under_a_run(tmp_path, sim, "batchgen.sqlite3")
+    code, err = await _ends(proc)
+    assert code == 70, err
+    assert "was deleted, replaced or emptied while this run was using it" in err and "Traceback" not in err
+    # The next run finds the work directory without its store: refused, nothing recreated, and
+    # the jobs already paid for are not submitted again.
+    code, err = await _ends(await _start_run(tmp_path, sim, manifest))
+    assert code == 70 and "is missing" in err and "start over on purpose" in err
+    assert not (tmp_path / "work" / "batchgen.sqlite3").exists()
+    assert sim.calls["submit"] == 3
+
+
+async def test_a_second_run_is_refused_though_the_lock_file_was_removed(tmp_path, simulator):
+    sim = await simulator(duration=4.0)  # the first run outlasts the second one's start
+    first, manifest = await _remove_under_a_run(tmp_path, sim, "batchgen.lock")
+    code, err = await _ends(await _start_run(tmp_path, sim, manifest))
+    assert code == 4 and "another batchgen run holds" in err, err
+    code, err = await _ends(first)
+    assert code == 0, err
+    assert sim.calls["submit"] == 3

@@ -66,7 +66,7 @@ async def test_simulated_runs_send_data_uris_too(samples, tmp_path):
     opts = app.RunOptions(workdir=tmp_path / "work", manifest=samples / "quickstart.yaml",
                           target=app.Target(simulate=True), settings=settings())
     await app.run(opts)
-    state = (tmp_path / "work" / "simulator-state.jsonl").read_text()
+    state = (tmp_path / "work" / "simulated" / "simulator-state.jsonl").read_text()
     sent = [json.loads(line)["job"]["input"]["image_urls"][0] for line in state.splitlines() if '"job"' in line]
     assert len(sent) == 6
     assert all(s.startswith(("data:image/jpeg;base64,… (", "data:image/png;base64,… (")) for s in sent)

@@ -24,9 +24,9 @@ COLUMNS = [
     "batch", "key", "seq", "source", "model",
     "input.frames", "input.image_urls", "input.prompt", "input.seed",
     "meta._tags", "meta._take", "meta.matrix.frames",
-    "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
+    "simulated", "api", "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
     "queue_wait_s", "run_s", "outputs", "output_paths", "output_sha256", "output_bytes", "cost", "error",
-    "error_code",
+    "error_code", "history", "retired",
 ]
 
 
@@ -82,7 +82,7 @@ async def test_one_row_per_job_with_inputs_notes_timings_and_outputs(mixed, samp
         if row["state"] == "succeeded":
             # Output paths are absolute; the digest and size are those of the file on disk.
             path = Path(row["output_paths"])
-            assert path.is_absolute() and path.parent == (mixed / "quickstart").resolve()
+            assert path.is_absolute() and path.parent == (mixed / "simulated" / "quickstart").resolve()
             data = path.read_bytes()
             assert row["output_sha256"] == hashlib.sha256(data).hexdigest()
             assert row["output_bytes"] == len(data) > 1000

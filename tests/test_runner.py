@@ -81,7 +81,7 @@ async def test_quickstart_simulated_end_to_end_and_rerun_submits_nothing(samples
     first = await app.run(opts)
     assert first.new_jobs == 6 and first.summary.submitted == 6
     assert first.counts == {"quickstart": {"succeeded": 6}}
-    files = sorted((tmp_path / "work" / "quickstart").glob("*.mp4"))
+    files = sorted((tmp_path / "work" / "simulated" / "quickstart").glob("*.mp4"))
     assert len(files) == 6 and all(f.stat().st_size > 1000 for f in files)
     second = await app.run(opts)
     assert second.new_jobs == 0 and second.summary.submitted == 0
@@ -443,7 +443,7 @@ async def test_interrupted_simulated_run_resumes_its_jobs(samples, tmp_path):
     opts.target = app.Target(simulate=True)
     second = await app.run(opts)
     assert second.counts == {"quickstart": {"succeeded": 6}}
-    state = (tmp_path / "work" / "simulator-state.jsonl").read_text().splitlines()
+    state = (tmp_path / "work" / "simulated" / "simulator-state.jsonl").read_text().splitlines()
     assert sum('"job"' in line for line in state) == 6  # each job submitted once, across both runs
 
 

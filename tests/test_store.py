@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from dataclasses import dataclass, field
 
 import aiosqlite
 import pytest
 
+from batchgen import constants as C
 from batchgen import store as S
 from batchgen.errors import StoreError
 from batchgen.migrations import MIGRATIONS, migrate
 from batchgen.store import Store
+from batchgen.workdir import create_store
 
 
 @dataclass
@@ -76,10 +79,14 @@ async def test_the_runners_queries_search_an_index(tmp_path):
     with sqlite3.connect(path) as db:
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'"
                                             " AND name NOT LIKE 'sqlite_autoindex%'")}
-        assert indexes == {"jobs_batch_state_seq"}
+        # jobs_key: reuse's lookup across batches (a key never changes: no upkeep but the insert)
+        assert indexes == {"jobs_batch_state_seq", "jobs_key"}
         for sql in (
             "SELECT id FROM jobs WHERE batch IN (?) AND state IN (?) AND (not_before IS NULL OR not_before <= ?) "
             "ORDER BY seq LIMIT ?",  # claim_many
+            "SELECT id FROM jobs WHERE batch IN (?) AND state IN (?) AND batch NOT IN (SELECT name FROM batches "
+            "WHERE cancel_requested_at IS NOT NULL) AND retired_at IS NULL "
+            "AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?",  # claim_many as it is
             "SELECT id FROM jobs WHERE batch IN (?, ?) AND state IN (?, ?) ORDER BY batch, seq",  # jobs()
             "SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs WHERE batch IN (?) AND state IN (?)",
         ):
@@ -524,3 +531,72 @@ async def test_writes_survive_a_committer_cancelled_while_it_waits_for_the_lock(
         assert (await reopened.job(job.id)).state == S.FAILED
     finally:
         await reopened.close()
+
+
+async def test_a_claim_records_the_api_and_a_retry_forgets_it(tmp_path):
+    async with await Store.open(tmp_path / "s.sqlite3", api="https://api.example/v1") as store:
+        await store.upsert_batch("b", "m/x", None, {})
+        await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
+        (job,) = await store.claim_many(["b"], now=0, limit=1)
+        assert job.api == "https://api.example/v1" == (await store.job(job.id)).api
+        assert await store.apis(["b"]) == {"b": {"https://api.example/v1": 1}}  # k2: never sent
+        await store.transition(job, S.FAILED, error="no")
+        await store.requeue(job, "retry")
+        assert (await store.job(job.id)).api is None and await store.apis() == {}
+
+
+async def test_an_old_store_gains_the_api_column_with_its_jobs_unmarked(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    async with aiosqlite.connect(path, isolation_level=None) as db:
+        await migrate(db, MIGRATIONS[:4])
+        await db.execute("INSERT INTO batches VALUES ('b', 'm', NULL, '{}', 0, 0)")
+        await db.execute("INSERT INTO jobs (batch, key, seq, model_id, inputs_json, state, request_id, "
+                         "created_at, updated_at) VALUES ('b', 'k', 0, 'm', '{}', 'succeeded', 'r', 0, 0)")
+    async with await Store.open(path, api=S.SIMULATOR_API) as store:
+        (job,) = await store.jobs(["b"])
+        assert job.api is None and job.request_id == "r"  # submitted before batchgen kept track
+
+
+@pytest.mark.parametrize("damage", ["delete", "replace", "truncate"])
+async def test_a_store_whose_file_is_gone_refuses_every_claim_and_then_every_write(tmp_path, damage):
+    path = tmp_path / "s.sqlite3"
+    store = await Store.open(path)
+    try:
+        await store.upsert_batch("b", "m/x", None, {})
+        await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
+        (job,) = await store.claim_many(["b"], now=0, limit=1)
+        if damage == "delete":
+            path.unlink()
+        elif damage == "replace":
+            path.rename(tmp_path / "old.sqlite3")
+            path.write_bytes((tmp_path / "old.sqlite3").read_bytes())
+        else:
+            os.truncate(path, 0)
+        with pytest.raises(StoreError, match="deleted, replaced or emptied while this run was using it"):
+            await store.claim_many(["b"], now=0, limit=1)
+        # Other writes go on only until the next periodic check.
+        store._checked_at -= C.STORE_CHECK_EVERY
+        with pytest.raises(StoreError, match="deleted, replaced or emptied"):
+            await store.transition(job, S.IN_QUEUE, request_id="r")
+    finally:
+        await store.close()
+
+
+def test_a_new_store_file_is_never_left_empty(tmp_path):
+    path = tmp_path / "work" / "batchgen.sqlite3"
+    create_store(path)
+    assert path.stat().st_size > 0 and list(path.parent.iterdir()) == [path]
+    before = path.read_bytes()
+    create_store(path)  # there already: left alone
+    assert path.read_bytes() == before
+
+
+async def test_a_job_done_or_at_the_provider_keeps_the_inputs_it_was_sent_with(store):
+    await store.upsert_batch("b", "m", None, {})
+    await store.add_rows("b", [("k1", 0, "m", "", '{"image":"old"}', "{}"),
+                               ("k2", 1, "m", "", '{"image":"old"}', "{}")])
+    (done, waiting) = await store.jobs(["b"])
+    await store.transition(done, S.SUCCEEDED)
+    assert await store.add_rows("b", [("k1", 0, "m", "", '{"image":"new"}', "{}"),
+                                      ("k2", 1, "m", "", '{"image":"new"}', "{}")]) == 0
+    assert [j.inputs for j in await store.jobs(["b"])] == [{"image": "old"}, {"image": "new"}]

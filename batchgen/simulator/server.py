@@ -458,7 +458,7 @@ class Simulator:
         duration = self.config.duration
         if jitter:
             duration *= 1 + jitter * (2 * self._rng.random() - 1)
-        frames = body.get("frames") if isinstance(body.get("frames"), int) else 121
+        frames = body["frames"] if isinstance(body.get("frames"), int) else 121
         media_key = hashlib.sha256(
             f"{model_id}|{first_image}|{frames}|{schema.output_kind}".encode()
         ).hexdigest()[:20]
@@ -510,8 +510,11 @@ class Simulator:
             fh.write(json.dumps(record) + "\n")
 
     def _load_state(self) -> None:
-        """Replay the state file: jobs accepted by an earlier simulator process exist again (still
-        queued or running ones start over), so their request ids keep working."""
+        """Replay the state file: jobs accepted by an earlier simulator process exist again, so
+        their request ids keep working. Each keeps its own times: its queue is replayed as it
+        would have run had the simulator never stopped (records are in the order they happened),
+        so jobs of earlier runs are long finished, not queued again ahead of new ones: a run's
+        makespan does not grow with the work directory's history, and no queue wait is made up."""
         path = self.config.state_file
         if path is None or not path.exists():
             return
@@ -537,9 +540,14 @@ class Simulator:
                         self._media_image_bytes[job.media_key] = Path(j["image_path"]).read_bytes()
                     except OSError:
                         pass
-                self._queues.setdefault(job.owner, _Queue(self.config.concurrency)).waiting.append(job)
+                queue = self._queues.setdefault(job.owner, _Queue(self.config.concurrency))
+                queue.advance(job.submitted_at, self.jobs)  # as _submit does, at its own moment
+                queue.waiting.append(job)
+                queue.advance(job.submitted_at, self.jobs)
             elif "cancel" in rec and rec["cancel"] in self.jobs:
-                self.jobs[rec["cancel"]].cancelled_at = rec["at"]
+                job = self.jobs[rec["cancel"]]
+                self._queues[job.owner].advance(rec["at"], self.jobs)
+                job.cancelled_at = rec["at"]
 
     def _schema(self, model_id: str) -> ModelSchema | None:
         for path in self.config.extra_schemas:
