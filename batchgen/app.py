@@ -409,6 +409,8 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                         store, client, folder, opts.settings,
                         on_event=on_event,
                         price_estimate=price,
+                        # A --simulate run's simulator listens on a new port each time: one API.
+                        api_key="simulator" if opts.target.simulate else None,
                     )
                     if on_runner is not None:
                         on_runner(runner)

@@ -201,8 +201,9 @@ def _run_options(f: Any) -> Any:
     """Options shared by `run` and `retry`, which both end in a run of the pool."""
     for opt in reversed([
         workdir_option,
-        click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
-                     show_default=True, help="Most jobs in flight at the provider."),
+        click.option("--concurrency", "-c", default="auto", show_default=True, metavar="auto[:N]|N",
+                     help="Jobs in flight at the provider: auto finds the account's limit (and "
+                          f"remembers it), at most N (default {C.AUTO_CEILING}); a number fixes it."),
         click.option("--downloads", type=click.IntRange(1), default=C.DEFAULT_DOWNLOAD_CONCURRENCY,
                      show_default=True, help="Most output downloads at once."),
         click.option("--rate", type=click.FloatRange(0), default=C.DEFAULT_RATE, show_default=True,
@@ -268,7 +269,8 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
         opts = app.RunOptions(workdir=kw["workdir"], manifest=manifest, batch=batch, schema=schema,
                               no_schema=no_schema, max_expand=max_expand,
                               target=_target(kw["api_url"], kw["simulate"], (), kw["balance_url"]))
-        _show_plan(opts, kw["concurrency"])
+        auto, concurrency = _concurrency(kw["concurrency"])
+        _show_plan(opts, C.DEFAULT_CONCURRENCY if auto else concurrency)
         return
     _execute_run(kw, manifest=manifest, schema=schema, batch=batch, no_schema=no_schema, max_expand=max_expand,
                  reuse=reuse)
@@ -355,8 +357,9 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _apply_config(kw)
     _setup_logging(kw["verbose"], kw["quiet"])
     max_runtime, job_timeout, outage = kw["max_runtime"], kw["job_timeout"], kw["outage_budget"]
+    auto, concurrency = _concurrency(kw["concurrency"])
     settings = RunSettings(
-        concurrency=kw["concurrency"], download_concurrency=kw["downloads"], rate=kw["rate"],
+        concurrency=concurrency, auto_concurrency=auto, download_concurrency=kw["downloads"], rate=kw["rate"],
         max_jobs=kw["max_jobs"], max_cost=kw["max_cost"],
         deadline=time.time() + _duration(max_runtime, "--max-runtime") if max_runtime else None,
         job_timeout=_duration(job_timeout, "--job-timeout") if job_timeout else C.DEFAULT_JOB_TIMEOUT,
@@ -467,7 +470,7 @@ class _RunView:
         assert self.panel is not None
         while True:
             counts = await runner.store.counts(runner.batches)
-            self.panel.update(counts, runner.cap.value, runner.budget.spent)
+            self.panel.update(counts, runner.cap.value, runner.budget.spent, runner.cap_note)
             await asyncio.sleep(0.5)
 
     def __enter__(self) -> _RunView:
@@ -514,6 +517,21 @@ def _print_run_summary(outcome: app.RunOutcome, again: app.Again) -> None:
 
 def _ordered(counts: dict[str, int]) -> list[tuple[str, int]]:
     return [(st, counts[st]) for st in S.STATES if counts.get(st)]
+
+
+def _concurrency(value: Any) -> tuple[bool, int]:
+    """--concurrency (or `concurrency` in batchgen.toml): (auto, the ceiling or the fixed cap)."""
+    text = str(value).strip().lower()
+    auto = text == "auto" or text.startswith("auto:")
+    number = text[5:] if text.startswith("auto:") else (str(C.AUTO_CEILING) if auto else text)
+    try:
+        limit = int(number)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise click.BadParameter(f"'{value}' is not auto, auto:N or a number of at least 1",
+                                 param_hint="--concurrency")
+    return auto, limit
 
 
 def _duration(text: str, option: str) -> float:
@@ -983,9 +1001,13 @@ def forget(batch: str, states: tuple[str, ...], keys: tuple[str, ...], yes: bool
               help="Port to listen on (0: any free port).")
 @click.option("--token", help="Accept only this Bearer token (default: any non-empty token).")
 @click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True,
-              help="Jobs running at once per token; the rest wait in the queue.")
+              help="Jobs running at once per token (the account's limit); the rest wait in the queue.")
+@click.option("--max-queued", type=click.IntRange(0),
+              help="Jobs a token may have waiting; a submit beyond them gets 429 (default: no limit).")
 @click.option("--duration", type=click.FloatRange(0), default=2.0, show_default=True,
               help="Seconds each job runs.")
+@click.option("--duration-jitter", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Each job runs the duration give or take this fraction of it, at random (0.2: ±20%).")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Inject faults, e.g. --fault 429=0.1 --fault retry_after=2 (see README).")
 @click.option("--price", type=click.FloatRange(0), default=0.10, show_default=True,
@@ -993,8 +1015,9 @@ def forget(batch: str, states: tuple[str, ...], keys: tuple[str, ...], yes: bool
 @click.option("--balance", type=click.FloatRange(0),
               help="Account balance in USD; submits beyond it get RunComfy's 400002 error.")
 @click.option("--seed", type=int, help="Random seed for reproducible faults.")
-def simulate(host: str, port: int, token: str | None, concurrency: int, duration: float,
-             faults: tuple[str, ...], price: float, balance: float | None, seed: int | None) -> None:
+def simulate(host: str, port: int, token: str | None, concurrency: int, max_queued: int | None,
+             duration: float, duration_jitter: float, faults: tuple[str, ...], price: float,
+             balance: float | None, seed: int | None) -> None:
     """Serve a local fake of the RunComfy Model API until Ctrl-C.
 
     Point a run at it with --api-url (any token works unless --token is given).
@@ -1010,8 +1033,9 @@ def simulate(host: str, port: int, token: str | None, concurrency: int, duration
         fault_config = FaultConfig.parse(list(faults))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fault") from None
-    config = SimConfig(token=token, concurrency=concurrency, duration=duration, price_usd=price,
-                       balance_usd=balance, faults=fault_config, seed=seed)
+    config = SimConfig(token=token, concurrency=concurrency, max_queued=max_queued, duration=duration,
+                       duration_jitter=duration_jitter, price_usd=price, balance_usd=balance,
+                       faults=fault_config, seed=seed)
 
     def ready(sim: Any) -> None:
         click.echo(f"simulator listening on {sim.base_url} (Ctrl-C to stop)", err=True)

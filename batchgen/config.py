@@ -17,7 +17,7 @@ __all__ = ["CONFIG_FILENAME", "SETTINGS", "load_config"]
 SETTINGS: dict[str, type | tuple[type, ...]] = {
     "api_url": str,
     "balance_url": str,
-    "concurrency": int,
+    "concurrency": (int, str),  # a number, "auto" or "auto:N"
     "downloads": int,
     "rate": (int, float),
     "max_jobs": int,

@@ -55,9 +55,38 @@ WORKDIR_FILES = (STORE_FILENAME, f"{STORE_FILENAME}-wal", f"{STORE_FILENAME}-shm
 # too, so nothing is submitted into a store that is gone.
 STORE_CHECK_EVERY = 0.5
 
-# Jobs in flight at the provider. RunComfy does not document an account limit; a handful is polite
-# and the adaptive cap (retry.py) finds the real one when 429s say so.
+# Jobs in flight at the provider with a fixed --concurrency and no number given (`plan`'s estimate,
+# RunSettings' default): a handful is polite. A run's own default is `auto` (below).
 DEFAULT_CONCURRENCY = 4
+# --concurrency auto (limits.AdaptiveCap): RunComfy publishes no limit per account, so the cap is
+# found. It starts at AUTO_START (or at the cap an earlier run learned for the model and API),
+# and grows by half (AUTO_SLOW_START) each time a job that filled it is seen running at once, by
+# one once a job has been seen waiting. Two: an account that runs two jobs is not flooded with
+# more at the start (the benchmark's smallest account keeps at most one waiting), and a large
+# one is reached in a few rounds of AUTO_PROBE_DELAY (2 -> 64 in nine, about 2 s). 1.5 rather
+# than TCP's 2: the last round overshoots the limit by at most half of it, and those jobs wait
+# a whole job's time at the provider before they start.
+AUTO_START = 2
+AUTO_SLOW_START = 1.5
+# The highest cap `auto` goes to without a ceiling (`auto:N`): far above any account seen, and
+# a bound on what a provider that never says "wait" (or lies) can draw from one run.
+AUTO_CEILING = 256
+# Once the limit is known, the cap is the limit plus a quarter of it (at least one) waiting at
+# the provider: a slot it frees starts the next job at once, while we notice the finish only at
+# our next poll (with jittery durations, up to a fifth of a job later). Measured with 64 slots
+# and durations of ±20%: an eighth left the queue dry now and then (makespan 1.15 x the bound,
+# against 1.115 with a quarter); the queue still averages well under a quarter of the limit,
+# since it drains whenever jobs finish before we notice.
+AUTO_HEADROOM_DIVISOR = 4
+# How soon after its submit a tester (the job that filled the cap) is asked whether it runs.
+# Each round of the slow start lasts about this long, and the simulator starts a job at once;
+# a provider that takes longer to start jobs that have room makes the cap grow by one at a time
+# instead (a tester seen waiting at position 1), never flood.
+AUTO_PROBE_DELAY = 0.15
+# Once the slow start is over, a tester at most this often: the cap then only follows changes
+# of the account's limit (or of other work on it), and a tester per job would cost a /status
+# call per job for that.
+AUTO_STEADY_TEST_EVERY = 1.0
 # Output downloads at once: they go to storage hosts, not the API, so they have their own limit.
 DEFAULT_DOWNLOAD_CONCURRENCY = 4
 # API requests per second across all calls (submit, status, result, cancel); 0 = unlimited.
@@ -81,6 +110,14 @@ FIRST_POLL_DELAY = 1.0
 SCOUT_FIRST_POLL = 0.01
 SCOUT_GROWTH = 1.25
 SCOUTS = 8
+# Scouts are worth their calls for a first wave of many jobs, not for a few: a run gets one
+# scout per SCOUT_JOBS_EACH jobs to do (at least one, at most SCOUTS). With 48, scouts cost
+# under one call per job (a scout makes about 28 calls for 5 s jobs, 36 for 30 s ones). A
+# scout alone (under 96 jobs) starts at SCOUT_ALONE_FIRST_POLL: its first 10 polls, under
+# 0.1 s, would find only jobs that short, and 10 jobs of 30 s then cost about 26 scout calls,
+# 10 results and a few testers: within 3 calls a job plus 20.
+SCOUT_JOBS_EACH = 48
+SCOUT_ALONE_FIRST_POLL = 0.1
 MIN_POLL_INTERVAL = 0.25
 # The longest a download waits for the submits claimed before it (runner._submits_first). Only a
 # backstop: they are normally on their way within milliseconds.

@@ -1,52 +1,163 @@
-"""Limits on what the runner does at once: the adaptive in-flight cap and the request rate."""
+"""Limits on what the runner does at once: the in-flight cap (fixed or found: ``AdaptiveCap``),
+the slots it drives, and the request rate."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import constants as C
+
+
+@dataclass(frozen=True)
+class Move:
+    """A decision of the cap, worded for the log and the panel (``after == before``: held)."""
+
+    before: int
+    after: int
+    why: str
+
+    def __str__(self) -> str:
+        if self.after == self.before:
+            return f"cap held at {self.after}: {self.why}"
+        return f"cap {self.before} -> {self.after}: {self.why}"
+
+
+def headroom(limit: int) -> int:
+    """Jobs kept waiting at the provider beyond its ``limit``: enough that a slot it frees starts
+    the next job at once (we notice a finish only at our next poll), few enough that its queue
+    stays short. A quarter of the limit (AUTO_HEADROOM_DIVISOR), at least one."""
+    return max(1, -(-limit // C.AUTO_HEADROOM_DIVISOR))
 
 
 class AdaptiveCap:
-    """How many jobs may be in flight at the provider; lowered when it throttles, raised slowly.
+    """How many jobs may be in flight at the provider. A pure rule: the runner reports what it
+    sees, each call returns the ``Move`` it made (or None), and ``value`` is the cap.
 
-    Additive increase, multiplicative decrease (as TCP does): each success adds 1/cap, so the cap
-    grows by one per cap successes; a throttle halves it. Throttles within ``cooldown`` seconds of
-    the last decrease count once, since one burst of 429s is one signal, not many.
-    The cap never exceeds ``maximum`` (the user's --concurrency) nor goes under ``minimum``.
+    Fixed (``--concurrency N``): starts at N, halves on a 429 (throttles within ``cooldown``
+    seconds of the last decrease count once: one burst is one signal), and grows back by one per
+    cap accepted submits (additive increase, multiplicative decrease, as TCP does); never above N.
+
+    Auto (``--concurrency auto[:N]``, ``auto=True``): RunComfy publishes no limit per account, so
+    it is found. The runner asks about one *tester* job soon after its submit: a job that filled
+    the cap. If it is already running (``on_start``), the whole cap is running: the cap grows, by
+    half while no job has ever waited (a slow start), by one after. If it waits in the provider's
+    queue at ``position`` (``on_wait``), the account runs ``in_flight - position`` jobs: that is
+    its limit, and the cap becomes it plus a small ``headroom`` (never raised by a wait). A 429
+    halves it as above. Never above ``maximum`` (the ceiling) nor under ``minimum``.
     """
 
     def __init__(self, maximum: int, minimum: int = 1, cooldown: float = 2.0,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, *, auto: bool = False,
+                 start: int | None = None):
         self.maximum = max(1, maximum)
         self.minimum = max(1, min(minimum, self.maximum))
+        self.auto = auto
         self._value = float(self.maximum)
         self.cooldown = cooldown
         self._clock = clock or time.monotonic
         self._last_decrease = float("-inf")
+        self.growing = auto  # the slow start: until a job waits or the provider throttles
+        self.limit: int | None = None  # the account's limit, as last seen from a waiting job
+        self.proven = 0  # the largest cap seen wholly running at once
+        self._held = False  # the last move was a hold (said once, not at every tester)
+        if auto:
+            self.start_at(start or C.AUTO_START)
 
     @property
     def value(self) -> int:
         return int(self._value)
 
-    def on_success(self) -> bool:
-        """Register a success; return True when it raised the cap (by one, every cap successes)."""
-        before = int(self._value)
-        self._value = min(float(self.maximum), self._value + 1.0 / max(1.0, self._value))
-        return int(self._value) != before
+    def start_at(self, start: int) -> None:
+        """Auto: begin at ``start`` (a cap learned by an earlier run), within the bounds."""
+        self._value = float(min(self.maximum, max(self.minimum, start)))
 
-    def on_throttle(self) -> bool:
-        """Register a throttle; return True when it lowered the cap."""
+    def _move(self, before: int, why: str) -> Move | None:
+        self._held = False
+        return Move(before, self.value, why) if self.value != before else None
+
+    def on_success(self) -> Move | None:
+        """A submit was accepted. Fixed: grow back towards the maximum, by one every cap of them.
+        Auto: no sign of room at the provider; only ``on_start`` grows the cap."""
+        if self.auto:
+            return None
+        before = self.value
+        self._value = min(float(self.maximum), self._value + 1.0 / max(1.0, self._value))
+        return self._move(before, "submits accepted again")
+
+    def on_throttle(self) -> Move | None:
+        """The provider answered 429: halve the cap (once per burst)."""
         now = self._clock()
         if now - self._last_decrease < self.cooldown:
-            return False
+            return None
         self._last_decrease = now
-        lowered = max(float(self.minimum), self._value / 2)
-        changed = int(lowered) != int(self._value)
-        self._value = lowered
-        return changed
+        self.growing = False
+        before = self.value
+        self._value = max(float(self.minimum), self._value / 2)
+        return self._move(before, "429")
+
+    def wants_tester(self, in_flight: int) -> bool:
+        """Auto: whether a job just submitted, with ``in_flight`` jobs out (itself included), is
+        worth asking about at once: it filled the cap, so its start says whether all of it runs."""
+        return self.auto and in_flight >= self.value
+
+    def on_start(self, cap_at_submit: int, in_flight: int) -> Move | None:
+        """Auto: a tester submitted under cap ``cap_at_submit`` was running (or done) at its first
+        look, and ``in_flight`` jobs are out now. Grows the cap only if that is the current cap,
+        and it is in use (a cap that is not filled proves nothing)."""
+        if not self.auto:
+            return None
+        self.proven = max(self.proven, cap_at_submit)
+        before = self.value
+        if cap_at_submit < before or in_flight < before or before >= self.maximum:
+            return None
+        grown = math.ceil(before * C.AUTO_SLOW_START) if self.growing else before + 1
+        self._value = float(min(self.maximum, max(before + 1, grown)))
+        if self.limit is not None:  # the whole cap ran: the account's limit is at least that
+            self.limit = max(self.limit, before)
+        return self._move(before, "jobs start at once")
+
+    def on_wait(self, position: int | None, in_flight: int) -> Move | None:
+        """Auto: a tester was waiting in the provider's queue at ``position`` (1: next to start;
+        None: not said, so at least itself), with ``in_flight`` jobs out. The provider is full,
+        so it runs the others: its limit. Others at most: some of ours may have finished without
+        our knowing yet, so each such reading is an upper bound, and the least since the cap last
+        grew is kept. The cap comes down to it plus the headroom; it is never raised here."""
+        if not self.auto:
+            return None
+        waiting = max(1, position or 1)
+        seen = max(self.minimum, in_flight - waiting)
+        limit = self.limit = seen if self.limit is None else min(self.limit, seen)
+        self.growing = False
+        before = self.value
+        target = min(self.maximum, max(self.minimum, limit + headroom(limit)))
+        what = f"{waiting} job{'s' if waiting != 1 else ''} waiting at the provider"
+        if target < before:
+            self._value = float(target)
+            return self._move(before, what)
+        if self._held:
+            return None
+        self._held = True
+        return Move(before, before, what)
+
+    def learned(self) -> tuple[int, bool] | None:
+        """Auto: the cap worth starting the next run at, and whether it is settled (the account's
+        limit was seen, so it replaces what was learned before; otherwise only the largest cap
+        seen running, which may be below the limit, so it only ever raises it). Fixed: None."""
+        if not self.auto:
+            return None
+        if self.limit is not None:
+            # The limit plus its headroom, not the cap of the moment: in a steady run it goes a
+            # job or two above that whenever the queue ran dry, and comes back at the next wait.
+            return min(self.value, self.limit + headroom(self.limit)), True
+        if self._last_decrease > float("-inf"):
+            return self.value, True
+        return (self.proven, False) if self.proven else None
 
 
 class Slots:

@@ -205,9 +205,26 @@ async def m007_cancel_requests_attempts_retired(db: aiosqlite.Connection) -> Non
     )
 
 
+async def m008_learned_caps(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # The in-flight cap `--concurrency auto` found for a model at an API (limits.AdaptiveCap),
+        # so that the next run starts near it instead of finding it again. `settled`: the
+        # account's limit was seen (jobs waited), not only a cap that all ran.
+        """CREATE TABLE learned_caps (
+            model_id TEXT NOT NULL,
+            api TEXT NOT NULL,
+            cap INTEGER NOT NULL,
+            settled INTEGER NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (model_id, api)
+        )""",
+    )
+
+
 MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger, m003_drop_unused_indexes,
                                m004_unsynced_outputs, m005_overdue_jobs_are_followed, m006_job_api,
-                               m007_cancel_requests_attempts_retired]
+                               m007_cancel_requests_attempts_retired, m008_learned_caps]
 
 
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:

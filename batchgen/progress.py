@@ -21,7 +21,7 @@ from .text import printable
 # Which events a line is written for, by verbosity: quiet (-q), normal, verbose (-v).
 _NORMAL = {S.IN_QUEUE, S.SUCCEEDED, S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE, "stop", "cap",
            "outage"}
-_VERBOSE = _NORMAL | {S.IN_PROGRESS, S.DOWNLOADING, "retry", "note"}
+_VERBOSE = _NORMAL | {S.IN_PROGRESS, S.DOWNLOADING, "retry", "note", "tune"}
 _QUIET = {"stop", S.UNKNOWN, S.OVERDUE}  # money that may be at stake
 
 # The columns of the live panel, in job order.
@@ -108,7 +108,7 @@ class Panel:
         if event.kind in (S.FAILED, S.UNKNOWN, S.TIMED_OUT, S.OVERDUE, "stop", "cap", "outage"):
             self.recent = (self.recent + [format_line(event, "text")])[-5:]
 
-    def update(self, counts: dict[str, dict[str, int]], cap: int, spent: float) -> None:
+    def update(self, counts: dict[str, dict[str, int]], cap: int, spent: float, cap_note: str = "") -> None:
         from rich.table import Table
 
         per_state: Counter[str] = Counter()
@@ -131,6 +131,8 @@ class Panel:
         from rich.text import Text
 
         parts: list[Any] = [table, Text(footer)]
+        if cap_note:  # why the cap is what it is (--concurrency auto, or a 429)
+            parts.append(Text(cap_note, style="dim"))
         parts += [Text(line, style="dim") for line in self.recent]
         self.live.update(Group(*parts))
 

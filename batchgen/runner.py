@@ -72,7 +72,9 @@ EventSink = Callable[["Event"], None]
 
 @dataclass
 class RunSettings:
+    # Fixed: the cap on jobs in flight. Auto (auto_concurrency): the ceiling of the cap found.
     concurrency: int = C.DEFAULT_CONCURRENCY
+    auto_concurrency: bool = False
     download_concurrency: int = C.DEFAULT_DOWNLOAD_CONCURRENCY
     rate: float = C.DEFAULT_RATE
     max_jobs: int | None = None  # submissions this run may start
@@ -96,7 +98,9 @@ class RunSettings:
 class Event:
     """Something worth telling the user: a job changed state, or the run did something."""
 
-    kind: str  # a job state, or 'cap', 'stop', 'retry', 'note', 'outage' (the API unreachable, or back)
+    # A job state, or 'cap' (a 429 lowered the cap), 'tune' (--concurrency auto moved or held it),
+    # 'stop', 'retry', 'note', 'outage' (the API unreachable, or back).
+    kind: str
     job: Job | None
     message: str = ""
 
@@ -196,12 +200,12 @@ class PollPlanner:
         """The phase of scout number ``slot``: the SCOUTS phases spread evenly over [0, 1)."""
         return slot / C.SCOUTS
 
-    def scout_delay(self, elapsed: float, phase: float = 0.0) -> float:
+    def scout_delay(self, elapsed: float, phase: float = 0.0, first: float = C.SCOUT_FIRST_POLL) -> float:
         """Next poll of a scout, while no duration is known: the first moment after ``elapsed``
-        of SCOUT_FIRST_POLL × SCOUT_GROWTH^(k + phase), k = 0, 1, ... Moments, not intervals
+        of ``first`` × SCOUT_GROWTH^(k + phase), k = 0, 1, ... Moments, not intervals
         from the last answer: each answer's round trip would otherwise push the scouts' polls
         together, and it is their being spread that makes them notice a finish promptly."""
-        first, growth = C.SCOUT_FIRST_POLL, math.log(C.SCOUT_GROWTH)
+        growth = math.log(C.SCOUT_GROWTH)
         k = 0 if elapsed < first else math.floor(math.log(elapsed / first) / growth - phase) + 1
         target = first * math.exp((k + phase) * growth)
         if target <= elapsed:  # rounding in the log picked the moment we are at: the next one
@@ -222,7 +226,17 @@ class PollPlanner:
             # that the expected duration is 0 (the "late" interval below is for a job that
             # was asked about and had not finished).
             return self.until_expected(elapsed)
-        return min(hi, max(0.05, expected * 0.05))
+        # Late: every twentieth of the expected time, or half the lateness once that is more. A
+        # job far past the usual time most likely waited in the provider's queue first (it
+        # then runs a whole job's time from some moment we cannot see): asking it every
+        # twentieth would cost twenty calls per job's time of waiting.
+        return min(hi, max(0.05, expected * 0.05, (elapsed - expected) / 2))
+
+    @property
+    def shortest(self) -> float | None:
+        """The shortest time a job took, of those observed: the least a job still waiting in
+        the provider's queue has yet to take."""
+        return self._sorted[0] if self._sorted else None
 
     def until_expected(self, elapsed: float) -> float:
         """Delay until a hair after the expected finish of a job out for ``elapsed`` seconds (0
@@ -251,13 +265,22 @@ class Runner:
         download_session: aiohttp.ClientSession | None = None,
         on_event: EventSink | None = None,
         price_estimate: float | None = None,
+        api_key: str | None = None,
     ):
         self.store = store
         self.client = client
         self._workdir = os.fspath(workdir)  # a string: joined with names on the hot path
         self.s = settings or RunSettings()
-        self.cap = AdaptiveCap(self.s.concurrency)
+        self.cap = AdaptiveCap(self.s.concurrency, auto=self.s.auto_concurrency)
         self.slots = Slots(self.cap)
+        # What the cap last did and why (the panel shows it), and where a learned cap is kept:
+        # per model and API (the simulator of a --simulate run is one API whatever its port).
+        self.cap_note = ""
+        self._api_key = api_key or client.base_url
+        # Testers (AdaptiveCap.wants_tester) asked about soon after their submit: job id -> the
+        # cap it was submitted under. At most one at a time.
+        self._testers: dict[int, int] = {}
+        self._last_tester = 0.0  # when the last one was sent (time.time())
         # Every API call of the run takes a token first (the client does it in one place); no
         # bucket at all when there is no limit.
         self.client.limiter = TokenBucket(self.s.rate) if self.s.rate > 0 else None
@@ -286,9 +309,12 @@ class Runner:
         self._heap: list[tuple[float, int, int]] = []  # (due, tiebreak, job id)
         self._tiebreak = itertools.count()
         self._remote: dict[int, Job] = {}  # jobs at the provider, by id
-        # The jobs polled early while no duration is known, by id: their slot (0..SCOUTS-1),
-        # which sets their phase (PollPlanner.scout_delay).
+        # The jobs polled early while no duration is known, by id: their slot (0..scouts-1),
+        # which sets their phase (PollPlanner.scout_delay). How many, and from when, depends on
+        # how many jobs the run has (_plan_scouts).
         self._scouts: dict[int, int] = {}
+        self._scout_count = C.SCOUTS
+        self._scout_first = C.SCOUT_FIRST_POLL
         # Jobs holding one of the provider's slots: from their submit until the provider says
         # they are finished (which can be before their result is fetched and recorded).
         self._holding: set[int] = set()
@@ -357,7 +383,9 @@ class Runner:
 
             self._dl_session = make_session(self.s.download_concurrency, self._output_hosts)
         try:
+            models = await self._start_cap()
             await self._resume()
+            await self._plan_scouts()
             submit_loop = asyncio.create_task(self._submit_loop(), name="submit-loop")
             submit_loop.add_done_callback(lambda _t: self._wake.set())
             poll_loop = asyncio.create_task(self._poll_loop(), name="poll-loop")
@@ -378,6 +406,7 @@ class Runner:
             if self._fatal is not None:
                 raise self._fatal
             await self._cancel_done()
+            await self._remember_cap(models)
         finally:
             try:
                 if own_dl and self._dl_session is not None:
@@ -393,6 +422,40 @@ class Runner:
         return self._summary
 
     # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def _start_cap(self) -> list[str]:
+        """The models of the run's batches; with --concurrency auto, the cap starts where an
+        earlier run left it for them at this API."""
+        models = sorted({b.model_id for b in await self.store.batches() if b.name in self._batches})
+        if self.cap.auto:
+            learned = await self.store.learned_cap(models, self._api_key)
+            if learned is not None:
+                self.cap.start_at(learned)
+                self._tuned(f"cap starts at {self.cap.value}: learned by an earlier run")
+        return models
+
+    async def _remember_cap(self, models: list[str]) -> None:
+        learned = self.cap.learned()
+        if learned is not None and models:
+            await self.store.remember_cap(models, self._api_key, *learned)
+
+    def _tuned(self, note: str) -> None:
+        self.cap_note = note
+        self._emit("tune", None, note)
+
+    async def _plan_scouts(self) -> None:
+        """Scouts (PollPlanner.scout_delay) cost calls, and are worth them for a first wave of
+        many jobs, not for a few: one per SCOUT_JOBS_EACH jobs to do (at least one), and a scout
+        alone starts at SCOUT_ALONE_FIRST_POLL."""
+        todo = len(self._remote) + await self.store.pending_at_least(
+            self._batches, C.SCOUTS * C.SCOUT_JOBS_EACH)
+        self._scout_count = max(1, min(C.SCOUTS, todo // C.SCOUT_JOBS_EACH))
+        if self._scout_count == 1:
+            self._scout_first = C.SCOUT_ALONE_FIRST_POLL
+        # Jobs resumed from an earlier run were enlisted before this was known.
+        for job_id, slot in list(self._scouts.items()):
+            if slot >= self._scout_count:
+                del self._scouts[job_id]
 
     async def _resume(self) -> None:
         """Pick up where an earlier run stopped."""
@@ -800,7 +863,35 @@ class Runner:
         self._holding.add(job.id)
         self._emit(S.IN_QUEUE, job, f"submitted as {request_id}")
         self._enlist_scout(job)
-        self._schedule(job, now + self._poll_delay(job, 0.0))
+        delay = self._poll_delay(job, 0.0)
+        if (not self._testers and self.cap.wants_tester(len(self._holding))
+                and (self.cap.growing or now - self._last_tester >= C.AUTO_STEADY_TEST_EVERY)):
+            # It filled the cap: whether it runs at once says whether all of the cap runs.
+            self._testers[job.id] = self.cap.value
+            self._last_tester = now
+            delay = min(delay, C.AUTO_PROBE_DELAY)
+        self._schedule(job, now + delay)
+
+    def _throttled(self) -> None:
+        move = self.cap.on_throttle()
+        if move is not None:
+            self.cap_note = f"{move} (the provider is throttling)"
+            self._emit("cap", None, self.cap_note)
+
+    def _tester_answered(self, job: Job, cap_at_submit: int | None, status: str,
+                         position: int | None) -> None:
+        """A tester's first answer: running (or done) or waiting decides the cap's next move."""
+        if cap_at_submit is None:
+            return
+        in_flight = len(self._holding)
+        if status == S.IN_QUEUE:
+            move = self.cap.on_wait(position, in_flight)
+        else:
+            move = self.cap.on_start(cap_at_submit, in_flight)
+        if move is not None:
+            self._tuned(str(move))
+            if move.after > move.before:
+                self.slots.changed()
 
     async def _submit_failed(self, job: Job, exc: BaseException) -> None:
         decision = Decision.FAIL if isinstance(exc, UsageError) else classify(exc, Call.SUBMIT)
@@ -826,8 +917,8 @@ class Runner:
             if decision is Decision.FAIL and await self._refused_like_every_job(job, exc):
                 return
             if decision is Decision.RETRY:
-                if isinstance(exc, RateLimitError) and self.cap.on_throttle():
-                    self._emit("cap", None, f"provider throttling; in-flight cap now {self.cap.value}")
+                if isinstance(exc, RateLimitError):
+                    self._throttled()
                 if self.s.policy.may_resubmit(job.round_attempts):
                     delay = self.s.policy.delay(job.round_attempts, getattr(exc, "retry_after", None))
                     await self.store.transition(
@@ -969,6 +1060,7 @@ class Runner:
                 self._schedule(job, time.time() + self._poll_delay(job, elapsed))
                 return
             paced = False
+        tester = self._testers.pop(job.id, None)  # asked once, whatever the answer
         try:
             result = None
             if expected is not None and elapsed >= expected:
@@ -983,6 +1075,7 @@ class Runner:
                         raise
                 crashpoints.reached("status_answered")
             if result is not None and result.status in _RESULT_FINISHED:
+                self._tester_answered(job, tester, "finished", None)
                 self._free_slot(job)
                 await self._on_result(job, result)
                 return
@@ -994,6 +1087,7 @@ class Runner:
                 status = await self.client.status(rid, paced=paced)
                 crashpoints.reached("status_answered")
                 if status.finished:
+                    self._tester_answered(job, tester, "finished", None)
                     self._free_slot(job)
                     result = await self.client.result(rid)
                     await self._on_result(job, result)
@@ -1003,6 +1097,7 @@ class Runner:
             await self._poll_failed(job, exc)
             return
         self._answered(job)
+        self._tester_answered(job, tester, status_now, position)
         now = time.time()
         if job.id in self._overdue:
             # It stays overdue until it finishes (its state says it was given up on once).
@@ -1017,19 +1112,29 @@ class Runner:
         if self._past_timeout(job, now):
             await self._time_out(job, f"its last status was {status_now!r}")
             return
-        self._schedule(job, now + self._poll_delay(job, elapsed))
+        delay = self._poll_delay(job, elapsed)
+        if status_now == S.IN_QUEUE and self.planner.shortest:
+            # Still waiting: it has a whole run ahead of it, at least the shortest seen.
+            delay = max(delay, min(self.planner.shortest, self.s.max_poll_interval))
+        self._schedule(job, now + delay)
 
     def _enlist_scout(self, job: Job) -> None:
         """Make ``job`` a scout if no duration is known yet and a scout's slot is free."""
-        if self.planner.expected is None and len(self._scouts) < C.SCOUTS:
-            self._scouts[job.id] = min(set(range(C.SCOUTS)) - set(self._scouts.values()))
+        if self.planner.expected is None and len(self._scouts) < self._scout_count:
+            self._scouts[job.id] = min(set(range(self._scout_count)) - set(self._scouts.values()))
 
     def _poll_delay(self, job: Job, elapsed: float) -> float:
         """How long until ``job``'s next poll: the scout's early schedule while no duration is
-        known, the planner's otherwise."""
+        known, the planner's otherwise. While scouts are out, the other jobs wait for the
+        duration they will teach (_replan brings their polls forward), asked only now and then
+        in case the scouts are slower than they are: at max_poll_interval, then at twice the
+        time they have been out."""
         slot = self._scouts.get(job.id)
-        if slot is not None and self.planner.expected is None:
-            return self.planner.scout_delay(elapsed, self.planner.scout_phase(slot))
+        if self.planner.expected is None:
+            if slot is not None:
+                return self.planner.scout_delay(elapsed, slot / self._scout_count, self._scout_first)
+            if self._scouts:
+                return max(self.s.max_poll_interval, elapsed)
         return self.planner.next_delay(elapsed)
 
     async def _on_result(self, job: Job, result: Result) -> None:
@@ -1121,6 +1226,7 @@ class Runner:
 
     def _leave_provider(self, job: Job) -> None:
         self._remote.pop(job.id, None)
+        self._testers.pop(job.id, None)
         self._overdue.discard(job.id)
         self.budget.left(job.id)  # no-op once its result reported a cost
         self._stop_scouting(job)
@@ -1169,8 +1275,8 @@ class Runner:
             self._finished(job, str(exc))
             return
         # Transient: poll again later; the job itself is fine at the provider.
-        if isinstance(exc, RateLimitError) and self.cap.on_throttle():
-            self._emit("cap", None, f"provider throttling; in-flight cap now {self.cap.value}")
+        if isinstance(exc, RateLimitError):
+            self._throttled()
         if isinstance(exc, MalformedAnswerError) and job.id not in self._overdue:
             unreadable = self._unreadable[job.id] = self._unreadable.get(job.id, 0) + 1
             if unreadable >= self.s.policy.max_call_retries:
@@ -1229,6 +1335,7 @@ class Runner:
         and downloaded by whichever sees it finished."""
         await self.store.transition(job, S.OVERDUE, error=error)
         self._overdue.add(job.id)
+        self._testers.pop(job.id, None)
         self._poll_failures.pop(job.id, None)
         self._unreadable.pop(job.id, None)
         self._stop_scouting(job)

@@ -458,6 +458,50 @@ class Store:
                 return b
         return None
 
+    # ---- learned caps --------------------------------------------------------------------------
+
+    async def learned_cap(self, model_ids: Sequence[str], api: str) -> int | None:
+        """The in-flight cap an earlier run found for these models at this API: the smallest of
+        theirs (one cap serves the whole run), or None if none was learned."""
+        if not model_ids:
+            return None
+        marks = ", ".join("?" * len(model_ids))
+        async with self._db.execute(
+            f"SELECT MIN(cap) FROM learned_caps WHERE api = ? AND model_id IN ({marks})",
+            (api, *model_ids),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def remember_cap(self, model_ids: Sequence[str], api: str, cap: int, settled: bool) -> None:
+        """Keep ``cap`` for the next run. A settled cap (the account's limit was seen) replaces
+        what was known; an unsettled one (every job ran at once, the limit may be higher) only
+        raises it, and never replaces a settled one with a lower value."""
+        now = time.time()
+        async with self.atomic() as db:
+            for model_id in model_ids:
+                await db.execute(
+                    """INSERT INTO learned_caps (model_id, api, cap, settled, updated_at)
+                       VALUES (?, ?, ?, ?, ?)
+                       ON CONFLICT (model_id, api) DO UPDATE SET
+                           cap = CASE WHEN excluded.settled THEN excluded.cap
+                                      ELSE MAX(cap, excluded.cap) END,
+                           settled = CASE WHEN excluded.settled THEN 1
+                                          WHEN excluded.cap > cap THEN 0 ELSE settled END,
+                           updated_at = excluded.updated_at""",
+                    (model_id, api, int(cap), int(settled), now),
+                )
+
+    async def pending_at_least(self, batches: Sequence[str], n: int) -> int:
+        """How many jobs of ``batches`` are pending, counting no further than ``n`` (cheap on a
+        store of any size)."""
+        where, args = _filters(batches, [PENDING])
+        async with self._db.execute(
+            f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs {where} LIMIT ?)", (*args, n)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     # ---- recording jobs ------------------------------------------------------------------------
 
     @staticmethod

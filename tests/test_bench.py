@@ -14,9 +14,11 @@ def test_benchmark_runs_every_section_and_prints_every_target():
     out = proc.stdout + proc.stderr
     # 0: every target met, 1: some missed; anything else is the script breaking.
     assert proc.returncode in (0, 1), out
-    for heading in ("1. Overhead", "2. Makespan", "3. Against a naive script", "4. Scale"):
+    for heading in ("1. Overhead", "2. Makespan", "3. Against a naive script", "4. Scale",
+                    "5. --concurrency auto", "6. Polling economy"):
         assert heading in out, out
-    assert out.count("(target ") == 9, out
+    # 9 in sections 1-4; 4 per account (L = 2, 4 in --quick) in section 5; 1 in section 6
+    assert out.count("(target ") == 9 + 2 * 4 + 1, out
     assert "Traceback" not in out
 
 

@@ -324,3 +324,44 @@ async def test_next_lines_carry_the_api_the_batch_ran_against(tmp_path, simulato
                                  target=app.Target(api_url=sim.base_url, token="t")))
     (night,) = await app.status(tmp_path / "jobs")
     assert night.next_steps == [f"1 job(s) failed or timed out: batchgen retry night --api-url {sim.base_url}"]
+
+
+# --- --concurrency auto ---------------------------------------------------------------------------
+
+
+def test_concurrency_auto_is_the_default_says_why_the_cap_moves_and_is_remembered(samples):
+    first = cli("run", str(samples / "quickstart.yaml"), "--simulate", "-v")
+    assert first.exit_code == 0, first.output
+    assert "cap 2 -> 3: jobs start at once" in first.output
+    # the simulator of --simulate runs 4 at once: the cap stops near it, and says so
+    assert "waiting at the provider" in first.output
+    again = cli("run", str(samples / "quickstart.yaml"), "--simulate", "-v", "--batch", "second")
+    assert again.exit_code == 0, again.output
+    assert re.search(r"cap starts at \d+: learned by an earlier run", again.output)
+
+
+@pytest.mark.parametrize(("value", "moves"), [("4", False), ("auto:2", False), ("auto:3", True)])
+def test_a_number_fixes_the_cap_and_auto_takes_a_ceiling(samples, value, moves):
+    result = cli("run", str(samples / "quickstart.yaml"), "--simulate", "-v", "-c", value)
+    assert result.exit_code == 0, result.output
+    assert ("cap 2 -> 3" in result.output) is moves
+    assert "cap 3 -> " not in result.output
+
+
+@pytest.mark.parametrize("value", ["0", "auto:0", "lots", "auto:x"])
+def test_a_bad_concurrency_is_a_usage_error(samples, value):
+    result = cli("run", str(samples / "quickstart.yaml"), "--simulate", "-c", value)
+    assert result.exit_code == 2 and "--concurrency" in result.output
+
+
+def test_concurrency_auto_in_the_config_file(samples):
+    (samples.parent / "jobs").mkdir(exist_ok=True)
+    (samples.parent / "jobs" / "batchgen.toml").write_text('concurrency = "auto:3"\n')
+    result = cli("run", str(samples / "quickstart.yaml"), "--simulate", "-v")
+    assert result.exit_code == 0, result.output
+    assert "cap 2 -> 3" in result.output and "cap 3 -> " not in result.output
+
+
+def test_simulate_offers_the_account_knobs():
+    out = cli("simulate", "--help").output
+    assert "--max-queued" in out and "--duration-jitter" in out

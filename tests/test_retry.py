@@ -239,7 +239,9 @@ def test_adaptive_cap(events, expected):
         ([], 200.0, 30.0),  # ... capped
         ([3.0, 3.0, 3.0], 0.0, 3.006),  # learned: a hair after the expected finish
         ([3.0, 3.0, 3.0], 2.0, 1.006),
-        ([3.0, 3.0, 3.0], 3.1, 0.15),  # late: every twentieth of the expected time
+        ([3.0, 3.0, 3.0], 3.1, 0.15),  # late: every twentieth of the expected time ...
+        ([3.0, 3.0, 3.0], 5.0, 1.0),  # ... or half the lateness, once more (it likely waited first)
+        ([3.0, 3.0, 3.0], 100.0, 30.0),  # ... capped
         ([0.0, 0.0], 0.0, 0.002),  # instant jobs: poll almost at once after the submit ...
         ([0.0, 0.0], 0.01, 0.05),  # ... and, if that found it unfinished, every 50 ms
         ([1.0, 2.0, 100.0], 0.0, 2.004),  # the median, not the mean

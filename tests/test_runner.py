@@ -12,6 +12,7 @@ from aiohttp import web
 from imagefactory import make_image
 
 from batchgen import app
+from batchgen import constants as C
 from batchgen import store as S
 from batchgen.errors import AccountError
 from batchgen.retry import RetryPolicy
@@ -602,8 +603,10 @@ async def test_eight_scouts_with_distinct_phases_and_a_heir_takes_the_free_slot(
                 runner._schedule(job, now + 5.0)
             assert sorted(runner._scouts.values()) == list(range(C.SCOUTS))
             assert set(runner._scouts) == {j.id for j in jobs[:C.SCOUTS]}
-            # a non-scout's first poll is the planner's; a scout's is its own moment
-            assert runner._poll_delay(jobs[-1], 0.0) == 5.0
+            # a non-scout waits for what the scouts teach (asked only at max_poll_interval, then
+            # at twice its time out); a scout's first poll is its own moment
+            assert runner._poll_delay(jobs[-1], 0.0) == runner.s.max_poll_interval
+            assert runner._poll_delay(jobs[-1], 100.0) == 100.0
             assert runner._poll_delay(jobs[3], 0.0) < 0.02
             # scout 3 leaves without teaching a duration: the oldest non-scout inherits slot 3
             runner._leave_provider(jobs[3])
@@ -702,3 +705,70 @@ async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
             assert due(fresh) < 0.01 and due(throttled) > 25
             assert sorted(jid for _, _, jid in runner._heap) == [1, 2, 3]  # one entry per job
             runner._file_threads.shutdown()
+
+
+# --- --concurrency auto ---------------------------------------------------------------------------
+
+
+def _cap_notes(events) -> list[str]:
+    return [e.message for e in events if e.kind in ("tune", "cap")]
+
+
+async def test_auto_finds_a_hidden_limit_of_16_and_keeps_the_queue_short(simulator, tmp_path):
+    # No number given: the cap starts small, grows while testers run at once, and stops when one
+    # waits, so the account is kept busy while its queue stays short. Nothing is sent twice.
+    sim = await simulator(concurrency=16, duration=1.0)
+    events = []
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 48), concurrency=256,
+                                auto_concurrency=True), on_event=events.append)
+    assert out.counts == {"b": {"succeeded": 48}}
+    notes = _cap_notes(events)
+    assert notes[0] == "cap 2 -> 3: jobs start at once"
+    most = max(int(n.split(" -> ")[1].split(":")[0]) for n in notes if " -> " in n)
+    assert most >= 12
+    assert any("waiting at the provider" in n for n in notes)
+    assert sim.max_waiting <= 8  # the account's queue never flooded (a fixed 48 would queue 32)
+    assert submissions_per_seed(sim) == {i: 1 for i in range(48)}
+
+
+async def test_a_fixed_concurrency_neither_probes_nor_moves_without_a_429(simulator, tmp_path):
+    sim = await simulator(concurrency=16, duration=0.3)
+    events = []
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 12), concurrency=4),
+                        on_event=events.append)
+    assert out.counts == {"b": {"succeeded": 12}}
+    assert _cap_notes(events) == []
+    assert sim.max_waiting == 0
+
+
+async def test_auto_halves_on_429_from_a_full_queue_and_resubmits_nothing(simulator, tmp_path):
+    # An account that refuses (429) any submit beyond 2 running and none queued: certain
+    # refusals, retried; the cap halves and nothing is created twice.
+    sim = await simulator(concurrency=2, max_queued=0, duration=0.3)
+    events = []
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 10), concurrency=256,
+                                auto_concurrency=True, policy=RetryPolicy(base=0.05, cap=0.1, max_submit_attempts=50)),
+                        on_event=events.append)
+    assert out.counts == {"b": {"succeeded": 10}}
+    assert sim.refused_queue_full > 0
+    assert any(n.endswith(": 429 (the provider is throttling)") for n in _cap_notes(events))
+    assert submissions_per_seed(sim) == {i: 1 for i in range(10)}
+
+
+async def test_the_learned_cap_is_stored_and_the_next_run_starts_there(simulator, tmp_path):
+    sim = await simulator(concurrency=8, duration=0.6)
+    await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 30, name="night1"), concurrency=256,
+                          auto_concurrency=True))
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        learned = await store.learned_cap([C.DEFAULT_MODEL], sim.base_url)
+        assert await store.learned_cap([C.DEFAULT_MODEL], "https://elsewhere/v1") is None
+    # the limit, plus two of headroom, plus the jobs (of 0.6 s here) that finish before we notice
+    assert learned is not None and 8 <= learned <= 14
+    events = []
+    first_burst = len(sim.requests()["requests"])
+    await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 20, name="night2"), concurrency=256,
+                          auto_concurrency=True), on_event=events.append)
+    assert _cap_notes(events)[0] == f"cap starts at {learned}: learned by an earlier run"
+    # the second night's first submits went out together, up to the learned cap
+    second = sorted(r["submitted_at"] for r in sim.requests()["requests"][first_burst:])
+    assert sum(1 for t in second if t - second[0] < 0.1) >= min(learned, 20) - 1

@@ -68,6 +68,24 @@ async def test_queue_position_and_concurrency(http, simulator, image):
     assert [s[1].get("queue_position") for s in states] == [None, None, 1, 2]
 
 
+async def test_max_queued_refuses_submits_beyond_the_queue_with_429(http, simulator, image):
+    # An account running 2, with at most 2 waiting: the 5th submit is refused (nothing created).
+    sim = await simulator(concurrency=2, max_queued=2, duration=5)
+    answers = [await submit(http, sim, image, seed=i) for i in range(5)]
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 429]
+    assert answers[4][1]["error_code"] == 429001
+    assert len(sim.jobs) == 4 and sim.max_waiting == 2 and sim.refused_queue_full == 1
+
+
+async def test_duration_jitter_spreads_run_times_within_the_fraction(http, simulator, image):
+    sim = await simulator(concurrency=20, duration=1.0, duration_jitter=0.2, seed=3)
+    for i in range(20):
+        await submit(http, sim, image, seed=i)
+    durations = [j.duration for j in sim.jobs.values()]
+    assert all(0.8 <= d <= 1.2 for d in durations)
+    assert max(durations) - min(durations) > 0.2  # really spread, not all alike
+
+
 async def test_cancel_only_while_queued(http, simulator, image):
     sim = await simulator(concurrency=1, duration=5)
     running = (await submit(http, sim, image))[1]

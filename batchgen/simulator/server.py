@@ -72,7 +72,10 @@ def catalog_only_models() -> dict[str, tuple[ModelSchema, dict[str, Any]]]:
 @dataclass
 class SimConfig:
     token: str | None = None  # only this Bearer token is accepted; None: any non-empty one
-    concurrency: int = 4  # jobs running at once per token; the excess waits in_queue
+    concurrency: int = 4  # jobs running at once per token (its hidden limit); the excess waits in_queue
+    # Jobs a token may have waiting in_queue; a submit beyond them gets 429 (nothing created).
+    # None: no limit, the queue grows as long as submits come.
+    max_queued: int | None = None
     duration: float = 2.0  # seconds a job runs
     duration_jitter: float = 0.0  # +- this fraction
     price_usd: float = 0.10
@@ -142,6 +145,10 @@ class _Queue:
         job.started_at = at
         heapq.heappush(self.running, (at + job.duration, job.id))
 
+    def queued(self) -> int:
+        """Jobs waiting (not cancelled)."""
+        return sum(1 for j in self.waiting if j.cancelled_at is None)
+
     def position(self, job: _Job) -> int:
         """1 = next to start."""
         pos = 0
@@ -182,6 +189,10 @@ class Simulator:
         self._port = 0
         # Output downloads that carried an Authorization header: the token must never go there.
         self.output_auth_seen = 0
+        # The most jobs one token had waiting in_queue right after a submit, and the submits
+        # refused because of max_queued: how a client treats an account's queue.
+        self.max_waiting = 0
+        self.refused_queue_full = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -246,6 +257,7 @@ class Simulator:
         return {
             "requests": [self._describe(self.jobs[j]) for j in self._order],
             "calls": dict(self.calls),
+            "max_waiting": self.max_waiting, "refused_queue_full": self.refused_queue_full,
         }
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -427,6 +439,14 @@ class Simulator:
                 return self._error(*INVALID_INPUT, f"Invalid input: {text}")
         # Like the service, which stores inline files as hosted inputs: the job keeps no payload.
         body = {k: _without_payload(v) for k, v in body.items()}
+        queue = self._queues.setdefault(owner, _Queue(self.config.concurrency))
+        queue.advance(time.time(), self.jobs)
+        max_queued = self.config.max_queued
+        if (max_queued is not None and len(queue.running) >= queue.concurrency
+                and queue.queued() >= max_queued):
+            # Certainly refused: nothing created, nothing billed.
+            self.refused_queue_full += 1
+            return self._error(429, 429001, f"Too many queued requests (at most {max_queued}), slow down")
         price = self._price(model_id, body)
         if self.config.balance_usd is not None:
             spent = self._spent.get(owner, 0.0)
@@ -459,10 +479,10 @@ class Simulator:
             "offhost": job.offhost,
             "media": list(self._media_inputs[media_key]), "image_path": self._local_path(first_image),
         }})
-        queue = self._queues.setdefault(owner, _Queue(self.config.concurrency))
         queue.advance(now, self.jobs)
         queue.waiting.append(job)
         queue.advance(now, self.jobs)
+        self.max_waiting = max(self.max_waiting, queue.queued())
         if outcome == "drop":
             # The job exists (and would be billed) but the answer never arrives.
             if request.transport is not None:

@@ -3,6 +3,7 @@
     python tests/perf/bench.py            # every section, the sizes the targets are set for
     python tests/perf/bench.py --quick    # tiny sizes: checks the script works, proves nothing
     python tests/perf/bench.py --only makespan,naive
+    python tests/perf/bench.py --only auto,economy   # --concurrency auto and polling economy
 
 Every party runs in its own process so that one cannot steal another's event loop: the simulator
 (one process per section, so its counters start at zero), batchgen (the real `batchgen` command,
@@ -79,9 +80,11 @@ def phases(use: Usage, reqs: list[dict[str, Any]]) -> str:
 class SimProcess:
     """The simulator in a process of its own; its counters start at zero."""
 
-    def __init__(self, duration: float, concurrency: int):
+    def __init__(self, duration: float, concurrency: int, jitter: float = 0.0, max_queued: int | None = None):
+        extra = ["--jitter", str(jitter)] + (["--max-queued", str(max_queued)] if max_queued is not None else [])
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "_serve", "--duration", str(duration), "--concurrency", str(concurrency)],
+            [sys.executable, __file__, "_serve", "--duration", str(duration), "--concurrency", str(concurrency),
+             *extra],
             stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
         )
         assert self.proc.stdout is not None
@@ -122,13 +125,14 @@ class SimProcess:
         self.close()
 
 
-async def _serve(duration: float, concurrency: int) -> None:
+async def _serve(duration: float, concurrency: int, jitter: float = 0.0, max_queued: int | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     from batchgen.simulator import SimConfig, Simulator
 
     # validate_inputs off: the service fetching each input image is not what is measured, and it
     # would make the simulator, not the client, the bottleneck.
-    sim = Simulator(SimConfig(duration=duration, concurrency=concurrency, validate_inputs=False))
+    sim = Simulator(SimConfig(duration=duration, concurrency=concurrency, validate_inputs=False,
+                              duration_jitter=jitter, max_queued=max_queued, seed=1))
     await sim.start()
     images = [sim.publish_file(p) for p in IMAGES]
     print(json.dumps({"base_url": sim.base_url, "root_url": sim.root_url, "images": images}), flush=True)
@@ -201,13 +205,15 @@ def write_manifest(path: Path, image: str, n: int) -> None:
     }))
 
 
-def run_batchgen(sim: SimProcess, work: Path, n: int, concurrency: int) -> Usage:
+def run_batchgen(sim: SimProcess, work: Path, n: int, concurrency: int | None,
+                 extra: tuple[str, ...] = ("--rate", "0")) -> Usage:
+    """`batchgen run` of n jobs; concurrency None: no --concurrency flag (auto, the default)."""
     work.mkdir(parents=True, exist_ok=True)
     manifest = work / "bench.yaml"
     write_manifest(manifest, sim.images[0], n)
+    flags = ("-c", str(concurrency), "--downloads", str(concurrency)) if concurrency is not None else ()
     use = run_measured(batchgen_cmd(
-        "run", str(manifest), "--api-url", sim.base_url, "-w", str(work / "jobs"),
-        "-c", str(concurrency), "--downloads", str(concurrency), "--rate", "0", "-q",
+        "run", str(manifest), "--api-url", sim.base_url, "-w", str(work / "jobs"), *flags, *extra, "-q",
     ), env=bench_env())
     if use.rc != 0:
         raise SystemExit(f"batchgen run failed ({use.rc}):\n{use.output}")
@@ -415,10 +421,83 @@ def _create_cost(work: Path, n: int = 1000) -> float:
     return (time.perf_counter() - t) / n * 1e6
 
 
+def mean_waiting(reqs: list[dict[str, Any]]) -> float:
+    """Jobs waiting in the provider's queue (submitted, not started), averaged over the time from
+    the first submit to the last finish."""
+    first = min(r["submitted_at"] for r in reqs)
+    last = max(r["finished_at"] for r in reqs)
+    waited = sum((r["started_at"] or last) - r["submitted_at"] for r in reqs)
+    return waited / (last - first) if last > first else 0.0
+
+
+def greedy_makespan(reqs: list[dict[str, Any]], lim: int) -> float:
+    """The makespan of these very run times on ``lim`` slots, each job started the instant a slot
+    frees, in submit order: what the provider would take with a client that never keeps it
+    waiting. With jittered durations it is above ceil(N/L)×D by itself (the last jobs' tail)."""
+    import heapq
+
+    slots = [0.0] * lim
+    for r in sorted(reqs, key=lambda r: r["submitted_at"]):
+        heapq.heappush(slots, heapq.heappop(slots) + r["finished_at"] - r["started_at"])
+    return max(slots)
+
+
+def auto(rep: Report, work: Path, limits: tuple[int, ...], d: float, jitter: float, fixed4_all: bool) -> None:
+    section(f"5. --concurrency auto (no flag): accounts with hidden limits L = {', '.join(map(str, limits))}; "
+            f"N = 6 x L jobs of {d:g}s ± {jitter:.0%}; bound ceil(N/L)×D")
+    for lim in limits:
+        n = 6 * lim
+        bound = math.ceil(n / lim) * d
+        print(f"  -- L = {lim}, N = {n}, bound {bound:g}s")
+        with SimProcess(duration=d, concurrency=lim, jitter=jitter) as sim:
+            ours = run_batchgen(sim, work / f"auto-{lim}", n, None)
+            info = sim.requests()
+        reqs = info["requests"]
+        calls = info["calls"]
+        rep.target(f"L={lim} auto: makespan ÷ bound", ours.wall / bound, 1.10, ".3f")
+        rep.target(f"L={lim} auto: mean jobs waiting at the provider", mean_waiting(reqs), max(1.0, lim / 4), ".2f")
+        rep.figure(f"L={lim} auto: most waiting at once; status + result calls per job",
+                   f"{info['max_waiting']}; {(calls['status'] + calls['result']) / n:.2f}")
+        rep.figure(f"L={lim}: the same run times with no client delay ÷ bound",
+                   f"{greedy_makespan(reqs, lim) / bound:.3f} (the least any client can reach)")
+        with SimProcess(duration=d, concurrency=lim, jitter=jitter, max_queued=lim) as sim:
+            ours_q = run_batchgen(sim, work / f"auto-q-{lim}", n, None)
+            info = sim.requests()
+        submits = info["calls"]["submit"]
+        rep.target(f"L={lim} auto, simulator --max-queued {lim}: makespan ÷ bound", ours_q.wall / bound, 1.15, ".3f")
+        rep.target(f"L={lim} auto, simulator --max-queued {lim}: 429s ÷ submits",
+                   info["refused_queue_full"] / max(1, submits), 0.05, ".3f")
+        for fixed in (4, lim):
+            if fixed == 4 and lim == 4:
+                continue
+            label = f"L={lim} fixed --concurrency {fixed}" + (" (the old default)" if fixed == 4 else "")
+            if fixed == 4 and n / 4 * d > 300 and not fixed4_all:
+                rep.figure(label + ": makespan ÷ bound", f"{math.ceil(n / 4) * d / bound:.2f} at best "
+                           f"(ceil(N/4)×D = {math.ceil(n / 4) * d:g}s; not run, --fixed4-all runs it)")
+                continue
+            with SimProcess(duration=d, concurrency=lim, jitter=jitter) as sim:
+                use = run_batchgen(sim, work / f"fixed-{fixed}-{lim}", n, fixed)
+            rep.figure(label + ": makespan ÷ bound", f"{use.wall / bound:.3f} ({use.wall:.1f}s)")
+
+
+def economy(rep: Report, work: Path, n: int, d: float) -> None:
+    section(f"6. Polling economy: {n} jobs of {d:g}s, an account running 16, `batchgen run` with no flag at all")
+    with SimProcess(duration=d, concurrency=16) as sim:
+        use = run_batchgen(sim, work / "economy", n, None, extra=())
+        calls = sim.calls()
+    made = calls["status"] + calls["result"]
+    rep.figure("calls made: status, result; wall time",
+               f"{calls['status']}, {calls['result']}; {use.wall:.1f}s "
+               f"(a loop polling /status every second: about {n * math.ceil(d)} + {n})")
+    rep.target("status + result calls ÷ (3 per job + 20)", made / (3 * n + 20), 1.0, ".2f")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    ap.add_argument("--only", default="overhead,makespan,naive,scale")
+    ap.add_argument("--only", default="overhead,makespan,naive,scale,auto,economy")
+    ap.add_argument("--fixed4-all", action="store_true",
+                    help="section 5: also run the old fixed default (4) where it takes over 5 minutes")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--scratch", default=None,
                     help="where work directories and outputs go (default: the system's temp dir); "
@@ -449,6 +528,10 @@ def main() -> int:
             naive(rep, work, n_span, c, d, ours)
         if "scale" in only:
             scale(rep, work, rows)
+        if "auto" in only:
+            auto(rep, work, (2, 4) if q else (2, 16, 64), 0.5 if q else 5.0, 0.2, args.fixed4_all)
+        if "economy" in only:
+            economy(rep, work, 10, 0.5 if q else 30.0)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -462,8 +545,10 @@ if __name__ == "__main__":
         p.add_argument("_serve")
         p.add_argument("--duration", type=float)
         p.add_argument("--concurrency", type=int)
+        p.add_argument("--jitter", type=float, default=0.0)
+        p.add_argument("--max-queued", type=int)
         a = p.parse_args()
-        asyncio.run(_serve(a.duration, a.concurrency))
+        asyncio.run(_serve(a.duration, a.concurrency, a.jitter, a.max_queued))
     elif len(sys.argv) > 1 and sys.argv[1] == "_loop":
         base, image, n, conc, poll, out = sys.argv[2:8]
         asyncio.run(_hand_loop(base, image, int(n), int(conc), float(poll), Path(out)))
