@@ -838,39 +838,47 @@ def _secs(value: float | None) -> str:
 
 @main.command()
 @click.argument("batch")
-@click.option("--output", "-o", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="File to write; its extension picks the format: .csv, .json, .parquet (needs pyarrow) "
-                   "or .xlsx (needs openpyxl).")
+@click.option("--output", "-o", "out", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="File to write; its extension picks the format: .csv, .json, .jsonl, .parquet (needs "
+                   "pyarrow) or .xlsx (needs openpyxl). '-' writes to stdout (CSV, or --format jsonl).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json", "jsonl", "parquet", "xlsx"]), default=None,
+              help="The format, whatever the file's extension (on stdout: csv or jsonl).")
 @workdir_option
 @click.option("--simulated/--api", "simulated", default=None,
               help="The batch's --simulate results, or its results from the API (default: from the "
                    "API if it has any, else the simulated ones).")
-def report(batch: str, out: Path, workdir: Path, simulated: bool | None) -> None:
+def report(batch: str, out: str, fmt: str | None, workdir: Path, simulated: bool | None) -> None:
     """Write one row per job of BATCH: inputs, notes, state, timings, output files with their
     sha256, cost and error, and whether it is simulated (with the API each job ran against).
 
     Output paths in the report are absolute. Lists (several images, several outputs) are joined
-    with " | ".
+    with " | ". The report is written a chunk of jobs at a time, so its size is not bounded by
+    memory; with -o - it goes to stdout and the summary line to stderr.
 
     \b
     Examples:
       batchgen report quickstart -o quickstart.csv
       batchgen report quickstart -o quickstart.json
+      batchgen report quickstart -o - --format jsonl | jq .state
       batchgen report nightly -o ~/reports/nightly.xlsx --workdir /data/batchgen
     """
-    df = _run_async(_write_report(workdir, batch, out, simulated))
-    counts = df["state"].value_counts()
-    states = ", ".join(f"{n} {st}" for st, n in _ordered(counts.to_dict()))
-    sim = ", simulated" if len(df) and bool(df["simulated"].iloc[0]) else ""
-    click.echo(f"{out}: {len(df)} job(s) of {batch}{sim} ({states or 'no jobs'})")
+    path = None if out == "-" else Path(out)
+    counts, sim = _run_async(_write_report(workdir, batch, path, fmt, simulated))
+    states = ", ".join(f"{n} {st}" for st, n in _ordered(counts))
+    total = sum(counts.values())
+    where = "stdout" if path is None else str(path)
+    click.echo(f"{where}: {total} job(s) of {batch}{', simulated' if sim else ''} ({states or 'no jobs'})",
+               err=path is None)
 
 
-async def _write_report(workdir: Path, batch: str, out: Path, simulated: bool | None) -> Any:
-    from .report import build_report, write_report  # pandas is slow to import: only here
+async def _write_report(workdir: Path, batch: str, out: Path | None, fmt: str | None,
+                        simulated: bool | None) -> tuple[dict[str, int], bool]:
+    from .app import find_batch
+    from .report import report_chunks, report_format, stream_report  # pandas is slow to import: only here
 
-    df = await build_report(workdir, batch, simulated)
-    write_report(df, out)
-    return df
+    report_format(out, fmt)  # a wrong format fails before the store is read
+    _, sim = await find_batch(workdir, batch, simulated)
+    return await stream_report(report_chunks(workdir, batch, sim), out, fmt), sim
 
 
 @main.command()
@@ -881,12 +889,15 @@ async def _write_report(workdir: Path, batch: str, out: Path, simulated: bool | 
               help="The batch's --simulate results (page in WORKDIR/simulated/BATCH/), or its results "
                    "from the API (default: from the API if it has any, else the simulated ones).")
 def gallery(batch: str, workdir: Path, open_page: bool, simulated: bool | None) -> None:
-    """Write a self-contained HTML page of BATCH to WORKDIR/BATCH/gallery.html: every job's
-    input image, prompt and settings with its video or its error, filterable by state. A
-    simulated batch's page is WORKDIR/simulated/BATCH/gallery.html and says it is simulated.
+    """Write an HTML page of BATCH to WORKDIR/BATCH/gallery.html, its jobs in gallery-data.js
+    beside it: every job's input image, prompt and settings with its video or its error, with
+    search, state filters and sorting; only the cards in view are drawn, so 100,000 jobs open
+    in a second. A simulated batch's page is WORKDIR/simulated/BATCH/gallery.html and says it
+    is simulated.
 
-    The page fetches nothing from the network; it links the videos by relative paths, so it
-    keeps working when the work directory is moved or copied as a whole.
+    The page fetches nothing from the network; it links the videos, and small copies of the
+    input images (WORKDIR/BATCH/thumbs/), by relative paths, so it keeps working when the work
+    directory is moved or copied as a whole.
 
     \b
     Examples:

@@ -229,3 +229,11 @@ MAX_REQUEST_BYTES = 64 << 20
 # of 3 (no padding inside the base64), and about 1 MiB of base64 per chunk, so 50 submits in
 # flight hold ~100 MiB of chunks at most, not 50 whole files.
 INLINE_CHUNK = 3 << 18
+
+# Reports and galleries read a batch this many jobs at a time (two queries per chunk): a chunk of
+# report rows is a few megabytes, and 100,000 jobs are 50 round trips to SQLite, not 100,000.
+REPORT_CHUNK = 2000
+# Gallery thumbnails of input images (thumbs.py): the longest side in pixels (the card shows them
+# at most ~300 px wide) and the JPEG quality; a few kilobytes each.
+THUMB_SIDE = 320
+THUMB_QUALITY = 80

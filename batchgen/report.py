@@ -11,19 +11,29 @@ report again gives the new paths.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import csv
 import datetime as dt
+import functools
 import json
 import math
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, TypeVar
 
 import pandas as pd
 
+from . import constants as C
 from .app import find_batch
 from .errors import UsageError
 from .store import SIMULATOR_API, Attempt, Job, Output, Store
+from .text import _FORMULA_START as FORMULA_START
 from .text import spreadsheet_cell
+
+T = TypeVar("T")
 
 # Several values in one cell (image lists, several outputs): a separator that never appears in
 # a URL or a hex digest, and reads well in a spreadsheet.
@@ -38,24 +48,90 @@ TAIL_COLUMNS = (
 )
 
 # The extensions write_report understands, in the order error messages list them.
-FORMATS = (".csv", ".json", ".parquet", ".xlsx")
+FORMATS = (".csv", ".json", ".parquet", ".xlsx", ".jsonl")
+# Those written a row at a time, so a report can go to a pipe (-o -).
+STREAM_FORMATS = (".csv", ".jsonl")
+
+
+async def report_chunks(workdir: Path, batch: str, simulated: bool | None = None,
+                        chunk: int = C.REPORT_CHUNK) -> AsyncIterator[pd.DataFrame]:
+    """The report of ``batch`` in ``workdir`` as frames of ``chunk`` jobs each, in manifest order,
+    all with the same columns and column types (so they can be written one after the other).
+    ``simulated``: the batch's --simulate results, or its results from an API (None: those from
+    an API if it has any; app.find_batch).
+
+    The columns (inputs and notes vary between jobs) and the kinds of value in each are learnt
+    first from two queries (the input names and JSON types, the distinct notes); then the jobs
+    are read and yielded a chunk at a time. A report of 100,000 jobs so holds one chunk of rows,
+    never a frame of everything."""
+    workdir = Path(workdir)
+    path, simulated = await find_batch(workdir, batch, simulated)
+    root = path.parent.resolve()  # outputs' recorded paths are relative to their store's folder
+    async with await Store.open(path) as store:
+        kinds = dict(_FIXED_KINDS)
+        for name, json_type in await store.input_kinds(batch):
+            seen = kinds.setdefault(f"input.{name}", set())
+            if json_type != "null":
+                seen.add(_JSON_KINDS.get(json_type, str))  # lists and objects become text (_cell)
+        for meta in await store.distinct_meta(batch):
+            for name, value in _flatten(meta).items():
+                seen = kinds.setdefault(f"meta.{name}", set())
+                if value is not None:
+                    seen.add(type(_cell(value)))
+        columns = _columns(kinds)
+        empty = True
+        async for part in _rows(store, batch, root, simulated, chunk):
+            empty = False
+            yield _frame(part, columns, kinds)
+        if empty:
+            yield _frame([], columns, kinds)
+
+
+# What each fixed column holds (the kinds of value _row puts there): known from the store's
+# schema, so only the inputs and notes need a look at the jobs.
+_FIXED_KINDS: dict[str, set[type]] = {
+    **{c: {str} for c in ("batch", "key", "source", "model", "api", "request_id", "state", "created_at",
+                          "submitted_at", "started_at", "finished_at", "output_paths", "output_sha256", "error",
+                          "history")},
+    **{c: {int} for c in ("seq", "attempts", "outputs", "output_bytes", "error_code")},
+    **{c: {float} for c in ("queue_wait_s", "run_s", "cost")},
+    "simulated": {bool},
+    "retired": {bool},
+}
+# SQLite's json_each types, as the Python values json.loads makes of them.
+_JSON_KINDS: dict[str, type] = {"integer": int, "real": float, "text": str, "true": bool, "false": bool}
+
+
+async def _rows(store: Store, batch: str, root: Path, simulated: bool,
+                chunk: int) -> AsyncIterator[list[dict[str, Any]]]:
+    async for part in prefetched(store.iter_jobs_with_outputs(batch, chunk)):
+        earlier = await store.attempts([job.id for job, _ in part])
+        yield [_row(job, outputs, root, simulated, earlier.get(job.id, [])) for job, outputs in part]
+
+
+async def prefetched(source: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``source``'s items, the next one already being read while this one is used: SQLite reads
+    the next chunk in its thread while this one becomes rows (a third less wall time)."""
+    ahead: asyncio.Future[T] = asyncio.ensure_future(anext(source))
+    try:
+        while True:
+            try:
+                item = await ahead
+            except StopAsyncIteration:
+                return
+            ahead = asyncio.ensure_future(anext(source))
+            yield item
+    finally:
+        ahead.cancel()
+        with contextlib.suppress(BaseException):
+            await ahead
 
 
 async def build_report(workdir: Path, batch: str, simulated: bool | None = None) -> pd.DataFrame:
-    """The report of ``batch`` in ``workdir``: one row per job, in manifest order. ``simulated``:
-    the batch's --simulate results, or its results from an API (None: those from an API if it
-    has any; app.find_batch)."""
-    workdir = Path(workdir)
-    path, simulated = await find_batch(workdir, batch, simulated)
-    async with await Store.open(path) as store:
-        jobs = await store.jobs([batch])
-        # One query per job: fine for thousands of jobs; a store method returning a batch's
-        # outputs at once would be the step up if reports of 100,000 jobs become common.
-        outputs = {job.id: await store.outputs(job.id) for job in jobs}
-        earlier = await store.attempts([job.id for job in jobs])
-    root = path.parent.resolve()  # outputs' recorded paths are relative to their store's folder
-    rows = [_row(job, outputs[job.id], root, simulated, earlier.get(job.id, [])) for job in jobs]
-    return _frame(rows)
+    """The whole report of ``batch`` as one frame (report_chunks, joined): for programs and
+    small batches; the command streams."""
+    parts = [df async for df in report_chunks(workdir, batch, simulated)]
+    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
 
 def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False,
@@ -81,7 +157,8 @@ def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False,
         "queue_wait_s": _span(job.submitted_at, job.started_at),
         "run_s": _span(job.started_at, job.finished_at),
         "outputs": len(outputs),
-        "output_paths": JOIN.join(str(root / o.path) for o in done if o.path) or None,
+        # os.path.join, not pathlib: 100,000 jobs' worth of Path objects cost a second.
+        "output_paths": JOIN.join(os.path.join(root, o.path) for o in done if o.path) or None,
         "output_sha256": JOIN.join(o.sha256 for o in done if o.sha256) or None,
         "output_bytes": sum(o.size or 0 for o in done) if done else None,
         "cost": job.cost,
@@ -106,60 +183,195 @@ def _history(job: Job, earlier: list[Attempt]) -> str | None:
                      for n, rid, state, err in rounds)
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def _columns(kinds: dict[str, set[type]]) -> list[str]:
     # Input and note columns vary between jobs: all of them, sorted, between the fixed ones.
-    variable = sorted({c for r in rows for c in r if c.startswith(("input.", "meta."))},
+    variable = sorted((c for c in kinds if c.startswith(("input.", "meta."))),
                       key=lambda c: (not c.startswith("input."), c))
-    columns = [*HEAD_COLUMNS, *variable, *TAIL_COLUMNS]
-    # Built as objects, then typed per column from the values themselves: pandas' own inference
-    # would turn an integer column with one missing value into floats (41298.0 bytes).
+    return [*HEAD_COLUMNS, *variable, *TAIL_COLUMNS]
+
+
+def _frame(rows: list[dict[str, Any]], columns: list[str], kinds: dict[str, set[type]]) -> pd.DataFrame:
+    # Built as objects, then typed per column from the kinds of value the whole batch has there
+    # (not this chunk's: every chunk must have the same types). pandas' own inference would turn
+    # an integer column with one missing value into floats (41298.0 bytes).
     # A field absent from a job is None here, never pandas' NaN, so the typing below sees it.
     df = pd.DataFrame([[r.get(c) for c in columns] for r in rows], columns=columns, dtype=object)
     for col in df.columns:
-        kinds = {type(v) for v in df[col] if v is not None}
-        if not kinds:
+        found = kinds.get(col, set())
+        if not found:
             continue
-        if kinds == {int}:
+        if found == {int}:
             # Nullable integers: a seed missing from one job stays 42 (not 42.0) in the others.
             df[col] = df[col].astype("Int64")
-        elif kinds <= {int, float}:
+        elif found <= {int, float}:
             df[col] = df[col].astype("float64")
-        elif len(kinds) > 1:
+        elif found == {bool}:
+            df[col] = df[col].astype("boolean")
+        elif len(found) > 1:
             # A field holding a number in one job and text in another (CSV rows, notes) would
             # make a column that Parquet refuses: such a column becomes text throughout.
-            df[col] = df[col].map(lambda v: None if v is None else str(v))
+            # Kept as objects: pandas would infer its string type where the chunk has text and
+            # not where it has none, and chunks must agree.
+            df[col] = pd.Series([None if v is None else str(v) for v in df[col].tolist()], index=df.index,
+                                dtype=object)
     return df
 
 
-def write_report(df: pd.DataFrame, out: Path) -> None:
-    """Write ``df`` as CSV, JSON (records), Parquet or Excel, by ``out``'s extension."""
-    out = Path(out)
-    ext = out.suffix.lower()
-    writers: dict[str, tuple[str | None, Callable[[pd.DataFrame, Path], None]]] = {
-        ".csv": (None, lambda d, p: _for_spreadsheets(d).to_csv(p, index=False)),
-        ".json": (None, _write_json),
-        ".parquet": ("pyarrow", lambda d, p: d.to_parquet(p, index=False)),
-        ".xlsx": ("openpyxl", lambda d, p: _for_spreadsheets(d).to_excel(p, index=False, sheet_name="jobs")),
-    }
-    if ext not in writers:
-        raise UsageError(f"cannot write a report as '{ext or out.name}'; use one of: {', '.join(FORMATS)}")
-    package, write = writers[ext]
+def write_report(df: pd.DataFrame, out: Path, fmt: str | None = None) -> None:
+    """Write ``df`` as CSV, JSON (records), JSON lines, Parquet or Excel, by ``fmt`` or else by
+    ``out``'s extension."""
+    sink = open_sink(out, fmt)
+    try:
+        sink.write(df)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+
+
+async def stream_report(chunks: AsyncIterator[pd.DataFrame], out: Path | None,
+                        fmt: str | None = None) -> dict[str, int]:
+    """Write the report's ``chunks`` one after the other to ``out`` (None: stdout, CSV or JSON
+    lines only) and return the number of jobs per state. Nothing of a failed report is left:
+    files are written beside and renamed at the end."""
+    sink = open_sink(out, fmt)
+    counts: dict[str, int] = {}
+    try:
+        async for df in chunks:
+            sink.write(df)
+            for state, n in df["state"].value_counts().items():
+                counts[str(state)] = counts.get(str(state), 0) + int(n)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+    return counts
+
+
+def report_format(out: Path | None, fmt: str | None) -> str:
+    """The format, as an extension, of a report written to ``out`` (None: stdout)."""
+    if fmt is not None:
+        ext = "." + fmt.lower().lstrip(".")
+    elif out is None:
+        ext = ".csv"
+    else:
+        ext = Path(out).suffix.lower()
+    if ext not in FORMATS:
+        name = ext if fmt is not None or ext else Path(out or "-").name
+        raise UsageError(f"cannot write a report as '{name}'; use one of: {', '.join(FORMATS)}")
+    if out is None and ext not in STREAM_FORMATS:
+        raise UsageError(f"a report on stdout is one of: {', '.join(STREAM_FORMATS)} (not {ext})")
+    return ext
+
+
+class Sink:
+    """Where a report goes, one frame at a time; close() makes it complete, abort() removes it."""
+
+    def __init__(self, out: Path | None, ext: str):
+        self.out, self.ext = out, ext
+        self.rows = 0
+        self._parquet: Any = None
+        self._excel: list[pd.DataFrame] = []
+        if out is None:
+            self.tmp: Path | None = None
+            self.fh: TextIO | None = sys.stdout
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside, then rename: a reader (or a crash) never sees half a report.
+        # The temporary name keeps the extension: pandas picks the Excel engine by it.
+        self.tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+        self.fh = None if ext in (".parquet", ".xlsx") else self.tmp.open("w", encoding="utf-8", newline="")
+
+    def write(self, df: pd.DataFrame) -> None:
+        first = self.rows == 0
+        if self.ext == ".csv":
+            assert self.fh is not None
+            # The csv module over plain values writes what DataFrame.to_csv would (floats by
+            # repr, missing values empty), in a third of the time.
+            writer = csv.writer(self.fh, lineterminator="\n")
+            if first:
+                writer.writerow(df.columns)
+            writer.writerows(zip(*_plain_columns(df, spreadsheet=True), strict=True))
+        elif self.ext in (".json", ".jsonl"):
+            assert self.fh is not None
+            columns = list(df.columns)
+            lines = [json.dumps(dict(zip(columns, values, strict=True)), ensure_ascii=False)
+                     for values in zip(*_plain_columns(df), strict=True)]
+            if self.ext == ".jsonl":
+                self.fh.writelines(line + "\n" for line in lines)
+            elif lines:
+                # json.dumps rather than DataFrame.to_json: the latter writes "file:\/\/\/..." and
+                # 42.0 for nullable integers; here every missing value is null and every number
+                # stays as recorded. One record a line, inside one array.
+                self.fh.write(("[\n" if first else ",\n") + ",\n".join(lines))
+        elif self.ext == ".parquet":
+            import pyarrow as pa  # type: ignore[import-untyped]
+            import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+            table = pa.Table.from_pandas(df, schema=_arrow_schema(df), preserve_index=False)
+            if self._parquet is None:
+                self._parquet = pq.ParquetWriter(str(self.tmp), table.schema)
+            self._parquet.write_table(table)
+        else:
+            # Excel has no appending writer in pandas; a sheet holds a million rows at most anyway.
+            self._excel.append(df)
+        self.rows += len(df)
+
+    def close(self) -> None:
+        try:
+            if self.ext == ".json" and self.fh is not None:
+                self.fh.write("\n]\n" if self.rows else "[]\n")
+            if self._parquet is not None:
+                self._parquet.close()
+            if self._excel:
+                assert self.tmp is not None  # Excel never goes to stdout (STREAM_FORMATS)
+                df = self._excel[0] if len(self._excel) == 1 else pd.concat(self._excel, ignore_index=True)
+                _for_spreadsheets(df).to_excel(self.tmp, index=False, sheet_name="jobs")
+            if self.out is None:
+                assert self.fh is not None
+                self.fh.flush()
+                return
+            if self.fh is not None:
+                self.fh.close()
+            assert self.tmp is not None
+            self.tmp.replace(self.out)
+        except OSError as exc:
+            self.abort()
+            raise UsageError(f"cannot write {self.out or 'stdout'}: {exc}") from exc
+
+    def abort(self) -> None:
+        if self.out is None:
+            return
+        if self.fh is not None:
+            self.fh.close()
+        if self._parquet is not None:
+            with contextlib.suppress(Exception):
+                self._parquet.close()
+        assert self.tmp is not None
+        self.tmp.unlink(missing_ok=True)
+
+
+def open_sink(out: Path | None, fmt: str | None = None) -> Sink:
+    ext = report_format(out, fmt)
+    package = {".parquet": "pyarrow", ".xlsx": "openpyxl"}.get(ext)
     if package is not None:
         try:
             __import__(package)
         except ImportError as exc:
             raise UsageError(f"writing {ext} needs the {package} package: pip install {package}") from exc
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside, then rename: a reader (or a crash) never sees half a report.
-    # The temporary name keeps the extension: pandas picks the Excel engine by it.
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     try:
-        write(df, tmp)
-        tmp.replace(out)
+        return Sink(None if out is None else Path(out), ext)
     except OSError as exc:
         raise UsageError(f"cannot write {out}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def _arrow_schema(df: pd.DataFrame) -> Any:
+    """The same Parquet schema for every chunk: from the column types, which report_chunks fixes
+    for the whole batch; a column of text (or of nothing at all) is a string column."""
+    import pyarrow as pa
+
+    types = {"Int64": pa.int64(), "float64": pa.float64(), "boolean": pa.bool_()}
+    return pa.schema([(c, types.get(str(t), pa.string())) for c, t in df.dtypes.items()])
 
 
 def _for_spreadsheets(df: pd.DataFrame) -> pd.DataFrame:
@@ -169,31 +381,41 @@ def _for_spreadsheets(df: pd.DataFrame) -> pd.DataFrame:
     programs, which get the values as recorded."""
     out = df.copy()
     for col in out.columns:
-        if out[col].dtype == object:
-            out[col] = out[col].map(spreadsheet_cell)
+        if out[col].dtype == object and col not in _SAFE_COLUMNS:
+            out[col] = pd.Series(_spreadsheet_cells(out[col].tolist()), index=out.index, dtype=object)
     return out
 
 
-def _write_json(df: pd.DataFrame, path: Path) -> None:
-    # json.dumps rather than DataFrame.to_json: the latter writes "file:\/\/\/..." and 42.0 for
-    # nullable integers; here every missing value is null and every number stays as recorded.
-    records = [{k: _plain(v) for k, v in rec.items()} for rec in df.to_dict(orient="records")]
-    path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def _spreadsheet_cells(values: list[Any]) -> list[Any]:
+    # The usual cell (printable, no formula start) is kept without a call: 100,000 jobs have a
+    # million text cells.
+    return [v if v.__class__ is not str or (v.isprintable() and not v.startswith(FORMULA_START))
+            else spreadsheet_cell(v) for v in values]
 
 
-def _plain(value: Any) -> Any:
-    if value is None or _missing(value):
-        return None
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    return value
+# Text that batchgen itself writes, never a formula: hex keys and digests, states, ISO times.
+_SAFE_COLUMNS = frozenset({"key", "state", "created_at", "submitted_at", "started_at", "finished_at",
+                           "output_sha256"})
 
 
-def _missing(value: Any) -> bool:
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
+def _plain_columns(df: pd.DataFrame, spreadsheet: bool = False) -> list[list[Any]]:
+    """Each column as plain Python values, every missing one None: what json.dumps writes as
+    recorded (DataFrame.to_json would write "file:\\/\\/\\/..." and 42.0 for nullable integers);
+    with ``spreadsheet``, text made safe for one (_for_spreadsheets, without copying the frame).
+    Column by column: a cell at a time through pandas costs seconds for 100,000 jobs."""
+    columns = []
+    for col in df.columns:
+        series = df[col]
+        values = series.tolist()  # Python ints, floats and bools, never numpy scalars
+        if series.dtype == object:
+            # Objects are text or None here (_frame), never NaN: no mask to compute.
+            if spreadsheet and col not in _SAFE_COLUMNS:
+                values = _spreadsheet_cells(values)
+            columns.append(values)
+            continue
+        missing = series.isna().tolist()
+        columns.append([None if m else v for v, m in zip(values, missing, strict=True)])
+    return columns
 
 
 def _flatten(meta: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -215,6 +437,7 @@ def _cell(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=4096)  # a batch's jobs are mostly recorded at one time
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None

@@ -599,6 +599,43 @@ class Store:
         ) as cur:
             return [Job.from_row(r) for r in await cur.fetchall()]
 
+    async def iter_jobs_with_outputs(
+        self, batch: str, chunk: int = 2000
+    ) -> AsyncIterator[list[tuple[Job, list[Output]]]]:
+        """``batch``'s jobs in manifest order with their outputs, ``chunk`` jobs at a time: reports
+        and galleries of 100,000 jobs hold one chunk, and ask two queries per chunk, not one per job.
+        One query read a chunk at a time: no index orders a batch by seq alone, so each page
+        asked for apart would sort the whole batch again."""
+        async with self._db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE batch = ? ORDER BY seq, id", (batch,)
+        ) as jobs_cur:
+            while rows := await jobs_cur.fetchmany(chunk):
+                jobs = [Job.from_row(r) for r in rows]
+                found: dict[int, list[Output]] = {job.id: [] for job in jobs}
+                # The ids as one JSON parameter: no limit on the number of SQL variables to meet.
+                async with self._db.execute(
+                    "SELECT job_id, idx, kind, url, path, size, sha256 FROM outputs WHERE job_id IN "
+                    "(SELECT value FROM json_each(?)) ORDER BY job_id, idx",
+                    (json.dumps(list(found)),),
+                ) as cur:
+                    for r in await cur.fetchall():
+                        found[r[0]].append(Output(*r))
+                yield [(job, found[job.id]) for job in jobs]
+
+    async def input_kinds(self, batch: str) -> set[tuple[str, str]]:
+        """Every (input name, JSON type) among ``batch``'s jobs, SQLite's json_each types
+        ('integer', 'real', 'text', 'true', 'false', 'null', 'array', 'object'): a report's columns
+        and their types without parsing 100,000 jobs in Python."""
+        async with self._db.execute(
+            "SELECT DISTINCT e.key, e.type FROM jobs j, json_each(j.inputs_json) e WHERE j.batch = ?", (batch,)
+        ) as cur:
+            return {(r[0], r[1]) for r in await cur.fetchall()}
+
+    async def distinct_meta(self, batch: str) -> list[dict[str, Any]]:
+        """The different notes of ``batch``'s jobs (most batches have few: matrix values, tags)."""
+        async with self._db.execute("SELECT DISTINCT meta_json FROM jobs WHERE batch = ?", (batch,)) as cur:
+            return [json.loads(r[0]) for r in await cur.fetchall()]
+
     async def counts(self, batches: Sequence[str] | None = None, *,
                      retired: bool | None = False) -> dict[str, dict[str, int]]:
         """{batch: {state: count}} over the given batches (all when None): of the jobs still in

@@ -19,12 +19,14 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from bigbatch import grow_batch
 from imagefactory import make_image
+from PIL import Image
 from test_runner import settings
 
 from batchgen import app
 from batchgen.errors import UsageError
-from batchgen.gallery import build_gallery
+from batchgen.gallery import RECORD_FIELDS, build_gallery
 from batchgen.simulator import FaultConfig, SimConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -54,28 +56,47 @@ async def simulated_batch(samples: Path, workdir: Path, faults: list[str]) -> Pa
 # ---- the HTML, without a browser ----------------------------------------------------------------
 
 
-async def test_page_has_a_card_per_job_with_escaped_text_and_relative_links(samples, tmp_path):
+def gallery_data(page: Path) -> list[list[Any]]:
+    """The job records of a page's data file (gallery.RECORD_FIELDS), every chunk joined."""
+    records: list[list[Any]] = []
+    for line in page.with_name("gallery-data.js").read_text().splitlines():
+        m = re.fullmatch(r"window\.batchgenGallery\.push\(JSON\.parse\((\".*\")\)\);", line)
+        if m:
+            records += json.loads(json.loads(m.group(1)))
+    return records
+
+
+def field(record: list[Any], name: str) -> Any:
+    return record[RECORD_FIELDS.index(name)]
+
+
+async def test_page_and_data_file_with_text_as_text_and_relative_links(samples, tmp_path):
     # The first two submits fail: a failed and a succeeded card on the same page.
     work = await simulated_batch(samples, tmp_path / "work", ["script.submit=fail,fail"])
     page = await build_gallery(work, "quickstart")
     assert page == (tmp_path / "work" / "simulated" / "quickstart" / "gallery.html").resolve()
     text = page.read_text()
-    states = re.findall(r'<article class="card" data-state="([a-z_]+)"', text)
-    assert sorted(states) == ["failed"] * 2 + ["succeeded"] * 4
-    # Nothing the manifest says reaches the page as markup.
-    assert "<script>window.pwned" not in text and "<i>take 2</i>" not in text
-    assert "&lt;script&gt;window.pwned = 1&lt;/script&gt;" in text and "&lt;i&gt;take 2&lt;/i&gt;" in text
-    # Self-contained: one inline script and style, nothing fetched from anywhere.
-    assert text.count("<script>") == 1 and "<script src" not in text and "<link" not in text
-    assert not re.search(r"""(src|href)="(https?:)?//""", text)
-    # Outputs and local inputs by relative paths that resolve to real files.
-    videos = re.findall(r'<video [^>]*src="([^"]+)"', text)
+    records = gallery_data(page)
+    assert sorted(field(r, "state") for r in records) == ["failed"] * 2 + ["succeeded"] * 4
+    # Nothing the manifest says reaches the page as markup: the page holds no job at all, and the
+    # data is JSON in a string that the page's script puts in as text.
+    assert "pwned" not in text and "take 2" not in text
+    assert field(records[0], "prompt") == NASTY and ["_note", "<i>take 2</i>"] in field(records[0], "settings")
+    assert "<script>" not in page.with_name("gallery-data.js").read_text()
+    # Self-contained: one inline script and style, the data file beside it, nothing from anywhere.
+    assert text.count("<script>") == 1 and re.findall(r'<script src="([^"]+)"', text) == ["gallery-data.js"]
+    assert "<link" not in text and not re.search(r"""(src|href)="(https?:)?//""", text)
+    # Outputs by relative paths that resolve to real files; inputs as thumbnails beside the page.
+    videos = [o[0] for r in records for o in field(r, "outputs")]
     assert len(videos) == 4 and all((page.parent / v).is_file() for v in videos)
-    assert all("controls" in v and 'preload="metadata"' in v for v in re.findall(r"<video [^>]*>", text))
-    inputs = set(re.findall(r'<img src="([^"]+)" alt="input image"', text))
-    assert inputs and all(not u.startswith(("file:", "/")) and (page.parent / u).is_file() for u in inputs)
-    assert text.count("Generation failed") == 2
-    assert "seed</dt><dd>42</dd>" in text and "frames</dt><dd>121</dd>" in text
+    inputs = {u for r in records for u in field(r, "inputs")}
+    assert inputs and all(u.startswith("thumbs/") and u.endswith(".jpg") for u in inputs)
+    for u in inputs:
+        with Image.open(page.parent / u) as img:
+            assert img.format == "JPEG" and max(img.size) <= 320
+    assert sum(1 for r in records if (field(r, "error") or "").startswith("Generation failed")) == 2
+    settings = dict(tuple(kv) for kv in field(records[0], "settings"))
+    assert settings["seed"] == "42" and settings["frames"] == "121"
 
 
 async def test_remote_input_images_are_linked_by_their_url(simulator, tmp_path):
@@ -85,8 +106,8 @@ async def test_remote_input_images_are_linked_by_their_url(simulator, tmp_path):
     manifest.write_text(yaml.safe_dump({"name": "remote", "jobs": [{"prompt": "p", "image": url}]}))
     await app.run(app.RunOptions(workdir=tmp_path / "work", manifest=manifest,
                                  target=app.Target(api_url=sim.base_url, token="t"), settings=settings()))
-    text = (await build_gallery(tmp_path / "work", "remote")).read_text()
-    assert f'<img src="{url}" alt="input image"' in text
+    (record,) = gallery_data(await build_gallery(tmp_path / "work", "remote"))
+    assert field(record, "inputs") == [url]
 
 
 async def test_unknown_batch_or_missing_store_is_a_usage_error(samples, tmp_path):
@@ -310,6 +331,7 @@ async def test_gallery_in_headless_chromium(samples, tmp_path):
         # The manifest's HTML is shown as text, never run.
         assert await page.evaluate("window.pwned === undefined")
         assert await page.evaluate("document.querySelector('.card .prompt').textContent") == NASTY
+        assert await page.evaluate("document.querySelectorAll('.card .badge.sim').length") == 6
 
         png = tmp_path / "gallery.png"
         shot = await page.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
@@ -336,3 +358,70 @@ async def test_gallery_in_headless_chromium(samples, tmp_path):
         await page.click('button[data-filter="all"]')
         await page.wait_for(f"{VISIBLE_STATES}.length === 6", "all cards again")
         assert page.errors() == []
+
+
+CARDS = "document.querySelectorAll('.card').length"
+
+
+@needs_chromium
+async def test_ten_thousand_jobs_draw_only_the_cards_in_view_and_survive_a_move(samples, tmp_path):
+    """10,000 jobs: the page holds a few dozen cards at most; search, filter and scrolling work on
+    the data; and the work directory moved elsewhere (the manifest's images gone) still shows
+    every thumbnail and video."""
+    work = await simulated_batch(samples, tmp_path / "work", [])
+    grow_batch(work / "simulated" / "batchgen.sqlite3", 10_000)
+    await build_gallery(work, "quickstart")
+    moved = tmp_path / "moved" / "work"
+    shutil.move(work, moved)
+    shutil.rmtree(samples / "images")
+    page_path = moved / "simulated" / "quickstart" / "gallery.html"
+    async with chromium(tmp_path / "profile") as cdp:
+        page = await open_page(cdp, page_path.as_uri())
+        await page.wait_for(f"{CARDS} > 0", "the first cards")
+        assert 0 < await page.evaluate(CARDS) <= 60
+        # Thumbnails and videos of the cards in view load from the moved directory.
+        await page.wait_for("Array.from(document.images).every(i => i.complete)", "images")
+        assert await page.evaluate("document.images.length") > 0
+        assert await page.evaluate("Array.from(document.images).filter(i => i.naturalWidth === 0).length") == 0
+        await page.wait_for("Array.from(document.querySelectorAll('video')).every(v => v.readyState >= 1)",
+                            "every video's metadata")
+
+        await page.evaluate("(() => { const s = document.getElementById('search'); s.value = 'scene 4242 ';"
+                            " s.dispatchEvent(new Event('input')); })()")
+        await page.wait_for(f"{CARDS} === 1", "one card for the search")
+        assert (await page.evaluate("document.querySelector('.card .prompt').textContent")).startswith("scene 4242 ")
+        await page.evaluate("(() => { const s = document.getElementById('search'); s.value = '';"
+                            " s.dispatchEvent(new Event('input')); })()")
+
+        await page.click('button[data-filter="failed"]')
+        await page.wait_for("document.getElementById('shown').textContent === '999 shown'", "999 failed jobs")
+        assert set(await page.evaluate(VISIBLE_STATES)) == {"failed"}
+        # Every tenth job added failed (10, 20, ... 9990). Scrolled to the end: the last one is drawn,
+        # and still only the cards in view.
+        await page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        last = f"{9990:016x}"
+        await page.wait_for(f"document.querySelector('.card[data-key=\"{last}\"]') !== null", "the last card")
+        assert 0 < await page.evaluate(CARDS) <= 60
+        assert page.errors() == []
+
+
+def test_thumbnails_from_files_and_data_uris_are_made_once_by_digest(tmp_path):
+    """A local file reference and a data: URI of the same image make one small JPEG named by the
+    image's sha256; the data: URI's payload never becomes the thumbnail's URL."""
+    import hashlib
+
+    from batchgen.inline import FileRef
+    from batchgen.thumbs import Thumbnails
+
+    src = make_image(tmp_path / "big.png", 1600, 1200)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    ref = FileRef(str(src), digest, src.stat().st_size, "image/png").uri
+    data_uri = "data:image/png;base64," + base64.b64encode(src.read_bytes()).decode()
+    thumbs = Thumbnails(tmp_path / "page")
+    assert thumbs.url(ref) == thumbs.url(data_uri) == f"thumbs/{digest}.jpg"
+    made = tmp_path / "page" / "thumbs" / f"{digest}.jpg"
+    with Image.open(made) as img:
+        assert img.format == "JPEG" and img.size == (320, 240)
+    assert made.stat().st_size < 30_000
+    assert thumbs.url("data:image/png;base64,bm90IGFuIGltYWdl") is None  # not an image: no thumbnail
+    assert thumbs.url("https://example.com/a.jpg") is None

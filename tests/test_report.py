@@ -3,10 +3,14 @@ written as CSV, JSON, Parquet and Excel (or a clear error when the library is mi
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import hashlib
 import importlib.util
+import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -188,3 +192,56 @@ async def test_spreadsheets_get_text_where_a_cell_would_be_a_formula(samples, tm
     write_report(df, tmp_path / "r.json")  # JSON is for programs: the values as recorded
     (record,) = json.loads((tmp_path / "r.json").read_text())
     assert record["error"] == df["error"][0] and record["input.prompt"] == "=1+2"
+
+
+# ---- streaming: chunks, stdout ------------------------------------------------------------------
+
+
+async def test_chunks_have_the_whole_batchs_columns_and_types(samples, tmp_path):
+    """Read two jobs at a time, every chunk has every column, typed for the whole batch: the note
+    that is a number only in the first chunk is text in all of them, and the chunks joined are the
+    report read at once."""
+    from batchgen.report import report_chunks
+
+    work = await simulated_run(samples, tmp_path / "work", ["script.submit=fail"])
+    parts = [df async for df in report_chunks(work, "quickstart", chunk=2)]
+    assert [len(p) for p in parts] == [2, 2, 2]
+    assert all(list(p.columns) == COLUMNS for p in parts), list(parts[0].columns)
+    assert all(dict(p.dtypes) == dict(parts[0].dtypes) for p in parts), [
+        {c: t for c, t in p.dtypes.items() if t != parts[0][c].dtype} for p in parts]
+    assert str(parts[0]["input.seed"].dtype) == "Int64" and list(parts[0]["meta._take"]) == ["2", "2"]
+    assert parts[2]["meta._tags"].isna().all() and parts[2]["meta._tags"].dtype == object
+    whole = await build_report(work, "quickstart")
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), whole)
+
+
+def _report_cli(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "batchgen.cli", "report", "quickstart", "--workdir", str(work),
+                           *args], capture_output=True, text=True, timeout=60)
+
+
+async def test_report_to_stdout_as_csv_or_json_lines(mixed, tmp_path):
+    done = _report_cli(mixed, "-o", "-")
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert len(rows) == 6 and list(rows[0]) == COLUMNS
+    # The summary goes to stderr, so stdout is the report alone.
+    assert "stdout: 6 job(s) of quickstart, simulated (5 succeeded, 1 failed)" in done.stderr
+
+    done = _report_cli(mixed, "-o", "-", "--format", "jsonl")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 6 and all(list(r) == COLUMNS for r in records)
+    assert records[0]["input.seed"] == 42 and isinstance(records[0]["simulated"], bool)
+
+    bad = _report_cli(mixed, "-o", "-", "--format", "parquet")
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert "a report on stdout is one of: .csv, .jsonl" in bad.stderr and "Traceback" not in bad.stderr
+
+
+async def test_json_lines_and_json_files_agree(mixed, tmp_path):
+    df = await build_report(mixed, "quickstart")
+    write_report(df, tmp_path / "r.jsonl")
+    write_report(df, tmp_path / "r.json")
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert lines == json.loads((tmp_path / "r.json").read_text())
