@@ -844,7 +844,7 @@ def _secs(value: float | None) -> str:
 @click.option("--format", "fmt", type=click.Choice(["csv", "json", "jsonl", "parquet", "xlsx"]), default=None,
               help="The format, whatever the file's extension (on stdout: csv or jsonl).")
 @workdir_option
-@click.option("--simulated/--api", "simulated", default=None,
+@click.option("--simulated/--api", "--simulate", "simulated", default=None,
               help="The batch's --simulate results, or its results from the API (default: from the "
                    "API if it has any, else the simulated ones).")
 def report(batch: str, out: str, fmt: str | None, workdir: Path, simulated: bool | None) -> None:
@@ -885,7 +885,7 @@ async def _write_report(workdir: Path, batch: str, out: Path | None, fmt: str | 
 @click.argument("batch")
 @workdir_option
 @click.option("--open", "open_page", is_flag=True, help="Open the page in the default browser.")
-@click.option("--simulated/--api", "simulated", default=None,
+@click.option("--simulated/--api", "--simulate", "simulated", default=None,
               help="The batch's --simulate results (page in WORKDIR/simulated/BATCH/), or its results "
                    "from the API (default: from the API if it has any, else the simulated ones).")
 def gallery(batch: str, workdir: Path, open_page: bool, simulated: bool | None) -> None:
@@ -956,7 +956,7 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--delete-files", is_flag=True, help="Also delete their output files (kept by default).")
 @workdir_option
-@click.option("--simulated/--api", "simulated", default=None,
+@click.option("--simulated/--api", "--simulate", "simulated", default=None,
               help="The batch's --simulate records, or those of the API (default: the API's if it "
                    "has any, else the simulated ones).")
 def forget(batch: str, states: tuple[str, ...], keys: tuple[str, ...], yes: bool, delete_files: bool,

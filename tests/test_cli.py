@@ -365,3 +365,12 @@ def test_concurrency_auto_in_the_config_file(samples):
 def test_simulate_offers_the_account_knobs():
     out = cli("simulate", "--help").output
     assert "--max-queued" in out and "--duration-jitter" in out
+
+
+@pytest.mark.parametrize("command", [["report", "b", "-o", "-"], ["gallery", "b"], ["forget", "b", "--yes"]])
+def test_the_simulated_results_are_named_by_simulate_as_in_run(command):
+    """`--simulate` picks a batch's simulated results wherever `run`, `retry` and `cancel` take it."""
+    for flag in ("--simulate", "--simulated"):
+        result = CliRunner().invoke(main, [*command, flag])
+        assert "No such option" not in result.output, result.output
+        assert result.output.startswith("error: no store of --simulate runs"), result.output
