@@ -305,8 +305,8 @@ class Sink:
                 # stays as recorded. One record a line, inside one array.
                 self.fh.write(("[\n" if first else ",\n") + ",\n".join(lines))
         elif self.ext == ".parquet":
-            import pyarrow as pa  # type: ignore[import-untyped]
-            import pyarrow.parquet as pq  # type: ignore[import-untyped]
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
             table = pa.Table.from_pandas(df, schema=_arrow_schema(df), preserve_index=False)
             if self._parquet is None:
