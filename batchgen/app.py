@@ -388,8 +388,14 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
             if opts.retry_states:
                 await store.clear_cancel(batches)  # a retry resumes a cancelled batch
                 for job in await store.jobs(batches, opts.retry_states, current=True):
-                    await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
+                    # Half-downloaded files of the earlier try are never spliced into a new one.
                     discard_partials(folder / job.batch, job.key)
+                    if (job.state == S.FAILED and job.request_id is not None
+                            and (job.error or "").startswith(S.OUTPUT_LOST)):
+                        # Delivered and paid for: fetched again, never submitted again.
+                        await store.refollow(job, f"retry requested: output fetched again ({job.error})")
+                        continue
+                    await store.requeue(job, f"retry requested (was {job.state}: {job.error})")
                 if S.OVERDUE not in opts.retry_states:
                     overdue_kept = len(await store.jobs(batches, [S.OVERDUE], current=True))
             async with api_endpoint(opts.target, workdir) as (base_url, token):

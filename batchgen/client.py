@@ -257,7 +257,9 @@ def make_status_error(
     kwargs: _StatusFields = dict(status=status, error_code=code, envelope=envelope,
                                  retry_after=parse_retry_after(retry_after))
     family = code // 1000 if code and code > 0 else status
-    if code == 400004 or (not envelope and status in (401, 403)):
+    # 403001 ("this request belongs to another user") says the token is not the one that
+    # submitted: an account matter for the whole run, never a verdict on the job.
+    if code == 400004 or family == 403 or (not envelope and status in (401, 403)):
         return AccountError(text, **kwargs)
     if code == 400002 or status == 402 or family == 402:
         return InsufficientBalanceError(text, **kwargs)

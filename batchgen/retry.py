@@ -75,9 +75,14 @@ def classify(exc: BaseException, call: Call) -> Decision:
     if call is Call.SUBMIT and getattr(exc, "error_code", None) == UNKNOWN_MODEL:
         # InvalidResourceIdentifier: every job of this model would be refused the same way.
         return Decision.STOP_SUBMITTING
-    if isinstance(exc, NotFoundError | InvalidRequestError):
+    if isinstance(exc, NotFoundError):
         return Decision.FAIL
-    if isinstance(exc, APIStatusError):
+    if isinstance(exc, APIStatusError) and call is Call.POLL:
+        # Any other refusal of a question about a job we submitted says nothing of the job, which
+        # may still be running and billed: failing it would invite `retry` to pay twice. It is
+        # asked again, and past its job timeout it is set aside as overdue (still followed).
+        return Decision.RETRY
+    if isinstance(exc, InvalidRequestError | APIStatusError):
         return Decision.FAIL
     if isinstance(exc, DownloadError):
         if exc.permanent:
@@ -129,7 +134,9 @@ class RetryPolicy:
     def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Delay before retry number ``attempt`` (1 for the first retry). Half fixed, half random
         ("equal jitter"): spreads a crowd of retries without ever retrying at once."""
-        ceiling = min(self.cap, self.base * (2.0 ** max(0, attempt - 1)))
+        # The exponent is capped: a float power overflows past 2**1023, and a job polled through
+        # a long outage of readable answers can reach such retry numbers before its timeout.
+        ceiling = min(self.cap, self.base * (2.0 ** min(max(0, attempt - 1), 64)))
         return ceiling / 2 + rand() * ceiling / 2
 
     def delay(

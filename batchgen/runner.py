@@ -144,6 +144,14 @@ class Budget:
             if cost > 0:  # a failed job's 0 says nothing of the price of one that succeeds
                 self.estimate = max(self.estimate or 0.0, cost)
 
+    def reported(self, job_id: int, cost: float | None) -> None:
+        """The provider ended the job: its cost if the answer gave one (None: not said, or not
+        readable), which is then counted at the estimate, never as free."""
+        if cost is None:
+            self.left(job_id)
+        else:
+            self.finished(job_id, cost)
+
     def left(self, job_id: int) -> None:
         """The job is no longer followed and reported no cost (see the class docstring)."""
         if job_id in self._open:
@@ -153,12 +161,19 @@ class Budget:
     def committed(self) -> float:
         return self.spent + (len(self._open) + self._unreported) * (self.estimate or 0.0)
 
+    def unbounded(self) -> bool:
+        """A job may have cost something nobody can say (no cost reported, no price known): from
+        then on no sum stays under the cap for sure, so a capped run sends nothing more."""
+        return self.limit is not None and self.estimate is None and self._unreported > 0
+
     def waits_for_a_price(self) -> bool:
         return self.limit is not None and self.estimate is None and bool(self._open)
 
     def allows_another(self) -> bool:
         if self.limit is None:
             return True
+        if self.unbounded():
+            return False
         return self.committed() + (self.estimate or 0.0) <= self.limit + 1e-9
 
 
@@ -730,8 +745,12 @@ class Runner:
                 await self._nap(0.5)
                 continue
             if not self.budget.allows_another():
-                self._end_submitting("budget", f"--max-cost {self.s.max_cost:g} USD reached "
-                                     f"(spent {self.budget.spent:.2f}, committed {self.budget.committed():.2f})")
+                if self.budget.unbounded():
+                    self._end_submitting("budget", f"--max-cost {self.s.max_cost:g} USD cannot be kept: a job "
+                                         "ended without a cost and the model's price is unknown; no more submits")
+                else:
+                    self._end_submitting("budget", f"--max-cost {self.s.max_cost:g} USD reached (spent "
+                                         f"{self.budget.spent:.2f}, committed {self.budget.committed():.2f})")
                 break
             if self._outage.active:
                 if self._outage.exhausted():
@@ -1146,7 +1165,7 @@ class Runner:
             return
         self._answered(job)
         self._observe_duration(job, result, now)
-        self.budget.finished(job.id, result.cost)
+        self.budget.reported(job.id, result.cost)
         self._summary.spent_usd = self.budget.spent
         if result.status == "succeeded" and result.outputs:
             self._leave_provider(job)
@@ -1335,6 +1354,9 @@ class Runner:
         and downloaded by whichever sees it finished."""
         await self.store.transition(job, S.OVERDUE, error=error)
         self._overdue.add(job.id)
+        # It may be billed and may never say what: counted at the estimate from now on, and no
+        # longer a job whose cost the run waits for (with no price known, that wait would never end).
+        self.budget.left(job.id)
         self._testers.pop(job.id, None)
         self._poll_failures.pop(job.id, None)
         self._unreadable.pop(job.id, None)
@@ -1455,7 +1477,7 @@ class Runner:
         return result.outputs[idx][1]
 
     async def _output_lost(self, job: Job, exc: BatchgenError) -> None:
-        await self.store.transition(job, S.FAILED, error=f"output could not be downloaded: {exc}")
+        await self.store.transition(job, S.FAILED, error=f"{S.OUTPUT_LOST}: {exc}")
         self._finished(job, str(exc))
 
 

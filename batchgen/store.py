@@ -96,6 +96,9 @@ REMOTE_ACTIVE = (IN_QUEUE, IN_PROGRESS)
 # Jobs with a request id whose result may still come: polled by every run.
 FOLLOWED = (*REMOTE_ACTIVE, OVERDUE)
 TERMINAL = (SUCCEEDED, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
+# How a failed job whose result the provider delivered, but whose files could not be fetched
+# (a host not allowed, a size cap), says so: `retry` follows it again instead of paying again.
+OUTPUT_LOST = "output could not be downloaded"
 # Jobs whose recorded inputs a rerun of the manifest refreshes: not at the provider, not done;
 # their next submit (pending) or retry sends them.
 REFRESHABLE = (PENDING, FAILED, UNKNOWN, CANCELLED, TIMED_OUT)
@@ -821,6 +824,13 @@ class Store:
                 request_id=None, queue_position=None, error=None, error_code=None, cost=None,
                 not_before=None, submitted_at=None, started_at=None, finished_at=None, api=None,
             )
+
+    async def refollow(self, job: Job, detail: str) -> None:
+        """Put a failed job whose output was lost (``OUTPUT_LOST``) back among the jobs at the
+        provider, request id kept: the next run asks its result again and downloads it, under
+        the settings of now. Submitting it again would pay for it twice."""
+        await self.transition(job, IN_QUEUE, expect=(FAILED,), detail=detail, error=None,
+                              error_code=None, finished_at=None)
 
     async def attempts(self, job_ids: Sequence[int]) -> dict[int, list[Attempt]]:
         """{job id: its earlier attempts, oldest first} (those a `retry` put aside)."""

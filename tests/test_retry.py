@@ -12,6 +12,7 @@ from batchgen.errors import (
     AccountError,
     APIConnectionError,
     APIResponseLostError,
+    APIStatusError,
     DownloadError,
     InsufficientBalanceError,
     InvalidRequestError,
@@ -54,7 +55,10 @@ CASES = [
     (_status(InsufficientBalanceError, 400, True, 400002), Call.SUBMIT, Decision.STOP_SUBMITTING),
     (_status(InvalidRequestError, 422, True, 422001), Call.SUBMIT, Decision.FAIL),
     (_status(InvalidRequestError, 400, True, 400001), Call.SUBMIT, Decision.STOP_SUBMITTING),
-    (_status(InvalidRequestError, 400, True, 400001), Call.POLL, Decision.FAIL),
+    # A refused question about a submitted job says nothing of the job: asked again (then
+    # overdue at its timeout), never failed, which would let `retry` pay for it twice.
+    (_status(InvalidRequestError, 400, True, 400001), Call.POLL, Decision.RETRY),
+    (_status(APIStatusError, 418), Call.POLL, Decision.RETRY),
     (_status(NotFoundError, 404, True, 404001), Call.POLL, Decision.FAIL),
     (DownloadError("gone", status=404, expired=True), Call.DOWNLOAD, Decision.REFRESH),
     (DownloadError("forbidden", status=403), Call.DOWNLOAD, Decision.REFRESH),
@@ -84,6 +88,8 @@ ERRORS = [
     (200, {"error_code": 500001, "error": "busy"}, ServerError, True),
     (422, {"error_code": 422001, "error_message": "prompt too long"}, InvalidRequestError, True),
     (400, {"error_code": 400001, "error_message": "bad model"}, InvalidRequestError, True),
+    # Another user's request: the token changed under the batch, an account matter.
+    (403, {"error_code": 403001, "error_message": "belongs to another user"}, AccountError, True),
 ]
 
 
@@ -347,3 +353,8 @@ async def test_slots_wait_wake_and_forget_a_cancelled_waiter():
     await asyncio.sleep(0)
     slots.close()  # closing lets every waiter through (the runner checks and gives it back)
     await asyncio.wait_for(third, 1)
+
+
+def test_backoff_never_overflows_however_many_retries():
+    # A job asked about for hours through unreadable answers reaches retry numbers past 1,024.
+    assert RetryPolicy().backoff(5_000, rand=lambda: 1.0) == RetryPolicy().cap

@@ -303,8 +303,9 @@ async def test_retry_failed_jobs_keeps_history(simulator, tmp_path):
 
 async def test_a_retried_job_never_resumes_the_partial_file_of_its_earlier_attempt(simulator, tmp_path):
     # The first attempt's output could not be downloaded (cut short, then expired): the job
-    # failed with half a file in <key>.mp4.part. Retried, it is a new generation, different
-    # bytes at the real service; resuming the old .part would splice two outputs into one file.
+    # failed with half a file in <key>.mp4.part. Retried, its result is asked for again (it was
+    # paid for) and fetched whole: should the bytes served differ now, resuming the old .part
+    # would splice two outputs into one file.
     sim = await simulator(duration=0, faults=["script.download=truncate,truncate,truncate,expire"])
     path = manifest(tmp_path, sim, 1)
     lossy = RetryPolicy(base=0.01, cap=0.05, retry_after_cap=0.05, max_call_retries=2)
@@ -317,6 +318,7 @@ async def test_a_retried_job_never_resumes_the_partial_file_of_its_earlier_attem
         workdir=tmp_path / "work", batch="b", retry_states=(S.FAILED,),
         target=app.Target(api_url=sim.base_url, token="t"), settings=settings()))
     assert retry.counts == {"b": {"succeeded": 1}}
+    assert sim.calls["submit"] == 1  # delivered once, paid once
     await check_outputs_match(sim, tmp_path / "work")  # the file is what the provider served
     assert not list((tmp_path / "work" / "b").glob("*.part"))
 
