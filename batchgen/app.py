@@ -326,7 +326,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
         # One expansion serves both: jobs are kept as compact rows while they are checked, and
         # recorded only if the whole manifest passed.
         rows: list[tuple[Any, ...]] = []
-        manifest, result = await check_manifest(opts, collect=lambda spec: rows.append(Store.job_row(spec)))
+        manifest, result = await check_manifest(opts, collect=lambda spec: rows.append(S.job_row(spec)))
         if result.problems:
             raise ManifestError(result.problems)
         schemas[manifest.name] = manifest.schema

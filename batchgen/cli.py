@@ -950,7 +950,7 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
 
 @main.command()
 @click.argument("batch")
-@click.option("--state", "states", multiple=True, type=click.Choice([*app.FORGETTABLE, app.RETIRED]),
+@click.option("--state", "states", multiple=True, type=click.Choice([*map(str, app.FORGETTABLE), app.RETIRED]),
               help="Only jobs in this state (repeatable; 'retired': those no longer in the manifest).")
 @click.option("--key", "keys", multiple=True, help="Only the job with this key (repeatable).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
