@@ -52,3 +52,17 @@ def test_exit_codes_documented():
     codes = {v for k, v in vars(cli).items() if k.startswith("EXIT_")}
     for code in codes:
         assert re.search(rf"^\| {code} \|", README, re.M), f"exit code {code} not in README"
+
+
+def test_report_formats_in_the_readme_and_help_are_the_registrys():
+    # One registry (reportformats.py): the README's table and `report --help` are derived from it,
+    # so a format added there cannot be left out of either.
+    from batchgen import reportformats
+
+    section = README.split("### `batchgen report", 1)[1].split("\n### ", 1)[0]
+    assert reportformats.readme_table() in section
+    help_text = " ".join(CliRunner().invoke(main, ["report", "--help"]).output.split())
+    for fmt in reportformats.REPORT_FORMATS.values():
+        assert fmt.ext in help_text and fmt.name in help_text.split("--format [", 1)[1].split("]", 1)[0]
+        if fmt.needs:
+            assert f"{fmt.ext} (needs {fmt.needs})" in help_text
