@@ -39,7 +39,7 @@ async def test_concurrent_transactions_do_not_mix(store):
 
     async def failing():
         with pytest.raises(RuntimeError):
-            async with store.atomic() as db:
+            async with store._engine.atomic() as db:
                 await db.execute("INSERT INTO jobs (batch, key, seq, model_id, inputs_json, "
                                  "created_at, updated_at) VALUES ('b', 'bad', 0, 'm', '{}', 0, 0)")
                 await asyncio.sleep(0.01)
@@ -109,7 +109,7 @@ async def test_group_commit_waits_for_an_open_transaction(store):
     order = []
 
     async def long_transaction():
-        async with store.atomic() as db:
+        async with store._engine.atomic() as db:
             await db.execute("UPDATE batches SET updated_at = 1 WHERE name = 'b'")
             await asyncio.sleep(0.05)  # a group commit asked for now must not block the loop
             order.append("atomic")
@@ -304,7 +304,7 @@ async def test_writes_survive_a_committer_cancelled_while_it_waits_for_the_lock(
     release = asyncio.Event()
 
     async def hold():  # another task's transaction (atomic(), a checkpoint) holds the lock
-        async with store.atomic():
+        async with store._engine.atomic():
             await release.wait()
 
     holder = asyncio.create_task(hold())

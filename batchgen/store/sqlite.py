@@ -17,7 +17,6 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ class SqliteStore(StoreReads, Transitions, Store):
         pending = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves (atomic()), nothing implicit.
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves (GroupCommit.atomic), nothing implicit.
             pending = aiosqlite.connect(path, isolation_level=None)
             db = await pending
         except (OSError, aiosqlite.Error) as exc:
@@ -87,10 +86,6 @@ class SqliteStore(StoreReads, Transitions, Store):
     async def close(self) -> None:
         await self._engine.close()  # writes already asked for are committed first
         await self._db.close()  # the last connection to close checkpoints, in aiosqlite's thread
-
-    def atomic(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
-        """One transaction on aiosqlite's connection (engine.GroupCommit.atomic)."""
-        return self._engine.atomic()
 
     # ---- the commands' writes ------------------------------------------------------------------
 
