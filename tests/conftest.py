@@ -7,6 +7,7 @@ import shutil
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,29 @@ def local_ref(path: Path) -> str:
 
 
 # ---- the store as tests drive it (what batchgen itself never needs) -------------------------------
+
+@dataclass
+class Spec:
+    """A job spec as the store records one (manifest.JobSpec's fields that it reads)."""
+
+    key: str
+    seq: int
+    model_id: str = "m/x"
+    source: str = "t.yaml, line 1"
+    inputs: dict = field(default_factory=lambda: {"prompt": "p"})
+    meta: dict = field(default_factory=dict)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    """A fresh store, closed after the test (the store tests' one way to get one: a second
+    backend would be plugged in here)."""
+    from batchgen.store import Store
+
+    s = await Store.open(tmp_path / "store.sqlite3")
+    yield s
+    await s.close()
+
 
 async def add_jobs(store, batch: str, specs) -> int:
     """Record specs (anything with key, seq, model_id, source, inputs, meta) as jobs of ``batch``."""

@@ -5,32 +5,13 @@ the group commit in test_store_engine.py, migrations in test_migrations.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
-from conftest import add_jobs, claim_one, events
+from conftest import Spec, add_jobs, claim_one, events
 
 from batchgen import store as S
 from batchgen.errors import StoreError
 from batchgen.store import Store
 from batchgen.store import sqlite as sqlite_store
-
-
-@dataclass
-class Spec:
-    key: str
-    seq: int
-    model_id: str = "m/x"
-    source: str = "t.yaml, line 1"
-    inputs: dict = field(default_factory=lambda: {"prompt": "p"})
-    meta: dict = field(default_factory=dict)
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = await Store.open(tmp_path / "store.sqlite3")
-    yield s
-    await s.close()
 
 
 async def test_add_jobs_is_idempotent(store):

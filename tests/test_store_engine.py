@@ -6,32 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from dataclasses import dataclass, field
 
 import pytest
-from conftest import add_jobs, events
+from conftest import Spec, add_jobs, events
 
 from batchgen import constants as C
 from batchgen import store as S
 from batchgen.errors import StoreError
 from batchgen.store import Store, engine
-
-
-@dataclass
-class Spec:
-    key: str
-    seq: int
-    model_id: str = "m/x"
-    source: str = "t.yaml, line 1"
-    inputs: dict = field(default_factory=lambda: {"prompt": "p"})
-    meta: dict = field(default_factory=dict)
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = await Store.open(tmp_path / "store.sqlite3")
-    yield s
-    await s.close()
 
 
 async def test_concurrent_transactions_do_not_mix(store):

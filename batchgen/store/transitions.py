@@ -50,16 +50,8 @@ class Transitions:
         # RETURNING gives no order: put them back in manifest order.
         return sorted((Job.from_row(r) for r in rows), key=lambda j: j.seq)
 
-    async def transition(
-        self,
-        job: Job,
-        state: str,
-        *,
-        expect: Sequence[str] | None = None,
-        detail: str | None = None,
-        shield: bool = False,
-        **fields: Any,
-    ) -> None:
+    async def transition(self, job: Job, state: str, *, expect: Sequence[str] | None = None,
+                         detail: str | None = None, shield: bool = False, **fields: Any) -> None:
         """Move ``job`` to ``state`` (setting ``fields``) and append the history row, in one
         transaction. With ``expect``, refuse unless the stored state is one of those: that catches
         two actors racing on one job. ``job`` is updated in place. ``shield``: committed even if the
