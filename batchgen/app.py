@@ -326,7 +326,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
         # One expansion serves both: jobs are kept as compact rows while they are checked, and
         # recorded only if the whole manifest passed.
         rows: list[tuple[Any, ...]] = []
-        manifest, result = await check_manifest(opts, collect=lambda spec: rows.append(Store.job_row(spec)))
+        manifest, result = await check_manifest(opts, collect=lambda spec: rows.append(S.job_row(spec)))
         if result.problems:
             raise ManifestError(result.problems)
         schemas[manifest.name] = manifest.schema
@@ -599,18 +599,45 @@ def _stores(workdir: Path) -> list[tuple[Path, bool]]:
     return found
 
 
-async def find_batch(workdir: Path, batch: str, simulated: bool | None = None) -> tuple[Path, bool]:
-    """(store, simulated) of ``batch``: with ``simulated`` None, the results of runs against an
-    API if it has any, else those of --simulate runs."""
+@dataclass
+class FoundBatch:
+    """A batch in the store that holds it, open (``open_batch``)."""
+
+    store: Store
+    batch: S.Batch
+    path: Path  # the store's file
+    simulated: bool  # the store of --simulate runs
+
+    @property
+    def root(self) -> Path:
+        """The store's folder: outputs' recorded paths are relative to it."""
+        return self.path.parent.resolve()
+
+
+@asynccontextmanager
+async def open_batch(workdir: Path, batch: str, simulated: bool | None = None) -> AsyncIterator[FoundBatch]:
+    """Open the store holding ``batch`` for the block, or raise UsageError naming the batches
+    there are. ``simulated`` None: the store of runs against an API if it has the batch, else
+    that of --simulate runs."""
     known: list[str] = []
     stores = _stores(workdir) if simulated is None else [(_existing_store(workdir, simulated), simulated)]
     for path, sim in stores:
-        async with await Store.open(path) as store:
-            names = [b.name for b in await store.batches()]
-        if batch in names:
-            return path, sim
-        known += [f"{n} (simulated)" if sim else n for n in names]
+        store = await Store.open(path)
+        try:
+            info = await store.batch(batch)
+            if info is not None:
+                yield FoundBatch(store, info, path, sim)
+                return
+            known += [f"{b.name} (simulated)" if sim else b.name for b in await store.batches()]
+        finally:
+            await store.close()
     raise UsageError(f"no batch named '{batch}' in {workdir}; known: {', '.join(known) or 'none'}")
+
+
+async def find_batch(workdir: Path, batch: str, simulated: bool | None = None) -> tuple[Path, bool]:
+    """(store, simulated) of ``batch`` (see open_batch)."""
+    async with open_batch(workdir, batch, simulated) as found:
+        return found.path, found.simulated
 
 
 @dataclass(frozen=True)

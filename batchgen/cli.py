@@ -19,7 +19,7 @@ from typing import IO, Any, NoReturn
 import click
 from click.core import ParameterSource
 
-from . import __version__, app
+from . import __version__, app, reportformats
 from . import constants as C
 from . import store as S
 from .config import CONFIG_FILENAME, load_config
@@ -839,10 +839,11 @@ def _secs(value: float | None) -> str:
 @main.command()
 @click.argument("batch")
 @click.option("--output", "-o", "out", required=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="File to write; its extension picks the format: .csv, .json, .jsonl, .parquet (needs "
-                   "pyarrow) or .xlsx (needs openpyxl). '-' writes to stdout (CSV, or --format jsonl).")
-@click.option("--format", "fmt", type=click.Choice(["csv", "json", "jsonl", "parquet", "xlsx"]), default=None,
-              help="The format, whatever the file's extension (on stdout: csv or jsonl).")
+              help=f"File to write; its extension picks the format: {reportformats.help_list()}. '-' writes "
+                   f"to stdout ({' or '.join(reportformats.STREAM_EXTENSIONS)}; CSV unless --format).")
+@click.option("--format", "fmt", type=click.Choice(list(reportformats.REPORT_FORMATS)), default=None,
+              help="The format, whatever the file's extension (on stdout: "
+                   f"{' or '.join(f.name for f in reportformats.REPORT_FORMATS.values() if f.streams)}).")
 @workdir_option
 @click.option("--simulated/--api", "--simulate", "simulated", default=None,
               help="The batch's --simulate results, or its results from the API (default: from the "
@@ -950,7 +951,7 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
 
 @main.command()
 @click.argument("batch")
-@click.option("--state", "states", multiple=True, type=click.Choice([*app.FORGETTABLE, app.RETIRED]),
+@click.option("--state", "states", multiple=True, type=click.Choice([*map(str, app.FORGETTABLE), app.RETIRED]),
               help="Only jobs in this state (repeatable; 'retired': those no longer in the manifest).")
 @click.option("--key", "keys", multiple=True, help="Only the job with this key (repeatable).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")

@@ -29,11 +29,11 @@ from urllib.parse import quote, urlsplit
 
 from . import constants as C
 from . import store as S
-from .app import find_batch
+from .app import open_batch
 from .errors import UsageError
 from .manifest import IMAGE_ALIASES
 from .schema import find_schema
-from .store import Job, Output, Store
+from .store import Job, Output
 from .text import printable
 from .thumbs import Thumbnails
 
@@ -50,19 +50,15 @@ _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".avif"}
 async def build_gallery(workdir: Path, batch: str, simulated: bool | None = None) -> Path:
     """Write the page of ``batch`` and its data beside its outputs and return the page's path.
     ``simulated``: the batch's --simulate results (True) or its results from an API (False);
-    None: those from an API if it has any (app.find_batch)."""
-    workdir = Path(workdir)
-    path, simulated = await find_batch(workdir, batch, simulated)
-    root = path.parent.resolve()  # outputs' recorded paths are relative to their store's folder
-    page = root / batch / GALLERY_FILENAME
-    data = page.with_name(DATA_FILENAME)
-    tmp_data = data.with_name(f".{data.name}.tmp")
-    tmp_page = page.with_name(f".{page.name}.tmp")
-    try:
-        page.parent.mkdir(parents=True, exist_ok=True)
-        async with await Store.open(path) as store:
-            info = await store.batch(batch)
-            assert info is not None  # find_batch found it
+    None: those from an API if it has any (app.open_batch)."""
+    async with open_batch(Path(workdir), batch, simulated) as found:
+        store, root, simulated, info = found.store, found.root, found.simulated, found.batch
+        page = root / batch / GALLERY_FILENAME
+        data = page.with_name(DATA_FILENAME)
+        tmp_data = data.with_name(f".{data.name}.tmp")
+        tmp_page = page.with_name(f".{page.name}.tmp")
+        try:
+            page.parent.mkdir(parents=True, exist_ok=True)
             # Of every job the page shows, retired ones (no longer in the manifest) included.
             counts = (await store.counts([batch], retired=None)).get(batch, {})
             schema = find_schema(info.model_id)
@@ -78,14 +74,14 @@ async def build_gallery(workdir: Path, batch: str, simulated: bool | None = None
                     # line separator or "</script>" could end anything early, even inlined.
                     text = json.dumps(records, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
                     fh.write(f"window.{DATA_GLOBAL}.push(JSON.parse({json.dumps(text)}));\n")
-        tmp_page.write_text(_page(batch, info.model_id, counts, simulated), encoding="utf-8")
-        tmp_data.replace(data)
-        tmp_page.replace(page)
-    except OSError as exc:
-        raise UsageError(f"cannot write {page}: {exc}") from exc
-    finally:
-        tmp_data.unlink(missing_ok=True)
-        tmp_page.unlink(missing_ok=True)
+            tmp_page.write_text(_page(batch, info.model_id, counts, simulated), encoding="utf-8")
+            tmp_data.replace(data)
+            tmp_page.replace(page)
+        except OSError as exc:
+            raise UsageError(f"cannot write {page}: {exc}") from exc
+        finally:
+            tmp_data.unlink(missing_ok=True)
+            tmp_page.unlink(missing_ok=True)
     return page
 
 

@@ -1,8 +1,9 @@
 """The store's schema history: numbered migrations, applied in order, each in one transaction.
 
-A migration is an async function named ``mNNN_what`` taking an aiosqlite connection. It runs inside
-the transaction that also records it in ``migrations``, so a failing migration leaves the file as it
-was. Never edit a migration that has shipped: add a new one.
+A migration is an async function named ``mNNN_what`` taking an aiosqlite connection, registered by
+``@migration`` (which refuses a number out of turn, so none can be left out of ``MIGRATIONS``). It
+runs inside the transaction that also records it in ``migrations``, so a failing migration leaves
+the file as it was. Never edit a migration that has shipped: add a new one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ log = logging.getLogger(__name__)
 
 Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
 
+# Every migration, in order: filled by @migration as this module is read.
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register ``fn`` as the next migration. Its name must be ``mNNN_what`` with NNN one more than
+    the last one's, so a migration cannot be left out, nor two take the same number."""
+    expected = f"m{len(MIGRATIONS) + 1:03d}_"
+    if not fn.__name__.startswith(expected):
+        raise RuntimeError(f"migration {fn.__name__} registered where {expected}… was due")
+    MIGRATIONS.append(fn)
+    return fn
+
 
 async def _run(db: aiosqlite.Connection, *statements: str) -> None:
     # One statement at a time: executescript() would COMMIT first and break the transaction.
@@ -26,6 +40,7 @@ async def _run(db: aiosqlite.Connection, *statements: str) -> None:
         await db.execute(sql)
 
 
+@migration
 async def m001_initial(db: aiosqlite.Connection) -> None:
     await _run(
         db,
@@ -97,6 +112,7 @@ async def m001_initial(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
 async def m002_history_by_trigger(db: aiosqlite.Connection) -> None:
     await _run(
         db,
@@ -115,6 +131,7 @@ async def m002_history_by_trigger(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
 async def m003_drop_unused_indexes(db: aiosqlite.Connection) -> None:
     await _run(
         db,
@@ -126,6 +143,7 @@ async def m003_drop_unused_indexes(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
 async def m004_unsynced_outputs(db: aiosqlite.Connection) -> None:
     await _run(
         db,
@@ -138,6 +156,7 @@ async def m004_unsynced_outputs(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
 async def m005_overdue_jobs_are_followed(db: aiosqlite.Connection) -> None:
     await _run(
         db,
@@ -154,6 +173,7 @@ async def m005_overdue_jobs_are_followed(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
 async def m006_job_api(db: aiosqlite.Connection) -> None:
     await _run(
         db,
@@ -167,6 +187,7 @@ async def m006_job_api(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
 async def m007_cancel_requests_attempts_retired(db: aiosqlite.Connection) -> None:
     await _run(
         db,
@@ -205,6 +226,7 @@ async def m007_cancel_requests_attempts_retired(db: aiosqlite.Connection) -> Non
     )
 
 
+@migration
 async def m008_learned_caps(db: aiosqlite.Connection) -> None:
     await _run(
         db,
@@ -220,11 +242,6 @@ async def m008_learned_caps(db: aiosqlite.Connection) -> None:
             PRIMARY KEY (model_id, api)
         )""",
     )
-
-
-MIGRATIONS: list[Migration] = [m001_initial, m002_history_by_trigger, m003_drop_unused_indexes,
-                               m004_unsynced_outputs, m005_overdue_jobs_are_followed, m006_job_api,
-                               m007_cancel_requests_attempts_retired, m008_learned_caps]
 
 
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:

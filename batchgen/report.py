@@ -27,8 +27,9 @@ from typing import Any, TextIO, TypeVar
 import pandas as pd
 
 from . import constants as C
-from .app import find_batch
+from .app import open_batch
 from .errors import UsageError
+from .reportformats import EXTENSIONS, STREAM_EXTENSIONS, by_extension
 from .store import SIMULATOR_API, Attempt, Job, Output, Store
 from .text import _FORMULA_START as FORMULA_START
 from .text import spreadsheet_cell
@@ -47,10 +48,9 @@ TAIL_COLUMNS = (
     "error", "error_code", "history", "retired",
 )
 
-# The extensions write_report understands, in the order error messages list them.
-FORMATS = (".csv", ".json", ".parquet", ".xlsx", ".jsonl")
-# Those written a row at a time, so a report can go to a pipe (-o -).
-STREAM_FORMATS = (".csv", ".jsonl")
+# The extensions write_report understands (reportformats.py), in the order error messages list
+# them; those written a chunk at a time, so a report can go to a pipe (-o -).
+FORMATS, STREAM_FORMATS = EXTENSIONS, STREAM_EXTENSIONS
 
 
 async def report_chunks(workdir: Path, batch: str, simulated: bool | None = None,
@@ -58,16 +58,14 @@ async def report_chunks(workdir: Path, batch: str, simulated: bool | None = None
     """The report of ``batch`` in ``workdir`` as frames of ``chunk`` jobs each, in manifest order,
     all with the same columns and column types (so they can be written one after the other).
     ``simulated``: the batch's --simulate results, or its results from an API (None: those from
-    an API if it has any; app.find_batch).
+    an API if it has any; app.open_batch).
 
     The columns (inputs and notes vary between jobs) and the kinds of value in each are learnt
     first from two queries (the input names and JSON types, the distinct notes); then the jobs
     are read and yielded a chunk at a time. A report of 100,000 jobs so holds one chunk of rows,
     never a frame of everything."""
-    workdir = Path(workdir)
-    path, simulated = await find_batch(workdir, batch, simulated)
-    root = path.parent.resolve()  # outputs' recorded paths are relative to their store's folder
-    async with await Store.open(path) as store:
+    async with open_batch(Path(workdir), batch, simulated) as found:
+        store, root, simulated = found.store, found.root, found.simulated
         kinds = dict(_FIXED_KINDS)
         for name, json_type in await store.input_kinds(batch):
             seen = kinds.setdefault(f"input.{name}", set())
@@ -353,7 +351,8 @@ class Sink:
 
 def open_sink(out: Path | None, fmt: str | None = None) -> Sink:
     ext = report_format(out, fmt)
-    package = {".parquet": "pyarrow", ".xlsx": "openpyxl"}.get(ext)
+    known = by_extension(ext)
+    package = known.needs if known is not None else None
     if package is not None:
         try:
             __import__(package)

@@ -7,6 +7,7 @@ import shutil
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,48 @@ def local_ref(path: Path) -> str:
     path = Path(path).resolve()
     data = path.read_bytes()
     return FileRef(str(path), hashlib.sha256(data).hexdigest(), len(data), sniff_mime(data[:64])).uri
+
+
+# ---- the store as tests drive it (what batchgen itself never needs) -------------------------------
+
+@dataclass
+class Spec:
+    """A job spec as the store records one (manifest.JobSpec's fields that it reads)."""
+
+    key: str
+    seq: int
+    model_id: str = "m/x"
+    source: str = "t.yaml, line 1"
+    inputs: dict = field(default_factory=lambda: {"prompt": "p"})
+    meta: dict = field(default_factory=dict)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    """A fresh store, closed after the test (the store tests' one way to get one: a second
+    backend would be plugged in here)."""
+    from batchgen.store import Store
+
+    s = await Store.open(tmp_path / "store.sqlite3")
+    yield s
+    await s.close()
+
+
+async def add_jobs(store, batch: str, specs) -> int:
+    """Record specs (anything with key, seq, model_id, source, inputs, meta) as jobs of ``batch``."""
+    from batchgen.store import job_row
+
+    return await store.add_rows(batch, (job_row(s) for s in specs))
+
+
+async def claim_one(store, batches, now: float):
+    """The next claimable job of ``batches`` (claimed: 'submitting'), or None."""
+    jobs = await store.claim_many(batches, now, 1)
+    return jobs[0] if jobs else None
+
+
+async def events(store, job_id: int) -> list[tuple]:
+    """A job's history: (at, from_state, to_state, detail), oldest first."""
+    rows = await store._db.execute_fetchall(
+        "SELECT at, from_state, to_state, detail FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
+    return [tuple(r) for r in rows]

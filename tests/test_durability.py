@@ -332,7 +332,7 @@ async def test_when_forgetting_unflushable_files_fails_too_they_are_removed(simu
     work = tmp_path / "work"
     path = manifest(tmp_path, sim, 3)
     monkeypatch.setattr(durability, "_syncfs", _refusing_syncfs)
-    monkeypatch.setattr(S.Store, "output_lost", store_fails_too)
+    monkeypatch.setattr(S.SqliteStore, "output_lost", store_fails_too)
     with pytest.raises(S.StoreError, match=r"recording that failed too .*were removed"):
         await app.run(options(tmp_path, sim, path, flush_every=0.01))
     # Their marks still say "this boot": a run under this boot trusts a marked file that is

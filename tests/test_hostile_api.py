@@ -18,7 +18,7 @@ import pytest
 import yaml
 from aiohttp import web
 from click.testing import CliRunner
-from conftest import SAMPLES, image_manifest, loopback, write_file
+from conftest import SAMPLES, events, image_manifest, loopback, write_file
 from imagefactory import make_image
 from test_runner import check_outputs_match, manifest, options, outputs_by_job, settings, submissions_per_seed
 
@@ -51,7 +51,7 @@ async def _jobs(workdir) -> list[S.Job]:
 
 async def _history(workdir, job_id: int) -> list[str]:
     async with await Store.open(workdir / "batchgen.sqlite3") as store:
-        return [e[2] for e in await store.events(job_id)]
+        return [e[2] for e in await events(store, job_id)]
 
 
 def _again(tmp_path, sim, **kw) -> app.RunOptions:
@@ -257,7 +257,7 @@ async def test_old_timed_out_jobs_that_were_not_cancelled_become_overdue(tmp_pat
         states = {j.key: j.state for j in await store.jobs()}
         assert states == {"running": S.OVERDUE, "cancelled": S.TIMED_OUT, "unasked": S.OVERDUE}
         running = next(j for j in await store.jobs() if j.key == "running")
-        assert [e[2] for e in await store.events(running.id)] == [S.OVERDUE]
+        assert [e[2] for e in await events(store, running.id)] == [S.OVERDUE]
 
 
 def test_the_cli_reports_overdue_jobs_and_keeps_them_from_retry(samples):

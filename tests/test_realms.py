@@ -190,3 +190,22 @@ def _page_config(page: str) -> dict[str, object]:
     found = re.search(r'<main id="grid" data-config="([^"]*)"', page)
     assert found, "no config on the page"
     return dict(json.loads(html.unescape(found.group(1))))
+
+
+async def test_open_batch_opens_the_store_that_holds_it_real_results_first(tmp_path):
+    # The one "open the store and require the batch" of report, gallery and forget.
+    from batchgen.store import Store
+    from batchgen.workdir import realm, store_path
+
+    for simulated, names in ((False, ["a"]), (True, ["a", "s"])):
+        async with await Store.open(store_path(realm(tmp_path, simulated))) as store:
+            for name in names:
+                await store.upsert_batch(name, "m/x", None, {})
+    for batch, simulated, found_in in (("a", None, False), ("s", None, True), ("a", True, True)):
+        async with app.open_batch(tmp_path, batch, simulated) as found:
+            assert (found.batch.name, found.simulated) == (batch, found_in)
+            assert found.root == realm(tmp_path, found_in).resolve()
+            assert await found.store.counts([batch]) == {}  # open for the block
+    with pytest.raises(UsageError, match=r"no batch named 'nope' .*known: a, a \(simulated\), s \(simulated\)"):
+        async with app.open_batch(tmp_path, "nope"):
+            pass

@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 from aiohttp import web
+from conftest import add_jobs, claim_one, events
 from imagefactory import make_image
 
 from batchgen import app
@@ -98,7 +99,7 @@ async def test_run_against_a_simulator_counts_and_digests(simulator, tmp_path):
 
 async def job_histories(workdir) -> dict[str, list[str]]:
     async with await Store.open(workdir / "batchgen.sqlite3") as store:
-        return {j.key: [e[2] for e in await store.events(j.id)] for j in await store.jobs()}
+        return {j.key: [e[2] for e in await events(store, j.id)] for j in await store.jobs()}
 
 
 async def test_a_small_output_is_recorded_with_its_result_in_one_write(simulator, tmp_path):
@@ -170,8 +171,8 @@ async def test_interrupted_submit_becomes_unknown_and_is_not_resubmitted(simulat
 
         m = load_manifest(path)
         await store.upsert_batch("b", m.model_id, str(path), {})
-        await store.add_jobs("b", m.iter_jobs())
-        await store.claim_pending(["b"], now=1e12)
+        await add_jobs(store, "b", m.iter_jobs())
+        await claim_one(store, ["b"], now=1e12)
     out = await app.run(options(tmp_path, sim, path))
     assert out.counts == {"b": {"succeeded": 2, "unknown": 1}}
     assert len(sim.requests()["requests"]) == 2
@@ -226,7 +227,7 @@ async def test_a_submit_refused_while_the_queue_is_read_is_not_left_pending(simu
     m = load_manifest(manifest(tmp_path, sim, 1))
     async with await SlowQueueRead.open(tmp_path / "s.sqlite3") as store:
         await store.upsert_batch("b", m.model_id, None, {})
-        await store.add_jobs("b", m.iter_jobs())
+        await add_jobs(store, "b", m.iter_jobs())
         async with RunComfyClient(sim.base_url, "t") as client:
             await Runner(store, client, tmp_path, settings()).run(["b"])
         assert await store.counts(["b"]) == {"b": {"succeeded": 1}}
@@ -297,7 +298,7 @@ async def test_retry_failed_jobs_keeps_history(simulator, tmp_path):
     assert retry.counts == {"b": {"succeeded": 3}} and retry.summary.submitted == 2
     async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
         job = (await store.jobs(["b"]))[0]
-        states = [e[2] for e in await store.events(job.id)]
+        states = [e[2] for e in await events(store, job.id)]
     assert states.count(S.SUBMITTING) == 2 and S.FAILED in states
 
 

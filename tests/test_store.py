@@ -1,156 +1,60 @@
-"""The SQLite store on a real file: migrations, idempotent recording, transitions, recovery."""
+"""The store's contract, on a fresh store from the ``store`` fixture: idempotent recording, claims,
+transitions, results and files, recovery. Nothing here knows the backend is SQLite (a second backend
+would be tested by parametrising ``open_store``); SQLite's own matters are in test_store_sqlite.py,
+the group commit in test_store_engine.py, migrations in test_migrations.py."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sqlite3
-from dataclasses import dataclass, field
-
-import aiosqlite
 import pytest
+from conftest import Spec, add_jobs, claim_one, events
 
-from batchgen import constants as C
 from batchgen import store as S
 from batchgen.errors import StoreError
-from batchgen.migrations import MIGRATIONS, migrate
 from batchgen.store import Store
-from batchgen.workdir import create_store
-
-
-@dataclass
-class Spec:
-    key: str
-    seq: int
-    model_id: str = "m/x"
-    source: str = "t.yaml, line 1"
-    inputs: dict = field(default_factory=lambda: {"prompt": "p"})
-    meta: dict = field(default_factory=dict)
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = await Store.open(tmp_path / "store.sqlite3")
-    yield s
-    await s.close()
-
-
-def _tables(path):
-    with sqlite3.connect(path) as db:
-        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-
-
-async def test_blank_file_reaches_current_schema(tmp_path):
-    path = tmp_path / "s.sqlite3"
-    s = await Store.open(path)
-    await s.close()
-    assert {"batches", "jobs", "job_events", "outputs", "migrations"} <= _tables(path)
-    with sqlite3.connect(path) as db:
-        names = [r[0] for r in db.execute("SELECT name FROM migrations ORDER BY name")]
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert names == [m.__name__ for m in MIGRATIONS]
-
-
-async def test_old_store_moves_forward_and_keeps_data(tmp_path):
-    path = tmp_path / "s.sqlite3"
-    async with aiosqlite.connect(path, isolation_level=None) as db:
-        await migrate(db, MIGRATIONS[:1])
-        await db.execute(
-            "INSERT INTO batches VALUES ('b', 'm', NULL, '{}', 0, 0)"
-        )
-
-    async def m999_add_note(db):
-        await db.execute("ALTER TABLE batches ADD COLUMN note TEXT")
-
-    async with aiosqlite.connect(path, isolation_level=None) as db:
-        applied = await migrate(db, [*MIGRATIONS, m999_add_note])
-        assert applied == [m.__name__ for m in MIGRATIONS[1:]] + ["m999_add_note"]
-        async with db.execute("SELECT name, note FROM batches") as cur:
-            assert await cur.fetchall() == [("b", None)]
-        # Applying again is a no-op.
-        assert await migrate(db, [*MIGRATIONS, m999_add_note]) == []
-
-
-async def test_the_runners_queries_search_an_index(tmp_path):
-    # With the single-column indexes gone (m003), every hot query must still be a SEARCH on
-    # (batch, state, seq), never a SCAN of a 100,000-job table.
-    path = tmp_path / "s.sqlite3"
-    await (await Store.open(path)).close()
-    with sqlite3.connect(path) as db:
-        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'"
-                                            " AND name NOT LIKE 'sqlite_autoindex%'")}
-        # jobs_key: reuse's lookup across batches (a key never changes: no upkeep but the insert)
-        assert indexes == {"jobs_batch_state_seq", "jobs_key"}
-        for sql in (
-            "SELECT id FROM jobs WHERE batch IN (?) AND state IN (?) AND (not_before IS NULL OR not_before <= ?) "
-            "ORDER BY seq LIMIT ?",  # claim_many
-            "SELECT id FROM jobs WHERE batch IN (?) AND state IN (?) AND batch NOT IN (SELECT name FROM batches "
-            "WHERE cancel_requested_at IS NOT NULL) AND retired_at IS NULL "
-            "AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?",  # claim_many as it is
-            "SELECT id FROM jobs WHERE batch IN (?, ?) AND state IN (?, ?) ORDER BY batch, seq",  # jobs()
-            "SELECT COUNT(*), MIN(COALESCE(not_before, 0)) FROM jobs WHERE batch IN (?) AND state IN (?)",
-        ):
-            plan = " ".join(r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", [0] * sql.count("?")))
-            assert "jobs_batch_state_seq" in plan and "SCAN jobs" not in plan, (sql, plan)
-
-
-async def test_failing_migration_rolls_back(tmp_path):
-    path = tmp_path / "s.sqlite3"
-
-    async def m900_half_done(db):
-        await db.execute("CREATE TABLE half (x)")
-        raise RuntimeError("boom")
-
-    async with aiosqlite.connect(path, isolation_level=None) as db:
-        with pytest.raises(StoreError, match="m900_half_done failed and was rolled back"):
-            await migrate(db, [*MIGRATIONS, m900_half_done])
-    tables = _tables(path)
-    assert "half" not in tables and "jobs" in tables
-    with sqlite3.connect(path) as db:
-        assert ("m900_half_done",) not in db.execute("SELECT name FROM migrations").fetchall()
+from batchgen.store import sqlite as sqlite_store
 
 
 async def test_add_jobs_is_idempotent(store):
     await store.upsert_batch("b", "m/x", "t.yaml", {})
-    assert await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)]) == 2
-    assert await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1), Spec("k3", 2)]) == 1
+    assert await add_jobs(store, "b", [Spec("k1", 0), Spec("k2", 1)]) == 2
+    assert await add_jobs(store, "b", [Spec("k1", 0), Spec("k2", 1), Spec("k3", 2)]) == 1
     assert [j.key for j in await store.jobs(["b"])] == ["k1", "k2", "k3"]
     assert await store.counts() == {"b": {"pending": 3}}
 
 
 async def test_add_jobs_in_chunks(store, monkeypatch):
-    monkeypatch.setattr(S, "INSERT_CHUNK", 7)
+    monkeypatch.setattr(sqlite_store, "INSERT_CHUNK", 7)
     await store.upsert_batch("b", "m/x", None, {})
-    assert await store.add_jobs("b", (Spec(f"k{i}", i) for i in range(50))) == 50
+    assert await add_jobs(store, "b", (Spec(f"k{i}", i) for i in range(50))) == 50
 
 
 async def test_claim_records_intent_and_history(store):
     await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k2", 1), Spec("k1", 0)])
-    job = await store.claim_pending(["b"], now=0)
+    await add_jobs(store, "b", [Spec("k2", 1), Spec("k1", 0)])
+    job = await claim_one(store, ["b"], now=0)
     assert job.key == "k1" and job.state == S.SUBMITTING and job.attempts == 1
     assert (await store.job(job.id)).state == S.SUBMITTING
     await store.transition(job, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id="r1", submitted_at=1.0)
-    events = await store.events(job.id)
-    assert [(e[1], e[2]) for e in events] == [("pending", "submitting"), ("submitting", "in_queue")]
+    history = await events(store, job.id)
+    assert [(e[1], e[2]) for e in history] == [("pending", "submitting"), ("submitting", "in_queue")]
     with pytest.raises(StoreError, match="expected one of"):
         await store.transition(job, S.SUCCEEDED, expect=(S.DOWNLOADING,))
 
 
 async def test_claim_respects_retry_delay(store):
     await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    job = await store.claim_pending(["b"], now=0)
+    await add_jobs(store, "b", [Spec("k1", 0)])
+    job = await claim_one(store, ["b"], now=0)
     await store.transition(job, S.PENDING, not_before=100.0)
-    assert await store.claim_pending(["b"], now=50.0) is None
+    assert await claim_one(store, ["b"], now=50.0) is None
     assert await store.next_pending_at(["b"]) == 100.0
-    assert (await store.claim_pending(["b"], now=100.0)).key == "k1"
+    assert (await claim_one(store, ["b"], now=100.0)).key == "k1"
 
 
 async def test_claim_many_takes_ready_jobs_in_manifest_order(store):
     await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec(f"k{i}", i) for i in (4, 3, 2, 1, 0)])
-    first = await store.claim_pending(["b"], now=0)  # k0
+    await add_jobs(store, "b", [Spec(f"k{i}", i) for i in (4, 3, 2, 1, 0)])
+    first = await claim_one(store, ["b"], now=0)  # k0
     await store.transition(first, S.PENDING, not_before=100.0)  # waiting for a retry
     jobs = await store.claim_many(["b"], now=50.0, limit=3)
     assert [j.key for j in jobs] == ["k1", "k2", "k3"]
@@ -159,15 +63,15 @@ async def test_claim_many_takes_ready_jobs_in_manifest_order(store):
     assert await store.claim_many(["b"], now=50.0, limit=10) == []
     assert await store.counts() == {"b": {"pending": 1, "submitting": 4}}
     for job in jobs:
-        assert [(e[1], e[2]) for e in await store.events(job.id)] == [("pending", "submitting")]
+        assert [(e[1], e[2]) for e in await events(store, job.id)] == [("pending", "submitting")]
 
 
 async def test_interrupted_submit_becomes_unknown(tmp_path):
     path = tmp_path / "s.sqlite3"
     s = await Store.open(path)
     await s.upsert_batch("b", "m/x", None, {})
-    await s.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
-    await s.claim_pending(["b"], now=0)
+    await add_jobs(s, "b", [Spec("k1", 0), Spec("k2", 1)])
+    await claim_one(s, ["b"], now=0)
     await s.close()  # the run dies here
     s = await Store.open(path)
     stuck = await s.recover_interrupted(["b"])
@@ -176,29 +80,10 @@ async def test_interrupted_submit_becomes_unknown(tmp_path):
     await s.close()
 
 
-async def test_concurrent_transactions_do_not_mix(store):
-    await store.upsert_batch("b", "m/x", None, {})
-
-    async def failing():
-        with pytest.raises(RuntimeError):
-            async with store.atomic() as db:
-                await db.execute("INSERT INTO jobs (batch, key, seq, model_id, inputs_json, "
-                                 "created_at, updated_at) VALUES ('b', 'bad', 0, 'm', '{}', 0, 0)")
-                await asyncio.sleep(0.01)
-                raise RuntimeError("roll me back")
-
-    async def succeeding():
-        await asyncio.sleep(0.001)
-        await store.add_jobs("b", [Spec("good", 1)])
-
-    await asyncio.gather(failing(), succeeding())
-    assert [j.key for j in await store.jobs(["b"])] == ["good"]
-
-
 async def test_outputs_recorded_then_downloaded(store):
     await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    job = await store.claim_pending(["b"], now=0)
+    await add_jobs(store, "b", [Spec("k1", 0)])
+    job = await claim_one(store, ["b"], now=0)
     await store.transition(job, S.IN_QUEUE, request_id="r")
     await store.record_result(job, [("video", "http://h/a.mp4")], cost=0.1, finished_at=5.0)
     assert job.state == S.DOWNLOADING
@@ -210,16 +95,10 @@ async def test_outputs_recorded_then_downloaded(store):
     assert out.url == "http://h/a.mp4" and out.sha256 == "ab" * 32
 
 
-async def test_unopenable_store_is_a_store_error(tmp_path):
-    (tmp_path / "dir.sqlite3").mkdir()
-    with pytest.raises(StoreError):
-        await Store.open(tmp_path / "dir.sqlite3")
-
-
 async def test_last_file_and_success_in_one_write_or_neither(store):
     await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    job = await store.claim_pending(["b"], now=0)
+    await add_jobs(store, "b", [Spec("k1", 0)])
+    job = await claim_one(store, ["b"], now=0)
     await store.transition(job, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id="r1")
     await store.record_result(job, [("video", "http://h/a.mp4")], cost=0.1, finished_at=5.0)
     [out] = await store.outputs(job.id)
@@ -236,42 +115,12 @@ async def test_last_file_and_success_in_one_write_or_neither(store):
     await store.output_downloaded(out, "b/k1/output.mp4", 10, "ab" * 32, job_done=job)
     assert job.state == S.SUCCEEDED and (await store.job(job.id)).state == S.SUCCEEDED
     assert (await store.outputs(job.id))[0].sha256 == "ab" * 32
-    assert [e[2] for e in await store.events(job.id)][-1] == S.SUCCEEDED
-
-
-async def test_a_write_cancelled_before_its_commit_is_dropped(store):
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    job = (await store.jobs(["b"]))[0]
-    task = asyncio.create_task(store.claim_many(["b"], now=0, limit=1))
-    await asyncio.sleep(0)  # the claim is queued for the next group commit ...
-    task.cancel()  # ... and its caller gives up before that commit starts
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await store.transition(job, S.FAILED, expect=(S.PENDING,))  # a later write still commits
-    assert (await store.job(job.id)).state == S.FAILED
-    assert [(e[1], e[2]) for e in await store.events(job.id)] == [("pending", "failed")]
-
-
-async def test_a_shielded_write_is_committed_though_its_caller_is_cancelled(store):
-    # The runner records a request id this way: the only handle on a paid job is never dropped.
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    [job] = await store.claim_many(["b"], now=0, limit=1)
-    task = asyncio.create_task(store.transition(job, S.IN_QUEUE, expect=(S.SUBMITTING,),
-                                                request_id="r-1", shield=True))
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await store.transition(S.Job(**{**job.__dict__}), S.IN_PROGRESS, expect=(S.IN_QUEUE,))  # after it
-    stored = await store.job(job.id)
-    assert stored.state == S.IN_PROGRESS and stored.request_id == "r-1"
+    assert [e[2] for e in await events(store, job.id)][-1] == S.SUCCEEDED
 
 
 async def test_one_output_recorded_with_its_file_and_success_in_one_write(store):
     await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
+    await add_jobs(store, "b", [Spec("k1", 0), Spec("k2", 1)])
     jobs = await store.claim_many(["b"], now=0, limit=2)
     for job in jobs:
         await store.transition(job, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id=f"r-{job.key}")
@@ -281,7 +130,7 @@ async def test_one_output_recorded_with_its_file_and_success_in_one_write(store)
     stored = await store.job(job.id)
     assert (stored.state, stored.cost, stored.finished_at) == (S.SUCCEEDED, 0.25, 5.0)
     assert await store.outputs(job.id) == [out]
-    assert [(e[1], e[2]) for e in await store.events(job.id)][-1] == (S.IN_QUEUE, S.SUCCEEDED)
+    assert [(e[1], e[2]) for e in await events(store, job.id)][-1] == (S.IN_QUEUE, S.SUCCEEDED)
     # Only a job still at the provider's: one already recorded (or finished) is refused whole.
     await store.transition(other, S.FAILED)
     with pytest.raises(StoreError, match="expected one of"):
@@ -290,305 +139,16 @@ async def test_one_output_recorded_with_its_file_and_success_in_one_write(store)
     assert await store.outputs(other.id) == [] and (await store.job(other.id)).state == S.FAILED
 
 
-async def test_one_failing_write_in_a_group_leaves_the_others_committed(store):
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec(f"k{i}", i) for i in range(3)])
-    jobs = await store.jobs(["b"])
-    # Three writes issued in one turn of the loop share one group commit; the middle one is
-    # refused (wrong expected state), which replays the group one savepoint per write.
-    results = await asyncio.gather(
-        store.transition(jobs[0], S.FAILED, expect=(S.PENDING,)),
-        store.transition(jobs[1], S.FAILED, expect=(S.IN_QUEUE,)),
-        store.transition(jobs[2], S.FAILED, expect=(S.PENDING,)),
-        return_exceptions=True,
-    )
-    assert results[0] is None and results[2] is None
-    assert isinstance(results[1], StoreError) and "expected one of" in str(results[1])
-    assert [j.state for j in await store.jobs(["b"])] == [S.FAILED, S.PENDING, S.FAILED]
-    # Each committed transition has its history row, the refused one none.
-    assert [len(await store.events(j.id)) for j in jobs] == [1, 0, 1]
-
-
-async def test_group_commit_waits_for_an_open_transaction(store):
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    [job] = await store.jobs(["b"])
-    order = []
-
-    async def long_transaction():
-        async with store.atomic() as db:
-            await db.execute("UPDATE batches SET updated_at = 1 WHERE name = 'b'")
-            await asyncio.sleep(0.05)  # a group commit asked for now must not block the loop
-            order.append("atomic")
-
-    async def write():
-        await asyncio.sleep(0.01)
-        await store.transition(job, S.FAILED, expect=(S.PENDING,))
-        order.append("write")
-
-    await asyncio.wait_for(asyncio.gather(long_transaction(), write()), 5)
-    assert order == ["atomic", "write"]
-    assert (await store.job(job.id)).state == S.FAILED
-
-
-async def test_the_log_is_checkpointed_as_writes_accumulate(store, monkeypatch):
-    monkeypatch.setattr(S, "_CHECKPOINT_EVERY", 20)
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec(f"k{i}", i) for i in range(50)])
-    wal = store.path.with_name(store.path.name + "-wal")
-    for job in await store.jobs(["b"]):
-        await store.transition(job, S.FAILED, expect=(S.PENDING,))
-    assert store._checkpoint is not None
-    await store._checkpoint
-    # Everything written so far is in the database file itself: a reader that ignores the log
-    # (opened on a copy of the main file alone) sees it.
-    copy = store.path.with_name("copy.sqlite3")
-    copy.write_bytes(store.path.read_bytes())
-    with sqlite3.connect(copy) as db:
-        failed = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'failed'").fetchone()[0]
-    assert failed >= 20 and wal.exists()
-
-
-async def test_another_process_holding_the_lock_does_not_freeze_the_loop(store, monkeypatch):
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    [job] = await store.jobs(["b"])
-    # Another process (say an sqlite3 shell) holds the write lock for 0.5 s.
-    holder = sqlite3.connect(store.path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    asyncio.get_running_loop().call_later(0.5, holder.execute, "COMMIT")
-    ticks = []
-
-    async def ticker():  # the loop keeps turning while the write waits
-        while True:
-            ticks.append(asyncio.get_running_loop().time())
-            await asyncio.sleep(0.01)
-
-    t = asyncio.create_task(ticker())
-    try:
-        await store.transition(job, S.FAILED, expect=(S.PENDING,))
-    finally:
-        t.cancel()
-        holder.close()
-    assert (await store.job(job.id)).state == S.FAILED
-    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
-    assert len(ticks) > 20 and max(gaps) < 0.2
-
-    # Held for longer than the store waits: the write fails with a StoreError, nothing hangs.
-    monkeypatch.setattr(S, "_BUSY_WAIT", 0.2)
-    holder = sqlite3.connect(store.path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        with pytest.raises(StoreError, match="locked by another process"):
-            await store.transition(job, S.PENDING, expect=(S.FAILED,))
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-    assert (await store.job(job.id)).state == S.FAILED
-
-
-async def test_commits_under_load_are_at_most_one_per_window_and_lone_writes_wait_for_none(
-        store, monkeypatch):
-    monkeypatch.setattr(S, "_GROUP_WINDOW", 0.3)  # long, so that timing cannot blur the test
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec(f"k{i}", i) for i in range(36)])
-    jobs = await store.jobs(["b"])
-    groups = []
-    apply_group = S._apply_group
-    monkeypatch.setattr(S, "_apply_group", lambda conn, fns: groups.append(len(fns)) or apply_group(conn, fns))
-    loop = asyncio.get_running_loop()
-
-    async def timed(*writes):
-        t = loop.time()
-        await asyncio.gather(*writes)
-        return loop.time() - t
-
-    # One write after another (a cancel of a whole batch): nothing to group, no wait at all.
-    assert await timed(store.transition(jobs[0], S.FAILED)) < 0.15
-    assert await timed(store.transition(jobs[1], S.FAILED)) < 0.15
-    # Writes asked for together share a commit, at once.
-    assert await timed(*(store.transition(j, S.FAILED) for j in jobs[2:4])) < 0.15
-
-    async def write(job, turns):  # under load: writes asked for over several turns of the loop ...
-        for _ in range(turns):
-            await asyncio.sleep(0)
-        await store.transition(job, S.FAILED)
-
-    await asyncio.gather(*(write(job, i % 5) for i, job in enumerate(jobs[4:34])))
-    assert groups == [1, 1, 2, 30]  # ... share one commit, the window after the last group
-    assert await timed(store.transition(jobs[34], S.FAILED)) >= 0.25  # the window after a group
-    await asyncio.sleep(0.35)
-    assert await timed(store.transition(jobs[35], S.FAILED)) < 0.15  # quiet again: at once
-    assert {j.state for j in await store.jobs(["b"])} == {S.FAILED}
-
-
-
-async def test_a_cancelled_shielded_write_does_not_stop_its_group(store):
-    # Its caller gone, its future is cancelled: the committer must skip handing it the result and
-    # go on to the rest of the group, not stop there and leave the others waiting for ever.
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
-    first, second = await store.claim_many(["b"], now=0, limit=2)
-    gone = asyncio.create_task(store.transition(first, S.IN_QUEUE, request_id="r-1", shield=True))
-    waiting = asyncio.create_task(store.transition(second, S.IN_QUEUE, request_id="r-2"))
-    await asyncio.sleep(0)  # both in one group ...
-    gone.cancel()  # ... and the first's caller leaves
-    await asyncio.wait_for(waiting, 5)
-    assert gone.cancelled()
-    assert [(j.state, j.request_id) for j in await store.jobs(["b"])] == [
-        (S.IN_QUEUE, "r-1"), (S.IN_QUEUE, "r-2")]
-    assert store._committer.done() and store._committer.exception() is None
-
-
-async def test_a_shielded_write_outlasts_another_process_lock_and_its_caller(store):
-    # The committer waits (asynchronously) for another process's write lock; the caller of a
-    # shielded write is cancelled meanwhile. Once the lock is free the write must still go in.
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    [job] = await store.claim_many(["b"], now=0, limit=1)
-    other = sqlite3.connect(store.path, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        task = asyncio.create_task(store.transition(job, S.IN_QUEUE, request_id="r-1", shield=True))
-        await asyncio.sleep(0.03)  # the committer has met the lock and waits for it ...
-        task.cancel()  # ... when the run gives up on this write
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        other.execute("COMMIT")
-    finally:
-        other.close()
-    for _ in range(100):
-        if store._committer.done():
-            break
-        await asyncio.sleep(0.02)
-    stored = await store.job(job.id)
-    assert (stored.state, stored.request_id) == (S.IN_QUEUE, "r-1")
-
-
-async def test_a_shielded_write_failing_with_nobody_waiting_is_logged(store, caplog):
-    # The request id is the only handle on a paid job: if recording it fails after the run
-    # stopped waiting, the log must say so (nobody else will).
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    [job] = await store.claim_many(["b"], now=0, limit=1)
-    task = asyncio.create_task(store.transition(job, S.IN_QUEUE, expect=(S.PENDING,),  # fails
-                                                detail="request r-1", request_id="r-1", shield=True))
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await store.transition(S.Job(**{**job.__dict__}), S.FAILED)  # a later write: the group is done
-    assert f"recording job {job.key} as in_queue (request r-1) failed" in caplog.text
-    assert "expected one of ['pending']" in caplog.text
-
-async def test_close_commits_writes_whose_committer_was_cancelled(tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "_GROUP_WINDOW", 0.3)
-    store = await Store.open(tmp_path / "store.sqlite3")
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
-    first, second = await store.jobs(["b"])
-    await store.transition(first, S.FAILED)
-    waiting = asyncio.create_task(store.transition(second, S.FAILED, shield=True))
-    await asyncio.sleep(0.01)  # queued; the committer sleeps out the window ...
-    store._committer.cancel()  # ... and is cancelled (a torn-down loop cancels every task)
-    await asyncio.sleep(0)
-    await store.close()
-    await asyncio.sleep(0)
-    assert waiting.done()  # not left hanging
-    await waiting
-    reopened = await Store.open(tmp_path / "store.sqlite3")
-    try:
-        assert [j.state for j in await reopened.jobs(["b"])] == [S.FAILED, S.FAILED]
-    finally:
-        await reopened.close()
-
-
-async def test_writes_survive_a_committer_cancelled_while_it_waits_for_the_lock(tmp_path):
-    store = await Store.open(tmp_path / "store.sqlite3")
-    await store.upsert_batch("b", "m/x", None, {})
-    await store.add_jobs("b", [Spec("k1", 0)])
-    [job] = await store.jobs(["b"])
-    release = asyncio.Event()
-
-    async def hold():  # another task's transaction (atomic(), a checkpoint) holds the lock
-        async with store.atomic():
-            await release.wait()
-
-    holder = asyncio.create_task(hold())
-    await asyncio.sleep(0.01)
-    waiting = asyncio.create_task(store.transition(job, S.FAILED, shield=True))
-    await asyncio.sleep(0.01)  # the committer has taken the write and waits for the lock ...
-    store._committer.cancel()  # ... when it is cancelled
-    await asyncio.sleep(0)
-    release.set()
-    await holder
-    await store.close()
-    await asyncio.sleep(0)
-    assert waiting.done()
-    await waiting
-    reopened = await Store.open(tmp_path / "store.sqlite3")
-    try:
-        assert (await reopened.job(job.id)).state == S.FAILED
-    finally:
-        await reopened.close()
-
-
 async def test_a_claim_records_the_api_and_a_retry_forgets_it(tmp_path):
     async with await Store.open(tmp_path / "s.sqlite3", api="https://api.example/v1") as store:
         await store.upsert_batch("b", "m/x", None, {})
-        await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
+        await add_jobs(store, "b", [Spec("k1", 0), Spec("k2", 1)])
         (job,) = await store.claim_many(["b"], now=0, limit=1)
         assert job.api == "https://api.example/v1" == (await store.job(job.id)).api
         assert await store.apis(["b"]) == {"b": {"https://api.example/v1": 1}}  # k2: never sent
         await store.transition(job, S.FAILED, error="no")
         await store.requeue(job, "retry")
         assert (await store.job(job.id)).api is None and await store.apis() == {}
-
-
-async def test_an_old_store_gains_the_api_column_with_its_jobs_unmarked(tmp_path):
-    path = tmp_path / "s.sqlite3"
-    async with aiosqlite.connect(path, isolation_level=None) as db:
-        await migrate(db, MIGRATIONS[:4])
-        await db.execute("INSERT INTO batches VALUES ('b', 'm', NULL, '{}', 0, 0)")
-        await db.execute("INSERT INTO jobs (batch, key, seq, model_id, inputs_json, state, request_id, "
-                         "created_at, updated_at) VALUES ('b', 'k', 0, 'm', '{}', 'succeeded', 'r', 0, 0)")
-    async with await Store.open(path, api=S.SIMULATOR_API) as store:
-        (job,) = await store.jobs(["b"])
-        assert job.api is None and job.request_id == "r"  # submitted before batchgen kept track
-
-
-@pytest.mark.parametrize("damage", ["delete", "replace", "truncate"])
-async def test_a_store_whose_file_is_gone_refuses_every_claim_and_then_every_write(tmp_path, damage):
-    path = tmp_path / "s.sqlite3"
-    store = await Store.open(path)
-    try:
-        await store.upsert_batch("b", "m/x", None, {})
-        await store.add_jobs("b", [Spec("k1", 0), Spec("k2", 1)])
-        (job,) = await store.claim_many(["b"], now=0, limit=1)
-        if damage == "delete":
-            path.unlink()
-        elif damage == "replace":
-            path.rename(tmp_path / "old.sqlite3")
-            path.write_bytes((tmp_path / "old.sqlite3").read_bytes())
-        else:
-            os.truncate(path, 0)
-        with pytest.raises(StoreError, match="deleted, replaced or emptied while this run was using it"):
-            await store.claim_many(["b"], now=0, limit=1)
-        # Other writes go on only until the next periodic check.
-        store._checked_at -= C.STORE_CHECK_EVERY
-        with pytest.raises(StoreError, match="deleted, replaced or emptied"):
-            await store.transition(job, S.IN_QUEUE, request_id="r")
-    finally:
-        await store.close()
-
-
-def test_a_new_store_file_is_never_left_empty(tmp_path):
-    path = tmp_path / "work" / "batchgen.sqlite3"
-    create_store(path)
-    assert path.stat().st_size > 0 and list(path.parent.iterdir()) == [path]
-    before = path.read_bytes()
-    create_store(path)  # there already: left alone
-    assert path.read_bytes() == before
 
 
 async def test_a_job_done_or_at_the_provider_keeps_the_inputs_it_was_sent_with(store):
