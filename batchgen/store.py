@@ -49,7 +49,7 @@ import aiosqlite
 
 from .constants import INSERT_CHUNK, STORE_CHECK_EVERY
 from .errors import StoreError
-from .manifest import canonical_json
+from .jobkeys import canonical_json
 from .migrations import migrate
 
 log = logging.getLogger(__name__)

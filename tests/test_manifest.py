@@ -237,7 +237,7 @@ def test_templates_use_matrix_variables_that_are_not_sent(imgs):
 @pytest.mark.parametrize(
     ("prompt", "needle"),
     [
-        ("{nope}", "m.yaml, line 2, field 'prompt': template uses {nope}, which this job does not define; "
+        ("{nope}", "m.yaml, line 2, field 'prompt': template uses {nope}, which no job defines; "
                    "defined: frames, image_urls, prompt, seed"),
         ("{a.b}", "m.yaml, line 2, field 'prompt': bad template field {a.b}: use a plain name"),
         ("{unclosed", "m.yaml, line 2, field 'prompt': bad template (expected '}' before end of string)"),
@@ -252,7 +252,7 @@ def test_template_problems_name_the_field_and_variable(imgs, prompt, needle):
     assert any(t.startswith(needle) for t in texts(m)), texts(m)
 
 
-def test_a_default_template_missing_a_column_is_reported_once(imgs):
+def test_a_default_template_missing_a_column_is_reported_once_at_the_template(imgs):
     write(imgs / "rows.csv", "image\na.jpg\nb.png\na.jpg\n")
     path = write(imgs / "m.yaml", """
         defaults: {prompt: "A {subject}"}
@@ -261,7 +261,36 @@ def test_a_default_template_missing_a_column_is_reported_once(imgs):
     m, specs = jobs_of(path)
     assert specs == []
     (problem,) = m.problems
-    assert str(problem).startswith("rows.csv, row 2, field 'prompt': template uses {subject}")
+    assert str(problem).startswith("m.yaml, line 1, field 'prompt': template uses {subject}, which no job defines")
+
+
+def test_a_template_typo_is_reported_at_the_template_once_with_a_suggestion(imgs):
+    # Issue 18: `{mod}` for `{mood}` is the template's fault, not any row's.
+    write(imgs / "rows.csv", "image,mood\na.jpg,calm\nb.png,wild\na.jpg,dark\n")
+    path = write(imgs / "m.yaml", """
+        rows: rows.csv
+        defaults:
+          frames: 121
+          prompt: "A {mod} fox"
+    """)
+    m, specs = jobs_of(path)
+    assert specs == []
+    assert texts(m) == ["m.yaml, line 4, field 'prompt': template uses {mod}, which no job defines "
+                        "(did you mean 'mood'?); defined: frames, image_urls, mood, prompt, seed"]
+
+
+def test_a_blank_cell_a_template_needs_is_still_the_rows_problem(imgs):
+    # The column exists; one row leaves it blank: that row is where to look.
+    write(imgs / "rows.csv", "image,mood\na.jpg,calm\nb.png,\n")
+    path = write(imgs / "m.yaml", """
+        rows: rows.csv
+        defaults: {prompt: "A {mood} fox"}
+    """)
+    m, specs = jobs_of(path)
+    assert [s.inputs["prompt"] for s in specs] == ["A calm fox"]
+    (problem,) = m.problems
+    assert str(problem).startswith("rows.csv, row 3, field 'prompt': template uses {mood}, which this job does not "
+                                   "define")
 
 
 # ---- keys ---------------------------------------------------------------------------------------
@@ -412,7 +441,7 @@ def test_all_problems_at_once_with_locations(imgs):
         "image_base_url, defaults, jobs, rows, matrix, repeat",
         "m.yaml, line 3, field 'sede': unknown field 'sede' (did you mean 'seed'?); allowed: prompt, image_urls, "
         "seed, frames (or image / image_url for image_urls; or prefix it with _ to keep it as a note)",
-        "m.yaml, line 6, field 'prompt': template uses {nope}, which this job does not define",
+        "m.yaml, line 6, field 'prompt': template uses {nope}, which no job defines",
         "m.yaml, line 7, field 'image_urls': http://example.com/x.jpg: plain http is allowed only for loopback",
         "m.yaml, line 7, field 'size': unknown field 'size'; allowed: prompt",
         "rows.csv, row 3, field 'frames': 'abc' is not a whole number",
