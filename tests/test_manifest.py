@@ -123,6 +123,31 @@ def test_csv_manifest_on_its_own_casts_by_schema_type(imgs):
     assert specs[1].source == "plain.csv, row 4"  # the blank line is skipped but counted
 
 
+def test_an_integer_written_as_121_0_121_or_quoted_is_one_job(imgs):
+    # Issue 18: pandas and spreadsheets write 121.0 for an integer column with blanks; YAML "121"
+    # is text. Where the schema wants an integer, each is the integer 121, and one job (one key).
+    write(imgs / "rows.csv", "prompt,image,seed,frames\np,a.jpg,7.0,121.0\np,a.jpg,7,121\n")
+    csv_specs = jobs_of(write(imgs / "m.yaml", "rows: rows.csv\n"))[1]
+    quoted = write(imgs / "q.yaml", 'jobs: [{prompt: p, image: a.jpg, seed: "7", frames: "121"}]\n')
+    floats = write(imgs / "f.yaml", "jobs: [{prompt: p, image: a.jpg, seed: 7.0, frames: 121.0}]\n")
+    plain = write(imgs / "p.yaml", "jobs: [{prompt: p, image: a.jpg, seed: 7, frames: 121}]\n")
+    templated = write(imgs / "t.yaml",
+                      'defaults: {n: 121}\njobs: [{prompt: p, image: a.jpg, seed: 7, frames: "{n}"}]\n')
+    specs = [*csv_specs, *(jobs_of(p)[1][0] for p in (quoted, floats, plain, templated))]
+    assert len(csv_specs) == 1  # the second row is the first one again
+    assert all(s.inputs["frames"] == 121 and type(s.inputs["frames"]) is int for s in specs)
+    assert all(type(s.inputs["seed"]) is int for s in specs)
+    assert len({s.key for s in specs}) == 1
+
+
+def test_a_fractional_cell_for_an_integer_is_an_error_naming_file_row_and_field(imgs):
+    path = write(imgs / "rows.csv", "prompt,image,frames\np,a.jpg,121.5\np,a.jpg,1e400\n")
+    m, specs = jobs_of(path)
+    assert specs == []
+    assert texts(m) == ["rows.csv, row 2, field 'frames': '121.5' is not a whole number",
+                        "rows.csv, row 3, field 'frames': '1e400' is not a whole number"]
+
+
 def test_csv_casts_numbers_booleans_and_lists(tmp_path):
     schema = tmp_path / "s.json"
     schema.write_text(json.dumps({"model_id": "acme/t2i", "input": {"type": "object", "properties": {
