@@ -4,6 +4,8 @@ problems that name file, row or line, and field — all of them at once. Pure: n
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -12,7 +14,7 @@ from imagefactory import make_image
 
 from batchgen.constants import DEFAULT_MODEL
 from batchgen.errors import ManifestError
-from batchgen.manifest import JobSpec, is_loopback_host, load_manifest, render, template_names
+from batchgen.manifest import JobSpec, is_loopback_host, job_key, load_manifest, render, template_names
 
 
 def write(path, text):
@@ -352,6 +354,16 @@ def test_keys_never_change_between_versions(tmp_path):
     assert m.problems == []
     assert [s.key for s in specs] == ["28fa78bc6e06ca3b", "a86d41dedbfdfe5f", "68543baf7a963e8b", "eb2b94d5421e2663"]
     assert json.loads(specs[0].inputs_json) == specs[0].inputs  # what is recorded is what is sent
+    # jobkeys.job_key, from the inputs as sent (no local file here), is the same key.
+    assert [job_key(s.model_id, s.inputs, s.meta.get("repeat", 0)) for s in specs] == [s.key for s in specs]
+
+
+def test_the_store_needs_nothing_of_the_manifest():
+    # Issue 19: job keys and their canonical JSON live in batchgen.jobkeys, apart from the
+    # manifest's YAML and CSV reading.
+    code = "import sys, batchgen.store; print(sorted(m for m in sys.modules if m.startswith('batchgen.manifest')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_key_follows_image_content_not_its_path_or_url(imgs, tmp_path):
