@@ -99,7 +99,7 @@ async def validate_manifest(
 
     own_prober = prober is None
     prober = prober or ImageProber(session=session)
-    # Matrix and repeat copies of a job share its source and its problems; jobs of one image, its.
+    # Matrix and repeat copies of a job share its source, so they meet its problems again: once is enough.
     found = ProblemLog()
     add = found.add
     jobs = 0

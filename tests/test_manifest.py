@@ -306,6 +306,21 @@ def test_a_template_typo_is_reported_at_the_template_once_with_a_suggestion(imgs
                         "(did you mean 'mood'?); defined: frames, image_urls, mood, prompt, seed"]
 
 
+def test_a_listed_job_without_a_column_the_rows_have_is_that_jobs_problem(imgs):
+    # The rows define {mood}; the job listed before them does not: not a typo in the template.
+    write(imgs / "rows.csv", "image,mood\na.jpg,calm\n")
+    path = write(imgs / "m.yaml", """
+        defaults: {prompt: "A {mood} fox"}
+        jobs: [{image: b.png}]
+        rows: rows.csv
+    """)
+    m, specs = jobs_of(path)
+    assert [s.inputs["prompt"] for s in specs] == ["A calm fox"]
+    (problem,) = m.problems
+    assert str(problem).startswith("m.yaml, line 2, field 'prompt': template uses {mood}, which this job does not "
+                                   "define")
+
+
 def test_a_blank_cell_a_template_needs_is_still_the_rows_problem(imgs):
     # The column exists; one row leaves it blank: that row is where to look.
     write(imgs / "rows.csv", "image,mood\na.jpg,calm\nb.png,\n")

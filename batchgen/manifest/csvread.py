@@ -60,6 +60,16 @@ def row_count(path: Path) -> int:
     return max(0, rows)
 
 
+def header_of(path: Path) -> list[str]:
+    """A CSV file's column names, read ahead of its rows; [] if it has none to read (reading the
+    rows reports why)."""
+    try:
+        with open(path, "rb") as fh:
+            return [h.strip() for h in next(csv.reader(_decoded_lines(fh)), [])]
+    except (OSError, csv.Error, _NotText):
+        return []
+
+
 @dataclass
 class CsvRows:
     """One CSV file's rows as {column: typed value}, with their row numbers (the header is row 1).

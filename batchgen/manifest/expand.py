@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import Problem
 from ..jobkeys import canonical_json, job_key_of_json
-from .csvread import CsvRows
+from .csvread import CsvRows, header_of
 from .imagerefs import IMAGE_ALIASES, is_image_name, listify
 from .problems import ProblemLog, did_you_mean
 from .spec import JobSpec, Level
@@ -165,8 +165,8 @@ class Expansion:
         if self._names is None:
             manifest = self.manifest
             names = {*manifest.defaults, *manifest.matrix, *(k for level in manifest.listed for k in level.values)}
-            if self.rows is not None:
-                names |= {h for h in self.rows.header if h}
+            if self.rows is not None:  # a job listed before the rows meets a problem before they are read
+                names |= {h for h in self.rows.header or header_of(self.rows.path) if h}
             if self.schema is not None:
                 names |= set(self.schema.apply_defaults({}))
             aliases = self._image_keys(dict.fromkeys(names))
