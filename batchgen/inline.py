@@ -194,7 +194,7 @@ def local_files(inputs: dict[str, Any]) -> list[FileRef]:
 def _pieces(inputs: dict[str, Any]) -> tuple[list[bytes], list[FileRef]]:
     """The inputs' JSON text cut around each file reference: ``pieces[i]`` comes before
     ``files[i]`` (one entry per occurrence), the last piece after the last file."""
-    from .manifest import canonical_json
+    from .jobkeys import canonical_json
 
     marker = uuid.uuid4().hex  # in no user's text: the cut points are ours alone
     files: list[FileRef] = []

@@ -109,18 +109,33 @@ class Rule:
 
     def explain(self, info: ImageInfo) -> str:
         """Why ``info`` fails this rule: what the image is, the schema's message, what is allowed."""
+        return explain_failures([self], info)[0]
+
+    def actual(self, info: ImageInfo) -> str:
+        """What ``info`` is, in the terms of this rule: "image is 300x300"."""
         what = "image" if info.width else "file"  # a video or audio file: no dimensions read
         if self.subject == "file_type":
-            actual = f"{what} is {info.format.upper()}"
-        elif self.subject == "file_size_mb":
-            actual = f"{what} is {info.size:,} bytes"
-        elif self.subject == "width/height":
+            return f"{what} is {info.format.upper()}"
+        if self.subject == "file_size_mb":
+            return f"{what} is {info.size:,} bytes"
+        if self.subject == "width/height":
             ratio = f"{float(info.width / info.height):.4g}" if info.height else "undefined"
-            actual = f"image is {info.width}x{info.height} (width/height {ratio})"
-        else:
-            actual = f"image is {info.width}x{info.height}"
-        said = self.message.strip().rstrip(".")
-        return f"{actual}; {said} (allowed: {self.allowed()})" if said else f"{actual}; allowed: {self.allowed()}"
+            return f"image is {info.width}x{info.height} (width/height {ratio})"
+        return f"image is {info.width}x{info.height}"
+
+
+def explain_failures(rules: list[Rule], info: ImageInfo) -> list[str]:
+    """One message per thing wrong with ``info``, for the ``rules`` it fails. Rules that say the
+    same of the same facts are one message: a 300x300 image fails "width > 320" and "height >
+    320", both "The shortest side must be at least 320 pixels", which is one problem to fix."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for rule in rules:
+        grouped.setdefault((rule.actual(info), rule.message.strip().rstrip(".")), []).append(rule.allowed())
+    out = []
+    for (actual, said), allowed in grouped.items():
+        allows = " and ".join(allowed)
+        out.append(f"{actual}; {said} (allowed: {allows})" if said else f"{actual}; allowed: {allows}")
+    return out
 
 
 def _exact(value: Any) -> Fraction:
@@ -321,8 +336,8 @@ class ModelSchema:
     def file_rule_failures(self, name: str, info: ImageInfo) -> list[str]:
         """Messages of the type and size rules of field ``name`` that a file fails (``info``'s
         format: the file's MIME subtype, its dimensions unknown)."""
-        return [rule.explain(info) for rule in self.rules.get(name, ())
-                if rule.subject in FILE_SUBJECTS and not rule.passes(info)]
+        return explain_failures([rule for rule in self.rules.get(name, ())
+                                 if rule.subject in FILE_SUBJECTS and not rule.passes(info)], info)
 
     def image_fields(self) -> dict[str, bool]:
         """Fields that hold image URLs: name -> True when the field is a list of them."""
@@ -424,7 +439,7 @@ class ModelSchema:
         """Messages of the rules of field ``name`` that ``info`` fails; remembered per image."""
         found = self._rule_cache.get((name, info))
         if found is None:
-            found = [rule.explain(info) for rule in self.rules.get(name, ()) if not rule.passes(info)]
+            found = explain_failures([rule for rule in self.rules.get(name, ()) if not rule.passes(info)], info)
             if len(self._rule_cache) >= _CACHE_LIMIT:
                 self._rule_cache.clear()
             self._rule_cache[(name, info)] = found
@@ -563,12 +578,22 @@ def _errors_of(validator: Any, value: Any) -> list[Any] | str:
     from referencing.exceptions import Unresolvable  # installed with jsonschema; loaded with it
 
     try:
-        return list(validator.iter_errors(value))
+        return _one_per_value(list(validator.iter_errors(value)))
     except RecursionError:
         return "the model's schema cannot be applied: it refers to itself without end"
     except Unresolvable as exc:
         ref = getattr(exc, "ref", None)
         return f"the model's schema cannot be applied: it refers to {ref or 'something'!r}, which it does not hold"
+
+
+def _one_per_value(errors: list[Any]) -> list[Any]:
+    """``errors`` without a type error where the same value also fails an ``enum`` or ``const``:
+    "must be one of 121, 241" already says what is allowed, and a second line about the same
+    value reads as a second problem."""
+    listed = {tuple(err.absolute_path) for err in errors if err.validator in ("enum", "const")}
+    if not listed:
+        return errors
+    return [err for err in errors if not (err.validator == "type" and tuple(err.absolute_path) in listed)]
 
 
 def _mentions(node: Any, key: str) -> bool:

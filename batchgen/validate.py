@@ -21,7 +21,8 @@ from . import constants as C
 from .errors import Problem
 from .images import ImageInfo, ImageProber
 from .inline import FileRef, read_data_uri, request_size, shown, too_large
-from .manifest import JobSpec, Manifest, canonical_json, is_image_name
+from .jobkeys import canonical_json
+from .manifest import JobSpec, Manifest, ProblemLog, is_image_name
 from .schema import ModelSchema, SchemaError, find_schema
 
 log = logging.getLogger(__name__)
@@ -98,17 +99,13 @@ async def validate_manifest(
 
     own_prober = prober is None
     prober = prober or ImageProber(session=session)
-    found: list[Problem] = []
-    seen: set[Problem] = set()
+    # Matrix and repeat copies of a job share its source, so they meet its problems again: once is enough.
+    found = ProblemLog()
+    add = found.add
     jobs = 0
     window: list[tuple[JobSpec, list[tuple[str, str]]]] = []
     other_media = schema.other_media_fields() if schema is not None else {}
     seen_media: dict[tuple[str, str], ImageInfo | str | None] = {}  # video and audio files, once each
-
-    def add(p: Problem) -> None:
-        if p not in seen:  # matrix and repeat copies of a job share its source and its problems
-            seen.add(p)
-            found.append(p)
 
     async def check_window() -> None:
         refs = list({ref for _, named in window for _, ref in named})
@@ -234,7 +231,7 @@ def _facts(info: ImageInfo) -> str:
 _NUMBER = re.compile(r"\d+")
 
 
-def _in_order(manifest: Manifest, checked: list[Problem]) -> list[Problem]:
+def _in_order(manifest: Manifest, checked: ProblemLog) -> list[Problem]:
     """Every problem by file (the manifest, then the others as they were met) and row/line, so
     one job's problems read together; problems about a whole file come first."""
     loaded = manifest.problems

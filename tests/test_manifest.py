@@ -4,6 +4,8 @@ problems that name file, row or line, and field — all of them at once. Pure: n
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -12,7 +14,7 @@ from imagefactory import make_image
 
 from batchgen.constants import DEFAULT_MODEL
 from batchgen.errors import ManifestError
-from batchgen.manifest import JobSpec, is_loopback_host, load_manifest, render, template_names
+from batchgen.manifest import JobSpec, is_loopback_host, job_key, load_manifest, render, template_names
 
 
 def write(path, text):
@@ -121,6 +123,31 @@ def test_csv_manifest_on_its_own_casts_by_schema_type(imgs):
     assert specs[0].inputs["prompt"] == "A quoted, comma prompt"
     assert (specs[0].inputs["seed"], specs[0].inputs["frames"]) == (-7, 241)
     assert specs[1].source == "plain.csv, row 4"  # the blank line is skipped but counted
+
+
+def test_an_integer_written_as_121_0_121_or_quoted_is_one_job(imgs):
+    # Issue 18: pandas and spreadsheets write 121.0 for an integer column with blanks; YAML "121"
+    # is text. Where the schema wants an integer, each is the integer 121, and one job (one key).
+    write(imgs / "rows.csv", "prompt,image,seed,frames\np,a.jpg,7.0,121.0\np,a.jpg,7,121\n")
+    csv_specs = jobs_of(write(imgs / "m.yaml", "rows: rows.csv\n"))[1]
+    quoted = write(imgs / "q.yaml", 'jobs: [{prompt: p, image: a.jpg, seed: "7", frames: "121"}]\n')
+    floats = write(imgs / "f.yaml", "jobs: [{prompt: p, image: a.jpg, seed: 7.0, frames: 121.0}]\n")
+    plain = write(imgs / "p.yaml", "jobs: [{prompt: p, image: a.jpg, seed: 7, frames: 121}]\n")
+    templated = write(imgs / "t.yaml",
+                      'defaults: {n: 121}\njobs: [{prompt: p, image: a.jpg, seed: 7, frames: "{n}"}]\n')
+    specs = [*csv_specs, *(jobs_of(p)[1][0] for p in (quoted, floats, plain, templated))]
+    assert len(csv_specs) == 1  # the second row is the first one again
+    assert all(s.inputs["frames"] == 121 and type(s.inputs["frames"]) is int for s in specs)
+    assert all(type(s.inputs["seed"]) is int for s in specs)
+    assert len({s.key for s in specs}) == 1
+
+
+def test_a_fractional_cell_for_an_integer_is_an_error_naming_file_row_and_field(imgs):
+    path = write(imgs / "rows.csv", "prompt,image,frames\np,a.jpg,121.5\np,a.jpg,1e400\n")
+    m, specs = jobs_of(path)
+    assert specs == []
+    assert texts(m) == ["rows.csv, row 2, field 'frames': '121.5' is not a whole number",
+                        "rows.csv, row 3, field 'frames': '1e400' is not a whole number"]
 
 
 def test_csv_casts_numbers_booleans_and_lists(tmp_path):
@@ -237,7 +264,7 @@ def test_templates_use_matrix_variables_that_are_not_sent(imgs):
 @pytest.mark.parametrize(
     ("prompt", "needle"),
     [
-        ("{nope}", "m.yaml, line 2, field 'prompt': template uses {nope}, which this job does not define; "
+        ("{nope}", "m.yaml, line 2, field 'prompt': template uses {nope}, which no job defines; "
                    "defined: frames, image_urls, prompt, seed"),
         ("{a.b}", "m.yaml, line 2, field 'prompt': bad template field {a.b}: use a plain name"),
         ("{unclosed", "m.yaml, line 2, field 'prompt': bad template (expected '}' before end of string)"),
@@ -252,7 +279,7 @@ def test_template_problems_name_the_field_and_variable(imgs, prompt, needle):
     assert any(t.startswith(needle) for t in texts(m)), texts(m)
 
 
-def test_a_default_template_missing_a_column_is_reported_once(imgs):
+def test_a_default_template_missing_a_column_is_reported_once_at_the_template(imgs):
     write(imgs / "rows.csv", "image\na.jpg\nb.png\na.jpg\n")
     path = write(imgs / "m.yaml", """
         defaults: {prompt: "A {subject}"}
@@ -261,7 +288,51 @@ def test_a_default_template_missing_a_column_is_reported_once(imgs):
     m, specs = jobs_of(path)
     assert specs == []
     (problem,) = m.problems
-    assert str(problem).startswith("rows.csv, row 2, field 'prompt': template uses {subject}")
+    assert str(problem).startswith("m.yaml, line 1, field 'prompt': template uses {subject}, which no job defines")
+
+
+def test_a_template_typo_is_reported_at_the_template_once_with_a_suggestion(imgs):
+    # Issue 18: `{mod}` for `{mood}` is the template's fault, not any row's.
+    write(imgs / "rows.csv", "image,mood\na.jpg,calm\nb.png,wild\na.jpg,dark\n")
+    path = write(imgs / "m.yaml", """
+        rows: rows.csv
+        defaults:
+          frames: 121
+          prompt: "A {mod} fox"
+    """)
+    m, specs = jobs_of(path)
+    assert specs == []
+    assert texts(m) == ["m.yaml, line 4, field 'prompt': template uses {mod}, which no job defines "
+                        "(did you mean 'mood'?); defined: frames, image_urls, mood, prompt, seed"]
+
+
+def test_a_listed_job_without_a_column_the_rows_have_is_that_jobs_problem(imgs):
+    # The rows define {mood}; the job listed before them does not: not a typo in the template.
+    write(imgs / "rows.csv", "image,mood\na.jpg,calm\n")
+    path = write(imgs / "m.yaml", """
+        defaults: {prompt: "A {mood} fox"}
+        jobs: [{image: b.png}]
+        rows: rows.csv
+    """)
+    m, specs = jobs_of(path)
+    assert [s.inputs["prompt"] for s in specs] == ["A calm fox"]
+    (problem,) = m.problems
+    assert str(problem).startswith("m.yaml, line 2, field 'prompt': template uses {mood}, which this job does not "
+                                   "define")
+
+
+def test_a_blank_cell_a_template_needs_is_still_the_rows_problem(imgs):
+    # The column exists; one row leaves it blank: that row is where to look.
+    write(imgs / "rows.csv", "image,mood\na.jpg,calm\nb.png,\n")
+    path = write(imgs / "m.yaml", """
+        rows: rows.csv
+        defaults: {prompt: "A {mood} fox"}
+    """)
+    m, specs = jobs_of(path)
+    assert [s.inputs["prompt"] for s in specs] == ["A calm fox"]
+    (problem,) = m.problems
+    assert str(problem).startswith("rows.csv, row 3, field 'prompt': template uses {mood}, which this job does not "
+                                   "define")
 
 
 # ---- keys ---------------------------------------------------------------------------------------
@@ -298,6 +369,16 @@ def test_keys_never_change_between_versions(tmp_path):
     assert m.problems == []
     assert [s.key for s in specs] == ["28fa78bc6e06ca3b", "a86d41dedbfdfe5f", "68543baf7a963e8b", "eb2b94d5421e2663"]
     assert json.loads(specs[0].inputs_json) == specs[0].inputs  # what is recorded is what is sent
+    # jobkeys.job_key, from the inputs as sent (no local file here), is the same key.
+    assert [job_key(s.model_id, s.inputs, s.meta.get("repeat", 0)) for s in specs] == [s.key for s in specs]
+
+
+def test_the_store_needs_nothing_of_the_manifest():
+    # Issue 19: job keys and their canonical JSON live in batchgen.jobkeys, apart from the
+    # manifest's YAML and CSV reading.
+    code = "import sys, batchgen.store; print(sorted(m for m in sys.modules if m.startswith('batchgen.manifest')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_key_follows_image_content_not_its_path_or_url(imgs, tmp_path):
@@ -412,7 +493,7 @@ def test_all_problems_at_once_with_locations(imgs):
         "image_base_url, defaults, jobs, rows, matrix, repeat",
         "m.yaml, line 3, field 'sede': unknown field 'sede' (did you mean 'seed'?); allowed: prompt, image_urls, "
         "seed, frames (or image / image_url for image_urls; or prefix it with _ to keep it as a note)",
-        "m.yaml, line 6, field 'prompt': template uses {nope}, which this job does not define",
+        "m.yaml, line 6, field 'prompt': template uses {nope}, which no job defines",
         "m.yaml, line 7, field 'image_urls': http://example.com/x.jpg: plain http is allowed only for loopback",
         "m.yaml, line 7, field 'size': unknown field 'size'; allowed: prompt",
         "rows.csv, row 3, field 'frames': 'abc' is not a whole number",

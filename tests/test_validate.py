@@ -199,13 +199,45 @@ async def test_every_problem_of_every_job_at_once_in_row_order(tmp_path):
     assert result.jobs == 4  # the row whose seed did not cast is not a job
 
 
+async def test_a_batch_of_small_images_gets_one_problem_per_image(tmp_path):
+    # Issue 18: a 300x300 image fails "width > 320" and "height > 320", which the schema words
+    # alike ("The shortest side must be at least 320 pixels"): one problem, not two near copies.
+    for i in range(3):
+        make_image(tmp_path / f"s{i}.jpg", 300, 300)
+    make_image(tmp_path / "huge.png", 5000, 5000, "PNG")
+    rows = "prompt,image\n" + "".join(f"p{i},s{i}.jpg\n" for i in range(3)) + "p,huge.png\nagain,s0.jpg\n"
+    write(tmp_path / "rows.csv", rows)
+    result = await check(write(tmp_path / "m.yaml", "rows: rows.csv\n"))
+    assert texts(result) == [
+        *(f"rows.csv, row {i + 2}, field 'image_urls[0]': image is 300x300; The shortest side must be at least "
+          "320 pixels (allowed: width greater than 320 pixels and height greater than 320 pixels)" for i in range(3)),
+        "rows.csv, row 5, field 'image_urls[0]': image is 5000x5000; Maximum resolution is 4096x4096 "
+        "(allowed: width at most 4096 pixels and height at most 4096 pixels)",
+        "rows.csv, row 6, field 'image_urls[0]': image is 300x300; The shortest side must be at least "
+        "320 pixels (allowed: width greater than 320 pixels and height greater than 320 pixels)",
+    ]
+
+
+async def test_a_yaml_number_in_quotes_is_checked_as_the_number_and_a_bad_one_named_once(tmp_path):
+    # Issue 18: YAML "121" is the integer 121, as a CSV cell is; "121.5" is one problem with its
+    # file, line, field and what is allowed (not a type error beside the list of allowed values).
+    make_image(tmp_path / "a.jpg", 640, 480)
+    path = write(tmp_path / "m.yaml", """
+        jobs:
+          - {prompt: p, image: a.jpg, frames: "121", seed: "5"}
+          - {prompt: q, image: a.jpg, frames: "121.5"}
+    """)
+    result = await check(path)
+    assert texts(result) == ["m.yaml, line 3, field 'frames': must be one of 121, 241, got \"121.5\""]
+    assert result.jobs == 2
+
+
 async def test_row_problems_from_manifest_and_schema_together(tmp_path):
     make_image(tmp_path / "tiny.png", 100, 100, "PNG")
     write(tmp_path / "rows.csv", "prompt,image,frames\nok,tiny.png,120\n")
     result = await check(write(tmp_path / "m.yaml", "rows: rows.csv\nmatrix: {seed: [1, 2, 3]}\n"))
-    # In the form's order: the image's two failed rules (width, height), then frames.
-    assert [(p.location, p.field) for p in result.problems] == [
-        ("row 2", "image_urls[0]"), ("row 2", "image_urls[0]"), ("row 2", "frames")]
+    # In the form's order: the image (its width and height rules say one thing), then frames.
+    assert [(p.location, p.field) for p in result.problems] == [("row 2", "image_urls[0]"), ("row 2", "frames")]
     assert result.jobs == 3  # matrix copies share their row's problems, reported once
 
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..manifest import canonical_json
+from ..jobkeys import canonical_json
 from .models import OVERDUE, TERMINAL, Attempt, Batch, Job, Output
 
 
