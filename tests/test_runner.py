@@ -16,7 +16,7 @@ from batchgen import constants as C
 from batchgen import store as S
 from batchgen.errors import AccountError
 from batchgen.retry import RetryPolicy
-from batchgen.runner import RunSettings
+from batchgen.runner import RunSettings, StopReason
 from batchgen.simulator import SimConfig, Simulator
 from batchgen.store import Store
 
@@ -145,10 +145,10 @@ async def test_stopped_part_way_then_resumed(simulator, tmp_path):
         if event.kind == S.IN_QUEUE:
             submitted.append(event.job.key)
             if len(submitted) == 3:
-                box[0].stop("interrupted")
+                box[0].stop(StopReason.INTERRUPTED)
 
     first = await app.run(options(tmp_path, sim, path), on_event=on_event, on_runner=box.append)
-    assert first.summary.stop_reason == "interrupted"
+    assert first.summary.stop_reason is StopReason.INTERRUPTED
     remaining = sum(n for s, n in first.counts["b"].items() if s != S.SUCCEEDED)
     assert remaining > 0
     # Nothing was lost: jobs at the provider kept their request ids.
@@ -247,7 +247,7 @@ async def test_bad_token_stops_the_run_with_nothing_submitted(simulator, tmp_pat
 async def test_insufficient_balance_stops_submitting_and_finishes_the_rest(simulator, tmp_path):
     sim = await simulator(balance_usd=0.35, duration=0.05)
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 6), concurrency=1))
-    assert out.summary.stop_reason == "balance" and "balance" in out.summary.account_error.lower()
+    assert out.summary.stop_reason is StopReason.BALANCE and "balance" in out.summary.account_error.lower()
     assert out.counts == {"b": {"succeeded": 3, "pending": 3}}
 
 
@@ -263,14 +263,14 @@ async def test_job_timeout_cancels_queued_jobs_and_follows_running_ones(simulato
 async def test_max_jobs_budget(simulator, tmp_path):
     sim = await simulator(duration=0)
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 5), max_jobs=2))
-    assert out.summary.stop_reason == "max_jobs"
+    assert out.summary.stop_reason is StopReason.MAX_JOBS
     assert out.counts == {"b": {"succeeded": 2, "pending": 3}}
 
 
 async def test_max_cost_budget(simulator, tmp_path):
     sim = await simulator(duration=0.05, price_usd=0.10)
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 8), max_cost=0.35))
-    assert out.summary.stop_reason == "budget"
+    assert out.summary.stop_reason is StopReason.BUDGET
     assert out.counts == {"b": {"succeeded": 3, "pending": 5}}
     assert out.summary.spent_usd == pytest.approx(0.30)
 
@@ -281,7 +281,7 @@ async def test_deadline_stops_submitting_then_stops(simulator, tmp_path):
     sim = await simulator(concurrency=1, duration=0.4)
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 6), concurrency=1,
                                 deadline=time.time() + 1.0))
-    assert out.summary.stop_reason == "deadline"
+    assert out.summary.stop_reason is StopReason.DEADLINE
     assert out.counts["b"].get(S.PENDING, 0) >= 2  # never submitted: left for the next run
     assert out.summary.elapsed < 3
 
@@ -330,7 +330,7 @@ async def test_cancel_batch(simulator, tmp_path):
 
     def on_event(event):
         if event.kind == S.IN_QUEUE and len(sim.requests()["requests"]) == 2:
-            box[0].stop("interrupted")
+            box[0].stop(StopReason.INTERRUPTED)
 
     await app.run(options(tmp_path, sim, path, concurrency=2), on_event=on_event, on_runner=box.append)
     report = await app.cancel(tmp_path / "work", "b", app.Target(api_url=sim.base_url, token="t"))
@@ -373,12 +373,12 @@ async def test_interrupted_simulated_run_resumes_its_jobs(samples, tmp_path):
 
     def on_event(event):
         if event.kind == S.IN_QUEUE:
-            box[0].stop("interrupted")
+            box[0].stop(StopReason.INTERRUPTED)
 
     opts = app.RunOptions(workdir=tmp_path / "work", manifest=samples / "quickstart.yaml",
                           target=app.Target(simulate=True), settings=settings())
     first = await app.run(opts, on_event=on_event, on_runner=box.append)
-    assert first.summary.stop_reason == "interrupted"
+    assert first.summary.stop_reason is StopReason.INTERRUPTED
     assert sum(first.counts["quickstart"].get(st, 0) for st in S.REMOTE_ACTIVE) >= 1  # at the provider's
     opts.target = app.Target(simulate=True)
     second = await app.run(opts)
@@ -396,7 +396,7 @@ async def test_a_partial_file_left_by_a_killed_run_is_not_left_behind(simulator,
 
     def on_event(event):
         if event.kind == S.IN_QUEUE and box:
-            box[0].stop("interrupted")
+            box[0].stop(StopReason.INTERRUPTED)
 
     path = manifest(tmp_path, sim, 1)
     first = await app.run(options(tmp_path, sim, path), on_event=on_event, on_runner=box.append)
@@ -619,3 +619,10 @@ async def test_the_learned_cap_is_stored_and_the_next_run_starts_there(simulator
     # the second night's first submits went out together, up to the learned cap
     second = sorted(r["submitted_at"] for r in sim.requests()["requests"][first_burst:])
     assert sum(1 for t in second if t - second[0] < 0.1) >= min(learned, 20) - 1
+
+
+def test_every_stop_says_whether_running_again_goes_on():
+    # One list of stop words: the CLI's exit code reads it instead of keeping its own copy.
+    assert {r for r in StopReason if r.resumable} == {
+        StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.MAX_JOBS, StopReason.BUDGET, StopReason.ERROR}
+    assert StopReason.BUDGET == "budget" and f"{StopReason.MAX_JOBS}" == "max_jobs"

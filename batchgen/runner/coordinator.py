@@ -130,6 +130,11 @@ class Runner(Submitting, Polling, Collecting, Recovery, Cancelling):
     def batches(self) -> list[str]:
         return list(self._batches)
 
+    def flush_files(self) -> None:
+        """Flush the small files written so far now, in the background, rather than at the next
+        tick of ``flush_every`` (a failure stops the run, as at a tick)."""
+        self._flusher.flush_soon()
+
     def close(self) -> None:
         """Release what a runner holds from its creation (its file threads), for one that was
         never run: run() does this itself."""
