@@ -626,3 +626,30 @@ def test_every_stop_says_whether_running_again_goes_on():
     assert {r for r in StopReason if r.resumable} == {
         StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.MAX_JOBS, StopReason.BUDGET, StopReason.ERROR}
     assert StopReason.BUDGET == "budget" and f"{StopReason.MAX_JOBS}" == "max_jobs"
+
+
+async def test_jobs_running_at_the_provider_count_as_running_not_queued(simulator, tmp_path):
+    # Issue 18: most jobs are asked about once, at their expected end, so a job that runs used
+    # to show 'in queue' until then. A job said to be in_progress means every job sent before it
+    # has started (the provider starts them in order): they are recorded in_progress at once,
+    # each truly started at the provider by then, and never more than it runs.
+    sim = await simulator(concurrency=8, duration=1.5)
+    inferred, running_at_sim = [], []
+
+    def on_event(event):
+        if event.kind == S.IN_PROGRESS and event.message.startswith("started"):
+            inferred.append(event.job.request_id)
+            described = {r["request_id"]: r for r in sim.requests()["requests"]}
+            running_at_sim.append(described[event.job.request_id]["started_at"] is not None)
+
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 16), concurrency=64,
+                                auto_concurrency=True, max_poll_interval=30), on_event=on_event)
+    assert out.counts == {"b": {"succeeded": 16}}
+    assert len(inferred) >= 3 and all(running_at_sim)
+    assert len(set(inferred)) == len(inferred)  # once each
+    assert submissions_per_seed(sim) == {i: 1 for i in range(16)}
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        for job in await store.jobs():
+            if job.request_id in inferred:
+                states = [state for _t, _from, state, _d in await store.events(job.id)]
+                assert S.IN_PROGRESS in states and states[-1] == S.SUCCEEDED, states

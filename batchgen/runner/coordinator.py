@@ -104,6 +104,7 @@ class Runner(Submitting, Polling, Collecting, Recovery, Cancelling):
         # they are finished (which can be before their result is fetched and recorded).
         self._holding_slot = set()
         self._unreadable = {}
+        self._asking = set()
         # Jobs at the provider given up on but still followed ('overdue'): followed, polled at
         # a slow pace, holding no slot, and not keeping the run alive (see Polling._set_aside).
         self._overdue = set()

@@ -23,6 +23,7 @@ class Polling(RunCore):
     """The poll task of one job, and the outcomes of a poll (see schedule.py for when)."""
 
     _unreadable: dict[int, int]  # answers that could not be read, in a row, by job
+    _asking: set[int]  # jobs with a poll (or a write of _started_before) under way
 
     if TYPE_CHECKING:  # from the other parts of the run
         async def _on_result(self, job: Job, result: Result) -> None: ...
@@ -51,6 +52,14 @@ class Polling(RunCore):
         return self.polls.delay(job.id, elapsed)
 
     async def _poll(self, job: Job) -> None:
+        # Marked while it runs: its writes must not race one that _started_before makes.
+        self._asking.add(job.id)
+        try:
+            await self._ask(job)
+        finally:
+            self._asking.discard(job.id)
+
+    async def _ask(self, job: Job) -> None:
         assert job.request_id is not None
         if job.batch in self._cancel_batches and job.id not in self._cancel_asked:
             # Here rather than in a task of its own: one poll of a job at a time, so no answer
@@ -113,9 +122,11 @@ class Polling(RunCore):
             # It stays overdue until it finishes (its state says it was given up on once).
             self._schedule(job, now + self.settings.overdue_poll_interval)
             return
-        if status_now == IN_PROGRESS and job.state != IN_PROGRESS:
-            await self.store.transition(job, IN_PROGRESS, started_at=now, queue_position=None)
-            self._emit(IN_PROGRESS, job)
+        if status_now == IN_PROGRESS:
+            if job.state != IN_PROGRESS:
+                await self.store.transition(job, IN_PROGRESS, started_at=now, queue_position=None)
+                self._emit(IN_PROGRESS, job)
+            await self._started_before(job)
         elif status_now == IN_QUEUE and position is not None and position != job.queue_position:
             await self.store.update_fields(job, queue_position=position)
         elapsed = now - (job.submitted_at or now)
@@ -128,6 +139,28 @@ class Polling(RunCore):
             # Still waiting: it has a whole run ahead of it, at least the shortest seen.
             delay = max(delay, min(shortest, self.settings.max_poll_interval))
         self._schedule(job, now + delay)
+
+    async def _started_before(self, running: Job) -> None:
+        """The provider says ``running`` runs: every job sent before it that we still count as
+        queued has started too (an account's jobs start in the order they were sent, which
+        --concurrency auto relies on as well). Most jobs are asked about once, at their expected
+        end: without this, jobs that run would show as queued until then. Their start time is
+        not known, so none is recorded (timings leave them out). A job whose own poll is under
+        way is left to it: that poll's writes, queued first, must not be overwritten by this one.
+        The check and the queueing of the write happen with no await between them."""
+        if running.submitted_at is None:
+            return
+        for other in list(self._followed.values()):
+            if (other.state == IN_QUEUE and other.submitted_at is not None
+                    and other.submitted_at < running.submitted_at and other.id not in self._overdue
+                    and other.id not in self._asking):
+                self._asking.add(other.id)
+                try:
+                    await self.store.transition(other, IN_PROGRESS, queue_position=None,
+                                                detail=f"started: {running.key}, sent after it, runs")
+                finally:
+                    self._asking.discard(other.id)
+                self._emit(IN_PROGRESS, other, "started (a job sent after it runs)")
 
     def _answered(self, job: Job) -> None:
         """The provider answered about ``job`` in a way we could read."""
