@@ -33,7 +33,7 @@ from .errors import (
     UsageError,
 )
 from .progress import LineLog, Panel, stderr_is_tty
-from .runner import Event, RunSettings
+from .runner import Event, RunSettings, StopReason
 from .text import printable
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
@@ -383,11 +383,11 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]))
     if summary.account_error:
         _fail(summary.account_error, EXIT_ACCOUNT)
-    if summary.stop_reason == "refused":
+    if summary.stop_reason is StopReason.REFUSED:
         _fail(summary.stop_message or "the API refuses every job", EXIT_REFUSED)
-    if summary.stop_reason == "outage":
+    if summary.stop_reason is StopReason.OUTAGE:
         _fail(summary.stop_message or "the API is unreachable", EXIT_INTERRUPTED)
-    if summary.stop_reason in ("interrupted", "deadline", "max_jobs", "budget", "error"):
+    if summary.stop_reason is not None and summary.stop_reason.resumable:
         sys.exit(EXIT_INTERRUPTED)
     bad = sum(n for b in outcome.counts.values() for s, n in b.items()
               if s in (S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE))
@@ -421,7 +421,7 @@ async def _run_with_signals(opts: app.RunOptions, view: _RunView) -> app.RunOutc
         if signals_seen == 1 and runner_box:
             click.echo(f"\n{signame}: stopping (jobs already submitted are kept); "
                        "press Ctrl-C again to exit at once", err=True)
-            runner_box[0].stop("interrupted")
+            runner_box[0].stop(StopReason.INTERRUPTED)
             return
         # Second signal, or nothing submitted yet: leave now. Every committed state is safe in
         # the store; a submit caught on the wire becomes 'unknown' on the next run.
@@ -509,7 +509,7 @@ def _print_run_summary(outcome: app.RunOutcome, again: app.Again) -> None:
     if outcome.overdue_kept:
         click.echo(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
                    "delivered and are billed (still followed); retry --force submits them anyway", err=True)
-    if s.stop_reason == "cancelled":
+    if s.stop_reason is StopReason.CANCELLED:
         click.echo("stopped: cancelled by `batchgen cancel`", err=True)
     elif s.stop_reason and not s.stop_message:  # a stop message says itself what to do
         click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)

@@ -95,7 +95,9 @@ DEFAULT_RATE = 10.0
 # How many times one job may be submitted before it is declared failed. Only submits that certainly
 # did not create a job are retried, so this bounds wasted time, not money.
 MAX_SUBMIT_ATTEMPTS = 5
-# Retries of one status/result/download call before the job is put aside for a later poll.
+# Failed tries of one output's download before it is declared lost (a fresh URL is asked for
+# every third), and answers about one job that could not be read, in a row, before the job is
+# put aside as 'overdue' (still followed). Other failed polls are retried until the job timeout.
 MAX_CALL_RETRIES = 8
 
 # Polling. Until batchgen has seen jobs of a model finish it polls on a short, growing interval;
@@ -143,7 +145,8 @@ CANCEL_CHECK_EVERY = 1.0
 # again, not believed. Two minutes: far beyond any replication lag, short against a job's minutes.
 NOT_FOUND_GRACE = 120.0
 
-# Backoff for retryable errors: base * 2^attempt, capped, with full jitter.
+# Backoff for retryable errors: base * 2^(retry - 1), capped, then half of it fixed and half random
+# ("equal jitter": a crowd of retries spreads out, and none comes back at once).
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 # A Retry-After larger than this is treated as this: one bad header must not stall a nightly run.

@@ -1,5 +1,5 @@
-"""Limits on what the runner does at once: the in-flight cap (fixed or found: ``AdaptiveCap``),
-the slots it drives, and the request rate."""
+"""Limits on what the runner does: the in-flight cap (fixed or found: ``AdaptiveCap``), the
+slots it drives, the request rate (``TokenBucket``), and the money a run may commit (``Budget``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from . import constants as C
@@ -219,25 +219,32 @@ class TokenBucket:
     each reserves its token under the lock before sleeping.
     """
 
-    def __init__(self, rate: float, burst: float | None = None):
+    def __init__(self, rate: float, burst: float | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self.rate = rate
         self.burst = burst if burst is not None else max(1.0, rate)
+        self._clock = clock  # injected by tests, which then assert no wall time
+        self._sleep = sleep
         self._tokens = self.burst
-        self._stamp = time.monotonic()
+        self._stamp = clock()
         self._lock = asyncio.Lock()
+
+    @property
+    def tokens(self) -> float:
+        """Tokens in the bucket as of the last take (negative: owed by callers waiting)."""
+        return self._tokens
 
     async def take(self) -> None:
         if self.rate <= 0:
             return
         async with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
+            self._refill()
             self._tokens -= 1.0
             wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
             if wait > 0:
                 # Sleep holding the lock: the next caller's wait starts after ours, keeping order.
-                await asyncio.sleep(wait)
+                await self._sleep(wait)
 
     def try_take(self, reserve: float = 0.0) -> bool:
         """Take a token now if one is spare: nobody is waiting for one, and ``reserve`` tokens
@@ -246,10 +253,71 @@ class TokenBucket:
             return True
         if self._lock.locked():
             return False
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
+        self._refill()
         if self._tokens - 1.0 < reserve:
             return False
         self._tokens -= 1.0
         return True
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+
+class Budget:
+    """Money committed by this run: costs reported for finished jobs, plus an estimate for each
+    job sent whose cost is not known: still out, or gone without reporting one (a submit whose
+    answer was lost, a job timed out). The estimate is the model's base price when known, else
+    the largest cost reported so far. With neither, nothing bounds what a job costs, so only one
+    job may be out at a time until one reports its cost (``waits_for_a_price``)."""
+
+    def __init__(self, limit: float | None, estimate: float | None):
+        self.limit = limit
+        self.estimate = estimate
+        self.spent = 0.0
+        self._open: set[int] = set()
+        self._unreported = 0  # jobs that may have cost something and will never say what
+
+    def started(self, job_id: int) -> None:
+        self._open.add(job_id)
+
+    def finished(self, job_id: int, cost: float | None) -> None:
+        """The job's cost is known (None: it certainly cost nothing, e.g. a refused submit)."""
+        self._open.discard(job_id)
+        if cost is not None:
+            self.spent += cost
+            if cost > 0:  # a failed job's 0 says nothing of the price of one that succeeds
+                self.estimate = max(self.estimate or 0.0, cost)
+
+    def reported(self, job_id: int, cost: float | None) -> None:
+        """The provider ended the job: its cost if the answer gave one (None: not said, or not
+        readable), which is then counted at the estimate, never as free."""
+        if cost is None:
+            self.left(job_id)
+        else:
+            self.finished(job_id, cost)
+
+    def left(self, job_id: int) -> None:
+        """The job is no longer followed and reported no cost (see the class docstring)."""
+        if job_id in self._open:
+            self._open.discard(job_id)
+            self._unreported += 1
+
+    def committed(self) -> float:
+        return self.spent + (len(self._open) + self._unreported) * (self.estimate or 0.0)
+
+    def unbounded(self) -> bool:
+        """A job may have cost something nobody can say (no cost reported, no price known): from
+        then on no sum stays under the cap for sure, so a capped run sends nothing more."""
+        return self.limit is not None and self.estimate is None and self._unreported > 0
+
+    def waits_for_a_price(self) -> bool:
+        return self.limit is not None and self.estimate is None and bool(self._open)
+
+    def allows_another(self) -> bool:
+        if self.limit is None:
+            return True
+        if self.unbounded():
+            return False
+        return self.committed() + (self.estimate or 0.0) <= self.limit + 1e-9

@@ -32,6 +32,29 @@ def isolated(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+async def make_runner(tmp_path):
+    """Factory: ``runner = await make_runner(settings)``, a Runner over a real store file and a
+    client of ``api_url`` (by default a loopback port nothing listens on: a call made fails at
+    once, which is how a test sees that it was made). Everything it opened is closed after the
+    test, even when an assert fails."""
+    from contextlib import AsyncExitStack
+
+    from batchgen.client import RunComfyClient
+    from batchgen.runner import Runner
+    from batchgen.store import Store
+
+    async with AsyncExitStack() as stack:
+        async def make(settings=None, api_url: str = "http://127.0.0.1:9"):
+            store = await stack.enter_async_context(await Store.open(tmp_path / "runner.sqlite3"))
+            client = await stack.enter_async_context(RunComfyClient(api_url, "t"))
+            runner = Runner(store, client, tmp_path, settings)
+            stack.callback(runner.close)
+            return runner
+
+        yield make
+
+
+@pytest.fixture
 async def simulator():
     """Factory: ``sim = await simulator(duration=0.2, faults=["429=0.1"])`` starts one."""
     started: list[Simulator] = []

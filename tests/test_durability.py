@@ -265,6 +265,19 @@ async def test_a_job_that_lost_several_outputs_gets_them_all_back(simulator, tmp
     assert (await job_histories(work))[job.key][-2:] == [S.DOWNLOADING, S.SUCCEEDED]
 
 
+def flush_at_first_success() -> dict:
+    """app.run's hooks that flush the files written so far when the first job succeeds: a
+    flush in the middle of the run, whatever the machine's load (a short flush tick may not
+    come before a quick run ends)."""
+    runners = []
+
+    def on_event(event):
+        if event.kind == S.SUCCEEDED and runners:
+            runners.pop().flush_files()
+
+    return {"on_runner": runners.append, "on_event": on_event}
+
+
 async def test_a_disk_that_refuses_a_flush_stops_the_run_and_loses_nothing(simulator, tmp_path, monkeypatch):
     if durability._syncfs is None:
         pytest.skip("no syncfs on this platform")
@@ -273,7 +286,7 @@ async def test_a_disk_that_refuses_a_flush_stops_the_run_and_loses_nothing(simul
     path = manifest(tmp_path, sim, 3)
     monkeypatch.setattr(durability, "_syncfs", _refusing_syncfs)
     with pytest.raises(S.StoreError, match="cannot flush downloaded files to disk: .*Input/output error"):
-        await app.run(options(tmp_path, sim, path, flush_every=0.01))
+        await app.run(options(tmp_path, sim, path, flush_every=60), **flush_at_first_success())
     jobs = await outputs_by_job(work)
     # Whatever a failed flush covered is no longer trusted: downloaded again, never resubmitted.
     forgotten = [key for key, (_job, outs) in jobs.items() if outs and outs[0].sha256 is None]
@@ -334,7 +347,7 @@ async def test_when_forgetting_unflushable_files_fails_too_they_are_removed(simu
     monkeypatch.setattr(durability, "_syncfs", _refusing_syncfs)
     monkeypatch.setattr(S.SqliteStore, "output_lost", store_fails_too)
     with pytest.raises(S.StoreError, match=r"recording that failed too .*were removed"):
-        await app.run(options(tmp_path, sim, path, flush_every=0.01))
+        await app.run(options(tmp_path, sim, path, flush_every=60), **flush_at_first_success())
     # Their marks still say "this boot": a run under this boot trusts a marked file that is
     # there at its size, so the files themselves were removed, and the next run fetches them.
     marks = unsynced(work)

@@ -140,3 +140,54 @@ def test_a_learned_start_is_kept_within_the_bounds():
 def test_move_wording():
     assert str(Move(8, 12, "jobs start at once")) == "cap 8 -> 12: jobs start at once"
     assert str(Move(16, 16, "3 jobs waiting at the provider")) == "cap held at 16: 3 jobs waiting at the provider"
+
+
+# --- TokenBucket ------------------------------------------------------------------------------------
+
+
+class FakeTime:
+    """A clock the bucket reads, and the sleep it waits with: sleeping moves the clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_rate_limit_spaces_api_calls():
+    from batchgen.limits import TokenBucket
+
+    time = FakeTime()
+    bucket = TokenBucket(rate=20, burst=1, clock=time, sleep=time.sleep)
+    for _ in range(11):
+        await bucket.take()
+    assert time.now == pytest.approx(0.5)  # one at once, then 10 at 20 a second
+    assert time.slept == pytest.approx([0.05] * 10)
+    unlimited = TokenBucket(rate=0, clock=time, sleep=time.sleep)
+    for _ in range(1000):
+        await unlimited.take()
+    assert time.now == pytest.approx(0.5)
+
+
+async def test_try_take_takes_only_a_spare_token():
+    import asyncio
+
+    from batchgen.limits import TokenBucket
+
+    time = FakeTime()
+    bucket = TokenBucket(rate=1, burst=4, clock=time)
+    assert [bucket.try_take(reserve=2) for _ in range(3)] == [True, True, False]  # 2 stay
+    assert [bucket.try_take() for _ in range(3)] == [True, True, False]
+    waiter = asyncio.ensure_future(bucket.take())  # queued for the next token (sleeps for real)
+    await asyncio.sleep(0.01)
+    time.now += 4.0  # the bucket is full again ...
+    assert not bucket.try_take()  # ... but someone is waiting: nothing is spare
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert TokenBucket(rate=0).try_take(reserve=100)

@@ -17,7 +17,7 @@ from batchgen import constants as C
 from batchgen import store as S
 from batchgen.errors import AccountError
 from batchgen.retry import RetryPolicy
-from batchgen.runner import RunSettings
+from batchgen.runner import RunSettings, StopReason
 from batchgen.simulator import SimConfig, Simulator
 from batchgen.store import Store
 
@@ -146,10 +146,10 @@ async def test_stopped_part_way_then_resumed(simulator, tmp_path):
         if event.kind == S.IN_QUEUE:
             submitted.append(event.job.key)
             if len(submitted) == 3:
-                box[0].stop("interrupted")
+                box[0].stop(StopReason.INTERRUPTED)
 
     first = await app.run(options(tmp_path, sim, path), on_event=on_event, on_runner=box.append)
-    assert first.summary.stop_reason == "interrupted"
+    assert first.summary.stop_reason is StopReason.INTERRUPTED
     remaining = sum(n for s, n in first.counts["b"].items() if s != S.SUCCEEDED)
     assert remaining > 0
     # Nothing was lost: jobs at the provider kept their request ids.
@@ -248,7 +248,7 @@ async def test_bad_token_stops_the_run_with_nothing_submitted(simulator, tmp_pat
 async def test_insufficient_balance_stops_submitting_and_finishes_the_rest(simulator, tmp_path):
     sim = await simulator(balance_usd=0.35, duration=0.05)
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 6), concurrency=1))
-    assert out.summary.stop_reason == "balance" and "balance" in out.summary.account_error.lower()
+    assert out.summary.stop_reason is StopReason.BALANCE and "balance" in out.summary.account_error.lower()
     assert out.counts == {"b": {"succeeded": 3, "pending": 3}}
 
 
@@ -264,14 +264,14 @@ async def test_job_timeout_cancels_queued_jobs_and_follows_running_ones(simulato
 async def test_max_jobs_budget(simulator, tmp_path):
     sim = await simulator(duration=0)
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 5), max_jobs=2))
-    assert out.summary.stop_reason == "max_jobs"
+    assert out.summary.stop_reason is StopReason.MAX_JOBS
     assert out.counts == {"b": {"succeeded": 2, "pending": 3}}
 
 
 async def test_max_cost_budget(simulator, tmp_path):
     sim = await simulator(duration=0.05, price_usd=0.10)
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 8), max_cost=0.35))
-    assert out.summary.stop_reason == "budget"
+    assert out.summary.stop_reason is StopReason.BUDGET
     assert out.counts == {"b": {"succeeded": 3, "pending": 5}}
     assert out.summary.spent_usd == pytest.approx(0.30)
 
@@ -282,7 +282,7 @@ async def test_deadline_stops_submitting_then_stops(simulator, tmp_path):
     sim = await simulator(concurrency=1, duration=0.4)
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 6), concurrency=1,
                                 deadline=time.time() + 1.0))
-    assert out.summary.stop_reason == "deadline"
+    assert out.summary.stop_reason is StopReason.DEADLINE
     assert out.counts["b"].get(S.PENDING, 0) >= 2  # never submitted: left for the next run
     assert out.summary.elapsed < 3
 
@@ -331,7 +331,7 @@ async def test_cancel_batch(simulator, tmp_path):
 
     def on_event(event):
         if event.kind == S.IN_QUEUE and len(sim.requests()["requests"]) == 2:
-            box[0].stop("interrupted")
+            box[0].stop(StopReason.INTERRUPTED)
 
     await app.run(options(tmp_path, sim, path, concurrency=2), on_event=on_event, on_runner=box.append)
     report = await app.cancel(tmp_path / "work", "b", app.Target(api_url=sim.base_url, token="t"))
@@ -367,68 +367,6 @@ async def test_the_request_rate_paces_every_api_call_of_a_run(simulator, tmp_pat
     assert calls >= 12 and elapsed >= (calls - 5) / 5 * 0.9  # a burst of 5, then 5 a second
 
 
-async def test_rate_limit_spaces_api_calls():
-    import time
-
-    from batchgen.limits import TokenBucket
-
-    bucket = TokenBucket(rate=20, burst=1)
-    start = time.monotonic()
-    for _ in range(11):
-        await bucket.take()
-    assert time.monotonic() - start == pytest.approx(0.5, abs=0.15)
-    unlimited = TokenBucket(rate=0)
-    start = time.monotonic()
-    for _ in range(1000):
-        await unlimited.take()
-    assert time.monotonic() - start < 0.1
-
-
-async def test_try_take_takes_only_a_spare_token():
-    import asyncio
-
-    from batchgen.limits import TokenBucket
-
-    bucket = TokenBucket(rate=1, burst=4)
-    assert [bucket.try_take(reserve=2) for _ in range(3)] == [True, True, False]  # 2 stay
-    assert [bucket.try_take() for _ in range(3)] == [True, True, False]
-    waiter = asyncio.ensure_future(bucket.take())  # queued for the next token
-    await asyncio.sleep(0.01)
-    bucket._tokens = 4.0
-    assert not bucket.try_take()  # someone is waiting: nothing is spare
-    waiter.cancel()
-    await asyncio.gather(waiter, return_exceptions=True)
-    assert TokenBucket(rate=0).try_take(reserve=100)
-
-
-async def test_under_a_rate_a_scout_polls_only_on_a_spare_token(tmp_path):
-    # A scout's early polls are extras: with the bucket short, its moment is skipped (no call, no
-    # token, the next moment planned); with tokens to spare, it polls (here the call fails:
-    # nothing listens on port 9, which is how we see that it was made).
-    from batchgen.client import RunComfyClient
-    from batchgen.limits import TokenBucket
-    from batchgen.runner import Runner
-
-    async with await Store.open(tmp_path / "s.sqlite3") as store:
-        async with RunComfyClient("http://127.0.0.1:9", "t") as client:
-            runner = Runner(store, client, tmp_path, settings(rate=10))
-            client.limiter = TokenBucket(rate=10, burst=10)
-            scout = _job(1, time.time())
-            runner._remote[scout.id] = scout
-            runner._enlist_scout(scout)
-            client.limiter._tokens = 5.0  # exactly half the bucket: nothing to spare above it
-            await runner._poll(scout)
-            assert client.calls["status"] == 0 and scout.id not in runner._poll_failures
-            assert [jid for _, _, jid in runner._heap] == [scout.id]
-            assert client.limiter._tokens == pytest.approx(5.0, abs=0.1)
-            runner._heap.clear()
-            client.limiter._tokens = 10.0
-            await runner._poll(scout)
-            assert client.calls["status"] == 1 and scout.id in runner._poll_failures
-            assert client.limiter._tokens == pytest.approx(9.0, abs=0.1)  # one token, not two
-            runner._file_threads.shutdown()
-
-
 async def test_interrupted_simulated_run_resumes_its_jobs(samples, tmp_path):
     """Under --simulate the simulator is started anew by each run; it keeps its jobs in the work
     directory, so a resumed run polls them as it would at the real service."""
@@ -436,12 +374,12 @@ async def test_interrupted_simulated_run_resumes_its_jobs(samples, tmp_path):
 
     def on_event(event):
         if event.kind == S.IN_QUEUE:
-            box[0].stop("interrupted")
+            box[0].stop(StopReason.INTERRUPTED)
 
     opts = app.RunOptions(workdir=tmp_path / "work", manifest=samples / "quickstart.yaml",
                           target=app.Target(simulate=True), settings=settings())
     first = await app.run(opts, on_event=on_event, on_runner=box.append)
-    assert first.summary.stop_reason == "interrupted"
+    assert first.summary.stop_reason is StopReason.INTERRUPTED
     assert sum(first.counts["quickstart"].get(st, 0) for st in S.REMOTE_ACTIVE) >= 1  # at the provider's
     opts.target = app.Target(simulate=True)
     second = await app.run(opts)
@@ -459,7 +397,7 @@ async def test_a_partial_file_left_by_a_killed_run_is_not_left_behind(simulator,
 
     def on_event(event):
         if event.kind == S.IN_QUEUE and box:
-            box[0].stop("interrupted")
+            box[0].stop(StopReason.INTERRUPTED)
 
     path = manifest(tmp_path, sim, 1)
     first = await app.run(options(tmp_path, sim, path), on_event=on_event, on_runner=box.append)
@@ -532,116 +470,6 @@ async def test_a_scout_learns_the_duration_so_the_first_jobs_are_not_held(simula
     assert calls["status"] + calls["result"] <= 8 + 8 * 15
 
 
-async def test_a_download_waits_for_the_submits_claimed_before_it(tmp_path, monkeypatch):
-    # When jobs finish together, the submits that refill their slots go first: a download
-    # waits while a claim is in flight or claimed jobs are unsent, and no longer.
-    import asyncio
-
-    from batchgen import constants as C
-    from batchgen.client import RunComfyClient
-    from batchgen.runner import Runner
-
-    async with await Store.open(tmp_path / "s.sqlite3") as store:
-        async with RunComfyClient("http://127.0.0.1:9", "t") as client:  # never called here
-            runner = Runner(store, client, tmp_path, settings())
-
-            async def settled(task, turns=20):
-                for _ in range(turns):
-                    await asyncio.sleep(0)
-                return task.done()
-
-            # Nothing being submitted: a download goes at once.
-            assert await settled(asyncio.ensure_future(runner._submits_first()), turns=2)
-
-            # A claim in flight, then its job claimed but unsent: the download waits ...
-            runner._claiming = True
-            waiting = asyncio.ensure_future(runner._submits_first())
-            assert not await settled(waiting)
-            job = S.Job(1, "b", "k1", 1, "m", "s", {}, {}, S.SUBMITTING, 1, None, None, None,
-                        None, None, None, 0, 0, None, None, None)
-            runner._unsent[job.id] = job
-            runner._claiming = False
-            assert not await settled(waiting)
-            # ... until the submit takes the job (its request never ends here).
-            async def forever(*_):
-                await asyncio.Event().wait()
-
-            monkeypatch.setattr(client, "submit", forever)
-            submit = asyncio.ensure_future(runner._submit(job))
-            assert await settled(waiting, turns=3)
-            submit.cancel()
-            await asyncio.gather(submit, return_exceptions=True)
-
-            # Whatever happens, a download waits SUBMITS_FIRST_MAX at most (a claim that finds
-            # nothing releases it at once: the next test).
-            monkeypatch.setattr(C, "SUBMITS_FIRST_MAX", 0.05)
-            runner._claiming = True
-            started = time.monotonic()
-            await runner._submits_first()
-            assert 0.04 < time.monotonic() - started < 1.0
-            runner._claiming = False
-            runner._file_threads.shutdown()
-
-
-def _job(i, now):
-    return S.Job(i, "b", f"k{i}", i, "m", "s", {}, {}, S.IN_QUEUE, 1, f"r{i}", None, None,
-                 None, None, None, 0, 0, now - 0.5, None, None)
-
-
-async def test_eight_scouts_with_distinct_phases_and_a_heir_takes_the_free_slot(tmp_path):
-    # SCOUTS scouts, each with its own slot; a scout that leaves without teaching a duration
-    # hands its slot to the oldest job not scouting; the heap keeps one entry per job.
-    from batchgen import constants as C
-    from batchgen.client import RunComfyClient
-    from batchgen.runner import Runner
-
-    async with await Store.open(tmp_path / "s.sqlite3") as store:
-        async with RunComfyClient("http://127.0.0.1:9", "t") as client:
-            runner = Runner(store, client, tmp_path, settings(first_poll_delay=5.0))
-            now = time.time()
-            jobs = [_job(i, now) for i in range(C.SCOUTS + 2)]
-            for job in jobs:
-                runner._remote[job.id] = job
-                runner._enlist_scout(job)
-                runner._schedule(job, now + 5.0)
-            assert sorted(runner._scouts.values()) == list(range(C.SCOUTS))
-            assert set(runner._scouts) == {j.id for j in jobs[:C.SCOUTS]}
-            # a non-scout waits for what the scouts teach (asked only at max_poll_interval, then
-            # at twice its time out); a scout's first poll is its own moment
-            assert runner._poll_delay(jobs[-1], 0.0) == runner.s.max_poll_interval
-            assert runner._poll_delay(jobs[-1], 100.0) == 100.0
-            assert runner._poll_delay(jobs[3], 0.0) < 0.02
-            # scout 3 leaves without teaching a duration: the oldest non-scout inherits slot 3
-            runner._leave_provider(jobs[3])
-            assert runner._scouts[jobs[C.SCOUTS].id] == 3
-            assert sorted(runner._scouts.values()) == list(range(C.SCOUTS))
-            assert sorted(jid for _, _, jid in runner._heap) == sorted(j.id for j in jobs)
-            runner._file_threads.shutdown()
-
-
-async def test_a_claim_that_finds_nothing_lets_a_waiting_download_go_at_once(tmp_path, monkeypatch):
-    # A claim that finds nothing to submit lets the downloads waiting for it go at once, not at
-    # the backstop.
-    from batchgen import constants as C
-    from batchgen.client import RunComfyClient
-    from batchgen.runner import Runner
-
-    monkeypatch.setattr(C, "SUBMITS_FIRST_MAX", 5.0)  # the backstop must not be what ends the wait
-    async with await Store.open(tmp_path / "s.sqlite3") as store:
-        async with RunComfyClient("http://127.0.0.1:9", "t") as client:
-            runner = Runner(store, client, tmp_path, settings())
-            runner._batches = ["b"]  # no such batch: every claim finds nothing
-            loop_task = asyncio.ensure_future(runner._submit_loop())
-            for _ in range(3):
-                await asyncio.sleep(0)
-            assert runner._claiming
-            started = time.monotonic()
-            await asyncio.wait_for(runner._submits_first(), 2.0)
-            assert time.monotonic() - started < 1.0
-            await asyncio.wait_for(loop_task, 5.0)
-            runner._file_threads.shutdown()
-
-
 async def test_runner_sends_the_recorded_text_and_downloads_wait_for_submits(simulator, tmp_path):
     # Wired in: every submit sends the job's recorded JSON text, and every finished job's
     # download first lets the submits ahead of it go.
@@ -649,7 +477,7 @@ async def test_runner_sends_the_recorded_text_and_downloads_wait_for_submits(sim
     sent, waits = [], []
 
     def on_runner(runner):
-        real_submit, real_wait = runner.client.submit, runner._submits_first
+        real_submit, real_wait = runner.client.submit, runner.gate.wait
 
         async def submit(model_id, inputs):
             sent.append(inputs)
@@ -660,7 +488,7 @@ async def test_runner_sends_the_recorded_text_and_downloads_wait_for_submits(sim
             await real_wait()
 
         runner.client.submit = submit
-        runner._submits_first = submits_first
+        runner.gate.wait = submits_first
 
     out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 6)), on_runner=on_runner)
     assert out.counts == {"b": {"succeeded": 6}}
@@ -671,43 +499,60 @@ async def test_runner_sends_the_recorded_text_and_downloads_wait_for_submits(sim
     assert len(waits) == 6
 
 
-async def test_learning_the_duration_does_not_cut_short_a_retry_after(tmp_path):
-    # Jobs throttled with Retry-After are polled no sooner than they were told, even when the
-    # scout hands over or the first duration brings every other poll forward.
-    from batchgen.client import Result, RunComfyClient
-    from batchgen.errors import RateLimitError
-    from batchgen.runner import Runner
 
-    async with await Store.open(tmp_path / "s.sqlite3") as store:
-        async with RunComfyClient("http://127.0.0.1:9", "t") as client:  # never called here
-            runner = Runner(store, client, tmp_path,
-                            settings(first_poll_delay=5.0, policy=RetryPolicy(retry_after_cap=60)))
-            now = time.time()
-            jobs = [S.Job(i, "b", f"k{i}", i, "m", "s", {}, {}, S.IN_QUEUE, 1, f"r{i}", None, None,
-                          None, None, None, 0, 0, now - 0.5, None, None) for i in range(4)]
-            for job in jobs:
-                runner._remote[job.id] = job
-            scout, waiting, throttled, fresh = jobs
-            runner._scouts = {scout.id: 0}
-            await runner._poll_failed(throttled, RateLimitError("HTTP 429", status=429, retry_after=30.0))
-            runner._schedule(waiting, now + 5.0)  # planned before any duration was known
-            runner._schedule(fresh, now + 5.0)
 
-            def due(job):
-                return next(when for when, _, jid in runner._heap if jid == job.id) - time.time()
+def _job(i, now):
+    return S.Job(i, "b", f"k{i}", i, "m", "s", {}, {}, S.IN_QUEUE, 1, f"r{i}", None, None,
+                 None, None, None, 0, 0, now - 0.5, None, None)
 
-            runner._leave_provider(scout)  # the scout fails: another job takes over ...
-            assert runner._scouts == {waiting.id: 0} and due(waiting) < 0.5 and due(throttled) > 25
-            done = Result("r0", "succeeded", [], None, None, 1767225600.0, 1767225600.3)
-            failed = Result("r0", "failed", [], "refused", None, 1767225600.0, 1767225600.0)
-            runner._observe_duration(scout, failed, time.time())  # an instant failure teaches
-            assert runner.planner.expected is None                # nothing of durations ...
-            runner._observe_duration(scout, done, time.time())  # ... a success does
-            # The jobs have been out 0.5 s, longer than the 0.3 s learned: they are probably
-            # done, and polled now, not after the interval of a job found unfinished (15 ms).
-            assert due(fresh) < 0.01 and due(throttled) > 25
-            assert sorted(jid for _, _, jid in runner._heap) == [1, 2, 3]  # one entry per job
-            runner._file_threads.shutdown()
+
+async def test_under_a_rate_a_scout_polls_only_on_a_spare_token(make_runner):
+    # A scout's early polls are extras: with the bucket short, its moment is skipped (no call, no
+    # token, the next moment planned); with tokens to spare, it polls (here the call fails:
+    # nothing listens on port 9, which is how we see that it was made).
+    from batchgen.limits import TokenBucket
+
+    runner = await make_runner(settings(rate=10))
+    clock = [0.0]
+    runner.client.limiter = bucket = TokenBucket(rate=10, burst=10, clock=lambda: clock[0])
+    scout = _job(1, time.time())
+    runner.polls.enlist(scout.id)
+    for _ in range(5):
+        assert bucket.try_take()
+    assert bucket.tokens == 5.0  # exactly half the bucket: nothing to spare above it
+    await runner._poll(scout)
+    assert runner.client.calls["status"] == 0 and runner.polls.failures(scout.id) == 0
+    assert list(runner.polls.planned()) == [scout.id]  # its next moment planned instead
+    assert bucket.tokens == 5.0
+    clock[0] = 0.5  # five tokens more
+    await runner._poll(scout)
+    assert runner.client.calls["status"] == 1 and runner.polls.failures(scout.id) == 1
+    assert bucket.tokens == 9.0  # one token, not two
+
+
+async def test_a_claim_that_finds_nothing_lets_a_waiting_download_go_at_once(make_runner, monkeypatch):
+    # A claim that finds nothing to submit lets the downloads waiting for it go at once, not at
+    # the backstop.
+    monkeypatch.setattr(C, "SUBMITS_FIRST_MAX", 5.0)  # the backstop must not be what ends the wait
+    runner = await make_runner(settings())
+    answer, claim_many = asyncio.Event(), runner.store.claim_many
+
+    async def claim_when_told(*args):
+        await answer.wait()
+        return await claim_many(*args)
+
+    runner.store.claim_many = claim_when_told
+    run = asyncio.ensure_future(runner.run(["b"]))  # no such batch: every claim finds nothing
+    while not runner.gate.claiming:
+        await asyncio.sleep(0.001)
+    download = asyncio.ensure_future(runner.gate.wait())
+    await asyncio.sleep(0.01)
+    assert not download.done()  # waits for the claim ...
+    started = time.monotonic()
+    answer.set()
+    await asyncio.wait_for(download, 2.0)
+    assert time.monotonic() - started < 1.0  # ... and goes as soon as it found nothing
+    await asyncio.wait_for(run, 5.0)
 
 
 # --- --concurrency auto ---------------------------------------------------------------------------
@@ -775,3 +620,37 @@ async def test_the_learned_cap_is_stored_and_the_next_run_starts_there(simulator
     # the second night's first submits went out together, up to the learned cap
     second = sorted(r["submitted_at"] for r in sim.requests()["requests"][first_burst:])
     assert sum(1 for t in second if t - second[0] < 0.1) >= min(learned, 20) - 1
+
+
+def test_every_stop_says_whether_running_again_goes_on():
+    # One list of stop words: the CLI's exit code reads it instead of keeping its own copy.
+    assert {r for r in StopReason if r.resumable} == {
+        StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.MAX_JOBS, StopReason.BUDGET, StopReason.ERROR}
+    assert StopReason.BUDGET == "budget" and f"{StopReason.MAX_JOBS}" == "max_jobs"
+
+
+async def test_jobs_running_at_the_provider_count_as_running_not_queued(simulator, tmp_path):
+    # Issue 18: most jobs are asked about once, at their expected end, so a job that runs used
+    # to show 'in queue' until then. A job said to be in_progress means every job sent before it
+    # has started (the provider starts them in order): they are recorded in_progress at once,
+    # each truly started at the provider by then, and never more than it runs.
+    sim = await simulator(concurrency=8, duration=1.5)
+    inferred, running_at_sim = [], []
+
+    def on_event(event):
+        if event.kind == S.IN_PROGRESS and event.message.startswith("started"):
+            inferred.append(event.job.request_id)
+            described = {r["request_id"]: r for r in sim.requests()["requests"]}
+            running_at_sim.append(described[event.job.request_id]["started_at"] is not None)
+
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 16), concurrency=64,
+                                auto_concurrency=True, max_poll_interval=30), on_event=on_event)
+    assert out.counts == {"b": {"succeeded": 16}}
+    assert len(inferred) >= 3 and all(running_at_sim)
+    assert len(set(inferred)) == len(inferred)  # once each
+    assert submissions_per_seed(sim) == {i: 1 for i in range(16)}
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        for job in await store.jobs():
+            if job.request_id in inferred:
+                states = [state for _t, _from, state, _d in await store.events(job.id)]
+                assert S.IN_PROGRESS in states and states[-1] == S.SUCCEEDED, states
