@@ -32,7 +32,7 @@ from .errors import (
     ManifestError,
     UsageError,
 )
-from .progress import LineLog, Panel, stderr_is_tty
+from .progress import LineLog, Panel, RepeatedNotices, stderr_is_tty
 from .runner import Event, RunSettings
 from .text import printable
 
@@ -435,7 +435,9 @@ async def _run_with_signals(opts: app.RunOptions, view: _RunView) -> app.RunOutc
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         with view:
-            return await app.run(opts, on_event=view.on_event, on_runner=on_runner, on_notice=_notice)
+            outcome = await app.run(opts, on_event=view.on_event, on_runner=on_runner, on_notice=_notice)
+            await view.finish(outcome)
+            return outcome
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -447,31 +449,55 @@ def _notice(text: str, warning: bool) -> None:
 
 
 class _RunView:
-    """Lines on stderr (and a log file), or a live panel on a terminal."""
+    """Lines on stderr (and a log file), or a live panel on a terminal. Repeated notices are
+    coalesced on the screen (RepeatedNotices); the log file gets every event as it came."""
 
     def __init__(self, quiet: bool, verbose: int, log_format: str, log_file: IO[str] | None):
         self._file = log_file
         use_panel = not quiet and log_format == "text" and stderr_is_tty()
-        self.panel = Panel() if use_panel else None
+        self.panel = Panel(verbose=verbose > 0) if use_panel else None
         verbosity = 0 if quiet else 1 + verbose
-        self.lines = LineLog(None if self.panel else sys.stderr, log_format, verbosity, self._file)
+        self.file_lines = LineLog(None, log_format, verbosity, self._file)
+        self.lines = LineLog(None if self.panel else sys.stderr, log_format, verbosity)
+        self.notices = RepeatedNotices()
+        self._runner: Any = None
         self._refresh: asyncio.Task[Any] | None = None
 
     def on_event(self, event: Event) -> None:
-        self.lines(event)
-        if self.panel is not None:
-            self.panel.note(event)
+        self.file_lines(event)
+        self._show(self.notices.offer(event))
+
+    def _show(self, events: list[Event]) -> None:
+        for event in events:
+            self.lines(event)
+            if self.panel is not None:
+                self.panel.note(event)
 
     def attach(self, runner: Any) -> None:
-        if self.panel is not None:
-            self._refresh = asyncio.get_running_loop().create_task(self._keep_fresh(runner))
+        self._runner = runner
+        self._refresh = asyncio.get_running_loop().create_task(self._keep_fresh())
 
-    async def _keep_fresh(self, runner: Any) -> None:
-        assert self.panel is not None
+    async def _keep_fresh(self) -> None:
         while True:
-            counts = await runner.store.counts(runner.batches)
-            self.panel.update(counts, runner.cap.value, runner.budget.spent, runner.cap_note)
-            await asyncio.sleep(0.5)
+            self._show(self.notices.due())
+            if self.panel is not None:
+                await self._draw(await self._runner.store.counts(self._runner.batches))
+            await asyncio.sleep(C.PANEL_REFRESH_EVERY)
+
+    async def _draw(self, counts: dict[str, dict[str, int]]) -> None:
+        assert self.panel is not None
+        runner = self._runner
+        self.panel.update(counts, runner.cap.value, runner.budget.spent, runner.cap_note)
+
+    async def finish(self, outcome: app.RunOutcome) -> None:
+        """The run is over: recaps still held back, and the panel's last frame drawn from the
+        counts the summary prints, not from a refresh up to PANEL_REFRESH_EVERY old."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
+        self._show(self.notices.flush())
+        if self.panel is not None and self._runner is not None:
+            await self._draw(outcome.counts)
 
     def __enter__(self) -> _RunView:
         if self.panel is not None:

@@ -374,3 +374,21 @@ def test_the_simulated_results_are_named_by_simulate_as_in_run(command):
         result = CliRunner().invoke(main, [*command, flag])
         assert "No such option" not in result.output, result.output
         assert result.output.startswith("error: no store of --simulate runs"), result.output
+
+
+# --- the live panel and the summary, at a terminal ------------------------------------------------
+
+
+def test_at_a_terminal_every_failure_stays_and_the_last_frame_is_the_summary(samples):
+    from conftest import panel_rows, run_in_terminal, terminal_screen
+
+    code, raw = run_in_terminal("run", str(samples / "quickstart.yaml"), "--simulate",
+                                "--sim-fault", "script.submit=fail,fail,fail,fail,fail,fail")
+    screen = terminal_screen(raw)
+    assert code == 1, "\n".join(screen)
+    failures = [line for line in screen if " failed: " in line and "quickstart/" in line]
+    assert len(failures) == 6  # each one, none redrawn away by the panel
+    (totals,) = [line for line in screen if line.startswith("  quickstart: ")]
+    assert totals == "  quickstart: 6 failed"
+    last = panel_rows(screen)[-1]
+    assert last["failed"] == 6 and sum(last.values()) == 6, last
