@@ -133,10 +133,19 @@ class _LogFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
 
+def _not_an_event(record: logging.LogRecord) -> bool:
+    """The runner logs each of its events at INFO for a program that uses it without a view;
+    the CLI prints them itself (_RunView), as lines or on the panel: through logging too, -v
+    showed every event twice. Its warnings, errors and -vv debug records still pass."""
+    return not (record.levelno == logging.INFO and (record.name == "batchgen.runner"
+                                                     or record.name.startswith("batchgen.runner.")))
+
+
 def _install_log_handler() -> None:
     """Every command's log records (asyncio's and aiohttp's too) go through _LogFormatter."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_not_an_event)
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 

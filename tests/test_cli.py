@@ -392,3 +392,16 @@ def test_at_a_terminal_every_failure_stays_and_the_last_frame_is_the_summary(sam
     assert totals == "  quickstart: 6 failed"
     last = panel_rows(screen)[-1]
     assert last["failed"] == 6 and sum(last.values()) == 6, last
+
+
+def test_verbose_prints_each_event_once(samples):
+    import subprocess
+    import sys
+
+    # A process of its own: under pytest, logging already has pytest's handler, not batchgen's.
+    result = subprocess.run([sys.executable, "-m", "batchgen.cli", "run", str(samples / "street-scenes.yaml"),
+                             "--simulate", "-v"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    submitted = [line for line in result.stderr.splitlines() if "submitted as" in line]
+    assert len(submitted) == 4, submitted
+    assert "applied store migration" in result.stderr  # -v still shows the library's own records
