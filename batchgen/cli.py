@@ -35,6 +35,7 @@ from .errors import (
 from .progress import LineLog, Panel, RepeatedNotices, stderr_is_tty
 from .runner import Event, RunSettings
 from .text import printable
+from .workdir import realm
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
 EXIT_OK = 0  # every job of the batch succeeded
@@ -389,7 +390,8 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _tune_gc()
     outcome = _run_async(_run_with_signals(opts, view))
     summary = outcome.summary
-    _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]))
+    _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]),
+                       realm(kw["workdir"], kw["simulate"]), kw["log_format"])
     if summary.account_error:
         _fail(summary.account_error, EXIT_ACCOUNT)
     if summary.stop_reason == "refused":
@@ -530,24 +532,46 @@ def _again(workdir: Path, simulate: bool = False, api_url: str | None = None) ->
                      config=(ctx.obj or {}).get("config"))
 
 
-def _print_run_summary(outcome: app.RunOutcome, again: app.Again) -> None:
+def _print_run_summary(outcome: app.RunOutcome, again: app.Again, folder: Path, log_format: str) -> None:
+    """What the run did, per batch where its outputs are, what to do and where to look next: as
+    text, or with --log-format json as one JSON object on stdout (the events went to stderr)."""
     s = outcome.summary
+    notes = []
+    if outcome.overdue_kept:
+        notes.append(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
+                     "delivered and are billed (still followed); retry --force submits them anyway")
+    if s.stop_reason == "cancelled":
+        notes.append("stopped: cancelled by `batchgen cancel`")
+    elif s.stop_reason and not s.stop_message:  # a stop message says itself what to do
+        notes.append(f"stopped: {s.stop_reason}; run the same command again to continue")
+    batches = [(name, counts, folder / name, app.next_steps(name, counts, again),
+                app.look_steps(name, counts, again)) for name, counts in outcome.counts.items()]
+    if log_format == "json":
+        click.echo(json.dumps({
+            "event": "summary", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "batches": [{"name": name, "states": dict(_ordered(counts)), "outputs": str(where),
+                         "next_steps": steps, "look": look} for name, counts, where, steps, look in batches],
+            "new_jobs": outcome.new_jobs, "submitted": s.submitted, "finished": s.finished,
+            "elapsed_s": round(s.elapsed, 1), "stop_reason": s.stop_reason,
+            "stop_message": printable(s.stop_message) if s.stop_message else None,
+            "notes": notes,
+        }, ensure_ascii=False))
+        return
     finished = ", ".join(f"{n} {state}" for state, n in sorted(s.finished.items())) or "nothing"
     click.echo(
         f"{', '.join(outcome.batches) or 'no batch'}: {outcome.new_jobs} new job(s) recorded, "
         f"{s.submitted} submitted, finished this run: {finished} ({s.elapsed:.1f}s)"
     )
-    for name, counts in outcome.counts.items():
+    for name, counts, where, steps, look in batches:
         click.echo(f"  {name}: " + ", ".join(f"{n} {st}" for st, n in _ordered(counts)))
-        for step in app.next_steps(name, counts, again):
+        if look:
+            click.echo(f"  outputs: {where}")
+        for step in steps:
             click.echo(f"  next: {step}")
-    if outcome.overdue_kept:
-        click.echo(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
-                   "delivered and are billed (still followed); retry --force submits them anyway", err=True)
-    if s.stop_reason == "cancelled":
-        click.echo("stopped: cancelled by `batchgen cancel`", err=True)
-    elif s.stop_reason and not s.stop_message:  # a stop message says itself what to do
-        click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)
+        for step in look:
+            click.echo(f"  look: {step}")
+    for note in notes:
+        click.echo(note, err=True)
 
 
 def _ordered(counts: dict[str, int]) -> list[tuple[str, int]]:
@@ -846,6 +870,8 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool, show_all: boo
             click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs, ${b.spent_usd:.2f} spent)")
             if b.apis:
                 click.echo(f"  api: {', '.join(b.apis)}")
+            if b.folder is not None and b.look:
+                click.echo(f"  outputs: {b.folder}")
         for st, n in _ordered(b.counts):
             click.echo(f"  {st:<12} {n:>6}")
         if b.retired and show_all:
@@ -862,6 +888,8 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool, show_all: boo
                 click.echo(f"    {n:>5} {st}: {printable(err) if err else '(no message)'}")
         for step in b.next_steps:
             click.echo(f"  next: {step}")
+        for step in b.look:
+            click.echo(f"  look: {step}")
 
 
 def _secs(value: float | None) -> str:

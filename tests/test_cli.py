@@ -405,3 +405,33 @@ def test_verbose_prints_each_event_once(samples):
     submitted = [line for line in result.stderr.splitlines() if "submitted as" in line]
     assert len(submitted) == 4, submitted
     assert "applied store migration" in result.stderr  # -v still shows the library's own records
+
+
+def test_json_log_format_makes_the_summary_json_too(samples):
+    result = cli("run", str(samples / "quickstart.yaml"), "--simulate", "--log-format", "json",
+                 "--sim-fault", "script.submit=fail")
+    assert result.exit_code == 1
+    (summary,) = [json.loads(line) for line in result.stdout.splitlines()]  # nothing else on stdout
+    assert summary["event"] == "summary" and summary["submitted"] == 6
+    assert summary["finished"] == {"failed": 1, "succeeded": 5}
+    (batch,) = summary["batches"]
+    assert batch["states"] == {"succeeded": 5, "failed": 1}
+    assert Path(batch["outputs"]) == Path("jobs/simulated/quickstart")
+    assert batch["next_steps"] == ["1 job(s) failed or timed out: batchgen retry quickstart --simulate"]
+    assert batch["look"][0].endswith("batchgen gallery quickstart --simulate")
+
+
+def test_summary_and_status_say_where_the_outputs_are_and_where_to_look(samples, tmp_path):
+    import shlex
+
+    work = tmp_path / "my work"
+    run = cli("run", str(samples / "quickstart.yaml"), "--simulate", "--workdir", str(work))
+    assert run.exit_code == 0
+    assert f"  outputs: {work / 'simulated' / 'quickstart'}\n" in run.output
+    looks = [line.split(": ", 2)[2] for line in run.output.splitlines() if line.startswith("  look: ")]
+    status = cli("status", "--workdir", str(work)).output
+    assert [line.split(": ", 2)[2] for line in status.splitlines() if line.startswith("  look: ")] == looks
+    gallery, table = looks
+    assert gallery == f"batchgen gallery quickstart --workdir {shlex.quote(str(work))} --simulate"
+    assert cli(*shlex.split(gallery)[1:]).exit_code == 0
+    assert cli(*shlex.split(table)[1:]).exit_code == 0 and Path("quickstart.csv").exists()
