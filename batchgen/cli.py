@@ -55,11 +55,38 @@ max_expand_option = click.option(
          "counted before expanding).",
 )
 
-workdir_option = click.option(
-    "--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
-    default=Path(C.DEFAULT_WORKDIR), show_default=True,
-    help="Work directory: the SQLite store and downloaded outputs.",
-)
+def _workdir_from_group(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    """--workdir goes before the command name or after it: `batchgen -w W status` is
+    `batchgen status -w W`. Given after, it wins."""
+    if ctx.get_parameter_source(param.name or "") in (ParameterSource.DEFAULT, None):
+        return (ctx.obj or {}).get("workdir") or value
+    return value
+
+
+def _config_after_command(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """--config after the command name: the group's ctx.obj, which every command reads, holds it."""
+    if value is not None:
+        ctx.obj = {**(ctx.obj or {}), "config": value}
+
+
+def _workdir_given(ctx: click.Context) -> bool:
+    """Whether the user named a work directory, before the command name or after it."""
+    return (ctx.get_parameter_source("workdir") not in (ParameterSource.DEFAULT, None)
+            or (ctx.obj or {}).get("workdir") is not None)
+
+
+_WORKDIR_HELP = "Work directory: the SQLite store and downloaded outputs."
+_CONFIG_HELP = f"Settings file (default: {CONFIG_FILENAME} in the work directory, if there)."
+
+
+def workdir_option(f: Any) -> Any:
+    """--workdir and --config, which every command that opens a work directory takes after its
+    name as well as before it."""
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     expose_value=False, callback=_config_after_command, help=_CONFIG_HELP)(f)
+    return click.option("--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
+                        default=Path(C.DEFAULT_WORKDIR), show_default=True, callback=_workdir_from_group,
+                        help=_WORKDIR_HELP)(f)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -161,10 +188,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchgen")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Settings file (default: {CONFIG_FILENAME} in the work directory, if there).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help=_CONFIG_HELP)
+@click.option("--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
+              help=f"{_WORKDIR_HELP} [default: {C.DEFAULT_WORKDIR}]")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None) -> None:
+def main(ctx: click.Context, config_path: Path | None, workdir: Path | None) -> None:
     """batchgen: run a manifest of RunComfy Model API jobs to finished, downloaded files.
 
     \b
@@ -173,7 +201,8 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
       batchgen status
     """
     _install_log_handler()
-    ctx.obj = {"config": config_path}
+    # Options that go before the command name or after it (workdir_option): the command reads them here.
+    ctx.obj = {"config": config_path, "workdir": workdir}
 
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -527,8 +556,7 @@ class _RunView:
 def _again(workdir: Path, simulate: bool = False, api_url: str | None = None) -> app.Again:
     """The options the user gave that a pasted `next:` command needs."""
     ctx = click.get_current_context()
-    given = ctx.get_parameter_source("workdir") not in (ParameterSource.DEFAULT, None)
-    return app.Again(workdir=workdir if given else None, simulate=simulate, api_url=api_url,
+    return app.Again(workdir=workdir if _workdir_given(ctx) else None, simulate=simulate, api_url=api_url,
                      config=(ctx.obj or {}).get("config"))
 
 

@@ -435,3 +435,34 @@ def test_summary_and_status_say_where_the_outputs_are_and_where_to_look(samples,
     assert gallery == f"batchgen gallery quickstart --workdir {shlex.quote(str(work))} --simulate"
     assert cli(*shlex.split(gallery)[1:]).exit_code == 0
     assert cli(*shlex.split(table)[1:]).exit_code == 0 and Path("quickstart.csv").exists()
+
+
+# --- options in one place work everywhere ---------------------------------------------------------
+
+
+def test_workdir_and_config_go_before_or_after_the_command_name(samples, tmp_path):
+    work = tmp_path / "elsewhere"
+    config = tmp_path / "settings.toml"
+    config.write_text('log_format = "json"\n')
+    before = cli("--workdir", str(work), "--config", str(config), "run", str(samples / "plain.csv"), "--simulate")
+    assert before.exit_code == 0, before.output
+    assert (work / "simulated" / "batchgen.sqlite3").exists() and not Path("jobs").exists()
+    assert json.loads(before.stdout)["event"] == "summary"  # the config file was read
+    after = cli("run", str(samples / "plain.csv"), "--simulate", "--config", str(config), "-w", str(work))
+    assert after.exit_code == 0 and json.loads(after.stdout)["new_jobs"] == 0
+    for args in (["-w", str(work), "status"], ["status", "-w", str(work)], ["--config", str(config), "status",
+                                                                             "--workdir", str(work)]):
+        assert "succeeded" in cli(*args).output, args
+    # A pasted next command keeps a work directory given before the command name.
+    failing = cli("-w", str(work), "run", str(samples / "quickstart.yaml"), "--simulate",
+                  "--sim-fault", "script.submit=fail")
+    assert f"batchgen retry quickstart --workdir {work} --simulate" in failing.output
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("concurency", "concurrency"), ("max-cost", "max_cost"),
+                                             ("Log_Format", "log_format")])
+def test_a_config_key_typo_gets_a_did_you_mean(samples, typo, meant):
+    Path("batchgen.toml").write_text(f"{typo} = 2\n")
+    result = cli("--config", "batchgen.toml", "run", str(samples / "plain.csv"), "--simulate")
+    assert result.exit_code == 2
+    assert f"unknown setting '{typo}' (did you mean '{meant}'?)" in result.output
