@@ -553,6 +553,7 @@ class BatchStatus:
     median_run_s: float | None = None
     spent_usd: float = 0.0
     next_steps: list[str] = field(default_factory=list)
+    look: list[str] = field(default_factory=list)  # where to see its finished jobs (look_steps)
     # Run with --simulate: every result is the built-in simulator's placeholder, not the API's.
     simulated: bool = False
     apis: list[str] = field(default_factory=list)  # the APIs its jobs were submitted to
@@ -571,7 +572,7 @@ class BatchStatus:
             "total": self.total, "states": self.counts, "retired": self.retired,
             "failures": [{"state": st, "error": err, "count": n} for st, err, n in self.failures],
             "median_queue_s": self.median_queue_s, "median_run_s": self.median_run_s,
-            "spent_usd": round(self.spent_usd, 4), "next_steps": self.next_steps,
+            "spent_usd": round(self.spent_usd, 4), "next_steps": self.next_steps, "look": self.look,
         }
 
 
@@ -650,12 +651,14 @@ class Again:
     api_url: str | None = None  # None: the default (or RUNCOMFY_API_URL)
     config: Path | None = None  # batchgen --config FILE
 
-    def command(self, words: str) -> str:
-        """``batchgen WORDS`` with these options, quoted for a shell."""
+    def command(self, words: str, reads_only: bool = False) -> str:
+        """``batchgen WORDS`` with these options, quoted for a shell. ``reads_only``: a command
+        that reads the store and calls no API (report, gallery), which takes no --api-url."""
         head = "batchgen" + (f" --config {shlex.quote(str(self.config))}" if self.config else "")
         tail = (f" --workdir {shlex.quote(str(self.workdir))}" if self.workdir is not None else "") + (
             " --simulate" if self.simulate else "") + (
-            f" --api-url {shlex.quote(self.api_url)}" if self.api_url and not self.simulate else "")
+            f" --api-url {shlex.quote(self.api_url)}" if self.api_url and not self.simulate
+            and not reads_only else "")
         return f"{head} {words}{tail}"
 
     def for_batch(self, simulated: bool, apis: list[str]) -> Again:
@@ -690,6 +693,16 @@ def next_steps(name: str, counts: dict[str, int], again: Again) -> list[str]:
     return steps
 
 
+def look_steps(name: str, counts: dict[str, int], again: Again) -> list[str]:
+    """Where to look at a batch's finished jobs, each a command to paste: its page, its table."""
+    if not any(counts.get(st) for st in (*S.TERMINAL, S.OVERDUE)):
+        return []
+    n = shlex.quote(name)
+    table = shlex.quote(f"{name}.csv")
+    return [f"every job on one page: {again.command(f'gallery {n}', reads_only=True)}",
+            f"one row per job: {again.command(f'report {n} -o {table}', reads_only=True)}"]
+
+
 async def status(workdir: Path, batches: list[str] | None = None, again: Again | None = None) -> list[BatchStatus]:
     """Each batch of ``workdir``: those of runs against an API, then those of --simulate runs
     (a batch run both ways appears twice). ``again``: the options the user gave, for the
@@ -717,6 +730,7 @@ async def status(workdir: Path, batches: list[str] | None = None, again: Again |
                     median_run_s=statistics.median(runs) if runs else None,
                     spent_usd=cost,
                     next_steps=next_steps(b.name, c, again.for_batch(simulated, sorted(apis.get(b.name, {})))),
+                    look=look_steps(b.name, c, again.for_batch(simulated, [])),
                     simulated=simulated, apis=sorted(apis.get(b.name, {})),
                     folder=path.parent / b.name, retired=retired.get(b.name, {}),
                 ))

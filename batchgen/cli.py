@@ -32,9 +32,10 @@ from .errors import (
     ManifestError,
     UsageError,
 )
-from .progress import LineLog, Panel, stderr_is_tty
+from .progress import LineLog, Panel, RepeatedNotices, stderr_is_tty
 from .runner import Event, RunSettings, StopReason
 from .text import printable
+from .workdir import realm
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
 EXIT_OK = 0  # every job of the batch succeeded
@@ -54,11 +55,38 @@ max_expand_option = click.option(
          "counted before expanding).",
 )
 
-workdir_option = click.option(
-    "--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
-    default=Path(C.DEFAULT_WORKDIR), show_default=True,
-    help="Work directory: the SQLite store and downloaded outputs.",
-)
+def _workdir_from_group(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    """--workdir goes before the command name or after it: `batchgen -w W status` is
+    `batchgen status -w W`. Given after, it wins."""
+    if ctx.get_parameter_source(param.name or "") in (ParameterSource.DEFAULT, None):
+        return (ctx.obj or {}).get("workdir") or value
+    return value
+
+
+def _config_after_command(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """--config after the command name: the group's ctx.obj, which every command reads, holds it."""
+    if value is not None:
+        ctx.obj = {**(ctx.obj or {}), "config": value}
+
+
+def _workdir_given(ctx: click.Context) -> bool:
+    """Whether the user named a work directory, before the command name or after it."""
+    return (ctx.get_parameter_source("workdir") not in (ParameterSource.DEFAULT, None)
+            or (ctx.obj or {}).get("workdir") is not None)
+
+
+_WORKDIR_HELP = "Work directory: the SQLite store and downloaded outputs."
+_CONFIG_HELP = f"Settings file (default: {CONFIG_FILENAME} in the work directory, if there)."
+
+
+def workdir_option(f: Any) -> Any:
+    """--workdir and --config, which every command that opens a work directory takes after its
+    name as well as before it."""
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     expose_value=False, callback=_config_after_command, help=_CONFIG_HELP)(f)
+    return click.option("--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
+                        default=Path(C.DEFAULT_WORKDIR), show_default=True, callback=_workdir_from_group,
+                        help=_WORKDIR_HELP)(f)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -133,10 +161,19 @@ class _LogFormatter(logging.Formatter):
         return printable(super().formatMessage(record))
 
 
+def _not_an_event(record: logging.LogRecord) -> bool:
+    """The runner logs each of its events at INFO for a program that uses it without a view;
+    the CLI prints them itself (_RunView), as lines or on the panel: through logging too, -v
+    showed every event twice. Its warnings, errors and -vv debug records still pass."""
+    return not (record.levelno == logging.INFO and (record.name == "batchgen.runner"
+                                                     or record.name.startswith("batchgen.runner.")))
+
+
 def _install_log_handler() -> None:
     """Every command's log records (asyncio's and aiohttp's too) go through _LogFormatter."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_not_an_event)
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
@@ -151,10 +188,11 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchgen")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help=f"Settings file (default: {CONFIG_FILENAME} in the work directory, if there).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help=_CONFIG_HELP)
+@click.option("--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
+              help=f"{_WORKDIR_HELP} [default: {C.DEFAULT_WORKDIR}]")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None) -> None:
+def main(ctx: click.Context, config_path: Path | None, workdir: Path | None) -> None:
     """batchgen: run a manifest of RunComfy Model API jobs to finished, downloaded files.
 
     \b
@@ -163,7 +201,8 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
       batchgen status
     """
     _install_log_handler()
-    ctx.obj = {"config": config_path}
+    # Options that go before the command name or after it (workdir_option): the command reads them here.
+    ctx.obj = {"config": config_path, "workdir": workdir}
 
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -380,7 +419,8 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _tune_gc()
     outcome = _run_async(_run_with_signals(opts, view))
     summary = outcome.summary
-    _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]))
+    _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]),
+                       realm(kw["workdir"], kw["simulate"]), kw["log_format"])
     if summary.account_error:
         _fail(summary.account_error, EXIT_ACCOUNT)
     if summary.stop_reason is StopReason.REFUSED:
@@ -435,7 +475,9 @@ async def _run_with_signals(opts: app.RunOptions, view: _RunView) -> app.RunOutc
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         with view:
-            return await app.run(opts, on_event=view.on_event, on_runner=on_runner, on_notice=_notice)
+            outcome = await app.run(opts, on_event=view.on_event, on_runner=on_runner, on_notice=_notice)
+            await view.finish(outcome)
+            return outcome
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -447,31 +489,55 @@ def _notice(text: str, warning: bool) -> None:
 
 
 class _RunView:
-    """Lines on stderr (and a log file), or a live panel on a terminal."""
+    """Lines on stderr (and a log file), or a live panel on a terminal. Repeated notices are
+    coalesced on the screen (RepeatedNotices); the log file gets every event as it came."""
 
     def __init__(self, quiet: bool, verbose: int, log_format: str, log_file: IO[str] | None):
         self._file = log_file
         use_panel = not quiet and log_format == "text" and stderr_is_tty()
-        self.panel = Panel() if use_panel else None
+        self.panel = Panel(verbose=verbose > 0) if use_panel else None
         verbosity = 0 if quiet else 1 + verbose
-        self.lines = LineLog(None if self.panel else sys.stderr, log_format, verbosity, self._file)
+        self.file_lines = LineLog(None, log_format, verbosity, self._file)
+        self.lines = LineLog(None if self.panel else sys.stderr, log_format, verbosity)
+        self.notices = RepeatedNotices()
+        self._runner: Any = None
         self._refresh: asyncio.Task[Any] | None = None
 
     def on_event(self, event: Event) -> None:
-        self.lines(event)
-        if self.panel is not None:
-            self.panel.note(event)
+        self.file_lines(event)
+        self._show(self.notices.offer(event))
+
+    def _show(self, events: list[Event]) -> None:
+        for event in events:
+            self.lines(event)
+            if self.panel is not None:
+                self.panel.note(event)
 
     def attach(self, runner: Any) -> None:
-        if self.panel is not None:
-            self._refresh = asyncio.get_running_loop().create_task(self._keep_fresh(runner))
+        self._runner = runner
+        self._refresh = asyncio.get_running_loop().create_task(self._keep_fresh())
 
-    async def _keep_fresh(self, runner: Any) -> None:
-        assert self.panel is not None
+    async def _keep_fresh(self) -> None:
         while True:
-            counts = await runner.store.counts(runner.batches)
-            self.panel.update(counts, runner.cap.value, runner.budget.spent, runner.cap_note)
-            await asyncio.sleep(0.5)
+            self._show(self.notices.due())
+            if self.panel is not None:
+                await self._draw(await self._runner.store.counts(self._runner.batches))
+            await asyncio.sleep(C.PANEL_REFRESH_EVERY)
+
+    async def _draw(self, counts: dict[str, dict[str, int]]) -> None:
+        assert self.panel is not None
+        runner = self._runner
+        self.panel.update(counts, runner.cap.value, runner.budget.spent, runner.cap_note)
+
+    async def finish(self, outcome: app.RunOutcome) -> None:
+        """The run is over: recaps still held back, and the panel's last frame drawn from the
+        counts the summary prints, not from a refresh up to PANEL_REFRESH_EVERY old."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
+        self._show(self.notices.flush())
+        if self.panel is not None and self._runner is not None:
+            await self._draw(outcome.counts)
 
     def __enter__(self) -> _RunView:
         if self.panel is not None:
@@ -490,29 +556,50 @@ class _RunView:
 def _again(workdir: Path, simulate: bool = False, api_url: str | None = None) -> app.Again:
     """The options the user gave that a pasted `next:` command needs."""
     ctx = click.get_current_context()
-    given = ctx.get_parameter_source("workdir") not in (ParameterSource.DEFAULT, None)
-    return app.Again(workdir=workdir if given else None, simulate=simulate, api_url=api_url,
+    return app.Again(workdir=workdir if _workdir_given(ctx) else None, simulate=simulate, api_url=api_url,
                      config=(ctx.obj or {}).get("config"))
 
 
-def _print_run_summary(outcome: app.RunOutcome, again: app.Again) -> None:
+def _print_run_summary(outcome: app.RunOutcome, again: app.Again, folder: Path, log_format: str) -> None:
+    """What the run did, per batch where its outputs are, what to do and where to look next: as
+    text, or with --log-format json as one JSON object on stdout (the events went to stderr)."""
     s = outcome.summary
+    notes = []
+    if outcome.overdue_kept:
+        notes.append(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
+                     "delivered and are billed (still followed); retry --force submits them anyway")
+    if s.stop_reason is StopReason.CANCELLED:
+        notes.append("stopped: cancelled by `batchgen cancel`")
+    elif s.stop_reason and not s.stop_message:  # a stop message says itself what to do
+        notes.append(f"stopped: {s.stop_reason}; run the same command again to continue")
+    batches = [(name, counts, folder / name, app.next_steps(name, counts, again),
+                app.look_steps(name, counts, again)) for name, counts in outcome.counts.items()]
+    if log_format == "json":
+        click.echo(json.dumps({
+            "event": "summary", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "batches": [{"name": name, "states": dict(_ordered(counts)), "outputs": str(where),
+                         "next_steps": steps, "look": look} for name, counts, where, steps, look in batches],
+            "new_jobs": outcome.new_jobs, "submitted": s.submitted, "finished": s.finished,
+            "elapsed_s": round(s.elapsed, 1), "stop_reason": s.stop_reason,
+            "stop_message": printable(s.stop_message) if s.stop_message else None,
+            "notes": notes,
+        }, ensure_ascii=False))
+        return
     finished = ", ".join(f"{n} {state}" for state, n in sorted(s.finished.items())) or "nothing"
     click.echo(
         f"{', '.join(outcome.batches) or 'no batch'}: {outcome.new_jobs} new job(s) recorded, "
         f"{s.submitted} submitted, finished this run: {finished} ({s.elapsed:.1f}s)"
     )
-    for name, counts in outcome.counts.items():
+    for name, counts, where, steps, look in batches:
         click.echo(f"  {name}: " + ", ".join(f"{n} {st}" for st, n in _ordered(counts)))
-        for step in app.next_steps(name, counts, again):
+        if look:
+            click.echo(f"  outputs: {where}")
+        for step in steps:
             click.echo(f"  next: {step}")
-    if outcome.overdue_kept:
-        click.echo(f"note: {outcome.overdue_kept} overdue job(s) not submitted again: they may still be "
-                   "delivered and are billed (still followed); retry --force submits them anyway", err=True)
-    if s.stop_reason is StopReason.CANCELLED:
-        click.echo("stopped: cancelled by `batchgen cancel`", err=True)
-    elif s.stop_reason and not s.stop_message:  # a stop message says itself what to do
-        click.echo(f"stopped: {s.stop_reason}; run the same command again to continue", err=True)
+        for step in look:
+            click.echo(f"  look: {step}")
+    for note in notes:
+        click.echo(note, err=True)
 
 
 def _ordered(counts: dict[str, int]) -> list[tuple[str, int]]:
@@ -811,6 +898,8 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool, show_all: boo
             click.echo(f"{b.name}  ({b.model_id}, {b.total} jobs, ${b.spent_usd:.2f} spent)")
             if b.apis:
                 click.echo(f"  api: {', '.join(b.apis)}")
+            if b.folder is not None and b.look:
+                click.echo(f"  outputs: {b.folder}")
         for st, n in _ordered(b.counts):
             click.echo(f"  {st:<12} {n:>6}")
         if b.retired and show_all:
@@ -827,6 +916,8 @@ def status(batches: tuple[str, ...], workdir: Path, as_json: bool, show_all: boo
                 click.echo(f"    {n:>5} {st}: {printable(err) if err else '(no message)'}")
         for step in b.next_steps:
             click.echo(f"  next: {step}")
+        for step in b.look:
+            click.echo(f"  look: {step}")
 
 
 def _secs(value: float | None) -> str:

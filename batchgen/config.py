@@ -63,13 +63,25 @@ def load_config(path: Path | None, workdir: Path) -> tuple[dict[str, Any], Path 
             raise UsageError(f"{path}: '{key}' does not belong in a file; set RUNCOMFY_API_TOKEN in the "
                              "environment instead")
         if key not in SETTINGS:
-            raise UsageError(f"{path}: unknown setting '{key}'; allowed: {', '.join(SETTINGS)}")
+            raise UsageError(f"{path}: unknown setting '{key}'{_did_you_mean(key)}; allowed: "
+                             f"{', '.join(SETTINGS)}")
         want = SETTINGS[key]
         if isinstance(value, bool) or not isinstance(value, want):
             names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             raise UsageError(f"{path}: setting '{key}' must be {names}, got {value!r}")
     _check_download_settings(settings, path)
     return settings, Path(path)
+
+
+def _did_you_mean(key: str) -> str:
+    """The setting a typo most likely meant (``concurency``, ``max-cost``, ``Log_File``)."""
+    import difflib
+
+    wanted = key.strip().lower().replace("-", "_")
+    if wanted in SETTINGS:
+        return f" (did you mean '{wanted}'?)"
+    close = difflib.get_close_matches(wanted, SETTINGS, n=1, cutoff=0.7)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def parse_size(value: int | float | str) -> int:

@@ -240,3 +240,11 @@ REPORT_CHUNK = 2000
 # at most ~300 px wide) and the JPEG quality; a few kilobytes each.
 THUMB_SIDE = 320
 THUMB_QUALITY = 80
+
+# What a run shows. A notice that repeats (a 429 lowering the cap again and again) is said once,
+# then counted for this long and recapped in one line: half a minute is long enough that a
+# throttling burst fills one line instead of a screen, short enough that the recap still reads
+# as news. The live panel is redrawn twice a second: smooth enough for counts that change once
+# per job, cheap enough that a 100,000-job batch's count query stays under 1% of a core.
+NOTICE_REPEAT_WINDOW = 30.0
+PANEL_REFRESH_EVERY = 0.5

@@ -162,3 +162,70 @@ async def events(store, job_id: int) -> list[tuple]:
     rows = await store._db.execute_fetchall(
         "SELECT at, from_state, to_state, detail FROM job_events WHERE job_id = ? ORDER BY id", (job_id,))
     return [tuple(r) for r in rows]
+
+
+def run_in_terminal(*args: str, timeout: float = 120) -> tuple[int, str]:
+    """``batchgen ARGS`` in a pseudo-terminal, as a user at a terminal runs it: (exit code, every
+    byte it wrote, escapes included). 160 columns, so no line wraps."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "160", "LINES": "50", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "batchgen.cli", *args], stdin=slave, stdout=slave,
+                            stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return proc.wait(timeout=timeout), out.decode("utf-8", "replace")
+
+
+def terminal_screen(raw: str) -> list[str]:
+    """The lines a terminal holds (scrollback included) once ``raw`` is written to it: enough of
+    a VT100 for rich's live display (cursor up, erase line, carriage return); colours ignored."""
+    import re
+
+    lines, row, col = [""], 0, 0
+    for m in re.finditer(r"\x1b\[([0-9;?]*)([A-Za-z])|\x1b\][^\x07]*\x07|\n|\r|[^\x1b\r\n]+", raw):
+        token = m.group()
+        if m.group(2):
+            n = int(m.group(1) or 1) if m.group(1).isdigit() else 1
+            if m.group(2) == "A":
+                row = max(0, row - n)
+            elif m.group(2) == "B":
+                row += n
+            elif m.group(2) == "K":
+                lines[row] = "" if m.group(1) == "2" else lines[row][:col]
+        elif token == "\n":
+            row, col = row + 1, 0
+        elif token == "\r":
+            col = 0
+        elif not token.startswith("\x1b"):
+            line = lines[row]
+            lines[row] = line[:col].ljust(col) + token + line[col + len(token):]
+            col += len(token)
+        while row >= len(lines):
+            lines.append("")
+    return [line.rstrip() for line in lines]
+
+
+def panel_rows(lines: list[str]) -> list[dict[str, int]]:
+    """Every frame's counts left on the screen, by column name."""
+    rows = []
+    for i, line in enumerate(lines):
+        if "┃ pending" in line:
+            names = [c.strip() for c in line.strip("┃ ").split("┃")]
+            values = [int(c) for c in lines[i + 2].strip("│ ").split("│")]
+            rows.append(dict(zip(names, values, strict=True)))
+    return rows

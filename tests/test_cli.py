@@ -374,3 +374,95 @@ def test_the_simulated_results_are_named_by_simulate_as_in_run(command):
         result = CliRunner().invoke(main, [*command, flag])
         assert "No such option" not in result.output, result.output
         assert result.output.startswith("error: no store of --simulate runs"), result.output
+
+
+# --- the live panel and the summary, at a terminal ------------------------------------------------
+
+
+def test_at_a_terminal_every_failure_stays_and_the_last_frame_is_the_summary(samples):
+    from conftest import panel_rows, run_in_terminal, terminal_screen
+
+    code, raw = run_in_terminal("run", str(samples / "quickstart.yaml"), "--simulate",
+                                "--sim-fault", "script.submit=fail,fail,fail,fail,fail,fail")
+    screen = terminal_screen(raw)
+    assert code == 1, "\n".join(screen)
+    failures = [line for line in screen if " failed: " in line and "quickstart/" in line]
+    assert len(failures) == 6  # each one, none redrawn away by the panel
+    (totals,) = [line for line in screen if line.startswith("  quickstart: ")]
+    assert totals == "  quickstart: 6 failed"
+    last = panel_rows(screen)[-1]
+    assert last["failed"] == 6 and sum(last.values()) == 6, last
+
+
+def test_verbose_prints_each_event_once(samples):
+    import subprocess
+    import sys
+
+    # A process of its own: under pytest, logging already has pytest's handler, not batchgen's.
+    result = subprocess.run([sys.executable, "-m", "batchgen.cli", "run", str(samples / "street-scenes.yaml"),
+                             "--simulate", "-v"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    submitted = [line for line in result.stderr.splitlines() if "submitted as" in line]
+    assert len(submitted) == 4, submitted
+    assert "applied store migration" in result.stderr  # -v still shows the library's own records
+
+
+def test_json_log_format_makes_the_summary_json_too(samples):
+    result = cli("run", str(samples / "quickstart.yaml"), "--simulate", "--log-format", "json",
+                 "--sim-fault", "script.submit=fail")
+    assert result.exit_code == 1
+    (summary,) = [json.loads(line) for line in result.stdout.splitlines()]  # nothing else on stdout
+    assert summary["event"] == "summary" and summary["submitted"] == 6
+    assert summary["finished"] == {"failed": 1, "succeeded": 5}
+    (batch,) = summary["batches"]
+    assert batch["states"] == {"succeeded": 5, "failed": 1}
+    assert Path(batch["outputs"]) == Path("jobs/simulated/quickstart")
+    assert batch["next_steps"] == ["1 job(s) failed or timed out: batchgen retry quickstart --simulate"]
+    assert batch["look"][0].endswith("batchgen gallery quickstart --simulate")
+
+
+def test_summary_and_status_say_where_the_outputs_are_and_where_to_look(samples, tmp_path):
+    import shlex
+
+    work = tmp_path / "my work"
+    run = cli("run", str(samples / "quickstart.yaml"), "--simulate", "--workdir", str(work))
+    assert run.exit_code == 0
+    assert f"  outputs: {work / 'simulated' / 'quickstart'}\n" in run.output
+    looks = [line.split(": ", 2)[2] for line in run.output.splitlines() if line.startswith("  look: ")]
+    status = cli("status", "--workdir", str(work)).output
+    assert [line.split(": ", 2)[2] for line in status.splitlines() if line.startswith("  look: ")] == looks
+    gallery, table = looks
+    assert gallery == f"batchgen gallery quickstart --workdir {shlex.quote(str(work))} --simulate"
+    assert cli(*shlex.split(gallery)[1:]).exit_code == 0
+    assert cli(*shlex.split(table)[1:]).exit_code == 0 and Path("quickstart.csv").exists()
+
+
+# --- options in one place work everywhere ---------------------------------------------------------
+
+
+def test_workdir_and_config_go_before_or_after_the_command_name(samples, tmp_path):
+    work = tmp_path / "elsewhere"
+    config = tmp_path / "settings.toml"
+    config.write_text('log_format = "json"\n')
+    before = cli("--workdir", str(work), "--config", str(config), "run", str(samples / "plain.csv"), "--simulate")
+    assert before.exit_code == 0, before.output
+    assert (work / "simulated" / "batchgen.sqlite3").exists() and not Path("jobs").exists()
+    assert json.loads(before.stdout)["event"] == "summary"  # the config file was read
+    after = cli("run", str(samples / "plain.csv"), "--simulate", "--config", str(config), "-w", str(work))
+    assert after.exit_code == 0 and json.loads(after.stdout)["new_jobs"] == 0
+    for args in (["-w", str(work), "status"], ["status", "-w", str(work)], ["--config", str(config), "status",
+                                                                             "--workdir", str(work)]):
+        assert "succeeded" in cli(*args).output, args
+    # A pasted next command keeps a work directory given before the command name.
+    failing = cli("-w", str(work), "run", str(samples / "quickstart.yaml"), "--simulate",
+                  "--sim-fault", "script.submit=fail")
+    assert f"batchgen retry quickstart --workdir {work} --simulate" in failing.output
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("concurency", "concurrency"), ("max-cost", "max_cost"),
+                                             ("Log_Format", "log_format")])
+def test_a_config_key_typo_gets_a_did_you_mean(samples, typo, meant):
+    Path("batchgen.toml").write_text(f"{typo} = 2\n")
+    result = cli("--config", "batchgen.toml", "run", str(samples / "plain.csv"), "--simulate")
+    assert result.exit_code == 2
+    assert f"unknown setting '{typo}' (did you mean '{meant}'?)" in result.output
