@@ -652,5 +652,5 @@ async def test_jobs_running_at_the_provider_count_as_running_not_queued(simulato
     async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
         for job in await store.jobs():
             if job.request_id in inferred:
-                states = [state for _t, _from, state, _d in await store.events(job.id)]
+                states = [state for _t, _from, state, _d in await events(store, job.id)]
                 assert S.IN_PROGRESS in states and states[-1] == S.SUCCEEDED, states
