@@ -46,6 +46,7 @@ EXIT_LOCKED = 4  # another run holds the work directory
 EXIT_ACCOUNT = 5  # the account cannot run jobs (bad token, insufficient balance)
 EXIT_REFUSED = 6  # the API refuses every job alike (unknown model, same input error): fix it, run again
 EXIT_INTERNAL = 70  # a bug or an unusable store
+EXIT_PIPE = 141  # the reader of the output went away (| head): 128 + SIGPIPE, as shells report it
 
 log = logging.getLogger("batchgen")
 
@@ -101,12 +102,23 @@ def _show_tracebacks() -> bool:
 
 def _fail_for(exc: Exception) -> NoReturn:
     """One line and an exit code for an error that reached the top (or the traceback, if asked)."""
+    if isinstance(exc, BrokenPipeError):
+        _reader_gone()
     if _show_tracebacks():
         raise exc
     if isinstance(exc, BatchgenError):
         _fail(str(exc), _exit_code_for(exc))
     # A bug: still one line, with the way to see more.
     _fail(f"internal error: {type(exc).__name__}: {exc} (set BATCHGEN_TRACEBACK=1 for details)", EXIT_INTERNAL)
+
+
+def _reader_gone() -> NoReturn:
+    """Whoever read our output went away (`batchgen report B -o - | head`): stop quietly with
+    the shell's code for it, as other command-line tools do. What is left in stdout's buffer
+    goes to /dev/null, or Python would fail again flushing it at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(EXIT_PIPE)
 
 
 def _exit_code_for(exc: BaseException) -> int:

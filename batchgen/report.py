@@ -20,7 +20,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -54,7 +54,7 @@ FORMATS, STREAM_FORMATS = EXTENSIONS, STREAM_EXTENSIONS
 
 
 async def report_chunks(workdir: Path, batch: str, simulated: bool | None = None,
-                        chunk: int = C.REPORT_CHUNK) -> AsyncIterator[pd.DataFrame]:
+                        chunk: int = C.REPORT_CHUNK) -> AsyncGenerator[pd.DataFrame, None]:
     """The report of ``batch`` in ``workdir`` as frames of ``chunk`` jobs each, in manifest order,
     all with the same columns and column types (so they can be written one after the other).
     ``simulated``: the batch's --simulate results, or its results from an API (None: those from
@@ -78,9 +78,12 @@ async def report_chunks(workdir: Path, batch: str, simulated: bool | None = None
                     seen.add(type(_cell(value)))
         columns = _columns(kinds)
         empty = True
-        async for part in _rows(store, batch, root, simulated, chunk):
-            empty = False
-            yield _frame(part, columns, kinds)
+        # aclosing, here and below: a reader that stops early (a closed pipe) must close the
+        # reads ahead before the store closes, not leave them to the event loop's shutdown.
+        async with contextlib.aclosing(_rows(store, batch, root, simulated, chunk)) as rows:
+            async for part in rows:
+                empty = False
+                yield _frame(part, columns, kinds)
         if empty:
             yield _frame([], columns, kinds)
 
@@ -101,13 +104,14 @@ _JSON_KINDS: dict[str, type] = {"integer": int, "real": float, "text": str, "tru
 
 
 async def _rows(store: Store, batch: str, root: Path, simulated: bool,
-                chunk: int) -> AsyncIterator[list[dict[str, Any]]]:
-    async for part in prefetched(store.iter_jobs_with_outputs(batch, chunk)):
-        earlier = await store.attempts([job.id for job, _ in part])
-        yield [_row(job, outputs, root, simulated, earlier.get(job.id, [])) for job, outputs in part]
+                chunk: int) -> AsyncGenerator[list[dict[str, Any]], None]:
+    async with contextlib.aclosing(prefetched(store.iter_jobs_with_outputs(batch, chunk))) as parts:
+        async for part in parts:
+            earlier = await store.attempts([job.id for job, _ in part])
+            yield [_row(job, outputs, root, simulated, earlier.get(job.id, [])) for job, outputs in part]
 
 
-async def prefetched(source: AsyncIterator[T]) -> AsyncIterator[T]:
+async def prefetched(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     """``source``'s items, the next one already being read while this one is used: SQLite reads
     the next chunk in its thread while this one becomes rows (a third less wall time)."""
     ahead: asyncio.Future[T] = asyncio.ensure_future(anext(source))
@@ -227,7 +231,7 @@ def write_report(df: pd.DataFrame, out: Path, fmt: str | None = None) -> None:
     sink.close()
 
 
-async def stream_report(chunks: AsyncIterator[pd.DataFrame], out: Path | None,
+async def stream_report(chunks: AsyncGenerator[pd.DataFrame, None], out: Path | None,
                         fmt: str | None = None) -> dict[str, int]:
     """Write the report's ``chunks`` one after the other to ``out`` (None: stdout, CSV or JSON
     lines only) and return the number of jobs per state. Nothing of a failed report is left:
@@ -235,10 +239,11 @@ async def stream_report(chunks: AsyncIterator[pd.DataFrame], out: Path | None,
     sink = open_sink(out, fmt)
     counts: dict[str, int] = {}
     try:
-        async for df in chunks:
-            sink.write(df)
-            for state, n in df["state"].value_counts().items():
-                counts[str(state)] = counts.get(str(state), 0) + int(n)
+        async with contextlib.aclosing(chunks):
+            async for df in chunks:
+                sink.write(df)
+                for state, n in df["state"].value_counts().items():
+                    counts[str(state)] = counts.get(str(state), 0) + int(n)
     except BaseException:
         sink.abort()
         raise

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from bigbatch import grow_batch
 from conftest import local_ref
 from test_runner import settings
 
@@ -237,6 +238,25 @@ async def test_report_to_stdout_as_csv_or_json_lines(mixed, tmp_path):
     bad = _report_cli(mixed, "-o", "-", "--format", "parquet")
     assert bad.returncode != 0 and bad.stdout == ""
     assert "a report on stdout is one of: .csv, .jsonl" in bad.stderr and "Traceback" not in bad.stderr
+
+
+async def test_a_reader_that_goes_away_stops_the_report_quietly(mixed):
+    # `batchgen report B -o - | head`: the pipe closes long before the report is written. A
+    # command-line tool then stops quietly with the shell's code for it, not "internal error"
+    # (nor asyncio's complaint about reads ahead left open).
+    grow_batch(mixed / "simulated" / "batchgen.sqlite3", 5_000)  # far more than a pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "batchgen.cli", "report", "quickstart", "--workdir", str(mixed),  # noqa: ASYNC220 - nothing else runs in this loop
+                             "-o", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"batch,key,seq,")
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141, err
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert err == "", err
 
 
 async def test_json_lines_and_json_files_agree(mixed, tmp_path):
