@@ -68,6 +68,25 @@ def test_defaults_jobs_matrix_repeat(imgs):
     assert first.local_files == {first.inputs["image_urls"][0]: str((imgs / "a.jpg").resolve())}
 
 
+def test_defaults_and_a_matrix_alone_are_one_job_times_the_matrix(imgs):
+    # A seed sweep over one image needs no `jobs` list: the defaults are the job.
+    path = write(imgs / "m.yaml", """
+        defaults: {prompt: drift, image: a.jpg}
+        matrix:
+          seed: [1, 2, 3]
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    assert [s.inputs["seed"] for s in specs] == [1, 2, 3]
+    assert all(s.inputs["prompt"] == "drift" for s in specs) and len({s.key for s in specs}) == 3
+    assert specs[0].source == "m.yaml, line 2"  # where the matrix is written
+    # Without a matrix, defaults alone are still no jobs (a manifest missing its list).
+    path = write(imgs / "m.yaml", "defaults: {prompt: drift, image: a.jpg}\n")
+    m, specs = jobs_of(path)
+    assert specs == [] and texts(m) == ["m.yaml, field 'jobs': the manifest has no jobs: add a 'jobs' list, "
+                                        "'rows: file.csv', or a 'matrix' over the defaults"]
+
+
 def test_merge_order_schema_defaults_then_defaults_then_job_then_matrix(imgs):
     path = write(imgs / "m.yaml", """
         defaults: {frames: 241, seed: 1}

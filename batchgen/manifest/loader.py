@@ -161,7 +161,13 @@ class Manifest:
         self._read_rows(data)
         self._read_jobs(doc)
         if "jobs" not in data and "rows" not in data:
-            self._problem("", "jobs", "the manifest has no jobs: add a 'jobs' list or 'rows: file.csv'")
+            if "matrix" in data:
+                # `defaults` + `matrix` alone: one job of the defaults, times every combination
+                # (what a user writing a seed sweep means; validation still checks each job).
+                self.listed.append(Level({}, self.file, self._where("matrix"), self.folder))
+            else:
+                self._problem("", "jobs", "the manifest has no jobs: add a 'jobs' list, 'rows: file.csv', "
+                              "or a 'matrix' over the defaults")
         # PyYAML keeps the last of two equal keys without a word; the user surely meant one.
         for location, key, message in doc.duplicates:
             self._problem(location, key, message)
