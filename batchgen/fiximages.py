@@ -28,7 +28,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -376,7 +375,9 @@ class _opened:
 def _write_atomically(path: Path, data: bytes) -> None:
     """A copy appears whole or not at all: a run killed mid-write leaves no half image to send."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".part")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    # os.open with a mode, not mkstemp (0600): the copy is as readable as any file the user makes.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -384,7 +385,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

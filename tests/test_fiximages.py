@@ -26,7 +26,7 @@ SCHEMA = {
     "input": {"type": "object", "required": ["prompt", "image"], "properties": {
         "prompt": {"type": "string"},
         "image": {"type": "string", "format": "image_uri", "validations": [
-            {"validation_rule": "file_type_in", "validation_value": ["jpeg", "png"], "validation_error": "JPEG or PNG."},
+            {"validation_rule": "file_type_in", "validation_value": ["jpeg", "png"], "validation_error": "JPEG, PNG."},
             {"validation_rule": "file_size_mb<", "validation_value": 0.5, "validation_error": "Under 0.5 MB."},
             {"validation_rule": "width_pixels<=", "validation_value": 640, "validation_error": "At most 640 px."},
             {"validation_rule": "height_pixels<=", "validation_value": 640, "validation_error": "At most 640 px."},
@@ -238,6 +238,7 @@ def test_run_fix_images_sends_the_copy_and_a_rerun_sends_nothing(tmp_path):
     assert len(submits) == 2 and all(r["input"]["image_urls"][0].startswith("data:image/png") for r in submits)
     again = cli("run", str(path), "--simulate", "--fix-images", "--upscale")
     assert again.exit_code == 0, again.output
+    assert "0 new job(s) recorded, 0 submitted" in again.output
     resubmitted = [r for r in map(json.loads, state.read_text().splitlines()) if "job" in r]
     assert len(resubmitted) == 2  # the same jobs, already done: nothing submitted again
     assert {name: sha(tmp_path / name) for name in originals} == originals
