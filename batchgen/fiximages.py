@@ -29,6 +29,8 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -106,12 +108,11 @@ class ImageFixer:
             return path
         try:
             info = probe_file(path)
-        except ImageProbeError as exc:
+        except ImageProbeError:
             if not self._heif and _is_heif(path):
                 return (f"{path.name}: a HEIC/HEIF image, which batchgen reads only with pillow-heif "
                         "installed (pip install pillow-heif, or batchgen[heic])")
-            _ = exc  # unreadable or missing: validation reports it as it does without --fix
-            return path
+            return path  # unreadable: validation says why, as it does without --fix
         failing = [r for r in rules if not r.passes(info)]
         if not failing:
             return path
@@ -229,7 +230,7 @@ class _Limits:
             if options.ratio is None:
                 raise _Unfixable(f"{said} (--fix-ratio pad or --fix-ratio crop would fix it)")
             fw, fh = self._reframe(w, h, options.ratio)
-            wide = Fraction(w, h) > (self.max_ratio or 0) if self.max_ratio is not None else False
+            wide = self.max_ratio is not None and Fraction(w, h) >= self.max_ratio  # as _reframe decides
             bound = self.max_ratio if wide else self.min_ratio
             why = f"width/height {w / h:.4g} {'over' if wide else 'under'} {float(bound or 0):g}"
             step = "padded" if options.ratio == "pad" else "cropped"
@@ -310,12 +311,13 @@ def _render(im: Image.Image, plan: _Plan, fmt: str, limits: _Limits) -> tuple[by
         out = _encode(scaled, fmt)
         if limits.max_bytes is None or len(out) <= limits.max_bytes:
             return out, probe_bytes(out, len(out))
-        # Pixels grow with the square of the side: aim a tenth under the limit.
+        # Bytes grow with the square of the side: aim a tenth under the limit.
         shrink = math.sqrt(limits.max_bytes / len(out)) * 0.9
-        size = limits.fit(size[0], size[1], shrink)
-        if limits.min_w is not None and size[0] < limits.min_w or limits.min_h is not None and size[1] < limits.min_h:
+        try:
+            size = limits.fit(size[0], size[1], shrink)
+        except _Unfixable:  # smaller would break a pixel rule (the smallest size allowed)
             break
-    raise _Unfixable(f"cannot get it under {limits.max_bytes:,} bytes without going below the smallest size allowed")
+    raise _Unfixable(f"cannot get it to {limits.max_bytes:,} bytes or less while keeping to the size rules")
 
 
 def _reframed(pic: Image.Image, plan: _Plan) -> Image.Image:
@@ -351,25 +353,17 @@ def _encode(pic: Image.Image, fmt: str) -> bytes:
     return out.getvalue()
 
 
-class _opened:
-    """Image.open over bytes, lazily (header only until pixels are asked for), closed after."""
-
-    def __init__(self, data: bytes):
-        self._data = data
-        self._im: Image.Image | None = None
-
-    def __enter__(self) -> Image.Image:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                self._im = Image.open(io.BytesIO(self._data))
-        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _Unfixable(f"cannot open it to fix it: {exc}") from exc
-        return self._im
-
-    def __exit__(self, *exc: object) -> None:
-        if self._im is not None:
-            self._im.close()
+@contextmanager
+def _opened(data: bytes) -> Iterator[Image.Image]:
+    """Image.open over bytes: lazily (the header only, until pixels are asked for), closed after."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _Unfixable(f"cannot open it to fix it: {exc}") from exc
+    with im:
+        yield im
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -242,3 +242,45 @@ def test_run_fix_images_sends_the_copy_and_a_rerun_sends_nothing(tmp_path):
     resubmitted = [r for r in map(json.loads, state.read_text().splitlines()) if "job" in r]
     assert len(resubmitted) == 2  # the same jobs, already done: nothing submitted again
     assert {name: sha(tmp_path / name) for name in originals} == originals
+
+
+def test_heic_without_pillow_heif_says_what_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    # The start of a HEIC file (its ISO box "ftyp", brand "heic"); without pillow-heif nothing reads more.
+    (tmp_path / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    path = manifest(tmp_path, ["phone.heic"])
+    code = ("import sys; sys.modules['pillow_heif'] = None\n"  # as if it were not installed
+            "from batchgen.cli import main; main(['validate', sys.argv[1], '--fix'])")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert ("m.yaml, line 4, field 'image': phone.heic: a HEIC/HEIF image, which batchgen reads only with "
+            "pillow-heif installed (pip install pillow-heif" in done.stderr)
+    assert "Traceback" not in done.stderr
+
+
+def test_transparency_is_kept_and_padding_is_transparent(tmp_path):
+    im = Image.new("RGBA", (300, 700), (200, 40, 40, 255))
+    im.putpixel((0, 0), (0, 0, 0, 0))
+    im.save(tmp_path / "tall.webp")
+    result = validate(manifest(tmp_path, ["tall.webp"]), "--fix", "--fix-ratio", "pad")
+    assert result.exit_code == 0, result.output
+    assert ("fixed tall.webp: WEBP -> PNG, 300x700 padded to 350x700 (width/height 0.4286 under 0.5), "
+            "350x700 -> 320x640 (over 640 px)\n") in result.output
+    with Image.open(copies(tmp_path)[0]) as copy:
+        assert (copy.format, copy.mode, copy.size) == ("PNG", "RGBA", (320, 640))
+        assert copy.getpixel((2, 320))[3] == 0  # a bar: transparent
+        assert copy.getpixel((160, 320)) == (200, 40, 40, 255)
+
+
+def test_a_photo_turned_by_exif_is_fixed_upright(tmp_path):
+    photo = Image.new("RGB", (800, 300), (10, 100, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: 300 wide, 800 tall
+    photo.save(tmp_path / "turned.jpg", exif=exif)
+    result = validate(manifest(tmp_path, ["turned.jpg"]), "--fix", "--fix-ratio", "crop")
+    assert result.exit_code == 0, result.output
+    assert "turned upright (EXIF orientation)" in result.output
+    with Image.open(copies(tmp_path)[0]) as copy:
+        assert copy.size[0] < copy.size[1] and copy.getexif().get(0x0112, 1) == 1
