@@ -271,7 +271,8 @@ def test_transparency_is_kept_and_padding_is_transparent(tmp_path):
     with Image.open(copies(tmp_path)[0]) as copy:
         assert (copy.format, copy.mode, copy.size) == ("PNG", "RGBA", (320, 640))
         assert copy.getpixel((2, 320))[3] == 0  # a bar: transparent
-        assert copy.getpixel((160, 320)) == (200, 40, 40, 255)
+        red, _, _, alpha = copy.getpixel((160, 320))
+        assert alpha == 255 and red > 150  # the picture (WEBP is lossy: about its colour)
 
 
 def test_a_photo_turned_by_exif_is_fixed_upright(tmp_path):
