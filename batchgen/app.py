@@ -26,6 +26,7 @@ from .catalog import Catalog
 from .client import RunComfyClient
 from .downloads import discard_partials
 from .errors import BatchgenError, LockedError, ManifestError, UsageError
+from .fiximages import FixOptions, ImageFixer
 from .lock import WorkdirLock
 from .manifest import Manifest, is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary
@@ -68,6 +69,9 @@ class RunOptions:
     # Jobs identical to ones already succeeded in another batch (explicit seed) take their
     # outputs (linked) instead of being paid for again (reuse.py).
     reuse: bool = False
+    # `validate --fix`, `run --fix-images`: local images failing only on format or size are sent
+    # as compliant copies made in WORKDIR/fixed/ (fiximages.py). None: they stay problems.
+    fix: FixOptions | None = None
 
 
 @dataclass
@@ -237,9 +241,16 @@ async def check_manifest(opts: RunOptions, **kw: Any) -> tuple[Manifest, Validat
     manifest, found = await prepare_manifest(opts.manifest, batch=opts.batch, schema=opts.schema,
                                              target=opts.target, workdir=Path(opts.workdir),
                                              max_expand=opts.max_expand)
+    fixer = None
+    if opts.fix is not None and manifest.schema is not None:  # the schema's rules say what to fix
+        # Set once the schema is final (prepare_manifest may have swapped it): the copies are
+        # what the jobs send, so they are what the job keys and validation see.
+        fixer = manifest.images.fixer = ImageFixer(manifest.schema, Path(opts.workdir) / C.FIXED_DIR, opts.fix)
     result = await validate_manifest(
         manifest, no_schema=opts.no_schema,
         model_problem=found.problem() if found is not None and found.schema is None else None, **kw)
+    if fixer is not None:
+        result.fixed = fixer.changes()
     return manifest, result
 
 
@@ -327,6 +338,9 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
         # recorded only if the whole manifest passed.
         rows: list[tuple[Any, ...]] = []
         manifest, result = await check_manifest(opts, collect=lambda spec: rows.append(S.job_row(spec)))
+        if on_notice is not None:
+            for change in result.fixed:
+                on_notice(f"fixed {change}", False)
         if result.problems:
             raise ManifestError(result.problems)
         schemas[manifest.name] = manifest.schema
@@ -825,6 +839,7 @@ class PlanReport:
     reusable: int = 0  # jobs to submit identical to ones succeeded in other batches (run --reuse)
     random_seed: int = 0  # jobs to submit repeating earlier requests with a random seed
     balance: BalanceInfo | None = None  # with a token, not under --simulate
+    fixed: list[str] = field(default_factory=list)  # plan --fix: the copies made, what each changed
 
     @property
     def estimated_cost(self) -> float | None:
@@ -896,7 +911,7 @@ async def plan(opts: RunOptions) -> PlanReport:
     report = PlanReport(manifest.name, manifest.model_id, len(keys), manifest.duplicates,
                         len(keys) - sum(recorded.values()), recorded, price, median_run, price_unit=unit,
                         schema_origin=schema.origin if schema else "", balance=balance,
-                        reusable=reusable, random_seed=random_seed)
+                        reusable=reusable, random_seed=random_seed, fixed=result.fixed)
     if price is not None:
         submit = [k for k in keys if k not in existing or k in waiting]
         each = [costs.get(k) for k in submit] if unit == "second" else [job_price(price, unit, {})] * len(submit)

@@ -13,13 +13,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import click
 from click.core import ParameterSource
 
-from . import __version__, app, reportformats
+from . import __version__, app, fiximages, reportformats
 from . import constants as C
 from . import store as S
 from .config import CONFIG_FILENAME, load_config
@@ -248,6 +249,32 @@ no_schema_option = click.option(
          "inputs unchecked, instead of refusing it.")
 
 
+def _fix_options(flag: str) -> Callable[[Any], Any]:
+    """--fix (validate, plan) or --fix-images (run), with --upscale and --fix-ratio."""
+    def add(f: Any) -> Any:
+        for opt in reversed([
+            click.option(flag, "fix", is_flag=True,
+                         help="Local images that fail only on format or size are sent as compliant copies "
+                              f"made in WORKDIR/{C.FIXED_DIR}/ (PNG, or JPEG for photos; scaled down to fit); "
+                              "the originals are never changed."),
+            click.option("--upscale", is_flag=True, help=f"With {flag}: also scale up images under the smallest size."),
+            click.option("--fix-ratio", type=click.Choice(fiximages.RATIO_CHOICES),
+                         help=f"With {flag}: bring a width/height out of range within it, by padding "
+                              "(centred bars) or cropping (centred)."),
+        ]):
+            f = opt(f)
+        return f
+    return add
+
+
+def _fix(flag: str, fix: bool, upscale: bool, fix_ratio: str | None) -> fiximages.FixOptions | None:
+    if not fix:
+        if upscale or fix_ratio:
+            raise click.UsageError(f"--upscale and --fix-ratio go with {flag}")
+        return None
+    return fiximages.FixOptions(upscale=upscale, ratio=fix_ratio)
+
+
 def _run_options(f: Any) -> Any:
     """Options shared by `run` and `retry`, which both end in a run of the pool."""
     for opt in reversed([
@@ -293,12 +320,13 @@ def _run_options(f: Any) -> Any:
 @no_schema_option
 @click.option("--dry-run", is_flag=True, help="Show what would happen (see `batchgen plan`); submit nothing.")
 @max_expand_option
+@_fix_options("--fix-images")
 @click.option("--reuse", is_flag=True,
               help="Jobs identical to ones already succeeded in another batch of the work directory "
                    "(same model, inputs and an explicit seed) take their outputs (linked) instead of "
                    "being paid for again.")
 def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: bool, no_schema: bool,
-        max_expand: int, reuse: bool,
+        max_expand: int, reuse: bool, fix: bool, upscale: bool, fix_ratio: str | None,
         **kw: Any) -> None:
     """Validate MANIFEST, record its jobs, submit them, and download every output.
 
@@ -312,19 +340,22 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
       RUNCOMFY_API_TOKEN=... batchgen run nightly.yaml --concurrency 8 --max-runtime 6h
       batchgen run            # resume whatever is unfinished in ./jobs
     """
+    fix_options = _fix("--fix-images", fix, upscale, fix_ratio)
+    if fix_options is not None and manifest is None:
+        raise click.UsageError("--fix-images needs a MANIFEST")
     if dry_run:
         if manifest is None:
             raise click.UsageError("--dry-run needs a MANIFEST")
         _apply_config(kw)
         _setup_logging(kw["verbose"], kw["quiet"])
         opts = app.RunOptions(workdir=kw["workdir"], manifest=manifest, batch=batch, schema=schema,
-                              no_schema=no_schema, max_expand=max_expand,
+                              no_schema=no_schema, max_expand=max_expand, fix=fix_options,
                               target=_target(kw["api_url"], kw["simulate"], (), kw["balance_url"]))
         auto, concurrency = _concurrency(kw["concurrency"])
         _show_plan(opts, C.DEFAULT_CONCURRENCY if auto else concurrency)
         return
     _execute_run(kw, manifest=manifest, schema=schema, batch=batch, no_schema=no_schema, max_expand=max_expand,
-                 reuse=reuse)
+                 reuse=reuse, fix=fix_options)
 
 
 @main.command()
@@ -661,9 +692,11 @@ def _duration(text: str, option: str) -> float:
 @_api_options
 @no_schema_option
 @max_expand_option
+@_fix_options("--fix")
 @click.option("--verbose", "-v", count=True, help="More detail (-vv for debug).")
 def validate(manifest: Path, schema: Path | None, workdir: Path, api_url: str | None, simulate: bool,
-             no_schema: bool, max_expand: int, verbose: int) -> None:
+             no_schema: bool, max_expand: int, fix: bool, upscale: bool, fix_ratio: str | None,
+             verbose: int) -> None:
     """Check MANIFEST against the model's schema without submitting anything.
 
     Every problem is listed at once, each with its file, row or line, and field. A model batchgen
@@ -676,8 +709,10 @@ def validate(manifest: Path, schema: Path | None, workdir: Path, api_url: str | 
     """
     _setup_logging(verbose, False)
     opts = app.RunOptions(workdir=workdir, manifest=manifest, schema=schema, no_schema=no_schema,
-                          max_expand=max_expand, target=_target(api_url, simulate, ()))
+                          max_expand=max_expand, target=_target(api_url, simulate, ()),
+                          fix=_fix("--fix", fix, upscale, fix_ratio))
     result = _run_async(app.validate(opts))
+    _echo_fixed(result.fixed)
     if result.problems:
         _fail(str(ManifestError(result.problems)), EXIT_USAGE)
     dup = f" ({result.duplicates} duplicate(s) collapsed)" if result.duplicates else ""
@@ -697,10 +732,11 @@ def validate(manifest: Path, schema: Path | None, workdir: Path, api_url: str | 
               show_default=True, help="The concurrency the run would use (for the duration estimate).")
 @no_schema_option
 @max_expand_option
+@_fix_options("--fix")
 @click.option("--verbose", "-v", count=True, help="More detail (-vv for debug).")
 def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim_faults: tuple[str, ...],
          balance_url: str | None, schema: Path | None, batch: str | None, concurrency: int, no_schema: bool,
-         max_expand: int, verbose: int) -> None:
+         max_expand: int, fix: bool, upscale: bool, fix_ratio: str | None, verbose: int) -> None:
     """Show what `batchgen run MANIFEST` would do: jobs in the manifest, how many are new and how
     many already recorded, estimated cost and duration, and (with an API token) the account's
     balance beside the cost. Submits and records nothing.
@@ -713,13 +749,20 @@ def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim
     _apply_config(kw)
     _setup_logging(verbose, False)
     opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema, no_schema=no_schema,
-                          max_expand=max_expand,
+                          max_expand=max_expand, fix=_fix("--fix", fix, upscale, fix_ratio),
                           target=_target(kw["api_url"], simulate, sim_faults, kw["balance_url"]))
     _show_plan(opts, concurrency)
 
 
+def _echo_fixed(changes: list[str]) -> None:
+    """One line per copy made by --fix: what it changed (file names are the user's: made printable)."""
+    for change in changes:
+        click.echo(f"fixed {printable(change)}")
+
+
 def _show_plan(opts: app.RunOptions, concurrency: int) -> None:
     p = _run_async(app.plan(opts))
+    _echo_fixed(p.fixed)
     dup = f", {p.duplicates} duplicate row(s) collapsed" if p.duplicates else ""
     click.echo(f"{p.batch} ({p.model_id}): {p.jobs} job(s) in the manifest{dup}")
     if not p.schema_origin:

@@ -248,3 +248,14 @@ THUMB_QUALITY = 80
 # per job, cheap enough that a 100,000-job batch's count query stays under 1% of a core.
 NOTICE_REPEAT_WINDOW = 30.0
 PANEL_REFRESH_EVERY = 0.5
+
+# Fixing input images (fiximages.py, `validate --fix`, `run --fix-images`). Copies go to this
+# folder of the work directory, named by their source's sha256 and the fix, so a second run finds
+# the copy the first made. An image is decoded to be fixed only if its header says it has at most
+# this many pixels: a 64 Mpx RGBA picture is 256 MiB in memory, and a few-kilobyte PNG can claim
+# 100,000 x 100,000 (a decompression bomb); Pillow's own refusal starts at ~179 Mpx.
+FIXED_DIR = "fixed"
+MAX_FIX_PIXELS = 64 * 1024 * 1024
+# A fixed JPEG's quality: visually lossless for a model's input; an over-the-byte-limit image is
+# scaled down rather than compressed harder (artefacts become the model's input).
+FIX_JPEG_QUALITY = 92

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class ValidationResult:
     problems: list[Problem]  # empty: the manifest may be run
     duplicates: int  # jobs skipped because an earlier one had the same key
     schema: ModelSchema | None  # None: no schema (--no-schema), inputs passed through unchecked
+    fixed: list[str] = field(default_factory=list)  # --fix: each copy made, what it changed
 
 
 def image_refs(schema: ModelSchema | None, inputs: dict[str, Any]) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -165,9 +166,28 @@ def demo(tmp_path):
     return str(tmp_path)
 
 
+def make_shots(here: Path) -> None:
+    """The images README's `--fix` example starts from, made from the samples: a WEBP, a JPEG
+    over 4096 px, and a banner wider than 3:1 (shots.yaml names them)."""
+    from PIL import Image
+
+    shots = here / "shots"
+    shots.mkdir()
+    with Image.open(here / "sample_manifests" / "images" / "street.jpg") as im:
+        im.save(shots / "street.webp")
+        im.resize((4800, 2700)).save(shots / "harbour.jpg", quality=90)
+        im.resize((1600, 900)).crop((0, 250, 1600, 650)).save(shots / "banner.png")
+    (here / "shots.yaml").write_text(
+        "name: shots\nmodel: bytedance/dreamina-3-0/pro/image-to-video\njobs:\n" + "".join(
+            f"  - prompt: {prompt}\n    image: shots/{name}\n" for name, prompt in (
+                ("street.webp", "Rain begins to fall on the street."),
+                ("harbour.jpg", "Boats rock gently in the harbour."),
+                ("banner.png", "The city lights flicker on."))))
+
+
 # Each scenario is a sequence of README examples that, run in order in a fresh folder, leave the
-# state the next one shows.
-SCENARIOS = {
+# state the next one shows; a function in it prepares the folder for the examples after it.
+SCENARIOS: dict[str, list[Any]] = {
     "quick start, then its report and gallery": [
         "batchgen validate sample_manifests/street-scenes.yaml --simulate",
         "batchgen plan sample_manifests/street-scenes.yaml --simulate",
@@ -182,6 +202,12 @@ SCENARIOS = {
         "batchgen status --json",
         "batchgen retry street-scenes --simulate -q",
     ],
+    "fixing images on request": [
+        make_shots,
+        "batchgen validate shots.yaml --fix",
+        "batchgen validate shots.yaml --fix --fix-ratio pad",
+        "batchgen run shots.yaml --simulate --fix-images --fix-ratio pad -q",
+    ],
     "cancel what is left": [
         "batchgen run sample_manifests/quickstart.yaml --simulate --max-jobs 2 -q",
         "batchgen cancel quickstart --simulate",
@@ -192,5 +218,8 @@ SCENARIOS = {
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_readme_examples_print_what_readme_shows(scenario, demo):
     for command in SCENARIOS[scenario]:
+        if callable(command):
+            command(Path(demo))
+            continue
         example = find(command)
         assert_same_shape(example, run_example(example, demo), demo)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -29,6 +29,9 @@ _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 # What a reference becomes: (value to send, local file or None); a problem as a string; or None
 # to leave the value alone.
 Resolved = tuple[str, Path | None] | str | None
+# The hook `validate --fix` sets (fiximages.ImageFixer): a local file sent inline and its field ->
+# the file to send instead (a compliant copy, or itself), or a problem as a string.
+Fixer = Callable[[Path, str], Path | str]
 
 
 def is_image_name(name: str) -> bool:
@@ -72,6 +75,7 @@ class ImageRefs:
         self.bad: set[str] = set()
         self._resolved: dict[tuple[str, Path], Resolved] = {}
         self._files: dict[Path, FileRef] = {}
+        self.fixer: Fixer | None = None
 
     def resolve_inputs(self, inputs: dict[str, Any], fields: Iterable[str], folder_of: dict[str, Path],
                        default_folder: Path) -> tuple[dict[str, str], dict[str, Any], list[tuple[str, str]]]:
@@ -89,7 +93,7 @@ class ImageRefs:
             folder = folder_of.get(fname, default_folder)
             sent, keyed = [], []
             for ref in value if isinstance(value, list) else [value]:
-                url, key, path, problem = self._one(ref, folder)
+                url, key, path, problem = self._one(ref, folder, fname)
                 if problem:
                     problems.append((fname, problem))
                 sent.append(url)
@@ -103,7 +107,7 @@ class ImageRefs:
                 key_inputs[fname] = keyed if isinstance(value, list) else keyed[0]
         return local_files, key_inputs, problems
 
-    def _one(self, ref: Any, folder: Path) -> tuple[Any, Any, str | None, str | None]:
+    def _one(self, ref: Any, folder: Path, field: str) -> tuple[Any, Any, str | None, str | None]:
         """(value sent, value keyed, local file or None, problem or None) for one reference."""
         res = self.resolve(ref, folder) if isinstance(ref, str) else None
         if isinstance(res, str):
@@ -114,6 +118,12 @@ class ImageRefs:
         url, path = res
         if path is None:
             return url, url, None, None
+        if self.fixer is not None and url.startswith("file://"):  # sent inline: a copy may go instead
+            fixed = self.fixer(path, field)
+            if isinstance(fixed, str):
+                self.bad.add(url)
+                return url, url, None, fixed
+            path = fixed
         facts = self.file_facts(path)
         if facts is None:
             self.bad.add(url)

@@ -1,0 +1,287 @@
+"""`validate --fix`, `run --fix-images`, `plan --fix`: compliant copies of local images that fail
+only on format or size, made from real images, checked by decoding the copies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+from imagefactory import make_image
+from PIL import Image
+from test_cli import cli
+
+from batchgen.fiximages import FixOptions, ImageFixer, heif_support
+from batchgen.manifest import load_manifest
+
+DREAMINA = "bytedance/dreamina-3-0/pro/image-to-video"  # 321..4096 px, ratio within 3:1, 4.7 MB, JPEG/PNG
+
+# A schema with small limits, so the images stay small and the tests quick.
+SCHEMA = {
+    "model_id": "test/fix",
+    "input": {"type": "object", "required": ["prompt", "image"], "properties": {
+        "prompt": {"type": "string"},
+        "image": {"type": "string", "format": "image_uri", "validations": [
+            {"validation_rule": "file_type_in", "validation_value": ["jpeg", "png"], "validation_error": "JPEG, PNG."},
+            {"validation_rule": "file_size_mb<", "validation_value": 0.5, "validation_error": "Under 0.5 MB."},
+            {"validation_rule": "width_pixels<=", "validation_value": 640, "validation_error": "At most 640 px."},
+            {"validation_rule": "height_pixels<=", "validation_value": 640, "validation_error": "At most 640 px."},
+            {"validation_rule": "width_pixels>=", "validation_value": 200, "validation_error": "At least 200 px."},
+            {"validation_rule": "height_pixels>=", "validation_value": 200, "validation_error": "At least 200 px."},
+            {"validation_rule": "width/height<=", "validation_value": 2, "validation_error": "Ratio at most 2."},
+            {"validation_rule": "width/height>=", "validation_value": 0.5, "validation_error": "Ratio at least 0.5."},
+        ]},
+    }},
+}
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def manifest(tmp_path: Path, images: list[str], model: str = "test/fix", field: str = "image") -> Path:
+    """A manifest of one job per image (line numbers: job i is on line 4 + 2 * i)."""
+    path = tmp_path / "m.yaml"
+    doc = {"name": "fx", "model": model, "jobs": [{"prompt": f"p{i}", field: f} for i, f in enumerate(images)]}
+    if model == "test/fix":
+        (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+        doc["schema"] = "schema.json"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def validate(path: Path, *opts: str):
+    return cli("validate", str(path), *opts)
+
+
+def copies(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "jobs" / "fixed").glob("*"))
+
+
+def test_webp_becomes_png_and_the_original_is_untouched(tmp_path):
+    src = make_image(tmp_path / "street.webp", 400, 300, "WEBP")
+    before = sha(src)
+    path = manifest(tmp_path, ["street.webp"])
+    plain = validate(path)
+    assert plain.exit_code == 2 and "image is WEBP" in plain.output
+    result = validate(path, "--fix")
+    assert result.exit_code == 0, result.output
+    assert "fixed street.webp: WEBP -> PNG\n" in result.output
+    assert "1 job(s), all valid" in result.output
+    [copy] = copies(tmp_path)
+    with Image.open(copy) as im:
+        assert (im.format, im.size) == ("PNG", (400, 300))
+    assert sha(src) == before
+
+
+def test_too_large_in_pixels_is_scaled_down_keeping_the_ratio(tmp_path):
+    make_image(tmp_path / "big.jpg", 1280, 960)
+    result = validate(manifest(tmp_path, ["big.jpg"]), "--fix")
+    assert result.exit_code == 0, result.output
+    assert "fixed big.jpg: 1280x960 -> 640x480 (over 640 px)" in result.output
+    [copy] = copies(tmp_path)
+    with Image.open(copy) as im:
+        assert (im.format, im.size) == ("JPEG", (640, 480))  # a JPEG stays a JPEG
+
+
+def test_too_large_in_bytes_is_made_to_fit(tmp_path):
+    make_image(tmp_path / "heavy.png", 400, 400, "PNG", nbytes=700_000)  # padding a re-encode drops
+    result = validate(manifest(tmp_path, ["heavy.png"]), "--fix")
+    assert result.exit_code == 0, result.output
+    assert "fixed heavy.png: 700,000 -> " in result.output and "(over 499,999)" in result.output
+    [copy] = copies(tmp_path)
+    assert copy.stat().st_size < 500_000
+
+
+def test_too_small_is_upscaled_only_when_asked(tmp_path):
+    src = make_image(tmp_path / "small.png", 150, 100, "PNG")
+    path = manifest(tmp_path, ["small.png"])
+    refused = validate(path, "--fix")
+    assert refused.exit_code == 2
+    assert "m.yaml, line 4, field 'image': small.png: image is 150x100" in refused.output
+    assert "--upscale would scale it up to 300x200" in refused.output
+    assert copies(tmp_path) == []
+    result = validate(path, "--fix", "--upscale")
+    assert result.exit_code == 0, result.output
+    assert "fixed small.png: 150x100 -> 300x200 (under 200 px)" in result.output
+    with Image.open(copies(tmp_path)[0]) as im:
+        assert im.size == (300, 200)
+    assert sha(src) == sha(tmp_path / "small.png")
+
+
+@pytest.mark.parametrize(("how", "size", "said"), [
+    ("pad", (600, 300), "600x200 padded to 600x300 (width/height 3 over 2)"),
+    ("crop", (400, 200), "600x200 cropped to 400x200 (width/height 3 over 2)"),
+])
+def test_a_ratio_out_of_range_is_padded_or_cropped_as_asked(tmp_path, how, size, said):
+    make_image(tmp_path / "wide.png", 600, 200, "PNG")
+    path = manifest(tmp_path, ["wide.png"])
+    refused = validate(path, "--fix")
+    assert refused.exit_code == 2
+    assert "--fix-ratio pad or --fix-ratio crop would fix it" in refused.output
+    result = validate(path, "--fix", "--fix-ratio", how)
+    assert result.exit_code == 0, result.output
+    assert f"fixed wide.png: {said}" in result.output
+    with Image.open(copies(tmp_path)[0]) as im:
+        assert im.size == size
+        if how == "pad":  # black bars above and below, the picture in the middle
+            assert im.convert("RGB").getpixel((300, 10)) == (0, 0, 0)
+            assert im.convert("RGB").getpixel((300, 150)) != (0, 0, 0)
+
+
+def test_options_without_fix_are_refused():
+    result = cli("validate", "m.yaml", "--upscale")
+    assert result.exit_code == 2 and "--upscale and --fix-ratio go with --fix" in result.output
+
+
+def test_rerun_finds_the_same_copies_and_keys(tmp_path):
+    for name, w, h, fmt in (("a.webp", 400, 300, "WEBP"), ("b.jpg", 1280, 960, "JPEG"), ("c.gif", 300, 300, "GIF")):
+        make_image(tmp_path / name, w, h, fmt)
+    originals = {p.name: sha(p) for p in tmp_path.iterdir() if p.is_file()}
+    path = manifest(tmp_path, ["a.webp", "b.jpg", "c.gif"])
+    first = validate(path, "--fix")
+    assert first.exit_code == 0, first.output
+    made = {p: (sha(p), p.stat().st_mtime_ns) for p in copies(tmp_path)}
+    assert len(made) == 3
+    second = validate(path, "--fix")
+    assert second.output == first.output  # says again what each copy changed
+    assert {p: (sha(p), p.stat().st_mtime_ns) for p in copies(tmp_path)} == made  # not written again
+    assert {p.name: sha(p) for p in tmp_path.iterdir() if p.is_file() and p.name in originals} == originals
+
+
+def test_the_job_key_is_the_key_of_the_bytes_sent(tmp_path):
+    make_image(tmp_path / "street.webp", 400, 300, "WEBP")
+    path = manifest(tmp_path, ["street.webp"])
+    loaded = load_manifest(path)
+    assert loaded.schema is not None
+    loaded.images.fixer = ImageFixer(loaded.schema, tmp_path / "jobs" / "fixed", FixOptions())
+    [spec] = loaded.iter_jobs()
+    [copy] = copies(tmp_path)
+    # The copy is what is sent (a file reference to it, with its sha256) ...
+    assert spec.inputs["image"].startswith(copy.as_uri() + f"#sha256={sha(copy)}")
+    assert spec.local_files == {spec.inputs["image"]: str(copy)}
+    # ... and the job is the one a manifest naming the copy itself makes.
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    (direct / "same.png").write_bytes(copy.read_bytes())
+    [plain] = load_manifest(manifest(direct, ["same.png"])).iter_jobs()
+    assert plain.key == spec.key
+
+
+def test_a_corrupt_image_is_still_an_error_naming_file_and_row(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    make_image(tmp_path / "ok.webp", 300, 300, "WEBP")
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    (tmp_path / "rows.csv").write_text("prompt,image\nfine,ok.webp\nbad,broken.png\n")
+    path = tmp_path / "m.yaml"
+    path.write_text("name: fx\nmodel: test/fix\nschema: schema.json\nrows: rows.csv\n")
+    result = validate(path, "--fix")
+    assert result.exit_code == 2
+    assert "fixed ok.webp: WEBP -> PNG" in result.output
+    assert "rows.csv, row 3, field 'image'" in result.output and "broken.png" in result.output
+    assert "not a readable image" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
+    # A PNG whose header claims 20,000 x 20,000 pixels, in a few dozen bytes.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    (tmp_path / "bomb.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    result = validate(manifest(tmp_path, ["bomb.png"]), "--fix")
+    assert result.exit_code == 2
+    assert ("bomb.png: 20000x20000 is 400,000,000 pixels, more than batchgen decodes to fix an image"
+            in result.output)
+    assert copies(tmp_path) == []
+
+
+@pytest.mark.skipif(not heif_support(), reason="pillow-heif (the heic extra) is not installed")
+def test_heic_photo_becomes_jpeg(tmp_path):
+    Image.new("RGB", (400, 300), (30, 120, 200)).save(tmp_path / "phone.heic")
+    result = validate(manifest(tmp_path, ["phone.heic"]), "--fix")
+    assert result.exit_code == 0, result.output
+    assert "fixed phone.heic: HEIF -> JPEG" in result.output
+    with Image.open(copies(tmp_path)[0]) as im:
+        assert (im.format, im.size) == ("JPEG", (400, 300))
+
+
+def test_plan_fix_says_what_it_changed(tmp_path):
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    result = cli("plan", str(manifest(tmp_path, ["street.webp"], model=DREAMINA, field="image_urls")),
+                 "--simulate", "--fix")
+    assert result.exit_code == 0, result.output
+    assert "fixed street.webp: WEBP -> PNG" in result.output and "new: 1" in result.output
+
+
+def test_run_fix_images_sends_the_copy_and_a_rerun_sends_nothing(tmp_path):
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    make_image(tmp_path / "tiny.png", 200, 160, "PNG")
+    path = manifest(tmp_path, ["street.webp", "tiny.png"], model=DREAMINA, field="image_urls")
+    originals = {name: sha(tmp_path / name) for name in ("street.webp", "tiny.png")}
+    refused = cli("run", str(path), "--simulate")
+    assert refused.exit_code == 2 and "image is WEBP" in refused.output
+    first = cli("run", str(path), "--simulate", "--fix-images", "--upscale")
+    assert first.exit_code == 0, first.output
+    assert "fixed street.webp: WEBP -> PNG" in first.output
+    assert "fixed tiny.png: 200x160 -> 402x321 (under 321 px)" in first.output
+    state = tmp_path / "jobs" / "simulated" / "simulator-state.jsonl"
+    submits = [r["job"] for r in map(json.loads, state.read_text().splitlines()) if "job" in r]
+    # The simulator (which checks inputs as the service does) received the copies' bytes.
+    sent = {r["media"][0] for r in submits}
+    assert sent == {f"data:sha256:{sha(p)}" for p in copies(tmp_path)}
+    assert len(submits) == 2 and all(r["input"]["image_urls"][0].startswith("data:image/png") for r in submits)
+    again = cli("run", str(path), "--simulate", "--fix-images", "--upscale")
+    assert again.exit_code == 0, again.output
+    assert "0 new job(s) recorded, 0 submitted" in again.output
+    resubmitted = [r for r in map(json.loads, state.read_text().splitlines()) if "job" in r]
+    assert len(resubmitted) == 2  # the same jobs, already done: nothing submitted again
+    assert {name: sha(tmp_path / name) for name in originals} == originals
+
+
+def test_heic_without_pillow_heif_says_what_to_install(tmp_path):
+    import subprocess
+    import sys
+
+    # The start of a HEIC file (its ISO box "ftyp", brand "heic"); without pillow-heif nothing reads more.
+    (tmp_path / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    path = manifest(tmp_path, ["phone.heic"])
+    code = ("import sys; sys.modules['pillow_heif'] = None\n"  # as if it were not installed
+            "from batchgen.cli import main; main(['validate', sys.argv[1], '--fix'])")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert ("m.yaml, line 4, field 'image': phone.heic: a HEIC/HEIF image, which batchgen reads only with "
+            "pillow-heif installed (pip install pillow-heif" in done.stderr)
+    assert "Traceback" not in done.stderr
+
+
+def test_transparency_is_kept_and_padding_is_transparent(tmp_path):
+    im = Image.new("RGBA", (300, 700), (200, 40, 40, 255))
+    im.putpixel((0, 0), (0, 0, 0, 0))
+    im.save(tmp_path / "tall.webp")
+    result = validate(manifest(tmp_path, ["tall.webp"]), "--fix", "--fix-ratio", "pad")
+    assert result.exit_code == 0, result.output
+    assert ("fixed tall.webp: WEBP -> PNG, 300x700 padded to 350x700 (width/height 0.4286 under 0.5), "
+            "350x700 -> 320x640 (over 640 px)\n") in result.output
+    with Image.open(copies(tmp_path)[0]) as copy:
+        assert (copy.format, copy.mode, copy.size) == ("PNG", "RGBA", (320, 640))
+        assert copy.getpixel((2, 320))[3] == 0  # a bar: transparent
+        red, _, _, alpha = copy.getpixel((160, 320))
+        assert alpha == 255 and red > 150  # the picture (WEBP is lossy: about its colour)
+
+
+def test_a_photo_turned_by_exif_is_fixed_upright(tmp_path):
+    photo = Image.new("RGB", (800, 300), (10, 100, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: 300 wide, 800 tall
+    photo.save(tmp_path / "turned.jpg", exif=exif)
+    result = validate(manifest(tmp_path, ["turned.jpg"]), "--fix", "--fix-ratio", "crop")
+    assert result.exit_code == 0, result.output
+    assert "turned upright (EXIF orientation)" in result.output
+    with Image.open(copies(tmp_path)[0]) as copy:
+        assert copy.size[0] < copy.size[1] and copy.getexif().get(0x0112, 1) == 1
