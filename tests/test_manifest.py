@@ -642,7 +642,7 @@ def test_batch_name_override(imgs):
 
 
 def test_problem_free_sample_manifests(samples):
-    for name in ("quickstart.yaml", "street-scenes.yaml", "plain.csv"):
+    for name in ("quickstart.yaml", "street-scenes.yaml", "plain.csv", "named-outputs.yaml"):
         m, specs = jobs_of(samples / name)
         assert m.problems == [] and len(specs) >= 2, name
     m, specs = jobs_of(samples / "quickstart.yaml")

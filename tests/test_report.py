@@ -25,7 +25,7 @@ from batchgen.report import build_report, write_report
 from batchgen.simulator import FaultConfig, SimConfig
 
 COLUMNS = [
-    "batch", "key", "seq", "source", "model",
+    "batch", "key", "output_name", "seq", "source", "model",
     "input.frames", "input.image_urls", "input.prompt", "input.seed",
     "meta._tags", "meta._take", "meta.matrix.frames",
     "simulated", "api", "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
