@@ -152,6 +152,8 @@ def run_example(example: Example, here: str) -> str:
     if example.command.startswith("head -2 "):
         path = Path(example.command.split()[-1])
         return "\n".join(path.read_text().splitlines()[:2])
+    if example.command.startswith("ls "):  # a folder's names, one a line, as ls prints to a pipe
+        return "\n".join(sorted(p.name for p in Path(example.command.split()[-1]).iterdir()))
     args = batchgen_args(example.command)
     assert args is not None
     result = CliRunner().invoke(main, args, catch_exceptions=False)
@@ -181,6 +183,10 @@ SCENARIOS = {
         "batchgen status street-scenes",
         "batchgen status --json",
         "batchgen retry street-scenes --simulate -q",
+    ],
+    "output files named by the manifest": [
+        "batchgen run sample_manifests/named-outputs.yaml --simulate -q",
+        "ls jobs/simulated/named-outputs",
     ],
     "cancel what is left": [
         "batchgen run sample_manifests/quickstart.yaml --simulate --max-jobs 2 -q",
