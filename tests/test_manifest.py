@@ -291,19 +291,25 @@ def test_a_default_template_missing_a_column_is_reported_once_at_the_template(im
     assert str(problem).startswith("m.yaml, line 1, field 'prompt': template uses {subject}, which no job defines")
 
 
-def test_a_template_typo_is_reported_at_the_template_once_with_a_suggestion(imgs):
+@pytest.mark.parametrize(("template", "problem"), [
+    ('prompt: "A {mod} fox"', "field 'prompt': template uses {mod}, which no job defines (did you mean 'mood'?); "
+                              "defined: frames, image_urls, mood, prompt, seed"),
+    # The name of the output files is a template like any other.
+    ('output_name: "{mod}_{seed}"', "field 'output_name': template uses {mod}, which no job defines (did you mean "
+                                    "'mood'?); defined: frames, image_urls, mood, output_name, seed"),
+])
+def test_a_template_typo_is_reported_at_the_template_once_with_a_suggestion(imgs, template, problem):
     # Issue 18: `{mod}` for `{mood}` is the template's fault, not any row's.
     write(imgs / "rows.csv", "image,mood\na.jpg,calm\nb.png,wild\na.jpg,dark\n")
-    path = write(imgs / "m.yaml", """
+    path = write(imgs / "m.yaml", f"""
         rows: rows.csv
         defaults:
           frames: 121
-          prompt: "A {mod} fox"
+          {template}
     """)
     m, specs = jobs_of(path)
     assert specs == []
-    assert texts(m) == ["m.yaml, line 4, field 'prompt': template uses {mod}, which no job defines "
-                        "(did you mean 'mood'?); defined: frames, image_urls, mood, prompt, seed"]
+    assert texts(m) == [f"m.yaml, line 4, {problem}"]
 
 
 def test_a_listed_job_without_a_column_the_rows_have_is_that_jobs_problem(imgs):
@@ -856,21 +862,8 @@ def test_a_column_used_only_by_output_name_is_a_note_not_an_unknown_column(imgs)
     """)
     m, specs = jobs_of(path)
     assert m.problems == []
-    assert [(s.output_name, s.meta) for s in specs] == [("fox_wide", {"shot": "wide"}), ("fox_close", {"shot": "close"})]
-
-
-def test_an_output_name_template_typo_is_reported_at_the_template_with_a_suggestion(imgs):
-    write(imgs / "rows.csv", "image,subject\na.jpg,fox\nb.png,owl\n")
-    path = write(imgs / "m.yaml", """
-        rows: rows.csv
-        defaults:
-          prompt: "A {subject}"
-          output_name: "{subjct}_{seed}"
-    """)
-    m, specs = jobs_of(path)
-    assert specs == []
-    assert texts(m) == ["m.yaml, line 4, field 'output_name': template uses {subjct}, which no job defines "
-                        "(did you mean 'subject'?); defined: frames, image_urls, output_name, prompt, seed, subject"]
+    assert [(s.output_name, s.meta) for s in specs] == [("fox_wide", {"shot": "wide"}),
+                                                        ("fox_close", {"shot": "close"})]
 
 
 def test_an_output_name_that_is_no_text_is_a_problem_where_it_is_written(imgs):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from pathlib import Path
 from urllib.parse import quote
 
 import yaml
+from imagefactory import make_image
 from test_gallery import field, gallery_data
 from test_runner import settings
 
@@ -105,7 +107,8 @@ async def test_a_csv_manifest_names_files_and_a_new_name_avoids_every_file_there
     jobs = await recorded(work, "clips")
     names = ["Fox_Take_1", "fox_take_1_2", "_CON", None]
     assert [name for _, name, _ in jobs] == names
-    assert sorted(media(work / "clips")) == sorted(f"{n or key}.mp4" for (key, _, _), n in zip(jobs, names, strict=True))
+    files = [f"{n or key}.mp4" for (key, _, _), n in zip(jobs, names, strict=True)]
+    assert sorted(media(work / "clips")) == sorted(files)
 
     # A file no record names (left by a job forgotten since, or put there by hand) is never
     # written over: a new job's name avoids it too.
@@ -130,8 +133,6 @@ async def test_several_outputs_of_a_named_job_get_an_index(tmp_path, simulator):
     assert name == "fox" and first == "b/fox.mp4"
     # A second output of the same job, to be downloaded (the simulator makes one; the API can
     # make more): recorded as a result would record it, then a run fetches it.
-    import sqlite3
-
     with sqlite3.connect(work / "batchgen.sqlite3") as db:
         url = db.execute("SELECT url FROM outputs").fetchone()[0]
         db.execute("INSERT INTO outputs (job_id, idx, kind, url) SELECT job_id, 1, kind, url FROM outputs")
@@ -144,6 +145,4 @@ async def test_several_outputs_of_a_named_job_get_an_index(tmp_path, simulator):
 
 
 def _image(tmp_path: Path) -> Path:
-    from imagefactory import make_image
-
     return make_image(tmp_path / "in.jpg", 640, 480)
