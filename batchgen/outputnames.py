@@ -36,12 +36,24 @@ EXTENSIONS = frozenset({
 _DEFAULT_EXT = {"video": ".mp4", "image": ".png"}
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
-# ASCII a file name cannot hold somewhere (path separators, Windows' reserved punctuation,
-# control characters) and whitespace (a name is easier to use in a shell without): each run of
-# them becomes one "_".
-_UNSAFE_ASCII = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|\s]+')
-_MARK = "\x00"  # stands for an unsafe non-ASCII character until runs of them become "_"
+_MARK = "\x00"  # stands for an unsafe character until runs of them become one "_"
 _MARKS = re.compile(_MARK + "+")
+
+
+class _Unsafe(dict[int, str]):
+    """A ``str.translate`` table: each character a file name cannot hold somewhere (path
+    separators, Windows' reserved punctuation, Unicode's "other" categories: control, format
+    such as a bidi override or a zero-width space, private, unassigned) or whitespace (a name is
+    easier to use in a shell without) to _MARK, any other to itself. Filled as characters are
+    met: one dictionary look-up per character, in C, instead of a category call."""
+
+    def __missing__(self, code: int) -> str:
+        c = chr(code)
+        self[code] = out = _MARK if c in '/\\:*?"<>|' or unicodedata.category(c)[0] in "CZ" else c
+        return out
+
+
+_UNSAFE = _Unsafe()
 # A name that ends like an output index: "<stem>-<n>" is also the name of <stem>'s output n.
 _NUMBERED = re.compile(r"(.*)-[0-9]+")
 
@@ -102,22 +114,13 @@ def safe_stem(text: str) -> str | None:
     - A Windows device name (``CON``, ``nul.x``, ``COM1``) gets a leading "_".
     - At most MAX_STEM_CHARS characters and MAX_STEM_BYTES bytes of UTF-8.
     """
-    text = unicodedata.normalize("NFC", text.strip())
-    if text.isascii():
-        text = _UNSAFE_ASCII.sub("_", text)
-    else:
-        text = _MARKS.sub("_", "".join(_MARK if _unsafe(c) else c for c in text))
+    text = _MARKS.sub("_", unicodedata.normalize("NFC", text.strip()).translate(_UNSAFE))
     text = _trim(text.lstrip(".-"))
     if not text:
         return None
     if text.split(".")[0].upper() in DEVICE_NAMES:
         text = _trim("_" + text)
     return text
-
-
-def _unsafe(c: str) -> bool:
-    # Other (Cc control, Cf format, Cs, Co, Cn unassigned) and separators (Zs, Zl, Zp).
-    return c in '/\\:*?"<>|' or unicodedata.category(c)[0] in "CZ"
 
 
 def _trim(text: str, room: int = 0) -> str:
