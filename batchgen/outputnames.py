@@ -114,7 +114,10 @@ def safe_stem(text: str) -> str | None:
     - A Windows device name (``CON``, ``nul.x``, ``COM1``) gets a leading "_".
     - At most MAX_STEM_CHARS characters and MAX_STEM_BYTES bytes of UTF-8.
     """
-    text = _MARKS.sub("_", unicodedata.normalize("NFC", text.strip()).translate(_UNSAFE))
+    text = text.strip()
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    text = _MARKS.sub("_", text.translate(_UNSAFE))
     text = _trim(text.lstrip(".-"))
     if not text:
         return None
@@ -127,7 +130,7 @@ def _trim(text: str, room: int = 0) -> str:
     """``text`` cut to the caps less ``room`` characters (and bytes) for a suffix, never inside
     a character; no trailing "." (Windows drops one, so two names would meet)."""
     text = text[:MAX_STEM_CHARS - room]
-    while len(text.encode()) > MAX_STEM_BYTES - room:
+    while not text.isascii() and len(text.encode()) > MAX_STEM_BYTES - room:
         text = text[:-1]
     return text.rstrip(".")
 

@@ -878,6 +878,15 @@ def test_an_output_name_that_is_no_text_is_a_problem_where_it_is_written(imgs):
     assert [s.output_name for s in specs] == ["42"]
 
 
+def test_an_output_name_at_the_top_level_says_where_it_belongs(imgs):
+    path = write(imgs / "m.yaml", """
+        output_name: "{seed}"
+        jobs: [{prompt: a, image: a.jpg}]
+    """)
+    assert texts(load_manifest(path)) == ["m.yaml, line 1, field 'output_name': output_name is a job's value: put it "
+                                          "under defaults (every job), in a job, or in a CSV column"]
+
+
 def test_an_output_name_with_nothing_usable_leaves_the_job_named_by_its_key(imgs):
     path = write(imgs / "m.yaml", """
         defaults: {output_name: "{_tag}"}

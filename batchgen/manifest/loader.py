@@ -16,7 +16,7 @@ from ..errors import ManifestError, Problem
 from ..outputnames import DEVICE_NAMES
 from ..schema import ModelSchema, SchemaError, find_schema
 from .csvread import line_count, row_count
-from .expand import Expansion
+from .expand import OUTPUT_NAME, Expansion
 from .imagerefs import ImageRefs, is_loopback_host
 from .problems import ProblemLog, did_you_mean
 from .spec import JobSpec, Level
@@ -147,7 +147,10 @@ class Manifest:
         self._lines = doc.lines
         data = doc.data
         for key in data:
-            if key not in TOP_KEYS:
+            if key == OUTPUT_NAME:  # a job's value, as a prompt is: where every job gets it
+                self._problem(self._where(key), key, "output_name is a job's value: put it under defaults "
+                              "(every job), in a job, or in a CSV column")
+            elif key not in TOP_KEYS:
                 self._problem(self._where(key), key, f"unknown key{did_you_mean(key, TOP_KEYS)}; "
                               f"allowed: {', '.join(TOP_KEYS)}")
         name = self._read_name(data)
