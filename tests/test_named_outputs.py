@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import yaml
 from imagefactory import make_image
-from test_gallery import field, gallery_data
+from test_gallery import CARDS, VIDEO_STATES, chromium, field, gallery_data, needs_chromium, open_page
 from test_runner import settings
 
 from batchgen import app
@@ -142,6 +142,28 @@ async def test_several_outputs_of_a_named_job_get_an_index(tmp_path, simulator):
                                  settings=settings()))
     assert [paths for _, _, paths in await recorded(work, "b")] == [["b/fox.mp4", "b/fox-1.mp4"]]
     assert sorted(media(work / "b")) == ["fox-1.mp4", "fox.mp4"]
+
+
+@needs_chromium
+async def test_the_gallery_plays_named_files_and_its_search_finds_names(samples, tmp_path):
+    work = tmp_path / "work"
+    await app.run(app.RunOptions(workdir=work, manifest=samples / "named-outputs.yaml",
+                                 target=app.Target(simulate=True), settings=settings()))
+    page_path = await build_gallery(work, "named-outputs")
+    async with chromium(tmp_path / "profile") as cdp:
+        page = await open_page(cdp, page_path.as_uri())
+        await page.wait_for("Array.from(document.querySelectorAll('.card video')).length === 6 && "
+                            "Array.from(document.querySelectorAll('.card video')).every(v => v.readyState >= 1)",
+                            "every named video's metadata")
+        videos = await page.evaluate(VIDEO_STATES)
+        assert sorted(v["src"] for v in videos) == sorted(f"{n}.mp4" for n in SAMPLE_NAMES)
+        assert all(v["error"] is None and v["duration"] > 0 for v in videos), videos
+        names = await page.evaluate("Array.from(document.querySelectorAll('.card .name')).map(e => e.textContent)")
+        assert sorted(names) == sorted(SAMPLE_NAMES)
+        await page.evaluate("(() => { const s = document.getElementById('search'); s.value = 'NIGHT_BUS_2';"
+                            " s.dispatchEvent(new Event('input')); })()")
+        await page.wait_for(f"{CARDS} === 2", "the two cards whose name the search finds")
+        assert page.errors() == []
 
 
 def _image(tmp_path: Path) -> Path:
