@@ -92,6 +92,24 @@ async def test_a_new_template_renames_nothing_recorded_and_submits_nothing_again
     assert sorted(after) == sorted([*(f"{n}.mp4" for n in SAMPLE_NAMES), "121f_a_red_fox.mp4", "241f_a_red_fox.mp4"])
 
 
+async def test_a_new_batch_with_reuse_links_finished_files_under_new_names(samples, tmp_path, simulator):
+    sim = await simulator(duration=0.05)
+    work = tmp_path / "work"
+    path = samples / "named-outputs.yaml"
+    await app.run(run_opts(work, path, sim))
+    path.write_text(path.read_text().replace("{subject}_{seed}_{frames}", "{frames}f_{subject}"))
+    opts = run_opts(work, path, sim)
+    opts.batch, opts.reuse = "named-v2", True
+    again = await app.run(opts)
+    assert again.counts == {"named-v2": {"succeeded": 6}} and sim.calls["submit"] == 6  # nothing paid
+    old, new = media(work / "named-outputs"), media(work / "named-v2")
+    assert sorted(new) == sorted(f"{f}f_{s}{suffix}.mp4" for f in (121, 241) for s, suffix in
+                                 (("a_red_fox", ""), ("a_red_fox", "_2"), ("a_night_bus", "")))
+    # The same files (hard links) under the new names, the old batch's untouched.
+    assert new["121f_a_red_fox_2.mp4"] == old["a_red_fox_1_121_2.mp4"]
+    assert sorted(new.values()) == sorted(old.values())
+
+
 async def test_a_csv_manifest_names_files_and_a_new_name_avoids_every_file_there(tmp_path, simulator):
     sim = await simulator(duration=0.05)
     work = tmp_path / "work"
