@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from . import catalog as catalog_mod
 from . import constants as C
-from . import reuse
+from . import outputnames, reuse
 from . import store as S
 from .catalog import Catalog
 from .client import RunComfyClient
@@ -369,6 +369,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     {"image_base_url": manifest.image_base_url},
                 )
                 keys = [row[0] for row in rows]
+                await _name_outputs(store, folder / manifest.name, manifest.name, rows)
                 new_jobs = await store.add_rows(manifest.name, rows)
                 rows.clear()
                 # The manifest says what the batch is: jobs recorded by an earlier version of it
@@ -403,7 +404,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                 await store.clear_cancel(batches)  # a retry resumes a cancelled batch
                 for job in await store.jobs(batches, opts.retry_states, current=True):
                     # Half-downloaded files of the earlier try are never spliced into a new one.
-                    discard_partials(folder / job.batch, job.key)
+                    discard_partials(folder / job.batch, job.file_stem)
                     if (job.state == S.FAILED and job.request_id is not None
                             and (job.error or "").startswith(S.OUTPUT_LOST)):
                         # Delivered and paid for: fetched again, never submitted again.
@@ -521,6 +522,19 @@ async def _reuse(store: Store, folder: Path, batch: str, link: bool, on_notice: 
     say(f"{batch}: {linked} job(s) reused from other batches (their outputs linked, nothing paid)", False)
 
 
+async def _name_outputs(store: Store, folder: Path, batch: str, rows: list[tuple[Any, ...]]) -> None:
+    """Give the rows (``S.job_row``) that ask for an output name one unique in their batch,
+    in place (outputnames.assign). Nothing to do, and nothing read, for a manifest without names."""
+    if not any(row[6] for row in rows):
+        return
+    names = outputnames.assign(((row[0], row[6]) for row in rows), await store.output_names(batch),
+                               outputnames.stems_in(folder))
+    for i, row in enumerate(rows):
+        name = names.get(row[0])
+        if name != row[6]:
+            rows[i] = (*row[:6], name)
+
+
 async def _forget_legacy_simulated(store: Store, workdir: Path) -> None:
     """A work directory of a batchgen that kept --simulate results in the API's store: the jobs
     the simulator ran there are put back to pending, so that the API runs them (their
@@ -534,7 +548,7 @@ async def _forget_legacy_simulated(store: Store, workdir: Path) -> None:
         if job.request_id in ids and job.api is None:
             await store.requeue(job, "ran on the built-in simulator before batchgen kept simulated "
                                      "results apart: to be run against the API", expect=S.STATES)
-            discard_partials(Path(workdir) / job.batch, job.key)
+            discard_partials(Path(workdir) / job.batch, job.file_stem)
     path.rename(path.with_name(path.name + ".forgotten"))
 
 
@@ -988,7 +1002,7 @@ async def forget(workdir: Path, batch: str, *, states: tuple[str, ...] = (), key
                     f.unlink()
                     plan.files_deleted += 1
             for job in chosen:
-                discard_partials(plan.folder, job.key)
+                discard_partials(plan.folder, job.file_stem)
     finally:
         lock.release()
     return plan

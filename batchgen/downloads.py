@@ -16,8 +16,8 @@ restart loses nothing). Larger outputs stream to their ``.part`` file and are fs
 Contained: only allowed hosts (outputhosts.py), each redirect hop checked; at most
 ``DownloadLimits.max_bytes`` per output, declared or received; a host slower than the least rate
 is left for a later try; bodies asked for unencoded (one sent gzipped anyway is decoded here,
-within the cap); ``.part`` files never written through a symlink; file extensions from a list of
-media types, never whatever a URL ends with.
+within the cap); ``.part`` files never written through a symlink. What files are called
+(extensions from a list of media types, never whatever a URL ends with) is outputnames.py's.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import stat
 import zlib
 from collections.abc import Awaitable, Callable
@@ -44,20 +43,11 @@ from . import crashpoints
 from .durability import fsync_dir, hash_file
 from .errors import DownloadError
 from .outputhosts import AddressRefused, OutputHosts
+from .outputnames import is_partial_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_DEFAULT_EXT = {"video": ".mp4", "image": ".png"}
-# The extensions an output file may get: media a model returns. Any other ending of a URL (.sh,
-# .html, .part, ...) is ignored and the file is named by its kind: a name taken verbatim from an
-# API answer could drop a script, or a file posing as something else, into the batch's folder.
-_EXTENSIONS = frozenset({
-    ".mp4", ".webm", ".mov", ".m4v", ".mkv",
-    ".png", ".jpg", ".jpeg", ".webp", ".gif", ".avif",
-    ".wav", ".mp3", ".m4a", ".ogg", ".flac",
-})
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Outputs are asked for as they are: a gzipped body has a Content-Length of its own and could be
 # a bomb. One sent encoded anyway is decoded here (_decoder), within the size cap.
@@ -93,26 +83,6 @@ class Downloaded:
     sha256: str
     resumed: bool
     durable: bool = True  # False: a small file in place but not flushed (see durability)
-
-
-def output_name(key: str, idx: int, kind: str, url: str) -> str:
-    """Stable file name of a job's output ``idx``: <key>.mp4, <key>-1.mp4, … (extension from
-    the URL when it is one of _EXTENSIONS, else from the kind). One flat folder per batch: a file
-    per output and no folder per job, which also halves the inodes a job costs the file system
-    (on ext4 creating one is the dearest call batchgen makes). Keys are hex, so "<key>-1" cannot
-    be another job's name."""
-    # The URL's path (no query, no fragment, no host), read by hand: urlsplit and a PurePosixPath
-    # per output were a measurable share of a fast batch's time.
-    path = url.partition("?")[0].partition("#")[0]
-    if _SCHEME.match(path):
-        host_and_path = path.partition("//")[2]
-        path = host_and_path[len(host_and_path.partition("/")[0]):]
-    while path.endswith(("/", "/.")):  # as a path: "a/b.mp4/" and "a/b.mp4/." name b.mp4
-        path = path[:-1] if path.endswith("/") else path[:-2]
-    suffix = os.path.splitext(path.rpartition("/")[2])[1].lower()
-    if suffix not in _EXTENSIONS:
-        suffix = _DEFAULT_EXT.get(kind, ".bin")
-    return (key if idx == 0 else f"{key}-{idx}") + suffix
 
 
 def make_session(limit: int = C.DEFAULT_DOWNLOAD_CONCURRENCY,
@@ -373,16 +343,17 @@ def _check_rate(got: int, limits: DownloadLimits) -> None:
                             f"{limits.rate_window:g} s (the least is {limits.min_rate:,.0f}); will try again")
 
 
-def discard_partials(folder: str | os.PathLike[str], key: str) -> None:
-    """Remove a job's partial files (``<key>.mp4.part``, ``<key>-1.png.part``, …): before a
-    job is submitted again its next output is a different file, and resuming an old .part into
-    it would splice two generations into one file under a digest that matches."""
+def discard_partials(folder: str | os.PathLike[str], stem: str) -> None:
+    """Remove a job's partial files (``<stem>.mp4.part``, ``<stem>-1.png.part``, …; ``stem``:
+    ``Job.file_stem``): before a job is submitted again its next output is a different file, and
+    resuming an old .part into it would splice two generations into one file under a digest
+    that matches."""
     try:
         names = os.listdir(folder)
     except FileNotFoundError:
         return
     for name in names:
-        if name.endswith(".part") and (name.startswith(key + ".") or name.startswith(key + "-")):
+        if is_partial_of(name, stem):
             _unlink(os.path.join(folder, name))
 
 

@@ -170,7 +170,9 @@ def _output(out: Output, root: Path, base: Path) -> list[Any]:
 
 
 # The fields of a job's record, in order (the page's script reads them by these positions).
-RECORD_FIELDS = ("key", "seq", "state", "prompt", "settings", "error", "outputs", "inputs", "facts", "run_s")
+# name: the manifest's output_name for the job (None: its files are named by its key).
+RECORD_FIELDS = ("key", "seq", "state", "prompt", "settings", "error", "outputs", "inputs", "facts", "run_s",
+                 "name")
 
 
 def _record(job: Job, outputs: list[Output], image_fields: set[str], root: Path, base: Path,
@@ -192,7 +194,8 @@ def _record(job: Job, outputs: list[Output], image_fields: set[str], root: Path,
     facts.append(job.source)
     return [_t(job.key), job.seq, _t(job.state), _t(prompt) if prompt else None,
             [[_t(k), _t(v)] for k, v in _settings(job, image_fields)], error,
-            [_output(o, root, base) for o in outputs], images, _t(" · ".join(facts)), run_s]
+            [_output(o, root, base) for o in outputs], images, _t(" · ".join(facts)), run_s,
+            _t(job.output_name) if job.output_name else None]
 
 
 # ---- the page ------------------------------------------------------------------------------------

@@ -244,6 +244,19 @@ async def m008_learned_caps(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
+async def m009_output_names(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # The stem of a job's output files when the manifest names them (`output_name`,
+        # outputnames.py); NULL: the job's key, as every job recorded before this was named. Set
+        # once, when the job is first recorded (unique in its batch then), and never updated:
+        # files already downloaded keep their names whatever the manifest says later. No index:
+        # it is read per batch, once per run that records a manifest with names.
+        "ALTER TABLE jobs ADD COLUMN output_name TEXT",
+    )
+
+
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:
     """Apply every migration not yet recorded; return the names applied."""
     migrations = MIGRATIONS if migrations is None else migrations

@@ -41,7 +41,8 @@ T = TypeVar("T")
 JOIN = " | "
 
 # The fixed columns, before and after the input.* and meta.* ones.
-HEAD_COLUMNS = ("batch", "key", "seq", "source", "model")
+# output_name: what its files are called (its key unless the manifest named them; outputnames.py).
+HEAD_COLUMNS = ("batch", "key", "output_name", "seq", "source", "model")
 TAIL_COLUMNS = (
     "simulated", "api", "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
     "queue_wait_s", "run_s", "outputs", "output_paths", "output_sha256", "output_bytes", "cost",
@@ -91,7 +92,7 @@ async def report_chunks(workdir: Path, batch: str, simulated: bool | None = None
 # What each fixed column holds (the kinds of value _row puts there): known from the store's
 # schema, so only the inputs and notes need a look at the jobs.
 _FIXED_KINDS: dict[str, set[type]] = {
-    **{c: {str} for c in ("batch", "key", "source", "model", "api", "request_id", "state", "created_at",
+    **{c: {str} for c in ("batch", "key", "output_name", "source", "model", "api", "request_id", "state", "created_at",
                           "submitted_at", "started_at", "finished_at", "output_paths", "output_sha256", "error",
                           "history")},
     **{c: {int} for c in ("seq", "attempts", "outputs", "output_bytes", "error_code")},
@@ -138,8 +139,8 @@ async def build_report(workdir: Path, batch: str, simulated: bool | None = None)
 
 def _row(job: Job, outputs: list[Output], root: Path, simulated: bool = False,
          earlier: list[Attempt] | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {"batch": job.batch, "key": job.key, "seq": job.seq, "source": job.source,
-                           "model": job.model_id}
+    row: dict[str, Any] = {"batch": job.batch, "key": job.key, "output_name": job.file_stem, "seq": job.seq,
+                           "source": job.source, "model": job.model_id}
     for name, value in sorted(job.inputs.items()):
         row[f"input.{name}"] = _cell(value)
     for name, value in sorted(_flatten(job.meta).items()):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .downloads import output_name
+from .outputnames import file_name
 from .store import Job, Output, Store
 
 # The seed RunComfy's models read as "pick one at random".
@@ -80,7 +80,7 @@ def _place(root: Path, job: Job, outputs: list[Output]) -> list[Output] | None:
                 return None
         except OSError:
             return None
-        name = output_name(job.key, o.idx, o.kind, o.url)
+        name = file_name(job.file_stem, o.idx, o.kind, o.url)
         dst = folder / name
         if not dst.exists():
             try:

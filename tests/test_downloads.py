@@ -10,7 +10,7 @@ from conftest import loopback
 
 from batchgen import constants as C
 from batchgen import downloads as D
-from batchgen.downloads import download, make_session, output_name
+from batchgen.downloads import download, make_session
 from batchgen.errors import DownloadError
 
 BODY = bytes(range(256)) * 1000  # 256,000 bytes
@@ -58,41 +58,22 @@ async def files(request, monkeypatch):
         yield state
 
 
-def test_output_names_are_stable():
-    assert output_name("0123abcd", 0, "video", "https://x/a/b.MP4?sig=1") == "0123abcd.mp4"
-    assert output_name("0123abcd", 2, "image", "https://x/a/noext") == "0123abcd-2.png"
-    # Only the path's last segment counts: not the host, the query or the fragment.
-    assert output_name("k", 0, "video", "https://cdn.example.com") == "k.mp4"
-    assert output_name("k", 0, "video", "https://cdn.example.com/") == "k.mp4"
-    assert output_name("k", 0, "image", "https://h/x.v2/file?name=a.jpg#b.gif") == "k.png"
-    assert output_name("k", 0, "image", "https://h/a/b.webp#frag") == "k.webp"
-    assert output_name("k", 0, "video", "https://h/a/b.mp4.part") == "k.mp4"  # .part: not a media type
-    assert output_name("k", 0, "video", "https://h/a/.hidden") == "k.mp4"
-    assert output_name("k", 0, "video", "https://h/a/b.") == "k.mp4"
-    assert output_name("k", 0, "video", "https://h/a/b.toolong7") == "k.mp4"
-    assert output_name("k", 1, "video", "/relative/clip.MOV") == "k-1.mov"
-    assert output_name("k", 0, "image", "https://h/a/b.webp/") == "k.webp"  # as a path would read
-    assert output_name("k", 0, "image", "https://h/a/b.webp/.") == "k.webp"
-    assert output_name("k", 0, "video", "ftp://files.example.com") == "k.mp4"  # a host is no name
-
-
-@pytest.mark.parametrize("ending", [".sh", ".html", ".exe", ".py", ".desktop", ".svg", ".mp4.sh", ".part"])
-def test_an_output_extension_comes_from_the_media_list_never_from_the_url(ending):
-    assert output_name("k", 0, "video", f"https://h/out/evil{ending}?x=1") == "k.mp4"
-    assert output_name("k", 1, "image", f"https://h/out/evil{ending}") == "k-1.png"
-
-
-@pytest.mark.parametrize("ext", [".webm", ".mov", ".jpg", ".jpeg", ".gif", ".webp", ".wav", ".mp3"])
-def test_media_extensions_are_kept(ext):
-    assert output_name("k", 0, "video", f"https://h/out/clip{ext.upper()}") == f"k{ext}"
-
-
 def test_partials_of_one_job_are_discarded_and_nothing_else(tmp_path):
     for name in ("k1.mp4.part", "k1-1.png.part", "k1.mp4", "k2.mp4.part", "k10.mp4.part", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     D.discard_partials(tmp_path, "k1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k1.mp4", "k10.mp4.part", "k2.mp4.part", "notes.txt"]
     D.discard_partials(tmp_path / "missing", "k1")  # no folder yet: nothing to do
+
+
+def test_partials_of_a_named_job_are_its_own_exactly(tmp_path):
+    # Names from output_name may hold dots and dashes: only "<stem>[-<n>].<media>.part" is its.
+    names = ("cat.mp4.part", "cat-2.png.part", "cat.v2.mp4.part", "cat-x.mp4.part", "cat_2.mp4.part",
+             "Cat.mp4.part", "cat.txt.part", "cat.mp4")
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    D.discard_partials(tmp_path, "cat")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {"cat.mp4.part", "cat-2.png.part"})
 
 
 async def test_whole_file_with_digest(files, tmp_path):

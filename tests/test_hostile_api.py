@@ -365,7 +365,7 @@ async def _recorded(path, jobs: list[dict], model_id: str = DEFAULT_MODEL) -> No
     (without the validation, which would refuse what these tests want the API to refuse)."""
     async with await Store.open(path) as store:
         await store.upsert_batch("b", model_id, None, {})
-        await store.add_rows("b", [(f"k{i}", i, model_id, f"row {i}", json.dumps(inputs), "{}")
+        await store.add_rows("b", [(f"k{i}", i, model_id, f"row {i}", json.dumps(inputs), "{}", None)
                                    for i, inputs in enumerate(jobs)])
 
 

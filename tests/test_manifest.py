@@ -310,19 +310,25 @@ def test_a_default_template_missing_a_column_is_reported_once_at_the_template(im
     assert str(problem).startswith("m.yaml, line 1, field 'prompt': template uses {subject}, which no job defines")
 
 
-def test_a_template_typo_is_reported_at_the_template_once_with_a_suggestion(imgs):
+@pytest.mark.parametrize(("template", "problem"), [
+    ('prompt: "A {mod} fox"', "field 'prompt': template uses {mod}, which no job defines (did you mean 'mood'?); "
+                              "defined: frames, image_urls, mood, prompt, seed"),
+    # The name of the output files is a template like any other.
+    ('output_name: "{mod}_{seed}"', "field 'output_name': template uses {mod}, which no job defines (did you mean "
+                                    "'mood'?); defined: frames, image_urls, mood, output_name, seed"),
+])
+def test_a_template_typo_is_reported_at_the_template_once_with_a_suggestion(imgs, template, problem):
     # Issue 18: `{mod}` for `{mood}` is the template's fault, not any row's.
     write(imgs / "rows.csv", "image,mood\na.jpg,calm\nb.png,wild\na.jpg,dark\n")
-    path = write(imgs / "m.yaml", """
+    path = write(imgs / "m.yaml", f"""
         rows: rows.csv
         defaults:
           frames: 121
-          prompt: "A {mod} fox"
+          {template}
     """)
     m, specs = jobs_of(path)
     assert specs == []
-    assert texts(m) == ["m.yaml, line 4, field 'prompt': template uses {mod}, which no job defines "
-                        "(did you mean 'mood'?); defined: frames, image_urls, mood, prompt, seed"]
+    assert texts(m) == [f"m.yaml, line 4, {problem}"]
 
 
 def test_a_listed_job_without_a_column_the_rows_have_is_that_jobs_problem(imgs):
@@ -661,7 +667,7 @@ def test_batch_name_override(imgs):
 
 
 def test_problem_free_sample_manifests(samples):
-    for name in ("quickstart.yaml", "street-scenes.yaml", "plain.csv"):
+    for name in ("quickstart.yaml", "street-scenes.yaml", "plain.csv", "named-outputs.yaml"):
         m, specs = jobs_of(samples / name)
         assert m.problems == [] and len(specs) >= 2, name
     m, specs = jobs_of(samples / "quickstart.yaml")
@@ -838,3 +844,74 @@ def test_ordinary_aliases_are_welcome(imgs):
     path.write_text(f"defaults: &base {{image: a.jpg, {notes}}}\njobs:\n" + jobs)
     m, specs = jobs_of(path)
     assert m.problems == [] and len(specs) == 12_000 and specs[-1].meta["_n9"] == 9
+
+
+# ---- output_name: what the files are called -----------------------------------------------------
+
+
+def test_output_name_from_defaults_a_job_or_a_column_is_no_input_and_no_part_of_the_key(imgs):
+    write(imgs / "rows.csv", "image,subject,seed,output_name\na.jpg,red fox,1,\nb.png,owl,2,my/owl\n")
+    path = write(imgs / "m.yaml", """
+        defaults:
+          prompt: "A {subject}"
+          output_name: "{subject}_{seed}_{frames}"
+        jobs:
+          - {image: a.jpg, subject: hare, seed: 3, output_name: "hare {seed:03d}"}
+          - {image: a.jpg, subject: lynx, seed: 4}
+        rows: rows.csv
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    # Made safe (whitespace, a path separator); the model's default frames count as a variable.
+    assert [s.output_name for s in specs] == ["hare_003", "lynx_4_121", "red_fox_1_121", "my_owl"]
+    assert all("output_name" not in s.inputs and "output_name" not in s.meta for s in specs)
+    # The same jobs without names have the same keys: a name never makes a job new.
+    plain = write(imgs / "plain.yaml", path.read_text().replace("output_name", "_unused_note"))
+    write(imgs / "rows.csv", "image,subject,seed,_unused_note\na.jpg,red fox,1,\nb.png,owl,2,my/owl\n")
+    _, unnamed = jobs_of(plain)
+    assert [s.key for s in unnamed] == [s.key for s in specs]
+    assert [s.output_name for s in unnamed] == [None] * 4
+
+
+def test_a_column_used_only_by_output_name_is_a_note_not_an_unknown_column(imgs):
+    write(imgs / "rows.csv", "image,shot\na.jpg,wide\nb.png,close\n")
+    path = write(imgs / "m.yaml", """
+        defaults: {prompt: "A fox", output_name: "fox_{shot}"}
+        rows: rows.csv
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == []
+    assert [(s.output_name, s.meta) for s in specs] == [("fox_wide", {"shot": "wide"}),
+                                                        ("fox_close", {"shot": "close"})]
+
+
+def test_an_output_name_that_is_no_text_is_a_problem_where_it_is_written(imgs):
+    path = write(imgs / "m.yaml", """
+        jobs:
+          - {prompt: a, image: a.jpg, output_name: [x, y]}
+          - {prompt: b, image: a.jpg, output_name: 42}
+    """)
+    m, specs = jobs_of(path)
+    assert texts(m) == ["m.yaml, line 2, field 'output_name': must be a text such as \"{subject}_{seed}\" "
+                        "(the name of the job's output files, without extension)"]
+    assert [s.output_name for s in specs] == ["42"]
+
+
+def test_an_output_name_at_the_top_level_says_where_it_belongs(imgs):
+    path = write(imgs / "m.yaml", """
+        output_name: "{seed}"
+        jobs: [{prompt: a, image: a.jpg}]
+    """)
+    assert texts(load_manifest(path)) == ["m.yaml, line 1, field 'output_name': output_name is a job's value: put it "
+                                          "under defaults (every job), in a job, or in a CSV column"]
+
+
+def test_an_output_name_with_nothing_usable_leaves_the_job_named_by_its_key(imgs):
+    path = write(imgs / "m.yaml", """
+        defaults: {output_name: "{_tag}"}
+        jobs:
+          - {prompt: a, image: a.jpg, _tag: "..."}
+          - {prompt: b, image: a.jpg, _tag: ""}
+    """)
+    m, specs = jobs_of(path)
+    assert m.problems == [] and [s.output_name for s in specs] == [None, None]

@@ -99,3 +99,16 @@ async def test_an_old_store_gains_the_api_column_with_its_jobs_unmarked(tmp_path
     async with await Store.open(path, api=SIMULATOR_API) as store:
         (job,) = await store.jobs(["b"])
         assert job.api is None and job.request_id == "r"  # submitted before batchgen kept track
+
+
+async def test_jobs_recorded_before_m009_keep_their_key_as_their_name(tmp_path):
+    path = tmp_path / "s.sqlite3"
+    before = [m.__name__ for m in MIGRATIONS].index("m009_output_names")
+    async with aiosqlite.connect(path, isolation_level=None) as db:
+        await migrate(db, MIGRATIONS[:before])
+        await db.execute("INSERT INTO batches (name, model_id, created_at, updated_at) VALUES ('b', 'm', 0, 0)")
+        await db.execute("INSERT INTO jobs (batch, key, seq, model_id, inputs_json, state, created_at, "
+                         "updated_at) VALUES ('b', '0123456789abcdef', 0, 'm', '{}', 'succeeded', 0, 0)")
+    async with await Store.open(path) as store:
+        (job,) = await store.jobs(["b"])
+        assert job.output_name is None and job.file_stem == "0123456789abcdef"  # its files: as named then

@@ -153,6 +153,8 @@ def run_example(example: Example, here: str) -> str:
     if example.command.startswith("head -2 "):
         path = Path(example.command.split()[-1])
         return "\n".join(path.read_text().splitlines()[:2])
+    if example.command.startswith("ls "):  # a folder's names, one a line, as ls prints to a pipe
+        return "\n".join(sorted(p.name for p in Path(example.command.split()[-1]).iterdir()))
     args = batchgen_args(example.command)
     assert args is not None
     result = CliRunner().invoke(main, args, catch_exceptions=False)
@@ -207,6 +209,10 @@ SCENARIOS: dict[str, list[Any]] = {
         "batchgen validate shots.yaml --fix",
         "batchgen validate shots.yaml --fix --fix-ratio pad",
         "batchgen run shots.yaml --simulate --fix-images --fix-ratio pad -q",
+    ],
+    "output files named by the manifest": [
+        "batchgen run sample_manifests/named-outputs.yaml --simulate -q",
+        "ls jobs/simulated/named-outputs",
     ],
     "cancel what is left": [
         "batchgen run sample_manifests/quickstart.yaml --simulate --max-jobs 2 -q",

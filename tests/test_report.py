@@ -26,7 +26,7 @@ from batchgen.report import build_report, write_report
 from batchgen.simulator import FaultConfig, SimConfig
 
 COLUMNS = [
-    "batch", "key", "seq", "source", "model",
+    "batch", "key", "output_name", "seq", "source", "model",
     "input.frames", "input.image_urls", "input.prompt", "input.seed",
     "meta._tags", "meta._take", "meta.matrix.frames",
     "simulated", "api", "request_id", "state", "attempts", "created_at", "submitted_at", "started_at", "finished_at",
@@ -248,7 +248,7 @@ async def test_a_reader_that_goes_away_stops_the_report_quietly(mixed):
     proc = subprocess.Popen([sys.executable, "-m", "batchgen.cli", "report", "quickstart", "--workdir", str(mixed),  # noqa: ASYNC220 - nothing else runs in this loop
                              "-o", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
-    assert proc.stdout.readline().startswith(b"batch,key,seq,")
+    assert proc.stdout.readline().startswith(b"batch,key,")
     proc.stdout.close()
     try:
         err = proc.stderr.read().decode()

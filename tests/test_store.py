@@ -5,6 +5,8 @@ the group commit in test_store_engine.py, migrations in test_migrations.py."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import Spec, add_jobs, claim_one, events
 
@@ -153,10 +155,27 @@ async def test_a_claim_records_the_api_and_a_retry_forgets_it(tmp_path):
 
 async def test_a_job_done_or_at_the_provider_keeps_the_inputs_it_was_sent_with(store):
     await store.upsert_batch("b", "m", None, {})
-    await store.add_rows("b", [("k1", 0, "m", "", '{"image":"old"}', "{}"),
-                               ("k2", 1, "m", "", '{"image":"old"}', "{}")])
+    await store.add_rows("b", [("k1", 0, "m", "", '{"image":"old"}', "{}", None),
+                               ("k2", 1, "m", "", '{"image":"old"}', "{}", None)])
     (done, waiting) = await store.jobs(["b"])
     await store.transition(done, S.SUCCEEDED)
-    assert await store.add_rows("b", [("k1", 0, "m", "", '{"image":"new"}', "{}"),
-                                      ("k2", 1, "m", "", '{"image":"new"}', "{}")]) == 0
+    assert await store.add_rows("b", [("k1", 0, "m", "", '{"image":"new"}', "{}", None),
+                                      ("k2", 1, "m", "", '{"image":"new"}', "{}", None)]) == 0
     assert [j.inputs for j in await store.jobs(["b"])] == [{"image": "old"}, {"image": "new"}]
+
+
+async def test_an_output_name_is_fixed_when_the_job_is_first_recorded(store):
+    await store.upsert_batch("b", "m", None, {})
+    await store.add_rows("b", [("k1", 0, "m", "", "{}", "{}", "fox_1"), ("k2", 1, "m", "", "{}", "{}", None)])
+    # Recorded again with other names (a template changed): done or not, nothing is renamed.
+    assert await store.add_rows("b", [("k1", 0, "m", "", "{}", "{}", "renamed"),
+                                      ("k2", 1, "m", "", "{}", "{}", "renamed_too"),
+                                      ("k3", 2, "m", "", "{}", "{}", "new_one")]) == 1
+    jobs = await store.jobs(["b"])
+    assert [(j.key, j.output_name, j.file_stem) for j in jobs] == [
+        ("k1", "fox_1", "fox_1"), ("k2", None, "k2"), ("k3", "new_one", "new_one")]
+    claimed = await store.claim_many(["b"], time.time(), 3)  # every way a job is read carries it
+    assert sorted(j.file_stem for j in claimed) == ["fox_1", "k2", "new_one"]
+    assert (await store.job(jobs[0].id)).output_name == "fox_1"
+    assert await store.output_names("b") == {"k1": "fox_1", "k2": None, "k3": "new_one"}
+    assert await store.output_names("other") == {}

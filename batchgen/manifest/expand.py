@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import Problem
 from ..jobkeys import canonical_json, job_key_of_json
+from ..outputnames import safe_stem
 from .csvread import CsvRows, header_of
 from .imagerefs import IMAGE_ALIASES, is_image_name, listify
 from .problems import ProblemLog, did_you_mean
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from .loader import Manifest
 
 Combo = tuple[dict[str, Any], dict[str, Any]]  # a matrix combination: as written, and normalized
+# The key (in defaults, a job, a CSV column) that names a job's output files: never sent, not
+# part of the key (outputnames.py).
+OUTPUT_NAME = "output_name"
+_BAD = object()  # an output_name that is no text: reported, the job not made
 
 
 class Expansion:
@@ -101,11 +106,12 @@ class Expansion:
             value = rendered.get(name)
             if type(value) is str or type(value) is float:
                 rendered[name] = coerce(t, value)
+        output_name = self._output_name(rendered.pop(OUTPUT_NAME, None), level, own, combo)
         # With a template broken, a key no template used may be the variable it meant: not
         # reported as unknown until the template is fixed.
         inputs, meta = self._split(rendered, used, level, own, combo, report=not broken)
         local_files, key_inputs = self._resolve_images(inputs, level, own, combo)
-        if broken or any(isinstance(v, Invalid) for v in merged.values()):
+        if broken or output_name is _BAD or any(isinstance(v, Invalid) for v in merged.values()):
             # A template that cannot be filled, a cell that did not cast, a value that cannot be
             # sent: reported, with the job's other problems found above; but a job with a value
             # nobody meant is not worth checking further.
@@ -120,7 +126,22 @@ class Expansion:
         key_json = inputs_json if key_inputs is inputs else canonical_json(key_inputs)
         key = job_key_of_json(self.model_json, key_json, rep)
         return JobSpec(self.manifest.name, self.manifest.model_id, key, seq, f"{level.file}, {level.location}",
-                       inputs, meta, local_files, inputs_json)
+                       inputs, meta, local_files, inputs_json,
+                       output_name if isinstance(output_name, str) else None)
+
+    def _output_name(self, value: Any, level: Level, own: dict[str, Any],
+                     combo: dict[str, Any]) -> str | None | object:
+        """The job's ``output_name`` (its template already filled) made a safe file name stem;
+        None: not given, or nothing usable left (its key names it); _BAD: not text (reported)."""
+        if value is None or isinstance(value, Invalid):
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            origin = level if OUTPUT_NAME in own else self.manifest.top_level(
+                "matrix" if OUTPUT_NAME in combo else "defaults")
+            self._at(origin, OUTPUT_NAME, "must be a text such as \"{subject}_{seed}\" (the name of the "
+                     "job's output files, without extension)", once=origin.csv or OUTPUT_NAME not in own)
+            return _BAD
+        return safe_stem(str(value))
 
     def _render(self, merged: dict[str, Any], level: Level, own: dict[str, Any],
                 combo: dict[str, Any]) -> tuple[dict[str, Any], set[str], bool]:

@@ -13,9 +13,10 @@ from urllib.parse import urlsplit
 
 from ..constants import DEFAULT_MAX_EXPAND, DEFAULT_MODEL, WORKDIR_FILES
 from ..errors import ManifestError, Problem
+from ..outputnames import DEVICE_NAMES
 from ..schema import ModelSchema, SchemaError, find_schema
 from .csvread import line_count, row_count
-from .expand import Expansion
+from .expand import OUTPUT_NAME, Expansion
 from .imagerefs import ImageRefs, is_loopback_host
 from .problems import ProblemLog, did_you_mean
 from .spec import JobSpec, Level
@@ -24,8 +25,6 @@ from .yamlread import YamlDoc, YamlUnreadable, read_yaml
 
 TOP_KEYS = ("name", "model", "schema", "image_base_url", "defaults", "jobs", "rows", "matrix", "repeat")
 _BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-# Names Windows keeps for devices, with any extension: a folder cannot have them.
-_DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
 
 
 def batch_name_problem(name: str) -> str | None:
@@ -38,7 +37,7 @@ def batch_name_problem(name: str) -> str | None:
     if name.lower() in WORKDIR_FILES:
         return (f"batch name '{name}' is reserved: batchgen keeps a file or folder of that name in the work directory; "
                 "choose another name")
-    if name.split(".")[0].upper() in _DEVICE_NAMES:
+    if name.split(".")[0].upper() in DEVICE_NAMES:  # a folder cannot have them either
         return f"batch name '{name}' is a device name on Windows and cannot be a folder there; choose another name"
     return None
 
@@ -148,7 +147,10 @@ class Manifest:
         self._lines = doc.lines
         data = doc.data
         for key in data:
-            if key not in TOP_KEYS:
+            if key == OUTPUT_NAME:  # a job's value, as a prompt is: where every job gets it
+                self._problem(self._where(key), key, "output_name is a job's value: put it under defaults "
+                              "(every job), in a job, or in a CSV column")
+            elif key not in TOP_KEYS:
                 self._problem(self._where(key), key, f"unknown key{did_you_mean(key, TOP_KEYS)}; "
                               f"allowed: {', '.join(TOP_KEYS)}")
         name = self._read_name(data)

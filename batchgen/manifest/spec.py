@@ -20,6 +20,9 @@ class JobSpec:
     meta: dict[str, Any]
     local_files: dict[str, str] = field(default_factory=dict)  # input URL -> file on disk
     inputs_json: str | None = None  # the inputs in canonical JSON, as recorded (None: not made yet)
+    # Its output_name filled and made safe (outputnames.safe_stem), not yet unique in its batch;
+    # None: its files are named by its key. Not part of the key.
+    output_name: str | None = None
 
 
 @dataclass

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 from .. import crashpoints
 from ..client import Result
-from ..downloads import download, output_name
+from ..downloads import download
 from ..durability import BOOT_ID
 from ..errors import APIError, BatchgenError, DownloadError
+from ..outputnames import file_name
 from ..retry import Call, Decision, classify
 from ..store import CANCELLED, DOWNLOADING, FAILED, OUTPUT_LOST, SUCCEEDED, Job, Output
 from .core import Fatal, RunCore
@@ -109,7 +110,7 @@ class Collecting(RunCore):
             for n, out in enumerate(todo, 1):
                 tries = 0
                 while True:
-                    name = output_name(job.key, out.idx, out.kind, out.url)
+                    name = file_name(job.file_stem, out.idx, out.kind, out.url)
                     dest = os.path.join(folder, name)
                     try:
                         got = await download(

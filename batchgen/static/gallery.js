@@ -13,7 +13,9 @@
     for (var i = 0; i < chunk.length; i++) { jobs.push(chunk[i]); }
   });
   // Lower-cased once: a search runs over 100,000 of these in milliseconds.
-  var haystack = jobs.map(function (j) { return ((j[F.prompt] || '') + '\n' + j[F.key]).toLowerCase(); });
+  var haystack = jobs.map(function (j) {
+    return ((j[F.prompt] || '') + '\n' + j[F.key] + '\n' + (j[F.name] || '')).toLowerCase();
+  });
   var CARD_H = 440, GAP = 16, MIN_W = 300, BUFFER_ROWS = 2;
   var buttons = Array.prototype.slice.call(document.querySelectorAll('.filters button'));
   var search = document.getElementById('search');
@@ -67,6 +69,7 @@
     head.appendChild(el('span', 'badge state-' + job[F.state], job[F.state]));
     if (config.simulated) { head.appendChild(el('span', 'badge sim', 'simulated')); }
     head.appendChild(el('span', 'seq', '#' + (job[F.seq] + 1)));
+    if (job[F.name]) { head.appendChild(el('code', 'name', job[F.name])); }
     head.appendChild(el('code', 'key', job[F.key]));
     body.appendChild(head);
     if (inputs.length) {

@@ -83,7 +83,7 @@ class Job:
     submitted_at: float | None
     started_at: float | None
     finished_at: float | None
-    _: KW_ONLY  # from_row fills the fields above from one *row, these two by name
+    _: KW_ONLY  # from_row fills the fields above from one *row, these by name
     # ``inputs`` as recorded: JSON text, which a submit sends as it is (None: not read from the
     # store, as in a job built by hand).
     inputs_json: str | None = None
@@ -94,6 +94,14 @@ class Job:
     attempts_before: int = 0
     # When its spec left the manifest (None: still in it). See m007.
     retired_at: float | None = None
+    # The stem of its files from the manifest's output_name, fixed when it was recorded (None:
+    # its key). See outputnames.py and m009.
+    output_name: str | None = None
+
+    @property
+    def file_stem(self) -> str:
+        """What its output files are called, before ``-1`` and the extension (outputnames.py)."""
+        return self.output_name or self.key
 
     @property
     def round_attempts(self) -> int:
@@ -103,10 +111,10 @@ class Job:
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Job:
         (id_, batch, key, seq, model_id, source, inputs_json, meta_json, *rest, api, before,
-         retired_at) = row
+         retired_at, output_name) = row
         return cls(id_, batch, key, seq, model_id, source, json.loads(inputs_json),
                    json.loads(meta_json), *rest, inputs_json=inputs_json, api=api,
-                   attempts_before=before, retired_at=retired_at)
+                   attempts_before=before, retired_at=retired_at, output_name=output_name)
 
 
 @dataclass

@@ -29,11 +29,13 @@ from .models import OVERDUE, TERMINAL, Attempt, Batch, Job, Output
 
 def job_row(spec: Any) -> tuple[Any, ...]:
     """A manifest.JobSpec as the compact row ``Store.add_rows`` records: (key, seq, model_id,
-    source, inputs JSON, notes JSON). Strings, not dicts: a 100,000-job manifest is held this way
-    between validation and recording. Inputs and notes are in the manifest's canonical JSON (the
-    text job keys hash)."""
+    source, inputs JSON, notes JSON, output name or None). Strings, not dicts: a 100,000-job
+    manifest is held this way between validation and recording. Inputs and notes are in the
+    manifest's canonical JSON (the text job keys hash). The output name is the one the manifest
+    asks for: ``app`` makes it unique in its batch (outputnames.NameBook) before recording."""
     inputs_json = spec.inputs_json if getattr(spec, "inputs_json", None) else canonical_json(spec.inputs)
-    return (spec.key, spec.seq, spec.model_id, spec.source, inputs_json, canonical_json(spec.meta))
+    return (spec.key, spec.seq, spec.model_id, spec.source, inputs_json, canonical_json(spec.meta),
+            getattr(spec, "output_name", None))
 
 
 class Store(Protocol):
@@ -88,7 +90,13 @@ class Store(Protocol):
     async def add_rows(self, batch: str, rows: Iterable[tuple[Any, ...]]) -> int:
         """Record rows (``job_row``) as pending jobs of ``batch``; return how many were new.
         Idempotent on (batch, key): a known key is not added again, but a known job in
-        ``REFRESHABLE`` takes the row's inputs. Memory stays flat for any number of rows."""
+        ``REFRESHABLE`` takes the row's inputs (never its output name: that is fixed when the
+        job is first recorded). Memory stays flat for any number of rows."""
+        ...
+
+    async def output_names(self, batch: str) -> dict[str, str | None]:
+        """Every job of ``batch`` (retired ones too): key -> its recorded output name (None: it
+        is named by its key)."""
         ...
 
     async def retire_missing(self, batch: str, keys: Iterable[str]) -> tuple[int, int]:

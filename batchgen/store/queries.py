@@ -179,6 +179,10 @@ class StoreReads:
                 found.update(r[0] for r in await cur.fetchall())
         return found
 
+    async def output_names(self, batch: str) -> dict[str, str | None]:
+        rows = await self._db.execute_fetchall("SELECT key, output_name FROM jobs WHERE batch = ?", (batch,))
+        return {key: name for key, name in rows}
+
     async def next_pending_at(self, batches: Sequence[str] | None) -> float | None:
         """When the earliest pending job may be tried (0 for now), or None if none is pending."""
         where, args = filters(batches, [PENDING])

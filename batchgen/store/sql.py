@@ -14,7 +14,7 @@ from .models import OVERDUE, Job
 JOB_COLUMNS = (
     "id, batch, key, seq, model_id, source, inputs_json, meta_json, state, attempts, request_id, "
     "queue_position, error, error_code, cost, not_before, created_at, updated_at, submitted_at, "
-    "started_at, finished_at, api, attempts_before, retired_at"
+    "started_at, finished_at, api, attempts_before, retired_at, output_name"
 )
 # Columns a transition may set besides state.
 SETTABLE = {

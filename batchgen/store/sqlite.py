@@ -129,7 +129,8 @@ class SqliteStore(StoreReads, Transitions, Store):
         A job already recorded that is not at the provider nor done (REFRESHABLE) takes the
         inputs the manifest now gives: the same key is the same generation (a local file is
         keyed by its content), but how it is sent (image_base_url, or inline) may have been
-        fixed since, and its next submit or retry sends what the manifest says now."""
+        fixed since, and its next submit or retry sends what the manifest says now. Its output
+        name stays: a name is fixed when the job is first recorded (outputnames.py)."""
         added = 0
         now = time.time()
         chunk: list[tuple[Any, ...]] = []
@@ -146,8 +147,8 @@ class SqliteStore(StoreReads, Transitions, Store):
                 before = db.total_changes
                 await db.executemany(
                     """INSERT OR IGNORE INTO jobs (batch, key, seq, model_id, source, inputs_json,
-                           meta_json, state, created_at, updated_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)""",
+                           meta_json, output_name, state, created_at, updated_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)""",
                     chunk,
                 )
                 added += db.total_changes - before
