@@ -3,9 +3,16 @@ status, plan, models, config files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -365,6 +372,56 @@ def test_concurrency_auto_in_the_config_file(samples):
 def test_simulate_offers_the_account_knobs():
     out = cli("simulate", "--help").output
     assert "--max-queued" in out and "--duration-jitter" in out
+
+
+def test_simulate_help_lists_every_fault():
+    from batchgen.simulator.faults import FAULTS, OUTCOMES
+
+    out = cli("simulate", "--help").output
+    faults = out[out.index("Faults (--fault"):]
+    assert all(f"  {f.name}={f.value}" in faults for f in FAULTS), faults
+    assert all(o in faults for o in OUTCOMES)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_simulate_stops_on_a_signal_with_exit_0_and_one_line(sig):
+    """Ctrl-C (or SIGTERM) is how a standalone simulator is meant to stop: exit 0, one line,
+    nothing from aiohttp about the request it cut short (a status call held by a slow fault)."""
+    sim = subprocess.Popen([sys.executable, "-m", "batchgen.cli", "simulate", "--port", "0",
+                            "--fault", "script.status=slow", "--fault", "slow_seconds=60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sim.stderr is not None
+        listening = sim.stderr.readline()
+        base = re.search(r"http://\S+/v1", listening)
+        assert base, listening
+        held = threading.Thread(target=_ask_quietly, args=(f"{base[0]}/requests/r1/status",), daemon=True)
+        held.start()
+        _wait_for_call(base[0].removesuffix("/v1") + "/_sim/requests", "status")
+        sim.send_signal(sig)
+        out, err = sim.communicate(timeout=30)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.communicate()
+    assert sim.returncode == 0, err
+    assert out == "" and err == f"simulator stopped ({sig.name})\n"
+
+
+def _ask_quietly(url: str) -> None:
+    with contextlib.suppress(OSError):  # the simulator stops under it
+        urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer t"}), timeout=60)
+
+
+def _wait_for_call(url: str, endpoint: str) -> None:
+    """Until the simulator has counted a call to ``endpoint`` (it counts on arrival)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            if json.load(answer)["calls"].get(endpoint):
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"no {endpoint} call reached the simulator")
 
 
 @pytest.mark.parametrize("command", [["report", "b", "-o", "-"], ["gallery", "b"], ["forget", "b", "--yes"]])

@@ -50,6 +50,9 @@ INVALID_INPUT = (422, 422001)
 CATALOG_DIR = Path(__file__).parent / "catalog"
 # What GET /prod/v2/balance reports for an unlimited wallet (no --balance).
 UNLIMITED_BALANCE = 1_000_000.0
+# How long a stopping simulator lets the requests under way finish before it cuts them (aiohttp
+# waits 60 s): a slow fault or an endless body would otherwise hold a Ctrl-C that long.
+SHUTDOWN_GRACE = 1.0
 # Entries the malformed fault adds to a catalog page: not mappings, ids of the wrong type, a
 # schema that is not an object, and one whose schema is an object but not a usable one.
 MALFORMED_ENTRIES: list[Any] = [
@@ -216,7 +219,7 @@ class Simulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._load_state()
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -892,15 +895,16 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts is not None else None
 
 
-async def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8787, ready: Any = None) -> None:
-    """Run a simulator until cancelled (``batchgen simulate``). ``ready(sim)`` is called once it
-    listens, e.g. to print its URL."""
+async def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8787, ready: Any = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Run a simulator until ``stop`` is set, or cancelled (``batchgen simulate``). ``ready(sim)``
+    is called once it listens, e.g. to print its URL."""
     sim = Simulator(config)
     await sim.start(host, port)
     if ready is not None:
         ready(sim)
     try:
-        await asyncio.Event().wait()
+        await (stop or asyncio.Event()).wait()
     finally:
         await sim.stop()
 
