@@ -33,7 +33,7 @@ from .errors import (
     UsageError,
 )
 from .progress import LineLog, Panel, RepeatedNotices, stderr_is_tty
-from .runner import Event, RunSettings, StopReason
+from .runner import Event, RunSettings, RunSummary, StopReason
 from .text import printable
 from .workdir import realm
 
@@ -418,25 +418,31 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     view = _RunView(kw["quiet"], kw["verbose"], kw["log_format"], log_file)
     _tune_gc()
     outcome = _run_async(_run_with_signals(opts, view))
-    summary = outcome.summary
     _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]),
                        realm(kw["workdir"], kw["simulate"]), kw["log_format"])
+    code, error = run_exit(outcome.summary, outcome.counts)
+    if error is not None:
+        _fail(error, code)
+    sys.exit(code)
+
+
+def run_exit(summary: RunSummary, counts: dict[str, dict[str, int]]) -> tuple[int, str | None]:
+    """A finished run's exit code (EXIT_*), and the error line that goes with it, if any."""
     if summary.account_error:
-        _fail(summary.account_error, EXIT_ACCOUNT)
+        return EXIT_ACCOUNT, summary.account_error
     if summary.stop_reason is StopReason.REFUSED:
-        _fail(summary.stop_message or "the API refuses every job", EXIT_REFUSED)
+        return EXIT_REFUSED, summary.stop_message or "the API refuses every job"
     if summary.stop_reason is StopReason.OUTAGE:
-        _fail(summary.stop_message or "the API is unreachable", EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED, summary.stop_message or "the API is unreachable"
     if summary.stop_reason is not None and summary.stop_reason.resumable:
-        sys.exit(EXIT_INTERRUPTED)
-    bad = sum(n for b in outcome.counts.values() for s, n in b.items()
+        return EXIT_INTERRUPTED, None
+    bad = sum(n for b in counts.values() for s, n in b.items()
               if s in (S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE))
     # Overdue jobs are not "run again to go on": they wait for the provider (a later run follows them).
-    unfinished = sum(n for b in outcome.counts.values() for s, n in b.items()
-                     if s not in S.TERMINAL and s != S.OVERDUE)
+    unfinished = sum(n for b in counts.values() for s, n in b.items() if s not in S.TERMINAL and s != S.OVERDUE)
     if unfinished:
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(EXIT_JOBS_FAILED if bad else EXIT_OK)
+        return EXIT_INTERRUPTED, None
+    return (EXIT_JOBS_FAILED if bad else EXIT_OK), None
 
 
 def _open_log_file(path: Path) -> IO[str]:

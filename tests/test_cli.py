@@ -19,7 +19,9 @@ import pytest
 from click.testing import CliRunner
 from imagefactory import make_image
 
+from batchgen import cli as cli_module
 from batchgen.cli import main
+from batchgen.runner import RunSummary, StopReason
 
 
 def cli(*args: str, env: dict | None = None):
@@ -243,7 +245,9 @@ def test_log_file_in_a_missing_folder(samples):
 CRASHING_RUN = """
 import sys
 from batchgen import runner
+from batchgen import cli as cli_module
 from batchgen.cli import main
+from batchgen.runner import RunSummary, StopReason
 
 def bug(self, *args, **kwargs):
     raise RuntimeError("a bug in a runner task")
@@ -367,6 +371,35 @@ def test_concurrency_auto_in_the_config_file(samples):
     result = cli("run", str(samples / "quickstart.yaml"), "--simulate", "-v")
     assert result.exit_code == 0, result.output
     assert "cap 2 -> 3" in result.output and "cap 3 -> " not in result.output
+
+
+# Each reason a run stops, and the exit code it gives: the counts are what such a run leaves
+# (jobs pending or at the provider unless it ran out of work).
+_LEFT = {"b": {"succeeded": 2, "pending": 3}}
+_STOP_EXITS = {
+    StopReason.INTERRUPTED: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.DEADLINE: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.MAX_JOBS: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.BUDGET: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.BALANCE: (_LEFT, cli_module.EXIT_ACCOUNT),
+    StopReason.REFUSED: (_LEFT, cli_module.EXIT_REFUSED),
+    StopReason.OUTAGE: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.CANCELLED: ({"b": {"succeeded": 2, "cancelled": 3}}, cli_module.EXIT_JOBS_FAILED),
+    StopReason.ERROR: (_LEFT, cli_module.EXIT_INTERRUPTED),  # raised as well: the CLI shows that error
+}
+
+
+def test_every_stop_reason_has_an_exit_code():
+    assert set(_STOP_EXITS) == set(StopReason)
+
+
+@pytest.mark.parametrize("reason", list(StopReason))
+def test_each_stop_reason_gives_its_exit_code(reason):
+    counts, code = _STOP_EXITS[reason]
+    summary = RunSummary(stop_reason=reason,
+                         account_error="balance spent" if reason is StopReason.BALANCE else None)
+    assert cli_module.run_exit(summary, counts)[0] == code
+    assert cli_module.run_exit(RunSummary(), {"b": {"succeeded": 5}}) == (cli_module.EXIT_OK, None)
 
 
 def test_simulate_offers_the_account_knobs():

@@ -19,7 +19,7 @@ from batchgen.errors import AccountError
 from batchgen.retry import RetryPolicy
 from batchgen.runner import RunSettings, StopReason
 from batchgen.simulator import SimConfig, Simulator
-from batchgen.store import Store
+from batchgen.store import SqliteStore, Store
 
 FAST = RetryPolicy(base=0.01, cap=0.05, retry_after_cap=0.05)
 
@@ -217,7 +217,7 @@ async def test_a_submit_refused_while_the_queue_is_read_is_not_left_pending(simu
     from batchgen.manifest import load_manifest
     from batchgen.runner import Runner
 
-    class SlowQueueRead(Store):
+    class SlowQueueRead(SqliteStore):
         async def next_pending_at(self, batches):
             answer = await super().next_pending_at(batches)
             await asyncio.sleep(0.3)
@@ -285,6 +285,63 @@ async def test_deadline_stops_submitting_then_stops(simulator, tmp_path):
     assert out.summary.stop_reason is StopReason.DEADLINE
     assert out.counts["b"].get(S.PENDING, 0) >= 2  # never submitted: left for the next run
     assert out.summary.elapsed < 3
+
+
+async def test_a_cancel_of_every_batch_ends_the_run_as_cancelled(simulator, tmp_path, monkeypatch):
+    # The one job out runs at once (so the provider will not cancel it) and holds the only slot
+    # while `batchgen cancel` is recorded: the others are cancelled unsent, it is followed to its end.
+    monkeypatch.setattr(C, "CANCEL_CHECK_EVERY", 0.02)
+    sim = await simulator(concurrency=1, duration=2)
+    box, asked = [], []
+
+    def on_event(event):
+        if event.kind == S.IN_QUEUE and not asked:
+            asked.append(asyncio.ensure_future(box[0].store.request_cancel("b")))
+
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 4), concurrency=1),
+                        on_event=on_event, on_runner=box.append)
+    assert out.summary.stop_reason is StopReason.CANCELLED
+    assert out.counts == {"b": {"cancelled": 3, "succeeded": 1}}
+    assert sim.calls["submit"] == 1 and sim.calls["cancel"] == 1
+
+
+async def test_a_store_failure_stops_the_run_with_the_error_raised(simulator, tmp_path):
+    from batchgen.errors import StoreError
+
+    class FailingStore(SqliteStore):
+        async def record_downloaded(self, *args, **kwargs):
+            raise StoreError("disk gone")
+
+    sim = await simulator(duration=0)
+    path = manifest(tmp_path, sim, 3)
+    seen = []
+    async with await FailingStore.open(tmp_path / "s.sqlite3") as store:
+        from batchgen.client import RunComfyClient
+        from batchgen.manifest import load_manifest
+        from batchgen.runner import Runner
+
+        m = load_manifest(path)
+        await store.upsert_batch("b", m.model_id, None, {})
+        await add_jobs(store, "b", m.iter_jobs())
+        async with RunComfyClient(sim.base_url, "t") as client:
+            runner = Runner(store, client, tmp_path, settings(), on_event=seen.append)
+            with pytest.raises(StoreError, match="disk gone"):
+                await runner.run(["b"])
+        assert (await store.counts(["b"]))["b"].get(S.SUCCEEDED, 0) == 0
+    assert [e.message for e in seen if e.kind == "stop"] == ["stopping: error"]
+
+
+async def test_the_first_stop_reason_is_the_one_kept(make_runner):
+    """A budget ends submitting; a Ctrl-C after it stops polls and downloads too, but the run
+    still stopped for its budget (the first reason), and an error later is kept beside it."""
+    runner = await make_runner(settings())
+    runner._end_submitting(StopReason.BUDGET, "--max-cost reached")
+    assert runner._stop_reason is StopReason.BUDGET and not runner._stopping.is_set()
+    runner.stop(StopReason.INTERRUPTED)
+    runner._stop_on_error(RuntimeError("later"))
+    assert runner._stopping.is_set()
+    assert runner._summary.stop_reason is StopReason.BUDGET
+    assert str(runner._error) == "later"
 
 
 async def test_retry_failed_jobs_keeps_history(simulator, tmp_path):
