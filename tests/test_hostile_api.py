@@ -753,7 +753,7 @@ async def api_answers():
             await resp.write(b'{"status": "in_queue", "pad": "')
             return resp
         if kind == "bomb":
-            from batchgen.simulator.server import _bomb
+            from batchgen.simulator.outputs import _bomb
 
             return web.Response(body=_bomb(), headers={"Content-Encoding": "gzip",
                                                        "Content-Type": "application/json"})
