@@ -13,7 +13,7 @@ import hashlib
 import sqlite3
 
 import pytest
-from test_runner import check_outputs_match, job_histories, manifest, options, outputs_by_job
+from simruns import check_outputs_match, job_histories, manifest, options, outputs_by_job
 
 from batchgen import app, durability
 from batchgen import store as S

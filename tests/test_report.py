@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import local_ref
-from test_runner import settings
+from simruns import settings
 
 from batchgen import app
 from batchgen.errors import UsageError

@@ -3,77 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 
 import pytest
-import yaml
 from aiohttp import web
 from conftest import add_jobs, claim_one, events
-from imagefactory import make_image
+from simruns import (
+    check_outputs_match,
+    job_histories,
+    manifest,
+    options,
+    outputs_by_job,
+    settings,
+    submissions_per_seed,
+)
 
 from batchgen import app
 from batchgen import constants as C
 from batchgen import store as S
 from batchgen.errors import AccountError
 from batchgen.retry import RetryPolicy
-from batchgen.runner import RunSettings, StopReason
+from batchgen.runner import StopReason
 from batchgen.simulator import SimConfig, Simulator
 from batchgen.store import SqliteStore, Store
-
-FAST = RetryPolicy(base=0.01, cap=0.05, retry_after_cap=0.05)
-
-
-def settings(**kw) -> RunSettings:
-    kw.setdefault("concurrency", 4)
-    kw.setdefault("rate", 0)
-    kw.setdefault("first_poll_delay", 0.05)
-    kw.setdefault("min_poll_interval", 0.02)
-    kw.setdefault("max_poll_interval", 0.2)
-    return RunSettings(policy=kw.pop("policy", FAST), **kw)
-
-
-def manifest(tmp_path, sim, n: int, name: str = "b") -> object:
-    image = make_image(tmp_path / "in.jpg", 640, 480)
-    url = sim.publish_file(image)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "defaults": {"image": url},
-        "jobs": [{"prompt": f"job {i}", "seed": i} for i in range(n)],
-    }))
-    return path
-
-
-def options(tmp_path, sim, path, **kw) -> app.RunOptions:
-    return app.RunOptions(
-        workdir=tmp_path / "work", manifest=path,
-        target=app.Target(api_url=sim.base_url, token="t"), settings=settings(**kw),
-    )
-
-
-async def outputs_by_job(workdir):
-    async with await Store.open(workdir / "batchgen.sqlite3") as store:
-        jobs = await store.jobs()
-        return {j.key: (j, await store.outputs(j.id)) for j in jobs}
-
-
-def submissions_per_seed(sim) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for r in sim.requests()["requests"]:
-        counts[r["input"]["seed"]] = counts.get(r["input"]["seed"], 0) + 1
-    return counts
-
-
-async def check_outputs_match(sim, workdir):
-    served = {r["request_id"]: sim.output_bytes(r["request_id"]) for r in sim.requests()["requests"]}
-    for job, outs in (await outputs_by_job(workdir)).values():
-        if job.state != S.SUCCEEDED:
-            continue
-        assert outs, job.key
-        for out in outs:
-            data = (workdir / out.path).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == out.sha256 == hashlib.sha256(
-                served[job.request_id]).hexdigest()
 
 
 async def test_quickstart_simulated_end_to_end_and_rerun_submits_nothing(samples, tmp_path):
@@ -95,11 +47,6 @@ async def test_run_against_a_simulator_counts_and_digests(simulator, tmp_path):
     assert out.counts == {"b": {"succeeded": 10}}
     assert submissions_per_seed(sim) == {i: 1 for i in range(10)}
     await check_outputs_match(sim, tmp_path / "work")
-
-
-async def job_histories(workdir) -> dict[str, list[str]]:
-    async with await Store.open(workdir / "batchgen.sqlite3") as store:
-        return {j.key: [e[2] for e in await events(store, j.id)] for j in await store.jobs()}
 
 
 async def test_a_small_output_is_recorded_with_its_result_in_one_write(simulator, tmp_path):
