@@ -34,7 +34,7 @@ from .errors import (
     UsageError,
 )
 from .progress import LineLog, Panel, RepeatedNotices, stderr_is_tty
-from .runner import Event, RunSettings, StopReason
+from .runner import Event, RunSettings, RunSummary, StopReason
 from .text import printable
 from .workdir import realm
 
@@ -461,25 +461,31 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     view = _RunView(kw["quiet"], kw["verbose"], kw["log_format"], log_file)
     _tune_gc()
     outcome = _run_async(_run_with_signals(opts, view))
-    summary = outcome.summary
     _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]),
                        realm(kw["workdir"], kw["simulate"]), kw["log_format"])
+    code, error = run_exit(outcome.summary, outcome.counts)
+    if error is not None:
+        _fail(error, code)
+    sys.exit(code)
+
+
+def run_exit(summary: RunSummary, counts: dict[str, dict[str, int]]) -> tuple[int, str | None]:
+    """A finished run's exit code (EXIT_*), and the error line that goes with it, if any."""
     if summary.account_error:
-        _fail(summary.account_error, EXIT_ACCOUNT)
+        return EXIT_ACCOUNT, summary.account_error
     if summary.stop_reason is StopReason.REFUSED:
-        _fail(summary.stop_message or "the API refuses every job", EXIT_REFUSED)
+        return EXIT_REFUSED, summary.stop_message or "the API refuses every job"
     if summary.stop_reason is StopReason.OUTAGE:
-        _fail(summary.stop_message or "the API is unreachable", EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED, summary.stop_message or "the API is unreachable"
     if summary.stop_reason is not None and summary.stop_reason.resumable:
-        sys.exit(EXIT_INTERRUPTED)
-    bad = sum(n for b in outcome.counts.values() for s, n in b.items()
+        return EXIT_INTERRUPTED, None
+    bad = sum(n for b in counts.values() for s, n in b.items()
               if s in (S.FAILED, S.UNKNOWN, S.CANCELLED, S.TIMED_OUT, S.OVERDUE))
     # Overdue jobs are not "run again to go on": they wait for the provider (a later run follows them).
-    unfinished = sum(n for b in outcome.counts.values() for s, n in b.items()
-                     if s not in S.TERMINAL and s != S.OVERDUE)
+    unfinished = sum(n for b in counts.values() for s, n in b.items() if s not in S.TERMINAL and s != S.OVERDUE)
     if unfinished:
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(EXIT_JOBS_FAILED if bad else EXIT_OK)
+        return EXIT_INTERRUPTED, None
+    return (EXIT_JOBS_FAILED if bad else EXIT_OK), None
 
 
 def _open_log_file(path: Path) -> IO[str]:
@@ -1142,7 +1148,19 @@ def forget(batch: str, states: tuple[str, ...], keys: tuple[str, ...], yes: bool
 # ---- simulate ----------------------------------------------------------------------------------
 
 
-@main.command()
+class _SimulateCommand(click.Command):
+    """``simulate``, whose help ends with every fault, from the simulator's own table (imported
+    only when the help is shown)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .simulator.faults import faults_help
+
+        formatter.write_paragraph()
+        formatter.write("Faults (--fault NAME=VALUE, repeatable; RATE is a share from 0 to 1):\n")
+        formatter.write(faults_help() + "\n")  # one width everywhere: README shows it
+
+
+@main.command(cls=_SimulateCommand)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", "-p", type=click.IntRange(0, 65535), default=8787, show_default=True,
               help="Port to listen on (0: any free port).")
@@ -1156,7 +1174,7 @@ def forget(batch: str, states: tuple[str, ...], keys: tuple[str, ...], yes: bool
 @click.option("--duration-jitter", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Each job runs the duration give or take this fraction of it, at random (0.2: ±20%).")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
-              help="Inject faults, e.g. --fault 429=0.1 --fault retry_after=2 (see README).")
+              help="Inject faults, e.g. --fault 429=0.1 --fault retry_after=2 (all listed below).")
 @click.option("--price", type=click.FloatRange(0), default=0.10, show_default=True,
               help="USD per job, reported by model info and include_cost results.")
 @click.option("--balance", type=click.FloatRange(0),
@@ -1187,10 +1205,30 @@ def simulate(host: str, port: int, token: str | None, concurrency: int, max_queu
     def ready(sim: Any) -> None:
         click.echo(f"simulator listening on {sim.base_url} (Ctrl-C to stop)", err=True)
 
-    try:
-        _run_async(serve(config, host, port, ready=ready))
-    except KeyboardInterrupt:
-        pass
+    async def serve_until_signal() -> str:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        seen: list[str] = []
+
+        def on_signal(signame: str) -> None:
+            if seen:  # a second signal: closing connections took too long, leave now
+                os._exit(EXIT_OK)
+            seen.append(signame)
+            # aiohttp logs every request cut short by the stop: the stop asked for, not news.
+            logging.getLogger("aiohttp").setLevel(logging.CRITICAL)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        try:
+            await serve(config, host, port, ready=ready, stop=stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        return seen[0]
+
+    signame = _run_async(serve_until_signal())
+    click.echo(f"simulator stopped ({signame})", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

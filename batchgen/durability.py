@@ -152,11 +152,13 @@ class Flusher:
 
     def __init__(self, mark: Callable[[list[Key]], Awaitable[None]],
                  on_failure: Callable[[dict[Key, str], Exception], Awaitable[None]],
-                 files: Executor | None = None, every: float = C.FLUSH_EVERY):
+                 files: Executor | None = None, every: float = C.FLUSH_EVERY, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         self._mark = mark
         self._on_failure = on_failure
         self._files = files
         self._every = every
+        self._sleep = sleep  # tests pass their own, and say when a period ends
         self._pending: dict[Key, str] = {}
         self._task: asyncio.Task[None] | None = None
         self._soon: asyncio.Future[None] | None = None
@@ -183,7 +185,7 @@ class Flusher:
 
     async def _run(self) -> None:
         while self._pending:
-            await asyncio.sleep(self._every)
+            await self._sleep(self._every)
             await self.flush()
 
     async def _flush(self) -> None:

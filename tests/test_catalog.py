@@ -19,7 +19,7 @@ from batchgen import constants as C
 from batchgen.cli import main
 from batchgen.client import token_may_go_to
 from batchgen.config import load_config
-from batchgen.simulator.server import UNLIMITED_BALANCE
+from batchgen.simulator.catalogapi import UNLIMITED_BALANCE
 
 WAN = "sim/wan-like/image-to-video"  # per second: guidance_scale a "float", seed minimum 0
 MULTI = "sim/multi-ref/image-to-video"  # image_urls: 1 to 3 images, each under 5 MB

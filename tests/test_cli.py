@@ -3,16 +3,25 @@ status, plan, models, config files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from imagefactory import make_image
 
+from batchgen import cli as cli_module
 from batchgen.cli import main
+from batchgen.runner import RunSummary, StopReason
 
 
 def cli(*args: str, env: dict | None = None):
@@ -236,7 +245,9 @@ def test_log_file_in_a_missing_folder(samples):
 CRASHING_RUN = """
 import sys
 from batchgen import runner
+from batchgen import cli as cli_module
 from batchgen.cli import main
+from batchgen.runner import RunSummary, StopReason
 
 def bug(self, *args, **kwargs):
     raise RuntimeError("a bug in a runner task")
@@ -362,9 +373,88 @@ def test_concurrency_auto_in_the_config_file(samples):
     assert "cap 2 -> 3" in result.output and "cap 3 -> " not in result.output
 
 
+# Each reason a run stops, and the exit code it gives: the counts are what such a run leaves
+# (jobs pending or at the provider unless it ran out of work).
+_LEFT = {"b": {"succeeded": 2, "pending": 3}}
+_STOP_EXITS = {
+    StopReason.INTERRUPTED: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.DEADLINE: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.MAX_JOBS: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.BUDGET: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.BALANCE: (_LEFT, cli_module.EXIT_ACCOUNT),
+    StopReason.REFUSED: (_LEFT, cli_module.EXIT_REFUSED),
+    StopReason.OUTAGE: (_LEFT, cli_module.EXIT_INTERRUPTED),
+    StopReason.CANCELLED: ({"b": {"succeeded": 2, "cancelled": 3}}, cli_module.EXIT_JOBS_FAILED),
+    StopReason.ERROR: (_LEFT, cli_module.EXIT_INTERRUPTED),  # raised as well: the CLI shows that error
+}
+
+
+def test_every_stop_reason_has_an_exit_code():
+    assert set(_STOP_EXITS) == set(StopReason)
+
+
+@pytest.mark.parametrize("reason", list(StopReason))
+def test_each_stop_reason_gives_its_exit_code(reason):
+    counts, code = _STOP_EXITS[reason]
+    summary = RunSummary(stop_reason=reason,
+                         account_error="balance spent" if reason is StopReason.BALANCE else None)
+    assert cli_module.run_exit(summary, counts)[0] == code
+    assert cli_module.run_exit(RunSummary(), {"b": {"succeeded": 5}}) == (cli_module.EXIT_OK, None)
+
+
 def test_simulate_offers_the_account_knobs():
     out = cli("simulate", "--help").output
     assert "--max-queued" in out and "--duration-jitter" in out
+
+
+def test_simulate_help_lists_every_fault():
+    from batchgen.simulator.faults import FAULTS, OUTCOMES
+
+    out = cli("simulate", "--help").output
+    faults = out[out.index("Faults (--fault"):]
+    assert all(f"  {f.name}={f.value}" in faults for f in FAULTS), faults
+    assert all(o in faults for o in OUTCOMES)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_simulate_stops_on_a_signal_with_exit_0_and_one_line(sig):
+    """Ctrl-C (or SIGTERM) is how a standalone simulator is meant to stop: exit 0, one line,
+    nothing from aiohttp about the request it cut short (a status call held by a slow fault)."""
+    sim = subprocess.Popen([sys.executable, "-m", "batchgen.cli", "simulate", "--port", "0",
+                            "--fault", "script.status=slow", "--fault", "slow_seconds=60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sim.stderr is not None
+        listening = sim.stderr.readline()
+        base = re.search(r"http://\S+/v1", listening)
+        assert base, listening
+        held = threading.Thread(target=_ask_quietly, args=(f"{base[0]}/requests/r1/status",), daemon=True)
+        held.start()
+        _wait_for_call(base[0].removesuffix("/v1") + "/_sim/requests", "status")
+        sim.send_signal(sig)
+        out, err = sim.communicate(timeout=30)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.communicate()
+    assert sim.returncode == 0, err
+    assert out == "" and err == f"simulator stopped ({sig.name})\n"
+
+
+def _ask_quietly(url: str) -> None:
+    with contextlib.suppress(OSError):  # the simulator stops under it
+        urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer t"}), timeout=60)
+
+
+def _wait_for_call(url: str, endpoint: str) -> None:
+    """Until the simulator has counted a call to ``endpoint`` (it counts on arrival)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            if json.load(answer)["calls"].get(endpoint):
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"no {endpoint} call reached the simulator")
 
 
 @pytest.mark.parametrize("command", [["report", "b", "-o", "-"], ["gallery", "b"], ["forget", "b", "--yes"]])

@@ -13,7 +13,7 @@ import hashlib
 import sqlite3
 
 import pytest
-from test_runner import check_outputs_match, job_histories, manifest, options, outputs_by_job
+from simruns import check_outputs_match, job_histories, manifest, options, outputs_by_job
 
 from batchgen import app, durability
 from batchgen import store as S
@@ -63,30 +63,65 @@ async def _never_fails(keys, exc):
     raise AssertionError(f"unexpected flush failure: {exc}")
 
 
+class Periods:
+    """A Flusher's sleep that ends when the test says (``end()``), so no test waits for a timer
+    that a loaded machine may fire late."""
+
+    def __init__(self):
+        self._sleepers: asyncio.Queue[asyncio.Future] = asyncio.Queue()
+
+    async def sleep(self, seconds: float) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._sleepers.put_nowait(waiter)
+        await waiter
+
+    async def end(self) -> None:
+        """End the period the flusher sleeps in now (waiting for it to start one)."""
+        while True:
+            waiter = await self._sleepers.get()
+            if not waiter.done():  # not one a close() cancelled
+                waiter.set_result(None)
+                return
+
+
+class Marks:
+    """``mark`` for a Flusher: records each call, and lets a test await the next one."""
+
+    def __init__(self):
+        self.calls: list[list] = []
+        self._new: asyncio.Queue[None] = asyncio.Queue()
+
+    async def __call__(self, keys) -> None:
+        self.calls.append(sorted(keys))
+        self._new.put_nowait(None)
+
+    async def next(self) -> list:
+        await asyncio.wait_for(self._new.get(), 30)
+        return self.calls[-1]
+
+
 async def test_the_flusher_flushes_what_was_handed_in_then_marks_it(tmp_path, monkeypatch):
-    flushed, marked = [], []
+    flushed = []
     monkeypatch.setattr(durability, "make_durable", lambda paths: flushed.append(sorted(paths)))
-
-    async def mark(keys):
-        marked.append(sorted(keys))
-
-    flusher = Flusher(mark, _never_fails, every=0.05)
+    periods, marked = Periods(), Marks()
+    flusher = Flusher(marked, _never_fails, every=5, sleep=periods.sleep)
     flusher.add((1, 0), "a")
     flusher.add((2, 0), "b")
     assert flushed == []  # nothing waits for a flush: it comes later, for all of them at once
-    await asyncio.sleep(0.15)
-    assert flushed == [["a", "b"]] and marked == [[(1, 0), (2, 0)]] and flusher.pending == 0
+    await periods.end()
+    assert await marked.next() == [(1, 0), (2, 0)]
+    assert flushed == [["a", "b"]] and flusher.pending == 0
     flusher.add((3, 0), "c")  # a quiet flusher starts again when handed more
-    await asyncio.sleep(0.15)
-    assert flushed[-1] == ["c"] and marked[-1] == [(3, 0)]
+    await periods.end()
+    assert await marked.next() == [(3, 0)] and flushed[-1] == ["c"]
     flusher.add((4, 0), "d")
     await flusher.flush()  # at once, not at the end of the period
-    assert flushed[-1] == ["d"] and marked[-1] == [(4, 0)]
+    assert flushed[-1] == ["d"] and marked.calls[-1] == [(4, 0)]
+    await marked.next()
     flusher.add((6, 0), "f")
     flusher.flush_soon()  # at once too, without waiting for it
     assert flushed[-1] == ["d"]
-    await asyncio.sleep(0.01)
-    assert flushed[-1] == ["f"] and marked[-1] == [(6, 0)]
+    assert await marked.next() == [(6, 0)] and flushed[-1] == ["f"]
     flusher.add((5, 0), "e")
     await flusher.close()  # a run ending before the next flush: the file keeps its mark
     assert flushed[-1] == ["f"] and flusher.pending == 1
@@ -106,43 +141,45 @@ async def test_a_failed_flush_never_marks_its_files_and_says_so(tmp_path, monkey
 
     monkeypatch.setattr(durability, "_syncfs", syncfs)
     (tmp_path / "f").write_bytes(b"x")
-    marked, failed = [], []
-
-    async def mark(keys):
-        marked.append(keys)
+    marked = Marks()
+    failed: asyncio.Queue = asyncio.Queue()
 
     async def on_failure(keys, exc):
-        failed.append((keys, str(exc)))
+        failed.put_nowait((keys, str(exc)))
 
-    flusher = Flusher(mark, on_failure, every=0.02)
+    periods = Periods()
+    flusher = Flusher(marked, on_failure, every=5, sleep=periods.sleep)
     flusher.add((1, 0), str(tmp_path / "f"))
-    await asyncio.sleep(0.1)
+    await periods.end()
     # Linux reports a write-back error once: a second syncfs would succeed with the bytes still
     # not on disk, so the files of a failed flush are handed back, never flushed again and marked.
-    assert failed == [({(1, 0): str(tmp_path / "f")}, "[Errno 5] syncfs: Input/output error")]
-    assert marked == [] and len(calls) == 1 and flusher.pending == 0
+    assert await asyncio.wait_for(failed.get(), 30) == (
+        {(1, 0): str(tmp_path / "f")}, "[Errno 5] syncfs: Input/output error")
     await flusher.close()
+    assert marked.calls == [] and len(calls) == 1 and flusher.pending == 0
 
 
 async def test_a_close_during_a_flush_waits_for_it(monkeypatch):
     import threading
 
-    release = threading.Event()
-    monkeypatch.setattr(durability, "make_durable", lambda paths: release.wait(5))
-    marked = []
+    started, release = threading.Event(), threading.Event()
 
-    async def mark(keys):
-        marked.append(keys)
+    def make_durable(paths):
+        started.set()
+        release.wait(30)
 
-    flusher = Flusher(mark, _never_fails, every=0.01)
+    monkeypatch.setattr(durability, "make_durable", make_durable)
+    periods, marked = Periods(), Marks()
+    flusher = Flusher(marked, _never_fails, every=5, sleep=periods.sleep)
     flusher.add((1, 0), "a")
-    await asyncio.sleep(0.05)  # the flush is in its thread now
+    await periods.end()
+    assert await asyncio.to_thread(started.wait, 30)  # the flush is in its thread now
     closing = asyncio.ensure_future(flusher.close())
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # time for a close that would not wait to be done
     assert not closing.done()
     release.set()
     await closing
-    assert marked == [[(1, 0)]]
+    assert marked.calls == [[(1, 0)]]
 
 
 def _refusing_syncfs(fd):  # a disk that refuses the write-back, as syncfs(2) reports it

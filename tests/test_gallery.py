@@ -22,7 +22,7 @@ import yaml
 from bigbatch import grow_batch
 from imagefactory import make_image
 from PIL import Image
-from test_runner import settings
+from simruns import settings
 
 from batchgen import app
 from batchgen.errors import UsageError

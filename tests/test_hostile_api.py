@@ -20,7 +20,7 @@ from aiohttp import web
 from click.testing import CliRunner
 from conftest import SAMPLES, events, image_manifest, loopback, write_file
 from imagefactory import make_image
-from test_runner import check_outputs_match, manifest, options, outputs_by_job, settings, submissions_per_seed
+from simruns import check_outputs_match, manifest, options, outputs_by_job, settings, submissions_per_seed
 
 from batchgen import app, catalog
 from batchgen import constants as C
@@ -753,7 +753,7 @@ async def api_answers():
             await resp.write(b'{"status": "in_queue", "pad": "')
             return resp
         if kind == "bomb":
-            from batchgen.simulator.server import _bomb
+            from batchgen.simulator.outputs import _bomb
 
             return web.Response(body=_bomb(), headers={"Content-Encoding": "gzip",
                                                        "Content-Type": "application/json"})

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import local_ref
 from imagefactory import image_bytes, make_image
-from test_runner import settings
+from simruns import settings
 
 from batchgen import app
 from batchgen import store as S

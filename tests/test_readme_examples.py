@@ -93,6 +93,8 @@ def test_every_readme_command_parses(example):
             assert sub is not None, f"README line {example.line}: no command in {example.command!r}"
             with sub.make_context(name, rest, parent=ctx):
                 pass
+    except click.exceptions.Exit as exc:  # --help: shown, and parsed
+        assert exc.exit_code == 0
     except click.UsageError as exc:  # pragma: no cover - the failure message is the point
         pytest.fail(f"README line {example.line}: {example.command!r}: {exc.format_message()}")
 
@@ -218,6 +220,7 @@ SCENARIOS: dict[str, list[Any]] = {
         "batchgen run sample_manifests/quickstart.yaml --simulate --max-jobs 2 -q",
         "batchgen cancel quickstart --simulate",
     ],
+    "the simulator's faults": ["batchgen simulate --help"],
 }
 
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from bigbatch import grow_batch
 from conftest import local_ref
-from test_runner import settings
+from simruns import settings
 
 from batchgen import app
 from batchgen.errors import UsageError

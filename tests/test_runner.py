@@ -3,77 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 
 import pytest
-import yaml
 from aiohttp import web
 from conftest import add_jobs, claim_one, events
-from imagefactory import make_image
+from simruns import (
+    check_outputs_match,
+    job_histories,
+    manifest,
+    options,
+    outputs_by_job,
+    settings,
+    submissions_per_seed,
+)
 
 from batchgen import app
 from batchgen import constants as C
 from batchgen import store as S
 from batchgen.errors import AccountError
 from batchgen.retry import RetryPolicy
-from batchgen.runner import RunSettings, StopReason
+from batchgen.runner import StopReason
 from batchgen.simulator import SimConfig, Simulator
-from batchgen.store import Store
-
-FAST = RetryPolicy(base=0.01, cap=0.05, retry_after_cap=0.05)
-
-
-def settings(**kw) -> RunSettings:
-    kw.setdefault("concurrency", 4)
-    kw.setdefault("rate", 0)
-    kw.setdefault("first_poll_delay", 0.05)
-    kw.setdefault("min_poll_interval", 0.02)
-    kw.setdefault("max_poll_interval", 0.2)
-    return RunSettings(policy=kw.pop("policy", FAST), **kw)
-
-
-def manifest(tmp_path, sim, n: int, name: str = "b") -> object:
-    image = make_image(tmp_path / "in.jpg", 640, 480)
-    url = sim.publish_file(image)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": name, "defaults": {"image": url},
-        "jobs": [{"prompt": f"job {i}", "seed": i} for i in range(n)],
-    }))
-    return path
-
-
-def options(tmp_path, sim, path, **kw) -> app.RunOptions:
-    return app.RunOptions(
-        workdir=tmp_path / "work", manifest=path,
-        target=app.Target(api_url=sim.base_url, token="t"), settings=settings(**kw),
-    )
-
-
-async def outputs_by_job(workdir):
-    async with await Store.open(workdir / "batchgen.sqlite3") as store:
-        jobs = await store.jobs()
-        return {j.key: (j, await store.outputs(j.id)) for j in jobs}
-
-
-def submissions_per_seed(sim) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for r in sim.requests()["requests"]:
-        counts[r["input"]["seed"]] = counts.get(r["input"]["seed"], 0) + 1
-    return counts
-
-
-async def check_outputs_match(sim, workdir):
-    served = {r["request_id"]: sim.output_bytes(r["request_id"]) for r in sim.requests()["requests"]}
-    for job, outs in (await outputs_by_job(workdir)).values():
-        if job.state != S.SUCCEEDED:
-            continue
-        assert outs, job.key
-        for out in outs:
-            data = (workdir / out.path).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == out.sha256 == hashlib.sha256(
-                served[job.request_id]).hexdigest()
+from batchgen.store import SqliteStore, Store
 
 
 async def test_quickstart_simulated_end_to_end_and_rerun_submits_nothing(samples, tmp_path):
@@ -95,11 +47,6 @@ async def test_run_against_a_simulator_counts_and_digests(simulator, tmp_path):
     assert out.counts == {"b": {"succeeded": 10}}
     assert submissions_per_seed(sim) == {i: 1 for i in range(10)}
     await check_outputs_match(sim, tmp_path / "work")
-
-
-async def job_histories(workdir) -> dict[str, list[str]]:
-    async with await Store.open(workdir / "batchgen.sqlite3") as store:
-        return {j.key: [e[2] for e in await events(store, j.id)] for j in await store.jobs()}
 
 
 async def test_a_small_output_is_recorded_with_its_result_in_one_write(simulator, tmp_path):
@@ -217,7 +164,7 @@ async def test_a_submit_refused_while_the_queue_is_read_is_not_left_pending(simu
     from batchgen.manifest import load_manifest
     from batchgen.runner import Runner
 
-    class SlowQueueRead(Store):
+    class SlowQueueRead(SqliteStore):
         async def next_pending_at(self, batches):
             answer = await super().next_pending_at(batches)
             await asyncio.sleep(0.3)
@@ -285,6 +232,63 @@ async def test_deadline_stops_submitting_then_stops(simulator, tmp_path):
     assert out.summary.stop_reason is StopReason.DEADLINE
     assert out.counts["b"].get(S.PENDING, 0) >= 2  # never submitted: left for the next run
     assert out.summary.elapsed < 3
+
+
+async def test_a_cancel_of_every_batch_ends_the_run_as_cancelled(simulator, tmp_path, monkeypatch):
+    # The one job out runs at once (so the provider will not cancel it) and holds the only slot
+    # while `batchgen cancel` is recorded: the others are cancelled unsent, it is followed to its end.
+    monkeypatch.setattr(C, "CANCEL_CHECK_EVERY", 0.02)
+    sim = await simulator(concurrency=1, duration=2)
+    box, asked = [], []
+
+    def on_event(event):
+        if event.kind == S.IN_QUEUE and not asked:
+            asked.append(asyncio.ensure_future(box[0].store.request_cancel("b")))
+
+    out = await app.run(options(tmp_path, sim, manifest(tmp_path, sim, 4), concurrency=1),
+                        on_event=on_event, on_runner=box.append)
+    assert out.summary.stop_reason is StopReason.CANCELLED
+    assert out.counts == {"b": {"cancelled": 3, "succeeded": 1}}
+    assert sim.calls["submit"] == 1 and sim.calls["cancel"] == 1
+
+
+async def test_a_store_failure_stops_the_run_with_the_error_raised(simulator, tmp_path):
+    from batchgen.errors import StoreError
+
+    class FailingStore(SqliteStore):
+        async def record_downloaded(self, *args, **kwargs):
+            raise StoreError("disk gone")
+
+    sim = await simulator(duration=0)
+    path = manifest(tmp_path, sim, 3)
+    seen = []
+    async with await FailingStore.open(tmp_path / "s.sqlite3") as store:
+        from batchgen.client import RunComfyClient
+        from batchgen.manifest import load_manifest
+        from batchgen.runner import Runner
+
+        m = load_manifest(path)
+        await store.upsert_batch("b", m.model_id, None, {})
+        await add_jobs(store, "b", m.iter_jobs())
+        async with RunComfyClient(sim.base_url, "t") as client:
+            runner = Runner(store, client, tmp_path, settings(), on_event=seen.append)
+            with pytest.raises(StoreError, match="disk gone"):
+                await runner.run(["b"])
+        assert (await store.counts(["b"]))["b"].get(S.SUCCEEDED, 0) == 0
+    assert [e.message for e in seen if e.kind == "stop"] == ["stopping: error"]
+
+
+async def test_the_first_stop_reason_is_the_one_kept(make_runner):
+    """A budget ends submitting; a Ctrl-C after it stops polls and downloads too, but the run
+    still stopped for its budget (the first reason), and an error later is kept beside it."""
+    runner = await make_runner(settings())
+    runner._end_submitting(StopReason.BUDGET, "--max-cost reached")
+    assert runner._stop_reason is StopReason.BUDGET and not runner._stopping.is_set()
+    runner.stop(StopReason.INTERRUPTED)
+    runner._stop_on_error(RuntimeError("later"))
+    assert runner._stopping.is_set()
+    assert runner._summary.stop_reason is StopReason.BUDGET
+    assert str(runner._error) == "later"
 
 
 async def test_retry_failed_jobs_keeps_history(simulator, tmp_path):

@@ -12,6 +12,7 @@ from imagefactory import make_image
 
 from batchgen.constants import DEFAULT_MODEL
 from batchgen.simulator import FaultConfig
+from batchgen.simulator.faults import FAULTS, OUTCOMES, faults_help
 
 H = {"Authorization": "Bearer t"}
 
@@ -194,3 +195,17 @@ async def test_insufficient_balance(http, simulator, image):
 def test_bad_fault_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         FaultConfig.parse([spec])
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.name)
+def test_every_fault_listed_is_one_the_parser_reads(fault):
+    """FAULTS is what `--help` lists and what the parser accepts: each example changes the config."""
+    assert FaultConfig.parse([fault.example]) != FaultConfig()
+    assert f"{fault.name}={fault.value}" in faults_help(200)
+
+
+def test_a_fault_not_listed_is_refused_with_the_list():
+    with pytest.raises(ValueError, match="unknown fault 'slowness'") as caught:
+        FaultConfig.parse(["slowness=1"])
+    assert all(f.name in str(caught.value) for f in FAULTS)
+    assert all(o in faults_help(200) for o in OUTCOMES)

@@ -21,7 +21,7 @@ class Cancelling(RunCore):
         recorded in the store (Store.request_cancel), where claims already skip the batch; here
         jobs put back to pending meanwhile are cancelled too, and each job of the batch at the
         provider is asked to cancel at its next poll, brought forward to now."""
-        while not self._closing:
+        while not self._stopping.is_set():
             wanted = await self.store.cancel_requests(self._batches)
             if wanted:
                 new = set(wanted) - self._cancel_batches

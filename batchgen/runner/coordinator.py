@@ -116,10 +116,9 @@ class Runner(Submitting, Polling, Collecting, Recovery, Cancelling):
         # their result and kept a broken download's bytes (.part) before it was killed.
         self._from_earlier_run = set()
         self._wake = asyncio.Event()
-        self._stop = None
-        self._exit_now = False
-        self._closing = False
-        self._fatal = None
+        self._stop_reason = None
+        self._stopping = asyncio.Event()
+        self._error = None
         self._summary = RunSummary()
         self._batches = []
         # Batches a `batchgen cancel` asked to stop (read from the store: _cancel_watch), and
@@ -162,16 +161,16 @@ class Runner(Submitting, Polling, Collecting, Recovery, Cancelling):
             try:
                 await self._wait_until_done(submit_loop)
             finally:
-                # Loops also check _closing: on Python 3.11 a cancel that races a wait_for
+                # Loops also end on _stopping: on Python 3.11 a cancel that races a wait_for
                 # timeout can be swallowed, and a loop must not outlive its run.
-                self._closing = True
+                self._stopping.set()
                 self._wake.set()
                 self.slots.close()
                 poll_loop.cancel()
                 submit_loop.cancel()
                 await self._drain(poll_loop, submit_loop)
-            if self._fatal is not None:
-                raise self._fatal
+            if self._error is not None:
+                raise self._error
             await self._cancel_done()
             await self._remember_cap(models)
         finally:
@@ -184,19 +183,19 @@ class Runner(Submitting, Polling, Collecting, Recovery, Cancelling):
             self._file_threads.shutdown(wait=True)  # all tasks are done: nothing is waiting
             self._summary.elapsed = time.monotonic() - started
             self._summary.api_calls = dict(self.client.calls)
-        if self._fatal is not None:  # the last flush, while closing, failed
-            raise self._fatal
+        if self._error is not None:  # the last flush, while closing, failed
+            raise self._error
         return self._summary
 
     async def _wait_until_done(self, submit_loop: asyncio.Task[Any]) -> None:
         while True:
             self._wake.clear()
-            if self._fatal is not None:
+            if self._error is not None:
                 return
             # Overdue jobs are followed while there is other work, but not waited for.
             busy = (len(self._followed) > len(self._overdue) or bool(self._tasks - self._timers)
                     or not submit_loop.done())
-            if self._exit_now:
+            if self._stopping.is_set():
                 # Prompt exit: only submits on the wire are awaited (their answers must be saved).
                 if not self._submits:
                     return

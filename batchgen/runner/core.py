@@ -49,12 +49,13 @@ class RunCore:
     _summary: RunSummary
     _on_event: EventSink | None
     _wake: asyncio.Event
-    # Why submitting ended, and whether polls and downloads stop now too (stop()) rather than
-    # finish; the loops' own end; the error the run raises.
-    _stop: StopReason | None
-    _exit_now: bool
-    _closing: bool
-    _fatal: BaseException | None
+    # Why the run stops: the first reason given wins (the summary's, so the exit code's); from
+    # then on nothing is submitted. ``_stopping``, the one event every loop ends on: set by
+    # stop() (polls and downloads end too, rather than finish) and at the run's end. The error
+    # the run raises is kept beside the reason (a stop for another reason may have come first).
+    _stop_reason: StopReason | None
+    _stopping: asyncio.Event
+    _error: BaseException | None
     _tasks: set[asyncio.Task[Any]]
     _submits: set[asyncio.Task[Any]]
     _timers: set[asyncio.Task[Any]]
@@ -80,20 +81,31 @@ class RunCore:
         """Stop taking new work (Ctrl-C, SIGTERM, a deadline). Submits already on the wire are
         allowed to finish so their request ids are recorded; polls and downloads stop at once
         (both are safe to redo next run)."""
-        if not self._exit_now:
-            self._exit_now = True
-            self._stop = reason
-            self._summary.stop_reason = reason
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self._give_reason(reason)
             self._emit("stop", None, f"stopping: {reason}")
         self._wake.set()
 
     def _end_submitting(self, reason: StopReason, message: str) -> None:
         """No more submits (a budget, the balance), but jobs in flight are followed to the end."""
-        if self._stop is None:
-            self._stop = reason
-            self._summary.stop_reason = reason
+        if self._give_reason(reason):
             self._emit("stop", None, message)
         self._wake.set()
+
+    def _give_reason(self, reason: StopReason) -> bool:
+        """Record why the run stops, unless a reason came first; whether this one is it."""
+        if self._stop_reason is not None:
+            return False
+        self._stop_reason = self._summary.stop_reason = reason
+        return True
+
+    def _stop_on_error(self, exc: BaseException, *, over: bool = False) -> None:
+        """Stop now, and raise ``exc`` at the end of the run: unless an error came first and
+        ``over`` is false (the first error met is the one worth reading)."""
+        if over or self._error is None:
+            self._error = exc
+        self.stop(StopReason.ERROR)
 
     async def _nap(self, seconds: float) -> None:
         """Sleep until woken or ``seconds`` pass. asyncio.wait, unlike wait_for on 3.11, never
@@ -127,14 +139,14 @@ class RunCore:
         exc = task.exception()
         if exc is None:
             return
-        if isinstance(exc, Fatal):
-            self._fatal = exc.__cause__ or exc
-        elif self._fatal is None:
-            # A bug or a store failure: stop the run rather than go on with a store we cannot trust.
-            # The run raises it, and the CLI reports it in one line: here only for -vv.
+        if isinstance(exc, Fatal):  # the account's error: what the user must act on, first
+            self._stop_on_error(exc.__cause__ or exc, over=True)
+            return
+        # A bug or a store failure: stop the run rather than go on with a store we cannot trust.
+        # The run raises it, and the CLI reports it in one line: here only for -vv.
+        if self._error is None:
             log.debug("internal error in a runner task", exc_info=exc)
-            self._fatal = exc
-        self.stop(StopReason.ERROR)
+        self._stop_on_error(exc)
 
     def _emit(self, kind: str, job: Job | None, message: str = "") -> None:
         if job is not None:

@@ -31,9 +31,8 @@ class Polling(RunCore):
 
     async def _poll_loop(self) -> None:
         """Start a short poll task for each job whose poll falls due (no sleeping task per job)."""
-        while not self._closing:
-            if self._exit_now:
-                return  # stopping: no new polls (they are safe to redo next run)
+        # Stopping: no new polls (they are safe to redo next run).
+        while not self._stopping.is_set():
             due = self.polls.next_due()
             if due is None:
                 self._wake.clear()

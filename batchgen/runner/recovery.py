@@ -14,7 +14,6 @@ from ..durability import BOOT_ID, file_intact
 from ..errors import StoreError
 from ..store import DOWNLOADING, FOLLOWED, OVERDUE, Job
 from .core import RunCore, log
-from .events import StopReason
 
 
 class Recovery(RunCore):
@@ -100,9 +99,7 @@ class Recovery(RunCore):
         self._unflushable.update(files)
         if self._flush_error is None:
             self._flush_error = StoreError(f"cannot flush downloaded files to disk: {exc}")
-        if self._fatal is None:
-            self._fatal = self._flush_error
-        self.stop(StopReason.ERROR)
+        self._stop_on_error(self._flush_error)
 
     async def _forget_unflushable(self) -> None:
         if not self._unflushable:
@@ -123,5 +120,5 @@ class Recovery(RunCore):
                     "so the next run downloads them again")
         # The same exception object, whichever path raises it (it may be on its way already).
         err.args = (f"{err.args[0]} ({what})",)
-        if self._fatal is not err:  # another error stopped the run first and is the one raised
+        if self._error is not err:  # another error stopped the run first and is the one raised
             log.error("%s", err)

@@ -92,7 +92,7 @@ class Submitting(RunCore):
         await self.gate.wait()
 
     async def _submit_loop(self) -> None:
-        while self._stop is None and not self._closing:
+        while self._stop_reason is None and not self._stopping.is_set():
             if self.settings.deadline is not None:
                 # A job submitted now should finish before the deadline, else it would be left
                 # running (and paid for) while nobody downloads it until the next run.
@@ -126,7 +126,7 @@ class Submitting(RunCore):
                     await self._nap(min(self._outage.wait(), 1.0))
                     continue
             await self.slots.acquire()
-            if self._stop is not None or self._closing:
+            if self._stop_reason is not None or self._stopping.is_set():
                 self.slots.release()
                 break
             # Every slot free right now is claimed in one round trip: claiming one job per loop
@@ -323,7 +323,7 @@ class Submitting(RunCore):
 
     def _refused_everywhere(self, message: str) -> None:
         """Stop submitting: ``message`` (what the API refuses, what to do) ends the run's output."""
-        if self._stop is None:
+        if self._stop_reason is None:
             self._summary.stop_message = message
         self._end_submitting(StopReason.REFUSED, "no more submits: the API refuses every job alike; "
                              "finishing the jobs already submitted")
@@ -334,7 +334,7 @@ class Submitting(RunCore):
             self._outage.ended()
 
     def _give_up_on_outage(self) -> None:
-        if self._stop is None:
+        if self._stop_reason is None:
             self._summary.stop_message = (
                 f"the API has been unreachable for {self._outage.lasted():.0f}s, longer than "
                 f"--outage-budget {self.settings.outage_budget:g}s ({self._outage.last_error}); the jobs "

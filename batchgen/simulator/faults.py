@@ -1,56 +1,22 @@
 """Faults the simulator can inject, as rates or as a script of outcomes for the first calls.
 
-Spec strings (``batchgen simulate --fault SPEC``, repeatable):
+``FAULTS`` below is the one list of them (``batchgen simulate --fault SPEC``, repeatable): what
+``FaultConfig.parse`` accepts, and what ``batchgen simulate --help`` and its error messages list.
 
-=====================  =======================================================================
-``429=0.1``            10% of API calls answer 429 with a RunComfy error envelope
-``retry_after=2``      ... with ``Retry-After: 2`` (``date`` for an HTTP date, ``none`` for none)
-``5xx=0.05``           5% answer a bare 502 (no envelope: for a submit, no job is created)
-``error200=0.05``      5% answer HTTP 200 with an error envelope (error_code 500001)
-``slow=0.1``           10% of calls wait ``slow_seconds`` (default 2) before answering
-``drop=0.05``          5% of submits create the job, then drop the connection without answering
-``500_created=0.05``   5% of submits create the job, then answer 500 with an error envelope (500001)
-``error200_created=0.05``  5% of submits create the job, then answer HTTP 200 with error_code 500001
-``model_info=404``     model info answers 404 (``noprice``: without ``base_price_usd``), so a run
-                       learns the price only from its first result
-``fail=0.1``           10% of jobs end ``failed``
-``truncate=0.1``       10% of downloads send the full Content-Length, then stop half way
-``expire=30``          output URLs stop working 30 s after /result handed them out
-``hostile_text=1``     every error message starts with a spreadsheet formula, terminal escapes
-                       (colour, clear screen, an OSC 8 link, a title) and a NUL (HOSTILE_TEXT)
-``stuck=processing``    /status and /result answer this status word for every job, forever
-``garble.cost=1e400``  every /status and /result answer carries this raw JSON text as the field's
-                       value (``Infinity``, ``NaN``, ``18446744073709551616``, ``123``, ...)
-``offhost=0.5``        half the jobs' output URLs name another host (``offhost_host``, default
-                       ``localhost``: the simulator still serves them, under a name not allowed)
-``redirect=same``      every download first answers 302: ``same`` (to the same file, once),
-                       ``loop`` (to itself, forever), or a host name (the same file on that host)
-``output_ext=sh``      output URLs end in ``output.sh`` rather than ``.mp4``/``.png``
-``output_body=gzip``   every output's body is one of the bodies below (also script outcomes):
-                       ``gzip`` (gzipped when the request accepts gzip), ``gzip_forced`` (gzipped
-                       whatever was asked), ``bomb`` (64 MiB of zeros, gzipped, whatever was
-                       asked), ``huge`` (declares 3 GiB, sends the file, then closes),
-                       ``endless`` (no length, never ends), ``trickle`` (256 bytes every 0.1 s)
-``max_body=1000000``   submit bodies over 1,000,000 bytes answer 413 (a service whose limit is
-                       below the 64 MiB that RunComfy's own client allows)
-``script.submit=429,ok,drop``  the first submits answer 429, then normally, then drop; likewise
-                       ``script.status``, ``script.result``, ``script.cancel``, ``script.download``,
-                       ``script.catalog`` (``GET /models``) and ``script.balance``
-=====================  =======================================================================
-
-Outcome names in scripts: ``ok``, ``429``, ``5xx``, ``error200``, ``slow``, ``drop``,
-``500_created`` and ``error200_created`` (submit), ``truncate`` (downloads), ``fail`` (submit: the
-job will fail), ``expire`` (download: answer 403), ``404`` (RunComfy's 404001 "request not found",
-as a request id just handed out may get), ``badjson`` (HTTP 200 with a body that is not JSON),
-``malformed`` (catalog: the page also holds entries of the wrong shape), and the bodies above
-(downloads); ``slow`` applies to downloads too. The rates apply to the job calls only: the
-catalog and the balance fail only when scripted.
+Outcome names in scripts (``OUTCOMES``): ``ok``, ``429``, ``5xx``, ``error200``, ``slow``,
+``drop``, ``500_created`` and ``error200_created`` (submit), ``truncate`` (downloads), ``fail``
+(submit: the job will fail), ``expire`` (download: answer 403), ``404`` (RunComfy's 404001
+"request not found", as a request id just handed out may get), ``badjson`` (HTTP 200 with a body
+that is not JSON), ``malformed`` (catalog: the page also holds entries of the wrong shape), and
+the bodies of ``output_body`` (downloads); ``slow`` applies to downloads too. The rates apply to
+the job calls only: the catalog and the balance fail only when scripted.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import textwrap
 from dataclasses import dataclass, field
 
 ENDPOINTS = ("submit", "status", "result", "cancel", "download", "catalog", "balance")
@@ -65,6 +31,87 @@ MODEL_INFO = ("ok", "404", "noprice")
 # as it is (a formula for spreadsheets; CSI, OSC and NUL for terminals and log tools).
 HOSTILE_TEXT = ('=HYPERLINK("https://evil.example/x","click") \x1b[31m\x1b[2J\x1b]8;;https://evil.example\x07'
                 'link\x1b]8;;\x07\x1b]0;pwned\x07\x00 ')
+
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault a spec can name: ``name=value``; ``example`` is a spec that parses (a test
+    parses each), ``what`` its one line of help."""
+
+    name: str  # before "="; a family ends in ".FIELD" or ".ENDPOINT"
+    value: str
+    example: str
+    what: str
+
+    @property
+    def family(self) -> str | None:
+        """``"script."`` for ``script.ENDPOINT``: a prefix the name only begins with."""
+        head, dot, tail = self.name.partition(".")
+        return head + dot if dot and tail.isupper() else None
+
+
+FAULTS: tuple[Fault, ...] = (
+    Fault("429", "RATE", "429=0.1", "that share of API calls answer 429 with a RunComfy error envelope"),
+    Fault("retry_after", "SECONDS|date|none", "retry_after=2",
+          "429 answers carry this Retry-After (date: as an HTTP date; none: no header)"),
+    Fault("5xx", "RATE", "5xx=0.05",
+          "that share of API calls answer a bare 502 (no envelope: for a submit, no job is created)"),
+    Fault("error200", "RATE", "error200=0.05",
+          "that share of API calls answer HTTP 200 with an error envelope (error_code 500001)"),
+    Fault("slow", "RATE", "slow=0.1", "that share of API calls wait slow_seconds before answering"),
+    Fault("slow_seconds", "SECONDS", "slow_seconds=5", "how long a slow call waits (default 2)"),
+    Fault("drop", "RATE", "drop=0.05", "that share of submits create the job, then drop the connection"),
+    Fault("500_created", "RATE", "500_created=0.05",
+          "that share of submits create the job, then answer 500 with an error envelope (500001)"),
+    Fault("error200_created", "RATE", "error200_created=0.05",
+          "that share of submits create the job, then answer HTTP 200 with error_code 500001"),
+    Fault("model_info", "|".join(MODEL_INFO[1:]), "model_info=404",
+          "model info answers 404 (noprice: without base_price_usd): the price comes only from a result"),
+    Fault("fail", "RATE", "fail=0.1", "that share of jobs end 'failed'"),
+    Fault("truncate", "RATE", "truncate=0.1",
+          "that share of downloads send the full Content-Length, then stop half way"),
+    Fault("expire", "SECONDS", "expire=30", "output URLs stop working that long after /result handed them out"),
+    Fault("hostile_text", "1", "hostile_text=1",
+          "every error message starts with a spreadsheet formula, terminal escapes and a NUL"),
+    Fault("stuck", "WORD", "stuck=processing", "/status and /result answer this status word for every job, forever"),
+    Fault("garble.FIELD", "JSON", "garble.cost=1e400",
+          "every /status and /result answer carries this raw JSON text as FIELD (Infinity, NaN, 123, ...)"),
+    Fault("offhost", "RATE", "offhost=0.5", "that share of jobs' output URLs name another host (offhost_host)"),
+    Fault("offhost_host", "NAME", "offhost_host=example.test",
+          "the host name offhost uses (default localhost: still served, but not allowed)"),
+    Fault("redirect", "same|loop|HOST", "redirect=same",
+          "every download first answers 302: to the same file once, to itself forever, or to HOST"),
+    Fault("output_ext", "EXT", "output_ext=sh", "output URLs end in output.EXT rather than .mp4/.png"),
+    Fault("output_body", "BODY", "output_body=gzip",
+          f"every output's body is one of {', '.join(BODIES)} (gzipped when asked or always, a gzip "
+          "bomb, a length that lies, no end, 256 bytes every 0.1 s)"),
+    Fault("max_body", "BYTES", "max_body=1000000", "submit bodies over BYTES answer 413 (default 64 MiB)"),
+    Fault("script.ENDPOINT", "OUTCOME,...", "script.submit=429,ok,drop",
+          f"the first calls to ENDPOINT ({', '.join(ENDPOINTS)}) get these outcomes, in order"),
+)
+
+
+def fault_named(name: str) -> Fault | None:
+    """The entry of FAULTS that ``name`` (before "=") is, or belongs to."""
+    for fault in FAULTS:
+        if name == fault.name or (fault.family is not None and name.startswith(fault.family)):
+            return fault
+    return None
+
+
+def faults_help(width: int = 98) -> str:
+    """FAULTS as lines for ``batchgen simulate --help``: each spec, then what it does."""
+    column = max(len(f"{f.name}={f.value}") for f in FAULTS) + 4
+    rows = [(f"{f.name}={f.value}", f.what) for f in FAULTS]
+    rows.append(("OUTCOME", f"in a script: {', '.join(OUTCOMES)}"))
+    lines: list[str] = []
+    for spec, what in rows:
+        wrapped = textwrap.wrap(what, max(20, width - column))
+        lines.append(f"  {spec:<{column - 2}}{wrapped[0]}")
+        lines.extend(" " * column + more for more in wrapped[1:])
+    return "\n".join(lines)
+
 
 _RATE_KEYS = {
     "429": "rate_429", "5xx": "rate_5xx", "error200": "rate_error_200", "slow": "slow_rate",
@@ -109,6 +156,9 @@ class FaultConfig:
             name, value = name.strip(), value.strip()
             if not sep or not value:
                 raise ValueError(f"fault '{spec}' must look like NAME=VALUE, e.g. 429=0.1")
+            if fault_named(name) is None:
+                names = ", ".join(f.name for f in FAULTS)
+                raise ValueError(f"unknown fault '{name}'; one of {names} (see batchgen simulate --help)")
             if name.startswith("script."):
                 endpoint = name.removeprefix("script.")
                 if endpoint not in ENDPOINTS:
@@ -158,11 +208,8 @@ class FaultConfig:
                 if not 0 <= rate <= 1:
                     raise ValueError(f"fault '{spec}': a rate must be between 0 and 1")
                 setattr(cfg, _RATE_KEYS[name], rate)
-            else:
-                allowed = ", ".join([*_RATE_KEYS, "retry_after", "slow_seconds", "expire", "hostile_text", "stuck",
-                                     "garble.FIELD", "model_info", "offhost_host", "redirect", "output_ext",
-                                     "output_body", "max_body", "script.ENDPOINT"])
-                raise ValueError(f"unknown fault '{name}'; allowed: {allowed}")
+            else:  # in FAULTS, but not read here: a test parses every example
+                raise AssertionError(f"fault '{name}' is listed but not parsed")
         return cfg
 
 
