@@ -12,8 +12,8 @@ from urllib.parse import quote
 
 import yaml
 from imagefactory import make_image
+from simruns import settings
 from test_gallery import CARDS, VIDEO_STATES, chromium, field, gallery_data, needs_chromium, open_page
-from test_runner import settings
 
 from batchgen import app
 from batchgen.gallery import build_gallery
