@@ -19,6 +19,7 @@ from collections.abc import Callable, Container, Iterable
 from .. import constants
 from ..store import Job
 from .settings import RunSettings
+from .starts import Starts
 
 
 class PollPlanner:
@@ -93,12 +94,6 @@ class PollPlanner:
         # twentieth would cost twenty calls per job's time of waiting.
         return min(hi, max(0.05, expected * 0.05, (elapsed - expected) / 2))
 
-    @property
-    def shortest(self) -> float | None:
-        """The shortest time a job took, of those observed: the least a job still waiting in
-        the provider's queue has yet to take."""
-        return self._sorted[0] if self._sorted else None
-
     def until_expected(self, elapsed: float) -> float:
         """Delay until a hair after the expected finish of a job out for ``elapsed`` seconds (0
         if that is past): its first poll once a duration is known. Needs ``expected``."""
@@ -129,6 +124,9 @@ class PollSchedule:
         self._scout_count = constants.SCOUTS
         self._scout_first = constants.SCOUT_FIRST_POLL
         self._failures: dict[int, int] = {}  # job id -> polls failed in a row
+        # When each job started at the provider, or will (a job waits in its queue first when
+        # the account runs fewer than we send): polls are planned from there.
+        self.starts = Starts()
 
     # ---- the plan ------------------------------------------------------------------------------
 
@@ -159,6 +157,33 @@ class PollSchedule:
             heap.append((when if new is None else min(when, new), tiebreak, job_id))
         heapq.heapify(heap)
         self._heap = heap
+
+    # ---- starts at the provider -----------------------------------------------------------------
+
+    def sent(self, job_id: int, at: float) -> None:
+        """The job's submit was answered at ``at`` (jobs in the order they were sent)."""
+        self.starts.sent(job_id, at)
+
+    def seen(self, job_id: int, status: str, at: float) -> None:
+        """A poll found the job waiting ('in_queue') or running ('in_progress') at ``at``."""
+        if status == "in_queue":
+            self.starts.waiting(job_id, at)
+        elif status == "in_progress":
+            self.starts.running(job_id, at)
+
+    def elapsed(self, job_id: int, now: float, submitted_at: float | None) -> float:
+        """How long the job has been running at ``now`` (negative: it starts that much later),
+        as far as the provider's queue can be told; from its submit if the job is not known."""
+        start = self.starts.start(job_id, self.planner.expected, now)
+        if start is None:
+            start = submitted_at if submitted_at is not None else now
+        return now - start
+
+    def finished(self, job_id: int, end: float, seconds: float) -> float:
+        """The job finished at ``end`` (``seconds`` after its submit): how long it ran, from its
+        start when that is known (a job that waited ran for less than it was out)."""
+        run = self.starts.finished(job_id, end, self.planner.expected)
+        return seconds if run is None else min(seconds, run)
 
     # ---- how long to wait ------------------------------------------------------------------------
 
@@ -194,12 +219,12 @@ class PollSchedule:
         of its jobs is probably done once one is seen done. Not a job waiting out a backoff or a
         Retry-After on purpose, nor one in ``skip`` (overdue)."""
         now = self.clock()
-        submitted = {job.id: job.submitted_at or now for job in jobs}
+        submitted = {job.id: job.submitted_at for job in jobs}
 
         def due(job_id: int) -> float | None:
             if job_id not in submitted or job_id in self._failures or job_id in skip:
                 return None
-            return now + self.planner.until_expected(max(0.0, now - submitted[job_id]))
+            return now + self.planner.until_expected(self.elapsed(job_id, now, submitted[job_id]))
 
         self.bring_forward(due)
 
@@ -234,6 +259,7 @@ class PollSchedule:
         duration (failed at once, timed out) hands its slot to the first of ``jobs`` not
         scouting yet, nor waiting out a backoff, nor in ``skip`` (overdue)."""
         self._failures.pop(job_id, None)
+        self.starts.gone(job_id, self.clock())
         if self._scouts.pop(job_id, None) is None or self.planner.expected is not None:
             return
         heir = next((j for j in jobs if j.id not in self._scouts and j.id not in self._failures
@@ -241,7 +267,7 @@ class PollSchedule:
         if heir is not None:
             self.enlist(heir.id)
             now = self.clock()
-            due = now + self.delay(heir.id, now - (heir.submitted_at or now))
+            due = now + self.delay(heir.id, self.elapsed(heir.id, now, heir.submitted_at))
             self.bring_forward(lambda job_id: due if job_id == heir.id else None)
 
     # ---- failed polls ----------------------------------------------------------------------------
