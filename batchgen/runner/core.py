@@ -168,8 +168,6 @@ class RunCore:
             move = self.cap.on_wait(position, in_flight)
         else:
             move = self.cap.on_start(cap_at_submit, in_flight)
-        # The provider's running limit, as the cap last saw it: when a job sent now starts.
-        self.polls.starts.limit = self.cap.limit
         if move is not None:
             self._tuned(str(move))
             if move.after > move.before:

@@ -136,7 +136,7 @@ class Polling(RunCore):
             return
         # Seen waiting, it starts later (when a slot frees for it) and is asked once it could
         # be done; seen running, so is every job sent before it.
-        self.polls.seen(job.id, status_now, now)
+        self.polls.seen(job.id, status_now, now, position)
         self._schedule(job, now + self._poll_delay(job, self.polls.elapsed(job.id, now, job.submitted_at)))
 
     async def _started_before(self, running: Job) -> None:

@@ -32,7 +32,9 @@ class PollPlanner:
     percent of its duration, instead of within a quarter (PollSchedule.replan then brings
     forward every job waiting for its first poll). Once it knows the median time the provider
     takes (its own created_at -> finished_at, so our polling lag does not inflate it), it polls a
-    hair after that moment, then, if the job is late, every twentieth of it. Polls from the
+    hair after that moment, then, if the job is late, at the middle of the longer times seen
+    (see next_delay). Times are counted from each job's start at the provider (PollSchedule's
+    ``starts``), not its submit: a job that waited in the queue takes no longer to run. Polls from the
     expected finish on go to /result (see polling.Polling._poll): most jobs then cost one call,
     and a finished job waits milliseconds, not seconds, for us to notice (which is what keeps a
     provider slot busy).
@@ -88,11 +90,13 @@ class PollPlanner:
             # that the expected duration is 0 (the "late" interval below is for a job that
             # was asked about and had not finished).
             return self.until_expected(elapsed)
-        # Late: every twentieth of the expected time, or half the lateness once that is more. A
-        # job far past the usual time most likely waited in the provider's queue first (it
-        # then runs a whole job's time from some moment we cannot see): asking it every
-        # twentieth would cost twenty calls per job's time of waiting.
-        return min(hi, max(0.05, expected * 0.05, (elapsed - expected) / 2))
+        # Late: at the middle of the run times seen that are longer than this one has run so
+        # far, so each poll finds about half of the late jobs done (times spread by ±20% cost
+        # two polls or so past the median, not one per twentieth); past all of them, after half
+        # the lateness. Never sooner than a twentieth of the expected time.
+        longer = self._sorted[bisect.bisect_right(self._sorted, elapsed):]
+        step = longer[len(longer) // 2] - elapsed if longer else (elapsed - expected) / 2
+        return min(hi, max(0.05, expected * 0.05, step))
 
     def until_expected(self, elapsed: float) -> float:
         """Delay until a hair after the expected finish of a job out for ``elapsed`` seconds (0
@@ -164,10 +168,11 @@ class PollSchedule:
         """The job's submit was answered at ``at`` (jobs in the order they were sent)."""
         self.starts.sent(job_id, at)
 
-    def seen(self, job_id: int, status: str, at: float) -> None:
-        """A poll found the job waiting ('in_queue') or running ('in_progress') at ``at``."""
+    def seen(self, job_id: int, status: str, at: float, position: int | None = None) -> None:
+        """A poll found the job waiting ('in_queue', at ``position`` if said) or running
+        ('in_progress') at ``at``."""
         if status == "in_queue":
-            self.starts.waiting(job_id, at)
+            self.starts.waiting(job_id, at, position)
         elif status == "in_progress":
             self.starts.running(job_id, at)
 
@@ -203,14 +208,36 @@ class PollSchedule:
 
     def observe(self, seconds: float, jobs: Iterable[Job], skip: Container[int]) -> bool:
         """A job took ``seconds``. If that is the first duration known, every poll planned
-        without it is brought forward (replan) for ``jobs`` (those at the provider) but ``skip``:
-        then True (polls moved earlier)."""
+        without it is brought forward (replan) for ``jobs`` (those at the provider) but ``skip``;
+        otherwise the polls of jobs waiting behind it may be (refit). True: polls may have
+        moved earlier."""
         first = self.planner.expected is None
         self.planner.observe(seconds)
         if first and self.planner.expected is not None:
             self.replan(jobs, skip)
             return True
-        return False
+        return self.refit(skip)
+
+    def refit(self, skip: Container[int]) -> bool:
+        """A job finished: the jobs waiting behind it at the provider start when it ended, which
+        may be sooner than planned. Each poll planned later than its job's expected end (from its
+        start now) comes forward to it; a job already past its expected end keeps its plan (its
+        late polls). Only once the account's limit is known: before, every job starts at its
+        submit, which no finish moves."""
+        expected = self.planner.expected
+        if expected is None or self.starts.limit is None:
+            return False
+        now = self.clock()
+        starts = self.starts.starts(expected, now)
+
+        def due(job_id: int) -> float | None:
+            start = starts.get(job_id)
+            if start is None or job_id in self._failures or job_id in skip or now - start >= expected:
+                return None
+            return now + self.planner.until_expected(now - start)
+
+        self.bring_forward(due)
+        return True
 
     def replan(self, jobs: Iterable[Job], skip: Container[int]) -> None:
         """The first duration is known: bring forward every poll planned without it (the first

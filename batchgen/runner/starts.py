@@ -12,7 +12,11 @@ run), ends on that clock too (the provider's own finish, shifted by its clock's 
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass
+
+# Sightings (a job seen waiting or running) kept to tell the account's limit: the latest few.
+SIGHTINGS = 16
 
 
 @dataclass
@@ -28,21 +32,51 @@ class Starts:
     each as the provider's rule gives it: job by job in that order, each starts at the earliest
     of the ``limit`` slots to free (a slot frees at its job's known end, or at its start plus
     ``run`` while it is out), not before it was sent or last seen waiting, and not after it was
-    seen running. With no limit known (no job has waited), every job starts when it was sent."""
+    seen running. With no limit known (no job has waited), every job starts when it was sent.
+
+    The limit is told by the jobs seen waiting: one seen waiting at position p at time t had
+    the account full, so the limit is the jobs sent before it and out at t, less the p - 1 of
+    them waiting ahead of it. Counted again whenever asked, with the ends known by then: a job
+    that had ended unseen at t counts at first, and no longer once its end is known (the cap's
+    own reading, taken at the moment, cannot be corrected so)."""
 
     def __init__(self) -> None:
-        self.limit: int | None = None  # the account's running limit, when a wait has shown it
         self._jobs: dict[int, _Out] = {}  # in the order sent
+        # (when, job id, position): seen waiting (position None: not said)
+        self._waits: deque[tuple[float, int, int | None]] = deque(maxlen=SIGHTINGS)
+        self._limit: int | None = None  # the last one told (kept when its sightings are gone)
 
     def sent(self, job_id: int, at: float) -> None:
         """A job was sent (its submit answered) at ``at``. Jobs must come in the order sent."""
         self._jobs[job_id] = _Out(at, at)
 
-    def waiting(self, job_id: int, at: float) -> None:
-        """The job was seen waiting in the provider's queue at ``at``: it starts later."""
+    def waiting(self, job_id: int, at: float, position: int | None = None) -> None:
+        """The job was seen waiting in the provider's queue at ``at`` (``position``: 1 is next
+        to start): it starts later, and the account was full."""
         out = self._jobs.get(job_id)
         if out is not None and out.running_by is None:
             out.after = max(out.after, at)
+            self._waits.append((at, job_id, position))
+
+    @property
+    def limit(self) -> int | None:
+        """The account's running limit as the jobs seen waiting tell it (None: none has waited)."""
+        told = None
+        oldest = self._oldest_out()
+        for at, job_id, position in self._waits:
+            if job_id not in self._jobs or at < oldest:
+                continue  # jobs out with it then may be forgotten (_forget_old)
+            out_ahead = 0
+            for other, o in self._jobs.items():
+                if other == job_id:
+                    break
+                if o.sent <= at and (o.end is None or o.end > at):
+                    out_ahead += 1
+            limit = max(1, out_ahead - max(0, (position or 1) - 1))
+            told = limit if told is None else min(told, limit)
+        if told is not None:
+            self._limit = told
+        return self._limit
 
     def running(self, job_id: int, at: float) -> None:
         """The job was seen running at ``at``; so was every job sent before it (started in order)."""
@@ -77,33 +111,41 @@ class Starts:
         so the starts of jobs that waited are not known either). ``now``: a job out not seen
         finished frees its slot no earlier than that (for plans; a run time learned leaves it
         out: it would put the start of a job after its own end)."""
-        out = self._jobs.get(job_id)
-        if out is None:
+        if job_id not in self._jobs:
             return None
-        if self.limit is None:
-            return min(out.after, out.running_by) if out.running_by is not None else out.after
+        return self.starts(run, now, until=job_id).get(job_id)
+
+    def starts(self, run: float | None, now: float | None = None, until: int | None = None) -> dict[int, float]:
+        """The start of every job known (see start), in one pass; up to ``until`` if given. A
+        job whose start is not known is left out (and so is every job after it)."""
+        limit = self.limit
+        found: dict[int, float] = {}
         slots: list[float] = []  # when each busy slot frees
-        for other, o in self._jobs.items():
-            start: float | None = o.after
-            if len(slots) >= self.limit:
-                free = heapq.heappop(slots)
-                start = max(o.after, free)
-            if o.running_by is not None and start is not None:
+        for job_id, o in self._jobs.items():
+            start = o.after
+            if limit is not None and len(slots) >= limit:
+                start = max(start, heapq.heappop(slots))
+            if o.running_by is not None:
                 start = min(start, o.running_by)
-            if other == job_id:
-                return start
+            found[job_id] = start
+            if job_id == until:
+                break
+            if limit is None:
+                continue
             if o.end is not None:
                 heapq.heappush(slots, o.end)
             elif run is None:
-                return None  # a job ahead has no end known nor expected
+                break  # a job ahead has no end known nor expected
             else:
-                assert start is not None
                 heapq.heappush(slots, start + run if now is None else max(now, start + run))
-        return None  # not reached: job_id is among the jobs
+        return found
+
+    def _oldest_out(self) -> float:
+        """When the oldest job still out was sent (infinity: none is out)."""
+        return min((o.sent for o in self._jobs.values() if o.end is None), default=float("inf"))
 
     def _forget_old(self) -> None:
-        sent_out = [o.sent for o in self._jobs.values() if o.end is None]
-        oldest = min(sent_out) if sent_out else float("inf")
+        oldest = self._oldest_out()
         for job_id in [j for j, o in self._jobs.items() if o.end is not None and o.end < oldest]:
             del self._jobs[job_id]
 
