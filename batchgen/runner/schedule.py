@@ -22,6 +22,10 @@ from .settings import RunSettings
 from .starts import Starts
 
 
+# Run times known before the late polls' least step halves (PollPlanner.next_delay).
+FEW_DURATIONS = 5
+
+
 class PollPlanner:
     """When to poll a job next: learns how long jobs take and polls just after the expected finish.
 
@@ -93,10 +97,13 @@ class PollPlanner:
         # Late: at the middle of the run times seen that are longer than this one has run so
         # far, so each poll finds about half of the late jobs done (times spread by ±20% cost
         # two polls or so past the median, not one per twentieth); past all of them, after half
-        # the lateness. Never sooner than a twentieth of the expected time.
+        # the lateness. Never sooner than a twentieth of the expected time, or a tenth while
+        # fewer than FEW_DURATIONS are known: the first known are the first finished, the
+        # shortest of their wave, so the others are late by as much as the spread.
         longer = self._sorted[bisect.bisect_right(self._sorted, elapsed):]
         step = longer[len(longer) // 2] - elapsed if longer else (elapsed - expected) / 2
-        return min(hi, max(0.05, expected * 0.05, step))
+        least = expected * (0.1 if len(self._sorted) < FEW_DURATIONS else 0.05)
+        return min(hi, max(0.05, least, step))
 
     def until_expected(self, elapsed: float) -> float:
         """Delay until a hair after the expected finish of a job out for ``elapsed`` seconds (0
