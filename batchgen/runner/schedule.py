@@ -21,7 +21,6 @@ from ..store import Job
 from .settings import RunSettings
 from .starts import Starts
 
-
 # Run times known before the late polls' least step halves (PollPlanner.next_delay).
 FEW_DURATIONS = 5
 
