@@ -317,3 +317,24 @@ def test_late_polls_follow_the_spread_of_run_times(observed, elapsed, expected):
     for seconds in observed:
         planner.observe(seconds)
     assert planner.next_delay(elapsed) == pytest.approx(expected)
+
+
+def test_starts_keep_a_bounded_record_while_one_job_stays_out(monkeypatch):
+    # One job stuck at the provider for hours: the jobs finished since are forgotten past KEEP,
+    # and a sighting they could have been out for no longer tells the limit.
+    from batchgen.runner import starts as starts_module
+
+    monkeypatch.setattr(starts_module, "KEEP", 8)
+    starts = Starts()
+    starts.sent(0, 0.0)  # stuck
+    for j in range(1, 4):
+        starts.sent(j, 0.0)
+    starts.sent(4, 0.5)
+    starts.waiting(4, 1.0, 1)
+    assert starts.limit == 4
+    for j in range(5, 40):
+        starts.sent(j, float(j))
+        starts.finished(j, j + 0.5, 5.0)
+    assert len(starts) <= 8
+    assert starts.limit == 4  # its sighting's jobs are forgotten: the last count stands
+    assert starts.start(0, 5.0) == 0.0

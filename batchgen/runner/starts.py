@@ -15,8 +15,12 @@ import heapq
 from collections import deque
 from dataclasses import dataclass
 
-# Sightings (a job seen waiting or running) kept to tell the account's limit: the latest few.
+# Sightings (a job seen waiting) kept to tell the account's limit: the latest few.
 SIGHTINGS = 16
+# Most jobs kept: past it the oldest finished are forgotten even while an older job is still out
+# (one job stuck for hours would otherwise keep every job finished since, and each plan reads
+# them all).
+KEEP = 1024
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Starts:
         # (when, job id, position): seen waiting (position None: not said)
         self._waits: deque[tuple[float, int, int | None]] = deque(maxlen=SIGHTINGS)
         self._limit: int | None = None  # the last one told (kept when its sightings are gone)
+        self._stale = False  # a sighting or an end came since the limit was last counted
+        self._forgotten_end = float("-inf")  # the latest end of a job forgotten
 
     def sent(self, job_id: int, at: float) -> None:
         """A job was sent (its submit answered) at ``at``. Jobs must come in the order sent."""
@@ -57,15 +63,18 @@ class Starts:
         if out is not None and out.running_by is None:
             out.after = max(out.after, at)
             self._waits.append((at, job_id, position))
+            self._stale = True
 
     @property
     def limit(self) -> int | None:
         """The account's running limit as the jobs seen waiting tell it (None: none has waited)."""
+        if not self._stale:
+            return self._limit
+        self._stale = False
         told = None
-        oldest = self._oldest_out()
         for at, job_id, position in self._waits:
-            if job_id not in self._jobs or at < oldest:
-                continue  # jobs out with it then may be forgotten (_forget_old)
+            if job_id not in self._jobs or at < self._forgotten_end:
+                continue  # a job out with it then may be forgotten: it would not be counted
             out_ahead = 0
             for other, o in self._jobs.items():
                 if other == job_id:
@@ -96,6 +105,7 @@ class Starts:
             return None
         start = self.start(job_id, run)
         out.end = end
+        self._stale = True
         self._forget_old()
         return None if start is None else max(0.0, end - start)
 
@@ -104,6 +114,7 @@ class Starts:
         out = self._jobs.get(job_id)
         if out is not None and out.end is None:
             out.end = at
+            self._stale = True
             self._forget_old()
 
     def start(self, job_id: int, run: float | None, now: float | None = None) -> float | None:
@@ -111,8 +122,11 @@ class Starts:
         so the starts of jobs that waited are not known either). ``now``: a job out not seen
         finished frees its slot no earlier than that (for plans; a run time learned leaves it
         out: it would put the start of a job after its own end)."""
-        if job_id not in self._jobs:
+        out = self._jobs.get(job_id)
+        if out is None:
             return None
+        if self.limit is None:  # every job starts when sent (or last seen waiting)
+            return out.after if out.running_by is None else min(out.after, out.running_by)
         return self.starts(run, now, until=job_id).get(job_id)
 
     def starts(self, run: float | None, now: float | None = None, until: int | None = None) -> dict[int, float]:
@@ -146,8 +160,12 @@ class Starts:
 
     def _forget_old(self) -> None:
         oldest = self._oldest_out()
-        for job_id in [j for j, o in self._jobs.items() if o.end is not None and o.end < oldest]:
-            del self._jobs[job_id]
+        old = [j for j, o in self._jobs.items() if o.end is not None and o.end < oldest]
+        ended = [j for j, o in self._jobs.items() if o.end is not None]
+        for job_id in set(old) | set(ended[:max(0, len(self._jobs) - KEEP)]):
+            end = self._jobs.pop(job_id).end
+            assert end is not None
+            self._forgotten_end = max(self._forgotten_end, end)
 
     def __len__(self) -> int:
         return len(self._jobs)
