@@ -431,7 +431,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                         on_event=on_event,
                         price_estimate=price,
                         # A --simulate run's simulator listens on a new port each time: one API.
-                        api_key="simulator" if opts.target.simulate else None,
+                        api_key=cap_key(opts.target),
                     )
                     if on_runner is not None:
                         on_runner(runner)
@@ -854,6 +854,7 @@ class PlanReport:
     random_seed: int = 0  # jobs to submit repeating earlier requests with a random seed
     balance: BalanceInfo | None = None  # with a token, not under --simulate
     fixed: list[str] = field(default_factory=list)  # plan --fix: the copies made, what each changed
+    learned_cap: int | None = None  # the cap --concurrency auto found for the model at this API
 
     @property
     def estimated_cost(self) -> float | None:
@@ -867,6 +868,19 @@ class PlanReport:
         if self.median_run_s is None or not self.to_submit:
             return None
         return -(-self.to_submit // max(1, concurrency)) * self.median_run_s
+
+    def concurrency(self, auto: bool, limit: int) -> int | None:
+        """Jobs at once a run would keep out: ``limit`` when fixed; with auto (``limit`` its
+        ceiling), the cap an earlier run found for the model at this API (None: none yet)."""
+        if not auto:
+            return limit
+        return None if self.learned_cap is None else min(limit, self.learned_cap)
+
+
+def cap_key(target: Target) -> str:
+    """Where a cap --concurrency auto found is kept: per API (the simulator of a --simulate run
+    is one API whatever its port), the API's base URL as the client has it."""
+    return "simulator" if target.simulate else resolve_api_url(target)
 
 
 async def plan(opts: RunOptions) -> PlanReport:
@@ -916,16 +930,19 @@ async def plan(opts: RunOptions) -> PlanReport:
             reusable = sum(1 for k in elsewhere if k in seeded)
             random_seed = len(elsewhere) - reusable
             _, runs, _ = await store.timings(manifest.name)
+            learned_cap = await store.learned_cap([manifest.model_id], cap_key(opts.target))
             import statistics  # see status()
 
             median_run = statistics.median(runs) if runs else None
     else:
         existing = set()
         reusable = random_seed = 0
+        learned_cap = None
     report = PlanReport(manifest.name, manifest.model_id, len(keys), manifest.duplicates,
                         len(keys) - sum(recorded.values()), recorded, price, median_run, price_unit=unit,
                         schema_origin=schema.origin if schema else "", balance=balance,
-                        reusable=reusable, random_seed=random_seed, fixed=result.fixed)
+                        reusable=reusable, random_seed=random_seed, fixed=result.fixed,
+                        learned_cap=learned_cap)
     if price is not None:
         submit = [k for k in keys if k not in existing or k in waiting]
         each = [costs.get(k) for k in submit] if unit == "second" else [job_price(price, unit, {})] * len(submit)

@@ -351,8 +351,7 @@ def run(manifest: Path | None, schema: Path | None, batch: str | None, dry_run: 
         opts = app.RunOptions(workdir=kw["workdir"], manifest=manifest, batch=batch, schema=schema,
                               no_schema=no_schema, max_expand=max_expand, fix=fix_options,
                               target=_target(kw["api_url"], kw["simulate"], (), kw["balance_url"]))
-        auto, concurrency = _concurrency(kw["concurrency"])
-        _show_plan(opts, C.DEFAULT_CONCURRENCY if auto else concurrency)
+        _show_plan(opts, *_concurrency(kw["concurrency"]))
         return
     _execute_run(kw, manifest=manifest, schema=schema, batch=batch, no_schema=no_schema, max_expand=max_expand,
                  reuse=reuse, fix=fix_options)
@@ -734,14 +733,15 @@ def validate(manifest: Path, schema: Path | None, workdir: Path, api_url: str | 
 @click.option("--schema", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Model schema file to validate against.")
 @click.option("--batch", help="Batch name (default: the manifest's name, or its file name).")
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=C.DEFAULT_CONCURRENCY,
-              show_default=True, help="The concurrency the run would use (for the duration estimate).")
+@click.option("--concurrency", "-c", default="auto", show_default=True, metavar="auto[:N]|N",
+              help="The concurrency the run would use (for the duration estimate): auto, the cap an "
+                   "earlier run found for the model at this API.")
 @no_schema_option
 @max_expand_option
 @_fix_options("--fix")
 @click.option("--verbose", "-v", count=True, help="More detail (-vv for debug).")
 def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim_faults: tuple[str, ...],
-         balance_url: str | None, schema: Path | None, batch: str | None, concurrency: int, no_schema: bool,
+         balance_url: str | None, schema: Path | None, batch: str | None, concurrency: str, no_schema: bool,
          max_expand: int, fix: bool, upscale: bool, fix_ratio: str | None, verbose: int) -> None:
     """Show what `batchgen run MANIFEST` would do: jobs in the manifest, how many are new and how
     many already recorded, estimated cost and duration, and (with an API token) the account's
@@ -751,13 +751,14 @@ def plan(manifest: Path, workdir: Path, api_url: str | None, simulate: bool, sim
     Example:
       batchgen plan sample_manifests/quickstart.yaml --simulate
     """
-    kw: dict[str, Any] = {"workdir": workdir, "api_url": api_url, "balance_url": balance_url}
+    kw: dict[str, Any] = {"workdir": workdir, "api_url": api_url, "balance_url": balance_url,
+                          "concurrency": concurrency}
     _apply_config(kw)
     _setup_logging(verbose, False)
     opts = app.RunOptions(workdir=workdir, manifest=manifest, batch=batch, schema=schema, no_schema=no_schema,
                           max_expand=max_expand, fix=_fix("--fix", fix, upscale, fix_ratio),
                           target=_target(kw["api_url"], simulate, sim_faults, kw["balance_url"]))
-    _show_plan(opts, concurrency)
+    _show_plan(opts, *_concurrency(kw["concurrency"]))
 
 
 def _echo_fixed(changes: list[str]) -> None:
@@ -766,7 +767,7 @@ def _echo_fixed(changes: list[str]) -> None:
         click.echo(f"fixed {printable(change)}")
 
 
-def _show_plan(opts: app.RunOptions, concurrency: int) -> None:
+def _show_plan(opts: app.RunOptions, auto: bool, limit: int) -> None:
     p = _run_async(app.plan(opts))
     _echo_fixed(p.fixed)
     dup = f", {p.duplicates} duplicate row(s) collapsed" if p.duplicates else ""
@@ -801,13 +802,21 @@ def _show_plan(opts: app.RunOptions, concurrency: int) -> None:
         click.echo(f"  {line}")
         if warning:
             click.echo(f"warning: {printable(warning)}", err=True)
-    duration = p.estimated_duration(concurrency)
+    concurrency = p.concurrency(auto, limit)
+    # auto with no cap learned yet: it starts small and finds the account's limit; estimated at
+    # the fixed default meanwhile, and said so.
+    duration = p.estimated_duration(concurrency or C.DEFAULT_CONCURRENCY)
     if not p.to_submit:
         text = "nothing to submit"
     elif duration is None:
         text = "unknown until jobs of this batch have run"
-    else:
+    elif not auto:
         text = f"{duration / 60:.1f} min at --concurrency {concurrency}"
+    elif concurrency is not None:
+        text = f"{duration / 60:.1f} min at {concurrency} at once (the cap --concurrency auto found for this model)"
+    else:
+        text = (f"{duration / 60:.1f} min at {C.DEFAULT_CONCURRENCY} at once (--concurrency auto has found no cap "
+                "for this model at this API yet: the account may run more)")
     click.echo(f"  estimated duration: {text}")
 
 

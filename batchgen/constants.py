@@ -83,9 +83,10 @@ AUTO_HEADROOM_DIVISOR = 4
 # a provider that takes longer to start jobs that have room makes the cap grow by one at a time
 # instead (a tester seen waiting at position 1), never flood.
 AUTO_PROBE_DELAY = 0.15
-# Once the slow start is over, a tester at most this often: the cap then only follows changes
-# of the account's limit (or of other work on it), and a tester per job would cost a /status
-# call per job for that.
+# Once the slow start is over, a tester at most this often, or once per expected run time when
+# that is longer: the cap then only follows changes of the account's limit (or of other work on
+# it), and a tester per job would cost a /status call per job for that (a small batch of long
+# jobs: most of its polling budget of 3 calls a job).
 AUTO_STEADY_TEST_EVERY = 1.0
 # Output downloads at once: they go to storage hosts, not the API, so they have their own limit.
 DEFAULT_DOWNLOAD_CONCURRENCY = 4

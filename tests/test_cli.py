@@ -556,3 +556,29 @@ def test_a_config_key_typo_gets_a_did_you_mean(samples, typo, meant):
     result = cli("--config", "batchgen.toml", "run", str(samples / "plain.csv"), "--simulate")
     assert result.exit_code == 2
     assert f"unknown setting '{typo}' (did you mean '{meant}'?)" in result.output
+
+
+def test_plan_estimates_auto_at_the_cap_learned_for_the_model(done, samples):
+    # Issue 17: with --concurrency auto (the default), the estimate uses the cap an earlier run
+    # found for the model at this API, not the fixed default; a number is used as given.
+    import asyncio
+
+    from batchgen.store import Store
+
+    async def learn(cap: int) -> None:
+        async with await Store.open(samples.parent / "jobs" / "simulated" / "batchgen.sqlite3") as store:
+            await store.remember_cap(["bytedance/dreamina-3-0/pro/image-to-video"], "simulator", cap, True)
+
+    quick = samples / "quickstart.yaml"
+    quick.write_text(quick.read_text().replace("seed: 42", "seed: 43"))  # 6 new jobs of a batch that ran
+    asyncio.run(learn(3))
+    plan = cli("plan", str(quick), "--simulate").output
+    minutes = re.search(r"estimated duration: ([\d.]+) min at 3 at once \(the cap --concurrency auto found", plan)
+    assert minutes, plan
+    two = cli("plan", str(quick), "--simulate", "-c", "2").output
+    assert re.search(r"estimated duration: [\d.]+ min at --concurrency 2$", two, re.M), two
+    ceiling = cli("run", str(quick), "--simulate", "--dry-run", "-c", "auto:1").output
+    assert "min at 1 at once (the cap --concurrency auto found" in ceiling, ceiling
+    # two rounds of jobs at 3 at once, against three at 2 and six at 1
+    one_round = float(minutes.group(1)) / 2
+    assert float(re.search(r"([\d.]+) min at --concurrency 2", two).group(1)) == pytest.approx(3 * one_round, abs=0.06)

@@ -10,6 +10,7 @@ from batchgen import store as S
 from batchgen.client import Result
 from batchgen.runner import PollPlanner, PollSchedule, RunSettings
 from batchgen.runner.collecting import duration_of
+from batchgen.runner.starts import Starts
 
 
 class Clock:
@@ -138,7 +139,7 @@ def test_a_duration_is_read_from_the_providers_timestamps_unless_they_are_absurd
         ([], 200.0, 30.0),  # ... capped
         ([3.0, 3.0, 3.0], 0.0, 3.006),  # learned: a hair after the expected finish
         ([3.0, 3.0, 3.0], 2.0, 1.006),
-        ([3.0, 3.0, 3.0], 3.1, 0.15),  # late: every twentieth of the expected time ...
+        ([3.0, 3.0, 3.0], 3.1, 0.3),  # late: every tenth of the expected time while few are known ...
         ([3.0, 3.0, 3.0], 5.0, 1.0),  # ... or half the lateness, once more (it likely waited first)
         ([3.0, 3.0, 3.0], 100.0, 30.0),  # ... capped
         ([0.0, 0.0], 0.0, 0.002),  # instant jobs: poll almost at once after the submit ...
@@ -211,3 +212,129 @@ def test_scout_delay_is_never_zero_at_one_of_its_own_moments():
             if planner.scout_delay(moment, phase) <= 0.0:
                 zero.append((slot, k))
     assert not zero, f"{len(zero)} moments give a 0 delay, e.g. {zero[:5]}"
+
+
+# --- Starts: when each job starts at the provider ---------------------------------------------------
+
+
+def _starts(script):
+    """Starts after a script of (what, job, at[, position or end]) steps."""
+    starts = Starts()
+    for step in script:
+        what, job, at, *more = step
+        if what == "sent":
+            starts.sent(job, at)
+        elif what == "waiting":
+            starts.waiting(job, at, *more)
+        elif what == "running":
+            starts.running(job, at)
+        elif what == "finished":
+            starts.finished(job, at, 5.0)
+        elif what == "gone":
+            starts.gone(job, at)
+    return starts
+
+
+FOUR_OUT = [("sent", j, 0.0) for j in range(1, 5)]
+
+
+@pytest.mark.parametrize(
+    ("script", "job", "now", "start", "limit"),
+    [
+        # no job has waited: every job starts when it was sent
+        ([*FOUR_OUT, ("sent", 5, 1.0)], 5, None, 1.0, None),
+        # seen waiting at 2.0: not before then (limit told: 4 sent before it, out, none waiting ahead)
+        ([*FOUR_OUT, ("sent", 5, 1.0), ("waiting", 5, 2.0, 1)], 5, None, 5.0, 4),
+        # ... and the sixth waits for the second slot to free (each of the first four ends at 5.0)
+        ([*FOUR_OUT, ("sent", 5, 1.0), ("waiting", 5, 2.0, 1), ("sent", 6, 2.5)], 6, None, 5.0, 4),
+        # a job that ended early frees its slot then: the one behind starts at that end
+        ([*FOUR_OUT, ("sent", 5, 1.0), ("waiting", 5, 2.0, 1), ("finished", 2, 3.0)], 5, None, 3.0, 4),
+        # an end known later shows that a job counted out at the sighting was done: the limit
+        # is counted again (here 3: job 4 had ended before job 5 was seen waiting)
+        ([*FOUR_OUT, ("sent", 5, 1.0), ("waiting", 5, 2.0, 1), ("finished", 4, 1.5)], 5, None, 2.0, 3),
+        # position 2: one of the jobs ahead is waiting too, so one fewer runs
+        ([*FOUR_OUT, ("sent", 5, 1.0), ("sent", 6, 1.0), ("waiting", 6, 2.0, 2)], 6, None, 5.0, 4),
+        # seen running at 3.0: started by then, whatever the slots say; so did every job before it
+        ([*FOUR_OUT, ("sent", 5, 1.0), ("waiting", 5, 2.0, 1), ("sent", 6, 2.0), ("running", 6, 3.0)], 5, None, 3.0, 4),
+        # a plan (now given): a job out past its expected end frees its slot no earlier than now
+        ([*FOUR_OUT, ("sent", 5, 1.0), ("waiting", 5, 2.0, 1)], 5, 7.0, 7.0, 4),
+        # a job that left with nothing learned (failed) frees its slot when it left
+        ([*FOUR_OUT, ("sent", 5, 1.0), ("waiting", 5, 2.0, 1), ("gone", 1, 2.5)], 5, None, 2.5, 4),
+    ],
+)
+def test_starts(script, job, now, start, limit):
+    starts = _starts(script)
+    assert starts.start(job, 5.0, now) == pytest.approx(start)
+    assert starts.limit == limit
+
+
+def test_starts_learn_the_run_time_from_the_start_and_forget_old_jobs():
+    starts = _starts([*FOUR_OUT, ("sent", 5, 1.0), ("waiting", 5, 2.0, 1)])
+    assert starts.start(5, None) is None  # the jobs ahead have no end known nor expected
+    assert [starts.finished(j, 4.0 + j / 10, 5.0) for j in (1, 2)] == pytest.approx([4.1, 4.2])
+    # job 5 waited: it started when job 1 ended (4.1), so it ran 5.0 s, not the 8.1 s it was out
+    assert starts.finished(5, 9.1, 5.0) == pytest.approx(5.0)
+    assert starts.limit == 4  # remembered after its sighting's jobs are forgotten
+    starts.finished(3, 9.2, 5.0)
+    starts.finished(4, 9.3, 5.0)
+    assert len(starts) == 0  # nothing out: every job ended before any job out was sent
+    assert starts.finished(99, 1.0, 5.0) is None  # not known
+
+
+def test_a_finish_brings_forward_the_poll_of_the_job_that_starts_behind_it():
+    clock = Clock(0.0)
+    polls = PollSchedule(RunSettings(), clock)
+    polls.planner.observe(5.0)
+    for j in range(1, 6):
+        polls.sent(j, 0.0)
+        polls.plan(j, 5.01)
+    polls.seen(5, "in_queue", 0.5, 1)  # the account runs 4: job 5 starts when one of them ends
+    polls.plan(5, 10.01)
+    clock.now = 2.0
+    assert polls.elapsed(5, clock.now, 0.0) == pytest.approx(2.0 - 5.0)  # starts in 3 s
+    assert polls.finished(2, 2.0, 2.0) == pytest.approx(2.0)
+    # job 2 ended at 2.0 (a run time learned as 5.0 here, so that no other plan moves): job 5
+    # starts then
+    assert polls.observe(5.0, [], skip=set())
+    assert polls.planned()[5] == pytest.approx(2.0 + polls.planner.until_expected(0.0))
+    assert polls.planned()[1] == 5.01  # the others keep their plans
+
+
+@pytest.mark.parametrize(
+    ("observed", "elapsed", "expected"),
+    [
+        # late, with longer run times seen: at the middle of those longer than it has run
+        ([4.0, 4.5, 5.0, 5.5, 6.0, 6.5], 5.3, 6.0 - 5.3),
+        ([4.0, 4.5, 5.0, 5.5, 6.0, 6.5], 6.2, 6.5 - 6.2),
+        # ... never sooner than a twentieth of the expected time
+        ([4.0, 4.5, 5.0, 5.0, 5.01, 5.02], 5.0, 0.25),
+        # fewer than five known: the first known are the shortest; at least a tenth
+        ([4.0], 4.1, 0.4),
+    ],
+)
+def test_late_polls_follow_the_spread_of_run_times(observed, elapsed, expected):
+    planner = PollPlanner(RunSettings())
+    for seconds in observed:
+        planner.observe(seconds)
+    assert planner.next_delay(elapsed) == pytest.approx(expected)
+
+
+def test_starts_keep_a_bounded_record_while_one_job_stays_out(monkeypatch):
+    # One job stuck at the provider for hours: the jobs finished since are forgotten past KEEP,
+    # and a sighting they could have been out for no longer tells the limit.
+    from batchgen.runner import starts as starts_module
+
+    monkeypatch.setattr(starts_module, "KEEP", 8)
+    starts = Starts()
+    starts.sent(0, 0.0)  # stuck
+    for j in range(1, 4):
+        starts.sent(j, 0.0)
+    starts.sent(4, 0.5)
+    starts.waiting(4, 1.0, 1)
+    assert starts.limit == 4
+    for j in range(5, 40):
+        starts.sent(j, float(j))
+        starts.finished(j, j + 0.5, 5.0)
+    assert len(starts) <= 8
+    assert starts.limit == 4  # its sighting's jobs are forgotten: the last count stands
+    assert starts.start(0, 5.0) == 0.0

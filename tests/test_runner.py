@@ -23,7 +23,7 @@ from batchgen import constants as C
 from batchgen import store as S
 from batchgen.errors import AccountError
 from batchgen.retry import RetryPolicy
-from batchgen.runner import StopReason
+from batchgen.runner import RunSettings, StopReason
 from batchgen.simulator import SimConfig, Simulator
 from batchgen.store import SqliteStore, Store
 
@@ -658,3 +658,33 @@ async def test_jobs_running_at_the_provider_count_as_running_not_queued(simulato
             if job.request_id in inferred:
                 states = [state for _t, _from, state, _d in await events(store, job.id)]
                 assert S.IN_PROGRESS in states and states[-1] == S.SUCCEEDED, states
+
+
+# --- polling economy (issue 17): at most 3 status/result calls a job plus 20 a run ---------------
+
+
+async def _economy(simulator, tmp_path, n: int, **sim_config) -> tuple[int, dict[str, int], Simulator]:
+    """A run of ``n`` jobs of 5 s as a user starts it (no flag: --concurrency auto, the default
+    request rate and poll settings): the status and result calls the simulator counted."""
+    sim = await simulator(duration=5.0, seed=1, **sim_config)
+    opts = app.RunOptions(workdir=tmp_path / "work", manifest=manifest(tmp_path, sim, n),
+                          target=app.Target(api_url=sim.base_url, token="t"),
+                          settings=RunSettings(concurrency=C.AUTO_CEILING, auto_concurrency=True))
+    out = await app.run(opts)
+    assert out.counts == {"b": {"succeeded": n}}
+    calls = sim.requests()["calls"]
+    return calls["status"] + calls["result"], calls, sim
+
+
+async def test_ten_jobs_of_5s_cost_at_most_3_calls_a_job_plus_20(simulator, tmp_path):
+    made, calls, _ = await _economy(simulator, tmp_path, 10, concurrency=16)
+    assert calls["result"] >= 10 and made <= 3 * 10 + 20, calls
+
+
+async def test_jobs_that_wait_in_the_providers_queue_cost_no_more(simulator, tmp_path):
+    # An account running 4, 12 jobs of 5 s ± 20%: most jobs wait in the provider's queue first
+    # and then run a whole run time. Counted from its submit, such a job was asked about again
+    # and again until it finished (5-8 calls a job); counted from its start at the provider
+    # (the jobs sent before it, the slots they free), it costs about two.
+    made, calls, sim = await _economy(simulator, tmp_path, 12, concurrency=4, duration_jitter=0.2)
+    assert sim.max_waiting >= 1 and made <= 3 * 12 + 20, calls

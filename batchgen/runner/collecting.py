@@ -69,8 +69,12 @@ class Collecting(RunCore):
 
     def _observe_duration(self, job: Job, result: Result, now: float) -> None:
         seconds = duration_of(result, job.submitted_at, now)
+        if seconds is None:
+            return
+        # Run time, from its start at the provider: a job that waited in its queue was out longer.
+        run = self.polls.finished(job.id, (job.submitted_at or now) + seconds, seconds)
         # The first duration known brings forward every poll planned without it.
-        if seconds is not None and self.polls.observe(seconds, self._followed.values(), self._overdue):
+        if self.polls.observe(run, self._followed.values(), self._overdue):
             self._wake.set()
 
     async def _record_result(self, job: Job, outputs: list[tuple[str, str]], cost: float | None,

@@ -67,7 +67,9 @@ class Polling(RunCore):
             return
         rid = job.request_id
         expected = self.polls.planner.expected
-        elapsed = time.time() - (job.submitted_at or time.time())
+        # From its start at the provider (polls.elapsed): a job that waited in its queue runs
+        # a whole run time from there, not from its submit.
+        elapsed = self.polls.elapsed(job.id, time.time(), job.submitted_at)
         paced = True
         limiter = self.client.limiter
         if expected is None and self.polls.is_scout(job.id) and limiter is not None:
@@ -128,16 +130,13 @@ class Polling(RunCore):
             await self._started_before(job)
         elif status_now == IN_QUEUE and position is not None and position != job.queue_position:
             await self.store.update_fields(job, queue_position=position)
-        elapsed = now - (job.submitted_at or now)
         if self._past_timeout(job, now):
             await self._time_out(job, f"its last status was {status_now!r}")
             return
-        delay = self._poll_delay(job, elapsed)
-        shortest = self.polls.planner.shortest
-        if status_now == IN_QUEUE and shortest:
-            # Still waiting: it has a whole run ahead of it, at least the shortest seen.
-            delay = max(delay, min(shortest, self.settings.max_poll_interval))
-        self._schedule(job, now + delay)
+        # Seen waiting, it starts later (when a slot frees for it) and is asked once it could
+        # be done; seen running, so is every job sent before it.
+        self.polls.seen(job.id, status_now, now, position)
+        self._schedule(job, now + self._poll_delay(job, self.polls.elapsed(job.id, now, job.submitted_at)))
 
     async def _started_before(self, running: Job) -> None:
         """The provider says ``running`` runs: every job sent before it that we still count as

@@ -28,7 +28,8 @@ class Recovery(RunCore):
         for job in await self.store.recover_interrupted(self._batches):
             self._finished(job, "submit interrupted by an earlier run; outcome unknown")
         now = time.time()
-        for job in await self.store.jobs(self._batches, FOLLOWED):
+        # In the order they were sent: the provider starts them in that order (polls.sent).
+        for job in sorted(await self.store.jobs(self._batches, FOLLOWED), key=lambda j: j.submitted_at or 0.0):
             if job.state == OVERDUE:
                 # Given up on by an earlier run, but it may still be delivered: asked at once (the
                 # run waits for that answer), then at the slow pace while the run has other work.
@@ -43,6 +44,7 @@ class Recovery(RunCore):
             self._followed[job.id] = job
             self._from_earlier_run.add(job.id)
             self.polls.enlist(job.id)
+            self.polls.sent(job.id, job.submitted_at or now)
             self._schedule(job, now)
         await self._check_unflushed()
         for job in await self.store.jobs(self._batches, [DOWNLOADING]):

@@ -19,6 +19,10 @@ from collections.abc import Callable, Container, Iterable
 from .. import constants
 from ..store import Job
 from .settings import RunSettings
+from .starts import Starts
+
+# Run times known before the late polls' least step halves (PollPlanner.next_delay).
+FEW_DURATIONS = 5
 
 
 class PollPlanner:
@@ -31,7 +35,9 @@ class PollPlanner:
     percent of its duration, instead of within a quarter (PollSchedule.replan then brings
     forward every job waiting for its first poll). Once it knows the median time the provider
     takes (its own created_at -> finished_at, so our polling lag does not inflate it), it polls a
-    hair after that moment, then, if the job is late, every twentieth of it. Polls from the
+    hair after that moment, then, if the job is late, at the middle of the longer times seen
+    (see next_delay). Times are counted from each job's start at the provider (PollSchedule's
+    ``starts``), not its submit: a job that waited in the queue takes no longer to run. Polls from the
     expected finish on go to /result (see polling.Polling._poll): most jobs then cost one call,
     and a finished job waits milliseconds, not seconds, for us to notice (which is what keeps a
     provider slot busy).
@@ -87,17 +93,16 @@ class PollPlanner:
             # that the expected duration is 0 (the "late" interval below is for a job that
             # was asked about and had not finished).
             return self.until_expected(elapsed)
-        # Late: every twentieth of the expected time, or half the lateness once that is more. A
-        # job far past the usual time most likely waited in the provider's queue first (it
-        # then runs a whole job's time from some moment we cannot see): asking it every
-        # twentieth would cost twenty calls per job's time of waiting.
-        return min(hi, max(0.05, expected * 0.05, (elapsed - expected) / 2))
-
-    @property
-    def shortest(self) -> float | None:
-        """The shortest time a job took, of those observed: the least a job still waiting in
-        the provider's queue has yet to take."""
-        return self._sorted[0] if self._sorted else None
+        # Late: at the middle of the run times seen that are longer than this one has run so
+        # far, so each poll finds about half of the late jobs done (times spread by ±20% cost
+        # two polls or so past the median, not one per twentieth); past all of them, after half
+        # the lateness. Never sooner than a twentieth of the expected time, or a tenth while
+        # fewer than FEW_DURATIONS are known: the first known are the first finished, the
+        # shortest of their wave, so the others are late by as much as the spread.
+        longer = self._sorted[bisect.bisect_right(self._sorted, elapsed):]
+        step = longer[len(longer) // 2] - elapsed if longer else (elapsed - expected) / 2
+        least = expected * (0.1 if len(self._sorted) < FEW_DURATIONS else 0.05)
+        return min(hi, max(0.05, least, step))
 
     def until_expected(self, elapsed: float) -> float:
         """Delay until a hair after the expected finish of a job out for ``elapsed`` seconds (0
@@ -129,6 +134,9 @@ class PollSchedule:
         self._scout_count = constants.SCOUTS
         self._scout_first = constants.SCOUT_FIRST_POLL
         self._failures: dict[int, int] = {}  # job id -> polls failed in a row
+        # When each job started at the provider, or will (a job waits in its queue first when
+        # the account runs fewer than we send): polls are planned from there.
+        self.starts = Starts()
 
     # ---- the plan ------------------------------------------------------------------------------
 
@@ -160,6 +168,34 @@ class PollSchedule:
         heapq.heapify(heap)
         self._heap = heap
 
+    # ---- starts at the provider -----------------------------------------------------------------
+
+    def sent(self, job_id: int, at: float) -> None:
+        """The job's submit was answered at ``at`` (jobs in the order they were sent)."""
+        self.starts.sent(job_id, at)
+
+    def seen(self, job_id: int, status: str, at: float, position: int | None = None) -> None:
+        """A poll found the job waiting ('in_queue', at ``position`` if said) or running
+        ('in_progress') at ``at``."""
+        if status == "in_queue":
+            self.starts.waiting(job_id, at, position)
+        elif status == "in_progress":
+            self.starts.running(job_id, at)
+
+    def elapsed(self, job_id: int, now: float, submitted_at: float | None) -> float:
+        """How long the job has been running at ``now`` (negative: it starts that much later),
+        as far as the provider's queue can be told; from its submit if the job is not known."""
+        start = self.starts.start(job_id, self.planner.expected, now)
+        if start is None:
+            start = submitted_at if submitted_at is not None else now
+        return now - start
+
+    def finished(self, job_id: int, end: float, seconds: float) -> float:
+        """The job finished at ``end`` (``seconds`` after its submit): how long it ran, from its
+        start when that is known (a job that waited ran for less than it was out)."""
+        run = self.starts.finished(job_id, end, self.planner.expected)
+        return seconds if run is None else min(seconds, run)
+
     # ---- how long to wait ------------------------------------------------------------------------
 
     def delay(self, job_id: int, elapsed: float) -> float:
@@ -178,14 +214,36 @@ class PollSchedule:
 
     def observe(self, seconds: float, jobs: Iterable[Job], skip: Container[int]) -> bool:
         """A job took ``seconds``. If that is the first duration known, every poll planned
-        without it is brought forward (replan) for ``jobs`` (those at the provider) but ``skip``:
-        then True (polls moved earlier)."""
+        without it is brought forward (replan) for ``jobs`` (those at the provider) but ``skip``;
+        otherwise the polls of jobs waiting behind it may be (refit). True: polls may have
+        moved earlier."""
         first = self.planner.expected is None
         self.planner.observe(seconds)
         if first and self.planner.expected is not None:
             self.replan(jobs, skip)
             return True
-        return False
+        return self.refit(skip)
+
+    def refit(self, skip: Container[int]) -> bool:
+        """A job finished: the jobs waiting behind it at the provider start when it ended, which
+        may be sooner than planned. Each poll planned later than its job's expected end (from its
+        start now) comes forward to it; a job already past its expected end keeps its plan (its
+        late polls). Only once the account's limit is known: before, every job starts at its
+        submit, which no finish moves."""
+        expected = self.planner.expected
+        if expected is None or self.starts.limit is None:
+            return False
+        now = self.clock()
+        starts = self.starts.starts(expected, now)
+
+        def due(job_id: int) -> float | None:
+            start = starts.get(job_id)
+            if start is None or job_id in self._failures or job_id in skip or now - start >= expected:
+                return None
+            return now + self.planner.until_expected(now - start)
+
+        self.bring_forward(due)
+        return True
 
     def replan(self, jobs: Iterable[Job], skip: Container[int]) -> None:
         """The first duration is known: bring forward every poll planned without it (the first
@@ -194,12 +252,12 @@ class PollSchedule:
         of its jobs is probably done once one is seen done. Not a job waiting out a backoff or a
         Retry-After on purpose, nor one in ``skip`` (overdue)."""
         now = self.clock()
-        submitted = {job.id: job.submitted_at or now for job in jobs}
+        submitted = {job.id: job.submitted_at for job in jobs}
 
         def due(job_id: int) -> float | None:
             if job_id not in submitted or job_id in self._failures or job_id in skip:
                 return None
-            return now + self.planner.until_expected(max(0.0, now - submitted[job_id]))
+            return now + self.planner.until_expected(self.elapsed(job_id, now, submitted[job_id]))
 
         self.bring_forward(due)
 
@@ -234,6 +292,7 @@ class PollSchedule:
         duration (failed at once, timed out) hands its slot to the first of ``jobs`` not
         scouting yet, nor waiting out a backoff, nor in ``skip`` (overdue)."""
         self._failures.pop(job_id, None)
+        self.starts.gone(job_id, self.clock())
         if self._scouts.pop(job_id, None) is None or self.planner.expected is not None:
             return
         heir = next((j for j in jobs if j.id not in self._scouts and j.id not in self._failures
@@ -241,7 +300,7 @@ class PollSchedule:
         if heir is not None:
             self.enlist(heir.id)
             now = self.clock()
-            due = now + self.delay(heir.id, now - (heir.submitted_at or now))
+            due = now + self.delay(heir.id, self.elapsed(heir.id, now, heir.submitted_at))
             self.bring_forward(lambda job_id: due if job_id == heir.id else None)
 
     # ---- failed polls ----------------------------------------------------------------------------

@@ -212,9 +212,11 @@ class Submitting(RunCore):
         self._holding_slot.add(job.id)
         self._emit(IN_QUEUE, job, f"submitted as {request_id}")
         self.polls.enlist(job.id)
-        delay = self.polls.delay(job.id, 0.0)
+        self.polls.sent(job.id, now)
+        delay = self.polls.delay(job.id, self.polls.elapsed(job.id, now, now))
         if (not self._testers and self.cap.wants_tester(len(self._holding_slot))
-                and (self.cap.growing or now - self._last_tester >= constants.AUTO_STEADY_TEST_EVERY)):
+                and (self.cap.growing or now - self._last_tester >= max(
+                    constants.AUTO_STEADY_TEST_EVERY, self.polls.planner.expected or 0.0))):
             # It filled the cap: whether it runs at once says whether all of the cap runs.
             self._testers[job.id] = self.cap.value
             self._last_tester = now
