@@ -14,6 +14,7 @@ import pytest
 import yaml
 from aiohttp import web
 from imagefactory import make_image
+from pgserver import pg_server, pg_url  # noqa: F401 - fixtures: the PostgreSQL backend's server
 
 from batchgen.simulator import FaultConfig, SimConfig, Simulator
 
