@@ -41,9 +41,14 @@ class Store(Protocol):
 
     @classmethod
     async def open(cls, path: str | Path, *, api: str | None = None) -> Store:
-        """Open (creating and migrating it if needed) the store at ``path``. ``api``: the API the
+        """Open (creating and migrating it if needed) the store at ``path``: a file (SQLite), or
+        a ``postgresql://`` URL (PostgreSQL, shared by several runners). ``api``: the API the
         jobs this store claims are submitted to (written on each claim: ``Job.api``)."""
-        from .sqlite import SqliteStore  # the one backend so far
+        if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+            from .postgres import PostgresStore  # psycopg is imported only for a shared store
+
+            return await PostgresStore.open(path, api=api)
+        from .sqlite import SqliteStore
 
         return await SqliteStore.open(path, api=api)
 
