@@ -29,11 +29,12 @@ from .errors import BatchgenError, LockedError, ManifestError, UsageError
 from .lock import WorkdirLock
 from .manifest import Manifest, is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary
+from .runner.leasing import leased
 from .schema import ModelSchema, SchemaError, find_schema, job_price
 from .store import SIMULATOR_API, Store
 from .text import printable
 from .validate import ValidationResult, validate_manifest
-from .workdir import check_store, create_store, existing_store, legacy_simulated, realm
+from .workdir import check_store, create_store, existing_store, legacy_simulated, outputs_root, realm, shared_store
 from .workdir import store_path as realm_store
 
 log = logging.getLogger(__name__)
@@ -339,13 +340,17 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
         resolve_token(opts.target)
     api = api_identity(opts.target)
     folder = realm(workdir, simulated)  # simulated results live apart: workdir.py
-    check_store(workdir, simulated)  # a lost store is never silently replaced
-
-    lock = WorkdirLock(folder / C.LOCK_FILENAME)
-    lock.acquire("run")
+    shared = shared_store()
+    if shared is None:
+        check_store(workdir, simulated)  # a lost store is never silently replaced
+    # The work-directory lock is SQLite's: on a shared store, many runners are the point.
+    lock = WorkdirLock(folder / C.LOCK_FILENAME) if shared is None else None
+    if lock is not None:
+        lock.acquire("run")
     try:
-        create_store(realm_store(folder))
-        async with await Store.open(realm_store(folder), api=api) as store:
+        if shared is None:
+            create_store(realm_store(folder))
+        async with await Store.open(shared or realm_store(folder), api=api) as store:
             if not simulated:
                 await _forget_legacy_simulated(store, workdir)
             if manifest is not None:
@@ -412,7 +417,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                             if warning:
                                 on_notice(warning, True)
                     runner = Runner(
-                        store, client, folder, opts.settings,
+                        store, client, outputs_root(folder), opts.settings,
                         on_event=on_event,
                         price_estimate=price,
                         # A --simulate run's simulator listens on a new port each time: one API.
@@ -420,14 +425,16 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     )
                     if on_runner is not None:
                         on_runner(runner)
-                    summary = await runner.run(batches)
+                    async with leased(runner, shared is not None):
+                        summary = await runner.run(batches)
             # `batchgen run` alone answers for the whole work directory, as a run of each manifest
             # answers for its batch: a batch with nothing left to run still counts (its failed
             # jobs make the exit code 1 either way).
             whole = manifest is None and opts.batch is None
             counts = await store.counts(None if whole else batches)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     return RunOutcome(batches, new_jobs, summary, counts, overdue_kept)
 
 
@@ -611,8 +618,11 @@ class FoundBatch:
 
     @property
     def root(self) -> Path:
-        """The store's folder: outputs' recorded paths are relative to it."""
-        return self.path.parent.resolve()
+        """Where the outputs' recorded paths start: the store's folder (a shared store: the
+        --outputs directory, which every machine mounts)."""
+        if str(self.path) == C.SHARED_STORE_MARK:
+            return outputs_root(Path.cwd()).resolve()
+        return outputs_root(self.path.parent).resolve()
 
 
 @asynccontextmanager
@@ -760,6 +770,8 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
     path = _existing_store(workdir, target.simulate)
     lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
     try:
+        if shared_store() is not None:  # runners may be at it on any machine: through the store
+            raise LockedError("the store is shared")
         lock.acquire("cancel")
     except LockedError as exc:
         # A run holds the work directory: the cancel goes through the store, which it reads.

@@ -191,8 +191,17 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help=_CONFIG_HELP)
 @click.option("--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
               help=f"{_WORKDIR_HELP} [default: {C.DEFAULT_WORKDIR}]")
+@click.option("--store", "store_url", envvar=C.STORE_ENV, metavar="URL",
+              help="A shared store, postgresql://user@host/db, instead of the work directory's SQLite "
+                   f"file: several runners on several machines share its jobs [env {C.STORE_ENV}].")
+@click.option("--outputs", "outputs_dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar=C.OUTPUTS_ENV, help="Where outputs go (a path every runner mounts, with --store) "
+              f"[default: the work directory; env {C.OUTPUTS_ENV}].")
+@click.option("--account-concurrency", type=click.IntRange(1), envvar="BATCHGEN_ACCOUNT_CONCURRENCY",
+              help="With --store: most jobs at the provider for the account across every runner.")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None, workdir: Path | None) -> None:
+def main(ctx: click.Context, config_path: Path | None, workdir: Path | None, store_url: str | None,
+         outputs_dir: Path | None, account_concurrency: int | None) -> None:
     """batchgen: run a manifest of RunComfy Model API jobs to finished, downloaded files.
 
     \b
@@ -201,8 +210,22 @@ def main(ctx: click.Context, config_path: Path | None, workdir: Path | None) -> 
       batchgen status
     """
     _install_log_handler()
+    _shared_store_options(store_url, outputs_dir, account_concurrency)
     # Options that go before the command name or after it (workdir_option): the command reads them here.
     ctx.obj = {"config": config_path, "workdir": workdir}
+
+
+def _shared_store_options(store_url: str | None, outputs_dir: Path | None, account_cap: int | None) -> None:
+    """--store, --outputs, --account-concurrency: read where the store is opened (workdir.py,
+    runner/leasing.py), whichever command it is."""
+    if store_url:
+        if not store_url.startswith(("postgresql://", "postgres://")):
+            raise click.UsageError(f"--store {store_url!r}: expected a postgresql://user@host/db URL")
+        os.environ[C.STORE_ENV] = store_url
+    if outputs_dir is not None:
+        os.environ[C.OUTPUTS_ENV] = str(outputs_dir.resolve())
+    if account_cap is not None:
+        os.environ["BATCHGEN_ACCOUNT_CONCURRENCY"] = str(account_cap)
 
 
 # ---- run ---------------------------------------------------------------------------------------

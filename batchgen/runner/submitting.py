@@ -159,7 +159,10 @@ class Submitting(RunCore):
                 submits_in_flight = bool(self._submits)
                 when = await self.store.next_pending_at(self._batches)
                 if when is None and not submits_in_flight:
-                    return  # nothing pending, and no submit in flight that could put one back
+                    # Nothing pending, and no submit in flight that could put one back; on a
+                    # shared store, no other runner holding jobs this one may have to adopt.
+                    if self.lease is None or not await self.lease.others_busy(self._batches):
+                        return
                 # Wait for a retry delay to pass or a submit to finish (it may return a job).
                 delay = 1.0 if when is None else max(0.0, when - time.time())
                 self._wake.clear()
@@ -182,6 +185,8 @@ class Submitting(RunCore):
     async def _submit(self, job: Job) -> None:
         self.gate.sending(job)  # from here on, the request may reach the server
         try:
+            if self.lease is not None:
+                await self.lease.sent(job)  # a runner dying from here on leaves it unknown
             if job.inputs_json is not None and "file://" not in job.inputs_json:
                 # No local file: the recorded JSON text is the body (no decode, copy and encode of
                 # the inputs per submit).

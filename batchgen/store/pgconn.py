@@ -82,7 +82,7 @@ class SyncConn:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         text, order = pg_sql(sql)
-        cur = self.conn.execute(text, _args(order, params) or None)  # type: ignore[arg-type]
+        cur = self.conn.execute(text, _args(order, params) or None)
         if cur.rowcount > 0 and cur.description is None:
             self.total_changes += cur.rowcount
         return cur
@@ -90,7 +90,7 @@ class SyncConn:
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> psycopg.Cursor[Any]:
         text, order = pg_sql(sql)
         cur = self.conn.cursor()
-        cur.executemany(text, [_args(order, r) for r in rows])  # type: ignore[arg-type]
+        cur.executemany(text, [_args(order, r) for r in rows])
         if cur.rowcount > 0:
             self.total_changes += cur.rowcount
         return cur

@@ -151,9 +151,9 @@ class PostgresStore(SqliteStore):
             if cap is not None:
                 conn.execute("SELECT pg_advisory_xact_lock(?)", (account_lock_key(api or ""),))
                 marks = ", ".join("?" * len(_AT_PROVIDER))
-                (busy,) = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND api "
-                                       "IS NOT DISTINCT FROM ?", (*_AT_PROVIDER, api)).fetchone()
-                n = min(n, cap - int(busy))
+                row = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND api "
+                                   "IS NOT DISTINCT FROM ?", (*_AT_PROVIDER, api)).fetchone()
+                n = min(n, cap - int(row[0] if row else 0))
                 if n <= 0:
                     return []
             return conn.execute(claim, (now, api, self.runner_id, *args, now, n)).fetchall()
@@ -219,7 +219,8 @@ class PostgresStore(SqliteStore):
         now = time.time()
 
         def apply(c: SyncConn) -> tuple[int, int]:
-            if not c.execute("SELECT pg_try_advisory_xact_lock(?)", (_REAP_LOCK,)).fetchone()[0]:
+            row = c.execute("SELECT pg_try_advisory_xact_lock(?)", (_REAP_LOCK,)).fetchone()
+            if not row or not row[0]:
                 return 0, 0
             # A job claimed without a lease (runner_id NULL) has no runner alive to answer for it.
             dead = "(SELECT id FROM runners WHERE expires_at < ?) OR runner_id IS NULL"
