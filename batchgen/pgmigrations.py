@@ -166,8 +166,10 @@ def pg_migrate(conn: psycopg.Connection[Any], names: list[str] | None = None) ->
     missing = [n for n in names if n not in _PG]
     if missing:  # a migration written for SQLite only: caught by the tests, never by a user
         raise RuntimeError(f"no PostgreSQL version of migration(s) {missing}")
-    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, "
-                 "applied_at DOUBLE PRECISION NOT NULL)")
+    with conn.transaction():  # runners started together: one creates it, the others wait
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, "
+                     "applied_at DOUBLE PRECISION NOT NULL)")
     done = {r[0] for r in conn.execute("SELECT name FROM migrations")}
     refuse_newer(done - set(names), "the PostgreSQL store")
     applied = []

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"\?(\d*)")
 _REWRITES = (
     (re.compile(r"\bINDEXED BY \w+ "), ""),
+    # SQLite's CROSS JOIN … ON fixes the join order (a planner hint); PostgreSQL plans it itself.
+    (re.compile(r"\bCROSS JOIN (\w+) ON "), r"JOIN \1 ON "),
     (re.compile(r"\bMAX\(([\w.]+), "), r"GREATEST(\1, "),
     # A JSON list of ids as one parameter (no limit on the number of parameters to meet).
     (re.compile(r"SELECT value FROM json_each\(\?\)"),
