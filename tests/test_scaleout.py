@@ -128,7 +128,7 @@ async def test_cancel_from_a_fourth_process_stops_every_runners_submits_within_t
     assert max(r["submitted_at"] for r in requests) < asked + 2.0
     assert len(requests) < 300
     for code, err in results:
-        assert code in (0, 1), err
+        assert code in (0, 1, 3), err  # 3: stopped by the cancel, as a run on SQLite
     async with await Store.open(pg_url) as store:
         counts = (await store.counts(["night"]))["night"]
     assert counts.get(S.CANCELLED, 0) >= 300 - len(requests)
