@@ -371,7 +371,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                             f"{retired} job(s) no longer in the manifest retired" if retired else "",
                             f"{back} retired job(s) back in the manifest" if back else "") if part),
                         False)
-                await _reuse(store, folder, manifest.name, opts.reuse, on_notice)
+                await _reuse(store, outputs_root(folder), manifest.name, opts.reuse, on_notice)
                 batches = [manifest.name]
             elif opts.batch is not None:
                 await _require_batches(store, [opts.batch], folder)
@@ -394,7 +394,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                 await store.clear_cancel(batches)  # a retry resumes a cancelled batch
                 for job in await store.jobs(batches, opts.retry_states, current=True):
                     # Half-downloaded files of the earlier try are never spliced into a new one.
-                    discard_partials(folder / job.batch, job.key)
+                    discard_partials(outputs_root(folder) / job.batch, job.key)
                     if (job.state == S.FAILED and job.request_id is not None
                             and (job.error or "").startswith(S.OUTPUT_LOST)):
                         # Delivered and paid for: fetched again, never submitted again.
@@ -599,6 +599,14 @@ def _existing_store(workdir: Path, simulated: bool) -> Path:
     return path
 
 
+def _outputs_of(path: Path, workdir: Path) -> Path:
+    """Where the outputs of the store at ``path`` are: beside it (or --outputs); a shared
+    store's, under --outputs or else the work directory."""
+    if str(path) == C.SHARED_STORE_MARK:
+        return outputs_root(Path(workdir))
+    return outputs_root(path.parent)
+
+
 def _stores(workdir: Path) -> list[tuple[Path, bool]]:
     """(store, simulated) of each realm of ``workdir`` that has one: runs against an API first."""
     found = [(p, sim) for sim in (False, True) if (p := existing_store(workdir, sim)) is not None]
@@ -615,14 +623,13 @@ class FoundBatch:
     batch: S.Batch
     path: Path  # the store's file
     simulated: bool  # the store of --simulate runs
+    workdir: Path = Path(C.DEFAULT_WORKDIR)
 
     @property
     def root(self) -> Path:
         """Where the outputs' recorded paths start: the store's folder (a shared store: the
         --outputs directory, which every machine mounts)."""
-        if str(self.path) == C.SHARED_STORE_MARK:
-            return outputs_root(Path.cwd()).resolve()
-        return outputs_root(self.path.parent).resolve()
+        return _outputs_of(self.path, self.workdir).resolve()
 
 
 @asynccontextmanager
@@ -637,7 +644,7 @@ async def open_batch(workdir: Path, batch: str, simulated: bool | None = None) -
         try:
             info = await store.batch(batch)
             if info is not None:
-                yield FoundBatch(store, info, path, sim)
+                yield FoundBatch(store, info, path, sim, workdir)
                 return
             known += [f"{b.name} (simulated)" if sim else b.name for b in await store.batches()]
         finally:
@@ -742,7 +749,8 @@ async def status(workdir: Path, batches: list[str] | None = None, again: Again |
                     next_steps=next_steps(b.name, c, again.for_batch(simulated, sorted(apis.get(b.name, {})))),
                     look=look_steps(b.name, c, again.for_batch(simulated, [])),
                     simulated=simulated, apis=sorted(apis.get(b.name, {})),
-                    folder=path.parent / b.name, retired=retired.get(b.name, {}),
+                    folder=_outputs_of(path, workdir) / b.name,
+                    retired=retired.get(b.name, {}),
                 ))
     missing = [b for b in batches or [] if b not in seen]
     if missing:
@@ -958,7 +966,8 @@ async def forget(workdir: Path, batch: str, *, states: tuple[str, ...] = (), key
     unless ``delete_files``. A key that names no such job is refused before anything is done."""
     path, simulated = await find_batch(Path(workdir), batch, simulated)
     lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
-    lock.acquire("forget")
+    if shared_store() is None:  # a shared store's writes are its own transactions
+        lock.acquire("forget")
     try:
         async with await Store.open(path) as store:
             jobs = await store.jobs([batch])
@@ -974,10 +983,11 @@ async def forget(workdir: Path, batch: str, *, states: tuple[str, ...] = (), key
             chosen = [j for j in jobs if _forgettable(j)
                       and (not states or j.state in states or (RETIRED in states and j.retired_at is not None))
                       and (not keys or j.key in keys)]
-            plan = ForgetPlan(batch, simulated, path.parent / batch, chosen)
+            root = _outputs_of(path, Path(workdir))
+            plan = ForgetPlan(batch, simulated, root / batch, chosen)
             if not chosen or not confirm(plan):
                 return plan
-            files = [path.parent / o.path for j in chosen for o in await store.outputs(j.id) if o.path]
+            files = [root / o.path for j in chosen for o in await store.outputs(j.id) if o.path]
             plan.forgotten = await store.forget(chosen)
         if delete_files:
             for f in files:

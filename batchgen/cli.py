@@ -35,7 +35,7 @@ from .errors import (
 from .progress import LineLog, Panel, RepeatedNotices, stderr_is_tty
 from .runner import Event, RunSettings, StopReason
 from .text import printable
-from .workdir import realm
+from .workdir import outputs_root, realm
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
 EXIT_OK = 0  # every job of the batch succeeded
@@ -443,7 +443,7 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     outcome = _run_async(_run_with_signals(opts, view))
     summary = outcome.summary
     _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]),
-                       realm(kw["workdir"], kw["simulate"]), kw["log_format"])
+                       outputs_root(realm(kw["workdir"], kw["simulate"])), kw["log_format"])
     if summary.account_error:
         _fail(summary.account_error, EXIT_ACCOUNT)
     if summary.stop_reason is StopReason.REFUSED:

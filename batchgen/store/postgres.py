@@ -107,7 +107,7 @@ class PostgresStore(SqliteStore):
     async def input_kinds(self, batch: str) -> set[tuple[str, str]]:
         rows = await self._db.execute_fetchall(
             """SELECT DISTINCT e.key, CASE jsonb_typeof(e.value)
-                   WHEN 'number' THEN CASE WHEN e.value::text ~ '^-?[0-9]+$' THEN 'integer' ELSE 'real' END
+                   WHEN 'number' THEN CASE WHEN e.value::text ~ '^-{0,1}[0-9]+$' THEN 'integer' ELSE 'real' END
                    WHEN 'string' THEN 'text' WHEN 'boolean' THEN e.value::text
                    ELSE jsonb_typeof(e.value) END
                FROM jobs j, jsonb_each(j.inputs_json::jsonb) e WHERE j.batch = ?""", (batch,))
