@@ -133,3 +133,42 @@ async def test_cancel_from_a_fourth_process_stops_every_runners_submits_within_t
         counts = (await store.counts(["night"]))["night"]
     assert counts.get(S.CANCELLED, 0) >= 300 - len(requests)
     assert set(counts) <= {S.SUCCEEDED, S.CANCELLED}
+
+
+async def _cli(url: str, outputs: Path, *args: str) -> tuple[int, str]:
+    proc = await _batchgen(url, outputs, *args)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode, out.decode() + err.decode()
+
+
+async def test_every_command_works_on_the_shared_store_from_another_work_directory(tmp_path, simulator, pg_url):
+    sim = await simulator(concurrency=4, duration=0.1, faults=["fail=0.5"], seed=3)
+    manifest = image_manifest(tmp_path, sim, "small", 6)
+    outputs = tmp_path / "shared"
+    api = ["--api-url", sim.base_url]
+    here, there = ["--workdir", str(tmp_path / "machine-a")], ["--workdir", str(tmp_path / "machine-b")]
+    code, out = await _cli(pg_url, outputs, "validate", str(manifest))
+    assert code == 0 and "6 job(s), all valid" in out, out
+    code, out = await _cli(pg_url, outputs, "plan", str(manifest), *api, *here)
+    assert code == 0 and "would submit: 6" in out, out
+    code, out = await _cli(pg_url, outputs, "run", str(manifest), *api, *here, "-q")
+    assert code == 1 and "failed" in out, out  # half the jobs fail at the provider
+    # Another machine (work directory) sees the same store and the same files.
+    code, out = await _cli(pg_url, outputs, "status", *there)
+    assert code == 0 and "small" in out and f"outputs: {outputs / 'small'}" in out, out
+    code, out = await _cli(pg_url, outputs, "report", "small", "-o", str(tmp_path / "r.csv"), *there)
+    assert code == 0 and "6 job(s) of small" in out, out
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 7
+    code, out = await _cli(pg_url, outputs, "gallery", "small", *there)
+    assert code == 0 and (outputs / "small" / "gallery.html").exists(), out
+    code, out = await _cli(pg_url, outputs, "retry", "small", *api, *there, "-q")
+    assert code in (0, 1) and "submitted" in out, out
+    code, out = await _cli(pg_url, outputs, "forget", "small", "--state", "failed", "--yes", *there)
+    assert code == 0, out
+    async with await Store.open(pg_url) as store:
+        counts = (await store.counts(["small"]))["small"]
+        assert set(counts) == {S.SUCCEEDED}
+        for job in await store.jobs(["small"]):
+            for o in await store.outputs(job.id):
+                assert hashlib.sha256((outputs / o.path).read_bytes()).hexdigest() == o.sha256
+        assert await store.live_runners() == 0  # every run ended its lease
