@@ -59,8 +59,24 @@ def _workdir_from_group(ctx: click.Context, param: click.Parameter, value: Path)
     """--workdir goes before the command name or after it: `batchgen -w W status` is
     `batchgen status -w W`. Given after, it wins."""
     if ctx.get_parameter_source(param.name or "") in (ParameterSource.DEFAULT, None):
-        return (ctx.obj or {}).get("workdir") or value
+        value = (ctx.obj or {}).get("workdir") or value
+    _store_from_config(ctx, value)
     return value
+
+
+def _store_from_config(ctx: click.Context, workdir: Path) -> None:
+    """`store`, `outputs`, `account_concurrency` of batchgen.toml, for every command (options and
+    the environment win). A file that cannot be read is left to the commands that read it whole."""
+    try:
+        settings, _ = load_config((ctx.obj or {}).get("config"), workdir)
+    except BatchgenError:
+        return
+    env = {"store": C.STORE_ENV, "outputs": C.OUTPUTS_ENV, "account_concurrency": "BATCHGEN_ACCOUNT_CONCURRENCY"}
+    given = [os.environ.get(env[k]) for k in ("store", "outputs", "account_concurrency")]
+    _shared_store_options(
+        None if given[0] else settings.get("store"),
+        None if given[1] or "outputs" not in settings else Path(settings["outputs"]),
+        None if given[2] else settings.get("account_concurrency"))
 
 
 def _config_after_command(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:

@@ -172,3 +172,22 @@ async def test_every_command_works_on_the_shared_store_from_another_work_directo
             for o in await store.outputs(job.id):
                 assert hashlib.sha256((outputs / o.path).read_bytes()).hexdigest() == o.sha256
         assert await store.live_runners() == 0  # every run ended its lease
+
+
+async def test_the_store_and_outputs_can_come_from_batchgen_toml(tmp_path, simulator, pg_url):
+    sim = await simulator(concurrency=4, duration=0.1)
+    manifest = image_manifest(tmp_path, sim, "conf", 3)
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "batchgen.toml").write_text(f'store = "{pg_url}"\noutputs = "{tmp_path / "shared"}"\n')
+    env = {k: v for k, v in _env().items() if not k.startswith("BATCHGEN_")}
+    for args in (["run", str(manifest), "--api-url", sim.base_url, "-q"], ["status"]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "batchgen.cli", *args, "--workdir", str(work), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        assert f"outputs: {tmp_path / 'shared' / 'conf'}" in out.decode()
+    assert not (work / "batchgen.sqlite3").exists()  # nothing went to the work directory's store
+    async with await Store.open(pg_url) as store:
+        assert (await store.counts(["conf"]))["conf"] == {S.SUCCEEDED: 3}
