@@ -759,6 +759,9 @@ async def status(workdir: Path, batches: list[str] | None = None, again: Again |
     return out
 
 
+SHARED = "shared store"  # CancelReport.handed_to: the runners of a shared store carry it out
+
+
 @dataclass
 class CancelReport:
     not_submitted: int = 0  # pending jobs marked cancelled
@@ -786,7 +789,7 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
         async with await Store.open(path) as store:
             await _require_batches(store, [batch], workdir)
             report.not_submitted = await store.request_cancel(batch)
-        report.handed_to = exc.pid or "?"
+        report.handed_to = SHARED if shared_store() is not None else (exc.pid or "?")
         return report
     try:
         async with await Store.open(path, api=api_identity(target)) as store:

@@ -1060,6 +1060,11 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
       batchgen cancel street-scenes
     """
     report = _run_async(app.cancel(workdir, batch, _target(api_url, simulate, sim_faults)))
+    if report.handed_to == app.SHARED:
+        click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled; no runner on the shared "
+                   f"store submits another job of it, and those running it cancel its queued jobs at the "
+                   f"provider within {C.CANCEL_CHECK_EVERY * 2:g} s (jobs already running are still followed)")
+        return
     if report.handed_to is not None:
         # The holding run follows only its own batches: if it is not running this one, the queued
         # jobs are cancelled at the provider by this batch's next run, which sees the request.
