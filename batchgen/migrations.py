@@ -254,13 +254,8 @@ async def m009_runner_leases(db: aiosqlite.Connection) -> None:
         # unknown; at the provider: adopted by a live runner). `sent_at`: its submit was about
         # to reach the wire. SQLite's store has one runner (the work-directory lock), so these
         # stay empty there; the columns keep both schemas the same at every migration.
-        """CREATE TABLE runners (
-            id TEXT PRIMARY KEY,
-            host TEXT NOT NULL,
-            pid INTEGER NOT NULL,
-            started_at REAL NOT NULL,
-            expires_at REAL NOT NULL
-        )""",
+        """CREATE TABLE runners (id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,
+                                 started_at REAL NOT NULL, expires_at REAL NOT NULL)""",
         "ALTER TABLE jobs ADD COLUMN runner_id TEXT",
         "ALTER TABLE jobs ADD COLUMN sent_at REAL",
         # (PostgreSQL's store also indexes jobs by runner; here it would be upkeep for nothing.)

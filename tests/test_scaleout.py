@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import image_manifest
+from test_batch_lifecycle import _until
 
 from batchgen import store as S
 from batchgen.store import Store
@@ -29,14 +30,6 @@ async def _batchgen(url: str, outputs: Path, *args: str) -> asyncio.subprocess.P
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "batchgen.cli", "--store", url, "--outputs", str(outputs), *args,
         env=_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-
-
-async def _until(cond, seconds: float, what: str) -> None:
-    end = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def _runners(n: int, url: str, outputs: Path, manifest: Path, sim, tmp_path: Path):

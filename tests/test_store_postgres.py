@@ -47,7 +47,7 @@ async def test_both_backends_have_the_same_tables_and_columns_at_every_migration
 
 async def test_an_older_postgres_store_is_upgraded_and_a_newer_one_refused(pg_url):
     with psycopg.connect(pg_url, autocommit=True) as c:
-        assert pg_migrate(c, [fn.__name__ for fn in MIGRATIONS[:4]]) == [fn.__name__ for fn in MIGRATIONS[:4]]
+        assert pg_migrate(c, MIGRATIONS[:4]) == [fn.__name__ for fn in MIGRATIONS[:4]]
         c.execute("INSERT INTO batches VALUES ('b', 'm/x', NULL, '{}', 0, 0)")
     async with await Store.open(pg_url) as store:  # the rest applied, data kept
         assert [b.name for b in await store.batches()] == ["b"]
@@ -60,7 +60,7 @@ async def test_an_older_postgres_store_is_upgraded_and_a_newer_one_refused(pg_ur
 async def test_a_failing_postgres_migration_is_rolled_back(pg_url, monkeypatch):
     from batchgen import pgmigrations
 
-    monkeypatch.setitem(pgmigrations._PG, "m002_history_by_trigger",
+    monkeypatch.setitem(pgmigrations._OWN, "m002_history_by_trigger",
                         ("ALTER TABLE jobs ADD COLUMN detail TEXT", "SELECT no_such_function()"))
     with pytest.raises(StoreError, match="m002_history_by_trigger failed and was rolled back"):
         await Store.open(pg_url)
@@ -75,100 +75,89 @@ async def test_runners_migrating_one_new_store_at_once_apply_each_migration_once
         assert c.execute("SELECT COUNT(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
 
 
-async def _two(pg_url: str, api: str = "https://api.example/v1") -> tuple[PostgresStore, PostgresStore]:
-    a = await Store.open(pg_url, api=api)
-    b = await Store.open(pg_url, api=api)
-    assert isinstance(a, PostgresStore) and isinstance(b, PostgresStore)
-    await a.register_runner()
-    await b.register_runner()
-    return a, b
+@pytest.fixture
+async def pair(pg_url):
+    """Two runners' stores on one database, each with its lease; closed after the test."""
+    api = "https://api.example/v1"
+    stores = [await Store.open(pg_url, api=api), await Store.open(pg_url, api=api)]
+    for s in stores:
+        assert isinstance(s, PostgresStore)
+        await s.register_runner()
+    yield stores
+    for s in stores:
+        await s.close()
 
 
-async def test_concurrent_claims_never_take_one_job_twice(pg_url):
-    a, b = await _two(pg_url)
+async def test_concurrent_claims_never_take_one_job_twice(pair):
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec(f"k{i}", i) for i in range(200)])
+    got = await asyncio.gather(*(s.claim_many(["b"], time.time(), 7) for s in (a, b) * 20))
+    ids = [j.id for jobs in got for j in jobs]
+    assert len(ids) == len(set(ids)) == 200
+    owners = {j.id: s.runner_id for s, jobs in zip((a, b) * 20, got, strict=True) for j in jobs}
+    rows = await a._db.execute_fetchall("SELECT id, runner_id FROM jobs")
+    assert dict(rows) == owners
+
+
+async def test_the_account_cap_holds_across_runners(pair, pg_url):
+    a, b = pair
+    a.account_cap = b.account_cap = 8
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec(f"k{i}", i) for i in range(50)])
+    got = await asyncio.gather(*(s.claim_many(["b"], time.time(), 5) for s in (a, b, a, b)))
+    assert sum(map(len, got)) == 8  # not 20: the other runner's claims count
+    job = got[0][0]
+    await a.transition(job, S.IN_QUEUE, request_id="r1")
+    assert await b.claim_many(["b"], time.time(), 5) == []  # still at the provider
+    await a.transition(job, S.DOWNLOADING)
+    assert len(await b.claim_many(["b"], time.time(), 5)) == 1  # its slot is free
+    # Another API (another account) has its own count.
+    other = await Store.open(pg_url, api="https://other.example/v1")
+    assert isinstance(other, PostgresStore)
+    other.account_cap = 8
     try:
-        await a.upsert_batch("b", "m/x", None, {})
-        await add_jobs(a, "b", [Spec(f"k{i}", i) for i in range(200)])
-        got = await asyncio.gather(*(s.claim_many(["b"], time.time(), 7) for s in (a, b) * 20))
-        ids = [j.id for jobs in got for j in jobs]
-        assert len(ids) == len(set(ids)) == 200
-        owners = {j.id: s.runner_id for s, jobs in zip((a, b) * 20, got, strict=True) for j in jobs}
-        rows = await a._db.execute_fetchall("SELECT id, runner_id FROM jobs")
-        assert dict(rows) == owners
+        assert len(await other.claim_many(["b"], time.time(), 5)) == 5
     finally:
-        await a.close()
-        await b.close()
+        await other.close()
 
 
-async def test_the_account_cap_holds_across_runners(pg_url):
-    a, b = await _two(pg_url)
-    try:
-        a.account_cap = b.account_cap = 8
-        await a.upsert_batch("b", "m/x", None, {})
-        await add_jobs(a, "b", [Spec(f"k{i}", i) for i in range(50)])
-        got = await asyncio.gather(*(s.claim_many(["b"], time.time(), 5) for s in (a, b, a, b)))
-        assert sum(map(len, got)) == 8  # not 20: the other runner's claims count
-        job = got[0][0]
-        await a.transition(job, S.IN_QUEUE, request_id="r1")
-        assert await b.claim_many(["b"], time.time(), 5) == []  # still at the provider
-        await a.transition(job, S.DOWNLOADING)
-        assert len(await b.claim_many(["b"], time.time(), 5)) == 1  # its slot is free
-        # Another API (another account) has its own count.
-        other = await Store.open(pg_url, api="https://other.example/v1")
-        assert isinstance(other, PostgresStore)
-        other.account_cap = 8
-        try:
-            assert len(await other.claim_many(["b"], time.time(), 5)) == 5
-        finally:
-            await other.close()
-    finally:
-        await a.close()
-        await b.close()
+async def test_a_dead_runners_jobs_are_taken_back_sent_ones_unknown_others_adopted(pair, pg_url):
+    dead, live = pair
+    await dead.upsert_batch("b", "m/x", None, {})
+    await add_jobs(dead, "b", [Spec(f"k{i}", i) for i in range(5)])
+    never_sent, sent, queued, downloading = await dead.claim_many(["b"], time.time(), 4)
+    await dead.mark_sent(sent)
+    for job in (queued, downloading):
+        await dead.mark_sent(job)
+        await dead.transition(job, S.IN_QUEUE, request_id=f"r-{job.key}")
+    await dead.transition(downloading, S.DOWNLOADING)
+    # Alive: nothing of it is touched.
+    assert await live.reap(["b"]) == (0, 0)
+    assert await live.adopt(["b"]) == []
+    assert await live.held_elsewhere(["b"]) == 4
+    # Its lease runs out (it stopped renewing it).
+    await dead.close()
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE runners SET expires_at = %s WHERE id = %s", (time.time() - 1, dead.runner_id))
+    assert await live.reap(["b"]) == (1, 1)
+    adopted = await live.adopt(["b"])
+    assert sorted(j.key for j in adopted) == [queued.key, downloading.key]
+    states = {j.key: j for j in await live.jobs(["b"])}
+    assert states[never_sent.key].state == S.PENDING and states[never_sent.key].attempts == 0
+    assert states[sent.key].state == S.UNKNOWN
+    assert await live.held_elsewhere(["b"]) == 0
+    assert await live.live_runners() == 1
 
 
-async def test_a_dead_runners_jobs_are_taken_back_sent_ones_unknown_others_adopted(pg_url):
-    dead, live = await _two(pg_url)
-    try:
-        await dead.upsert_batch("b", "m/x", None, {})
-        await add_jobs(dead, "b", [Spec(f"k{i}", i) for i in range(5)])
-        never_sent, sent, queued, downloading = await dead.claim_many(["b"], time.time(), 4)
-        await dead.mark_sent(sent)
-        for job in (queued, downloading):
-            await dead.mark_sent(job)
-            await dead.transition(job, S.IN_QUEUE, request_id=f"r-{job.key}")
-        await dead.transition(downloading, S.DOWNLOADING)
-        # Alive: nothing of it is touched.
-        assert await live.reap(["b"]) == (0, 0)
-        assert await live.adopt(["b"]) == []
-        assert await live.held_elsewhere(["b"]) == 4
-        # Its lease runs out (it stopped renewing it).
-        await dead.close()
-        with psycopg.connect(pg_url, autocommit=True) as c:
-            c.execute("UPDATE runners SET expires_at = %s WHERE id = %s", (time.time() - 1, dead.runner_id))
-        assert await live.reap(["b"]) == (1, 1)
-        adopted = await live.adopt(["b"])
-        assert sorted(j.key for j in adopted) == [queued.key, downloading.key]
-        states = {j.key: j for j in await live.jobs(["b"])}
-        assert states[never_sent.key].state == S.PENDING and states[never_sent.key].attempts == 0
-        assert states[sent.key].state == S.UNKNOWN
-        assert await live.held_elsewhere(["b"]) == 0
-        assert await live.live_runners() == 1
-    finally:
-        await live.close()
-
-
-async def test_a_lease_is_renewed_and_lost_once_expired(pg_url):
-    a, b = await _two(pg_url)
-    try:
-        assert await a.renew_lease()
-        with psycopg.connect(pg_url, autocommit=True) as c:
-            c.execute("UPDATE runners SET expires_at = %s WHERE id = %s", (time.time() - 1, a.runner_id))
-        await b.reap(None)
-        assert not await a.renew_lease()  # reaped: a runner must stop
-        assert LEASE_TTL >= 5 * 2.0  # several renewals missed before a lease is lost
-    finally:
-        await a.close()
-        await b.close()
+async def test_a_lease_is_renewed_and_lost_once_expired(pair, pg_url):
+    a, b = pair
+    assert await a.renew_lease()
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE runners SET expires_at = %s WHERE id = %s", (time.time() - 1, a.runner_id))
+    await b.reap(None)
+    assert not await a.renew_lease()  # reaped: a runner must stop
+    assert LEASE_TTL >= 5 * 2.0  # several renewals missed before a lease is lost
 
 
 async def test_the_request_rate_is_split_evenly_between_live_runners(pg_url, tmp_path):

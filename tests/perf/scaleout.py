@@ -101,7 +101,8 @@ def main() -> None:
             for n in (int(x) for x in a.fleets.split(",")):
                 makespan, bound, most = run_fleet(pg, scratch, n, jobs, duration, 200, 50)
                 target = TARGETS.get(n)
-                verdict = "" if target is None else f"target <= {target}: {'met' if makespan / bound <= target else 'MISSED'}"
+                met = target is not None and makespan / bound <= target
+                verdict = "" if target is None else f"target <= {target}: {'met' if met else 'MISSED'}"
                 print(f"{n} runner(s), {jobs} jobs of {duration:g} s, -c 50 each, account 200: makespan "
                       f"{makespan:.1f} s / bound {bound:.1f} s = {makespan / bound:.3f}  {verdict}  "
                       f"(most in flight at the simulator: {most})", flush=True)
