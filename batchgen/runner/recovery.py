@@ -31,7 +31,8 @@ class Recovery(RunCore):
         now = time.time()
         if self.lease is not None:
             # A shared store: only the jobs no live runner holds are this run's (leasing.py).
-            await self._check_unflushed()
+            # Unflushed outputs are not checked: they may be another live machine's, whose
+            # files this one cannot judge (its page cache is not ours).
             self.follow_resumed(await self.lease.adopt(self._batches), now)
             return
         self.follow_resumed(await self.store.jobs(self._batches, FOLLOWED), now)
