@@ -44,6 +44,9 @@ ACCOUNT_CONCURRENCY_ENV = "BATCHGEN_ACCOUNT_CONCURRENCY"
 class Lease:
     """One runner's lease on a shared store, and what it does for the run (module docstring)."""
 
+    # How often a runner with nothing to claim looks whether other runners still hold jobs.
+    IDLE_CHECK = 0.2
+
     def __init__(self, store: PostgresStore, runner: Runner):
         self.store = store
         self.runner = runner

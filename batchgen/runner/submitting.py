@@ -164,7 +164,10 @@ class Submitting(RunCore):
                     if self.lease is None or not await self.lease.others_busy(self._batches):
                         return
                 # Wait for a retry delay to pass or a submit to finish (it may return a job).
-                delay = 1.0 if when is None else max(0.0, when - time.time())
+                # (Another runner's jobs, on a shared store: looked at again sooner, so that the
+                # fleet ends together rather than a second after its last job.)
+                idle = 1.0 if self.lease is None else self.lease.IDLE_CHECK
+                delay = idle if when is None else max(0.0, when - time.time())
                 self._wake.clear()
                 await self._nap(min(delay, 1.0))
                 continue

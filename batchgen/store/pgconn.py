@@ -177,38 +177,67 @@ class AsyncConn:
 
 
 class PgEngine:
-    """The write side of the PostgreSQL store, with the GroupCommit calls the shared code uses."""
+    """The write side of the PostgreSQL store, with the GroupCommit calls the shared code uses.
+
+    Group commit, as on SQLite (engine.py): writes asked for while one group is being committed
+    are applied together, one thread hop and one COMMIT for all, each in its own savepoint so
+    that one refused write (a transition whose ``expect`` fails) leaves the others alone. A
+    caller's await returns once its write is committed."""
 
     def __init__(self, conn: psycopg.Connection[Any]):
         self._w = SyncConn(conn)
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # the connection: a group, or an atomic() block
         self._tx_owner: asyncio.Task[Any] | None = None
+        self._group: list[tuple[Callable[[Any], Any], asyncio.Future[Any], str | None]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     def check_file(self) -> None:
         """A server has no file to lose under the run: nothing to check."""
 
-    def _transaction(self, fn: Callable[[SyncConn], Any]) -> Any:
-        with self._w.conn.transaction():
-            return fn(self._w)
-
     async def write(self, fn: Callable[[Any], Any], shield: str | None = None) -> Any:
-        """``fn(conn)`` in its own transaction (or in the caller's atomic()); ``shield``: as
-        GroupCommit.write, committed even if the caller is cancelled meanwhile."""
+        """``fn(conn)`` committed in the next group (or in the caller's atomic()). ``shield``: as
+        GroupCommit.write, committed even if the caller is cancelled meanwhile, and logged if
+        it then fails; otherwise a write whose caller is gone before its group starts is dropped."""
         if self._tx_owner is not None and self._tx_owner is asyncio.current_task():
             return await asyncio.to_thread(fn, self._w)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._group.append((fn, fut, shield))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit_groups())
+        return await fut
 
-        async def run() -> Any:
+    async def _commit_groups(self) -> None:
+        while self._group:
             async with self._lock:
+                group = [w for w in self._group if w[2] is not None or not w[1].cancelled()]
+                self._group = []
+                if not group:
+                    continue
                 try:
-                    return await asyncio.to_thread(self._transaction, fn)
-                except psycopg.Error as exc:
-                    raise _store_error(exc) from exc
+                    results = await asyncio.shield(asyncio.to_thread(self._apply, [w[0] for w in group]))
+                except psycopg.Error as exc:  # the COMMIT itself: every write of the group failed
+                    results = [(False, _store_error(exc))] * len(group)
+            for (_, fut, what), (ok, value) in zip(group, results, strict=True):
+                if fut.done():
+                    if not ok and what is not None:
+                        log.error("%s failed after the run stopped waiting for it: %s", what, value)
+                elif ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
 
-        if shield is None:
-            return await run()
-        task = asyncio.ensure_future(run())
-        task.add_done_callback(functools.partial(_log_failure, shield))
-        return await asyncio.shield(task)
+    def _apply(self, fns: list[Callable[[Any], Any]]) -> list[tuple[bool, Any]]:
+        out: list[tuple[bool, Any]] = []
+        with self._w.conn.transaction():
+            for fn in fns:
+                try:
+                    with self._w.conn.transaction():  # a savepoint: this write alone on failure
+                        out.append((True, fn(self._w)))
+                except psycopg.Error as exc:
+                    out.append((False, _store_error(exc)))
+                except Exception as exc:  # noqa: BLE001 - handed to that write's caller
+                    out.append((False, exc))
+        return out
 
     @asynccontextmanager
     async def atomic(self) -> AsyncIterator[AsyncConn]:
@@ -234,10 +263,12 @@ class PgEngine:
             finally:
                 self._tx_owner = None
 
-    def close(self) -> None:
-        self._w.conn.close()
+    async def close(self) -> None:
+        """Commit what is queued (even for callers cancelled meanwhile), then close."""
+        while self._group or (self._committer is not None and not self._committer.done()):
+            if self._committer is None or self._committer.done():
+                self._committer = asyncio.ensure_future(self._commit_groups())
+            await asyncio.shield(self._committer)
+        await asyncio.to_thread(self._w.conn.close)
 
 
-def _log_failure(what: str, task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("%s failed: %s", what, task.exception())

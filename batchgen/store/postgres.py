@@ -99,7 +99,7 @@ class PostgresStore(SqliteStore):
         return cls(AsyncConn(SyncConn(r), asyncio.Lock()), url, PgEngine(w), api)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._engine.close)
+        await self._engine.close()
         await asyncio.to_thread(self._db.sync.conn.close)
 
     # ---- the dialect's own --------------------------------------------------------------------

@@ -60,6 +60,11 @@ def run_fleet(pg: PgServer, scratch: Path, runners: int, jobs: int, duration: fl
         makespan = time.time() - start
         with urllib.request.urlopen(sim.root_url + "/_sim/stats", timeout=60) as resp:
             stats = json.loads(resp.read())
+        reqs = sim.requests()["requests"]
+        first = min(r["submitted_at"] for r in reqs) - start
+        last = start + makespan - max(r["finished_at"] or 0 for r in reqs)
+        print(f"  first submit {first:.2f} s after the start; last job finished {last:.2f} s before the end",
+              flush=True)
     bound = math.ceil(jobs / min(account, per_runner * runners)) * duration
     return makespan, bound, max(stats["max_in_flight"].values())
 
