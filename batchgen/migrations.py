@@ -258,6 +258,9 @@ async def m009_runner_leases(db: aiosqlite.Connection) -> None:
                                  started_at REAL NOT NULL, expires_at REAL NOT NULL)""",
         "ALTER TABLE jobs ADD COLUMN runner_id TEXT",
         "ALTER TABLE jobs ADD COLUMN sent_at REAL",
+        # The provider said the job finished: its slot is free for the account's cap across
+        # runners, though its result may still be downloading.
+        "ALTER TABLE jobs ADD COLUMN freed_at REAL",
         # (PostgreSQL's store also indexes jobs by runner; here it would be upkeep for nothing.)
     )
 

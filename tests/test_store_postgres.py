@@ -107,11 +107,17 @@ async def test_the_account_cap_holds_across_runners(pair, pg_url):
     await add_jobs(a, "b", [Spec(f"k{i}", i) for i in range(50)])
     got = await asyncio.gather(*(s.claim_many(["b"], time.time(), 5) for s in (a, b, a, b)))
     assert sum(map(len, got)) == 8  # not 20: the other runner's claims count
-    job = got[0][0]
+    claimed = [j for jobs in got for j in jobs]
+    job = claimed[0]
     await a.transition(job, S.IN_QUEUE, request_id="r1")
     assert await b.claim_many(["b"], time.time(), 5) == []  # still at the provider
     await a.transition(job, S.DOWNLOADING)
     assert len(await b.claim_many(["b"], time.time(), 5)) == 1  # its slot is free
+    # The provider said one finished: its slot is free before its result is recorded.
+    job = claimed[1]
+    await a.transition(job, S.IN_PROGRESS, request_id="r2")
+    await a.mark_freed(job)
+    assert len(await b.claim_many(["b"], time.time(), 5)) == 1
     # Another API (another account) has its own count.
     other = await Store.open(pg_url, api="https://other.example/v1")
     assert isinstance(other, PostgresStore)

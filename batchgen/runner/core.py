@@ -192,6 +192,8 @@ class RunCore:
         if job.id in self._holding_slot:
             self._holding_slot.discard(job.id)
             self.slots.release()
+            if self.lease is not None:  # the account's slot too, for every runner's claims
+                self._spawn(self.lease.freed(job))
 
     def _schedule(self, job: Job, due: float) -> None:
         """Plan the next poll of ``job``; a job of a cancelled batch not yet asked is due now

@@ -74,6 +74,11 @@ class Lease:
         """``job``'s submit is about to go on the wire (see the module docstring)."""
         await self.store.mark_sent(job)
 
+    async def freed(self, job: Job) -> None:
+        """The provider finished ``job``: it no longer counts against the account's cap, though
+        its result is still to be fetched and recorded."""
+        await self.store.mark_freed(job)
+
     async def others_busy(self, batches: Sequence[str]) -> bool:
         """Whether other runners hold unfinished jobs of ``batches`` (then this one waits)."""
         return await self.store.held_elsewhere(batches) > 0

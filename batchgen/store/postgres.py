@@ -139,7 +139,7 @@ class PostgresStore(SqliteStore):
         where, args = filters(batches, [PENDING])
         claim = f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
                         detail = 'attempt ' || (attempts + 1), api = COALESCE(?, api), runner_id = ?,
-                        sent_at = NULL
+                        sent_at = NULL, freed_at = NULL
                     WHERE id IN (SELECT id FROM jobs {where} AND {NOT_CANCELLED} AND retired_at IS NULL
                                  AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?
                                  FOR UPDATE SKIP LOCKED)
@@ -151,8 +151,8 @@ class PostgresStore(SqliteStore):
             if cap is not None:
                 conn.execute("SELECT pg_advisory_xact_lock(?)", (account_lock_key(api or ""),))
                 marks = ", ".join("?" * len(_AT_PROVIDER))
-                row = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND api "
-                                   "IS NOT DISTINCT FROM ?", (*_AT_PROVIDER, api)).fetchone()
+                row = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND freed_at IS NULL "
+                                   "AND api IS NOT DISTINCT FROM ?", (*_AT_PROVIDER, api)).fetchone()
                 n = min(n, cap - int(row[0] if row else 0))
                 if n <= 0:
                     return []
@@ -210,6 +210,12 @@ class PostgresStore(SqliteStore):
         now = time.time()
         await self._engine.write(lambda c: c.execute(
             "UPDATE jobs SET sent_at = ? WHERE id = ? AND state = 'submitting'", (now, job.id)))
+
+    async def mark_freed(self, job: Job) -> None:
+        """The provider finished ``job`` (its slot is free): the account's count leaves it out."""
+        now = time.time()
+        await self._engine.write(lambda c: c.execute(
+            "UPDATE jobs SET freed_at = ? WHERE id = ? AND freed_at IS NULL", (now, job.id)))
 
     async def reap(self, batches: Sequence[str] | None) -> tuple[int, int]:
         """Take back the jobs of runners whose lease expired, under one advisory lock: claimed

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import math
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,8 @@ def run_fleet(pg: PgServer, scratch: Path, runners: int, jobs: int, duration: fl
                                     "-w", str(work / "w"), "--max-jobs", "0", "-q"),
                        env=bench_env(), capture_output=True, check=False)
         start = time.time()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sim_cpu0 = sim.cpu()
         procs = [subprocess.Popen(batchgen_cmd(
             "--store", url, "--outputs", str(work / "out"), "--account-concurrency", str(account),
             "run", "--api-url", sim.base_url, "-w", str(work / f"w{i}"),
@@ -58,12 +61,16 @@ def run_fleet(pg: PgServer, scratch: Path, runners: int, jobs: int, duration: fl
             if p.returncode != 0:
                 raise SystemExit(f"batchgen run failed ({p.returncode}):\n{out}")
         makespan = time.time() - start
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        runners_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+        sim_cpu = sim.cpu() - sim_cpu0
         with urllib.request.urlopen(sim.root_url + "/_sim/stats", timeout=60) as resp:
             stats = json.loads(resp.read())
         reqs = sim.requests()["requests"]
         first = min(r["submitted_at"] for r in reqs) - start
         last = start + makespan - max(r["finished_at"] or 0 for r in reqs)
-        print(f"  first submit {first:.2f} s after the start; last job finished {last:.2f} s before the end",
+        print(f"  first submit {first:.2f} s after the start; last job finished {last:.2f} s before the end; "
+              f"CPU: runners {runners_cpu:.1f} s, simulator {sim_cpu:.1f} s (2 cores: {2 * makespan:.0f} s)",
               flush=True)
     bound = math.ceil(jobs / min(account, per_runner * runners)) * duration
     return makespan, bound, max(stats["max_in_flight"].values())
