@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import image_manifest
 from test_batch_lifecycle import _until
 
@@ -51,6 +52,7 @@ async def _reap(procs) -> list[tuple[int, str]]:
     return out
 
 
+@pytest.mark.timeout(400)
 async def test_three_runners_one_killed_finish_every_job_once_within_the_account_cap(tmp_path, simulator, pg_url):
     sim = await simulator(concurrency=CAP, duration=0.3)
     manifest = image_manifest(tmp_path, sim, "fleet", 300)
@@ -97,6 +99,7 @@ async def test_three_runners_one_killed_finish_every_job_once_within_the_account
     assert max(sim.max_in_flight.values()) <= CAP
 
 
+@pytest.mark.timeout(300)
 async def test_cancel_from_a_fourth_process_stops_every_runners_submits_within_two_seconds(
         tmp_path, simulator, pg_url):
     sim = await simulator(concurrency=CAP, duration=1.0)

@@ -190,3 +190,14 @@ async def test_the_request_rate_is_split_evenly_between_live_runners(pg_url, tmp
             await client.close()
         for store in stores:
             await store.close()
+
+
+async def test_forget_leaves_a_job_another_runner_claimed_since_it_was_chosen(pair):
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0), Spec("k1", 1)])
+    chosen = await a.jobs(["b"], [S.PENDING])  # what `forget` saw
+    [claimed] = await b.claim_many(["b"], time.time(), 1)  # meanwhile, on another machine
+    assert await a.forget(chosen) == 1
+    [left] = await a.jobs(["b"])
+    assert left.id == claimed.id and left.state == S.SUBMITTING

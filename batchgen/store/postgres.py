@@ -128,6 +128,18 @@ class PostgresStore(SqliteStore):
         await super().requeue(job, detail, **kw)
         await self.notify("work")
 
+    async def forget(self, jobs: Sequence[Job]) -> int:
+        """As SqliteStore.forget, but only jobs still in the state they were chosen in, read
+        under a row lock in the same transaction: on a shared store no lock keeps the runners
+        away, and one may have claimed a pending job since (its record must never go)."""
+        async with self._engine.atomic() as db:
+            keep = []
+            for job in jobs:
+                rows = await db.execute_fetchall("SELECT state FROM jobs WHERE id = ? FOR UPDATE", (job.id,))
+                if rows and rows[0][0] == job.state:
+                    keep.append(job)
+            return await super().forget(keep)  # joins this transaction (atomic() nests)
+
     async def notify(self, what: str) -> None:
         await self._engine.write(lambda c: c.execute(f"NOTIFY {CHANNEL}, '{what.replace(chr(39), '')}'"))
 
