@@ -10,7 +10,9 @@ plus what only a shared store needs, all used by runner/leasing.py:
   lock for the API, counts the jobs at the provider across every runner, and claims no more than
   the room left, so N runners together keep at most ``account_cap`` jobs there;
 - runner leases (``runners``: id, host, pid, expiry), renewed by each runner; an expired one's
-  jobs are taken back (``reap``);
+  jobs are taken back (``reap``: never sent, pending; ``sent_at`` set, unknown) or adopted
+  (``adopt``: at the provider or downloading); ``freed_at``: the provider finished the job, so
+  it no longer counts against the account;
 - NOTIFY on the ``batchgen`` channel when work is added or a batch cancelled.
 """
 
@@ -28,6 +30,7 @@ from typing import Any
 
 import psycopg
 
+from ..constants import SHARED_STORE_MARK
 from ..errors import StoreError
 from ..pgmigrations import pg_migrate
 from .models import DOWNLOADING, FOLLOWED, PENDING, REMOTE_ACTIVE, SUBMITTING, UNKNOWN, Job
@@ -43,10 +46,6 @@ LEASE_TTL = 10.0
 _REAP_LOCK = 0x62677270  # "bgrp"
 # Jobs at the provider for the account cap: claimed (about to be sent) or there.
 _AT_PROVIDER = (SUBMITTING, *REMOTE_ACTIVE)
-
-
-def is_url(where: str | Path) -> bool:
-    return isinstance(where, str) and where.startswith(("postgresql://", "postgres://"))
 
 
 def redact(url: str) -> str:
@@ -72,7 +71,7 @@ class PostgresStore(SqliteStore):
         self._db = db
         self._engine = engine
         self.url = url
-        self.path = Path(redact(url))  # what messages name; no file
+        self.path = Path(SHARED_STORE_MARK)  # no file (the URL may hold a password)
         self.api = api
         self.runner_id: str | None = None  # set by a runner's lease: claims name it
         self.account_cap: int | None = None  # jobs at the provider for the account, all runners
