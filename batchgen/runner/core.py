@@ -81,6 +81,11 @@ class RunCore:
     # On a shared store, this run's lease (leasing.py); None on SQLite: one runner.
     lease: Lease | None = None
 
+    @property
+    def closing(self) -> bool:
+        """The run's loops are ending (or ended)."""
+        return self._closing
+
     def wake(self) -> None:
         """Let the loops look again now (new work, a job taken back, a cancel)."""
         self._wake.set()

@@ -107,7 +107,8 @@ class Lease:
                     self.runner.stop()
                     return
                 await self._share_rate()
-                adopted = await self.adopt(self.runner.batches)
+                # A run that is ending adopts nothing: no loop would follow what it took.
+                adopted = [] if self.runner.closing else await self.adopt(self.runner.batches)
             except Exception as exc:  # noqa: BLE001 - a failed renewal is retried at the next tick
                 log.warning("lease renewal failed: %s", exc)
                 continue
