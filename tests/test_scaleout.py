@@ -20,7 +20,7 @@ from test_batch_lifecycle import _until
 from batchgen import store as S
 from batchgen.store import Store
 
-CAP = 8
+CAP = 16  # the account: jobs at once at the simulator, and the cap every runner shares
 
 
 def _env() -> dict[str, str]:

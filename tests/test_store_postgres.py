@@ -201,3 +201,13 @@ async def test_forget_leaves_a_job_another_runner_claimed_since_it_was_chosen(pa
     assert await a.forget(chosen) == 1
     [left] = await a.jobs(["b"])
     assert left.id == claimed.id and left.state == S.SUBMITTING
+
+
+async def test_a_job_claimed_before_a_cancel_is_not_marked_sent_after_it(pair):
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0), Spec("k1", 1)])
+    first, second = await a.claim_many(["b"], time.time(), 2)
+    assert await a.mark_sent(first)  # on its way before the cancel
+    await b.request_cancel("b")  # another machine
+    assert not await a.mark_sent(second)  # waited for its turn: must not go now

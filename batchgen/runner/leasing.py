@@ -70,9 +70,13 @@ class Lease:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.shield(self.store.end_lease())
 
-    async def sent(self, job: Job) -> None:
-        """``job``'s submit is about to go on the wire (see the module docstring)."""
-        await self.store.mark_sent(job)
+    async def sent(self, job: Job) -> bool:
+        """Take ``job``'s submit token (the rate), then mark it sent (see the module docstring);
+        False: its batch was cancelled meanwhile, and it must not go."""
+        limiter = self.runner.client.limiter
+        if limiter is not None:
+            await limiter.take()
+        return await self.store.mark_sent(job)
 
     async def freed(self, job: Job) -> None:
         """The provider finished ``job``: it no longer counts against the account's cap, though

@@ -17,7 +17,7 @@ from .. import constants, crashpoints
 from ..errors import APIError, InsufficientBalanceError, RateLimitError, UsageError
 from ..inline import prepare_body
 from ..retry import Call, Decision, classify
-from ..store import FAILED, IN_QUEUE, PENDING, SUBMITTING, UNKNOWN, Job
+from ..store import CANCELLED, FAILED, IN_QUEUE, PENDING, SUBMITTING, UNKNOWN, Job
 from .core import Fatal, RunCore
 from .events import StopReason
 
@@ -187,16 +187,23 @@ class Submitting(RunCore):
 
     async def _submit(self, job: Job) -> None:
         self.gate.sending(job)  # from here on, the request may reach the server
+        paced = True
         try:
             if self.lease is not None:
-                await self.lease.sent(job)  # a runner dying from here on leaves it unknown
+                # A shared store: the rate's token first, then the mark that the job is on its
+                # way (a runner dying from here on leaves it unknown), refused if its batch was
+                # cancelled meanwhile: a cancel stops even the jobs waiting for their turn.
+                if not await self.lease.sent(job):
+                    await asyncio.shield(self._cancelled_unsent(job))
+                    return
+                paced = False
             if job.inputs_json is not None and "file://" not in job.inputs_json:
                 # No local file: the recorded JSON text is the body (no decode, copy and encode of
                 # the inputs per submit).
-                sub = await self.client.submit(job.model_id, job.inputs_json)
+                sub = await self.client.submit(job.model_id, job.inputs_json, paced=paced)
             else:
                 body = await prepare_body(job.inputs, self._file_checks)
-                sub = await self.client.submit(job.model_id, job.inputs if body is None else body)
+                sub = await self.client.submit(job.model_id, job.inputs if body is None else body, paced=paced)
         except (APIError, UsageError) as exc:
             await asyncio.shield(self._submit_failed(job, exc))
             return
@@ -293,6 +300,18 @@ class Submitting(RunCore):
                     finished_at=time.time(),
                 )
             self._finished(job, str(exc))
+        finally:
+            self.slots.release()
+
+    async def _cancelled_unsent(self, job: Job) -> None:
+        """Claimed, never sent, and its batch cancelled since: cancelled, the attempt not counted."""
+        self.budget.finished(job.id, None)
+        try:
+            await self.store.transition(
+                job, CANCELLED, expect=(SUBMITTING,), attempts=max(0, job.attempts - 1),
+                error="cancelled before submit", detail="cancelled by the user before submit")
+            self._summary.submitted -= 1
+            self._finished(job, "cancelled by the user before submit")
         finally:
             self.slots.release()
 

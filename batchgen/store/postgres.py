@@ -215,12 +215,15 @@ class PostgresStore(SqliteStore):
         rows = await self._db.execute_fetchall("SELECT COUNT(*) FROM runners WHERE expires_at > ?", (time.time(),))
         return int(rows[0][0])
 
-    async def mark_sent(self, job: Job) -> None:
+    async def mark_sent(self, job: Job) -> bool:
         """``job``'s submit is about to reach the wire: if this runner dies from here on, the job
-        becomes unknown rather than pending."""
+        becomes unknown rather than pending. False (nothing marked): its batch was cancelled
+        since it was claimed, and it must not be sent."""
         now = time.time()
-        await self._engine.write(lambda c: c.execute(
-            "UPDATE jobs SET sent_at = ? WHERE id = ? AND state = 'submitting'", (now, job.id)))
+        n = await self._engine.write(lambda c: c.execute(
+            f"UPDATE jobs SET sent_at = ? WHERE id = ? AND state = 'submitting' AND {NOT_CANCELLED}",
+            (now, job.id)).rowcount)
+        return bool(n)
 
     async def mark_freed(self, job: Job) -> None:
         """The provider finished ``job`` (its slot is free): the account's count leaves it out."""
