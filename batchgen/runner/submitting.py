@@ -187,7 +187,7 @@ class Submitting(RunCore):
 
     async def _submit(self, job: Job) -> None:
         self.gate.sending(job)  # from here on, the request may reach the server
-        paced = True
+        unpaced: dict[str, bool] = {}  # {"paced": False}: the token is taken already
         try:
             if self.lease is not None:
                 # A shared store: the rate's token first, then the mark that the job is on its
@@ -196,14 +196,14 @@ class Submitting(RunCore):
                 if not await self.lease.sent(job):
                     await asyncio.shield(self._cancelled_unsent(job))
                     return
-                paced = False
+                unpaced["paced"] = False
             if job.inputs_json is not None and "file://" not in job.inputs_json:
                 # No local file: the recorded JSON text is the body (no decode, copy and encode of
                 # the inputs per submit).
-                sub = await self.client.submit(job.model_id, job.inputs_json, paced=paced)
+                sub = await self.client.submit(job.model_id, job.inputs_json, **unpaced)
             else:
                 body = await prepare_body(job.inputs, self._file_checks)
-                sub = await self.client.submit(job.model_id, job.inputs if body is None else body, paced=paced)
+                sub = await self.client.submit(job.model_id, job.inputs if body is None else body, **unpaced)
         except (APIError, UsageError) as exc:
             await asyncio.shield(self._submit_failed(job, exc))
             return
