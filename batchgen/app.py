@@ -30,11 +30,12 @@ from .fiximages import FixOptions, ImageFixer
 from .lock import WorkdirLock
 from .manifest import Manifest, is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary
+from .runner.leasing import leased
 from .schema import ModelSchema, SchemaError, find_schema, job_price
 from .store import SIMULATOR_API, Store
 from .text import printable
 from .validate import ValidationResult, validate_manifest
-from .workdir import check_store, create_store, existing_store, legacy_simulated, realm
+from .workdir import check_store, create_store, existing_store, legacy_simulated, outputs_root, realm, shared_store
 from .workdir import store_path as realm_store
 
 log = logging.getLogger(__name__)
@@ -353,13 +354,17 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
         resolve_token(opts.target)
     api = api_identity(opts.target)
     folder = realm(workdir, simulated)  # simulated results live apart: workdir.py
-    check_store(workdir, simulated)  # a lost store is never silently replaced
-
-    lock = WorkdirLock(folder / C.LOCK_FILENAME)
-    lock.acquire("run")
+    shared = shared_store()
+    if shared is None:
+        check_store(workdir, simulated)  # a lost store is never silently replaced
+    # The work-directory lock is SQLite's: on a shared store, many runners are the point.
+    lock = WorkdirLock(folder / C.LOCK_FILENAME) if shared is None else None
+    if lock is not None:
+        lock.acquire("run")
     try:
-        create_store(realm_store(folder))
-        async with await Store.open(realm_store(folder), api=api) as store:
+        if shared is None:
+            create_store(realm_store(folder))
+        async with await Store.open(shared or realm_store(folder), api=api) as store:
             if not simulated:
                 await _forget_legacy_simulated(store, workdir)
             if manifest is not None:
@@ -381,7 +386,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                             f"{retired} job(s) no longer in the manifest retired" if retired else "",
                             f"{back} retired job(s) back in the manifest" if back else "") if part),
                         False)
-                await _reuse(store, folder, manifest.name, opts.reuse, on_notice)
+                await _reuse(store, outputs_root(folder), manifest.name, opts.reuse, on_notice)
                 batches = [manifest.name]
             elif opts.batch is not None:
                 await _require_batches(store, [opts.batch], folder)
@@ -404,7 +409,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                 await store.clear_cancel(batches)  # a retry resumes a cancelled batch
                 for job in await store.jobs(batches, opts.retry_states, current=True):
                     # Half-downloaded files of the earlier try are never spliced into a new one.
-                    discard_partials(folder / job.batch, job.file_stem)
+                    discard_partials(outputs_root(folder) / job.batch, job.file_stem)
                     if (job.state == S.FAILED and job.request_id is not None
                             and (job.error or "").startswith(S.OUTPUT_LOST)):
                         # Delivered and paid for: fetched again, never submitted again.
@@ -427,7 +432,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                             if warning:
                                 on_notice(warning, True)
                     runner = Runner(
-                        store, client, folder, opts.settings,
+                        store, client, outputs_root(folder), opts.settings,
                         on_event=on_event,
                         price_estimate=price,
                         # A --simulate run's simulator listens on a new port each time: one API.
@@ -435,14 +440,16 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                     )
                     if on_runner is not None:
                         on_runner(runner)
-                    summary = await runner.run(batches)
+                    async with leased(runner, shared is not None):
+                        summary = await runner.run(batches)
             # `batchgen run` alone answers for the whole work directory, as a run of each manifest
             # answers for its batch: a batch with nothing left to run still counts (its failed
             # jobs make the exit code 1 either way).
             whole = manifest is None and opts.batch is None
             counts = await store.counts(None if whole else batches)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     return RunOutcome(batches, new_jobs, summary, counts, overdue_kept)
 
 
@@ -620,6 +627,14 @@ def _existing_store(workdir: Path, simulated: bool) -> Path:
     return path
 
 
+def _outputs_of(path: Path, workdir: Path) -> Path:
+    """Where the outputs of the store at ``path`` are: beside it (or --outputs); a shared
+    store's, under --outputs or else the work directory."""
+    if str(path) == C.SHARED_STORE_MARK:
+        return outputs_root(Path(workdir))
+    return outputs_root(path.parent)
+
+
 def _stores(workdir: Path) -> list[tuple[Path, bool]]:
     """(store, simulated) of each realm of ``workdir`` that has one: runs against an API first."""
     found = [(p, sim) for sim in (False, True) if (p := existing_store(workdir, sim)) is not None]
@@ -636,11 +651,13 @@ class FoundBatch:
     batch: S.Batch
     path: Path  # the store's file
     simulated: bool  # the store of --simulate runs
+    workdir: Path = Path(C.DEFAULT_WORKDIR)
 
     @property
     def root(self) -> Path:
-        """The store's folder: outputs' recorded paths are relative to it."""
-        return self.path.parent.resolve()
+        """Where the outputs' recorded paths start: the store's folder (a shared store: the
+        --outputs directory, which every machine mounts)."""
+        return _outputs_of(self.path, self.workdir).resolve()
 
 
 @asynccontextmanager
@@ -655,7 +672,7 @@ async def open_batch(workdir: Path, batch: str, simulated: bool | None = None) -
         try:
             info = await store.batch(batch)
             if info is not None:
-                yield FoundBatch(store, info, path, sim)
+                yield FoundBatch(store, info, path, sim, workdir)
                 return
             known += [f"{b.name} (simulated)" if sim else b.name for b in await store.batches()]
         finally:
@@ -760,13 +777,17 @@ async def status(workdir: Path, batches: list[str] | None = None, again: Again |
                     next_steps=next_steps(b.name, c, again.for_batch(simulated, sorted(apis.get(b.name, {})))),
                     look=look_steps(b.name, c, again.for_batch(simulated, [])),
                     simulated=simulated, apis=sorted(apis.get(b.name, {})),
-                    folder=path.parent / b.name, retired=retired.get(b.name, {}),
+                    folder=_outputs_of(path, workdir) / b.name,
+                    retired=retired.get(b.name, {}),
                 ))
     missing = [b for b in batches or [] if b not in seen]
     if missing:
         raise UsageError(f"no batch named '{missing[0]}' in {workdir}; known: "
                          f"{', '.join(sorted(seen)) or 'none'}")
     return out
+
+
+SHARED = "shared store"  # CancelReport.handed_to: the runners of a shared store carry it out
 
 
 @dataclass
@@ -788,13 +809,15 @@ async def cancel(workdir: Path, batch: str, target: Target) -> CancelReport:
     path = _existing_store(workdir, target.simulate)
     lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
     try:
+        if shared_store() is not None:  # runners may be at it on any machine: through the store
+            raise LockedError("the store is shared")
         lock.acquire("cancel")
     except LockedError as exc:
         # A run holds the work directory: the cancel goes through the store, which it reads.
         async with await Store.open(path) as store:
             await _require_batches(store, [batch], workdir)
             report.not_submitted = await store.request_cancel(batch)
-        report.handed_to = exc.pid or "?"
+        report.handed_to = SHARED if shared_store() is not None else (exc.pid or "?")
         return report
     try:
         async with await Store.open(path, api=api_identity(target)) as store:
@@ -992,7 +1015,8 @@ async def forget(workdir: Path, batch: str, *, states: tuple[str, ...] = (), key
     unless ``delete_files``. A key that names no such job is refused before anything is done."""
     path, simulated = await find_batch(Path(workdir), batch, simulated)
     lock = WorkdirLock(path.parent / C.LOCK_FILENAME)
-    lock.acquire("forget")
+    if shared_store() is None:  # a shared store's writes are its own transactions
+        lock.acquire("forget")
     try:
         async with await Store.open(path) as store:
             jobs = await store.jobs([batch])
@@ -1008,10 +1032,11 @@ async def forget(workdir: Path, batch: str, *, states: tuple[str, ...] = (), key
             chosen = [j for j in jobs if _forgettable(j)
                       and (not states or j.state in states or (RETIRED in states and j.retired_at is not None))
                       and (not keys or j.key in keys)]
-            plan = ForgetPlan(batch, simulated, path.parent / batch, chosen)
+            root = _outputs_of(path, Path(workdir))
+            plan = ForgetPlan(batch, simulated, root / batch, chosen)
             if not chosen or not confirm(plan):
                 return plan
-            files = [path.parent / o.path for j in chosen for o in await store.outputs(j.id) if o.path]
+            files = [root / o.path for j in chosen for o in await store.outputs(j.id) if o.path]
             plan.forgotten = await store.forget(chosen)
         if delete_files:
             for f in files:

@@ -36,7 +36,7 @@ from .errors import (
 from .progress import LineLog, Panel, RepeatedNotices, stderr_is_tty
 from .runner import Event, RunSettings, RunSummary, StopReason
 from .text import printable
-from .workdir import realm
+from .workdir import outputs_root, realm
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
 EXIT_OK = 0  # every job of the batch succeeded
@@ -61,8 +61,24 @@ def _workdir_from_group(ctx: click.Context, param: click.Parameter, value: Path)
     """--workdir goes before the command name or after it: `batchgen -w W status` is
     `batchgen status -w W`. Given after, it wins."""
     if ctx.get_parameter_source(param.name or "") in (ParameterSource.DEFAULT, None):
-        return (ctx.obj or {}).get("workdir") or value
+        value = (ctx.obj or {}).get("workdir") or value
+    _store_from_config(ctx, value)
     return value
+
+
+def _store_from_config(ctx: click.Context, workdir: Path) -> None:
+    """`store`, `outputs`, `account_concurrency` of batchgen.toml, for every command (options and
+    the environment win). A file that cannot be read is left to the commands that read it whole."""
+    try:
+        settings, _ = load_config((ctx.obj or {}).get("config"), workdir)
+    except BatchgenError:
+        return
+    env = {"store": C.STORE_ENV, "outputs": C.OUTPUTS_ENV, "account_concurrency": "BATCHGEN_ACCOUNT_CONCURRENCY"}
+    given = [os.environ.get(env[k]) for k in ("store", "outputs", "account_concurrency")]
+    _shared_store_options(
+        None if given[0] else settings.get("store"),
+        None if given[1] or "outputs" not in settings else Path(settings["outputs"]),
+        None if given[2] else settings.get("account_concurrency"))
 
 
 def _config_after_command(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
@@ -204,8 +220,17 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help=_CONFIG_HELP)
 @click.option("--workdir", "-w", type=click.Path(file_okay=False, path_type=Path),
               help=f"{_WORKDIR_HELP} [default: {C.DEFAULT_WORKDIR}]")
+@click.option("--store", "store_url", envvar=C.STORE_ENV, metavar="URL",
+              help="A shared store, postgresql://user@host/db, instead of the work directory's SQLite "
+                   f"file: several runners on several machines share its jobs [env {C.STORE_ENV}].")
+@click.option("--outputs", "outputs_dir", type=click.Path(file_okay=False, path_type=Path),
+              envvar=C.OUTPUTS_ENV, help="Where outputs go (a path every runner mounts, with --store) "
+              f"[default: the work directory; env {C.OUTPUTS_ENV}].")
+@click.option("--account-concurrency", type=click.IntRange(1), envvar="BATCHGEN_ACCOUNT_CONCURRENCY",
+              help="With --store: most jobs at the provider for the account across every runner.")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path | None, workdir: Path | None) -> None:
+def main(ctx: click.Context, config_path: Path | None, workdir: Path | None, store_url: str | None,
+         outputs_dir: Path | None, account_concurrency: int | None) -> None:
     """batchgen: run a manifest of RunComfy Model API jobs to finished, downloaded files.
 
     \b
@@ -214,8 +239,22 @@ def main(ctx: click.Context, config_path: Path | None, workdir: Path | None) -> 
       batchgen status
     """
     _install_log_handler()
+    _shared_store_options(store_url, outputs_dir, account_concurrency)
     # Options that go before the command name or after it (workdir_option): the command reads them here.
     ctx.obj = {"config": config_path, "workdir": workdir}
+
+
+def _shared_store_options(store_url: str | None, outputs_dir: Path | None, account_cap: int | None) -> None:
+    """--store, --outputs, --account-concurrency: read where the store is opened (workdir.py,
+    runner/leasing.py), whichever command it is."""
+    if store_url:
+        if not store_url.startswith(("postgresql://", "postgres://")):
+            raise click.UsageError(f"--store {store_url!r}: expected a postgresql://user@host/db URL")
+        os.environ[C.STORE_ENV] = store_url
+    if outputs_dir is not None:
+        os.environ[C.OUTPUTS_ENV] = str(outputs_dir.resolve())
+    if account_cap is not None:
+        os.environ["BATCHGEN_ACCOUNT_CONCURRENCY"] = str(account_cap)
 
 
 # ---- run ---------------------------------------------------------------------------------------
@@ -461,7 +500,7 @@ def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _tune_gc()
     outcome = _run_async(_run_with_signals(opts, view))
     _print_run_summary(outcome, _again(kw["workdir"], kw["simulate"], kw["api_url"]),
-                       realm(kw["workdir"], kw["simulate"]), kw["log_format"])
+                       outputs_root(realm(kw["workdir"], kw["simulate"])), kw["log_format"])
     code, error = run_exit(outcome.summary, outcome.counts)
     if error is not None:
         _fail(error, code)
@@ -1091,6 +1130,11 @@ def cancel(batch: str, workdir: Path, api_url: str | None, simulate: bool, sim_f
       batchgen cancel street-scenes
     """
     report = _run_async(app.cancel(workdir, batch, _target(api_url, simulate, sim_faults)))
+    if report.handed_to == app.SHARED:
+        click.echo(f"{batch}: {report.not_submitted} not submitted and cancelled; no runner on the shared "
+                   f"store submits another job of it, and those running it cancel its queued jobs at the "
+                   f"provider within {C.CANCEL_CHECK_EVERY * 2:g} s (jobs already running are still followed)")
+        return
     if report.handed_to is not None:
         # The holding run follows only its own batches: if it is not running this one, the queued
         # jobs are cancelled at the provider by this batch's next run, which sees the request.

@@ -350,16 +350,18 @@ class RunComfyClient:
 
     # ---- endpoints -----------------------------------------------------------------------------
 
-    async def submit(self, model_id: str, inputs: dict[str, Any] | str | InlineBody) -> Submitted:
+    async def submit(self, model_id: str, inputs: dict[str, Any] | str | InlineBody, *,
+                     paced: bool = True) -> Submitted:
         """``inputs``: a dict, the same already encoded as JSON text, or a body that streams local
-        files in as data: URIs (inline.py)."""
+        files in as data: URIs (inline.py). ``paced=False``: the caller has already taken this
+        call's token from the limiter."""
         path = f"/models/{model_path(model_id)}"
         if isinstance(inputs, str):
-            body = await self._call("submit", "POST", path, json_text=inputs)
+            body = await self._call("submit", "POST", path, json_text=inputs, paced=paced)
         elif isinstance(inputs, InlineBody):
-            body = await self._call("submit", "POST", path, payload=inputs)
+            body = await self._call("submit", "POST", path, payload=inputs, paced=paced)
         else:
-            body = await self._call("submit", "POST", path, json_body=inputs)
+            body = await self._call("submit", "POST", path, json_body=inputs, paced=paced)
         request_id = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(request_id, str) or not request_id or len(request_id) > C.MAX_REQUEST_ID:
             # A 200 without a usable request id: the job may exist, and we cannot find it. Unknown.

@@ -33,6 +33,11 @@ SETTINGS: dict[str, type | tuple[type, ...]] = {
     "max_output_size": (int, str),
     "min_download_rate": (int, float, str),
     "download_rate_window": (int, float),
+    # The shared store (--store), where outputs go (--outputs), the account's cap across runners
+    # (--account-concurrency): read by every command (cli._store_from_config).
+    "store": str,
+    "outputs": str,
+    "account_concurrency": int,
 }
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,

@@ -11,6 +11,14 @@ TOKEN_ENV = "RUNCOMFY_API_TOKEN"
 # Read when TOKEN_ENV is not set: the name RunComfy's own CLI uses, so one export serves both.
 TOKEN_ENV_FALLBACK = "RUNCOMFY_TOKEN"
 API_URL_ENV = "RUNCOMFY_API_URL"
+# A shared store (postgresql://user@host/db) instead of the work directory's SQLite file:
+# `--store`, `store = "…"` in batchgen.toml, or this variable.
+STORE_ENV = "BATCHGEN_STORE"
+# Where outputs go when the store is shared (a path every runner mounts): `--outputs`.
+OUTPUTS_ENV = "BATCHGEN_OUTPUTS"
+# The name the shared store goes by where a store's path is expected (Store.open reads the URL
+# from STORE_ENV): the URL itself is never a path, and may hold a password.
+SHARED_STORE_MARK = "<shared store>"
 
 # The account's wallet: on RunComfy's main API host, not the Model API's. --balance-url,
 # balance_url in batchgen.toml or RUNCOMFY_BALANCE_URL override it. When the API URL is a

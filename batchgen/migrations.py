@@ -257,6 +257,37 @@ async def m009_output_names(db: aiosqlite.Connection) -> None:
     )
 
 
+@migration
+async def m010_runner_leases(db: aiosqlite.Connection) -> None:
+    await _run(
+        db,
+        # Several runners on one shared store (PostgreSQL, runner/leasing.py): each holds a lease
+        # (id, host, pid, expiry) it renews, and the jobs it claimed or follows name it. A job
+        # whose runner's lease expired is taken back (never sent: pending; caught mid-submit:
+        # unknown; at the provider: adopted by a live runner). `sent_at`: its submit was about
+        # to reach the wire. SQLite's store has one runner (the work-directory lock), so these
+        # stay empty there; the columns keep both schemas the same at every migration.
+        """CREATE TABLE runners (id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,
+                                 started_at REAL NOT NULL, expires_at REAL NOT NULL)""",
+        "ALTER TABLE jobs ADD COLUMN runner_id TEXT",
+        "ALTER TABLE jobs ADD COLUMN sent_at REAL",
+        # The provider said the job finished: its slot is free for the account's cap across
+        # runners, though its result may still be downloading.
+        "ALTER TABLE jobs ADD COLUMN freed_at REAL",
+        # (PostgreSQL's store also indexes jobs by runner; here it would be upkeep for nothing.)
+    )
+
+
+def refuse_newer(done: set[str], what: str) -> None:
+    """A store whose recorded migrations include one this code does not know was upgraded by a
+    newer batchgen: refuse it (StoreError) rather than misread or damage it."""
+    known = {fn.__name__ for fn in MIGRATIONS}
+    newer = sorted(done - known)
+    if newer:
+        raise StoreError(f"{what} was upgraded by a newer batchgen (migration {newer[-1]}); "
+                         "upgrade batchgen to use it")
+
+
 async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None = None) -> list[str]:
     """Apply every migration not yet recorded; return the names applied."""
     migrations = MIGRATIONS if migrations is None else migrations
@@ -265,6 +296,7 @@ async def migrate(db: aiosqlite.Connection, migrations: list[Migration] | None =
     )
     async with db.execute("SELECT name FROM migrations") as cur:
         done = {row[0] for row in await cur.fetchall()}
+    refuse_newer(done - {fn.__name__ for fn in migrations}, "the store")
     applied = []
     for fn in migrations:
         name = fn.__name__

@@ -29,6 +29,18 @@ def realm(workdir: Path, simulated: bool) -> Path:
     return Path(workdir) / C.SIMULATED_DIR if simulated else Path(workdir)
 
 
+def shared_store() -> str | None:
+    """The shared store's URL (postgresql://…) if one is set (constants.STORE_ENV), else None:
+    the work directory's SQLite file."""
+    return os.environ.get(C.STORE_ENV) or None
+
+
+def outputs_root(folder: Path) -> Path:
+    """Where outputs go: the --outputs directory, else ``folder`` (the work directory's realm)."""
+    given = os.environ.get(C.OUTPUTS_ENV)
+    return Path(given) if given else Path(folder)
+
+
 def store_path(folder: Path) -> Path:
     return Path(folder) / C.STORE_FILENAME
 
@@ -81,7 +93,10 @@ def check_store(workdir: Path, simulated: bool) -> None:
 
 def existing_store(workdir: Path, simulated: bool) -> Path | None:
     """The store of a realm for a command that only reads it (status, report, gallery), or None
-    if it has none: never created, and an empty one is refused rather than given a new schema."""
+    if it has none: never created, and an empty one is refused rather than given a new schema.
+    A shared store (shared_store) is the one store, of every realm: its URL, as a Path."""
+    if shared_store() is not None:
+        return None if simulated else Path(C.SHARED_STORE_MARK)
     path = store_path(realm(workdir, simulated))
     check_store(workdir, simulated)
     if not path.exists():

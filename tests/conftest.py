@@ -14,6 +14,7 @@ import pytest
 import yaml
 from aiohttp import web
 from imagefactory import make_image
+from pgserver import pg_server, pg_url  # noqa: F401 - fixtures: the PostgreSQL backend's server
 
 from batchgen.simulator import FaultConfig, SimConfig, Simulator
 
@@ -133,13 +134,20 @@ class Spec:
     meta: dict = field(default_factory=dict)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_at(request, tmp_path):
+    """Where a fresh store goes, once per backend: a SQLite file, a PostgreSQL database."""
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return tmp_path / "store.sqlite3"
+
+
 @pytest.fixture
-async def store(tmp_path):
-    """A fresh store, closed after the test (the store tests' one way to get one: a second
-    backend would be plugged in here)."""
+async def store(store_at):
+    """A fresh store of each backend, closed after the test (the store tests' one way to get one)."""
     from batchgen.store import Store
 
-    s = await Store.open(tmp_path / "store.sqlite3")
+    s = await Store.open(store_at)
     yield s
     await s.close()
 

@@ -78,6 +78,18 @@ async def test_max_queued_refuses_submits_beyond_the_queue_with_429(http, simula
     assert len(sim.jobs) == 4 and sim.max_waiting == 2 and sim.refused_queue_full == 1
 
 
+async def test_stats_report_the_most_jobs_in_flight_per_token(http, simulator, image):
+    # Running or waiting both count; finished jobs do not; each token has its own count.
+    sim = await simulator(concurrency=1, duration=0.2)
+    for i in range(3):
+        await submit(http, sim, image, seed=i)
+    await asyncio.sleep(0.8)  # all three done
+    await submit(http, sim, image, seed=9)
+    await submit(http, sim, image, headers={"Authorization": "Bearer other"}, seed=1)
+    _, stats = await get(http, f"{sim.root_url}/_sim/stats")
+    assert sorted(stats["max_in_flight"].values()) == [1, 3]
+
+
 async def test_duration_jitter_spreads_run_times_within_the_fraction(http, simulator, image):
     sim = await simulator(concurrency=20, duration=1.0, duration_jitter=0.2, seed=3)
     for i in range(20):

@@ -16,6 +16,12 @@ from batchgen.errors import StoreError
 from batchgen.store import Store, engine
 
 
+@pytest.fixture
+def store_at(tmp_path):
+    """The group commit is the SQLite backend's: its tests run on SQLite only."""
+    return tmp_path / "store.sqlite3"
+
+
 async def test_concurrent_transactions_do_not_mix(store):
     await store.upsert_batch("b", "m/x", None, {})
 

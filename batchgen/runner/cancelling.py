@@ -57,6 +57,10 @@ class Cancelling(RunCore):
         await self._cancel_pending(sorted(self._cancel_batches))
         left = {j.batch for j in self._followed.values() if j.id not in self._cancel_asked}
         done = sorted(self._cancel_batches - left)
+        if self.lease is not None:
+            # A shared store: the last runner at a batch clears its request, not the first to
+            # end, or the others would go on sending the jobs they had claimed.
+            done = [b for b in done if not await self.lease.others_busy([b])]
         if done:
             await self.store.clear_cancel(done)
 

@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -23,6 +23,9 @@ from ..store import IN_QUEUE, Job, Store
 from .events import Event, EventSink, RunSummary, StopReason
 from .schedule import PollSchedule
 from .settings import RunSettings
+
+if TYPE_CHECKING:
+    from .leasing import Lease
 
 log = logging.getLogger("batchgen.runner")
 
@@ -76,6 +79,20 @@ class RunCore:
     _from_earlier_run: set[int]
     _cancel_batches: set[str]
     _cancel_asked: set[int]
+    # On a shared store, this run's lease (leasing.py); None on SQLite: one runner.
+    lease: Lease | None = None
+
+    @property
+    def closing(self) -> bool:
+        """The run's loops are ending (or ended): a stop was asked, or the run is draining."""
+        return self._stopping.is_set()
+
+    def wake(self) -> None:
+        """Let the loops look again now (new work, a job taken back, a cancel)."""
+        self._wake.set()
+
+    def emit_note(self, message: str) -> None:
+        self._emit("note", None, message)
 
     def stop(self, reason: StopReason = StopReason.INTERRUPTED) -> None:
         """Stop taking new work (Ctrl-C, SIGTERM, a deadline). Submits already on the wire are
@@ -192,6 +209,8 @@ class RunCore:
         if job.id in self._holding_slot:
             self._holding_slot.discard(job.id)
             self.slots.release()
+            if self.lease is not None:  # the account's slot too, for every runner's claims
+                self._spawn(self.lease.freed(job))
 
     def _schedule(self, job: Job, due: float) -> None:
         """Plan the next poll of ``job``; a job of a cancelled batch not yet asked is due now

@@ -28,8 +28,24 @@ class Recovery(RunCore):
         for job in await self.store.recover_interrupted(self._batches):
             self._finished(job, "submit interrupted by an earlier run; outcome unknown")
         now = time.time()
-        # In the order they were sent: the provider starts them in that order (polls.sent).
-        for job in sorted(await self.store.jobs(self._batches, FOLLOWED), key=lambda j: j.submitted_at or 0.0):
+        if self.lease is not None:
+            # A shared store: only the jobs no live runner holds are this run's (leasing.py).
+            # Unflushed outputs are not checked: they may be another live machine's, whose
+            # files this one cannot judge (its page cache is not ours).
+            self.follow_resumed(await self.lease.adopt(self._batches), now)
+            return
+        self.follow_resumed(await self.store.jobs(self._batches, FOLLOWED), now)
+        await self._check_unflushed()
+        self.follow_resumed(await self.store.jobs(self._batches, [DOWNLOADING]), now)
+
+    def follow_resumed(self, jobs: list[Job], now: float) -> None:
+        """Follow jobs an earlier run (or a runner that died) left at the provider, and download
+        those whose result was recorded. In the order they were sent: the provider starts them
+        in that order (polls.sent)."""
+        for job in sorted(jobs, key=lambda j: j.submitted_at or 0.0):
+            if job.state == DOWNLOADING:
+                self._spawn(self._download_job(job))
+                continue
             if job.state == OVERDUE:
                 # Given up on by an earlier run, but it may still be delivered: asked at once (the
                 # run waits for that answer), then at the slow pace while the run has other work.
@@ -46,9 +62,6 @@ class Recovery(RunCore):
             self.polls.enlist(job.id)
             self.polls.sent(job.id, job.submitted_at or now)
             self._schedule(job, now)
-        await self._check_unflushed()
-        for job in await self.store.jobs(self._batches, [DOWNLOADING]):
-            self._spawn(self._download_job(job))
 
     async def _check_unflushed(self) -> None:
         """Outputs recorded before their files were flushed (durability.py), in every batch of

@@ -17,7 +17,7 @@ from .. import constants, crashpoints
 from ..errors import APIError, InsufficientBalanceError, RateLimitError, UsageError
 from ..inline import prepare_body
 from ..retry import Call, Decision, classify
-from ..store import FAILED, IN_QUEUE, PENDING, SUBMITTING, UNKNOWN, Job
+from ..store import CANCELLED, FAILED, IN_QUEUE, PENDING, SUBMITTING, UNKNOWN, Job
 from .core import Fatal, RunCore
 from .events import StopReason
 
@@ -159,9 +159,15 @@ class Submitting(RunCore):
                 submits_in_flight = bool(self._submits)
                 when = await self.store.next_pending_at(self._batches)
                 if when is None and not submits_in_flight:
-                    return  # nothing pending, and no submit in flight that could put one back
+                    # Nothing pending, and no submit in flight that could put one back; on a
+                    # shared store, no other runner holding jobs this one may have to adopt.
+                    if self.lease is None or not await self.lease.others_busy(self._batches):
+                        return
                 # Wait for a retry delay to pass or a submit to finish (it may return a job).
-                delay = 1.0 if when is None else max(0.0, when - time.time())
+                # (Another runner's jobs, on a shared store: looked at again sooner, so that the
+                # fleet ends together rather than a second after its last job.)
+                idle = 1.0 if self.lease is None else self.lease.IDLE_CHECK
+                delay = idle if when is None else max(0.0, when - time.time())
                 self._wake.clear()
                 await self._nap(min(delay, 1.0))
                 continue
@@ -181,14 +187,23 @@ class Submitting(RunCore):
 
     async def _submit(self, job: Job) -> None:
         self.gate.sending(job)  # from here on, the request may reach the server
+        unpaced: dict[str, bool] = {}  # {"paced": False}: the token is taken already
         try:
+            if self.lease is not None:
+                # A shared store: the rate's token first, then the mark that the job is on its
+                # way (a runner dying from here on leaves it unknown), refused if its batch was
+                # cancelled meanwhile: a cancel stops even the jobs waiting for their turn.
+                if not await self.lease.sent(job):
+                    await asyncio.shield(self._cancelled_unsent(job))
+                    return
+                unpaced["paced"] = False
             if job.inputs_json is not None and "file://" not in job.inputs_json:
                 # No local file: the recorded JSON text is the body (no decode, copy and encode of
                 # the inputs per submit).
-                sub = await self.client.submit(job.model_id, job.inputs_json)
+                sub = await self.client.submit(job.model_id, job.inputs_json, **unpaced)
             else:
                 body = await prepare_body(job.inputs, self._file_checks)
-                sub = await self.client.submit(job.model_id, job.inputs if body is None else body)
+                sub = await self.client.submit(job.model_id, job.inputs if body is None else body, **unpaced)
         except (APIError, UsageError) as exc:
             await asyncio.shield(self._submit_failed(job, exc))
             return
@@ -287,6 +302,18 @@ class Submitting(RunCore):
                     finished_at=time.time(),
                 )
             self._finished(job, str(exc))
+        finally:
+            self.slots.release()
+
+    async def _cancelled_unsent(self, job: Job) -> None:
+        """Claimed, never sent, and its batch cancelled since: cancelled, the attempt not counted."""
+        self.budget.finished(job.id, None)
+        try:
+            await self.store.transition(
+                job, CANCELLED, expect=(SUBMITTING,), attempts=max(0, job.attempts - 1),
+                error="cancelled before submit", detail="cancelled by the user before submit")
+            self._summary.submitted -= 1
+            self._finished(job, "cancelled by the user before submit")
         finally:
             self.slots.release()
 

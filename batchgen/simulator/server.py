@@ -78,6 +78,9 @@ class Simulator(SavedState, InputImages, CatalogEndpoints, OutputFiles):
         # refused because of max_queued: how a client treats an account's queue.
         self.max_waiting = 0
         self.refused_queue_full = 0
+        # The most jobs each token (by its hash) had at once, waiting or running, right after a
+        # submit (when that number can grow): whether several runners kept one account's cap.
+        self.max_in_flight: dict[str, int] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -95,6 +98,7 @@ class Simulator(SavedState, InputImages, CatalogEndpoints, OutputFiles):
         r.add_get("/v1/requests/{rid}/result", self._result)
         r.add_post("/v1/requests/{rid}/cancel", self._cancel)
         r.add_get("/_sim/requests", self._list)
+        r.add_get("/_sim/stats", self._stats)
         r.add_get("/_sim/files/{rid}/{idx}/{name}", self._file)
         r.add_get("/_sim/uploads/{fid}/{name}", self._upload)
         return app
@@ -252,6 +256,8 @@ class Simulator(SavedState, InputImages, CatalogEndpoints, OutputFiles):
         queue.waiting.append(job)
         queue.advance(now, self.jobs)
         self.max_waiting = max(self.max_waiting, queue.queued())
+        in_flight = len(queue.running) + queue.queued()
+        self.max_in_flight[owner] = max(self.max_in_flight.get(owner, 0), in_flight)
         if outcome == "drop":
             # The job exists (and would be billed) but the answer never arrives.
             if request.transport is not None:
@@ -356,6 +362,11 @@ class Simulator(SavedState, InputImages, CatalogEndpoints, OutputFiles):
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.requests())
+
+    async def _stats(self, request: web.Request) -> web.StreamResponse:
+        """Counters for tests and benchmarks: calls, and the most jobs in flight per token."""
+        return web.json_response({"calls": self.calls, "max_in_flight": self.max_in_flight,
+                                  "max_waiting": self.max_waiting})
 
     async def _upload(self, request: web.Request) -> web.StreamResponse:
         path = self._published.get(request.match_info["fid"])

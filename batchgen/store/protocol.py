@@ -19,10 +19,12 @@ The contract every backend keeps, beyond each method's own:
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..constants import SHARED_STORE_MARK, STORE_ENV
 from ..jobkeys import canonical_json
 from .models import OVERDUE, TERMINAL, Attempt, Batch, Job, Output
 
@@ -43,9 +45,16 @@ class Store(Protocol):
 
     @classmethod
     async def open(cls, path: str | Path, *, api: str | None = None) -> Store:
-        """Open (creating and migrating it if needed) the store at ``path``. ``api``: the API the
+        """Open (creating and migrating it if needed) the store at ``path``: a file (SQLite), or
+        a ``postgresql://`` URL (PostgreSQL, shared by several runners). ``api``: the API the
         jobs this store claims are submitted to (written on each claim: ``Job.api``)."""
-        from .sqlite import SqliteStore  # the one backend so far
+        if str(path) == SHARED_STORE_MARK:  # workdir.existing_store of a shared store
+            path = os.environ.get(STORE_ENV, "")
+        if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+            from .postgres import PostgresStore  # psycopg is imported only for a shared store
+
+            return await PostgresStore.open(path, api=api)
+        from .sqlite import SqliteStore
 
         return await SqliteStore.open(path, api=api)
 

@@ -51,7 +51,7 @@ class StoreReads:
         store of any size)."""
         where, args = filters(batches, [PENDING])
         async with self._db.execute(
-            f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs {where} LIMIT ?)", (*args, n)
+            f"SELECT COUNT(*) FROM (SELECT 1 FROM jobs {where} LIMIT ?) AS p", (*args, n)
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0

@@ -55,12 +55,12 @@ def filters(
     clauses: list[str] = []
     args: list[Any] = []
     if batches is not None:
-        clauses.append(f"batch IN ({', '.join('?' * len(batches))})" if batches else "0")
+        clauses.append(f"batch IN ({', '.join('?' * len(batches))})" if batches else "FALSE")
         args.extend(batches)
     if states is not None:
-        clauses.append(f"state IN ({', '.join('?' * len(states))})" if states else "0")
+        clauses.append(f"state IN ({', '.join('?' * len(states))})" if states else "FALSE")
         args.extend(states)
-    return ("WHERE " + " AND ".join(clauses) if clauses else "WHERE 1"), args
+    return ("WHERE " + " AND ".join(clauses) if clauses else "WHERE TRUE"), args
 
 
 def transition_sql(

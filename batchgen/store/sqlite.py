@@ -115,10 +115,11 @@ class SqliteStore(StoreReads, Transitions, Store):
                     """INSERT INTO learned_caps (model_id, api, cap, settled, updated_at)
                        VALUES (?, ?, ?, ?, ?)
                        ON CONFLICT (model_id, api) DO UPDATE SET
-                           cap = CASE WHEN excluded.settled THEN excluded.cap
-                                      ELSE MAX(cap, excluded.cap) END,
-                           settled = CASE WHEN excluded.settled THEN 1
-                                          WHEN excluded.cap > cap THEN 0 ELSE settled END,
+                           cap = CASE WHEN excluded.settled <> 0 THEN excluded.cap
+                                      ELSE MAX(learned_caps.cap, excluded.cap) END,
+                           settled = CASE WHEN excluded.settled <> 0 THEN 1
+                                          WHEN excluded.cap > learned_caps.cap THEN 0
+                                          ELSE learned_caps.settled END,
                            updated_at = excluded.updated_at""",
                     (model_id, api, int(cap), int(settled), now),
                 )

@@ -1,0 +1,293 @@
+"""``PostgresStore``: the store on a PostgreSQL server, shared by several runners on several
+machines (``--store postgresql://user@host/db``).
+
+It is the SQLite store's code (reads, transitions, the commands' writes) run through pgconn.py,
+plus what only a shared store needs, all used by runner/leasing.py:
+
+- claims take rows with ``FOR UPDATE SKIP LOCKED`` (two runners never take one job) and name the
+  claiming runner (``jobs.runner_id``);
+- the account's cap: with ``account_cap`` set, a claim first takes a transaction-level advisory
+  lock for the API, counts the jobs at the provider across every runner, and claims no more than
+  the room left, so N runners together keep at most ``account_cap`` jobs there;
+- runner leases (``runners``: id, host, pid, expiry), renewed by each runner; an expired one's
+  jobs are taken back (``reap``: never sent, pending; ``sent_at`` set, unknown) or adopted
+  (``adopt``: at the provider or downloading); ``freed_at``: the provider finished the job, so
+  it no longer counts against the account;
+- NOTIFY on the ``batchgen`` channel when work is added or a batch cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from ..constants import SHARED_STORE_MARK
+from ..errors import StoreError
+from ..pgmigrations import pg_migrate
+from .models import DOWNLOADING, FOLLOWED, PENDING, REMOTE_ACTIVE, SUBMITTING, UNKNOWN, Job
+from .pgconn import AsyncConn, PgEngine, SyncConn
+from .sql import JOB_COLUMNS, NOT_CANCELLED, filters
+from .sqlite import SqliteStore
+
+CHANNEL = "batchgen"
+# A runner's lease: renewed every LEASE_RENEW seconds, lost LEASE_TTL seconds after its last renewal.
+LEASE_RENEW = 2.0
+LEASE_TTL = 10.0
+# Advisory lock key of lease reaping (one reaper at a time); account locks hash the API.
+_REAP_LOCK = 0x62677270  # "bgrp"
+# Jobs at the provider for the account cap: claimed (about to be sent) or there.
+_AT_PROVIDER = (SUBMITTING, *REMOTE_ACTIVE)
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages)."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return "the PostgreSQL store"
+    return f"postgresql://{info.get('user', '')}@{info.get('host', '')}/{info.get('dbname', '')}"
+
+
+def account_lock_key(api: str) -> int:
+    return zlib.crc32(f"batchgen account {api}".encode())
+
+
+class PostgresStore(SqliteStore):
+    """The batchgen store on PostgreSQL. Open with ``await Store.open("postgresql://…")``."""
+
+    _db: AsyncConn  # type: ignore[assignment]
+    _engine: PgEngine  # type: ignore[assignment]
+
+    def __init__(self, db: AsyncConn, url: str, engine: PgEngine, api: str | None = None):
+        self._db = db
+        self._engine = engine
+        self.url = url
+        self.path = Path(SHARED_STORE_MARK)  # no file (the URL may hold a password)
+        self.api = api
+        self.runner_id: str | None = None  # set by a runner's lease: claims name it
+        self.account_cap: int | None = None  # jobs at the provider for the account, all runners
+        self._account_full_until = 0.0
+
+    @classmethod
+    async def open(cls, path: str | Path, *, api: str | None = None) -> PostgresStore:
+        url = str(path)
+
+        def connect() -> tuple[psycopg.Connection[Any], psycopg.Connection[Any]]:
+            w = psycopg.connect(url, autocommit=True, application_name="batchgen")
+            try:
+                pg_migrate(w)
+                r = psycopg.connect(url, autocommit=True, application_name="batchgen")
+            except BaseException:
+                w.close()
+                raise
+            return w, r
+
+        try:
+            w, r = await asyncio.to_thread(connect)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open the store {redact(url)}: {exc}".strip()) from exc
+        return cls(AsyncConn(SyncConn(r), asyncio.Lock()), url, PgEngine(w), api)
+
+    async def close(self) -> None:
+        await self._engine.close()
+        await asyncio.to_thread(self._db.sync.conn.close)
+
+    # ---- the dialect's own --------------------------------------------------------------------
+
+    async def input_kinds(self, batch: str) -> set[tuple[str, str]]:
+        rows = await self._db.execute_fetchall(
+            """SELECT DISTINCT e.key, CASE jsonb_typeof(e.value)
+                   WHEN 'number' THEN CASE WHEN e.value::text ~ '^-{0,1}[0-9]+$' THEN 'integer' ELSE 'real' END
+                   WHEN 'string' THEN 'text' WHEN 'boolean' THEN e.value::text
+                   ELSE jsonb_typeof(e.value) END
+               FROM jobs j, jsonb_each(j.inputs_json::jsonb) e WHERE j.batch = ?""", (batch,))
+        return {(r[0], r[1]) for r in rows}
+
+    async def add_rows(self, batch: str, rows: Iterable[tuple[Any, ...]]) -> int:
+        added = await super().add_rows(batch, rows)
+        if added:
+            await self.notify("work")
+        return added
+
+    async def request_cancel(self, batch: str) -> int:
+        n = await super().request_cancel(batch)
+        await self.notify(f"cancel {batch}")
+        return n
+
+    async def requeue(self, job: Job, detail: str, **kw: Any) -> None:
+        await super().requeue(job, detail, **kw)
+        await self.notify("work")
+
+    async def forget(self, jobs: Sequence[Job]) -> int:
+        """As SqliteStore.forget, but only jobs still in the state they were chosen in, read
+        under a row lock in the same transaction: on a shared store no lock keeps the runners
+        away, and one may have claimed a pending job since (its record must never go)."""
+        async with self._engine.atomic() as db:
+            keep = []
+            for job in jobs:
+                rows = await db.execute_fetchall("SELECT state FROM jobs WHERE id = ? FOR UPDATE", (job.id,))
+                if rows and rows[0][0] == job.state:
+                    keep.append(job)
+            return await super().forget(keep)  # joins this transaction (atomic() nests)
+
+    async def notify(self, what: str) -> None:
+        await self._engine.write(lambda c: c.execute(f"NOTIFY {CHANNEL}, '{what.replace(chr(39), '')}'"))
+
+    # ---- claims ---------------------------------------------------------------------------------
+
+    async def claim_many(self, batches: Sequence[str] | None, now: float, limit: int) -> list[Job]:
+        """As SqliteStore.claim_many, with row locks that other claimers skip, the claiming
+        runner recorded, and the account's cap kept across every runner (see the module docstring)."""
+        where, args = filters(batches, [PENDING])
+        claim = f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
+                        detail = 'attempt ' || (attempts + 1), api = COALESCE(?, api), runner_id = ?,
+                        sent_at = NULL, freed_at = NULL
+                    WHERE id IN (SELECT id FROM jobs {where} AND {NOT_CANCELLED} AND retired_at IS NULL
+                                 AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?
+                                 FOR UPDATE SKIP LOCKED)
+                    RETURNING {JOB_COLUMNS}"""
+        cap, api = self.account_cap, self.api
+
+        def apply(conn: SyncConn) -> list[Any]:
+            n = max(1, limit)
+            if cap is not None:
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (account_lock_key(api or ""),))
+                marks = ", ".join("?" * len(_AT_PROVIDER))
+                row = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND freed_at IS NULL "
+                                   "AND api IS NOT DISTINCT FROM ?", (*_AT_PROVIDER, api)).fetchone()
+                n = min(n, cap - int(row[0] if row else 0))
+                if n <= 0:
+                    return []
+            return conn.execute(claim, (now, api, self.runner_id, *args, now, n)).fetchall()
+
+        rows = await self._engine.write(apply)
+        if not rows and cap is not None:
+            # Full at the provider: the next try waits a moment (or a NOTIFY), not a busy loop.
+            self._account_full_until = time.time() + 0.05
+        return sorted((Job.from_row(r) for r in rows), key=lambda j: j.seq)
+
+    async def next_pending_at(self, batches: Sequence[str] | None) -> float | None:
+        when = await super().next_pending_at(batches)
+        if when is not None and self._account_full_until > time.time():
+            return max(when, self._account_full_until)
+        return when
+
+    # ---- leases (runner/leasing.py) ------------------------------------------------------------
+
+    async def register_runner(self) -> str:
+        """Start this process's lease; its id names the jobs it claims from now on."""
+        rid = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        now = time.time()
+        await self._engine.write(lambda c: c.execute(
+            "INSERT INTO runners (id, host, pid, started_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+            (rid, socket.gethostname(), os.getpid(), now, now + LEASE_TTL)))
+        self.runner_id = rid
+        return rid
+
+    async def renew_lease(self) -> bool:
+        """Push this runner's expiry on; False if the lease was lost (expired and reaped)."""
+        rid = self.runner_id
+        n = await self._engine.write(lambda c: c.execute(
+            "UPDATE runners SET expires_at = ? WHERE id = ?", (time.time() + LEASE_TTL, rid)).rowcount)
+        return bool(n)
+
+    async def end_lease(self) -> None:
+        """This runner stops cleanly: its jobs no longer name it, its lease is gone."""
+        rid = self.runner_id
+
+        def apply(c: SyncConn) -> None:
+            c.execute("UPDATE jobs SET runner_id = NULL WHERE runner_id = ?", (rid,))
+            c.execute("DELETE FROM runners WHERE id = ?", (rid,))
+
+        await self._engine.write(apply)
+        self.runner_id = None
+
+    async def live_runners(self) -> int:
+        rows = await self._db.execute_fetchall("SELECT COUNT(*) FROM runners WHERE expires_at > ?", (time.time(),))
+        return int(rows[0][0])
+
+    async def mark_sent(self, job: Job) -> bool:
+        """``job``'s submit is about to reach the wire: if this runner dies from here on, the job
+        becomes unknown rather than pending. False (nothing marked): its batch was cancelled
+        since it was claimed, and it must not be sent."""
+        now = time.time()
+        n = await self._engine.write(lambda c: c.execute(
+            f"UPDATE jobs SET sent_at = ? WHERE id = ? AND state = 'submitting' AND {NOT_CANCELLED}",
+            (now, job.id)).rowcount)
+        return bool(n)
+
+    async def mark_freed(self, job: Job) -> None:
+        """The provider finished ``job`` (its slot is free): the account's count leaves it out."""
+        now = time.time()
+        await self._engine.write(lambda c: c.execute(
+            "UPDATE jobs SET freed_at = ? WHERE id = ? AND freed_at IS NULL", (now, job.id)))
+
+    async def reap(self, batches: Sequence[str] | None) -> tuple[int, int]:
+        """Take back the jobs of runners whose lease expired, under one advisory lock: claimed
+        but never sent go back to pending; caught mid-submit become unknown (their submit may
+        have created a paid job). Jobs they had at the provider or downloading are left without
+        a runner, for ``adopt``. Returns (back to pending, unknown)."""
+        now = time.time()
+
+        def apply(c: SyncConn) -> tuple[int, int]:
+            row = c.execute("SELECT pg_try_advisory_xact_lock(?)", (_REAP_LOCK,)).fetchone()
+            if not row or not row[0]:
+                return 0, 0
+            # A job claimed without a lease (runner_id NULL) has no runner alive to answer for it.
+            dead = "(SELECT id FROM runners WHERE expires_at < ?) OR runner_id IS NULL"
+            back = c.execute(
+                f"UPDATE jobs SET state = 'pending', attempts = GREATEST(attempts - 1, 0), updated_at = ?, "
+                f"detail = 'claimed by a runner that died before sending it', runner_id = NULL "
+                f"WHERE state = 'submitting' AND sent_at IS NULL AND (runner_id IN {dead})", (now, now)).rowcount
+            lost = c.execute(
+                f"UPDATE jobs SET state = 'unknown', updated_at = ?, "
+                f"detail = 'its runner died between submit and its answer; outcome unknown', "
+                f"error = 'the runner submitting this job died: it may or may not exist (and be billed) "
+                f"at the provider', runner_id = NULL "
+                f"WHERE state = 'submitting' AND (runner_id IN {dead})", (now, now)).rowcount
+            c.execute("UPDATE jobs SET runner_id = NULL WHERE runner_id IN "
+                      "(SELECT id FROM runners WHERE expires_at < ?)", (now,))
+            c.execute("DELETE FROM runners WHERE expires_at < ?", (now,))
+            if back:
+                c.execute(f"NOTIFY {CHANNEL}, 'work'")
+            return back, lost
+
+        result: tuple[int, int] = await self._engine.write(apply)
+        return result
+
+    async def adopt(self, batches: Sequence[str] | None) -> list[Job]:
+        """Jobs of ``batches`` at the provider or downloading that no runner holds (their runner
+        died, or stopped): this runner's from now on. Rows another adopter holds are skipped."""
+        where, args = filters(batches, [*FOLLOWED, DOWNLOADING])
+        sql = (f"UPDATE jobs SET runner_id = ? WHERE id IN (SELECT id FROM jobs {where} AND runner_id IS NULL "
+               f"FOR UPDATE SKIP LOCKED) RETURNING {JOB_COLUMNS}")
+        rid = self.runner_id
+        rows = await self._engine.write(lambda c: c.execute(sql, (rid, *args)).fetchall())
+        return sorted((Job.from_row(r) for r in rows), key=lambda j: (j.batch, j.seq))
+
+    async def held_elsewhere(self, batches: Sequence[str] | None) -> int:
+        """Jobs of ``batches`` that other runners hold (claimed, at the provider, downloading):
+        while there are any, a runner with nothing to do waits, to adopt them if their runner dies."""
+        where, args = filters(batches, [SUBMITTING, *FOLLOWED, DOWNLOADING])
+        rows = await self._db.execute_fetchall(
+            f"SELECT COUNT(*) FROM jobs {where} AND (runner_id IS NULL OR runner_id != ?)",
+            (*args, self.runner_id or ""))
+        return int(rows[0][0])
+
+    async def recover_interrupted(self, batches: Sequence[str] | None = None) -> list[Job]:
+        """On a shared store the jobs caught mid-submit are those of dead runners (reap); the
+        'submitting' jobs of live runners are theirs."""
+        before = {j.id for j in await self.jobs(batches, [UNKNOWN])}
+        await self.reap(batches)
+        return [j for j in await self.jobs(batches, [UNKNOWN]) if j.id not in before]
+
+

@@ -1,0 +1,213 @@
+"""What only the shared store does: migrations on PostgreSQL (the same numbers as SQLite's, a
+newer store refused, concurrent migrators), leases (claims skip each other's rows, a dead
+runner's jobs taken back or adopted), the account's cap and the request rate across runners."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+
+import psycopg
+import pytest
+from conftest import Spec, add_jobs
+
+from batchgen import store as S
+from batchgen.errors import StoreError
+from batchgen.migrations import MIGRATIONS
+from batchgen.pgmigrations import pg_migrate
+from batchgen.store import Store
+from batchgen.store.postgres import LEASE_TTL, PostgresStore
+
+
+def _columns_pg(url: str) -> dict[str, set[str]]:
+    with psycopg.connect(url) as c:
+        rows = c.execute("SELECT table_name, column_name FROM information_schema.columns "
+                         "WHERE table_schema = 'public'").fetchall()
+    out: dict[str, set[str]] = {}
+    for table, col in rows:
+        out.setdefault(table, set()).add(col)
+    return out
+
+
+async def test_both_backends_have_the_same_tables_and_columns_at_every_migration(tmp_path, pg_url):
+    await (await Store.open(pg_url)).close()
+    await (await Store.open(tmp_path / "s.sqlite3")).close()
+    with sqlite3.connect(tmp_path / "s.sqlite3") as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        lite = {t: {r[1] for r in db.execute(f"PRAGMA table_info({t})")} for t in tables}
+        names = [r[0] for r in db.execute("SELECT name FROM migrations ORDER BY name")]
+    pg = _columns_pg(pg_url)
+    pg["job_attempts"].discard("rowid")  # SQLite's is implicit
+    assert pg == lite
+    with psycopg.connect(pg_url) as c:
+        assert [r[0] for r in c.execute("SELECT name FROM migrations ORDER BY name")] == names
+    assert names == [fn.__name__ for fn in MIGRATIONS]
+
+
+async def test_an_older_postgres_store_is_upgraded_and_a_newer_one_refused(pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        assert pg_migrate(c, MIGRATIONS[:4]) == [fn.__name__ for fn in MIGRATIONS[:4]]
+        c.execute("INSERT INTO batches VALUES ('b', 'm/x', NULL, '{}', 0, 0)")
+    async with await Store.open(pg_url) as store:  # the rest applied, data kept
+        assert [b.name for b in await store.batches()] == ["b"]
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("INSERT INTO migrations VALUES ('m999_from_the_future', 0)")
+    with pytest.raises(StoreError, match="newer batchgen.*m999_from_the_future"):
+        await Store.open(pg_url)
+
+
+async def test_a_failing_postgres_migration_is_rolled_back(pg_url, monkeypatch):
+    from batchgen import pgmigrations
+
+    monkeypatch.setitem(pgmigrations._OWN, "m002_history_by_trigger",
+                        ("ALTER TABLE jobs ADD COLUMN detail TEXT", "SELECT no_such_function()"))
+    with pytest.raises(StoreError, match="m002_history_by_trigger failed and was rolled back"):
+        await Store.open(pg_url)
+    assert "detail" not in _columns_pg(pg_url)["jobs"]
+
+
+async def test_runners_migrating_one_new_store_at_once_apply_each_migration_once(pg_url):
+    stores = await asyncio.gather(*(Store.open(pg_url) for _ in range(4)))
+    for s in stores:
+        await s.close()
+    with psycopg.connect(pg_url) as c:
+        assert c.execute("SELECT COUNT(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
+
+
+@pytest.fixture
+async def pair(pg_url):
+    """Two runners' stores on one database, each with its lease; closed after the test."""
+    api = "https://api.example/v1"
+    stores = [await Store.open(pg_url, api=api), await Store.open(pg_url, api=api)]
+    for s in stores:
+        assert isinstance(s, PostgresStore)
+        await s.register_runner()
+    yield stores
+    for s in stores:
+        await s.close()
+
+
+async def test_concurrent_claims_never_take_one_job_twice(pair):
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec(f"k{i}", i) for i in range(200)])
+    got = await asyncio.gather(*(s.claim_many(["b"], time.time(), 7) for s in (a, b) * 20))
+    ids = [j.id for jobs in got for j in jobs]
+    assert len(ids) == len(set(ids)) == 200
+    owners = {j.id: s.runner_id for s, jobs in zip((a, b) * 20, got, strict=True) for j in jobs}
+    rows = await a._db.execute_fetchall("SELECT id, runner_id FROM jobs")
+    assert dict(rows) == owners
+
+
+async def test_the_account_cap_holds_across_runners(pair, pg_url):
+    a, b = pair
+    a.account_cap = b.account_cap = 8
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec(f"k{i}", i) for i in range(50)])
+    got = await asyncio.gather(*(s.claim_many(["b"], time.time(), 5) for s in (a, b, a, b)))
+    assert sum(map(len, got)) == 8  # not 20: the other runner's claims count
+    claimed = [j for jobs in got for j in jobs]
+    job = claimed[0]
+    await a.transition(job, S.IN_QUEUE, request_id="r1")
+    assert await b.claim_many(["b"], time.time(), 5) == []  # still at the provider
+    await a.transition(job, S.DOWNLOADING)
+    assert len(await b.claim_many(["b"], time.time(), 5)) == 1  # its slot is free
+    # The provider said one finished: its slot is free before its result is recorded.
+    job = claimed[1]
+    await a.transition(job, S.IN_PROGRESS, request_id="r2")
+    await a.mark_freed(job)
+    assert len(await b.claim_many(["b"], time.time(), 5)) == 1
+    # Another API (another account) has its own count.
+    other = await Store.open(pg_url, api="https://other.example/v1")
+    assert isinstance(other, PostgresStore)
+    other.account_cap = 8
+    try:
+        assert len(await other.claim_many(["b"], time.time(), 5)) == 5
+    finally:
+        await other.close()
+
+
+async def test_a_dead_runners_jobs_are_taken_back_sent_ones_unknown_others_adopted(pair, pg_url):
+    dead, live = pair
+    await dead.upsert_batch("b", "m/x", None, {})
+    await add_jobs(dead, "b", [Spec(f"k{i}", i) for i in range(5)])
+    never_sent, sent, queued, downloading = await dead.claim_many(["b"], time.time(), 4)
+    await dead.mark_sent(sent)
+    for job in (queued, downloading):
+        await dead.mark_sent(job)
+        await dead.transition(job, S.IN_QUEUE, request_id=f"r-{job.key}")
+    await dead.transition(downloading, S.DOWNLOADING)
+    # Alive: nothing of it is touched.
+    assert await live.reap(["b"]) == (0, 0)
+    assert await live.adopt(["b"]) == []
+    assert await live.held_elsewhere(["b"]) == 4
+    # Its lease runs out (it stopped renewing it).
+    await dead.close()
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE runners SET expires_at = %s WHERE id = %s", (time.time() - 1, dead.runner_id))
+    assert await live.reap(["b"]) == (1, 1)
+    adopted = await live.adopt(["b"])
+    assert sorted(j.key for j in adopted) == [queued.key, downloading.key]
+    states = {j.key: j for j in await live.jobs(["b"])}
+    assert states[never_sent.key].state == S.PENDING and states[never_sent.key].attempts == 0
+    assert states[sent.key].state == S.UNKNOWN
+    assert await live.held_elsewhere(["b"]) == 0
+    assert await live.live_runners() == 1
+
+
+async def test_a_lease_is_renewed_and_lost_once_expired(pair, pg_url):
+    a, b = pair
+    assert await a.renew_lease()
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE runners SET expires_at = %s WHERE id = %s", (time.time() - 1, a.runner_id))
+    await b.reap(None)
+    assert not await a.renew_lease()  # reaped: a runner must stop
+    assert LEASE_TTL >= 5 * 2.0  # several renewals missed before a lease is lost
+
+
+async def test_the_request_rate_is_split_evenly_between_live_runners(pg_url, tmp_path):
+    from batchgen.client import RunComfyClient
+    from batchgen.runner import Runner, RunSettings
+    from batchgen.runner.leasing import leased
+
+    stores = [await Store.open(pg_url) for _ in range(3)]
+    runners = []
+    for i, store in enumerate(stores):
+        client = RunComfyClient("http://127.0.0.1:9", "t")
+        runners.append((Runner(store, client, tmp_path / f"r{i}", RunSettings(rate=6.0)), client))
+    try:
+        async with leased(runners[0][0], True), leased(runners[1][0], True), leased(runners[2][0], True):
+            # Each took its share as it started (1, 2, then 3 live runners)...
+            assert [c.limiter.rate for _, c in runners] == pytest.approx([6.0, 3.0, 2.0])
+            # ...and the renewal re-divides: 3 runners, 2 requests/s each, 6 together.
+            for runner, _ in runners:
+                await runner.lease._share_rate()
+            assert [c.limiter.rate for _, c in runners] == pytest.approx([2.0, 2.0, 2.0])
+    finally:
+        for runner, client in runners:
+            runner.close()
+            await client.close()
+        for store in stores:
+            await store.close()
+
+
+async def test_forget_leaves_a_job_another_runner_claimed_since_it_was_chosen(pair):
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0), Spec("k1", 1)])
+    chosen = await a.jobs(["b"], [S.PENDING])  # what `forget` saw
+    [claimed] = await b.claim_many(["b"], time.time(), 1)  # meanwhile, on another machine
+    assert await a.forget(chosen) == 1
+    [left] = await a.jobs(["b"])
+    assert left.id == claimed.id and left.state == S.SUBMITTING
+
+
+async def test_a_job_claimed_before_a_cancel_is_not_marked_sent_after_it(pair):
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0), Spec("k1", 1)])
+    first, second = await a.claim_many(["b"], time.time(), 2)
+    assert await a.mark_sent(first)  # on its way before the cancel
+    await b.request_cancel("b")  # another machine
+    assert not await a.mark_sent(second)  # waited for its turn: must not go now
