@@ -371,6 +371,32 @@ async def test_the_request_rate_paces_every_api_call_of_a_run(simulator, tmp_pat
     assert calls >= 12 and elapsed >= (calls - 5) / 5 * 0.9  # a burst of 5, then 5 a second
 
 
+async def test_a_stop_sends_none_of_the_claimed_jobs_still_waiting_for_their_turn(simulator, tmp_path):
+    # Money: 12 jobs are claimed at once, then each waits for the request rate's token (2 a
+    # second). Ctrl-C after the first submit must send none of the others: they were claimed,
+    # never sent, and go back to pending (this used to send every claimed job, seconds later).
+    sim = await simulator(concurrency=16, duration=5.0)
+    path = manifest(tmp_path, sim, 12)
+    box = []
+
+    def on_event(event):
+        if event.kind == S.IN_QUEUE:
+            box[0].stop(StopReason.INTERRUPTED)
+
+    first = await app.run(options(tmp_path, sim, path, concurrency=16, rate=2.0), on_event=on_event,
+                          on_runner=box.append)
+    assert first.summary.stop_reason is StopReason.INTERRUPTED
+    sent = len(sim.requests()["requests"])
+    assert 1 <= sent <= 3, sent  # the first, and at most the tokens already in hand
+    assert first.summary.submitted == sent
+    assert first.counts["b"].get(S.PENDING) == 12 - sent
+    async with await Store.open(tmp_path / "work" / "batchgen.sqlite3") as store:
+        assert all(j.attempts == 0 for j in await store.jobs(["b"], [S.PENDING]))  # no attempt spent
+    second = await app.run(options(tmp_path, sim, path, concurrency=16))
+    assert second.counts == {"b": {"succeeded": 12}}
+    assert submissions_per_seed(sim) == {i: 1 for i in range(12)}
+
+
 async def test_interrupted_simulated_run_resumes_its_jobs(samples, tmp_path):
     """Under --simulate the simulator is started anew by each run; it keeps its jobs in the work
     directory, so a resumed run polls them as it would at the real service."""
@@ -483,9 +509,9 @@ async def test_runner_sends_the_recorded_text_and_downloads_wait_for_submits(sim
     def on_runner(runner):
         real_submit, real_wait = runner.client.submit, runner.gate.wait
 
-        async def submit(model_id, inputs):
+        async def submit(model_id, inputs, **kw):
             sent.append(inputs)
-            return await real_submit(model_id, inputs)
+            return await real_submit(model_id, inputs, **kw)
 
         async def submits_first():
             waits.append(1)

@@ -71,11 +71,8 @@ class Lease:
         await asyncio.shield(self.store.end_lease())
 
     async def sent(self, job: Job) -> bool:
-        """Take ``job``'s submit token (the rate), then mark it sent (see the module docstring);
-        False: its batch was cancelled meanwhile, and it must not go."""
-        limiter = self.runner.client.limiter
-        if limiter is not None:
-            await limiter.take()
+        """Mark ``job`` sent (see the module docstring), its rate token already taken; False: its
+        batch was cancelled meanwhile, and it must not go."""
         return await self.store.mark_sent(job)
 
     async def freed(self, job: Job) -> None:

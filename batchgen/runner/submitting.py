@@ -15,7 +15,7 @@ import time
 
 from .. import constants, crashpoints
 from ..errors import APIError, InsufficientBalanceError, RateLimitError, UsageError
-from ..inline import prepare_body
+from ..inline import InlineBody, prepare_body
 from ..retry import Call, Decision, classify
 from ..store import CANCELLED, FAILED, IN_QUEUE, PENDING, SUBMITTING, UNKNOWN, Job
 from .core import Fatal, RunCore
@@ -186,30 +186,46 @@ class Submitting(RunCore):
         return jobs
 
     async def _submit(self, job: Job) -> None:
-        self.gate.sending(job)  # from here on, the request may reach the server
-        unpaced: dict[str, bool] = {}  # {"paced": False}: the token is taken already
+        # Everything that comes before the wire (the files' checks, the rate's token) is done
+        # while the job is claimed but unsent: a stop asked meanwhile (Ctrl-C, a deadline) then
+        # sends nothing, and _drain puts the job back to pending. Only a request already on its
+        # way is let finish, so that its request id is recorded.
         try:
-            if self.lease is not None:
-                # A shared store: the rate's token first, then the mark that the job is on its
-                # way (a runner dying from here on leaves it unknown), refused if its batch was
-                # cancelled meanwhile: a cancel stops even the jobs waiting for their turn.
-                if not await self.lease.sent(job):
-                    await asyncio.shield(self._cancelled_unsent(job))
-                    return
-                unpaced["paced"] = False
-            if job.inputs_json is not None and "file://" not in job.inputs_json:
-                # No local file: the recorded JSON text is the body (no decode, copy and encode of
-                # the inputs per submit).
-                sub = await self.client.submit(job.model_id, job.inputs_json, **unpaced)
-            else:
+            body: InlineBody | str | None = job.inputs_json
+            if job.inputs_json is None or "file://" in job.inputs_json:
                 body = await prepare_body(job.inputs, self._file_checks)
-                sub = await self.client.submit(job.model_id, job.inputs if body is None else body, **unpaced)
+        except UsageError as exc:  # a local file changed since it was validated
+            self.gate.sending(job)  # settled here, not by _drain
+            await asyncio.shield(self._submit_failed(job, exc))
+            return
+        limiter = self.client.limiter
+        if limiter is not None:
+            await limiter.take()
+        if self._stopping.is_set():
+            self._not_sent(job)
+            return
+        self.gate.sending(job)  # from here on, the request may reach the server
+        # A shared store: the mark that the job is on its way (a runner dying from here on
+        # leaves it unknown), refused if its batch was cancelled meanwhile: a cancel stops even
+        # the jobs waiting for their turn.
+        if self.lease is not None and not await self.lease.sent(job):
+            await asyncio.shield(self._cancelled_unsent(job))
+            return
+        try:
+            sub = await self.client.submit(job.model_id, job.inputs if body is None else body, paced=False)
         except (APIError, UsageError) as exc:
             await asyncio.shield(self._submit_failed(job, exc))
             return
         crashpoints.reached("submit_answered")
         await self._submitted(job, sub.request_id)
         crashpoints.reached("submit_recorded")
+
+    def _not_sent(self, job: Job) -> None:
+        """A stop came before ``job`` was sent: it stays claimed-but-unsent (gate.unsent), which
+        _drain puts back to pending; nothing of it is spent, and it frees its slot."""
+        self._summary.submitted -= 1
+        self.budget.finished(job.id, None)
+        self.slots.release()
 
     async def _submitted(self, job: Job, request_id: str) -> None:
         now = time.time()
