@@ -280,6 +280,43 @@ def test_forget_removes_records_not_at_the_provider(samples):
     assert again.exit_code == 0 and "1 new job(s) recorded, 1 submitted" in again.output
 
 
+# --- batch names that differ only by case ---
+
+
+def test_a_new_batch_named_like_another_but_for_case_is_refused(samples):
+    manifest = _manifest(samples / "night.yaml", [1])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    twin = _copy_batch(samples, manifest, "Night")
+    for command in ("plan", "run"):
+        out = _cli(command, str(twin), "--simulate")
+        assert out.exit_code == 2, out.output
+        assert ("batch name 'Night' differs only in case from the batch 'night' already in this work directory"
+                in out.output and "Use 'night' to add to that batch, or choose another name" in out.output)
+    # Nothing recorded, no folder made; the batch itself still runs.
+    assert "Night" not in _cli("status", "--all").output
+    assert not Path("jobs/simulated/Night").exists()
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+
+
+def test_a_store_that_already_holds_twins_keeps_working(samples):
+    # Recorded before names were compared without case: both keep running; only a new one is refused.
+    import sqlite3
+
+    manifest = _manifest(samples / "night.yaml", [1])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    other = _copy_batch(samples, manifest, "dawn")
+    assert _cli("run", str(other), "--simulate").exit_code == 0
+    with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
+        db.execute("PRAGMA foreign_keys = OFF")
+        db.execute("UPDATE batches SET name = 'NIGHT' WHERE name = 'dawn'")
+        db.execute("UPDATE jobs SET batch = 'NIGHT' WHERE batch = 'dawn'")
+    for name in ("night", "NIGHT"):
+        again = _cli("run", str(_copy_batch(samples, manifest, name)), "--simulate")
+        assert again.exit_code == 0, again.output
+    refused = _cli("run", str(_copy_batch(samples, manifest, "Night")), "--simulate")
+    assert refused.exit_code == 2 and "differs only in case from the batch 'night'" in refused.output
+
+
 # --- --reuse ---
 
 
