@@ -43,7 +43,7 @@ from . import crashpoints
 from .durability import fsync_dir, hash_file
 from .errors import DownloadError
 from .outputhosts import AddressRefused, OutputHosts
-from .outputnames import is_partial_of
+from .outputnames import composed, is_partial_of
 from .ownfiles import create as _create
 from .ownfiles import unlink as _unlink
 
@@ -354,7 +354,7 @@ def discard_partials(folder: str | os.PathLike[str], stem: str) -> None:
     except FileNotFoundError:
         return
     for name in names:
-        if is_partial_of(name, stem):
+        if is_partial_of(composed(name), stem):  # a name listed in NFD is the same one on macOS
             _unlink(os.path.join(folder, name))
 
 
