@@ -92,7 +92,7 @@ def _place(root: Path, job: Job, outputs: list[Output]) -> list[Output] | None:
             _put(src, st, dst, o)
         except OSError as exc:
             raise BatchgenError(f"{dst}: cannot put the output of {o.path} there ({exc.strerror or exc}); "
-                                "move whatever is in the way, or run without --reuse") from exc
+                                "move what is in the way and run again") from exc
         linked.append(Output(job.id, o.idx, o.kind, o.url, f"{job.batch}/{name}", o.size, o.sha256))
     fsync_dir(os.fspath(folder))  # the new names, on disk before the record
     return linked

@@ -396,6 +396,19 @@ def test_reuse_never_writes_through_what_is_planted_at_an_output_name(samples, t
     assert "succeeded         4" in _cli("status", "night-copy").output
 
 
+def test_reuse_stops_with_a_clear_error_when_a_folder_holds_an_output_name(samples):
+    manifest = _manifest(samples / "night.yaml", [1])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    (name,) = os.listdir("jobs/simulated/night")
+    Path("jobs/simulated/night-copy", name).mkdir(parents=True)
+    run = _cli("run", str(_copy_batch(samples, manifest, "night-copy")), "--simulate", "--reuse")
+    assert run.exit_code != 0 and "Traceback" not in run.output
+    assert f"jobs/simulated/night-copy/{name}: cannot put the output of night/{name} there" in run.output
+    assert "move what is in the way and run again" in run.output
+    assert "pending           1" in _cli("status", "night-copy").output  # nothing paid, nothing recorded
+    assert os.listdir(f"jobs/simulated/night-copy/{name}") == []
+
+
 def test_reuse_copies_an_output_on_another_file_system(samples, tmp_path):
     # The first batch's folder moved to another file system (tmpfs), a symlink left in its place:
     # a hard link cannot cross, so the file is copied (EXDEV), durably, under the new name.
