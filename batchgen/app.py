@@ -28,7 +28,7 @@ from .downloads import discard_partials
 from .errors import BatchgenError, LockedError, ManifestError, UsageError
 from .fiximages import FixOptions, ImageFixer
 from .lock import WorkdirLock
-from .manifest import Manifest, is_loopback_host, load_manifest
+from .manifest import Manifest, batch_name_clash, is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary
 from .runner.leasing import leased
 from .schema import ModelSchema, SchemaError, find_schema, job_price
@@ -369,6 +369,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
                 await _forget_legacy_simulated(store, workdir)
             if manifest is not None:
                 assert opts.manifest is not None  # the manifest was read from it
+                await _refuse_case_twin(store, manifest.name)
                 await store.upsert_batch(
                     manifest.name, manifest.model_id, str(Path(opts.manifest).resolve()),
                     {"image_base_url": manifest.image_base_url},
@@ -609,6 +610,14 @@ class BatchStatus:
             "median_queue_s": self.median_queue_s, "median_run_s": self.median_run_s,
             "spent_usd": round(self.spent_usd, 4), "next_steps": self.next_steps, "look": self.look,
         }
+
+
+async def _refuse_case_twin(store: Store, batch: str) -> None:
+    """A new batch whose name differs from a recorded one's only by case is refused: on macOS
+    and Windows the two would share a folder (manifest.batch_name_clash)."""
+    clash = batch_name_clash(batch, [b.name for b in await store.batches()])
+    if clash is not None:
+        raise UsageError(clash)
 
 
 async def _require_batches(store: Store, batches: list[str], workdir: Path) -> None:
@@ -939,6 +948,7 @@ async def plan(opts: RunOptions) -> PlanReport:
     waiting: set[str] = set()  # recorded, still pending: the run would submit them
     if path is not None:
         async with await Store.open(path) as store:
+            await _refuse_case_twin(store, manifest.name)  # as run would
             existing = await store.existing_keys(manifest.name, keys)
             if existing:
                 for job in await store.jobs([manifest.name]):

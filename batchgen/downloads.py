@@ -43,7 +43,9 @@ from . import crashpoints
 from .durability import fsync_dir, hash_file
 from .errors import DownloadError
 from .outputhosts import AddressRefused, OutputHosts
-from .outputnames import is_partial_of
+from .outputnames import composed, is_partial_of
+from .ownfiles import create as _create
+from .ownfiles import unlink as _unlink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,7 +56,6 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _IDENTITY = {"Accept-Encoding": "identity"}
 # Content-Encoding -> zlib's wbits: gzip framing, or zlib framing (what "deflate" means in HTTP).
 _CODINGS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ async def download(
         try:
             # A lookup, not a write: cheap enough for the event loop. lstat: only a plain file of
             # our own is resumed; a symlink (or a hard link) under our name is replaced, never
-            # appended to (_create).
+            # appended to (ownfiles.create).
             st = os.lstat(part)
             leftover = True
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
@@ -353,30 +354,8 @@ def discard_partials(folder: str | os.PathLike[str], stem: str) -> None:
     except FileNotFoundError:
         return
     for name in names:
-        if is_partial_of(name, stem):
+        if is_partial_of(composed(name), stem):  # a name listed in NFD is the same one on macOS
             _unlink(os.path.join(folder, name))
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _create(path: str, append: bool = False) -> BinaryIO:
-    """Open a file of ours for writing, never through a symlink or into another file: a link
-    planted under a .part name (by another user of a shared folder, or by a name an API answer
-    chose) would otherwise have us write wherever it points. A fresh file replaces whatever is
-    under its name (unlinking a symlink removes the link, not its target) and is created
-    exclusively; a resumed one is opened only if it is not a symlink (download checked that it
-    is a plain file with one link)."""
-    if append:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW)
-        return open(fd, "ab")
-    _unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
-    return open(fd, "wb")
 
 
 def _open_part(folder: str, part: str, append: bool) -> BinaryIO:

@@ -136,8 +136,11 @@ def _trim(text: str, room: int = 0) -> str:
 
 
 def _fold(stem: str) -> str:
-    # macOS and Windows ignore case: "Cat" and "cat" are one file there.
-    return stem.casefold()
+    # macOS and Windows ignore case: "Cat" and "cat" are one file there. macOS also ignores the
+    # Unicode form: "café" composed (NFC) and decomposed (NFD) are one file there too.
+    if stem.isascii():
+        return stem.casefold()
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", stem).casefold())
 
 
 class NameBook:
@@ -185,15 +188,23 @@ class NameBook:
         return candidate
 
 
+def composed(name: str) -> str:
+    """A file name as listed from a folder, in NFC, the form stems are made in (safe_stem): to
+    compare with them, never to open (the name on disk is what it is)."""
+    return name if name.isascii() else unicodedata.normalize("NFC", name)
+
+
 def stems_in(folder: str | os.PathLike[str]) -> Iterator[str]:
     """The stems of the output files (and partial files) in a batch's folder, whoever recorded
-    them: a file left by a forgotten job is never written over by a new one."""
+    them: a file left by a forgotten job is never written over by a new one. In NFC, as stems
+    are made (safe_stem): a name listed decomposed (NFD: HFS+ keeps names so, and a file copied
+    from there keeps its bytes) is the same name on macOS."""
     try:
         names = os.listdir(folder)
     except (FileNotFoundError, NotADirectoryError):
         return
     for name in names:
-        stem = stem_of(name)
+        stem = stem_of(composed(name))
         if stem is not None:
             yield stem
 

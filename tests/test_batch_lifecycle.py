@@ -280,6 +280,43 @@ def test_forget_removes_records_not_at_the_provider(samples):
     assert again.exit_code == 0 and "1 new job(s) recorded, 1 submitted" in again.output
 
 
+# --- batch names that differ only by case ---
+
+
+def test_a_new_batch_named_like_another_but_for_case_is_refused(samples):
+    manifest = _manifest(samples / "night.yaml", [1])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    twin = _copy_batch(samples, manifest, "Night")
+    for command in ("plan", "run"):
+        out = _cli(command, str(twin), "--simulate")
+        assert out.exit_code == 2, out.output
+        assert ("batch name 'Night' differs only in case from the batch 'night' already in this work directory"
+                in out.output and "Use 'night' to add to that batch, or choose another name" in out.output)
+    # Nothing recorded, no folder made; the batch itself still runs.
+    assert "Night" not in _cli("status", "--all").output
+    assert not Path("jobs/simulated/Night").exists()
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+
+
+def test_a_store_that_already_holds_twins_keeps_working(samples):
+    # Recorded before names were compared without case: both keep running; only a new one is refused.
+    import sqlite3
+
+    manifest = _manifest(samples / "night.yaml", [1])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    other = _copy_batch(samples, manifest, "dawn")
+    assert _cli("run", str(other), "--simulate").exit_code == 0
+    with sqlite3.connect("jobs/simulated/batchgen.sqlite3") as db:
+        db.execute("PRAGMA foreign_keys = OFF")
+        db.execute("UPDATE batches SET name = 'NIGHT' WHERE name = 'dawn'")
+        db.execute("UPDATE jobs SET batch = 'NIGHT' WHERE batch = 'dawn'")
+    for name in ("night", "NIGHT"):
+        again = _cli("run", str(_copy_batch(samples, manifest, name)), "--simulate")
+        assert again.exit_code == 0, again.output
+    refused = _cli("run", str(_copy_batch(samples, manifest, "Night")), "--simulate")
+    assert refused.exit_code == 2 and "differs only in case from the batch 'night'" in refused.output
+
+
 # --- --reuse ---
 
 
@@ -314,6 +351,96 @@ def test_a_renamed_batch_reuses_what_was_already_paid_for(samples):
     for path, orig in pairs[:3]:
         assert os.path.samefile(f"jobs/simulated/{path}", f"jobs/simulated/{orig}")
     assert [c for (c,) in costs][:3] == [0.0, 0.0, 0.0]
+
+
+def _copy_batch(samples, manifest, name: str):
+    """``manifest`` under another batch name: its jobs identical to the first's."""
+    import yaml
+
+    data = yaml.safe_load(manifest.read_text())
+    data["name"] = name
+    copy = samples / f"{name}.yaml"
+    copy.write_text(yaml.safe_dump(data))
+    return copy
+
+
+def test_reuse_never_writes_through_what_is_planted_at_an_output_name(samples, tmp_path):
+    manifest = _manifest(samples / "night.yaml", [1, 2, 3, 4])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    names = sorted(os.listdir("jobs/simulated/night"))
+    assert len(names) == 4
+    # Under the new batch's output names, before --reuse links them: a dangling symlink, a
+    # symlink to a file outside the batch, a stray file with other bytes, and a copy of the
+    # right bytes (a link made before a crash, say).
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.mp4").write_bytes(b"not yours")
+    folder = Path("jobs/simulated/night-copy")
+    folder.mkdir()
+    (folder / names[0]).symlink_to(outside / "dangling.mp4")
+    (folder / names[1]).symlink_to(outside / "victim.mp4")
+    (folder / names[2]).write_bytes(b"a stray file")
+    (folder / names[3]).write_bytes(Path("jobs/simulated/night", names[3]).read_bytes())
+    kept = (folder / names[3]).stat().st_ino
+    run = _cli("run", str(_copy_batch(samples, manifest, "night-copy")), "--simulate", "--reuse")
+    assert run.exit_code == 0, run.output
+    assert "4 job(s) reused from other batches" in run.output and "0 submitted" in run.output
+    # Nothing written outside the batch; every name now the output itself.
+    assert sorted(os.listdir(outside)) == ["victim.mp4"]
+    assert (outside / "victim.mp4").read_bytes() == b"not yours"
+    for name in names[:3]:
+        assert not (folder / name).is_symlink()
+        assert os.path.samefile(folder / name, Path("jobs/simulated/night", name))
+    assert (folder / names[3]).stat().st_ino == kept  # the right bytes already: left as they were
+    assert sorted(os.listdir(folder)) == names  # no .part left behind
+    assert "succeeded         4" in _cli("status", "night-copy").output
+
+
+def test_reuse_stops_with_a_clear_error_when_a_folder_holds_an_output_name(samples):
+    manifest = _manifest(samples / "night.yaml", [1])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    (name,) = os.listdir("jobs/simulated/night")
+    Path("jobs/simulated/night-copy", name).mkdir(parents=True)
+    run = _cli("run", str(_copy_batch(samples, manifest, "night-copy")), "--simulate", "--reuse")
+    assert run.exit_code != 0 and "Traceback" not in run.output
+    assert f"jobs/simulated/night-copy/{name}: cannot put the output of night/{name} there" in run.output
+    assert "move what is in the way and run again" in run.output
+    assert "pending           1" in _cli("status", "night-copy").output  # nothing paid, nothing recorded
+    assert os.listdir(f"jobs/simulated/night-copy/{name}") == []
+
+
+def test_reuse_copies_an_output_on_another_file_system(samples, tmp_path):
+    # The first batch's folder moved to another file system (tmpfs), a symlink left in its place:
+    # a hard link cannot cross, so the file is copied (EXDEV), durably, under the new name.
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        import pytest
+
+        pytest.skip("no second file system to copy across")
+    manifest = _manifest(samples / "night.yaml", [1, 2])
+    assert _cli("run", str(manifest), "--simulate").exit_code == 0
+    import shutil
+    import tempfile
+
+    moved = Path(tempfile.mkdtemp(dir=other)) / "night"
+    try:
+        shutil.move("jobs/simulated/night", moved)
+        os.symlink(moved, "jobs/simulated/night")
+        names = sorted(os.listdir(moved))
+        folder = Path("jobs/simulated/night-copy")
+        folder.mkdir()
+        (folder / names[0]).symlink_to(tmp_path / "dangling.mp4")
+        run = _cli("run", str(_copy_batch(samples, manifest, "night-copy")), "--simulate", "--reuse")
+        assert run.exit_code == 0, run.output
+        assert "2 job(s) reused" in run.output and "0 submitted" in run.output
+        assert not (tmp_path / "dangling.mp4").exists()
+        for name in names:
+            copied = folder / name
+            assert not copied.is_symlink() and copied.stat().st_dev != moved.stat().st_dev
+            assert copied.read_bytes() == (moved / name).read_bytes()
+        assert sorted(os.listdir(folder)) == names
+    finally:
+        shutil.rmtree(moved.parent)
 
 
 def test_random_seed_jobs_are_new_generations(samples):

@@ -76,6 +76,15 @@ def test_partials_of_a_named_job_are_its_own_exactly(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {"cat.mp4.part", "cat-2.png.part"})
 
 
+def test_a_partial_listed_decomposed_is_discarded_too(tmp_path):
+    # On macOS "café" in NFD (as HFS+ lists it) and in NFC (the recorded stem) are one name: an
+    # old partial kept under it would be resumed into the job's next generation.
+    (tmp_path / "cafe\u0301.mp4.part").write_bytes(b"x")
+    (tmp_path / "cafe.mp4.part").write_bytes(b"x")
+    D.discard_partials(tmp_path, "caf\u00e9")
+    assert [p.name for p in tmp_path.iterdir()] == ["cafe.mp4.part"]
+
+
 async def test_whole_file_with_digest(files, tmp_path):
     got = await download(files["session"], files["url"], tmp_path / "output.mp4")
     assert got.size == len(BODY) and got.sha256 == hashlib.sha256(BODY).hexdigest()

@@ -129,6 +129,19 @@ def test_stems_in_a_folder(tmp_path):
     assert list(stems_in(tmp_path / "missing")) == []
 
 
+def test_a_decomposed_name_on_disk_blocks_the_same_composed_name(tmp_path):
+    # "café" as macOS's HFS+ lists it (NFD: e + combining acute), and as a manifest gives it
+    # (NFC, which safe_stem makes): one name on macOS, so the new job must not get it.
+    (tmp_path / "cafe\u0301.mp4").write_bytes(b"")
+    (tmp_path / "Cre\u0300me-1.png").write_bytes(b"")
+    assert sorted(stems_in(tmp_path)) == ["Crème-1", "café"]
+    names = assign([("k1", safe_stem("café")), ("k2", safe_stem("CRÈME"))], {}, stems_in(tmp_path))
+    assert names == {"k1": "café_2", "k2": "CRÈME_2"}
+    # Recorded names and stems claimed meet whatever their form or case.
+    book = NameBook(["cafe\u0301"])
+    assert not book.is_free("CAFÉ") and book.claim("Café") == "Café_2"
+
+
 def test_file_names_are_stable():
     assert file_name("0123abcd", 0, "video", "https://x/a/b.MP4?sig=1") == "0123abcd.mp4"
     assert file_name("0123abcd", 2, "image", "https://x/a/noext") == "0123abcd-2.png"

@@ -216,6 +216,10 @@ SCENARIOS: dict[str, list[Any]] = {
         "batchgen run sample_manifests/named-outputs.yaml --simulate -q",
         "ls jobs/simulated/named-outputs",
     ],
+    "a batch named like another but for case": [
+        "batchgen run sample_manifests/quickstart.yaml --simulate --max-jobs 2 -q",
+        "batchgen run sample_manifests/quickstart.yaml --simulate --batch Quickstart -q",
+    ],
     "cancel what is left": [
         "batchgen run sample_manifests/quickstart.yaml --simulate --max-jobs 2 -q",
         "batchgen cancel quickstart --simulate",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +39,23 @@ def batch_name_problem(name: str) -> str | None:
                 "choose another name")
     if name.split(".")[0].upper() in DEVICE_NAMES:  # a folder cannot have them either
         return f"batch name '{name}' is a device name on Windows and cannot be a folder there; choose another name"
+    return None
+
+
+def batch_name_clash(name: str, recorded: Collection[str]) -> str | None:
+    """Why a new batch ``name`` cannot join the ``recorded`` batches of a store, if it cannot:
+    one that differs from it only by case (Unicode casefold). macOS and Windows ignore case in
+    folder names, so the two would share a folder there, overwrite each other's files, and
+    ``forget --delete-files`` of one would delete the other's. Stores that already hold such a
+    pair keep working: only a new name is refused."""
+    if name in recorded:
+        return None  # not new: the batch itself
+    folded = name.casefold()
+    for other in recorded:
+        if other.casefold() == folded:
+            return (f"batch name '{name}' differs only in case from the batch '{other}' already in this work "
+                    "directory; on macOS and Windows both would share one folder and overwrite each other's "
+                    f"files. Use '{other}' to add to that batch, or choose another name")
     return None
 
 
