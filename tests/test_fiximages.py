@@ -285,3 +285,38 @@ def test_a_photo_turned_by_exif_is_fixed_upright(tmp_path):
     assert "turned upright (EXIF orientation)" in result.output
     with Image.open(copies(tmp_path)[0]) as copy:
         assert copy.size[0] < copy.size[1] and copy.getexif().get(0x0112, 1) == 1
+
+
+async def test_fix_images_against_an_api_in_a_fresh_folder_then_status_plan_and_a_rerun(tmp_path, simulator):
+    # The copies' folder (WORKDIR/fixed/) is not taken for what earlier runs left beside a lost store.
+    from test_realms import TOKEN, batchgen
+
+    api = await simulator(token=TOKEN)  # a real server on loopback, as the API
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    path = manifest(tmp_path, ["street.webp"], model=DREAMINA, field="image_urls")
+    code, out = await batchgen("run", str(path), "--api-url", api.base_url, "--fix-images", token=True)
+    assert code == 0, out
+    assert "fixed street.webp: WEBP -> PNG" in out and "1 new job(s) recorded, 1 submitted" in out
+    assert len(copies(tmp_path)) == 1 and (tmp_path / "jobs" / "batchgen.sqlite3").is_file()
+    code, out = await batchgen("status")
+    assert code == 0 and "fx  (bytedance/dreamina-3-0/pro/image-to-video, 1 jobs, $0.10 spent)" in out, out
+    code, out = await batchgen("plan", str(path), "--api-url", api.base_url, "--fix", token=True)
+    assert code == 0 and "fixed street.webp: WEBP -> PNG" in out and "new: 0" in out, out
+    code, out = await batchgen("run", str(path), "--api-url", api.base_url, "--fix-images", token=True)
+    assert code == 0 and "0 new job(s) recorded, 0 submitted" in out, out
+    assert api.calls["submit"] == 1
+    # A lost store beside real outputs is still refused (the exception is fixed/ alone).
+    (tmp_path / "jobs" / "batchgen.sqlite3").unlink()
+    code, out = await batchgen("run", str(path), "--api-url", api.base_url, "--fix-images", token=True)
+    assert code == 70 and "holds what earlier runs left (batchgen.lock, fx/)" in out, out
+    assert api.calls["submit"] == 1
+
+
+@pytest.mark.parametrize("name", ["fixed", "Fixed"])
+def test_a_batch_cannot_be_named_as_the_copies_folder(tmp_path, name):
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    path = manifest(tmp_path, ["street.webp"])
+    path.write_text(path.read_text().replace("name: fx", f"name: {name}"))
+    result = validate(path, "--fix")
+    assert result.exit_code == 2
+    assert f"batch name '{name}' is reserved: batchgen keeps a file or folder of that name" in result.output
