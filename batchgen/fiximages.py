@@ -14,8 +14,11 @@ What a copy is, per failed rule of the field's ``validations`` (schema.py's ``Ru
 - ``file_size_mb``: re-encoded, then scaled down by steps until it fits.
 
 Copies go to ``WORKDIR/fixed/``, named by the source's sha256 and the fix (the rules and options
-that shaped it), so a second run finds the copy the first made and the job key (the copy's
-sha256, as for any local file) stays the same. Originals are never written. An image that cannot
+that shaped it), so a second run finds the copy the first made. The job key counts the source's
+sha256 and what was done to it (``FixedFile.key``), not the copy's bytes: a copy encoded again
+(another Pillow or libjpeg, another machine, ``FIX_VERSION`` bumped, ``fixed/`` deleted) is the
+same job, never paid twice, while the submit still checks the copy it sends against the copy's
+own recorded sha256 (inline.py). Originals are never written. An image that cannot
 be read is left to validation, which says why; one whose header claims more than
 ``MAX_FIX_PIXELS`` is refused before a pixel is decoded.
 """
@@ -39,9 +42,11 @@ from PIL import Image, ImageOps
 
 from . import constants as C
 from .images import ImageInfo, ImageProbeError, probe_bytes, probe_file
+from .manifest import FixedFile
 from .schema import ModelSchema, Rule, explain_failures
 
-# Bumped whenever the same source and rules would give other bytes: old copies are then not reused.
+# Bumped whenever the same source and rules would give other bytes: old copies are then not reused
+# (the job keys do not change: they count what is done, not the bytes it gives).
 FIX_VERSION = 1
 RATIO_CHOICES = ("pad", "crop")
 _PIXEL_SUBJECTS = ("width_pixels", "height_pixels", "width/height")
@@ -82,18 +87,18 @@ def heif_support() -> bool:
 
 
 class ImageFixer:
-    """The hook ``ImageRefs.fixer``: a local file and its field -> the file to send (the original
-    when it passes, else a compliant copy), or a problem as a string. Each (file, field) once."""
+    """The hook ``ImageRefs.fixer``: a local file and its field -> the file itself when it passes,
+    a compliant copy (``FixedFile``), or a problem as a string. Each (file, field) once."""
 
     def __init__(self, schema: ModelSchema, folder: Path, options: FixOptions):
         self.schema = schema
         self.folder = Path(folder).resolve()  # the copies are sent as file:// URIs: absolute
         self.options = options
         self.fixed: list[Fixed] = []  # in the order met, each copy once
-        self._done: dict[tuple[Path, str], Path | str] = {}
+        self._done: dict[tuple[Path, str], Path | FixedFile | str] = {}
         self._heif = heif_support()
 
-    def __call__(self, path: Path, field: str) -> Path | str:
+    def __call__(self, path: Path, field: str) -> Path | FixedFile | str:
         key = (path, field)
         if key not in self._done:
             self._done[key] = self._fix(path, field)
@@ -102,7 +107,7 @@ class ImageFixer:
     def changes(self) -> list[str]:
         return [f.change for f in self.fixed]
 
-    def _fix(self, path: Path, field: str) -> Path | str:
+    def _fix(self, path: Path, field: str) -> Path | FixedFile | str:
         rules = self.schema.rules.get(field, []) if field in self.schema.image_fields() else []
         if not rules:
             return path
@@ -117,14 +122,14 @@ class ImageFixer:
         if not failing:
             return path
         try:
-            copy, change = self._make(path, info, rules, failing)
+            made, change = self._make(path, info, rules, failing)
         except _Unfixable as exc:
             return f"{path.name}: {exc}"
-        if not any(f.copy == copy for f in self.fixed):
-            self.fixed.append(Fixed(path, copy, f"{path.name}: {change}"))
-        return copy
+        if not any(f.copy == made.path for f in self.fixed):
+            self.fixed.append(Fixed(path, made.path, f"{path.name}: {change}"))
+        return made
 
-    def _make(self, path: Path, info: ImageInfo, rules: list[Rule], failing: list[Rule]) -> tuple[Path, str]:
+    def _make(self, path: Path, info: ImageInfo, rules: list[Rule], failing: list[Rule]) -> tuple[FixedFile, str]:
         if info.width * info.height > C.MAX_FIX_PIXELS:
             raise _Unfixable(f"{info.width}x{info.height} is {info.width * info.height:,} pixels, more than "
                              f"batchgen decodes to fix an image ({C.MAX_FIX_PIXELS:,}); scale it down yourself")
@@ -134,18 +139,22 @@ class ImageFixer:
             oriented = _oriented_size(im)
             plan = limits.plan(oriented, self.options, failing, info)
             fmt = limits.target_format(info.format, _has_alpha(im))
-            # The name: the source's bytes and what is done to them (not the options given, so
-            # --upscale on an image that needs none finds the same copy).
-            recipe = json.dumps([FIX_VERSION, fmt, plan.framed, plan.size, plan.ratio_step,
-                                 limits.max_bytes, limits.min_w, limits.min_h], separators=(",", ":"))
-            stem = hashlib.sha256(f"{hashlib.sha256(data).hexdigest()}\n{recipe}".encode()).hexdigest()[:32]
+            source = hashlib.sha256(data).hexdigest()
+            # The job key: the source's bytes and what is done to them (not the options given,
+            # so --upscale on an image that needs none is the same job; not how they are
+            # encoded, so a copy encoded again is the same job).
+            key = "fixed:" + json.dumps([source, fmt, plan.framed, plan.size, plan.ratio_step, limits.max_bytes],
+                                        separators=(",", ":"))
+            # The copy's name: that, and how it is encoded (a new FIX_VERSION makes new copies).
+            recipe = json.dumps([FIX_VERSION, limits.min_w, limits.min_h], separators=(",", ":"))
+            stem = hashlib.sha256(f"{key}\n{recipe}".encode()).hexdigest()[:32]
             copy = self.folder / f"{stem}.{'jpg' if fmt == 'jpeg' else fmt}"
             if copy.is_file():  # made by an earlier run from the same bytes and rules
                 done = probe_file(copy)
             else:
                 out, done = _render(im, plan, fmt, limits)
                 _write_atomically(copy, out)
-        return copy, plan.describe(info, fmt, done, limits)
+        return FixedFile(copy, key), plan.describe(info, fmt, done, limits)
 
 
 @dataclass(frozen=True)

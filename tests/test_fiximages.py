@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -15,6 +16,7 @@ from imagefactory import make_image
 from PIL import Image
 from test_cli import cli
 
+from batchgen import constants as C
 from batchgen.fiximages import FixOptions, ImageFixer, heif_support
 from batchgen.manifest import load_manifest
 
@@ -153,23 +155,35 @@ def test_rerun_finds_the_same_copies_and_keys(tmp_path):
     assert {p.name: sha(p) for p in tmp_path.iterdir() if p.is_file() and p.name in originals} == originals
 
 
-def test_the_job_key_is_the_key_of_the_bytes_sent(tmp_path):
-    make_image(tmp_path / "street.webp", 400, 300, "WEBP")
-    path = manifest(tmp_path, ["street.webp"])
+def fixed_spec(tmp_path: Path, path: Path, **options):
     loaded = load_manifest(path)
     assert loaded.schema is not None
-    loaded.images.fixer = ImageFixer(loaded.schema, tmp_path / "jobs" / "fixed", FixOptions())
+    loaded.images.fixer = ImageFixer(loaded.schema, tmp_path / "jobs" / "fixed", FixOptions(**options))
     [spec] = loaded.iter_jobs()
+    return spec
+
+
+def test_the_copy_is_sent_and_the_key_counts_the_source_and_the_fix(tmp_path, monkeypatch):
+    make_image(tmp_path / "big.jpg", 1280, 960)
+    path = manifest(tmp_path, ["big.jpg"])
+    spec = fixed_spec(tmp_path, path)
     [copy] = copies(tmp_path)
-    # The copy is what is sent (a file reference to it, with its sha256) ...
-    assert spec.inputs["image"].startswith(copy.as_uri() + f"#sha256={sha(copy)}")
+    first = sha(copy)
+    # The copy is what is sent (a file reference to it, with its own sha256) ...
+    assert spec.inputs["image"].startswith(copy.as_uri() + f"#sha256={first}")
     assert spec.local_files == {spec.inputs["image"]: str(copy)}
-    # ... and the job is the one a manifest naming the copy itself makes.
-    direct = tmp_path / "direct"
-    direct.mkdir()
-    (direct / "same.png").write_bytes(copy.read_bytes())
-    [plain] = load_manifest(manifest(direct, ["same.png"])).iter_jobs()
-    assert plain.key == spec.key
+    # ... but the key counts the source and what was done to it: encoded again otherwise (fixed/
+    # deleted, another libjpeg), the copy has other bytes and the job is the same.
+    shutil.rmtree(tmp_path / "jobs" / "fixed")
+    monkeypatch.setattr(C, "FIX_JPEG_QUALITY", 60)
+    again = fixed_spec(tmp_path, path)
+    [copy] = copies(tmp_path)
+    assert sha(copy) != first and again.inputs["image"].startswith(copy.as_uri() + f"#sha256={sha(copy)}")
+    assert again.key == spec.key
+    # Another fix of the same source is another job.
+    make_image(tmp_path / "wide.png", 600, 200, "PNG")
+    wide = manifest(tmp_path, ["wide.png"])
+    assert fixed_spec(tmp_path, wide, ratio="pad").key != fixed_spec(tmp_path, wide, ratio="crop").key
 
 
 def test_a_corrupt_image_is_still_an_error_naming_file_and_row(tmp_path):
@@ -320,3 +334,41 @@ def test_a_batch_cannot_be_named_as_the_copies_folder(tmp_path, name):
     result = validate(path, "--fix")
     assert result.exit_code == 2
     assert f"batch name '{name}' is reserved: batchgen keeps a file or folder of that name" in result.output
+
+
+async def test_a_copy_encoded_again_is_the_same_job_and_never_paid_again(tmp_path, simulator, monkeypatch):
+    from simruns import settings
+
+    from batchgen import app
+
+    state = tmp_path / "sim.jsonl"  # what the simulator received: each job's inline files by sha256
+    api = await simulator(state_file=state)
+    make_image(tmp_path / "harbour.jpg", 4400, 2000)  # over 4096 px: scaled down, still a JPEG
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    path = manifest(tmp_path, ["street.webp", "harbour.jpg", "harbour.jpg"], model=DREAMINA, field="image_urls")
+
+    def opts(**kw):
+        return app.RunOptions(workdir=tmp_path / "jobs", manifest=path, fix=FixOptions(),
+                              target=app.Target(api_url=api.base_url, token="t"), settings=settings(**kw))
+
+    first = await app.run(opts(max_jobs=2))  # one job left pending
+    assert first.new_jobs == 3 and first.summary.submitted == 2
+    jpeg = next(p for p in copies(tmp_path) if p.suffix == ".jpg")
+    before = sha(jpeg)
+    # fixed/ deleted, and a libjpeg that encodes otherwise: the copy comes back with other bytes.
+    shutil.rmtree(tmp_path / "jobs" / "fixed")
+    monkeypatch.setattr(C, "FIX_JPEG_QUALITY", 60)
+    second = await app.run(opts())
+    [jpeg] = [p for p in copies(tmp_path) if p.suffix == ".jpg"]
+    assert sha(jpeg) != before
+    assert second.new_jobs == 0 and second.summary.submitted == 1  # the one left, nothing again
+    assert second.counts == {"fx": {"succeeded": 3}}
+    requests = api.requests()["requests"]
+    assert sorted(r["input"]["prompt"] for r in requests) == ["p0", "p1", "p2"] and api.calls["submit"] == 3
+    # The job left pending sent the copies as they are now (checked against their own sha256).
+    received = {r["job"]["id"]: r["job"]["media"][0] for r in map(json.loads, state.read_text().splitlines())
+                if "job" in r}
+    assert requests[2]["input"]["prompt"] == "p2"  # harbour.jpg: sent as encoded the second time
+    assert received[requests[2]["request_id"]] == f"data:sha256:{sha(jpeg)}" != f"data:sha256:{before}"
+    third = await app.run(opts())
+    assert third.new_jobs == 0 and third.summary.submitted == 0 and api.calls["submit"] == 3
