@@ -14,7 +14,8 @@ What a copy is, per failed rule of the field's ``validations`` (schema.py's ``Ru
 - ``file_size_mb``: re-encoded, then scaled down by steps until it fits.
 
 Copies go to ``WORKDIR/fixed/``, named by the source's sha256 and the fix (the rules and options
-that shaped it), so a second run finds the copy the first made. The job key counts the source's
+that shaped it), so a second run finds the copy the first made, then by the sha256 of the copy's
+own bytes, so a copy damaged since (truncated, emptied) is known and made again. The job key counts the source's
 sha256 and what was done to it (``FixedFile.key``), not the copy's bytes: a copy encoded again
 (another Pillow or libjpeg, another machine, ``FIX_VERSION`` bumped, ``fixed/`` deleted) is the
 same job, never paid twice, while the submit still checks the copy it sends against the copy's
@@ -25,6 +26,7 @@ be read is left to validation, which says why; one whose header claims more than
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
@@ -97,6 +99,7 @@ class ImageFixer:
         self.fixed: list[Fixed] = []  # in the order met, each copy once
         self._done: dict[tuple[Path, str], Path | FixedFile | str] = {}
         self._heif = heif_support()
+        self._listing: dict[str, list[str]] | None = None  # _copies
 
     def __call__(self, path: Path, field: str) -> Path | FixedFile | str:
         key = (path, field)
@@ -148,13 +151,50 @@ class ImageFixer:
             # The copy's name: that, and how it is encoded (a new FIX_VERSION makes new copies).
             recipe = json.dumps([FIX_VERSION, limits.min_w, limits.min_h], separators=(",", ":"))
             stem = hashlib.sha256(f"{key}\n{recipe}".encode()).hexdigest()[:32]
-            copy = self.folder / f"{stem}.{'jpg' if fmt == 'jpeg' else fmt}"
-            if copy.is_file():  # made by an earlier run from the same bytes and rules
-                done = probe_file(copy)
-            else:
+            ext = "jpg" if fmt == "jpeg" else fmt
+            found = self._cached(stem, ext)  # made by an earlier run from the same bytes and rules
+            if found is None:
                 out, done = _render(im, plan, fmt, limits)
-                _write_atomically(copy, out)
+                copy = self.folder / f"{stem}-{hashlib.sha256(out).hexdigest()[:32]}.{ext}"
+                try:
+                    _write_atomically(copy, out)
+                except OSError as exc:
+                    raise _Unfixable(f"cannot write its copy into {self.folder}: {exc.strerror or exc}") from exc
+                self._copies().setdefault(stem, []).append(copy.name)
+            else:
+                copy, done = found
         return FixedFile(copy, key), plan.describe(info, fmt, done, limits)
+
+    def _copies(self) -> dict[str, list[str]]:
+        """The copies in the folder by the stem of their name, listed once (one listing, not one
+        per image: a batch may fix thousands)."""
+        if self._listing is None:
+            self._listing = {}
+            with contextlib.suppress(OSError):  # no folder yet: no copies
+                for name in sorted(os.listdir(self.folder)):
+                    stem, dash, rest = name.partition("-")
+                    if dash and not name.startswith("."):  # ".<name>.<pid>.part": a copy being written
+                        self._listing.setdefault(stem, []).append(name)
+        return self._listing
+
+    def _cached(self, stem: str, ext: str) -> tuple[Path, ImageInfo] | None:
+        """A copy made earlier, if one is whole: its name ends in the sha256 of its bytes, so a
+        copy truncated, emptied or written over is known, removed and made again (never sent,
+        and never a problem the user cannot get past)."""
+        for name in self._copies().get(stem, []):
+            path = self.folder / name
+            expected = name.partition("-")[2].removesuffix(f".{ext}")
+            if len(expected) != 32 or not name.endswith(f".{ext}"):
+                continue
+            try:
+                data = path.read_bytes()
+                if hashlib.sha256(data).hexdigest()[:32] == expected:
+                    return path, probe_bytes(data, len(data))
+            except (OSError, ImageProbeError):
+                pass
+            with contextlib.suppress(OSError):
+                path.unlink()  # damaged: the copy is made again, under the name of its new bytes
+        return None
 
 
 @dataclass(frozen=True)

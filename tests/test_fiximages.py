@@ -372,3 +372,19 @@ async def test_a_copy_encoded_again_is_the_same_job_and_never_paid_again(tmp_pat
     assert received[requests[2]["request_id"]] == f"data:sha256:{sha(jpeg)}" != f"data:sha256:{before}"
     third = await app.run(opts())
     assert third.new_jobs == 0 and third.summary.submitted == 0 and api.calls["submit"] == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "written over"])
+def test_a_damaged_copy_is_made_again(tmp_path, damage):
+    make_image(tmp_path / "street.webp", 400, 300, "WEBP")
+    path = manifest(tmp_path, ["street.webp"])
+    key = fixed_spec(tmp_path, path).key
+    [copy] = copies(tmp_path)
+    good = copy.read_bytes()
+    copy.write_bytes({"truncated": good[: len(good) // 2], "empty": b"",
+                      "written over": make_image(tmp_path / "other.png", 400, 300, "PNG").read_bytes()}[damage])
+    result = validate(path, "--fix")
+    assert result.exit_code == 0, result.output
+    assert "fixed street.webp: WEBP -> PNG\n" in result.output and "Traceback" not in result.output
+    assert [p.read_bytes() for p in copies(tmp_path)] == [good]  # the damaged one gone, the copy back
+    assert fixed_spec(tmp_path, path).key == key
