@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 import struct
 import zlib
 from pathlib import Path
@@ -388,3 +389,34 @@ def test_a_damaged_copy_is_made_again(tmp_path, damage):
     assert "fixed street.webp: WEBP -> PNG\n" in result.output and "Traceback" not in result.output
     assert [p.read_bytes() for p in copies(tmp_path)] == [good]  # the damaged one gone, the copy back
     assert fixed_spec(tmp_path, path).key == key
+
+
+async def test_a_copy_gone_while_its_job_is_pending_stops_with_the_way_out(tmp_path, simulator):
+    from simruns import settings
+
+    from batchgen import app
+    from batchgen.runner import StopReason
+
+    api = await simulator()
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    make_image(tmp_path / "lane.webp", 500, 400, "WEBP")
+    path = manifest(tmp_path, ["street.webp", "lane.webp"], model=DREAMINA, field="image_urls")
+
+    def opts(**kw):
+        return app.RunOptions(workdir=tmp_path / "jobs", manifest=path, fix=FixOptions(),
+                              target=app.Target(api_url=api.base_url, token="t"), settings=settings(**kw))
+
+    assert (await app.run(opts(max_jobs=1))).summary.submitted == 1
+    shutil.rmtree(tmp_path / "jobs" / "fixed")
+    # Resumed without the manifest: the copy cannot be sent, and nothing else is sent for it.
+    resumed = await app.run(replace(opts(max_jobs=1), manifest=None))
+    assert resumed.summary.stop_reason is StopReason.REFUSED and resumed.summary.submitted == 0
+    assert "a copy made by --fix-images, gone or changed since it was validated: batchgen run " in \
+        resumed.summary.stop_message
+    assert f"{path} --fix-images (with the --upscale or --fix-ratio it had) makes it again" in \
+        resumed.summary.stop_message
+    assert resumed.counts == {"fx": {"succeeded": 1, "pending": 1}} and api.calls["submit"] == 1
+    # The way out, as said: the manifest with --fix-images makes the copy again and sends the job.
+    again = await app.run(opts())
+    assert again.summary.submitted == 1 and again.counts == {"fx": {"succeeded": 2}}
+    assert api.calls["submit"] == 2
