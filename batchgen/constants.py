@@ -260,6 +260,11 @@ PANEL_REFRESH_EVERY = 0.5
 # this many pixels: a 64 Mpx RGBA picture is 256 MiB in memory, and a few-kilobyte PNG can claim
 # 100,000 x 100,000 (a decompression bomb); Pillow's own refusal starts at ~179 Mpx.
 MAX_FIX_PIXELS = 64 * 1024 * 1024
+# The largest source file read to be fixed: it is read whole into memory (and decoded beside it).
+# 200 MB is beyond any photo or scan a model takes (a 64 Mpx 16-bit TIFF is ~400 MB raw, but
+# such files are compressed or exceed MAX_FIX_PIXELS anyway), yet keeps a mistaken path (a disk
+# image, a video named .png) from taking the machine's memory.
+MAX_FIX_SOURCE_BYTES = 200_000_000
 # A fixed JPEG's quality: visually lossless for a model's input; an over-the-byte-limit image is
 # scaled down rather than compressed harder (artefacts become the model's input).
 FIX_JPEG_QUALITY = 92

@@ -137,7 +137,7 @@ class ImageFixer:
             raise _Unfixable(f"{info.width}x{info.height} is {info.width * info.height:,} pixels, more than "
                              f"batchgen decodes to fix an image ({C.MAX_FIX_PIXELS:,}); scale it down yourself")
         limits = _Limits(rules)
-        data = path.read_bytes()
+        data = _read_source(path)
         with _opened(data) as im:
             oriented = _oriented_size(im)
             plan = limits.plan(oriented, self.options, failing, info)
@@ -413,6 +413,22 @@ def _opened(data: bytes) -> Iterator[Image.Image]:
         raise _Unfixable(f"cannot open it to fix it: {exc}") from exc
     with im:
         yield im
+
+
+def _read_source(path: Path) -> bytes:
+    """The source's bytes, at most MAX_FIX_SOURCE_BYTES of them: it is read whole."""
+    cap = C.MAX_FIX_SOURCE_BYTES
+    try:
+        with path.open("rb") as fh:
+            # Its size first (nothing read of a file far over), then at most one byte over (it may grow).
+            over = os.fstat(fh.fileno()).st_size > cap
+            data = b"" if over else fh.read(cap + 1)
+    except OSError as exc:
+        raise _Unfixable(f"cannot read it to fix it: {exc.strerror or exc}") from exc
+    if over or len(data) > cap:
+        raise _Unfixable(f"the file is over {cap:,} bytes, more than batchgen reads to fix an image; "
+                         "convert or scale it down yourself")
+    return data
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

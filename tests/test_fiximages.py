@@ -420,3 +420,13 @@ async def test_a_copy_gone_while_its_job_is_pending_stops_with_the_way_out(tmp_p
     again = await app.run(opts())
     assert again.summary.submitted == 1 and again.counts == {"fx": {"succeeded": 2}}
     assert api.calls["submit"] == 2
+
+
+def test_a_source_over_the_size_cap_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    make_image(tmp_path / "huge.webp", 400, 300, "WEBP")
+    monkeypatch.setattr(C, "MAX_FIX_SOURCE_BYTES", 1000)  # the image is a few KB
+    result = validate(manifest(tmp_path, ["huge.webp"]), "--fix")
+    assert result.exit_code == 2
+    assert ("m.yaml, line 4, field 'image': huge.webp: the file is over 1,000 bytes, more than batchgen reads "
+            "to fix an image; convert or scale it down yourself") in result.output
+    assert copies(tmp_path) == [] and "Traceback" not in result.output
