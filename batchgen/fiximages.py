@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import shlex
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,6 +196,58 @@ class ImageFixer:
             with contextlib.suppress(OSError):
                 path.unlink()  # damaged: the copy is made again, under the name of its new bytes
         return None
+
+
+class FixHints:
+    """The hook ``ImageRefs.fixer`` of a plain validate or run (no --fix): every file is sent as
+    it is, and the (file, field) pairs are only noted. If validation finds problems, ``hint``
+    says in one line how many images --fix would fix, and with which options (the pixels are
+    not decoded: the header, orientation and transparency decide)."""
+
+    def __init__(self, schema: ModelSchema):
+        self.schema = schema
+        self._met: dict[tuple[Path, str], None] = {}  # in the order met, each once
+
+    def __call__(self, path: Path, field: str) -> Path:
+        self._met[(path, field)] = None
+        return path
+
+    def hint(self, manifest: Path) -> str | None:
+        images: set[Path] = set()
+        needs: set[str] = set()
+        for path, field in self._met:
+            found = _options_needed(self.schema, path, field)
+            if found is not None:
+                images.add(path)
+                needs.update(found)
+        if not images:
+            return None
+        options = "".join(f" {o}" for o in ("--upscale", "--fix-ratio pad") if o in needs)
+        either = " (or --fix-ratio crop)" if "--fix-ratio pad" in needs else ""
+        return (f"hint: {len(images)} image(s) can be fixed by copies: batchgen validate "
+                f"{shlex.quote(str(manifest))} --fix{options}{either} shows what would change")
+
+
+def _options_needed(schema: ModelSchema, path: Path, field: str) -> list[str] | None:
+    """The options --fix would need to fix this image ([]: none), or None if it passes, or is
+    not one --fix can fix."""
+    rules = schema.rules.get(field, []) if field in schema.image_fields() else []
+    try:
+        info = probe_file(path)
+    except ImageProbeError:
+        return None
+    failing = [r for r in rules if not r.passes(info)]
+    if not failing or info.width * info.height > C.MAX_FIX_PIXELS or info.size > C.MAX_FIX_SOURCE_BYTES:
+        return None
+    limits = _Limits(rules)
+    try:
+        with _opened(path) as im:
+            plan = limits.plan(_oriented_size(im), FixOptions(upscale=True, ratio="pad"), failing, info)
+            limits.target_format(info.format, _has_alpha(im))
+    except _Unfixable:
+        return None
+    return ((["--upscale"] if plan.size[0] > plan.framed[0] else [])
+            + (["--fix-ratio pad"] if plan.ratio_step else []))
 
 
 @dataclass(frozen=True)
@@ -403,12 +456,13 @@ def _encode(pic: Image.Image, fmt: str) -> bytes:
 
 
 @contextmanager
-def _opened(data: bytes) -> Iterator[Image.Image]:
-    """Image.open over bytes: lazily (the header only, until pixels are asked for), closed after."""
+def _opened(source: bytes | Path) -> Iterator[Image.Image]:
+    """Image.open over bytes (or a file): lazily (the header only, until pixels are asked for),
+    closed after."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _Unfixable(f"cannot open it to fix it: {exc}") from exc
     with im:

@@ -430,3 +430,26 @@ def test_a_source_over_the_size_cap_is_refused_before_it_is_read(tmp_path, monke
     assert ("m.yaml, line 4, field 'image': huge.webp: the file is over 1,000 bytes, more than batchgen reads "
             "to fix an image; convert or scale it down yourself") in result.output
     assert copies(tmp_path) == [] and "Traceback" not in result.output
+
+
+def test_without_fix_one_hint_line_counts_what_fix_would_fix(tmp_path):
+    make_image(tmp_path / "street.webp", 400, 300, "WEBP")
+    make_image(tmp_path / "small.png", 150, 100, "PNG")
+    make_image(tmp_path / "wide.png", 600, 200, "PNG")
+    make_image(tmp_path / "fine.png", 300, 300, "PNG")
+    path = manifest(tmp_path, ["street.webp", "small.png", "wide.png", "fine.png", "street.webp"])
+    result = validate(path)
+    assert result.exit_code == 2
+    lines = result.output.splitlines()
+    assert lines[0] == "error: 4 problems in the manifest; nothing was submitted"
+    assert lines[1] == "  m.yaml, line 4, field 'image': image is WEBP; JPEG, PNG (allowed: one of JPEG, PNG)"
+    assert lines[-1] == (f"hint: 3 image(s) can be fixed by copies: batchgen validate {path} --fix --upscale "
+                         "--fix-ratio pad (or --fix-ratio crop) shows what would change")
+    assert copies(tmp_path) == []  # nothing written without --fix
+    run = cli("run", str(path), "--simulate")
+    assert run.exit_code == 2 and run.output.splitlines()[-1] == lines[-1]
+    # Problems --fix cannot help with: no hint.
+    only = manifest(tmp_path, ["fine.png"])
+    only.write_text(only.read_text().replace("prompt: p0", "prompt: 5"))
+    result = validate(only)
+    assert result.exit_code == 2 and "hint:" not in result.output
