@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import replace
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
