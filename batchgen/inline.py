@@ -284,8 +284,13 @@ class FileChecks:
         self._verified[(ref.path, ref.sha256)] = (st.st_size, st.st_mtime_ns)
 
 
+# A copy fiximages.py made: WORKDIR/fixed/<sha256 of source and fix>-<sha256 of its bytes>.<ext>.
+_FIXED_COPY = re.compile(r"[0-9a-f]{32}-[0-9a-f]{32}\.(png|jpg|webp)")
+
+
 def _changed(ref: FileRef, how: str) -> InputFileError:
-    if Path(ref.path).parent.name == C.FIXED_DIR:  # a copy of fiximages.py, in WORKDIR/fixed/
+    path = Path(ref.path)
+    if path.parent.name == C.FIXED_DIR and _FIXED_COPY.fullmatch(path.name):
         return FixedCopyError(f"local file {ref.path} {how}: a copy made by --fix-images, gone or changed since "
                               "it was validated")
     return InputFileError(f"local file {ref.path} {how}: changed since it was validated: run validate again")

@@ -453,3 +453,15 @@ def test_without_fix_one_hint_line_counts_what_fix_would_fix(tmp_path):
     only.write_text(only.read_text().replace("prompt: p0", "prompt: 5"))
     result = validate(only)
     assert result.exit_code == 2 and "hint:" not in result.output
+
+
+async def test_only_a_copy_batchgen_made_is_said_to_be_one(tmp_path):
+    from batchgen.inline import FileChecks, FileRef, FixedCopyError, InputFileError
+
+    own = tmp_path / "fixed" / "holiday.png"  # the user's own folder named fixed
+    copy = tmp_path / "jobs" / "fixed" / f"{'a' * 32}-{'b' * 32}.png"
+    for path, kind, said in ((own, InputFileError, "run validate again"),
+                             (copy, FixedCopyError, "a copy made by --fix-images")):
+        with pytest.raises(InputFileError) as err:
+            await FileChecks().verify(FileRef(str(path), "0" * 64, 10, "image/png"))
+        assert type(err.value) is kind and said in str(err.value)
