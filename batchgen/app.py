@@ -26,7 +26,7 @@ from .catalog import Catalog
 from .client import RunComfyClient
 from .downloads import discard_partials
 from .errors import BatchgenError, LockedError, ManifestError, UsageError
-from .fiximages import FixOptions, ImageFixer
+from .fiximages import FixHints, FixOptions, ImageFixer
 from .lock import WorkdirLock
 from .manifest import Manifest, batch_name_clash, is_loopback_host, load_manifest
 from .runner import EventSink, Runner, RunSettings, RunSummary
@@ -242,16 +242,20 @@ async def check_manifest(opts: RunOptions, **kw: Any) -> tuple[Manifest, Validat
     manifest, found = await prepare_manifest(opts.manifest, batch=opts.batch, schema=opts.schema,
                                              target=opts.target, workdir=Path(opts.workdir),
                                              max_expand=opts.max_expand)
-    fixer = None
+    fixer = hints = None
     if opts.fix is not None and manifest.schema is not None:  # the schema's rules say what to fix
         # Set once the schema is final (prepare_manifest may have swapped it): the copies are
         # what the jobs send, so they are what the job keys and validation see.
         fixer = manifest.images.fixer = ImageFixer(manifest.schema, Path(opts.workdir) / C.FIXED_DIR, opts.fix)
+    elif manifest.schema is not None:  # no --fix: only noted, for a hint if there are problems
+        hints = manifest.images.fixer = FixHints(manifest.schema)
     result = await validate_manifest(
         manifest, no_schema=opts.no_schema,
         model_problem=found.problem() if found is not None and found.schema is None else None, **kw)
     if fixer is not None:
         result.fixed = fixer.changes()
+    if hints is not None and result.problems:
+        result.hint = hints.hint(opts.manifest)
     return manifest, result
 
 
@@ -343,7 +347,7 @@ async def run(opts: RunOptions, on_event: EventSink | None = None,
             for change in result.fixed:
                 on_notice(f"fixed {change}", False)
         if result.problems:
-            raise ManifestError(result.problems)
+            raise ManifestError(result.problems, result.hint)
         schemas[manifest.name] = manifest.schema
         if manifest.schema is None and on_notice is not None:
             on_notice(f"{manifest.name}: model {manifest.model_id} has no schema: its inputs are NOT "
@@ -919,7 +923,7 @@ async def plan(opts: RunOptions) -> PlanReport:
     """What `run` would do with this manifest, without submitting or recording anything."""
     manifest, result = await check_manifest(opts)
     if result.problems:
-        raise ManifestError(result.problems)
+        raise ManifestError(result.problems, result.hint)
     schema = manifest.schema
     price, unit = (schema.base_price_usd, schema.price_unit) if schema else (None, None)
     balance = None

@@ -758,7 +758,7 @@ def validate(manifest: Path, schema: Path | None, workdir: Path, api_url: str | 
     result = _run_async(app.validate(opts))
     _echo_fixed(result.fixed)
     if result.problems:
-        _fail(str(ManifestError(result.problems)), EXIT_USAGE)
+        _fail(str(ManifestError(result.problems, result.hint)), EXIT_USAGE)
     dup = f" ({result.duplicates} duplicate(s) collapsed)" if result.duplicates else ""
     unchecked = " (no schema for the model: inputs NOT checked, --no-schema)" if result.schema is None else ""
     click.echo(f"{manifest}: {result.jobs} job(s), all valid{dup}{unchecked}")

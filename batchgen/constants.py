@@ -53,11 +53,15 @@ SIMULATED_DIR = "simulated"
 # Where a --simulate run keeps its simulator's jobs (in that folder), so an interrupted run
 # resumes them.
 SIM_STATE_FILENAME = "simulator-state.jsonl"
+# Where fixed copies of input images go (fiximages.py, `validate --fix`, `run --fix-images`), in
+# the work directory: beside the batches' folders, one folder for both realms.
+FIXED_DIR = "fixed"
 # Names batchgen keeps in the work directory beside the batches' folders (SQLite adds -wal, -shm
-# and -journal to the store's name; the simulated runs' folder): a batch may not be named as one.
+# and -journal to the store's name; the simulated runs' folder; the fixed copies' folder): a batch
+# may not be named as one.
 WORKDIR_FILES = (STORE_FILENAME, f"{STORE_FILENAME}-wal", f"{STORE_FILENAME}-shm",
                  f"{STORE_FILENAME}-journal", LOCK_FILENAME, CONFIG_FILENAME, SIM_STATE_FILENAME,
-                 SIMULATED_DIR)
+                 SIMULATED_DIR, FIXED_DIR)
 # How often, at most, a run checks that its store file is still the one it opened (a stat): a
 # store deleted under a run is noticed within this long, at its next write. Every claim checks
 # too, so nothing is submitted into a store that is gone.
@@ -258,13 +262,17 @@ THUMB_QUALITY = 80
 NOTICE_REPEAT_WINDOW = 30.0
 PANEL_REFRESH_EVERY = 0.5
 
-# Fixing input images (fiximages.py, `validate --fix`, `run --fix-images`). Copies go to this
-# folder of the work directory, named by their source's sha256 and the fix, so a second run finds
-# the copy the first made. An image is decoded to be fixed only if its header says it has at most
+# Fixing input images (fiximages.py, `validate --fix`, `run --fix-images`). Copies go to
+# FIXED_DIR (above), named by their source's sha256 and the fix, so a second run finds the copy
+# the first made. An image is decoded to be fixed only if its header says it has at most
 # this many pixels: a 64 Mpx RGBA picture is 256 MiB in memory, and a few-kilobyte PNG can claim
 # 100,000 x 100,000 (a decompression bomb); Pillow's own refusal starts at ~179 Mpx.
-FIXED_DIR = "fixed"
 MAX_FIX_PIXELS = 64 * 1024 * 1024
+# The largest source file read to be fixed: it is read whole into memory (and decoded beside it).
+# 200 MB is beyond any photo or scan a model takes (a 64 Mpx 16-bit TIFF is ~400 MB raw, but
+# such files are compressed or exceed MAX_FIX_PIXELS anyway), yet keeps a mistaken path (a disk
+# image, a video named .png) from taking the machine's memory.
+MAX_FIX_SOURCE_BYTES = 200_000_000
 # A fixed JPEG's quality: visually lossless for a model's input; an over-the-byte-limit image is
 # scaled down rather than compressed harder (artefacts become the model's input).
 FIX_JPEG_QUALITY = 92

@@ -30,11 +30,12 @@ class Problem:
 class ManifestError(BatchgenError):
     """The manifest cannot be used; carries every problem found, not just the first."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], hint: str | None = None):
         self.problems = list(problems)
         n = len(self.problems)
         head = f"{n} problem{'s' if n != 1 else ''} in the manifest; nothing was submitted"
-        super().__init__(head + "\n" + "\n".join(f"  {p}" for p in self.problems))
+        tail = f"\n{hint}" if hint else ""  # one line after them all: what would get past them
+        super().__init__(head + "\n" + "\n".join(f"  {p}" for p in self.problems) + tail)
 
 
 class UsageError(BatchgenError):

@@ -14,20 +14,26 @@ What a copy is, per failed rule of the field's ``validations`` (schema.py's ``Ru
 - ``file_size_mb``: re-encoded, then scaled down by steps until it fits.
 
 Copies go to ``WORKDIR/fixed/``, named by the source's sha256 and the fix (the rules and options
-that shaped it), so a second run finds the copy the first made and the job key (the copy's
-sha256, as for any local file) stays the same. Originals are never written. An image that cannot
+that shaped it), so a second run finds the copy the first made, then by the sha256 of the copy's
+own bytes, so a copy damaged since (truncated, emptied) is known and made again. The job key counts the source's
+sha256 and what was done to it (``FixedFile.key``), not the copy's bytes: a copy encoded again
+(another Pillow or libjpeg, another machine, ``FIX_VERSION`` bumped, ``fixed/`` deleted) is the
+same job, never paid twice, while the submit still checks the copy it sends against the copy's
+own recorded sha256 (inline.py). Originals are never written. An image that cannot
 be read is left to validation, which says why; one whose header claims more than
 ``MAX_FIX_PIXELS`` is refused before a pixel is decoded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
 import json
 import math
 import os
+import shlex
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,9 +45,11 @@ from PIL import Image, ImageOps
 
 from . import constants as C
 from .images import ImageInfo, ImageProbeError, probe_bytes, probe_file
+from .manifest import FixedFile
 from .schema import ModelSchema, Rule, explain_failures
 
-# Bumped whenever the same source and rules would give other bytes: old copies are then not reused.
+# Bumped whenever the same source and rules would give other bytes: old copies are then not reused
+# (the job keys do not change: they count what is done, not the bytes it gives).
 FIX_VERSION = 1
 RATIO_CHOICES = ("pad", "crop")
 _PIXEL_SUBJECTS = ("width_pixels", "height_pixels", "width/height")
@@ -82,18 +90,19 @@ def heif_support() -> bool:
 
 
 class ImageFixer:
-    """The hook ``ImageRefs.fixer``: a local file and its field -> the file to send (the original
-    when it passes, else a compliant copy), or a problem as a string. Each (file, field) once."""
+    """The hook ``ImageRefs.fixer``: a local file and its field -> the file itself when it passes,
+    a compliant copy (``FixedFile``), or a problem as a string. Each (file, field) once."""
 
     def __init__(self, schema: ModelSchema, folder: Path, options: FixOptions):
         self.schema = schema
         self.folder = Path(folder).resolve()  # the copies are sent as file:// URIs: absolute
         self.options = options
         self.fixed: list[Fixed] = []  # in the order met, each copy once
-        self._done: dict[tuple[Path, str], Path | str] = {}
+        self._done: dict[tuple[Path, str], Path | FixedFile | str] = {}
         self._heif = heif_support()
+        self._listing: dict[str, list[str]] | None = None  # _copies
 
-    def __call__(self, path: Path, field: str) -> Path | str:
+    def __call__(self, path: Path, field: str) -> Path | FixedFile | str:
         key = (path, field)
         if key not in self._done:
             self._done[key] = self._fix(path, field)
@@ -102,7 +111,7 @@ class ImageFixer:
     def changes(self) -> list[str]:
         return [f.change for f in self.fixed]
 
-    def _fix(self, path: Path, field: str) -> Path | str:
+    def _fix(self, path: Path, field: str) -> Path | FixedFile | str:
         rules = self.schema.rules.get(field, []) if field in self.schema.image_fields() else []
         if not rules:
             return path
@@ -117,35 +126,128 @@ class ImageFixer:
         if not failing:
             return path
         try:
-            copy, change = self._make(path, info, rules, failing)
+            made, change = self._make(path, info, rules, failing)
         except _Unfixable as exc:
             return f"{path.name}: {exc}"
-        if not any(f.copy == copy for f in self.fixed):
-            self.fixed.append(Fixed(path, copy, f"{path.name}: {change}"))
-        return copy
+        if not any(f.copy == made.path for f in self.fixed):
+            self.fixed.append(Fixed(path, made.path, f"{path.name}: {change}"))
+        return made
 
-    def _make(self, path: Path, info: ImageInfo, rules: list[Rule], failing: list[Rule]) -> tuple[Path, str]:
+    def _make(self, path: Path, info: ImageInfo, rules: list[Rule], failing: list[Rule]) -> tuple[FixedFile, str]:
         if info.width * info.height > C.MAX_FIX_PIXELS:
             raise _Unfixable(f"{info.width}x{info.height} is {info.width * info.height:,} pixels, more than "
                              f"batchgen decodes to fix an image ({C.MAX_FIX_PIXELS:,}); scale it down yourself")
         limits = _Limits(rules)
-        data = path.read_bytes()
+        data = _read_source(path)
         with _opened(data) as im:
             oriented = _oriented_size(im)
             plan = limits.plan(oriented, self.options, failing, info)
             fmt = limits.target_format(info.format, _has_alpha(im))
-            # The name: the source's bytes and what is done to them (not the options given, so
-            # --upscale on an image that needs none finds the same copy).
-            recipe = json.dumps([FIX_VERSION, fmt, plan.framed, plan.size, plan.ratio_step,
-                                 limits.max_bytes, limits.min_w, limits.min_h], separators=(",", ":"))
-            stem = hashlib.sha256(f"{hashlib.sha256(data).hexdigest()}\n{recipe}".encode()).hexdigest()[:32]
-            copy = self.folder / f"{stem}.{'jpg' if fmt == 'jpeg' else fmt}"
-            if copy.is_file():  # made by an earlier run from the same bytes and rules
-                done = probe_file(copy)
-            else:
+            source = hashlib.sha256(data).hexdigest()
+            # The job key: the source's bytes and what is done to them (not the options given,
+            # so --upscale on an image that needs none is the same job; not how they are
+            # encoded, so a copy encoded again is the same job).
+            key = "fixed:" + json.dumps([source, fmt, plan.framed, plan.size, plan.ratio_step, limits.max_bytes],
+                                        separators=(",", ":"))
+            # The copy's name: that, and how it is encoded (a new FIX_VERSION makes new copies).
+            recipe = json.dumps([FIX_VERSION, limits.min_w, limits.min_h], separators=(",", ":"))
+            stem = hashlib.sha256(f"{key}\n{recipe}".encode()).hexdigest()[:32]
+            ext = "jpg" if fmt == "jpeg" else fmt
+            found = self._cached(stem, ext)  # made by an earlier run from the same bytes and rules
+            if found is None:
                 out, done = _render(im, plan, fmt, limits)
-                _write_atomically(copy, out)
-        return copy, plan.describe(info, fmt, done, limits)
+                copy = self.folder / f"{stem}-{hashlib.sha256(out).hexdigest()[:32]}.{ext}"
+                try:
+                    _write_atomically(copy, out)
+                except OSError as exc:
+                    raise _Unfixable(f"cannot write its copy into {self.folder}: {exc.strerror or exc}") from exc
+                self._copies().setdefault(stem, []).append(copy.name)
+            else:
+                copy, done = found
+        return FixedFile(copy, key), plan.describe(info, fmt, done, limits)
+
+    def _copies(self) -> dict[str, list[str]]:
+        """The copies in the folder by the stem of their name, listed once (one listing, not one
+        per image: a batch may fix thousands)."""
+        if self._listing is None:
+            self._listing = {}
+            with contextlib.suppress(OSError):  # no folder yet: no copies
+                for name in sorted(os.listdir(self.folder)):
+                    stem, dash, rest = name.partition("-")
+                    if dash and not name.startswith("."):  # ".<name>.<pid>.part": a copy being written
+                        self._listing.setdefault(stem, []).append(name)
+        return self._listing
+
+    def _cached(self, stem: str, ext: str) -> tuple[Path, ImageInfo] | None:
+        """A copy made earlier, if one is whole: its name ends in the sha256 of its bytes, so a
+        copy truncated, emptied or written over is known, removed and made again (never sent,
+        and never a problem the user cannot get past)."""
+        for name in self._copies().get(stem, []):
+            path = self.folder / name
+            expected = name.partition("-")[2].removesuffix(f".{ext}")
+            if len(expected) != 32 or not name.endswith(f".{ext}"):
+                continue
+            try:
+                data = path.read_bytes()
+                if hashlib.sha256(data).hexdigest()[:32] == expected:
+                    return path, probe_bytes(data, len(data))
+            except (OSError, ImageProbeError):
+                pass
+            with contextlib.suppress(OSError):
+                path.unlink()  # damaged: the copy is made again, under the name of its new bytes
+        return None
+
+
+class FixHints:
+    """The hook ``ImageRefs.fixer`` of a plain validate or run (no --fix): every file is sent as
+    it is, and the (file, field) pairs are only noted. If validation finds problems, ``hint``
+    says in one line how many images --fix would fix, and with which options (the pixels are
+    not decoded: the header, orientation and transparency decide)."""
+
+    def __init__(self, schema: ModelSchema):
+        self.schema = schema
+        self._met: dict[tuple[Path, str], None] = {}  # in the order met, each once
+
+    def __call__(self, path: Path, field: str) -> Path:
+        self._met[(path, field)] = None
+        return path
+
+    def hint(self, manifest: Path) -> str | None:
+        images: set[Path] = set()
+        needs: set[str] = set()
+        for path, field in self._met:
+            found = _options_needed(self.schema, path, field)
+            if found is not None:
+                images.add(path)
+                needs.update(found)
+        if not images:
+            return None
+        options = "".join(f" {o}" for o in ("--upscale", "--fix-ratio pad") if o in needs)
+        either = " (or --fix-ratio crop)" if "--fix-ratio pad" in needs else ""
+        return (f"hint: {len(images)} image(s) can be fixed by copies: batchgen validate "
+                f"{shlex.quote(str(manifest))} --fix{options}{either} shows what would change")
+
+
+def _options_needed(schema: ModelSchema, path: Path, field: str) -> list[str] | None:
+    """The options --fix would need to fix this image ([]: none), or None if it passes, or is
+    not one --fix can fix."""
+    rules = schema.rules.get(field, []) if field in schema.image_fields() else []
+    try:
+        info = probe_file(path)
+    except ImageProbeError:
+        return None
+    failing = [r for r in rules if not r.passes(info)]
+    if not failing or info.width * info.height > C.MAX_FIX_PIXELS or info.size > C.MAX_FIX_SOURCE_BYTES:
+        return None
+    limits = _Limits(rules)
+    try:
+        with _opened(path) as im:
+            plan = limits.plan(_oriented_size(im), FixOptions(upscale=True, ratio="pad"), failing, info)
+            limits.target_format(info.format, _has_alpha(im))
+    except _Unfixable:
+        return None
+    return ((["--upscale"] if plan.size[0] > plan.framed[0] else [])
+            + (["--fix-ratio pad"] if plan.ratio_step else []))
 
 
 @dataclass(frozen=True)
@@ -354,16 +456,33 @@ def _encode(pic: Image.Image, fmt: str) -> bytes:
 
 
 @contextmanager
-def _opened(data: bytes) -> Iterator[Image.Image]:
-    """Image.open over bytes: lazily (the header only, until pixels are asked for), closed after."""
+def _opened(source: bytes | Path) -> Iterator[Image.Image]:
+    """Image.open over bytes (or a file): lazily (the header only, until pixels are asked for),
+    closed after."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _Unfixable(f"cannot open it to fix it: {exc}") from exc
     with im:
         yield im
+
+
+def _read_source(path: Path) -> bytes:
+    """The source's bytes, at most MAX_FIX_SOURCE_BYTES of them: it is read whole."""
+    cap = C.MAX_FIX_SOURCE_BYTES
+    try:
+        with path.open("rb") as fh:
+            # Its size first (nothing read of a file far over), then at most one byte over (it may grow).
+            over = os.fstat(fh.fileno()).st_size > cap
+            data = b"" if over else fh.read(cap + 1)
+    except OSError as exc:
+        raise _Unfixable(f"cannot read it to fix it: {exc.strerror or exc}") from exc
+    if over or len(data) > cap:
+        raise _Unfixable(f"the file is over {cap:,} bytes, more than batchgen reads to fix an image; "
+                         "convert or scale it down yourself")
+    return data
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

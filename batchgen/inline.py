@@ -41,6 +41,11 @@ class InputFileError(UsageError):
     """A local input file cannot be sent as validated: changed, removed, or too large a request."""
 
 
+class FixedCopyError(InputFileError):
+    """A copy made by --fix-images is gone or not as validated: nothing was sent, and only the
+    manifest run again with --fix-images makes it again (a retry would meet the same file)."""
+
+
 # ---- what a file is, from its content ----------------------------------------------------------
 
 # ISO base media files (MP4, MOV, HEIC, AVIF, M4A) say what they are in the brand of their ftyp box.
@@ -247,9 +252,9 @@ class FileChecks:
         try:
             st = os.stat(ref.path)
         except OSError as exc:
-            raise InputFileError(_changed(ref, f"cannot be read ({exc.strerror or exc})")) from None
+            raise _changed(ref, f"cannot be read ({exc.strerror or exc})") from None
         if st.st_size != ref.size:
-            raise InputFileError(_changed(ref, f"is {st.st_size:,} bytes, was {ref.size:,}"))
+            raise _changed(ref, f"is {st.st_size:,} bytes, was {ref.size:,}")
         if self._verified.get(key) == (st.st_size, st.st_mtime_ns):
             return
         pending = self._hashing.get(key)
@@ -273,14 +278,22 @@ class FileChecks:
         try:
             found, st = await asyncio.to_thread(digest)
         except OSError as exc:
-            raise InputFileError(_changed(ref, f"cannot be read ({exc.strerror or exc})")) from None
+            raise _changed(ref, f"cannot be read ({exc.strerror or exc})") from None
         if found != ref.sha256 or st.st_size != ref.size:
-            raise InputFileError(_changed(ref, "has other content"))
+            raise _changed(ref, "has other content")
         self._verified[(ref.path, ref.sha256)] = (st.st_size, st.st_mtime_ns)
 
 
-def _changed(ref: FileRef, how: str) -> str:
-    return f"local file {ref.path} {how}: changed since it was validated: run validate again"
+# A copy fiximages.py made: WORKDIR/fixed/<sha256 of source and fix>-<sha256 of its bytes>.<ext>.
+_FIXED_COPY = re.compile(r"[0-9a-f]{32}-[0-9a-f]{32}\.(png|jpg|webp)")
+
+
+def _changed(ref: FileRef, how: str) -> InputFileError:
+    path = Path(ref.path)
+    if path.parent.name == C.FIXED_DIR and _FIXED_COPY.fullmatch(path.name):
+        return FixedCopyError(f"local file {ref.path} {how}: a copy made by --fix-images, gone or changed since "
+                              "it was validated")
+    return InputFileError(f"local file {ref.path} {how}: changed since it was validated: run validate again")
 
 
 class InlineBody(Payload):
@@ -337,9 +350,9 @@ def _base64_chunks(ref: FileRef) -> Iterator[bytes]:
                     yield base64.b64encode(held)
                 held = block
     except OSError as exc:
-        raise InputFileError(_changed(ref, f"cannot be read ({exc.strerror or exc})")) from None
+        raise _changed(ref, f"cannot be read ({exc.strerror or exc})") from None
     if got != ref.size or h.hexdigest() != ref.sha256:
-        raise InputFileError(_changed(ref, "changed while it was being sent"))
+        raise _changed(ref, "changed while it was being sent")
     if held:
         yield base64.b64encode(held)
 

@@ -40,6 +40,7 @@ class ValidationResult:
     duplicates: int  # jobs skipped because an earlier one had the same key
     schema: ModelSchema | None  # None: no schema (--no-schema), inputs passed through unchecked
     fixed: list[str] = field(default_factory=list)  # --fix: each copy made, what it changed
+    hint: str | None = None  # without --fix: how many images --fix would fix (FixHints), if any
 
 
 def image_refs(schema: ModelSchema | None, inputs: dict[str, Any]) -> list[tuple[str, str]]:

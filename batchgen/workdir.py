@@ -56,8 +56,9 @@ def leftovers(workdir: Path, simulated: bool) -> list[str]:
     except OSError:
         subdirs = []
     for sub in subdirs:
-        # The simulated realm is a realm of its own: what it holds says nothing of this store.
-        if not simulated and sub.name == C.SIMULATED_DIR:
+        # The simulated realm is a realm of its own, and fixed/ holds copies of input images
+        # (fiximages.py), made by validate and plan too: neither says anything of this store.
+        if not simulated and sub.name in (C.SIMULATED_DIR, C.FIXED_DIR):
             continue
         with contextlib.suppress(OSError):
             if any(p.is_file() for p in sub.iterdir()):

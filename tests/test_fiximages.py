@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from imagefactory import make_image
 from PIL import Image
 from test_cli import cli
 
+from batchgen import constants as C
 from batchgen.fiximages import FixOptions, ImageFixer, heif_support
 from batchgen.manifest import load_manifest
 
@@ -153,23 +156,35 @@ def test_rerun_finds_the_same_copies_and_keys(tmp_path):
     assert {p.name: sha(p) for p in tmp_path.iterdir() if p.is_file() and p.name in originals} == originals
 
 
-def test_the_job_key_is_the_key_of_the_bytes_sent(tmp_path):
-    make_image(tmp_path / "street.webp", 400, 300, "WEBP")
-    path = manifest(tmp_path, ["street.webp"])
+def fixed_spec(tmp_path: Path, path: Path, **options):
     loaded = load_manifest(path)
     assert loaded.schema is not None
-    loaded.images.fixer = ImageFixer(loaded.schema, tmp_path / "jobs" / "fixed", FixOptions())
+    loaded.images.fixer = ImageFixer(loaded.schema, tmp_path / "jobs" / "fixed", FixOptions(**options))
     [spec] = loaded.iter_jobs()
+    return spec
+
+
+def test_the_copy_is_sent_and_the_key_counts_the_source_and_the_fix(tmp_path, monkeypatch):
+    make_image(tmp_path / "big.jpg", 1280, 960)
+    path = manifest(tmp_path, ["big.jpg"])
+    spec = fixed_spec(tmp_path, path)
     [copy] = copies(tmp_path)
-    # The copy is what is sent (a file reference to it, with its sha256) ...
-    assert spec.inputs["image"].startswith(copy.as_uri() + f"#sha256={sha(copy)}")
+    first = sha(copy)
+    # The copy is what is sent (a file reference to it, with its own sha256) ...
+    assert spec.inputs["image"].startswith(copy.as_uri() + f"#sha256={first}")
     assert spec.local_files == {spec.inputs["image"]: str(copy)}
-    # ... and the job is the one a manifest naming the copy itself makes.
-    direct = tmp_path / "direct"
-    direct.mkdir()
-    (direct / "same.png").write_bytes(copy.read_bytes())
-    [plain] = load_manifest(manifest(direct, ["same.png"])).iter_jobs()
-    assert plain.key == spec.key
+    # ... but the key counts the source and what was done to it: encoded again otherwise (fixed/
+    # deleted, another libjpeg), the copy has other bytes and the job is the same.
+    shutil.rmtree(tmp_path / "jobs" / "fixed")
+    monkeypatch.setattr(C, "FIX_JPEG_QUALITY", 60)
+    again = fixed_spec(tmp_path, path)
+    [copy] = copies(tmp_path)
+    assert sha(copy) != first and again.inputs["image"].startswith(copy.as_uri() + f"#sha256={sha(copy)}")
+    assert again.key == spec.key
+    # Another fix of the same source is another job.
+    make_image(tmp_path / "wide.png", 600, 200, "PNG")
+    wide = manifest(tmp_path, ["wide.png"])
+    assert fixed_spec(tmp_path, wide, ratio="pad").key != fixed_spec(tmp_path, wide, ratio="crop").key
 
 
 def test_a_corrupt_image_is_still_an_error_naming_file_and_row(tmp_path):
@@ -285,3 +300,168 @@ def test_a_photo_turned_by_exif_is_fixed_upright(tmp_path):
     assert "turned upright (EXIF orientation)" in result.output
     with Image.open(copies(tmp_path)[0]) as copy:
         assert copy.size[0] < copy.size[1] and copy.getexif().get(0x0112, 1) == 1
+
+
+async def test_fix_images_against_an_api_in_a_fresh_folder_then_status_plan_and_a_rerun(tmp_path, simulator):
+    # The copies' folder (WORKDIR/fixed/) is not taken for what earlier runs left beside a lost store.
+    from test_realms import TOKEN, batchgen
+
+    api = await simulator(token=TOKEN)  # a real server on loopback, as the API
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    path = manifest(tmp_path, ["street.webp"], model=DREAMINA, field="image_urls")
+    code, out = await batchgen("run", str(path), "--api-url", api.base_url, "--fix-images", token=True)
+    assert code == 0, out
+    assert "fixed street.webp: WEBP -> PNG" in out and "1 new job(s) recorded, 1 submitted" in out
+    assert len(copies(tmp_path)) == 1 and (tmp_path / "jobs" / "batchgen.sqlite3").is_file()
+    code, out = await batchgen("status")
+    assert code == 0 and "fx  (bytedance/dreamina-3-0/pro/image-to-video, 1 jobs, $0.10 spent)" in out, out
+    code, out = await batchgen("plan", str(path), "--api-url", api.base_url, "--fix", token=True)
+    assert code == 0 and "fixed street.webp: WEBP -> PNG" in out and "new: 0" in out, out
+    code, out = await batchgen("run", str(path), "--api-url", api.base_url, "--fix-images", token=True)
+    assert code == 0 and "0 new job(s) recorded, 0 submitted" in out, out
+    assert api.calls["submit"] == 1
+    # A lost store beside real outputs is still refused (the exception is fixed/ alone).
+    (tmp_path / "jobs" / "batchgen.sqlite3").unlink()
+    code, out = await batchgen("run", str(path), "--api-url", api.base_url, "--fix-images", token=True)
+    assert code == 70 and "holds what earlier runs left (batchgen.lock, fx/)" in out, out
+    assert api.calls["submit"] == 1
+
+
+@pytest.mark.parametrize("name", ["fixed", "Fixed"])
+def test_a_batch_cannot_be_named_as_the_copies_folder(tmp_path, name):
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    path = manifest(tmp_path, ["street.webp"])
+    path.write_text(path.read_text().replace("name: fx", f"name: {name}"))
+    result = validate(path, "--fix")
+    assert result.exit_code == 2
+    assert f"batch name '{name}' is reserved: batchgen keeps a file or folder of that name" in result.output
+
+
+async def test_a_copy_encoded_again_is_the_same_job_and_never_paid_again(tmp_path, simulator, monkeypatch):
+    from simruns import settings
+
+    from batchgen import app
+
+    state = tmp_path / "sim.jsonl"  # what the simulator received: each job's inline files by sha256
+    api = await simulator(state_file=state)
+    make_image(tmp_path / "harbour.jpg", 4400, 2000)  # over 4096 px: scaled down, still a JPEG
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    path = manifest(tmp_path, ["street.webp", "harbour.jpg", "harbour.jpg"], model=DREAMINA, field="image_urls")
+
+    def opts(**kw):
+        return app.RunOptions(workdir=tmp_path / "jobs", manifest=path, fix=FixOptions(),
+                              target=app.Target(api_url=api.base_url, token="t"), settings=settings(**kw))
+
+    first = await app.run(opts(max_jobs=2))  # one job left pending
+    assert first.new_jobs == 3 and first.summary.submitted == 2
+    jpeg = next(p for p in copies(tmp_path) if p.suffix == ".jpg")
+    before = sha(jpeg)
+    # fixed/ deleted, and a libjpeg that encodes otherwise: the copy comes back with other bytes.
+    shutil.rmtree(tmp_path / "jobs" / "fixed")
+    monkeypatch.setattr(C, "FIX_JPEG_QUALITY", 60)
+    second = await app.run(opts())
+    [jpeg] = [p for p in copies(tmp_path) if p.suffix == ".jpg"]
+    assert sha(jpeg) != before
+    assert second.new_jobs == 0 and second.summary.submitted == 1  # the one left, nothing again
+    assert second.counts == {"fx": {"succeeded": 3}}
+    requests = api.requests()["requests"]
+    assert sorted(r["input"]["prompt"] for r in requests) == ["p0", "p1", "p2"] and api.calls["submit"] == 3
+    # The job left pending sent the copies as they are now (checked against their own sha256).
+    received = {r["job"]["id"]: r["job"]["media"][0] for r in map(json.loads, state.read_text().splitlines())
+                if "job" in r}
+    assert requests[2]["input"]["prompt"] == "p2"  # harbour.jpg: sent as encoded the second time
+    assert received[requests[2]["request_id"]] == f"data:sha256:{sha(jpeg)}" != f"data:sha256:{before}"
+    third = await app.run(opts())
+    assert third.new_jobs == 0 and third.summary.submitted == 0 and api.calls["submit"] == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "written over"])
+def test_a_damaged_copy_is_made_again(tmp_path, damage):
+    make_image(tmp_path / "street.webp", 400, 300, "WEBP")
+    path = manifest(tmp_path, ["street.webp"])
+    key = fixed_spec(tmp_path, path).key
+    [copy] = copies(tmp_path)
+    good = copy.read_bytes()
+    copy.write_bytes({"truncated": good[: len(good) // 2], "empty": b"",
+                      "written over": make_image(tmp_path / "other.png", 400, 300, "PNG").read_bytes()}[damage])
+    result = validate(path, "--fix")
+    assert result.exit_code == 0, result.output
+    assert "fixed street.webp: WEBP -> PNG\n" in result.output and "Traceback" not in result.output
+    assert [p.read_bytes() for p in copies(tmp_path)] == [good]  # the damaged one gone, the copy back
+    assert fixed_spec(tmp_path, path).key == key
+
+
+async def test_a_copy_gone_while_its_job_is_pending_stops_with_the_way_out(tmp_path, simulator):
+    from simruns import settings
+
+    from batchgen import app
+    from batchgen.runner import StopReason
+
+    api = await simulator()
+    make_image(tmp_path / "street.webp", 500, 400, "WEBP")
+    make_image(tmp_path / "lane.webp", 500, 400, "WEBP")
+    path = manifest(tmp_path, ["street.webp", "lane.webp"], model=DREAMINA, field="image_urls")
+
+    def opts(**kw):
+        return app.RunOptions(workdir=tmp_path / "jobs", manifest=path, fix=FixOptions(),
+                              target=app.Target(api_url=api.base_url, token="t"), settings=settings(**kw))
+
+    assert (await app.run(opts(max_jobs=1))).summary.submitted == 1
+    shutil.rmtree(tmp_path / "jobs" / "fixed")
+    # Resumed without the manifest: the copy cannot be sent, and nothing else is sent for it.
+    resumed = await app.run(replace(opts(max_jobs=1), manifest=None))
+    assert resumed.summary.stop_reason is StopReason.REFUSED and resumed.summary.submitted == 0
+    assert "a copy made by --fix-images, gone or changed since it was validated: batchgen run " in \
+        resumed.summary.stop_message
+    assert f"{path} --fix-images (with the --upscale or --fix-ratio it had) makes it again" in \
+        resumed.summary.stop_message
+    assert resumed.counts == {"fx": {"succeeded": 1, "pending": 1}} and api.calls["submit"] == 1
+    # The way out, as said: the manifest with --fix-images makes the copy again and sends the job.
+    again = await app.run(opts())
+    assert again.summary.submitted == 1 and again.counts == {"fx": {"succeeded": 2}}
+    assert api.calls["submit"] == 2
+
+
+def test_a_source_over_the_size_cap_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    make_image(tmp_path / "huge.webp", 400, 300, "WEBP")
+    monkeypatch.setattr(C, "MAX_FIX_SOURCE_BYTES", 1000)  # the image is a few KB
+    result = validate(manifest(tmp_path, ["huge.webp"]), "--fix")
+    assert result.exit_code == 2
+    assert ("m.yaml, line 4, field 'image': huge.webp: the file is over 1,000 bytes, more than batchgen reads "
+            "to fix an image; convert or scale it down yourself") in result.output
+    assert copies(tmp_path) == [] and "Traceback" not in result.output
+
+
+def test_without_fix_one_hint_line_counts_what_fix_would_fix(tmp_path):
+    make_image(tmp_path / "street.webp", 400, 300, "WEBP")
+    make_image(tmp_path / "small.png", 150, 100, "PNG")
+    make_image(tmp_path / "wide.png", 600, 200, "PNG")
+    make_image(tmp_path / "fine.png", 300, 300, "PNG")
+    path = manifest(tmp_path, ["street.webp", "small.png", "wide.png", "fine.png", "street.webp"])
+    result = validate(path)
+    assert result.exit_code == 2
+    lines = result.output.splitlines()
+    assert lines[0] == "error: 4 problems in the manifest; nothing was submitted"
+    assert lines[1] == "  m.yaml, line 4, field 'image': image is WEBP; JPEG, PNG (allowed: one of JPEG, PNG)"
+    assert lines[-1] == (f"hint: 3 image(s) can be fixed by copies: batchgen validate {path} --fix --upscale "
+                         "--fix-ratio pad (or --fix-ratio crop) shows what would change")
+    assert copies(tmp_path) == []  # nothing written without --fix
+    run = cli("run", str(path), "--simulate")
+    assert run.exit_code == 2 and run.output.splitlines()[-1] == lines[-1]
+    # Problems --fix cannot help with: no hint.
+    only = manifest(tmp_path, ["fine.png"])
+    only.write_text(only.read_text().replace("prompt: p0", "prompt: 5"))
+    result = validate(only)
+    assert result.exit_code == 2 and "hint:" not in result.output
+
+
+async def test_only_a_copy_batchgen_made_is_said_to_be_one(tmp_path):
+    from batchgen.inline import FileChecks, FileRef, FixedCopyError, InputFileError
+
+    own = tmp_path / "fixed" / "holiday.png"  # the user's own folder named fixed
+    copy = tmp_path / "jobs" / "fixed" / f"{'a' * 32}-{'b' * 32}.png"
+    for path, kind, said in ((own, InputFileError, "run validate again"),
+                             (copy, FixedCopyError, "a copy made by --fix-images")):
+        with pytest.raises(InputFileError) as err:
+            await FileChecks().verify(FileRef(str(path), "0" * 64, 10, "image/png"))
+        assert type(err.value) is kind and said in str(err.value)

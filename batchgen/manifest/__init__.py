@@ -30,16 +30,16 @@ from pathlib import Path
 from ..constants import DEFAULT_MAX_EXPAND
 from ..errors import ManifestError, Problem
 from ..jobkeys import canonical_json, job_key
-from .imagerefs import IMAGE_ALIASES, LIST_SEPARATOR, is_image_name, is_loopback_host
+from .imagerefs import IMAGE_ALIASES, LIST_SEPARATOR, FixedFile, is_image_name, is_loopback_host
 from .loader import TOP_KEYS, Manifest, batch_name_clash, batch_name_problem
 from .problems import ProblemLog
 from .spec import JobSpec
 from .templates import TemplateError, render, template_names
 
 __all__ = [
-    "IMAGE_ALIASES", "LIST_SEPARATOR", "TOP_KEYS", "JobSpec", "Manifest", "ProblemLog", "TemplateError",
-    "batch_name_clash", "batch_name_problem", "canonical_json", "is_image_name", "is_loopback_host", "job_key",
-    "load_manifest", "render", "template_names",
+    "IMAGE_ALIASES", "LIST_SEPARATOR", "TOP_KEYS", "FixedFile", "JobSpec", "Manifest", "ProblemLog",
+    "TemplateError", "batch_name_clash", "batch_name_problem", "canonical_json", "is_image_name",
+    "is_loopback_host", "job_key", "load_manifest", "render", "template_names",
 ]
 
 

@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -29,9 +30,23 @@ _LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 # What a reference becomes: (value to send, local file or None); a problem as a string; or None
 # to leave the value alone.
 Resolved = tuple[str, Path | None] | str | None
+
+
+@dataclass(frozen=True)
+class FixedFile:
+    """A compliant copy sent instead of a local file (fiximages.py), and what the job key counts
+    for it: the source's bytes and what was done to them, not the copy's bytes. A copy encoded
+    again (another Pillow or libjpeg, another machine, ``fixed/`` deleted) is then the same job,
+    never paid twice. What is sent is still checked byte for byte: the copy's own sha256 and size
+    are in its file reference, as for any local file (inline.py)."""
+
+    path: Path
+    key: str
+
+
 # The hook `validate --fix` sets (fiximages.ImageFixer): a local file sent inline and its field ->
-# the file to send instead (a compliant copy, or itself), or a problem as a string.
-Fixer = Callable[[Path, str], Path | str]
+# the file itself (it passes), a compliant copy to send instead, or a problem as a string.
+Fixer = Callable[[Path, str], Path | FixedFile | str]
 
 
 def is_image_name(name: str) -> bool:
@@ -118,19 +133,21 @@ class ImageRefs:
         url, path = res
         if path is None:
             return url, url, None, None
+        keyed = None
         if self.fixer is not None and url.startswith("file://"):  # sent inline: a copy may go instead
             fixed = self.fixer(path, field)
             if isinstance(fixed, str):
                 self.bad.add(url)
                 return url, url, None, fixed
-            path = fixed
+            if isinstance(fixed, FixedFile):
+                path, keyed = fixed.path, fixed.key
         facts = self.file_facts(path)
         if facts is None:
             self.bad.add(url)
             return url, "sha256:None", None, f"cannot read local file {ref}"
         if url.startswith("file://"):
             url = facts.uri  # sent inline at submit time; recorded with what it was when validated
-        return url, f"sha256:{facts.sha256}", str(path), None
+        return url, keyed or f"sha256:{facts.sha256}", str(path), None
 
     def resolve(self, ref: str, folder: Path) -> Resolved:
         """(value to send, local file or None), a problem as a string, or None to leave the value

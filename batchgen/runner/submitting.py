@@ -11,11 +11,12 @@ lets downloads wait for the submits claimed before them.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import time
 
 from .. import constants, crashpoints
 from ..errors import APIError, InsufficientBalanceError, RateLimitError, UsageError
-from ..inline import InlineBody, prepare_body
+from ..inline import FixedCopyError, InlineBody, prepare_body
 from ..retry import Call, Decision, classify
 from ..store import CANCELLED, FAILED, IN_QUEUE, PENDING, SUBMITTING, UNKNOWN, Job
 from .core import Fatal, RunCore
@@ -101,6 +102,10 @@ class Submitting(RunCore):
                     self._end_submitting(StopReason.DEADLINE, "deadline near: no more submits")
                     break
             if self.settings.max_jobs is not None and self._summary.submitted >= self.settings.max_jobs:
+                if self._submits:  # one may yet come back unsent (a 429, a missing copy): not counted then
+                    self._wake.clear()
+                    await self._nap(1.0)
+                    continue
                 self._end_submitting(StopReason.MAX_JOBS,
                                      f"--max-jobs {self.settings.max_jobs} reached; no more submits")
                 break
@@ -269,6 +274,9 @@ class Submitting(RunCore):
         elif isinstance(exc, APIError):
             self._api_answered()  # even if only to refuse
         try:
+            if isinstance(exc, FixedCopyError):
+                await self._copy_missing(job, exc)
+                return
             if decision is Decision.UNREACHABLE:
                 await self._unclaim(job, exc, f"API unreachable, waiting for it: {exc}")
                 self._emit("retry", job, f"API unreachable ({exc}); waiting for it")
@@ -341,6 +349,22 @@ class Submitting(RunCore):
             error_code=getattr(exc, "error_code", None), finished_at=None, detail=detail,
         )
         self._summary.submitted -= 1  # counts when it is created
+
+    async def _copy_missing(self, job: Job, exc: FixedCopyError) -> None:
+        """A fixed image copy is gone (fixed/ deleted, say): nothing was sent. The job goes back
+        to pending, not failed (a retry would meet the same file), and submits stop (the other
+        copies are likely gone too) with the one way out: the manifest run with --fix-images,
+        which makes the copy again and gives the pending jobs its file reference."""
+        first = self._stop_reason is None
+        self._end_submitting(StopReason.REFUSED, "no more submits: an image copy made by --fix-images is "
+                             "missing; finishing the jobs already submitted")
+        await self._unclaim(job, exc, f"not sent: {exc}")
+        if first:
+            manifest = next((b.manifest_path for b in await self.store.batches() if b.name == job.batch), None)
+            self._summary.stop_message = (
+                f"{exc}: batchgen run {shlex.quote(manifest or 'MANIFEST')} --fix-images (with the --upscale or "
+                "--fix-ratio it had) makes it again and sends the jobs waiting for it; they are still pending, "
+                "nothing of them was sent")
 
     async def _refused_like_every_job(self, job: Job, exc: BaseException) -> bool:
         """Whether this refusal is one every job meets (retry.RefusalStreak). Then submitting
