@@ -249,7 +249,10 @@ def _shared_store_options(store_url: str | None, outputs_dir: Path | None, accou
     runner/leasing.py), whichever command it is."""
     if store_url:
         if not store_url.startswith(("postgresql://", "postgres://")):
-            raise click.UsageError(f"--store {store_url!r}: expected a postgresql://user@host/db URL")
+            # Never the URL itself in the message: it may carry a password.
+            scheme = store_url.split("://", 1)[0] if "://" in store_url else ""
+            got = f"a URL starting {scheme}://" if scheme.isalnum() else "something else"
+            raise click.UsageError(f"--store: expected a postgresql://user@host/db URL, got {got}")
         os.environ[C.STORE_ENV] = store_url
     if outputs_dir is not None:
         os.environ[C.OUTPUTS_ENV] = str(outputs_dir.resolve())

@@ -107,16 +107,17 @@ async def test_the_account_cap_holds_across_runners(pair, pg_url):
     await add_jobs(a, "b", [Spec(f"k{i}", i) for i in range(50)])
     got = await asyncio.gather(*(s.claim_many(["b"], time.time(), 5) for s in (a, b, a, b)))
     assert sum(map(len, got)) == 8  # not 20: the other runner's claims count
-    claimed = [j for jobs in got for j in jobs]
-    job = claimed[0]
-    await a.transition(job, S.IN_QUEUE, request_id="r1")
+    # Each job moved by the runner that claimed it (a runner writes only its own jobs).
+    claimed = [(s, j) for s, jobs in zip((a, b, a, b), got, strict=True) for j in jobs]
+    owner, job = claimed[0]
+    await owner.transition(job, S.IN_QUEUE, request_id="r1")
     assert await b.claim_many(["b"], time.time(), 5) == []  # still at the provider
-    await a.transition(job, S.DOWNLOADING)
+    await owner.transition(job, S.DOWNLOADING)
     assert len(await b.claim_many(["b"], time.time(), 5)) == 1  # its slot is free
     # The provider said one finished: its slot is free before its result is recorded.
-    job = claimed[1]
-    await a.transition(job, S.IN_PROGRESS, request_id="r2")
-    await a.mark_freed(job)
+    owner, job = claimed[1]
+    await owner.transition(job, S.IN_PROGRESS, request_id="r2")
+    await owner.mark_freed(job)
     assert len(await b.claim_many(["b"], time.time(), 5)) == 1
     # Another API (another account) has its own count.
     other = await Store.open(pg_url, api="https://other.example/v1")
@@ -211,3 +212,43 @@ async def test_a_job_claimed_before_a_cancel_is_not_marked_sent_after_it(pair):
     assert await a.mark_sent(first)  # on its way before the cancel
     await b.request_cancel("b")  # another machine
     assert not await a.mark_sent(second)  # waited for its turn: must not go now
+
+
+async def test_a_runner_paused_past_its_lease_sends_and_records_nothing_another_holds(pair, pg_url):
+    # Money: runner A is paused (SIGSTOP, a laptop asleep) past its lease; B takes its unsent job
+    # back, claims it and sends it. A, resumed, must neither send it too nor undo B's claim.
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0), Spec("k1", 1)])
+    mine, also_mine = await a.claim_many(["b"], time.time(), 2)
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE runners SET expires_at = expires_at - 3600 WHERE id = %s", (a.runner_id,))
+    assert await b.reap(["b"]) == (2, 0)
+    (taken, _) = await b.claim_many(["b"], time.time(), 2)
+    assert await b.mark_sent(taken)
+    with pytest.raises(StoreError, match="lease expired"):
+        await a.mark_sent(mine)  # nothing goes on the wire
+    with pytest.raises(StoreError, match="lease expired"):
+        await a.transition(mine, S.PENDING, expect=(S.SUBMITTING,))  # A's drain leaves it alone
+    await b.transition(taken, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id="r-b")  # B's still works
+    jobs = {j.key: j for j in await b.jobs(["b"])}
+    assert jobs[taken.key].request_id == "r-b" and jobs[taken.key].state == S.IN_QUEUE
+
+
+async def test_leases_are_timed_by_the_database_clock_not_the_hosts(pair, monkeypatch):
+    # Two machines whose clocks disagree by an hour: neither reaps the other's live lease.
+    a, b = pair
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this host runs an hour ahead
+    assert await b.reap(None) == (0, 0)
+    assert await a.renew_lease() and await b.renew_lease()
+    assert await a.live_runners() == 2
+
+
+def test_a_store_url_password_never_reaches_a_message():
+    from batchgen.store.postgres import redact, scrub
+
+    url = "postgresql://bg:S3cret%zzPW@db.example/rv"
+    assert "S3cret" not in redact(url)
+    assert "S3cret" not in scrub('invalid percent-encoded token: "S3cret%zzPW"', url)
+    assert scrub("connection refused", url) == "connection refused"

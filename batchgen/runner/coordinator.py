@@ -30,6 +30,7 @@ import aiohttp
 from .. import constants
 from ..client import RunComfyClient
 from ..durability import Flusher
+from ..errors import StoreError
 from ..inline import FileChecks
 from ..limits import AdaptiveCap, Budget, Slots, TokenBucket
 from ..outputhosts import OutputHosts
@@ -37,6 +38,7 @@ from ..retry import Outage, RefusalStreak
 from ..store import PENDING, SUBMITTING, Job, Store
 from .cancelling import Cancelling
 from .collecting import Collecting
+from .core import log
 from .events import EventSink, RunSummary, StopReason
 from .polling import Polling
 from .recovery import Recovery
@@ -211,8 +213,14 @@ class Runner(Submitting, Polling, Collecting, Recovery, Cancelling):
             await asyncio.gather(*self._submits, return_exceptions=True)
         for job in list(self.gate.unsent.values()):
             # Claimed, never sent: certainly not at the provider, so simply pending again.
-            await self.store.transition(job, PENDING, expect=(SUBMITTING,),
-                                        attempts=max(0, job.attempts - 1), detail="claimed but not sent")
+            try:
+                await self.store.transition(job, PENDING, expect=(SUBMITTING,),
+                                            attempts=max(0, job.attempts - 1), detail="claimed but not sent")
+            except StoreError as exc:
+                # Not ours any more (a shared store gave it to another runner after this one's
+                # lease expired): theirs to send; the others are still put back.
+                log.warning("job %s left as it is: %s", job.key, exc)
+                self._stop_on_error(exc)
             self.gate.unsent.pop(job.id, None)
         self.gate.open()
         for task in list(self._tasks):

@@ -238,8 +238,10 @@ class Submitting(RunCore):
         self._api_answered()
         # The request id is the only handle on a paid job: it is committed even if we are
         # cancelled right now (the next run then follows the job).
+        # UNKNOWN too: on a shared store, a runner paused past its lease mid-submit finds its job
+        # made unknown by the others; the answer in hand is better than "unknown".
         await self.store.transition(
-            job, IN_QUEUE, expect=(SUBMITTING,), request_id=request_id, submitted_at=now,
+            job, IN_QUEUE, expect=(SUBMITTING, UNKNOWN), request_id=request_id, submitted_at=now,
             error=None, error_code=None, not_before=None, detail=f"request {request_id}", shield=True,
         )
         if self.cap.on_success():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import time
 import uuid
@@ -27,6 +28,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import psycopg
 
@@ -42,10 +44,17 @@ CHANNEL = "batchgen"
 # A runner's lease: renewed every LEASE_RENEW seconds, lost LEASE_TTL seconds after its last renewal.
 LEASE_RENEW = 2.0
 LEASE_TTL = 10.0
+# Leases are written and compared on the database's clock, never a host's: machines whose clocks
+# disagree by more than the TTL would otherwise reap each other's live leases.
+_DB_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 # Advisory lock key of lease reaping (one reaper at a time); account locks hash the API.
 _REAP_LOCK = 0x62677270  # "bgrp"
 # Jobs at the provider for the account cap: claimed (about to be sent) or there.
 _AT_PROVIDER = (SUBMITTING, *REMOTE_ACTIVE)
+
+
+class LeaseLost(StoreError):
+    """This runner's lease expired while it was alive: other runners may hold its jobs now."""
 
 
 def redact(url: str) -> str:
@@ -55,6 +64,19 @@ def redact(url: str) -> str:
     except psycopg.Error:
         return "the PostgreSQL store"
     return f"postgresql://{info.get('user', '')}@{info.get('host', '')}/{info.get('dbname', '')}"
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's message about ``url``) without the URL's password, as written or
+    decoded: libpq quotes the piece of a URL it cannot parse."""
+    found = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:([^@/]*)@", url)
+    if not found or not found.group(1):
+        return text
+    for secret in {found.group(1), unquote(found.group(1))}:
+        for piece in {secret, *secret.split("%")}:
+            if len(piece) >= 3:
+                text = text.replace(piece, "***")
+    return text
 
 
 def account_lock_key(api: str) -> int:
@@ -94,7 +116,7 @@ class PostgresStore(SqliteStore):
         try:
             w, r = await asyncio.to_thread(connect)
         except psycopg.Error as exc:
-            raise StoreError(f"cannot open the store {redact(url)}: {exc}".strip()) from exc
+            raise StoreError(f"cannot open the store {redact(url)}: {scrub(str(exc), url)}".strip()) from None
         return cls(AsyncConn(SyncConn(r), asyncio.Lock()), url, PgEngine(w), api)
 
     async def close(self) -> None:
@@ -186,10 +208,9 @@ class PostgresStore(SqliteStore):
     async def register_runner(self) -> str:
         """Start this process's lease; its id names the jobs it claims from now on."""
         rid = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        now = time.time()
         await self._engine.write(lambda c: c.execute(
-            "INSERT INTO runners (id, host, pid, started_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-            (rid, socket.gethostname(), os.getpid(), now, now + LEASE_TTL)))
+            f"INSERT INTO runners (id, host, pid, started_at, expires_at) VALUES (?, ?, ?, {_DB_NOW}, {_DB_NOW} + ?)",
+            (rid, socket.gethostname(), os.getpid(), LEASE_TTL)))
         self.runner_id = rid
         return rid
 
@@ -197,7 +218,8 @@ class PostgresStore(SqliteStore):
         """Push this runner's expiry on; False if the lease was lost (expired and reaped)."""
         rid = self.runner_id
         n = await self._engine.write(lambda c: c.execute(
-            "UPDATE runners SET expires_at = ? WHERE id = ?", (time.time() + LEASE_TTL, rid)).rowcount)
+            f"UPDATE runners SET expires_at = {_DB_NOW} + ? WHERE id = ? AND expires_at > {_DB_NOW}",
+            (LEASE_TTL, rid)).rowcount)
         return bool(n)
 
     async def end_lease(self) -> None:
@@ -212,18 +234,54 @@ class PostgresStore(SqliteStore):
         self.runner_id = None
 
     async def live_runners(self) -> int:
-        rows = await self._db.execute_fetchall("SELECT COUNT(*) FROM runners WHERE expires_at > ?", (time.time(),))
+        rows = await self._db.execute_fetchall(f"SELECT COUNT(*) FROM runners WHERE expires_at > {_DB_NOW}", ())
         return int(rows[0][0])
 
     async def mark_sent(self, job: Job) -> bool:
         """``job``'s submit is about to reach the wire: if this runner dies from here on, the job
         becomes unknown rather than pending. False (nothing marked): its batch was cancelled
-        since it was claimed, and it must not be sent."""
+        since it was claimed, and it must not be sent. Raises LeaseLost if this runner no longer
+        holds the job under a live lease (it was paused past its lease, and another runner may
+        have the job now): sending it could pay for it twice."""
         now = time.time()
-        n = await self._engine.write(lambda c: c.execute(
-            f"UPDATE jobs SET sent_at = ? WHERE id = ? AND state = 'submitting' AND {NOT_CANCELLED}",
-            (now, job.id)).rowcount)
-        return bool(n)
+        rid = self.runner_id
+
+        def apply(c: SyncConn) -> int:
+            row = c.execute(f"SELECT runner_id, expires_at > {_DB_NOW} FROM jobs LEFT JOIN runners "
+                            "ON runners.id = jobs.runner_id WHERE jobs.id = ? FOR UPDATE OF jobs",
+                            (job.id,)).fetchone()
+            if row is None or row[0] != rid or not row[1]:
+                raise LeaseLost("this runner's lease expired (it was paused or cut off from the store for "
+                                f"over {LEASE_TTL:g} s) and its jobs went to other runners; nothing more is "
+                                "sent from here: run again to join the others")
+            return int(c.execute(
+                f"UPDATE jobs SET sent_at = ? WHERE id = ? AND state = 'submitting' AND {NOT_CANCELLED}",
+                (now, job.id)).rowcount)
+
+        return bool(await self._engine.write(apply))
+
+    async def transition(self, job: Job, state: str, **kw: Any) -> None:
+        try:
+            await super().transition(job, state, **kw)
+        except StoreError:
+            if self.runner_id is not None and not await self._lease_alive():
+                raise LeaseLost(f"this runner's lease expired (it was paused or cut off from the store for "
+                                f"over {LEASE_TTL:g} s) and its jobs went to other runners: run again to "
+                                "join them") from None
+            raise
+
+    async def _lease_alive(self) -> bool:
+        rows = await self._db.execute_fetchall(
+            f"SELECT expires_at > {_DB_NOW} FROM runners WHERE id = ?", (self.runner_id,))
+        return bool(rows and rows[0][0])
+
+    def owner_clause(self) -> tuple[str, tuple[Any, ...]]:
+        # A runner's writes touch only jobs it holds, or that no runner holds (a command's, or one
+        # taken back from a dead runner): a runner paused past its lease cannot undo or record
+        # over the jobs another runner has taken since.
+        if self.runner_id is None:
+            return "", ()
+        return " AND (runner_id = ? OR runner_id IS NULL)", (self.runner_id,)
 
     async def mark_freed(self, job: Job) -> None:
         """The provider finished ``job`` (its slot is free): the account's count leaves it out."""
@@ -243,20 +301,20 @@ class PostgresStore(SqliteStore):
             if not row or not row[0]:
                 return 0, 0
             # A job claimed without a lease (runner_id NULL) has no runner alive to answer for it.
-            dead = "(SELECT id FROM runners WHERE expires_at < ?) OR runner_id IS NULL"
+            dead = f"(SELECT id FROM runners WHERE expires_at < {_DB_NOW}) OR runner_id IS NULL"
             back = c.execute(
                 f"UPDATE jobs SET state = 'pending', attempts = GREATEST(attempts - 1, 0), updated_at = ?, "
                 f"detail = 'claimed by a runner that died before sending it', runner_id = NULL "
-                f"WHERE state = 'submitting' AND sent_at IS NULL AND (runner_id IN {dead})", (now, now)).rowcount
+                f"WHERE state = 'submitting' AND sent_at IS NULL AND (runner_id IN {dead})", (now,)).rowcount
             lost = c.execute(
                 f"UPDATE jobs SET state = 'unknown', updated_at = ?, "
                 f"detail = 'its runner died between submit and its answer; outcome unknown', "
                 f"error = 'the runner submitting this job died: it may or may not exist (and be billed) "
                 f"at the provider', runner_id = NULL "
-                f"WHERE state = 'submitting' AND (runner_id IN {dead})", (now, now)).rowcount
+                f"WHERE state = 'submitting' AND (runner_id IN {dead})", (now,)).rowcount
             c.execute("UPDATE jobs SET runner_id = NULL WHERE runner_id IN "
-                      "(SELECT id FROM runners WHERE expires_at < ?)", (now,))
-            c.execute("DELETE FROM runners WHERE expires_at < ?", (now,))
+                      f"(SELECT id FROM runners WHERE expires_at < {_DB_NOW})", ())
+            c.execute(f"DELETE FROM runners WHERE expires_at < {_DB_NOW}", ())
             if back:
                 c.execute(f"NOTIFY {CHANNEL}, 'work'")
             return back, lost

@@ -28,6 +28,11 @@ class Transitions:
     _engine: GroupCommit
     api: str | None
 
+    def owner_clause(self) -> tuple[str, tuple[Any, ...]]:
+        """SQL (and its parameters) a runner's transition adds to say the job is still its own:
+        nothing on SQLite, where the work-directory lock makes one runner (PostgresStore: leases)."""
+        return "", ()
+
     async def claim_many(self, batches: Sequence[str] | None, now: float, limit: int) -> list[Job]:
         """Like claim_pending for up to ``limit`` jobs at once, in manifest order. One statement
         (UPDATE … RETURNING): atomic, and one round trip however many slots just came free."""
@@ -60,6 +65,9 @@ class Transitions:
             raise ValueError(f"not settable: {sorted(set(fields) - SETTABLE)}")
         now = time.time()
         sql, params = transition_sql(job.id, state, now, detail, fields, expect)
+        owned, owner = self.owner_clause()
+        if owned:
+            sql, params = sql + owned, [*params, *owner]
         # One statement; the jobs_history trigger appends the history row in the same statement.
         what = (f"recording job {job.key} as {state}" + (f" ({detail})" if detail else "")) if shield else None
         await self._engine.write(lambda conn: apply_transition(conn, job.key, job.id, sql, params, expect), what)
