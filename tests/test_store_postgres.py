@@ -252,3 +252,22 @@ def test_a_store_url_password_never_reaches_a_message():
     assert "S3cret" not in redact(url)
     assert "S3cret" not in scrub('invalid percent-encoded token: "S3cret%zzPW"', url)
     assert scrub("connection refused", url) == "connection refused"
+
+
+async def test_jobs_no_live_runner_holds_do_not_hold_the_accounts_slots(pair, pg_url):
+    # A runner of batch "a" fills the account's cap and is killed; nobody runs "a" again. The
+    # runners of batch "b" must not wait for those slots forever.
+    dead, live = pair
+    dead.account_cap = live.account_cap = 4
+    for name in ("a", "b"):
+        await dead.upsert_batch(name, "m/x", None, {})
+    await add_jobs(dead, "a", [Spec(f"a{i}", i) for i in range(4)])
+    await add_jobs(dead, "b", [Spec(f"b{i}", i) for i in range(4)])
+    for job in await dead.claim_many(["a"], time.time(), 4):
+        await dead.mark_sent(job)
+        await dead.transition(job, S.IN_QUEUE, request_id=f"r-{job.key}")
+    assert await live.claim_many(["b"], time.time(), 4) == []  # a live runner's: they count
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE runners SET expires_at = expires_at - 3600 WHERE id = %s", (dead.runner_id,))
+    await live.reap(["b"])
+    assert len(await live.claim_many(["b"], time.time(), 4)) == 4

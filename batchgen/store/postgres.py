@@ -184,8 +184,14 @@ class PostgresStore(SqliteStore):
             if cap is not None:
                 conn.execute("SELECT pg_advisory_xact_lock(?)", (account_lock_key(api or ""),))
                 marks = ", ".join("?" * len(_AT_PROVIDER))
+                # Only jobs a live runner holds: one left by a runner that died or stopped, in a
+                # batch no runner is running now, would otherwise hold its slot for good (and
+                # the runners of other batches would wait forever). At worst such a job still
+                # runs at the provider, which then queues one more: a wait, never a payment.
                 row = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND freed_at IS NULL "
-                                   "AND api IS NOT DISTINCT FROM ?", (*_AT_PROVIDER, api)).fetchone()
+                                   "AND api IS NOT DISTINCT FROM ? AND runner_id IN "
+                                   f"(SELECT id FROM runners WHERE expires_at > {_DB_NOW})",
+                                   (*_AT_PROVIDER, api)).fetchone()
                 n = min(n, cap - int(row[0] if row else 0))
                 if n <= 0:
                     return []
@@ -194,7 +200,7 @@ class PostgresStore(SqliteStore):
         rows = await self._engine.write(apply)
         if not rows and cap is not None:
             # Full at the provider: the next try waits a moment (or a NOTIFY), not a busy loop.
-            self._account_full_until = time.time() + 0.05
+            self._account_full_until = time.time() + 0.1
         return sorted((Job.from_row(r) for r in rows), key=lambda j: j.seq)
 
     async def next_pending_at(self, batches: Sequence[str] | None) -> float | None:
