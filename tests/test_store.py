@@ -179,3 +179,15 @@ async def test_an_output_name_is_fixed_when_the_job_is_first_recorded(store):
     assert (await store.job(jobs[0].id)).output_name == "fox_1"
     assert await store.output_names("b") == {"k1": "fox_1", "k2": None, "k3": "new_one"}
     assert await store.output_names("other") == {}
+
+
+async def test_the_latest_success_elsewhere_is_found_on_either_backend(store):
+    # PostgreSQL sorts NULLs last and SQLite first: a success with no finish time recorded must
+    # not win over the latest finished one on either (it is what --reuse links).
+    for i, (batch, finished) in enumerate([("old", 5.0), ("none", None), ("new", 9.0)]):
+        await store.upsert_batch(batch, "m/x", None, {})
+        await add_jobs(store, batch, [Spec("k", 0)])
+        (job,) = await store.jobs([batch])
+        await store.transition(job, S.SUCCEEDED, request_id=f"r{i}", finished_at=finished)
+    found = await store.succeeded_elsewhere("b", ["k"])
+    assert found["k"].batch == "new"

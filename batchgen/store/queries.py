@@ -212,9 +212,12 @@ class StoreReads:
         found: dict[str, Job] = {}
         for i in range(0, len(keys), 500):
             part = list(keys[i:i + 500])
+            # NULLs first on both backends (PostgreSQL sorts them last by default, SQLite first),
+            # so that the latest finished one wins on either.
             rows = await self._db.execute_fetchall(
                 f"SELECT {JOB_COLUMNS} FROM jobs WHERE key IN ({', '.join('?' * len(part))}) "
-                "AND batch != ? AND state = 'succeeded' ORDER BY finished_at", (*part, batch))
+                "AND batch != ? AND state = 'succeeded' ORDER BY finished_at IS NOT NULL, finished_at",
+                (*part, batch))
             found.update((job.key, job) for job in map(Job.from_row, rows))
         return found
 
