@@ -46,6 +46,11 @@ class StoreError(BatchgenError):
     """The SQLite store cannot be opened, migrated or written."""
 
 
+class LeaseLost(StoreError):
+    """A shared store: this runner's lease expired while it was alive (paused, or cut off from
+    the database, past its TTL); other runners may hold its jobs now, so it must act on none."""
+
+
 class LockedError(StoreError):
     """Another batchgen run holds the work directory."""
 

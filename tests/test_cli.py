@@ -386,6 +386,7 @@ _STOP_EXITS = {
     StopReason.OUTAGE: (_LEFT, cli_module.EXIT_INTERRUPTED),
     StopReason.CANCELLED: ({"b": {"succeeded": 2, "cancelled": 3}}, cli_module.EXIT_JOBS_FAILED),
     StopReason.ERROR: (_LEFT, cli_module.EXIT_INTERRUPTED),  # raised as well: the CLI shows that error
+    StopReason.LEASE_LOST: (_LEFT, cli_module.EXIT_INTERRUPTED),  # run again: it joins the other runners
 }
 
 

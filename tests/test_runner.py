@@ -655,7 +655,8 @@ async def test_the_learned_cap_is_stored_and_the_next_run_starts_there(simulator
 def test_every_stop_says_whether_running_again_goes_on():
     # One list of stop words: the CLI's exit code reads it instead of keeping its own copy.
     assert {r for r in StopReason if r.resumable} == {
-        StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.MAX_JOBS, StopReason.BUDGET, StopReason.ERROR}
+        StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.MAX_JOBS, StopReason.BUDGET, StopReason.ERROR,
+        StopReason.LEASE_LOST}
     assert StopReason.BUDGET == "budget" and f"{StopReason.MAX_JOBS}" == "max_jobs"
 
 

@@ -187,3 +187,48 @@ async def test_the_store_and_outputs_can_come_from_batchgen_toml(tmp_path, simul
     assert not (work / "batchgen.sqlite3").exists()  # nothing went to the work directory's store
     async with await Store.open(pg_url) as store:
         assert (await store.counts(["conf"]))["conf"] == {S.SUCCEEDED: 3}
+
+
+@pytest.mark.timeout(300)
+async def test_a_runner_paused_past_its_lease_stops_on_waking_and_no_job_is_paid_twice(tmp_path, simulator, pg_url):
+    # A laptop lid closed, a VM frozen: SIGSTOP past the lease's TTL. The other runner takes
+    # its jobs; on waking, the paused one must send and record nothing of them, and stop
+    # (exit 3: running again joins the others).
+    from batchgen.store.postgres import LEASE_TTL
+
+    cap = 8
+    sim = await simulator(concurrency=cap, duration=1.5)
+    manifest = image_manifest(tmp_path, sim, "lid", 160)
+    outputs = tmp_path / "out"
+    procs = [await _batchgen(pg_url, outputs, "--account-concurrency", str(cap), "run", str(manifest),
+                             "--api-url", sim.base_url, "--workdir", str(tmp_path / f"w{i}"),
+                             "--concurrency", str(cap), "-q") for i in range(2)]
+    try:
+        await _until(lambda: len(sim.requests()["requests"]) >= 2 * cap, 120, "two waves of submits")
+        procs[0].send_signal(signal.SIGSTOP)
+        await asyncio.sleep(LEASE_TTL + 4)
+        procs[0].send_signal(signal.SIGCONT)
+        results = await _reap(procs)
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                await p.wait()
+    (paused, paused_err), (other, other_err) = results
+    assert paused == 3, paused_err
+    assert "lease" in paused_err and "Traceback" not in paused_err, paused_err
+    assert other in (0, 1), other_err
+    sent = Counter(r["input"]["seed"] for r in sim.requests()["requests"])
+    assert max(sent.values()) == 1  # never paid twice
+    async with await Store.open(pg_url) as store:
+        counts = (await store.counts(["lid"]))["lid"]
+        assert counts.get(S.SUCCEEDED, 0) + counts.get(S.UNKNOWN, 0) == 160, counts
+        assert counts.get(S.UNKNOWN, 0) <= cap  # at most what the paused runner had on the wire
+        by_id = {r["request_id"]: r for r in sim.requests()["requests"]}
+        for job in await store.jobs(["lid"]):
+            if job.state == S.SUCCEEDED:
+                assert by_id[job.request_id]["input"]["seed"] == job.inputs["seed"]
+                for o in await store.outputs(job.id):
+                    assert hashlib.sha256((outputs / o.path).read_bytes()).hexdigest() == o.sha256
+        assert await store.live_runners() == 0

@@ -14,7 +14,7 @@ import aiohttp
 
 from ..client import RunComfyClient
 from ..durability import Flusher
-from ..errors import StoreError
+from ..errors import LeaseLost, StoreError
 from ..inline import FileChecks
 from ..limits import AdaptiveCap, Budget, Slots
 from ..outputhosts import OutputHosts
@@ -120,6 +120,11 @@ class RunCore:
     def _stop_on_error(self, exc: BaseException, *, over: bool = False) -> None:
         """Stop now, and raise ``exc`` at the end of the run: unless an error came first and
         ``over`` is false (the first error met is the one worth reading)."""
+        if isinstance(exc, LeaseLost):
+            # Not a failure to show: the other runners hold this one's jobs; running again joins them.
+            log.error("%s", exc)
+            self.stop(StopReason.LEASE_LOST)
+            return
         if over or self._error is None:
             self._error = exc
         self.stop(StopReason.ERROR)

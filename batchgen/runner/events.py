@@ -23,13 +23,16 @@ class StopReason(enum.StrEnum):
     OUTAGE = "outage"  # the API unreachable for longer than --outage-budget
     CANCELLED = "cancelled"  # `batchgen cancel` of every batch of the run
     ERROR = "error"  # a store or disk failure, or a bug: the run raises it
+    # A shared store: this runner's lease expired while it lived (paused, cut off from the
+    # database); the others took its jobs. Running again joins them.
+    LEASE_LOST = "lease_lost"
 
     @property
     def resumable(self) -> bool:
         """Whether running the same command again simply goes on (the stop was the run's own
         limit or the user's wish, not something to fix first)."""
         return self in (StopReason.INTERRUPTED, StopReason.DEADLINE, StopReason.MAX_JOBS,
-                        StopReason.BUDGET, StopReason.ERROR)
+                        StopReason.BUDGET, StopReason.ERROR, StopReason.LEASE_LOST)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..store import Job
+from .events import StopReason
 
 if TYPE_CHECKING:
     from ..store.postgres import PostgresStore
@@ -105,7 +106,7 @@ class Lease:
                     # Expired and reaped (a machine frozen past its TTL): its jobs were taken
                     # back, so this run must not go on with them.
                     log.error("this runner's lease expired; stopping")
-                    self.runner.stop()
+                    self.runner.stop(StopReason.LEASE_LOST)
                     return
                 await self._share_rate()
                 # A run that is ending adopts nothing: no loop would follow what it took.

@@ -15,7 +15,7 @@ import shlex
 import time
 
 from .. import constants, crashpoints
-from ..errors import APIError, InsufficientBalanceError, RateLimitError, UsageError
+from ..errors import APIError, InsufficientBalanceError, LeaseLost, RateLimitError, UsageError
 from ..inline import FixedCopyError, InlineBody, prepare_body
 from ..retry import Call, Decision, classify
 from ..store import CANCELLED, FAILED, IN_QUEUE, PENDING, SUBMITTING, UNKNOWN, Job
@@ -213,9 +213,18 @@ class Submitting(RunCore):
         # A shared store: the mark that the job is on its way (a runner dying from here on
         # leaves it unknown), refused if its batch was cancelled meanwhile: a cancel stops even
         # the jobs waiting for their turn.
-        if self.lease is not None and not await self.lease.sent(job):
-            await asyncio.shield(self._cancelled_unsent(job))
-            return
+        if self.lease is not None:
+            try:
+                ours = await self.lease.sent(job)
+            except LeaseLost:
+                # Another runner holds it now (this one was paused past its lease): theirs to
+                # send; nothing more goes from here.
+                self._not_sent(job)
+                self.stop(StopReason.LEASE_LOST)
+                return
+            if not ours:
+                await asyncio.shield(self._cancelled_unsent(job))
+                return
         try:
             sub = await self.client.submit(job.model_id, job.inputs if body is None else body, paced=False)
         except (APIError, UsageError) as exc:

@@ -33,7 +33,7 @@ from urllib.parse import unquote
 import psycopg
 
 from ..constants import SHARED_STORE_MARK
-from ..errors import StoreError
+from ..errors import LeaseLost, StoreError
 from ..pgmigrations import pg_migrate
 from .models import DOWNLOADING, FOLLOWED, PENDING, REMOTE_ACTIVE, SUBMITTING, UNKNOWN, Job
 from .pgconn import AsyncConn, PgEngine, SyncConn
@@ -51,10 +51,6 @@ _DB_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 _REAP_LOCK = 0x62677270  # "bgrp"
 # Jobs at the provider for the account cap: claimed (about to be sent) or there.
 _AT_PROVIDER = (SUBMITTING, *REMOTE_ACTIVE)
-
-
-class LeaseLost(StoreError):
-    """This runner's lease expired while it was alive: other runners may hold its jobs now."""
 
 
 def redact(url: str) -> str:
