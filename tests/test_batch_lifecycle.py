@@ -166,7 +166,7 @@ def _cli(*args: str):
 def test_a_job_left_out_of_the_manifest_is_retired(samples):
     manifest = _manifest(samples / "night.yaml", [1, 2, 3])
     first = _cli("run", str(manifest), "--simulate", "-c", "1", "--sim-fault", "script.submit=ok,fail")
-    assert first.exit_code == 1 and "1 failed" in first.output
+    assert first.exit_code == 1 and "1 failed" in first.output, first.output
     _manifest(manifest, [1, 3, 4])  # the failed one (seed 2) is dropped, seed 4 added
     again = _cli("run", str(manifest), "--simulate")
     # The failed job is neither submitted again nor counted: the batch is what the manifest says.
