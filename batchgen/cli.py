@@ -36,7 +36,7 @@ from .errors import (
 from .progress import LineLog, Panel, RepeatedNotices, stderr_is_tty
 from .runner import Event, RunSettings, RunSummary, StopReason
 from .text import printable
-from .workdir import outputs_root, realm
+from .workdir import outputs_root, realm, shared_store
 
 # Exit codes, documented in README.md. Cron wrappers branch on these.
 EXIT_OK = 0  # every job of the batch succeeded
@@ -479,6 +479,13 @@ def _tune_gc() -> None:
 def _execute_run(kw: dict[str, Any], **opts_kw: Any) -> None:
     _apply_config(kw)
     _setup_logging(kw["verbose"], kw["quiet"])
+    if shared_store() is not None and not os.environ.get(C.OUTPUTS_ENV):
+        # Each runner would keep its files on its own disk: the store would record paths that
+        # report and gallery on every other machine cannot open.
+        where = outputs_root(realm(kw["workdir"], kw["simulate"])).resolve()
+        click.echo(f"warning: a shared store (--store) with outputs in this machine's work directory "
+                   f"({printable(str(where))}): other machines' report and gallery will not find them; "
+                   "pass --outputs DIR, a folder every runner mounts", err=True)
     max_runtime, job_timeout, outage = kw["max_runtime"], kw["job_timeout"], kw["outage_budget"]
     auto, concurrency = _concurrency(kw["concurrency"])
     settings = RunSettings(

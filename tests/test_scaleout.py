@@ -232,3 +232,22 @@ async def test_a_runner_paused_past_its_lease_stops_on_waking_and_no_job_is_paid
                 for o in await store.outputs(job.id):
                     assert hashlib.sha256((outputs / o.path).read_bytes()).hexdigest() == o.sha256
         assert await store.live_runners() == 0
+
+
+async def test_a_shared_store_without_outputs_warns_that_other_machines_will_not_see_the_files(
+        tmp_path, simulator, pg_url):
+    sim = await simulator(concurrency=4, duration=0.05)
+    manifest = image_manifest(tmp_path, sim, "local", 2)
+    env = {k: v for k, v in _env().items() if k != "BATCHGEN_OUTPUTS"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchgen.cli", "--store", pg_url, "run", str(manifest), "--api-url", sim.base_url,
+        "--workdir", str(tmp_path / "w"), "-q", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert f"warning: a shared store (--store) with outputs in this machine's work directory ({tmp_path / 'w'})" \
+        in err.decode()
+    assert "pass --outputs DIR" in err.decode()
+    # With --outputs, nothing to warn about.
+    code, out = await _cli(pg_url, tmp_path / "shared", "run", str(manifest), "--api-url", sim.base_url,
+                           "--workdir", str(tmp_path / "w"), "-q")
+    assert code == 0 and "warning" not in out, out
