@@ -1085,11 +1085,11 @@ def report(batch: str, out: str, fmt: str | None, workdir: Path, simulated: bool
 async def _write_report(workdir: Path, batch: str, out: Path | None, fmt: str | None,
                         simulated: bool | None) -> tuple[dict[str, int], bool]:
     from .app import find_batch
-    from .report import report_chunks, report_format, stream_report  # pandas is slow to import: only here
+    from .report import report_format, report_tables, stream_report  # only here: the report's modules
 
     report_format(out, fmt)  # a wrong format fails before the store is read
     _, sim = await find_batch(workdir, batch, simulated)
-    return await stream_report(report_chunks(workdir, batch, sim), out, fmt), sim
+    return await stream_report(report_tables(workdir, batch, sim), out, fmt), sim
 
 
 @main.command()

@@ -5,6 +5,7 @@ the group commit in test_store_engine.py, migrations in test_migrations.py."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from batchgen import store as S
 from batchgen.errors import StoreError
 from batchgen.store import Store
 from batchgen.store import sqlite as sqlite_store
+from batchgen.store.sql import REPORT_COLUMNS
 
 
 async def test_add_jobs_is_idempotent(store):
@@ -191,3 +193,29 @@ async def test_the_latest_success_elsewhere_is_found_on_either_backend(store):
         await store.transition(job, S.SUCCEEDED, request_id=f"r{i}", finished_at=finished)
     found = await store.succeeded_elsewhere("b", ["k"])
     assert found["k"].batch == "new"
+
+
+async def test_report_rows_are_the_jobs_and_outputs_a_report_reads(store):
+    """iter_report_rows (the report's read, no Job objects) holds what iter_jobs_with_outputs
+    does, in the same order and chunks, on either backend."""
+    await store.upsert_batch("b", "m/x", None, {})
+    await add_jobs(store, "b", [Spec("k2", 2, inputs={"prompt": "two", "seed": 7}), Spec("k0", 0),
+                                Spec("k1", 1, meta={"matrix": {"seed": 1}})])
+    done = await claim_one(store, ["b"], now=0)
+    await store.transition(done, S.IN_QUEUE, request_id="r")
+    await store.record_result(done, [("video", "http://h/a.mp4"), ("video", "http://h/b.mp4")], cost=0.1,
+                              finished_at=5.0)
+    first, _ = await store.outputs(done.id)
+    await store.output_downloaded(first, "b/k0/output.mp4", 10, "ab" * 32)
+    columns = [c.strip() for c in REPORT_COLUMNS.split(",")]
+    chunks = [part async for part in store.iter_report_rows("b", chunk=2)]
+    expected = [part async for part in store.iter_jobs_with_outputs("b", chunk=2)]
+    assert [len(rows) for rows, _ in chunks] == [len(part) for part in expected] == [2, 1]
+    for (rows, outputs), part in zip(chunks, expected, strict=True):
+        for row, (job, outs) in zip(rows, part, strict=True):
+            got = dict(zip(columns, row, strict=True))
+            assert {c: getattr(job, c) for c in columns if not c.endswith("_json")} == {
+                c: v for c, v in got.items() if not c.endswith("_json")}
+            assert (json.loads(got["inputs_json"]), json.loads(got["meta_json"])) == (job.inputs, job.meta)
+            assert outputs.get(job.id, []) == [(o.path, o.size, o.sha256) for o in outs]
+    assert chunks[0][1][done.id] == [("b/k0/output.mp4", 10, "ab" * 32), (None, None, None)]

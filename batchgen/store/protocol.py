@@ -251,6 +251,13 @@ class Store(Protocol):
         time: the one batch-wide read of reports and galleries (memory: one chunk)."""
         ...
 
+    def iter_report_rows(
+        self, batch: str, chunk: int = 2000
+    ) -> AsyncIterator[tuple[list[tuple[Any, ...]], dict[int, list[tuple[Any, ...]]]]]:
+        """``batch``'s jobs (retired too) in manifest order as rows of sql.REPORT_COLUMNS,
+        ``chunk`` at a time, with {job id: its outputs as (path, size, sha256)}: a report's read."""
+        ...
+
     async def outputs(self, job_id: int) -> list[Output]:
         """A job's outputs by index."""
         ...

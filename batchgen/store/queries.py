@@ -11,7 +11,7 @@ import aiosqlite
 
 from ..errors import StoreError
 from .models import CANCELLED, FAILED, OVERDUE, PENDING, TIMED_OUT, UNKNOWN, Attempt, Batch, Job, Output
-from .sql import JOB_COLUMNS, NOT_CANCELLED, UNSYNCED_BATCHES_SQL, UNSYNCED_SQL, filters
+from .sql import JOB_COLUMNS, NOT_CANCELLED, REPORT_COLUMNS, UNSYNCED_BATCHES_SQL, UNSYNCED_SQL, filters
 
 
 class StoreReads:
@@ -98,6 +98,26 @@ class StoreReads:
                     for r in await cur.fetchall():
                         found[r[0]].append(Output(*r))
                 yield [(job, found[job.id]) for job in jobs]
+
+    async def iter_report_rows(
+        self, batch: str, chunk: int = 2000
+    ) -> AsyncIterator[tuple[list[tuple[Any, ...]], dict[int, list[tuple[Any, ...]]]]]:
+        """``batch``'s jobs in manifest order as rows of REPORT_COLUMNS, ``chunk`` at a time, each
+        chunk with {job id: its outputs as (path, size, sha256), by index} (jobs without any are
+        absent): iter_jobs_with_outputs without the Job and Output objects, for reports."""
+        async with self._db.execute(
+            f"SELECT {REPORT_COLUMNS} FROM jobs WHERE batch = ? ORDER BY seq, id", (batch,)
+        ) as jobs_cur:
+            while rows := await jobs_cur.fetchmany(chunk):
+                found: dict[int, list[tuple[Any, ...]]] = {}
+                async with self._db.execute(
+                    "SELECT job_id, path, size, sha256 FROM outputs WHERE job_id IN "
+                    "(SELECT value FROM json_each(?)) ORDER BY job_id, idx",
+                    (json.dumps([r[0] for r in rows]),),
+                ) as cur:
+                    for job_id, *output in await cur.fetchall():
+                        found.setdefault(job_id, []).append(tuple(output))
+                yield [tuple(r) for r in rows], found
 
     async def input_kinds(self, batch: str) -> set[tuple[str, str]]:
         """Every (input name, JSON type) among ``batch``'s jobs, SQLite's json_each types

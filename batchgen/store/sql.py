@@ -16,6 +16,12 @@ JOB_COLUMNS = (
     "queue_position, error, error_code, cost, not_before, created_at, updated_at, submitted_at, "
     "started_at, finished_at, api, attempts_before, retired_at, output_name"
 )
+# What a report reads of each job (reportrows.py makes its cells from these rows): no Job
+# objects, whose making (two json.loads each, a dataclass) was a third of a 100,000-job report.
+REPORT_COLUMNS = (
+    "id, key, seq, source, model_id, inputs_json, meta_json, state, attempts, request_id, error, error_code, "
+    "cost, created_at, submitted_at, started_at, finished_at, api, attempts_before, retired_at, output_name"
+)
 # Columns a transition may set besides state.
 SETTABLE = {
     "attempts", "request_id", "queue_position", "error", "error_code", "cost", "not_before",
