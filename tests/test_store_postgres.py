@@ -157,6 +157,40 @@ async def test_a_dead_runners_jobs_are_taken_back_sent_ones_unknown_others_adopt
     assert await live.live_runners() == 1
 
 
+
+async def test_a_runner_reaped_while_paused_claims_nothing_and_its_jobs_are_never_stranded(pair, pg_url):
+    # Paused past its lease and reaped (its row deleted), it wakes and claims before its renewal
+    # says it lost the lease: nothing is claimed. A job already naming a runner that is gone
+    # (written before this check existed) is taken back all the same.
+    paused, live = pair
+    await live.upsert_batch("b", "m/x", None, {})
+    await add_jobs(live, "b", [Spec(f"k{i}", i) for i in range(3)])
+    [stranded] = await paused.claim_many(["b"], time.time(), 1)
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE runners SET expires_at = %s WHERE id = %s", (time.time() - 1, paused.runner_id))
+    assert await live.reap(["b"]) == (1, 0)
+    assert await paused.claim_many(["b"], time.time(), 3) == []
+    assert {j.state for j in await live.jobs(["b"])} == {S.PENDING}
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE jobs SET state = 'submitting', runner_id = 'gone:1:x' WHERE id = %s", (stranded.id,))
+    assert await live.held_elsewhere(["b"]) == 1
+    assert await live.reap(["b"]) == (1, 0)
+    assert await live.held_elsewhere(["b"]) == 0
+
+
+async def test_another_runners_overdue_job_is_no_reason_to_wait(pair):
+    # Given up on (overdue), it may stay at the provider for hours: two runners each holding one
+    # must not wait for each other.
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0)])
+    [job] = await a.claim_many(["b"], time.time(), 1)
+    await a.mark_sent(job)
+    await a.transition(job, S.IN_QUEUE, request_id="r0")
+    assert await b.held_elsewhere(["b"]) == 1
+    await a.transition(job, S.OVERDUE)
+    assert await b.held_elsewhere(["b"]) == 0
+
 async def test_a_lease_is_renewed_and_lost_once_expired(pair, pg_url):
     a, b = pair
     assert await a.renew_lease()

@@ -51,6 +51,10 @@ _DB_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 _REAP_LOCK = 0x62677270  # "bgrp"
 # Jobs at the provider for the account cap: claimed (about to be sent) or there.
 _AT_PROVIDER = (SUBMITTING, *REMOTE_ACTIVE)
+# A claim takes nothing for a runner whose lease is not live (a runner reaped while paused that
+# claims before its renewal tells it so): its jobs would name a runner nobody takes back from.
+# A claim without a lease (runner_id NULL) is a command's, not a runner's.
+_LIVE_LEASE = f"(CAST(? AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM runners WHERE id = ? AND expires_at > {_DB_NOW}))"
 
 
 def redact(url: str) -> str:
@@ -169,7 +173,8 @@ class PostgresStore(SqliteStore):
         claim = f"""UPDATE jobs SET state = 'submitting', attempts = attempts + 1, updated_at = ?,
                         detail = 'attempt ' || (attempts + 1), api = COALESCE(?, api), runner_id = ?,
                         sent_at = NULL, freed_at = NULL
-                    WHERE id IN (SELECT id FROM jobs {where} AND {NOT_CANCELLED} AND retired_at IS NULL
+                    WHERE {_LIVE_LEASE}
+                      AND id IN (SELECT id FROM jobs {where} AND {NOT_CANCELLED} AND retired_at IS NULL
                                  AND (not_before IS NULL OR not_before <= ?) ORDER BY seq LIMIT ?
                                  FOR UPDATE SKIP LOCKED)
                     RETURNING {JOB_COLUMNS}"""
@@ -191,7 +196,8 @@ class PostgresStore(SqliteStore):
                 n = min(n, cap - int(row[0] if row else 0))
                 if n <= 0:
                     return []
-            return conn.execute(claim, (now, api, self.runner_id, *args, now, n)).fetchall()
+            rid = self.runner_id
+            return conn.execute(claim, (now, api, rid, rid, rid, *args, now, n)).fetchall()
 
         rows = await self._engine.write(apply)
         if not rows and cap is not None:
@@ -302,20 +308,21 @@ class PostgresStore(SqliteStore):
             row = c.execute("SELECT pg_try_advisory_xact_lock(?)", (_REAP_LOCK,)).fetchone()
             if not row or not row[0]:
                 return 0, 0
-            # A job claimed without a lease (runner_id NULL) has no runner alive to answer for it.
-            dead = f"(SELECT id FROM runners WHERE expires_at < {_DB_NOW}) OR runner_id IS NULL"
+            # A job whose runner is not live has nobody to answer for it: its lease expired, its
+            # row is gone already (a runner reaped while paused that claimed before it learnt so),
+            # or it was claimed without a lease (runner_id NULL).
+            dead = f"(runner_id IS NULL OR runner_id NOT IN (SELECT id FROM runners WHERE expires_at >= {_DB_NOW}))"
             back = c.execute(
                 f"UPDATE jobs SET state = 'pending', attempts = GREATEST(attempts - 1, 0), updated_at = ?, "
                 f"detail = 'claimed by a runner that died before sending it', runner_id = NULL "
-                f"WHERE state = 'submitting' AND sent_at IS NULL AND (runner_id IN {dead})", (now,)).rowcount
+                f"WHERE state = 'submitting' AND sent_at IS NULL AND {dead}", (now,)).rowcount
             lost = c.execute(
                 f"UPDATE jobs SET state = 'unknown', updated_at = ?, "
                 f"detail = 'its runner died between submit and its answer; outcome unknown', "
                 f"error = 'the runner submitting this job died: it may or may not exist (and be billed) "
                 f"at the provider', runner_id = NULL "
-                f"WHERE state = 'submitting' AND (runner_id IN {dead})", (now,)).rowcount
-            c.execute("UPDATE jobs SET runner_id = NULL WHERE runner_id IN "
-                      f"(SELECT id FROM runners WHERE expires_at < {_DB_NOW})", ())
+                f"WHERE state = 'submitting' AND {dead}", (now,)).rowcount
+            c.execute(f"UPDATE jobs SET runner_id = NULL WHERE runner_id IS NOT NULL AND {dead}", ())
             c.execute(f"DELETE FROM runners WHERE expires_at < {_DB_NOW}", ())
             if back:
                 c.execute(f"NOTIFY {CHANNEL}, 'work'")
@@ -337,7 +344,9 @@ class PostgresStore(SqliteStore):
     async def held_elsewhere(self, batches: Sequence[str] | None) -> int:
         """Jobs of ``batches`` that other runners hold (claimed, at the provider, downloading):
         while there are any, a runner with nothing to do waits, to adopt them if their runner dies."""
-        where, args = filters(batches, [SUBMITTING, *FOLLOWED, DOWNLOADING])
+        # Not overdue jobs: given up on, they are no reason to stay (two runners each holding
+        # one would wait for each other for as long as the provider keeps them).
+        where, args = filters(batches, [SUBMITTING, *REMOTE_ACTIVE, DOWNLOADING])
         rows = await self._db.execute_fetchall(
             f"SELECT COUNT(*) FROM jobs {where} AND (runner_id IS NULL OR runner_id != ?)",
             (*args, self.runner_id or ""))
