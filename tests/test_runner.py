@@ -278,6 +278,37 @@ async def test_a_store_failure_stops_the_run_with_the_error_raised(simulator, tm
     assert [e.message for e in seen if e.kind == "stop"] == ["stopping: error"]
 
 
+
+async def test_a_request_id_the_store_cannot_record_is_said_in_the_log(simulator, tmp_path, caplog):
+    # A shared store's server gone between a submit's answer and its record: the paid job's id
+    # is then nowhere but in the log, so it must be there.
+    from batchgen.errors import StoreError
+
+    class FailingStore(SqliteStore):
+        async def transition(self, job, state, **kwargs):
+            if state == S.IN_QUEUE:
+                raise StoreError("server closed the connection")
+            return await super().transition(job, state, **kwargs)
+
+    sim = await simulator(duration=0)
+    path = manifest(tmp_path, sim, 1)
+    async with await FailingStore.open(tmp_path / "s.sqlite3") as store:
+        from batchgen.client import RunComfyClient
+        from batchgen.manifest import load_manifest
+        from batchgen.runner import Runner
+
+        m = load_manifest(path)
+        await store.upsert_batch("b", m.model_id, None, {})
+        await add_jobs(store, "b", m.iter_jobs())
+        [job] = await store.jobs(["b"])
+        async with RunComfyClient(sim.base_url, "t") as client:
+            runner = Runner(store, client, tmp_path, settings())
+            with pytest.raises(StoreError, match="server closed"):
+                await runner.run(["b"])
+    [sent] = sim.requests()["requests"]
+    assert (f"job {job.key} was submitted as request {sent['request_id']}, which could not be recorded: "
+            "server closed the connection") in caplog.text
+
 async def test_the_first_stop_reason_is_the_one_kept(make_runner):
     """A budget ends submitting; a Ctrl-C after it stops polls and downloads too, but the run
     still stopped for its budget (the first reason), and an error later is kept beside it."""

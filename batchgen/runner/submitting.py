@@ -15,11 +15,11 @@ import shlex
 import time
 
 from .. import constants, crashpoints
-from ..errors import APIError, InsufficientBalanceError, LeaseLost, RateLimitError, UsageError
+from ..errors import APIError, InsufficientBalanceError, LeaseLost, RateLimitError, StoreError, UsageError
 from ..inline import FixedCopyError, InlineBody, prepare_body
 from ..retry import Call, Decision, classify
 from ..store import CANCELLED, FAILED, IN_QUEUE, PENDING, SUBMITTING, UNKNOWN, Job
-from .core import Fatal, RunCore
+from .core import Fatal, RunCore, log
 from .events import StopReason
 
 # Most jobs claimed in one store round trip (bounded so one claim never holds the database long).
@@ -249,10 +249,17 @@ class Submitting(RunCore):
         # cancelled right now (the next run then follows the job).
         # UNKNOWN too: on a shared store, a runner paused past its lease mid-submit finds its job
         # made unknown by the others; the answer in hand is better than "unknown".
-        await self.store.transition(
-            job, IN_QUEUE, expect=(SUBMITTING, UNKNOWN), request_id=request_id, submitted_at=now,
-            error=None, error_code=None, not_before=None, detail=f"request {request_id}", shield=True,
-        )
+        try:
+            await self.store.transition(
+                job, IN_QUEUE, expect=(SUBMITTING, UNKNOWN), request_id=request_id, submitted_at=now,
+                error=None, error_code=None, not_before=None, detail=f"request {request_id}", shield=True,
+            )
+        except StoreError as exc:
+            # The store cannot take it (a shared store's server gone, a lost lease): the id is
+            # then said here, the only place it is left, so that the paid job can be found.
+            log.error("job %s was submitted as request %s, which could not be recorded: %s",
+                      job.key, request_id, exc)
+            raise
         if self.cap.on_success():
             self.slots.changed()
         self._followed[job.id] = job
