@@ -216,11 +216,11 @@ class Submitting(RunCore):
         if self.lease is not None:
             try:
                 ours = await self.lease.sent(job)
-            except LeaseLost:
+            except LeaseLost as exc:
                 # Another runner holds it now (this one was paused past its lease): theirs to
-                # send; nothing more goes from here.
+                # send; nothing more goes from here (the stop says why, as for any lost lease).
                 self._not_sent(job)
-                self.stop(StopReason.LEASE_LOST)
+                self._stop_on_error(exc)
                 return
             if not ours:
                 await asyncio.shield(self._cancelled_unsent(job))
