@@ -13,7 +13,7 @@ import pytest
 from conftest import Spec, add_jobs
 
 from batchgen import store as S
-from batchgen.errors import StoreError
+from batchgen.errors import LeaseLost, StoreError
 from batchgen.migrations import MIGRATIONS
 from batchgen.pgmigrations import pg_migrate
 from batchgen.store import Store
@@ -305,3 +305,81 @@ async def test_jobs_no_live_runner_holds_do_not_hold_the_accounts_slots(pair, pg
         c.execute("UPDATE runners SET expires_at = expires_at - 3600 WHERE id = %s", (dead.runner_id,))
     await live.reap(["b"])
     assert len(await live.claim_many(["b"], time.time(), 4)) == 4
+
+
+async def _expire(pg_url, runner_id):
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("UPDATE runners SET expires_at = expires_at - 3600 WHERE id = %s", (runner_id,))
+
+
+async def test_a_runner_paused_past_its_lease_records_no_result_over_the_adopters(pair, pg_url):
+    # A has a job at the provider, is paused past its lease; B reaps, adopts it and records its
+    # result. A, resumed, must not move it back nor overwrite its outputs, and stops as lease_lost.
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0)])
+    [job] = await a.claim_many(["b"], time.time(), 1)
+    assert await a.mark_sent(job)
+    await a.transition(job, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id="r-1")
+    await _expire(pg_url, a.runner_id)
+    await b.reap(["b"])
+    [theirs] = await b.adopt(["b"])
+    await b.record_result(theirs, [("image", "http://h/b.png")], cost=0.1, finished_at=5.0)
+    out = S.Output(job.id, 0, "image", "http://h/a.png", "a.png", 3, "f" * 64)
+    with pytest.raises(LeaseLost):
+        await a.record_result(job, [("image", "http://h/a.png")], cost=0.2, finished_at=6.0)
+    with pytest.raises(LeaseLost):
+        await a.record_downloaded(job, [out], cost=0.2, finished_at=6.0)
+    with pytest.raises(LeaseLost):
+        await a.output_downloaded(out, "a.png", 3, "f" * 64, job_done=theirs)
+    with pytest.raises(LeaseLost):
+        await a.update_fields(job, queue_position=3)
+    [row] = await b.jobs(["b"])
+    assert (row.state, row.cost, row.queue_position) == (S.DOWNLOADING, 0.1, None)
+    [kept] = await b.outputs(job.id)
+    assert (kept.url, kept.path) == ("http://h/b.png", None)
+    await b.output_downloaded(kept, "b.png", 3, "e" * 64, job_done=theirs)  # B's still works
+    with pytest.raises(LeaseLost):
+        await a.output_lost(theirs, [0], "gone")
+    [row] = await b.jobs(["b"])
+    assert row.state == S.SUCCEEDED and (await b.outputs(job.id))[0].path == "b.png"
+
+
+async def test_an_expired_lease_no_reap_took_is_renewed_and_a_reaped_one_is_lost(pair, pg_url):
+    # A store blip longer than the TTL: a lone runner's lease expired, but nobody reaped it, so
+    # nothing was taken from it: it renews and goes on sending.
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0), Spec("k1", 1)])
+    first, second = await a.claim_many(["b"], time.time(), 2)
+    await _expire(pg_url, a.runner_id)
+    assert await a.mark_sent(first)  # the lease, not reaped, is taken up again
+    await _expire(pg_url, a.runner_id)
+    assert await a.renew_lease()
+    assert await a.mark_sent(second)
+    await a.transition(second, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id="r-2")
+    # Reaped: lost for good.
+    await _expire(pg_url, a.runner_id)
+    await b.reap(["b"])
+    assert not await a.renew_lease()
+    with pytest.raises(LeaseLost):
+        await a.transition(first, S.IN_QUEUE, expect=(S.SUBMITTING,), request_id="r-1")
+
+
+async def test_a_renewal_racing_a_reap_either_keeps_every_job_or_loses_the_lease(pair, pg_url):
+    # The renewal commits while the reap waits for the runner's row: the reap must then take
+    # nothing from it (a live lease whose jobs were taken back would send them twice).
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0)])
+    [job] = await a.claim_many(["b"], time.time(), 1)
+    await _expire(pg_url, a.runner_id)
+    with psycopg.connect(pg_url) as renewal:  # a transaction: holds the row until the commit
+        renewal.execute("UPDATE runners SET expires_at = expires_at + 7200 WHERE id = %s", (a.runner_id,))
+        reap = asyncio.ensure_future(b.reap(["b"]))
+        await asyncio.sleep(0.5)
+        renewal.commit()
+    assert await reap == (0, 0)
+    assert await a.mark_sent(job)
+    [row] = await a.jobs(["b"])
+    assert row.state == S.SUBMITTING

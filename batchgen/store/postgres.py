@@ -10,9 +10,13 @@ plus what only a shared store needs, all used by runner/leasing.py:
   lock for the API, counts the jobs at the provider across every runner, and claims no more than
   the room left, so N runners together keep at most ``account_cap`` jobs there;
 - runner leases (``runners``: id, host, pid, expiry), renewed by each runner; an expired one's
-  jobs are taken back (``reap``: never sent, pending; ``sent_at`` set, unknown) or adopted
-  (``adopt``: at the provider or downloading); ``freed_at``: the provider finished the job, so
-  it no longer counts against the account;
+  row is deleted and its jobs taken back in one transaction (``reap``: never sent, pending;
+  ``sent_at`` set, unknown) or adopted (``adopt``: at the provider or downloading). A runner
+  whose row still exists has lost nothing, expired or not: it renews and carries on (a store
+  blip longer than the TTL stops nobody that no other runner reaped);
+- a runner's every write of a job or its outputs names the job as its own (``owner_clause``);
+  refused because its lease is gone, it raises LeaseLost (the run stops as lease_lost);
+- ``freed_at``: the provider finished the job, so it no longer counts against the account;
 - NOTIFY on the ``batchgen`` channel when work is added or a batch cancelled.
 """
 
@@ -41,9 +45,12 @@ from .sql import JOB_COLUMNS, NOT_CANCELLED, filters
 from .sqlite import SqliteStore
 
 CHANNEL = "batchgen"
-# A runner's lease: renewed every LEASE_RENEW seconds, lost LEASE_TTL seconds after its last renewal.
+# A runner's lease: renewed every LEASE_RENEW seconds, reapable LEASE_TTL seconds after its last
+# renewal. 30 s: a database failover or a VPN drop of a few seconds stops no runner.
 LEASE_RENEW = 2.0
-LEASE_TTL = 10.0
+LEASE_TTL = 30.0
+# For tests and tuning only: the TTL (seconds) of the leases this process starts from now on.
+LEASE_TTL_ENV = "BATCHGEN_LEASE_TTL"
 # Leases are written and compared on the database's clock, never a host's: machines whose clocks
 # disagree by more than the TTL would otherwise reap each other's live leases.
 _DB_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
@@ -51,6 +58,16 @@ _DB_NOW = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 _REAP_LOCK = 0x62677270  # "bgrp"
 # Jobs at the provider for the account cap: claimed (about to be sent) or there.
 _AT_PROVIDER = (SUBMITTING, *REMOTE_ACTIVE)
+# Expiry and existence. Reap deletes a runner's row and takes back its jobs in one transaction,
+# and deletes the row first: the DELETE locks the row, so a renewal (an UPDATE of the same row)
+# either commits before it (the DELETE re-checks the expiry, finds it live and leaves it and its
+# jobs alone) or waits for it and finds no row (lease lost). Hence a runner whose row exists has
+# lost no job, expired or not: renewals, the after-a-refusal check (_lease_alive), the account's
+# count and reap's ``dead`` all go by existence. mark_sent (money) locks the runner's row and, if
+# it exists, renews it in the same transaction, so no reap can come between it and the send.
+# Claims alone still want an unexpired lease: an expired runner (paused, cut off) takes no new
+# work until its renewal says it may; at worst a claim reads a row a reap deletes just after,
+# and its jobs, naming a runner that is gone, are taken back by the next reap.
 # A claim takes nothing for a runner whose lease is not live (a runner reaped while paused that
 # claims before its renewal tells it so): its jobs would name a runner nobody takes back from.
 # A claim without a lease (runner_id NULL) is a command's, not a runner's.
@@ -190,8 +207,7 @@ class PostgresStore(SqliteStore):
                 # the runners of other batches would wait forever). At worst such a job still
                 # runs at the provider, which then queues one more: a wait, never a payment.
                 row = conn.execute(f"SELECT COUNT(*) FROM jobs WHERE state IN ({marks}) AND freed_at IS NULL "
-                                   "AND api IS NOT DISTINCT FROM ? AND runner_id IN "
-                                   f"(SELECT id FROM runners WHERE expires_at > {_DB_NOW})",
+                                   "AND api IS NOT DISTINCT FROM ? AND runner_id IN (SELECT id FROM runners)",
                                    (*_AT_PROVIDER, api)).fetchone()
                 n = min(n, cap - int(row[0] if row else 0))
                 if n <= 0:
@@ -213,21 +229,24 @@ class PostgresStore(SqliteStore):
 
     # ---- leases (runner/leasing.py) ------------------------------------------------------------
 
+    lease_ttl = LEASE_TTL  # this runner's (register_runner reads LEASE_TTL_ENV)
+
     async def register_runner(self) -> str:
         """Start this process's lease; its id names the jobs it claims from now on."""
         rid = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_ttl = ttl = float(os.environ.get(LEASE_TTL_ENV) or LEASE_TTL)
         await self._engine.write(lambda c: c.execute(
             f"INSERT INTO runners (id, host, pid, started_at, expires_at) VALUES (?, ?, ?, {_DB_NOW}, {_DB_NOW} + ?)",
-            (rid, socket.gethostname(), os.getpid(), LEASE_TTL)))
+            (rid, socket.gethostname(), os.getpid(), ttl)))
         self.runner_id = rid
         return rid
 
     async def renew_lease(self) -> bool:
-        """Push this runner's expiry on; False if the lease was lost (expired and reaped)."""
-        rid = self.runner_id
+        """Push this runner's expiry on; False if the lease was lost (reaped). An expired lease
+        not reaped yet is renewed: nothing was taken from it (see _LIVE_LEASE's comment)."""
+        rid, ttl = self.runner_id, self.lease_ttl
         n = await self._engine.write(lambda c: c.execute(
-            f"UPDATE runners SET expires_at = {_DB_NOW} + ? WHERE id = ? AND expires_at > {_DB_NOW}",
-            (LEASE_TTL, rid)).rowcount)
+            f"UPDATE runners SET expires_at = {_DB_NOW} + ? WHERE id = ?", (ttl, rid)).rowcount)
         return bool(n)
 
     async def end_lease(self) -> None:
@@ -252,36 +271,39 @@ class PostgresStore(SqliteStore):
         holds the job under a live lease (it was paused past its lease, and another runner may
         have the job now): sending it could pay for it twice."""
         now = time.time()
-        rid = self.runner_id
+        rid, ttl = self.runner_id, self.lease_ttl
 
         def apply(c: SyncConn) -> int:
-            row = c.execute(f"SELECT runner_id, expires_at > {_DB_NOW} FROM jobs LEFT JOIN runners "
-                            "ON runners.id = jobs.runner_id WHERE jobs.id = ? FOR UPDATE OF jobs",
-                            (job.id,)).fetchone()
-            if row is None or row[0] != rid or not row[1]:
-                raise LeaseLost("this runner's lease expired (it was paused or cut off from the store for "
-                                f"over {LEASE_TTL:g} s) and its jobs went to other runners; nothing more is "
-                                "sent from here: run again to join the others")
+            # The runner's row first, locked and renewed: from here to the commit no reap can
+            # take this job back, and an expired lease that no reap took is this runner's again.
+            alive = c.execute(f"UPDATE runners SET expires_at = {_DB_NOW} + ? WHERE id = ?", (ttl, rid)).rowcount
+            row = c.execute("SELECT runner_id FROM jobs WHERE id = ? FOR UPDATE", (job.id,)).fetchone()
+            if not alive or row is None or row[0] != rid:
+                raise LeaseLost(self._lost("; nothing more is sent from here: run again to join the others"))
             return int(c.execute(
                 f"UPDATE jobs SET sent_at = ? WHERE id = ? AND state = 'submitting' AND {NOT_CANCELLED}",
                 (now, job.id)).rowcount)
 
         return bool(await self._engine.write(apply))
 
-    async def transition(self, job: Job, state: str, **kw: Any) -> None:
+    def _lost(self, then: str) -> str:
+        return (f"this runner's lease expired (it was paused or cut off from the store for over "
+                f"{self.lease_ttl:g} s) and its jobs went to other runners{then}")
+
+    async def _owned_write(self, fn: Any, what: str | None = None) -> Any:
+        # A write refused (owner_clause, or a state another runner moved the job to) by a runner
+        # whose lease is gone: its jobs were taken back, and the run stops as lease_lost.
         try:
-            await super().transition(job, state, **kw)
-        except StoreError:
-            if self.runner_id is not None and not await self._lease_alive():
-                raise LeaseLost(f"this runner's lease expired (it was paused or cut off from the store for "
-                                f"over {LEASE_TTL:g} s) and its jobs went to other runners: run again to "
-                                "join them") from None
-            raise
+            return await super()._owned_write(fn, what)
+        except StoreError as exc:
+            if isinstance(exc, LeaseLost) or self.runner_id is None or await self._lease_alive():
+                raise
+            raise LeaseLost(self._lost(": run again to join them")) from None
 
     async def _lease_alive(self) -> bool:
-        rows = await self._db.execute_fetchall(
-            f"SELECT expires_at > {_DB_NOW} FROM runners WHERE id = ?", (self.runner_id,))
-        return bool(rows and rows[0][0])
+        """This runner's row exists: no reap took its jobs (see _LIVE_LEASE's comment)."""
+        rows = await self._db.execute_fetchall("SELECT 1 FROM runners WHERE id = ?", (self.runner_id,))
+        return bool(rows)
 
     def owner_clause(self) -> tuple[str, tuple[Any, ...]]:
         # A runner's writes touch only jobs it holds, or that no runner holds (a command's, or one
@@ -308,10 +330,14 @@ class PostgresStore(SqliteStore):
             row = c.execute("SELECT pg_try_advisory_xact_lock(?)", (_REAP_LOCK,)).fetchone()
             if not row or not row[0]:
                 return 0, 0
-            # A job whose runner is not live has nobody to answer for it: its lease expired, its
-            # row is gone already (a runner reaped while paused that claimed before it learnt so),
-            # or it was claimed without a lease (runner_id NULL).
-            dead = f"(runner_id IS NULL OR runner_id NOT IN (SELECT id FROM runners WHERE expires_at >= {_DB_NOW}))"
+            # The expired runners' rows go first: the DELETE locks them, so a renewal racing this
+            # reap either commits first (the row is re-checked, live, and stays) or finds no row
+            # after it (see _LIVE_LEASE's comment).
+            c.execute(f"DELETE FROM runners WHERE expires_at < {_DB_NOW}", ())
+            # A job whose runner has no row has nobody to answer for it: its lease expired (just
+            # deleted), its row was gone already (a runner reaped while paused that claimed before
+            # it learnt so), or it was claimed without a lease (runner_id NULL).
+            dead = "(runner_id IS NULL OR runner_id NOT IN (SELECT id FROM runners))"
             back = c.execute(
                 f"UPDATE jobs SET state = 'pending', attempts = GREATEST(attempts - 1, 0), updated_at = ?, "
                 f"detail = 'claimed by a runner that died before sending it', runner_id = NULL "
@@ -323,7 +349,6 @@ class PostgresStore(SqliteStore):
                 f"at the provider', runner_id = NULL "
                 f"WHERE state = 'submitting' AND {dead}", (now,)).rowcount
             c.execute(f"UPDATE jobs SET runner_id = NULL WHERE runner_id IS NOT NULL AND {dead}", ())
-            c.execute(f"DELETE FROM runners WHERE expires_at < {_DB_NOW}", ())
             if back:
                 c.execute(f"NOTIFY {CHANNEL}, 'work'")
             return back, lost

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import StoreError
 from .engine import GroupCommit
 from .models import DOWNLOADING, FAILED, FOLLOWED, IN_QUEUE, PENDING, SUCCEEDED, Job, Output
 from .sql import (
@@ -32,6 +33,23 @@ class Transitions:
         """SQL (and its parameters) a runner's transition adds to say the job is still its own:
         nothing on SQLite, where the work-directory lock makes one runner (PostgresStore: leases)."""
         return "", ()
+
+    async def _owned_write(self, fn: Any, what: str | None = None) -> Any:
+        """``self._engine.write(fn, what)`` for a write confined by ``owner_clause``: the place a
+        shared store turns a refusal into LeaseLost (PostgresStore)."""
+        return await self._engine.write(fn, what)
+
+    def _check_owned(self, conn: sqlite3.Connection, job_id: int) -> None:
+        """Refuse (StoreError, the savepoint undone) a write of a job's outputs when the job is no
+        longer this runner's (``owner_clause``): outputs have no runner of their own."""
+        owned, owner = self.owner_clause()
+        if owned and conn.execute(f"SELECT 1 FROM jobs WHERE id = ?{owned}", (job_id, *owner)).fetchone() is None:
+            raise StoreError(f"job {job_id} is held by another runner")
+
+    def _owned(self, move: tuple[str, list[Any]]) -> tuple[str, list[Any]]:
+        """A transition's SQL confined to the jobs this runner holds (``owner_clause``)."""
+        owned, owner = self.owner_clause()
+        return (move[0] + owned, [*move[1], *owner]) if owned else move
 
     async def claim_many(self, batches: Sequence[str] | None, now: float, limit: int) -> list[Job]:
         """Like claim_pending for up to ``limit`` jobs at once, in manifest order. One statement
@@ -64,13 +82,10 @@ class Transitions:
         if not SETTABLE.issuperset(fields):
             raise ValueError(f"not settable: {sorted(set(fields) - SETTABLE)}")
         now = time.time()
-        sql, params = transition_sql(job.id, state, now, detail, fields, expect)
-        owned, owner = self.owner_clause()
-        if owned:
-            sql, params = sql + owned, [*params, *owner]
+        sql, params = self._owned(transition_sql(job.id, state, now, detail, fields, expect))
         # One statement; the jobs_history trigger appends the history row in the same statement.
         what = (f"recording job {job.key} as {state}" + (f" ({detail})" if detail else "")) if shield else None
-        await self._engine.write(lambda conn: apply_transition(conn, job.key, job.id, sql, params, expect), what)
+        await self._owned_write(lambda conn: apply_transition(conn, job.key, job.id, sql, params, expect), what)
         job.state = state
         job.updated_at = now
         for k, v in fields.items():
@@ -81,9 +96,15 @@ class Transitions:
         bad = set(fields) - SETTABLE
         if bad or not fields:
             raise ValueError(f"not settable: {sorted(bad)}")
-        sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
-        params = (*fields.values(), job.id)
-        await self._engine.write(lambda conn: conn.execute(sql, params))
+        owned, owner = self.owner_clause()
+        sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?{owned}"
+        params = (*fields.values(), job.id, *owner)
+
+        def apply(conn: sqlite3.Connection) -> None:
+            if conn.execute(sql, params).rowcount != 1 and owned:
+                raise StoreError(f"job {job.key} is held by another runner")
+
+        await self._owned_write(apply)
         for k, v in fields.items():
             setattr(job, k, v)
 
@@ -106,9 +127,11 @@ class Transitions:
         now = time.time()
         fields = result_fields(job, cost, finished_at)
         if job.state != DOWNLOADING:
-            move = transition_sql(job.id, DOWNLOADING, now, f"{len(outputs)} output(s)", fields, None)
+            move = self._owned(transition_sql(job.id, DOWNLOADING, now, f"{len(outputs)} output(s)", fields,
+                                              None))
 
         def apply(conn: sqlite3.Connection) -> None:
+            self._check_owned(conn, job.id)
             conn.executemany(
                 """INSERT INTO outputs (job_id, idx, kind, url) VALUES (?, ?, ?, ?)
                    ON CONFLICT (job_id, idx) DO UPDATE SET url = excluded.url, kind = excluded.kind
@@ -118,7 +141,7 @@ class Transitions:
             if move is not None:
                 apply_transition(conn, job.key, job.id, *move, None)
 
-        await self._engine.write(apply)  # outputs and the state change: one savepoint, all or nothing
+        await self._owned_write(apply)  # outputs and the state change: one savepoint, all or nothing
         if move is not None:
             job.state, job.updated_at = DOWNLOADING, now
             job.cost, job.finished_at = cost, finished_at
@@ -136,10 +159,11 @@ class Transitions:
         rows = [(job.id, o.idx, o.kind, o.url, o.path, o.size, o.sha256, now, unsynced_boot)
                 for o in outputs]
         fields = result_fields(job, cost, finished_at)
-        move = transition_sql(job.id, SUCCEEDED, now, f"{len(outputs)} output(s) downloaded", fields,
-                               FOLLOWED)
+        move = self._owned(transition_sql(job.id, SUCCEEDED, now, f"{len(outputs)} output(s) downloaded",
+                                          fields, FOLLOWED))
 
         def apply(conn: sqlite3.Connection) -> None:
+            self._check_owned(conn, job.id)
             for row in rows:
                 conn.execute(
                     """INSERT INTO outputs (job_id, idx, kind, url, path, size, sha256, downloaded_at,
@@ -153,7 +177,7 @@ class Transitions:
                 )
             apply_transition(conn, job.key, job.id, *move, FOLLOWED)
 
-        await self._engine.write(apply)
+        await self._owned_write(apply)
         job.state, job.updated_at = SUCCEEDED, now
         job.cost, job.finished_at = cost, finished_at
 
@@ -167,15 +191,16 @@ class Transitions:
         params = (path, size, sha256, now, unsynced_boot, out.job_id, out.idx)
         move = None
         if job_done is not None:
-            move = transition_sql(job_done.id, SUCCEEDED, now, None, {}, (DOWNLOADING,))
+            move = self._owned(transition_sql(job_done.id, SUCCEEDED, now, None, {}, (DOWNLOADING,)))
 
         def apply(conn: sqlite3.Connection) -> None:
+            self._check_owned(conn, out.job_id)
             conn.execute("UPDATE outputs SET path = ?, size = ?, sha256 = ?, downloaded_at = ?, "
                          "unsynced_boot = ? WHERE job_id = ? AND idx = ?", params)
             if job_done is not None and move is not None:
                 apply_transition(conn, job_done.key, job_done.id, *move, (DOWNLOADING,))
 
-        await self._engine.write(apply)
+        await self._owned_write(apply)
         out.path, out.size, out.sha256 = path, size, sha256
         if job_done is not None:
             job_done.state, job_done.updated_at = SUCCEEDED, now
@@ -183,10 +208,14 @@ class Transitions:
     async def mark_synced(self, keys: Sequence[tuple[int, int]]) -> None:
         """Outputs (job id, idx) whose files a flush has put on disk."""
         rows = list(keys)
+        # Only this runner's jobs: another's may have rewritten the files since (not flushed yet).
+        owned, owner = self.owner_clause()
+        mine = f" AND job_id IN (SELECT id FROM jobs WHERE TRUE{owned})" if owned else ""
+        rows = [(*k, *owner) for k in rows]
 
         def apply(conn: sqlite3.Connection) -> None:
             conn.executemany("UPDATE outputs SET unsynced_boot = NULL WHERE job_id = ? AND idx = ? "
-                             "AND unsynced_boot IS NOT NULL", rows)
+                             f"AND unsynced_boot IS NOT NULL{mine}", rows)
 
         await self._engine.write(apply)
 
@@ -196,17 +225,18 @@ class Transitions:
         now = time.time()
         move = None
         if job.state == SUCCEEDED:
-            move = transition_sql(job.id, DOWNLOADING, now, why, {}, (SUCCEEDED,))
+            move = self._owned(transition_sql(job.id, DOWNLOADING, now, why, {}, (SUCCEEDED,)))
         rows = [(job.id, idx) for idx in idxs]
 
         def apply(conn: sqlite3.Connection) -> None:
+            self._check_owned(conn, job.id)
             conn.executemany("UPDATE outputs SET path = NULL, size = NULL, sha256 = NULL, "
                              "downloaded_at = NULL, unsynced_boot = NULL WHERE job_id = ? AND idx = ?",
                              rows)
             if move is not None:
                 apply_transition(conn, job.key, job.id, *move, (SUCCEEDED,))
 
-        await self._engine.write(apply)
+        await self._owned_write(apply)
         if move is not None:
             job.state, job.updated_at = DOWNLOADING, now
 
