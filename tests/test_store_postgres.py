@@ -383,3 +383,22 @@ async def test_a_renewal_racing_a_reap_either_keeps_every_job_or_loses_the_lease
     assert await a.mark_sent(job)
     [row] = await a.jobs(["b"])
     assert row.state == S.SUBMITTING
+
+
+async def test_a_cancel_is_not_cleared_under_a_job_another_runner_puts_back_to_pending(pair):
+    # A ends: cancels the batch's pending jobs, sees no other runner busy, clears the request.
+    # Meanwhile B's submit was refused (a 429) and its job went back to pending: the request
+    # must stay, or that job would be submitted later in a cancelled batch.
+    a, b = pair
+    await a.upsert_batch("b", "m/x", None, {})
+    await add_jobs(a, "b", [Spec("k0", 0)])
+    [job] = await b.claim_many(["b"], time.time(), 1)
+    await a.request_cancel("b")
+    await a.cancel_pending(["b"])  # A's _cancel_done: J is still B's, submitting
+    await b.transition(job, S.PENDING, expect=(S.SUBMITTING,), not_before=0.0)  # the 429
+    assert await a.held_elsewhere(["b"]) == 0
+    await a.clear_cancel(["b"], carried_out=True)
+    assert await b.cancel_requests(["b"])
+    assert await b.claim_many(["b"], time.time(), 1) == []
+    await a.clear_cancel(["b"])  # a `retry` withdraws it all the same
+    assert not await a.cancel_requests(["b"])

@@ -62,7 +62,7 @@ class Cancelling(RunCore):
             # end, or the others would go on sending the jobs they had claimed.
             done = [b for b in done if not await self.lease.others_busy([b])]
         if done:
-            await self.store.clear_cancel(done)
+            await self.store.clear_cancel(done, carried_out=True)
 
     async def _cancel_at_provider(self, job: Job) -> None:
         """Ask the provider to cancel ``job`` (its batch was cancelled). Cancelled: it leaves

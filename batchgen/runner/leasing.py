@@ -5,7 +5,11 @@ how procrastinate, pgqueuer and Oban run a queue on PostgreSQL (ARCHITECTURE.md,
 runners"):
 
 - a runner holds a **lease** (id, host, pid, expiry) that it renews every LEASE_RENEW seconds;
-  one that stops renewing loses it LEASE_TTL seconds after its last renewal;
+  one that stops renewing may be reaped LEASE_TTL (30 s; ``BATCHGEN_LEASE_TTL`` for tests and
+  tuning) seconds after its last renewal. Only a reap loses it: an expired lease nobody reaped
+  yet (a store blip, a pause with no other runner about) is renewed, nothing having been taken;
+- a runner's writes of its jobs name them as its own; a write refused because the runner was
+  reaped (its jobs went to others) raises LeaseLost, and the run stops as lease_lost;
 - **claims** lock the rows they take (``FOR UPDATE SKIP LOCKED``) and name the runner: two
   runners never submit one job;
 - just before a submit goes on the wire its job is **marked sent**: when a runner's lease
@@ -103,8 +107,8 @@ class Lease:
             await asyncio.sleep(seconds)
             try:
                 if not await self.store.renew_lease():
-                    # Expired and reaped (a machine frozen past its TTL): its jobs were taken
-                    # back, so this run must not go on with them.
+                    # Reaped (a machine frozen past its TTL while another runner was about): its
+                    # jobs were taken back, so this run must not go on with them.
                     log.error("this runner's lease expired; stopping")
                     self.runner.stop(StopReason.LEASE_LOST)
                     return

@@ -202,7 +202,8 @@ class PostgresStore(SqliteStore):
             if cap is not None:
                 conn.execute("SELECT pg_advisory_xact_lock(?)", (account_lock_key(api or ""),))
                 marks = ", ".join("?" * len(_AT_PROVIDER))
-                # Only jobs a live runner holds: one left by a runner that died or stopped, in a
+                # Only jobs of a runner whose row exists (expired but not reaped: its jobs are
+                # still its own, at the provider): one left by a runner that died or stopped, in a
                 # batch no runner is running now, would otherwise hold its slot for good (and
                 # the runners of other batches would wait forever). At worst such a job still
                 # runs at the provider, which then queues one more: a wait, never a payment.
@@ -267,9 +268,10 @@ class PostgresStore(SqliteStore):
     async def mark_sent(self, job: Job) -> bool:
         """``job``'s submit is about to reach the wire: if this runner dies from here on, the job
         becomes unknown rather than pending. False (nothing marked): its batch was cancelled
-        since it was claimed, and it must not be sent. Raises LeaseLost if this runner no longer
-        holds the job under a live lease (it was paused past its lease, and another runner may
-        have the job now): sending it could pay for it twice."""
+        since it was claimed, and it must not be sent. Raises LeaseLost if this runner was reaped
+        or no longer holds the job (it was paused past its lease, and another runner may have the
+        job now): sending it could pay for it twice. An expired lease no reap took is renewed
+        here, under the row lock that keeps any reap waiting until the mark is committed."""
         now = time.time()
         rid, ttl = self.runner_id, self.lease_ttl
 

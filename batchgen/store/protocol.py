@@ -226,8 +226,9 @@ class Store(Protocol):
         ordered against every claim, so no job of it is claimed after. Returns jobs cancelled."""
         ...
 
-    async def clear_cancel(self, batches: Sequence[str]) -> None:
-        """The cancel requests of ``batches`` are carried out, or withdrawn."""
+    async def clear_cancel(self, batches: Sequence[str], *, carried_out: bool = False) -> None:
+        """The cancel requests of ``batches`` are withdrawn, or (``carried_out``) done: then a
+        batch with a job pending or being submitted (requeued meanwhile) keeps its request."""
         ...
 
     # ---- reads ----------------------------------------------------------------------------------------

@@ -265,10 +265,18 @@ class SqliteStore(StoreReads, Transitions, Store):
                f"detail = 'cancelled by the user before submit' {where}")
         return lambda conn: conn.execute(sql, (time.time(), *args)).rowcount
 
-    async def clear_cancel(self, batches: Sequence[str]) -> None:
-        """The cancel requests of ``batches`` are carried out (or withdrawn by a `retry`)."""
+    async def clear_cancel(self, batches: Sequence[str], *, carried_out: bool = False) -> None:
+        """The cancel requests of ``batches`` are withdrawn (a `retry`), or with ``carried_out``
+        done: then a batch with a job pending or being submitted keeps its request."""
         where, args = filters(batches, None)
         sql = f"UPDATE batches SET cancel_requested_at = NULL {where.replace('batch IN', 'name IN')}"
+        if carried_out:
+            # On a shared store another runner may put a refused submit (a 429) back to pending
+            # after this runner cancelled the pending jobs and saw no other runner busy: cleared
+            # then, the request would leave that job to be submitted later. One statement: the
+            # job is pending or submitting in whatever snapshot it reads, so it is always seen.
+            sql += (" AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.batch = batches.name "
+                    "AND jobs.state IN ('pending', 'submitting'))")
         await self._engine.write(lambda conn: conn.execute(sql, args))
 
     async def recover_interrupted(self, batches: Sequence[str] | None = None) -> list[Job]:
