@@ -68,8 +68,10 @@ def is_broken(conn: psycopg.Connection[Any]) -> bool:
 
 
 def connection_lost(exc: BaseException, conn: psycopg.Connection[Any]) -> bool:
-    """Whether ``exc`` means the connection is gone (as opposed to a refused statement)."""
-    return isinstance(exc, psycopg.OperationalError) and is_broken(conn)
+    """Whether ``exc`` means the connection is gone (as opposed to a refused statement). By the
+    connection's state, not the error's class: a server ending a session says why in several
+    classes (AdminShutdown, IdleInTransactionSessionTimeout, a plain OperationalError)."""
+    return isinstance(exc, psycopg.Error) and is_broken(conn)
 
 
 class Link:
