@@ -170,3 +170,31 @@ async def test_a_run_whose_store_connections_are_cut_again_and_again_submits_eve
         by_id = {r["request_id"]: r["input"]["seed"] for r in sim.requests()["requests"]}
         for job in await store.jobs(["cut"]):
             assert by_id[job.request_id] == job.inputs["seed"]
+
+
+async def test_a_runner_listens_again_after_its_listen_connection_is_cut(pg_url):
+    from types import SimpleNamespace
+
+    from batchgen.runner.leasing import Lease
+
+    woken = asyncio.Event()
+    runner = SimpleNamespace(settings=SimpleNamespace(rate=0), wake=woken.set)
+    async with await _open(pg_url) as store:
+        lease = Lease(store, runner)  # type: ignore[arg-type]
+        listening = asyncio.ensure_future(lease._listen())
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0.5)
+                woken.clear()
+                with psycopg.connect(pg_url, autocommit=True) as admin:
+                    killed = admin.execute(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE query LIKE 'LISTEN%%' AND datname = current_database()").fetchone()
+                assert killed == (1,)
+                await asyncio.sleep(1.5)  # listening again (and woken once for what it missed)
+                woken.clear()
+                await store.notify("work")
+                await asyncio.wait_for(woken.wait(), 5)
+        finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
