@@ -198,3 +198,19 @@ async def test_a_runner_listens_again_after_its_listen_connection_is_cut(pg_url)
         finally:
             listening.cancel()
             await asyncio.gather(listening, return_exceptions=True)
+
+
+async def test_an_atomic_block_cut_off_fails_and_the_next_one_commits(pg_url):
+    async with await _open(pg_url) as store:
+        _counter(pg_url)
+        with pytest.raises(StoreError):
+            async with store._engine.atomic() as db:
+                await db.execute("UPDATE paid SET n = n + 1")
+                await asyncio.to_thread(_kill_backends, pg_url)
+                try:
+                    await db.execute("UPDATE paid SET n = n + 1")
+                except StoreError:
+                    pass  # swallowed by the block: its COMMIT must still not pass for done
+        async with store._engine.atomic() as db:
+            await db.execute("UPDATE paid SET n = n + 10")
+        assert _paid(pg_url) == 10

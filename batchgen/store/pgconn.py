@@ -327,6 +327,8 @@ class PgEngine:
                     await asyncio.to_thread(tx.__exit__, type(exc), exc, exc.__traceback__)
                     raise
                 try:
+                    if is_broken(tx.connection):  # psycopg would leave it silently uncommitted
+                        raise psycopg.OperationalError("the connection was lost")
                     await asyncio.to_thread(tx.__exit__, None, None, None)
                 except psycopg.Error as exc:
                     raise StoreError(f"cannot commit to the store: {exc}") from exc
