@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 
 from ..errors import StoreError
-from .pgreconnect import RECONNECT_FOR, Link, connection_lost, is_broken
+from .pgreconnect import RECONNECT_FOR, Link, committed, connection_lost, is_broken
 
 log = logging.getLogger(__name__)
 
@@ -269,33 +269,12 @@ class PgEngine:
             except psycopg.Error:
                 if not is_broken(conn):
                     raise
-                if committing and xid is not None and self._committed(xid, deadline):
+                if committing and xid is not None and committed(self._w.link, xid, deadline):
                     return out
             if time.monotonic() >= deadline:
                 raise StoreError("the store's connection was lost and a write could not be "
                                  f"applied for {RECONNECT_FOR:.0f} s")
             log.warning("the store's connection was lost during a write (not committed); applying it again")
-
-    def _committed(self, xid: int, deadline: float) -> bool:
-        """Whether transaction ``xid``, whose COMMIT's answer was lost, committed (asked on a
-        new connection; a backend still ending it is waited for)."""
-        while True:
-            conn = self._w.link.ensure()
-            try:
-                row = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
-            except psycopg.Error:
-                if not is_broken(conn):
-                    raise
-                row = ("in progress",)
-            status = row[0] if row else None
-            if status == "committed":
-                return True
-            if status == "aborted":
-                return False
-            if status is None or time.monotonic() >= deadline:
-                raise StoreError(f"a write's COMMIT was cut off by a lost connection and its outcome "
-                                 f"is unknown (transaction {xid}: {status})")
-            time.sleep(0.1)
 
     def _apply_each(self, fns: list[Callable[[Any], Any]]) -> list[tuple[bool, Any]]:
         out: list[tuple[bool, Any]] = []

@@ -106,5 +106,24 @@ class Link:
             log.warning("reconnected to the store %s", redact(self.url))
             return self.conn
 
-    def close(self) -> None:
-        self.conn.close()
+
+def committed(link: Link, xid: int, deadline: float) -> bool:
+    """Whether transaction ``xid``, whose COMMIT's answer was lost, committed (asked on a
+    new connection; a backend still ending it is waited for)."""
+    while True:
+        conn = link.ensure()
+        try:
+            row = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
+        except psycopg.Error:
+            if not is_broken(conn):
+                raise
+            row = ("in progress",)
+        status = row[0] if row else None
+        if status == "committed":
+            return True
+        if status == "aborted":
+            return False
+        if status is None or time.monotonic() >= deadline:
+            raise StoreError(f"a write's COMMIT was cut off by a lost connection and its outcome "
+                             f"is unknown (transaction {xid}: {status})")
+        time.sleep(0.1)
