@@ -127,15 +127,28 @@ class Lease:
         """Wake the run on the store's notifications (work added or taken back, a cancel)."""
         import psycopg
 
-        from ..store.postgres import CHANNEL
+        from ..store import pgreconnect
+        from ..store.postgres import CHANNEL, scrub
 
-        try:
-            async with await psycopg.AsyncConnection.connect(self.store.url, autocommit=True) as conn:
-                await conn.execute(f"LISTEN {CHANNEL}")
-                async for _note in conn.notifies():
-                    self.runner.wake()
-        except psycopg.Error as exc:  # the 1 s naps of the loops still find the work
-            log.warning("cannot listen for the store's notifications: %s", exc)
+        waits = pgreconnect.RECONNECT_WAITS
+        tries = 0
+        while True:  # until the lease stops (cancelled); meanwhile the loops' 1 s naps find work
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.store.url, autocommit=True, application_name="batchgen",
+                        connect_timeout=pgreconnect.CONNECT_TIMEOUT, **pgreconnect.KEEPALIVES) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    if tries:
+                        self.runner.wake()  # what was notified while not listening
+                    tries = 0
+                    async for _note in conn.notifies():
+                        self.runner.wake()
+            except psycopg.Error as exc:
+                if tries == 0:
+                    log.warning("cannot listen for the store's notifications (retrying): %s",
+                                scrub(str(exc), self.store.url))
+            tries += 1
+            await asyncio.sleep(waits[min(tries - 1, len(waits) - 1)])
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,8 @@ on psycopg 3, so PostgresStore reuses that code instead of a second copy of it:
 - ``pg_sql`` rewrites the few dialect differences (placeholders, ``INSERT OR IGNORE``, scalar
   ``MAX``, ``INDEXED BY``, ``json_each`` of a parameter), once per statement shape (cached);
 - psycopg's blocking connections run in threads: one for writes (serialised by an asyncio lock,
-  each ``write`` its own transaction), one for reads (autocommit).
+  each ``write`` its own transaction), one for reads (autocommit); both reconnect when their
+  connection breaks (pgreconnect.py), and a group whose COMMIT was cut off is not applied twice.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import functools
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 import psycopg
 
 from ..errors import StoreError
+from .pgreconnect import RECONNECT_FOR, Link, committed, connection_lost, is_broken
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +81,13 @@ def _store_error(exc: psycopg.Error) -> StoreError:
 class SyncConn:
     """A psycopg connection with sqlite3's calls (what a store write ``fn(conn)`` uses)."""
 
-    def __init__(self, conn: psycopg.Connection[Any]):
-        self.conn = conn
+    def __init__(self, conn: psycopg.Connection[Any], url: str | None = None):
+        self.link = Link(conn, url)
         self.total_changes = 0
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        return self.link.conn
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         text, order = pg_sql(sql)
@@ -149,13 +156,26 @@ class AsyncConn:
         return self.sync.total_changes
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
-        try:
-            if self._lock is None:
+        if self._lock is None:  # inside atomic(): the transaction is gone with its connection
+            try:
                 return await asyncio.to_thread(fn)
-            async with self._lock:
-                return await asyncio.to_thread(fn)
-        except psycopg.Error as exc:
-            raise StoreError(f"store query failed: {exc}") from exc
+            except psycopg.Error as exc:
+                raise StoreError(f"store query failed: {exc}") from exc
+        async with self._lock:
+            return await asyncio.to_thread(self._retrying, fn)
+
+    def _retrying(self, fn: Callable[[], Any]) -> Any:
+        """``fn`` on the read connection, run again on a new one if the connection was lost
+        (a read, or a NOTIFY, is safe to repeat)."""
+        deadline = time.monotonic() + RECONNECT_FOR
+        while True:
+            self.sync.link.ensure()
+            try:
+                return fn()
+            except psycopg.Error as exc:
+                if not connection_lost(exc, self.sync.conn) or time.monotonic() >= deadline:
+                    raise StoreError(f"store query failed: {exc}") from exc
+                log.warning("the store's connection was lost during a read; reconnecting")
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> _Result:
         def run() -> _Cursor:
@@ -184,8 +204,8 @@ class PgEngine:
     that one refused write (a transition whose ``expect`` fails) leaves the others alone. A
     caller's await returns once its write is committed."""
 
-    def __init__(self, conn: psycopg.Connection[Any]):
-        self._w = SyncConn(conn)
+    def __init__(self, conn: psycopg.Connection[Any], url: str | None = None):
+        self._w = SyncConn(conn, url)
         self._lock = asyncio.Lock()  # the connection: a group, or an atomic() block
         self._tx_owner: asyncio.Task[Any] | None = None
         self._group: list[tuple[Callable[[Any], Any], asyncio.Future[Any], str | None]] = []
@@ -217,6 +237,8 @@ class PgEngine:
                     results = await asyncio.shield(asyncio.to_thread(self._apply, [w[0] for w in group]))
                 except psycopg.Error as exc:  # the COMMIT itself: every write of the group failed
                     results = [(False, _store_error(exc))] * len(group)
+                except StoreError as exc:  # the server stayed unreachable
+                    results = [(False, exc)] * len(group)
             for (_, fut, what), (ok, value) in zip(group, results, strict=True):
                 if fut.done():
                     if not ok and what is not None:
@@ -227,16 +249,43 @@ class PgEngine:
                     fut.set_exception(value)
 
     def _apply(self, fns: list[Callable[[Any], Any]]) -> list[tuple[bool, Any]]:
+        """The group in one transaction, again on a new connection if the connection was lost:
+        lost before COMMIT was sent, nothing was committed; lost during COMMIT, the server says
+        (by the transaction's id) whether it committed, so the group is applied exactly once."""
+        deadline = time.monotonic() + RECONNECT_FOR
+        while True:
+            conn = self._w.link.ensure()
+            xid: int | None = None
+            committing = False
+            try:
+                with conn.transaction():
+                    row = conn.execute("SELECT txid_current()").fetchone()
+                    xid = int(row[0]) if row else None
+                    out = self._apply_each(fns)
+                    if is_broken(conn):  # each write failed on the lost connection
+                        raise psycopg.OperationalError("the connection was lost")
+                    committing = True
+                return out
+            except psycopg.Error:
+                if not is_broken(conn):
+                    raise
+                if committing and xid is not None and committed(self._w.link, xid, deadline):
+                    return out
+            if time.monotonic() >= deadline:
+                raise StoreError("the store's connection was lost and a write could not be "
+                                 f"applied for {RECONNECT_FOR:.0f} s")
+            log.warning("the store's connection was lost during a write (not committed); applying it again")
+
+    def _apply_each(self, fns: list[Callable[[Any], Any]]) -> list[tuple[bool, Any]]:
         out: list[tuple[bool, Any]] = []
-        with self._w.conn.transaction():
-            for fn in fns:
-                try:
-                    with self._w.conn.transaction():  # a savepoint: this write alone on failure
-                        out.append((True, fn(self._w)))
-                except psycopg.Error as exc:
-                    out.append((False, _store_error(exc)))
-                except Exception as exc:  # noqa: BLE001 - handed to that write's caller
-                    out.append((False, exc))
+        for fn in fns:
+            try:
+                with self._w.conn.transaction():  # a savepoint: this write alone on failure
+                    out.append((True, fn(self._w)))
+            except psycopg.Error as exc:
+                out.append((False, _store_error(exc)))
+            except Exception as exc:  # noqa: BLE001 - handed to that write's caller
+                out.append((False, exc))
         return out
 
     @asynccontextmanager
@@ -248,8 +297,8 @@ class PgEngine:
             return
         async with self._lock:
             self._tx_owner = task
-            tx = psycopg.Transaction(self._w.conn)
             try:
+                tx = psycopg.Transaction(await asyncio.to_thread(self._w.link.ensure))
                 await asyncio.to_thread(tx.__enter__)
                 try:
                     yield AsyncConn(self._w)
@@ -257,6 +306,8 @@ class PgEngine:
                     await asyncio.to_thread(tx.__exit__, type(exc), exc, exc.__traceback__)
                     raise
                 try:
+                    if is_broken(tx.connection):  # psycopg would leave it silently uncommitted
+                        raise psycopg.OperationalError("the connection was lost")
                     await asyncio.to_thread(tx.__exit__, None, None, None)
                 except psycopg.Error as exc:
                     raise StoreError(f"cannot commit to the store: {exc}") from exc

@@ -39,6 +39,7 @@ import psycopg
 from ..constants import SHARED_STORE_MARK
 from ..errors import LeaseLost, StoreError
 from ..pgmigrations import pg_migrate
+from . import pgreconnect
 from .models import DOWNLOADING, FOLLOWED, PENDING, REMOTE_ACTIVE, SUBMITTING, UNKNOWN, Job
 from .pgconn import AsyncConn, PgEngine, SyncConn
 from .sql import JOB_COLUMNS, NOT_CANCELLED, filters
@@ -121,10 +122,12 @@ class PostgresStore(SqliteStore):
         url = str(path)
 
         def connect() -> tuple[psycopg.Connection[Any], psycopg.Connection[Any]]:
-            w = psycopg.connect(url, autocommit=True, application_name="batchgen")
+            # The migration goes without the session timeouts: it may wait its turn on a lock.
+            w = pgreconnect.connect(url, settings=False)
             try:
                 pg_migrate(w)
-                r = psycopg.connect(url, autocommit=True, application_name="batchgen")
+                pgreconnect.apply_settings(w)
+                r = pgreconnect.connect(url)
             except BaseException:
                 w.close()
                 raise
@@ -134,7 +137,7 @@ class PostgresStore(SqliteStore):
             w, r = await asyncio.to_thread(connect)
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the store {redact(url)}: {scrub(str(exc), url)}".strip()) from None
-        return cls(AsyncConn(SyncConn(r), asyncio.Lock()), url, PgEngine(w), api)
+        return cls(AsyncConn(SyncConn(r, url), asyncio.Lock()), url, PgEngine(w, url), api)
 
     async def close(self) -> None:
         await self._engine.close()
