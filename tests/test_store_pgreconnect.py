@@ -18,8 +18,9 @@ from batchgen.errors import StoreError
 from batchgen.store import Store, pgreconnect
 from batchgen.store.postgres import PostgresStore
 
+# This test's database only: connections of other tests' stores (one closing late) are not ours.
 _KILL = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-         "WHERE application_name = 'batchgen' AND pid <> pg_backend_pid()")
+         "WHERE application_name = 'batchgen' AND datname = current_database() AND pid <> pg_backend_pid()")
 
 
 def _kill_backends(url: str) -> int:
@@ -57,7 +58,7 @@ async def test_a_request_id_answered_while_the_server_refuses_connections_is_rec
         with psycopg.connect(other_db, autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{db}" WITH ALLOW_CONNECTIONS false')
             try:
-                admin.execute(_KILL.replace("WHERE", f"WHERE datname = '{db}' AND"))
+                admin.execute(_KILL.replace("current_database()", f"'{db}'"))
                 record = asyncio.ensure_future(store.transition(
                     job, S.IN_QUEUE, expect=(S.SUBMITTING, S.UNKNOWN), request_id="req-1",
                     submitted_at=time.time(), shield=True))
