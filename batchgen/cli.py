@@ -45,7 +45,7 @@ EXIT_USAGE = 2  # bad manifest, bad options, missing token: nothing was submitte
 EXIT_INTERRUPTED = 3  # Ctrl-C/SIGTERM, deadline, a budget or an API outage stopped the run; run again to go on
 EXIT_LOCKED = 4  # another run holds the work directory
 EXIT_ACCOUNT = 5  # the account cannot run jobs (bad token, insufficient balance)
-EXIT_REFUSED = 6  # the API refuses every job alike (unknown model, same input error): fix it, run again
+EXIT_REFUSED = 6  # the API refuses every job alike (unknown model, no such endpoint, same input error): fix, rerun
 EXIT_INTERNAL = 70  # a bug or an unusable store
 EXIT_PIPE = 141  # the reader of the output went away (| head): 128 + SIGPIPE, as shells report it
 

@@ -75,6 +75,11 @@ def classify(exc: BaseException, call: Call) -> Decision:
     if call is Call.SUBMIT and getattr(exc, "error_code", None) == UNKNOWN_MODEL:
         # InvalidResourceIdentifier: every job of this model would be refused the same way.
         return Decision.STOP_SUBMITTING
+    if call is Call.SUBMIT and isinstance(exc, NotFoundError) and not getattr(exc, "envelope", True):
+        # A bare 404 (no RunComfy error body): the URL is no endpoint of the API (an --api-url
+        # without its /v1, a model path it does not serve). Nothing was created, and every job
+        # would meet it: stop submitting, the jobs stay pending for a run with the URL fixed.
+        return Decision.STOP_SUBMITTING
     if isinstance(exc, NotFoundError):
         return Decision.FAIL
     if isinstance(exc, APIStatusError) and call is Call.POLL:

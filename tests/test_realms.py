@@ -95,6 +95,24 @@ async def test_the_quick_start_then_the_api_submits_everything_and_simulate_neve
     assert _page_config(page)["simulated"] is True
 
 
+async def test_an_api_url_without_its_v1_stops_at_the_first_submit_and_the_fixed_url_submits_each_job_once(
+        samples, simulator):
+    # The first real night's likeliest slip: the API's host without its /v1. Every submit meets a
+    # bare 404 (no such endpoint): the run stops at once saying what to fix, nothing is failed,
+    # and the run with the right URL submits every job, once.
+    manifest = samples / "quickstart.yaml"
+    api = await simulator(token=TOKEN, duration=0.2)
+    assert api.base_url.endswith("/v1")
+    code, out = await batchgen("run", str(manifest), "--api-url", api.base_url[:-3], "-c", "2", token=True)
+    assert code == 6, out
+    assert "check --api-url (the API's base, ending in /v1" in out and "the jobs are still pending" in out
+    assert "Traceback" not in out and "failed" not in out.split("quickstart:")[-1], out
+    assert api.calls["submit"] == 0
+    code, out = await batchgen("run", str(manifest), "--api-url", api.base_url, "-c", "6", token=True)
+    assert code == 0 and "quickstart: 6 succeeded" in out, out
+    assert api.calls["submit"] == 6
+
+
 async def test_a_batch_follows_one_api(tmp_path, simulator):
     """Request ids and results belong to the API that gave them: a run against another API
     neither counts them as done nor polls them there; it is refused before anything is sent."""

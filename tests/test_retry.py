@@ -60,6 +60,9 @@ CASES = [
     (_status(InvalidRequestError, 400, True, 400001), Call.POLL, Decision.RETRY),
     (_status(APIStatusError, 418), Call.POLL, Decision.RETRY),
     (_status(NotFoundError, 404, True, 404001), Call.POLL, Decision.FAIL),
+    # A bare 404 at submit: no such endpoint (--api-url without /v1), every job alike.
+    (_status(NotFoundError, 404), Call.SUBMIT, Decision.STOP_SUBMITTING),
+    (_status(NotFoundError, 404, True, 404001), Call.SUBMIT, Decision.FAIL),
     (DownloadError("gone", status=404, expired=True), Call.DOWNLOAD, Decision.REFRESH),
     (DownloadError("forbidden", status=403), Call.DOWNLOAD, Decision.REFRESH),
     (DownloadError("truncated"), Call.DOWNLOAD, Decision.RETRY),

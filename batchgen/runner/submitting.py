@@ -15,7 +15,15 @@ import shlex
 import time
 
 from .. import constants, crashpoints
-from ..errors import APIError, InsufficientBalanceError, LeaseLost, RateLimitError, StoreError, UsageError
+from ..errors import (
+    APIError,
+    InsufficientBalanceError,
+    LeaseLost,
+    NotFoundError,
+    RateLimitError,
+    StoreError,
+    UsageError,
+)
 from ..inline import FixedCopyError, InlineBody, prepare_body
 from ..retry import Call, Decision, classify
 from ..store import CANCELLED, FAILED, IN_QUEUE, PENDING, SUBMITTING, UNKNOWN, Job
@@ -333,6 +341,12 @@ class Submitting(RunCore):
                 if isinstance(exc, InsufficientBalanceError):
                     self._summary.account_error = str(exc)
                     self._end_submitting(StopReason.BALANCE, f"{exc}; no more submits, finishing jobs in flight")
+                elif isinstance(exc, NotFoundError):  # a bare 404: no such endpoint
+                    self._refused_everywhere(
+                        f"{exc}: {self.client.base_url} has no endpoint for model "
+                        f"'{job.model_id}'; check --api-url (the API's base, ending in /v1: "
+                        f"{constants.DEFAULT_API_URL}) and the model id, then run again: the jobs "
+                        "are still pending")
                 else:  # an unknown model: every job of it would be refused alike
                     self._refused_everywhere(
                         f"{exc}: no job of model '{job.model_id}' can be submitted; check the "
